@@ -1,0 +1,36 @@
+//! What an ingest worker hands to the lake, and what the lake answers.
+//!
+//! The worker seals an Arrow batch for one partition together with the stream sequences
+//! it covers, sends it down a bounded channel, and acknowledges those messages to
+//! JetStream only when the answer says the file holding them is durable.
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::oneshot;
+
+/// Rows of one partition covering the stream sequences `first_seq..=last_seq`.
+///
+/// Every message in that range is accounted for: its events are rows here, or went to
+/// the dead-letter stream, or were duplicates. `batch` may be empty when the range held
+/// no valid event.
+#[derive(Debug, Clone)]
+pub struct SealedBatch {
+    pub partition: u16,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub batch: RecordBatch,
+}
+
+/// What the lake reports once a sealed batch is on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durable {
+    pub rows: usize,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// A sealed batch and the channel its outcome is sent back on.
+#[derive(Debug)]
+pub struct FlushRequest {
+    pub sealed: SealedBatch,
+    pub done: oneshot::Sender<Result<Durable, String>>,
+}

@@ -1,0 +1,16 @@
+//! Tally's domain types, shared by every other crate and free of I/O.
+//!
+//! A usage event arrives as CloudEvents 1.0 structured JSON ([`event`]), is decided
+//! ([`Decision`]) and lands in the lake as one row of [`schema::lake_schema`]. The NATS
+//! names every component agrees on (streams, subjects, the customer-token rule) live in
+//! [`subject`], and the batch a worker hands to the lake in [`batch`].
+
+pub mod batch;
+pub mod decision;
+pub mod event;
+pub mod schema;
+pub mod subject;
+
+pub use batch::{Durable, FlushRequest, SealedBatch};
+pub use decision::Decision;
+pub use event::{DecodeLimits, Event, Frame, Invalid, Reason};

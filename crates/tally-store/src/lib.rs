@@ -1,0 +1,309 @@
+//! Tally's lake: sealed Arrow batches become Parquet files that appear atomically.
+//!
+//! Layout (hive style, readable by any Parquet engine):
+//!
+//! ```text
+//! <root>/events/date=YYYY-MM-DD/p<partition>-<first_seq>-<last_seq>.parquet
+//! ```
+//!
+//! `date` is the UTC date of the event time. One sealed batch becomes one file per date it
+//! touches. Each file is written under a `.tmp` name, fsynced, renamed, and its directory
+//! fsynced, so a reader sees a whole file or none. The name and the file's key-value
+//! metadata (`tally.partition`, `tally.first_seq`, `tally.last_seq`) record which stream
+//! sequences it holds.
+//!
+//! [`Lake::write`] is blocking and runs off the async threads; [`run_writer`] is the thin
+//! async shell that serves a worker's bounded channel of [`FlushRequest`]s.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::TimestampMicrosecondType;
+use chrono::DateTime;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use tally_core::schema::{self, EVENTS_TABLE};
+use tally_core::{Durable, FlushRequest, SealedBatch};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Metadata keys each Parquet file carries.
+pub const META_PARTITION: &str = "tally.partition";
+pub const META_FIRST_SEQ: &str = "tally.first_seq";
+pub const META_LAST_SEQ: &str = "tally.last_seq";
+
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("lake I/O at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("parquet encoding: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("batch has no {0} column of the lake schema")]
+    Schema(&'static str),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The lake on the local filesystem.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    root: PathBuf,
+    props: WriterProperties,
+}
+
+impl Lake {
+    /// A lake rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+            .build();
+        Self {
+            root: root.into(),
+            props,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The events table's directory.
+    pub fn events_dir(&self) -> PathBuf {
+        self.root.join(EVENTS_TABLE)
+    }
+
+    /// Writes a sealed batch durably: one file per event date, each visible atomically.
+    pub fn write(&self, sealed: &SealedBatch) -> Result<Durable> {
+        let mut durable = Durable::default();
+        if sealed.batch.num_rows() == 0 {
+            return Ok(durable);
+        }
+        for (day, rows) in split_by_day(&sealed.batch)? {
+            let date = DateTime::from_timestamp(day * 86_400, 0)
+                .map(|d| d.format("%Y-%m-%d").to_string())
+                .unwrap_or_else(|| "invalid".to_owned());
+            let dir = self
+                .events_dir()
+                .join(format!("{}={date}", schema::DATE));
+            let name = format!(
+                "p{:03}-{:012}-{:012}.parquet",
+                sealed.partition, sealed.first_seq, sealed.last_seq
+            );
+            let bytes = self.write_file(&dir, &name, sealed, &rows)?;
+            durable.rows += rows.num_rows();
+            durable.files += 1;
+            durable.bytes += bytes;
+        }
+        Ok(durable)
+    }
+
+    fn write_file(
+        &self,
+        dir: &Path,
+        name: &str,
+        sealed: &SealedBatch,
+        rows: &RecordBatch,
+    ) -> Result<u64> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let path = dir.join(name);
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut writer = ArrowWriter::try_new(file, rows.schema(), Some(self.props.clone()))?;
+        writer.write(rows)?;
+        for (key, value) in [
+            (META_PARTITION, sealed.partition.to_string()),
+            (META_FIRST_SEQ, sealed.first_seq.to_string()),
+            (META_LAST_SEQ, sealed.last_seq.to_string()),
+        ] {
+            writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
+        }
+        let file = writer.into_inner()?;
+        file.sync_all().map_err(io_err(&tmp))?;
+        let bytes = file.metadata().map_err(io_err(&tmp))?.len();
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        // The rename is durable only once the directory entry is.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+        Ok(bytes)
+    }
+}
+
+/// Splits a batch into one batch per UTC day of `event_time`, in day order.
+fn split_by_day(batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
+    let times = batch
+        .column_by_name(schema::EVENT_TIME)
+        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+        .ok_or(Error::Schema(schema::EVENT_TIME))?;
+    let days: Vec<i64> = times
+        .values()
+        .iter()
+        .map(|t| t.div_euclid(MICROS_PER_DAY))
+        .collect();
+    let (Some(&lo), Some(&hi)) = (days.iter().min(), days.iter().max()) else {
+        return Ok(Vec::new());
+    };
+    if lo == hi {
+        return Ok(vec![(lo, batch.clone())]);
+    }
+    let mut distinct = days.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    distinct
+        .into_iter()
+        .map(|day| {
+            let mask: BooleanArray = days.iter().map(|d| Some(*d == day)).collect();
+            Ok((day, filter_record_batch(batch, &mask)?))
+        })
+        .collect()
+}
+
+/// Serves flush requests until the channel closes, encoding up to `concurrency` files at
+/// once on blocking threads. Each request's outcome goes back on its own channel.
+pub async fn run_writer(lake: Arc<Lake>, mut rx: mpsc::Receiver<FlushRequest>, concurrency: usize) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some(FlushRequest { sealed, done }) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let lake = lake.clone();
+        tasks.spawn_blocking(move || {
+            let outcome = lake.write(&sealed).map_err(|e| {
+                tracing::error!(partition = sealed.partition, first_seq = sealed.first_seq,
+                    last_seq = sealed.last_seq, error = %e, "lake write failed; batch not acknowledged");
+                e.to_string()
+            });
+            drop(permit);
+            // The worker may have gone away; its messages stay unacknowledged then.
+            let _ = done.send(outcome);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{
+        Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array, UInt64Array,
+    };
+    use std::sync::Arc as StdArc;
+
+    fn batch(times: &[i64]) -> RecordBatch {
+        let n = times.len();
+        let s = |v: &str| StdArc::new(StringArray::from(vec![v; n])) as StdArc<dyn Array>;
+        let ts = |v: Vec<i64>| {
+            StdArc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC")) as StdArc<dyn Array>
+        };
+        RecordBatch::try_new(
+            schema::lake_schema(),
+            vec![
+                StdArc::new(StringArray::from(
+                    (0..n).map(|i| format!("e{i}")).collect::<Vec<_>>(),
+                )),
+                s("acme"),
+                s("calls"),
+                StdArc::new(Float64Array::from(vec![1.0; n])),
+                ts(times.to_vec()),
+                StdArc::new(StringArray::from(vec![None::<&str>; n])),
+                StdArc::new(StringArray::from(vec![None::<&str>; n])),
+                s("src"),
+                s("type"),
+                StdArc::new(StringArray::from(vec![None::<&str>; n])),
+                s("accepted"),
+                ts(vec![0; n]),
+                StdArc::new(UInt64Array::from((1..=n as u64).collect::<Vec<_>>())),
+                StdArc::new(UInt16Array::from(vec![3; n])),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn one_file_per_day_named_by_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let day = MICROS_PER_DAY;
+        // 2026-11-01 is day 20758 since the epoch.
+        let d0 = 20_758 * day;
+        let sealed = SealedBatch {
+            partition: 3,
+            first_seq: 10,
+            last_seq: 12,
+            batch: batch(&[d0 + 5, d0 + day + 1, d0 + 7]),
+        };
+        let durable = lake.write(&sealed).unwrap();
+        assert_eq!(durable, Durable { rows: 3, files: 2, bytes: durable.bytes });
+        let a = dir.path().join("events/date=2026-11-01/p003-000000000010-000000000012.parquet");
+        let b = dir.path().join("events/date=2026-11-02/p003-000000000010-000000000012.parquet");
+        assert!(a.exists() && b.exists());
+        let reader = parquet::file::reader::SerializedFileReader::new(File::open(&a).unwrap()).unwrap();
+        use parquet::file::reader::FileReader;
+        let meta = reader.metadata().file_metadata();
+        assert_eq!(meta.num_rows(), 2);
+        let kv: Vec<_> = meta
+            .key_value_metadata()
+            .unwrap()
+            .iter()
+            .filter(|k| k.key.starts_with("tally."))
+            .map(|k| (k.key.clone(), k.value.clone().unwrap()))
+            .collect();
+        assert!(kv.contains(&(META_FIRST_SEQ.into(), "10".into())));
+        assert!(kv.contains(&(META_LAST_SEQ.into(), "12".into())));
+        assert!(kv.contains(&(META_PARTITION.into(), "3".into())));
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = fs::read_dir(a.parent().unwrap())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn an_empty_batch_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let sealed = SealedBatch {
+            partition: 0,
+            first_seq: 1,
+            last_seq: 1,
+            batch: RecordBatch::new_empty(schema::lake_schema()),
+        };
+        assert_eq!(lake.write(&sealed).unwrap(), Durable::default());
+        assert!(!lake.events_dir().exists());
+    }
+
+    #[test]
+    fn an_unwritable_lake_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("events");
+        fs::write(&blocker, b"a file where a directory should be").unwrap();
+        let lake = Lake::new(dir.path());
+        let sealed = SealedBatch {
+            partition: 0,
+            first_seq: 1,
+            last_seq: 1,
+            batch: batch(&[0]),
+        };
+        assert!(matches!(lake.write(&sealed), Err(Error::Io { .. })));
+    }
+}
