@@ -1,1 +1,209 @@
-fn main() {}
+//! `tally`: usage metering, entitlement enforcement and billing analytics.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tally::config::{parse_partitions, Config};
+use tally::demo::{self, DemoArgs};
+use tally::output::{write_batches, Format};
+use tally::pipeline::{Nats, Pipeline};
+use tally::workload::Spec;
+use tally_query::{Lakehouse, Period};
+
+#[derive(Parser)]
+#[command(name = "tally", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). `TALLY_*` environment variables override it.
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory: the lake, and the embedded nats-server's store.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// NATS server URL; unset starts a local nats-server.
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline on a generated month of usage and print its bill.
+    ///
+    /// Example: tally demo --events 200000 --format json
+    Demo(DemoCmd),
+    /// Print billable usage per customer × feature for a month.
+    ///
+    /// Example: tally billing --period 2026-11 --format csv
+    Billing(BillingCmd),
+    /// Run Tally (the ingest worker over every partition) until interrupted.
+    ///
+    /// Example: tally serve --nats-url nats://127.0.0.1:4222
+    Serve,
+    /// Run an ingest worker over some partitions until interrupted.
+    ///
+    /// Example: tally worker --partitions 0-7
+    Worker(WorkerCmd),
+    /// Measure the pipeline; see `tally bench ingest --help`.
+    #[command(subcommand)]
+    Bench(tally::bench::BenchCmd),
+}
+
+#[derive(Args)]
+struct DemoCmd {
+    /// Events to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 1_000)]
+    customers: u32,
+    #[arg(long, default_value_t = 20)]
+    features: u32,
+    #[arg(long, default_value_t = 3)]
+    regions: u32,
+    /// Month the events fall in (YYYY-MM); default: the current month, up to now.
+    #[arg(long)]
+    month: Option<String>,
+    /// Events per NATS message (1: one event per message).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Share of malformed events (they go to the dead-letter stream).
+    #[arg(long, default_value_t = 0.001)]
+    invalid_rate: f64,
+    /// Share of events published a second time with the same id.
+    #[arg(long, default_value_t = 0.001)]
+    duplicate_rate: f64,
+    /// Billing lines to show.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(Args)]
+struct BillingCmd {
+    /// The month to bill, YYYY-MM.
+    #[arg(long)]
+    period: String,
+    /// Only this customer.
+    #[arg(long)]
+    customer: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(Args)]
+struct WorkerCmd {
+    /// Partitions this worker owns, e.g. `0-7` or `0-3,8`.
+    #[arg(long)]
+    partitions: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tally=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
+    if cli.nats_url.is_some() {
+        config.nats_url = cli.nats_url;
+    }
+    match cli.command {
+        Command::Demo(cmd) => {
+            let month = match &cmd.month {
+                Some(m) => m.parse::<Period>()?.first_day(),
+                None => demo::this_month(),
+            };
+            let mut spec = Spec::new(cmd.events, month);
+            spec.customers = cmd.customers;
+            spec.features = cmd.features;
+            spec.regions = cmd.regions;
+            spec.batch = cmd.batch;
+            spec.invalid_rate = cmd.invalid_rate;
+            spec.duplicate_rate = cmd.duplicate_rate;
+            if cmd.data_dir_is_default(&config) {
+                config.data_dir = config.data_dir.join("demo");
+            }
+            let quiet = cmd.format != Format::Table;
+            let report = demo::run(
+                config,
+                DemoArgs {
+                    spec,
+                    top: cmd.top,
+                    quiet,
+                },
+            )
+            .await?;
+            if quiet {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(if report.matches {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("error: the billed totals do not equal the generated totals");
+                std::process::ExitCode::from(2)
+            })
+        }
+        Command::Billing(cmd) => {
+            let period: Period = cmd.period.parse()?;
+            let lake = Lakehouse::open(&config.lake_dir()).await?;
+            let batches = lake.billing(period, cmd.customer.as_deref()).await?;
+            write_batches(&mut std::io::stdout().lock(), &batches, cmd.format)?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Serve => serve(config, None).await,
+        Command::Worker(cmd) => {
+            let partitions = parse_partitions(&cmd.partitions, config.ingest.partitions)?;
+            serve(config, Some(partitions)).await
+        }
+        Command::Bench(cmd) => tally::bench::run(config, cmd).await,
+    }
+}
+
+impl DemoCmd {
+    /// The demo keeps its data apart (`data/demo`) unless a directory was chosen.
+    fn data_dir_is_default(&self, config: &Config) -> bool {
+        config.data_dir == Config::default().data_dir
+    }
+}
+
+/// Runs the worker until Ctrl-C or SIGTERM, then drains in order.
+async fn serve(config: Config, partitions: Option<Vec<u16>>) -> anyhow::Result<std::process::ExitCode> {
+    let nats = Nats::connect(&config).await?;
+    let pipeline = Pipeline::start(&config, &nats, partitions).await?;
+    tracing::info!(lake = %config.lake_dir().display(), "tally is running; Ctrl-C stops it");
+    let cancel = pipeline.cancel_token();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; draining"),
+        _ = term.recv() => tracing::info!("terminated; draining"),
+        () = cancel.cancelled() => tracing::error!("a component failed; stopping"),
+    }
+    pipeline.shutdown().await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -20,7 +20,8 @@ use serde_json::value::RawValue;
 pub const SPEC_VERSION: &str = "1.0";
 
 /// Limits a decoder applies before and while it reads a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DecodeLimits {
     /// Largest message accepted, in bytes.
     pub max_message_bytes: usize,

@@ -1,1 +1,213 @@
-//! placeholder
+//! Tally's ingest: JetStream pull workers that decode, decide and hand batches to the lake.
+//!
+//! One task per owned partition pulls from that partition's durable consumer, decodes each
+//! message ([`tally_core::Frame`]), drops repeated event ids ([`dedup`]), sends invalid
+//! events to the dead-letter stream, and appends the rest as Arrow rows. A batch is sealed
+//! on rows, messages, bytes or age and sent down a bounded channel to the lake; the
+//! messages it covers are acknowledged (ack-all, confirmed by the server) only after the
+//! lake answers that the file holding them is durable. This crate does not know the lake:
+//! the binary wires the channel to `tally-store`.
+
+pub mod dedup;
+pub mod rows;
+pub mod topology;
+mod worker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tally_core::{DecodeLimits, FlushRequest};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use worker::run_partition;
+
+/// Ingest settings. Defaults suit a laptop and the two-core reference machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Partitions of the events stream; fixed when the stream is created.
+    pub partitions: u16,
+    /// JetStream's publish dedup window, in seconds.
+    pub duplicate_window_secs: u64,
+    /// Largest events stream, in bytes (-1: unlimited). Publishers are refused beyond it.
+    pub stream_max_bytes: i64,
+    /// Seal a batch at this many rows...
+    pub flush_rows: usize,
+    /// ...or this many messages...
+    pub flush_messages: usize,
+    /// ...or this many payload bytes...
+    pub flush_bytes: usize,
+    /// ...or when its first message is this old.
+    pub flush_age_ms: u64,
+    /// Sealed batches per partition waiting to become durable.
+    pub flushes_in_flight: usize,
+    /// Messages per pull request.
+    pub fetch_messages: usize,
+    /// How long JetStream waits for an ack before redelivering, in seconds.
+    pub ack_wait_secs: u64,
+    /// Distinct event ids remembered per partition (per generation, see [`dedup`]).
+    pub dedup_capacity: usize,
+    pub limits: DecodeLimits,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 16,
+            duplicate_window_secs: 120,
+            stream_max_bytes: -1,
+            flush_rows: 100_000,
+            flush_messages: 20_000,
+            flush_bytes: 32 * 1024 * 1024,
+            flush_age_ms: 500,
+            flushes_in_flight: 2,
+            fetch_messages: 1_000,
+            ack_wait_secs: 60,
+            dedup_capacity: 500_000,
+            limits: DecodeLimits::default(),
+        }
+    }
+}
+
+impl IngestConfig {
+    /// Unacknowledged messages a consumer may hold: every batch in flight plus the open one,
+    /// with room for a prefetch. With ack-all, a lower limit would stall the consumer.
+    pub fn max_ack_pending(&self) -> i64 {
+        let per_batch = self.flush_messages.min(self.flush_rows);
+        i64::try_from((self.flushes_in_flight + 1) * per_batch + 2 * self.fetch_messages)
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Every problem with these settings, for the operator to read at start.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.partitions == 0 {
+            p.push("ingest.partitions must be at least 1".to_owned());
+        }
+        if self.flush_rows == 0 || self.flush_messages == 0 || self.flush_bytes == 0 {
+            p.push("ingest.flush_rows, flush_messages and flush_bytes must be positive".to_owned());
+        }
+        if self.flushes_in_flight == 0 {
+            p.push("ingest.flushes_in_flight must be at least 1".to_owned());
+        }
+        if self.fetch_messages == 0 {
+            p.push("ingest.fetch_messages must be at least 1".to_owned());
+        }
+        p
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// NATS refused or failed an operation; retrying later may help.
+    #[error("nats: {what}: {source}")]
+    Nats {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The streams exist with a shape this configuration cannot use.
+    #[error("jetstream topology: {0}")]
+    Topology(String),
+    /// The lake could not make a batch durable; its messages stay unacknowledged.
+    #[error("lake: {0}")]
+    Store(String),
+}
+
+impl Error {
+    pub(crate) fn nats(
+        what: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Nats {
+            what,
+            source: source.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Counters a worker keeps while it runs; read by the demo, the load generator and metrics.
+#[derive(Debug)]
+pub struct Stats {
+    pub messages: AtomicU64,
+    pub events_valid: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub redeliveries_skipped: AtomicU64,
+    /// Rows in files the lake reported durable and whose messages were acknowledged.
+    pub rows_durable: AtomicU64,
+    pub files_written: AtomicU64,
+    pub batches_acked: AtomicU64,
+    /// Milliseconds from JetStream storing a message to its ack after the durable write.
+    pub stored_to_durable_ms: Mutex<Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            messages: AtomicU64::new(0),
+            events_valid: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            redeliveries_skipped: AtomicU64::new(0),
+            rows_durable: AtomicU64::new(0),
+            files_written: AtomicU64::new(0),
+            batches_acked: AtomicU64::new(0),
+            stored_to_durable_ms: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one task per owned partition until `cancel` fires or one of them fails.
+///
+/// On cancel, each partition seals its open batch, waits for it to become durable and
+/// acknowledges it before returning. A failing partition cancels the others.
+pub async fn run_worker(
+    js: async_nats::jetstream::Context,
+    config: IngestConfig,
+    partitions: Vec<u16>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    stats: std::sync::Arc<Stats>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    topology::ensure_streams(&js, &config).await?;
+    let tracker = TaskTracker::new();
+    let (err_tx, mut err_rx) = mpsc::channel::<Error>(partitions.len().max(1));
+    for partition in partitions {
+        let (js, config, flush_tx, stats, cancel, err_tx) = (
+            js.clone(),
+            config.clone(),
+            flush_tx.clone(),
+            stats.clone(),
+            cancel.clone(),
+            err_tx.clone(),
+        );
+        tracker.spawn(async move {
+            if let Err(e) = run_partition(js, &config, partition, flush_tx, stats, cancel.clone()).await {
+                tracing::error!(partition, error = %e, "partition worker failed");
+                cancel.cancel();
+                let _ = err_tx.send(e).await;
+            }
+        });
+    }
+    drop(err_tx);
+    tracker.close();
+    tracker.wait().await;
+    match err_rx.recv().await {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

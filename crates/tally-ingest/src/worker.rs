@@ -1,0 +1,338 @@
+//! One partition's loop: pull, decode, dedup, dead-letter, accumulate, seal, ack after durable.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use tally_core::subject::{self, DEAD_LETTER_PREFIX};
+use tally_core::{Decision, Durable, FlushRequest, Frame, Invalid, Reason, SealedBatch};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::dedup::Dedup;
+use crate::rows::Rows;
+use crate::{topology, Error, IngestConfig, Result, Stats};
+
+/// Dead-letter headers: why, where from, and which event of a batch.
+pub const HDR_REASON: &str = "Tally-Reason";
+pub const HDR_FIELD: &str = "Tally-Field";
+pub const HDR_ERROR: &str = "Tally-Error";
+pub const HDR_PARTITION: &str = "Tally-Partition";
+pub const HDR_STREAM_SEQ: &str = "Tally-Stream-Seq";
+pub const HDR_INDEX: &str = "Tally-Batch-Index";
+pub const HDR_SUBJECT: &str = "Tally-Subject";
+
+/// A sealed batch's messages, waiting for the lake's answer.
+struct Pending {
+    done: oneshot::Receiver<Result<Durable, String>>,
+    last: Acker,
+    last_seq: u64,
+    /// When JetStream stored each message, in ms since the epoch, for the latency histogram.
+    stored_ms: Vec<i64>,
+}
+
+/// The open batch of one partition.
+struct Open {
+    rows: Rows,
+    first_seq: u64,
+    last: Option<(Acker, u64)>,
+    messages: usize,
+    bytes: usize,
+    opened: Option<Instant>,
+    stored_ms: Vec<i64>,
+    dead_letters: Vec<PublishAckFuture>,
+}
+
+impl Open {
+    fn new() -> Self {
+        Self {
+            rows: Rows::default(),
+            first_seq: 0,
+            last: None,
+            messages: 0,
+            bytes: 0,
+            opened: None,
+            stored_ms: Vec::new(),
+            dead_letters: Vec::new(),
+        }
+    }
+
+    fn full(&self, c: &IngestConfig) -> bool {
+        self.rows.len() >= c.flush_rows
+            || self.messages >= c.flush_messages
+            || self.bytes >= c.flush_bytes
+    }
+
+    fn old(&self, c: &IngestConfig) -> bool {
+        self.opened
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(c.flush_age_ms))
+    }
+}
+
+/// Runs one partition until cancelled (then drains) or until something fails.
+pub async fn run_partition(
+    js: Context,
+    config: &IngestConfig,
+    partition: u16,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let (ack_tx, ack_rx) = mpsc::channel::<Pending>(config.flushes_in_flight);
+    let acks = tokio::spawn(ack_in_order(ack_rx, stats.clone()));
+    let result = pull_loop(&js, config, partition, &flush_tx, &ack_tx, &stats, &cancel).await;
+    drop(ack_tx);
+    let acked = acks
+        .await
+        .unwrap_or_else(|e| Err(Error::Store(format!("ack task panicked: {e}"))));
+    result.and(acked)
+}
+
+async fn pull_loop(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+    flush_tx: &mpsc::Sender<FlushRequest>,
+    ack_tx: &mpsc::Sender<Pending>,
+    stats: &Stats,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let mut messages = topology::ensure_consumer(js, config, partition).await?;
+    let mut dedup = Dedup::new(config.dedup_capacity);
+    let mut open = Open::new();
+    // Redeliveries of what this process already handled are skipped by sequence.
+    let mut max_seq = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis((config.flush_age_ms / 4).max(5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                if open.old(config) {
+                    seal(&mut open, partition, flush_tx, ack_tx).await?;
+                }
+            }
+            next = messages.next() => match next {
+                Some(Ok(msg)) => {
+                    let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
+                    let (seq, stored_ms) = (info.stream_sequence, info.published.timestamp_millis());
+                    if seq <= max_seq {
+                        stats.redeliveries_skipped.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    max_seq = seq;
+                    let (message, acker) = msg.split();
+                    handle(js, config, partition, seq, &message, &mut open, &mut dedup, stats).await?;
+                    if open.last.is_none() {
+                        open.first_seq = seq;
+                        open.opened = Some(Instant::now());
+                    }
+                    open.last = Some((acker, seq));
+                    open.messages += 1;
+                    open.bytes += message.payload.len();
+                    open.stored_ms.push(stored_ms);
+                    if open.full(config) {
+                        seal(&mut open, partition, flush_tx, ack_tx).await?;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(partition, error = %e, "pull stream error; re-creating it");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    messages = topology::ensure_consumer(js, config, partition).await?;
+                }
+                None => {
+                    tracing::warn!(partition, "pull stream ended; re-creating it");
+                    messages = topology::ensure_consumer(js, config, partition).await?;
+                }
+            }
+        }
+    }
+    seal(&mut open, partition, flush_tx, ack_tx).await
+}
+
+/// Decodes one message into rows and dead letters.
+#[allow(clippy::too_many_arguments)]
+async fn handle(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+    seq: u64,
+    message: &async_nats::Message,
+    open: &mut Open,
+    dedup: &mut Dedup,
+    stats: &Stats,
+) -> Result<()> {
+    stats.messages.fetch_add(1, Relaxed);
+    let payload = &message.payload;
+    let token = subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t);
+    let ingest_micros = chrono::Utc::now().timestamp_micros();
+    let frame = match Frame::decode(payload, &config.limits) {
+        Ok(frame) => frame,
+        Err(invalid) => {
+            let dl = dead_letter(js, partition, seq, None, message, payload.clone(), &invalid).await?;
+            open.dead_letters.push(dl);
+            stats.dead_letters.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+    };
+    let mut raw: Option<Vec<&[u8]>> = None;
+    for (index, outcome) in frame.events.into_iter().enumerate() {
+        let outcome = outcome.and_then(|event| match token {
+            Some(t) if !subject::token_matches(t, &event.subject) => Err(Invalid {
+                reason: Reason::SubjectMismatch,
+                field: Some("subject"),
+                message: format!(
+                    "`subject` {:?} is not the customer this message was published for (token {t:?})",
+                    event.subject
+                ),
+            }),
+            _ => Ok(event),
+        });
+        match outcome {
+            Ok(event) => {
+                if dedup.first_time(&event.id) {
+                    open.rows
+                        .push(&event, Decision::Accepted, ingest_micros, seq, partition);
+                    stats.events_valid.fetch_add(1, Relaxed);
+                } else {
+                    stats.duplicates.fetch_add(1, Relaxed);
+                }
+            }
+            Err(invalid) => {
+                let original = if frame.is_batch {
+                    let raw = raw.get_or_insert_with(|| Frame::raw_events(payload));
+                    raw.get(index)
+                        .map_or_else(|| payload.clone(), |r| payload.slice_ref(r))
+                } else {
+                    payload.clone()
+                };
+                let index = frame.is_batch.then_some(index);
+                let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
+                open.dead_letters.push(dl);
+                stats.dead_letters.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Publishes a dead letter: the original bytes as the body, the reason in headers. Its
+/// message id makes a re-publish after a redelivery a no-op.
+async fn dead_letter(
+    js: &Context,
+    partition: u16,
+    seq: u64,
+    index: Option<usize>,
+    message: &async_nats::Message,
+    original: Bytes,
+    invalid: &Invalid,
+) -> Result<PublishAckFuture> {
+    let mut headers = HeaderMap::new();
+    headers.insert(HDR_REASON, invalid.reason.as_str());
+    if let Some(field) = invalid.field {
+        headers.insert(HDR_FIELD, field);
+    }
+    headers.insert(HDR_ERROR, invalid.message.replace(['\r', '\n'], " ").as_str());
+    headers.insert(HDR_PARTITION, partition.to_string().as_str());
+    headers.insert(HDR_STREAM_SEQ, seq.to_string().as_str());
+    headers.insert(HDR_SUBJECT, message.subject.as_str());
+    if let Some(i) = index {
+        headers.insert(HDR_INDEX, i.to_string().as_str());
+    }
+    let id = format!("dl-{seq}-{}", index.map_or(-1, |i| i as i64));
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+    js.publish_with_headers(
+        format!("{DEAD_LETTER_PREFIX}.{}", invalid.reason),
+        headers,
+        original,
+    )
+    .await
+    .map_err(|e| Error::nats("publish dead letter", e))
+}
+
+/// Seals the open batch, if it holds any message, and queues it for the lake.
+async fn seal(
+    open: &mut Open,
+    partition: u16,
+    flush_tx: &mpsc::Sender<FlushRequest>,
+    ack_tx: &mpsc::Sender<Pending>,
+) -> Result<()> {
+    let Some((last, last_seq)) = open.last.take() else {
+        return Ok(());
+    };
+    // A dead letter must be stored before the ack that covers its message.
+    for dl in open.dead_letters.drain(..) {
+        dl.await.map_err(|e| Error::nats("dead letter ack", e))?;
+    }
+    let sealed = SealedBatch {
+        partition,
+        first_seq: open.first_seq,
+        last_seq,
+        batch: open.rows.finish(),
+    };
+    let (done_tx, done) = oneshot::channel();
+    flush_tx
+        .send(FlushRequest {
+            sealed,
+            done: done_tx,
+        })
+        .await
+        .map_err(|_| Error::Store("the lake writer stopped".to_owned()))?;
+    ack_tx
+        .send(Pending {
+            done,
+            last,
+            last_seq,
+            stored_ms: std::mem::take(&mut open.stored_ms),
+        })
+        .await
+        .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
+    open.messages = 0;
+    open.bytes = 0;
+    open.opened = None;
+    Ok(())
+}
+
+/// Acknowledges sealed batches in the order they were sealed, each only once the lake
+/// says it is durable. With ack-all, acking out of order would acknowledge an earlier
+/// batch that is not yet on disk.
+async fn ack_in_order(mut rx: mpsc::Receiver<Pending>, stats: Arc<Stats>) -> Result<()> {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
+    while let Some(p) = rx.recv().await {
+        let durable = p
+            .done
+            .await
+            .map_err(|_| Error::Store("the lake writer dropped a batch".to_owned()))?
+            .map_err(Error::Store)?;
+        let mut attempt = 0;
+        while let Err(e) = p.last.double_ack().await {
+            attempt += 1;
+            if attempt >= 5 {
+                return Err(Error::nats("acknowledge batch", e));
+            }
+            tracing::warn!(last_seq = p.last_seq, error = %e, "ack failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        for stored in &p.stored_ms {
+            latency.saturating_record(u64::try_from((now - stored).max(1)).unwrap_or(1));
+        }
+        stats.rows_durable.fetch_add(durable.rows as u64, Relaxed);
+        stats.files_written.fetch_add(durable.files as u64, Relaxed);
+        stats.batches_acked.fetch_add(1, Relaxed);
+        if let Ok(mut h) = stats.stored_to_durable_ms.lock() {
+            let _ = h.add(&latency);
+        }
+        latency.reset();
+    }
+    Ok(())
+}
+

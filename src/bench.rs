@@ -1,0 +1,229 @@
+//! `tally bench ingest`: end-to-end events/s and publish-to-durable latency, with an
+//! optional JetStream-only baseline measured in the same run.
+//!
+//! Messages are generated before the clock starts. The clock runs from the first publish
+//! to the moment every partition consumer has nothing pending and nothing unacknowledged
+//! (so every event is in a durable Parquet file). Latency is measured per message from the
+//! moment JetStream stored it (the publisher's acknowledgement) to the worker's ack after
+//! the durable write, and reported as p50 / p99 / p999.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::stream::{self, SubjectTransform};
+use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::demo::{this_month, wait_drained};
+use crate::pipeline::{Nats, Pipeline};
+use crate::workload::{self, OutMessage, Spec};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// End-to-end ingest: publish → decode → Parquet → durable ack.
+    ///
+    /// Example: tally bench ingest --events 1000000 --batch 100 --baseline --format json
+    Ingest(IngestBench),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchFormat {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+pub struct IngestBench {
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Events per message.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    #[arg(long, default_value_t = 1_000)]
+    customers: u32,
+    /// Also measure JetStream alone (publish + consume + ack; no decode, no Parquet).
+    #[arg(long)]
+    baseline: bool,
+    #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
+    format: BenchFormat,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IngestReport {
+    pub events: u64,
+    pub messages: u64,
+    pub batch: usize,
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    pub latency_ms_p50: u64,
+    pub latency_ms_p99: u64,
+    pub latency_ms_p999: u64,
+    pub latency_ms_max: u64,
+    pub baseline_seconds: Option<f64>,
+    pub baseline_events_per_sec: Option<f64>,
+    /// Tally's events/s over the baseline's.
+    pub ratio_to_baseline: Option<f64>,
+}
+
+pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::ExitCode> {
+    let BenchCmd::Ingest(args) = cmd;
+    let temp = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
+    if config.nats_url.is_none() {
+        config.data_dir = temp.path().to_owned();
+    }
+    let mut spec = Spec::new(args.events, this_month());
+    spec.batch = args.batch;
+    spec.customers = args.customers;
+    let (messages, totals) = workload::generate(&spec);
+    let nats = Nats::connect(&config).await?;
+
+    let baseline = if args.baseline {
+        Some(baseline(&nats, &config, &messages).await?)
+    } else {
+        None
+    };
+
+    let pipeline = Pipeline::start(&config, &nats, None).await?;
+    let start = Instant::now();
+    workload::publish(&nats.jetstream, &messages, 8_192, |_| {}).await?;
+    wait_drained(
+        &nats,
+        config.ingest.partitions,
+        &pipeline.stats,
+        totals.events_valid,
+        &ProgressBar::hidden(),
+        &pipeline,
+        Duration::from_secs(3600),
+    )
+    .await?;
+    let seconds = start.elapsed().as_secs_f64();
+    let latency = pipeline
+        .stats
+        .stored_to_durable_ms
+        .lock()
+        .map_err(|_| anyhow::anyhow!("latency histogram poisoned"))?
+        .clone();
+    pipeline.shutdown().await?;
+
+    let events_per_sec = totals.events_valid as f64 / seconds;
+    let report = IngestReport {
+        events: totals.events_valid,
+        messages: messages.len() as u64,
+        batch: args.batch,
+        seconds,
+        events_per_sec,
+        latency_ms_p50: latency.value_at_quantile(0.5),
+        latency_ms_p99: latency.value_at_quantile(0.99),
+        latency_ms_p999: latency.value_at_quantile(0.999),
+        latency_ms_max: latency.max(),
+        baseline_seconds: baseline,
+        baseline_events_per_sec: baseline.map(|s| totals.events_valid as f64 / s),
+        ratio_to_baseline: baseline.map(|s| s / seconds),
+    };
+    match args.format {
+        BenchFormat::Json => println!("{}", serde_json::to_string(&report)?),
+        BenchFormat::Table => {
+            println!(
+                "tally ingest: {} events in {} messages ({} per message): {:.2} s, {:.0} events/s",
+                report.events, report.messages, report.batch, report.seconds, report.events_per_sec
+            );
+            println!(
+                "publish-to-durable latency: p50 {} ms, p99 {} ms, p999 {} ms, max {} ms",
+                report.latency_ms_p50, report.latency_ms_p99, report.latency_ms_p999, report.latency_ms_max
+            );
+            if let (Some(s), Some(eps), Some(r)) =
+                (report.baseline_seconds, report.baseline_events_per_sec, report.ratio_to_baseline)
+            {
+                println!("jetstream alone: {s:.2} s, {eps:.0} events/s; tally reaches {:.0} % of it", r * 100.0);
+            }
+        }
+    }
+    drop(nats);
+    drop(temp);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// JetStream alone: the same messages through an equally partitioned stream, consumed by
+/// one pull consumer per partition that acknowledges (ack-all) every 1,000 messages or
+/// when idle. Returns the seconds from first publish to last ack.
+async fn baseline(nats: &Nats, config: &Config, messages: &[OutMessage]) -> anyhow::Result<f64> {
+    let js = &nats.jetstream;
+    let partitions = config.ingest.partitions;
+    let name = "TALLY_BASELINE";
+    let _ = js.delete_stream(name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec!["baseline.events.*".to_owned()],
+            subject_transform: Some(SubjectTransform {
+                source: "baseline.events.*".to_owned(),
+                destination: format!("baseline.part.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"),
+            }),
+            duplicate_window: Duration::from_secs(config.ingest.duplicate_window_secs),
+            ..Default::default()
+        })
+        .await
+        .context("creating the baseline stream")?;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let total = messages.len() as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..partitions {
+        let consumer: pull::Stream = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("baseline-{p}")),
+                filter_subject: format!("baseline.part.{p}.*"),
+                ack_policy: AckPolicy::All,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
+            .await?
+            .stream()
+            .max_messages_per_batch(config.ingest.fetch_messages)
+            .messages()
+            .await?;
+        let consumed = consumed.clone();
+        tasks.spawn(async move {
+            let mut consumer = consumer;
+            let mut unacked = 0usize;
+            let mut last = None;
+            while consumed.load(Ordering::Relaxed) < total {
+                match tokio::time::timeout(Duration::from_millis(20), consumer.next()).await {
+                    Ok(Some(Ok(msg))) => {
+                        last = Some(msg);
+                        unacked += 1;
+                        if unacked < 1_000 {
+                            continue;
+                        }
+                    }
+                    Ok(Some(Err(_)) | None) => break,
+                    Err(_) => {}
+                }
+                if let Some(msg) = last.take() {
+                    if msg.double_ack().await.is_ok() {
+                        consumed.fetch_add(unacked as u64, Ordering::Relaxed);
+                    }
+                    unacked = 0;
+                }
+            }
+        });
+    }
+    let start = Instant::now();
+    let renamed: Vec<OutMessage> = messages
+        .iter()
+        .map(|m| OutMessage {
+            subject: m.subject.replacen("tally.events.", "baseline.events.", 1),
+            ..m.clone()
+        })
+        .collect();
+    workload::publish(js, &renamed, 8_192, |_| {}).await?;
+    while tasks.join_next().await.is_some() {}
+    let seconds = start.elapsed().as_secs_f64();
+    js.delete_stream(name).await.ok();
+    Ok(seconds)
+}

@@ -1,0 +1,137 @@
+//! Configuration: defaults < file (`--config`, TOML) < `TALLY_*` environment variables.
+//!
+//! Nested keys use a double underscore in the environment: `TALLY_INGEST__FLUSH_AGE_MS=250`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use tally_ingest::IngestConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS server to use. Unset: start a local nats-server under `data_dir/nats`.
+    pub nats_url: Option<String>,
+    /// Where the lake (and the embedded nats-server's store) live.
+    pub data_dir: PathBuf,
+    /// Path of the nats-server binary for the embedded default (searched when unset).
+    pub nats_server: Option<PathBuf>,
+    /// Parquet files encoded at once.
+    pub writer_concurrency: usize,
+    /// Sealed batches waiting for the lake writer, across all partitions.
+    pub writer_queue: usize,
+    pub ingest: IngestConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            data_dir: PathBuf::from("data"),
+            nats_server: None,
+            writer_concurrency: 2,
+            writer_queue: 8,
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates the configuration; every problem is reported at once.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("TALLY_").split("__"))
+            .extract()
+            .context("reading configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = self.ingest.problems();
+        if self.writer_concurrency == 0 {
+            problems.push("writer_concurrency must be at least 1".to_owned());
+        }
+        if self.writer_queue == 0 {
+            problems.push("writer_queue must be at least 1".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
+        }
+    }
+
+    pub fn lake_dir(&self) -> PathBuf {
+        self.data_dir.join("lake")
+    }
+
+    pub fn nats_dir(&self) -> PathBuf {
+        self.data_dir.join("nats")
+    }
+}
+
+/// Parses a partition list such as `0-7`, `3`, or `0-3,8,10-11`.
+pub fn parse_partitions(spec: &str, partitions: u16) -> anyhow::Result<Vec<u16>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u16>()?, b.trim().parse::<u16>()?),
+            None => {
+                let p = part.parse::<u16>()?;
+                (p, p)
+            }
+        };
+        if lo > hi || hi >= partitions {
+            bail!("partition range {part:?} is outside 0-{}", partitions - 1);
+        }
+        out.extend(lo..=hi);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        bail!("no partitions in {spec:?}");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_lists() {
+        assert_eq!(parse_partitions("0-3,8, 2", 16).unwrap(), vec![0, 1, 2, 3, 8]);
+        assert!(parse_partitions("0-16", 16).is_err());
+        assert!(parse_partitions("5-2", 16).is_err());
+        assert!(parse_partitions("", 16).is_err());
+    }
+
+    #[test]
+    fn environment_overrides_defaults_and_bad_values_are_reported() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TALLY_INGEST__FLUSH_AGE_MS", "250");
+            jail.set_env("TALLY_DATA_DIR", "/tmp/x");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.ingest.flush_age_ms, 250);
+            assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+            jail.set_env("TALLY_INGEST__PARTITIONS", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("partitions"), "{err}");
+            jail.create_file("tally.toml", "[ingest]\nflush_rowz = 5\n")?;
+            let err = format!("{:#}", Config::load(Some(Path::new("tally.toml"))).unwrap_err());
+            assert!(err.contains("flush_rowz"), "{err}");
+            Ok(())
+        });
+    }
+}

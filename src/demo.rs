@@ -1,0 +1,275 @@
+//! `tally demo`: the whole pipeline on the embedded default, checked against itself.
+//!
+//! Starts a local nats-server, creates the streams and consumers, generates a realistic
+//! month of usage, publishes it, runs the worker until every message is durable and
+//! acknowledged, then bills the month from the lake and compares the billed totals with
+//! the generated ones.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use chrono::{Datelike, NaiveDate, Utc};
+use datafusion::arrow::array::{Int64Array, RecordBatch};
+use datafusion::prelude::col;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tally_ingest::Stats;
+use tally_query::{BillingTotals, Lakehouse, Period};
+
+use crate::config::Config;
+use crate::pipeline::{Nats, Pipeline};
+use crate::workload::{self, Spec};
+
+/// Marks a directory as the demo's own, so a second run may clear it.
+const MARKER: &str = ".tally-demo";
+
+#[derive(Debug, Clone)]
+pub struct DemoArgs {
+    pub spec: Spec,
+    pub top: usize,
+    pub quiet: bool,
+}
+
+/// The demo's figures: the last line of `tally demo --format json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    pub period: String,
+    pub events_generated: u64,
+    pub events_valid: u64,
+    pub events_invalid: u64,
+    pub duplicates_published: u64,
+    pub messages_published: u64,
+    pub events_in_lake: u64,
+    pub events_billed: u64,
+    pub billing_lines: u64,
+    pub quantity_generated: f64,
+    pub quantity_billed: f64,
+    pub dead_letters: u64,
+    pub duplicates_dropped: u64,
+    pub files_written: u64,
+    pub publish_seconds: f64,
+    pub ingest_seconds: f64,
+    pub events_per_second: f64,
+    #[serde(rename = "match")]
+    pub matches: bool,
+    pub data_dir: String,
+}
+
+/// Empties a directory the demo made before, or refuses one it did not make.
+fn prepare(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        if !dir.join(MARKER).exists() {
+            bail!(
+                "{} is not empty and was not made by `tally demo`; pick another --data-dir",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(MARKER), "made by tally demo; cleared by the next run\n")?;
+    Ok(())
+}
+
+fn bar(quiet: bool, len: u64, msg: &'static str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len).with_message(msg);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {human_pos}/{human_len} events ({per_sec}, {elapsed})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Waits until every partition consumer has nothing pending and nothing unacknowledged.
+pub async fn wait_drained(
+    nats: &Nats,
+    partitions: u16,
+    stats: &Stats,
+    target_rows: u64,
+    progress: &ProgressBar,
+    pipeline: &Pipeline,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let stream = nats
+        .jetstream
+        .get_stream(tally_core::subject::EVENTS_STREAM)
+        .await?;
+    loop {
+        let durable = Stats::get(&stats.rows_durable);
+        progress.set_position(durable.min(target_rows));
+        if pipeline.is_finished() {
+            bail!("the ingest worker stopped early; see the log above");
+        }
+        let mut idle = true;
+        for p in 0..partitions {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(&tally_core::subject::partition_consumer(p))
+                .await
+                .map_err(|e| anyhow::anyhow!("opening consumer of partition {p}: {e}"))?;
+            let info = consumer.info().await?;
+            if info.num_pending > 0 || info.num_ack_pending > 0 {
+                idle = false;
+                break;
+            }
+        }
+        if idle && durable >= target_rows {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not drained after {} s: {durable} of {target_rows} rows durable",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the demo end to end.
+pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoReport> {
+    // The demo always runs on its own embedded server and a lake it may clear.
+    config.nats_url = None;
+    prepare(&config.data_dir)?;
+    let spec = &args.spec;
+    let period = Period::of(spec.month);
+    let nats = Nats::connect(&config).await?;
+    let pipeline = Pipeline::start(&config, &nats, None).await?;
+
+    let generating = Instant::now();
+    let (messages, totals) = workload::generate(spec);
+    tracing::info!(messages = messages.len(), seconds = generating.elapsed().as_secs_f64(), "workload generated");
+
+    let published_bar = bar(args.quiet, totals.events_generated + totals.duplicates_published, "published");
+    let start = Instant::now();
+    let published = workload::publish(&nats.jetstream, &messages, 4_096, |n| published_bar.inc(n)).await?;
+    published_bar.finish();
+    let publish_seconds = start.elapsed().as_secs_f64();
+    drop(messages);
+
+    let durable_bar = bar(args.quiet, totals.events_valid, "durable");
+    wait_drained(
+        &nats,
+        config.ingest.partitions,
+        &pipeline.stats,
+        totals.events_valid,
+        &durable_bar,
+        &pipeline,
+        Duration::from_secs(1800),
+    )
+    .await?;
+    durable_bar.finish();
+    let ingest_seconds = start.elapsed().as_secs_f64();
+    let stats = pipeline.stats.clone();
+    pipeline.shutdown().await?;
+    drop(nats);
+
+    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let billing = lake.billing(period, None).await?;
+    let billed = BillingTotals::of(&billing);
+    let events_in_lake = count_rows(&lake).await?;
+    let report = DemoReport {
+        period: period.to_string(),
+        events_generated: totals.events_generated,
+        events_valid: totals.events_valid,
+        events_invalid: totals.events_invalid,
+        duplicates_published: totals.duplicates_published,
+        messages_published: published.messages,
+        events_in_lake,
+        events_billed: billed.events,
+        billing_lines: billed.lines,
+        quantity_generated: totals.quantity,
+        quantity_billed: billed.quantity,
+        dead_letters: Stats::get(&stats.dead_letters),
+        duplicates_dropped: Stats::get(&stats.duplicates),
+        files_written: Stats::get(&stats.files_written),
+        publish_seconds,
+        ingest_seconds,
+        events_per_second: totals.events_valid as f64 / ingest_seconds.max(1e-9),
+        matches: events_in_lake == totals.events_valid
+            && billed.events == totals.events_valid
+            && billed.quantity == totals.quantity
+            && billed.lines == totals.by_line.len() as u64,
+        data_dir: config.data_dir.display().to_string(),
+    };
+    if !args.quiet {
+        print_human(&lake, &report, &billing, args.top).await?;
+    }
+    Ok(report)
+}
+
+async fn count_rows(lake: &Lakehouse) -> anyhow::Result<u64> {
+    let batches = lake
+        .context()
+        .sql("SELECT COUNT(*) AS n FROM events")
+        .await?
+        .collect()
+        .await?;
+    let n = batches
+        .first()
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .map(|a| a.value(0))
+        })
+        .unwrap_or(0);
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+async fn print_human(
+    lake: &Lakehouse,
+    r: &DemoReport,
+    billing: &[RecordBatch],
+    top: usize,
+) -> anyhow::Result<()> {
+    let top_rows = lake
+        .context()
+        .read_batches(billing.to_vec())?
+        .sort(vec![col("quantity").sort(false, false), col("customer").sort(true, false)])?
+        .limit(0, Some(top))?
+        .collect()
+        .await?;
+    println!();
+    println!(
+        "Billing {} — top {top} of {} lines (customer × feature × month), by quantity",
+        r.period, r.billing_lines
+    );
+    crate::output::write_batches(&mut std::io::stdout(), &top_rows, crate::output::Format::Table)?;
+    println!(
+        "Totals: {} lines, {} events billed, quantity {}",
+        r.billing_lines, r.events_billed, r.quantity_billed
+    );
+    println!(
+        "Pipeline: {} events generated ({} malformed, {} extra copies published), {} messages; \
+         {} dead letters, {} duplicates dropped, {} Parquet files; {:.0} events/s end to end",
+        r.events_generated,
+        r.events_invalid,
+        r.duplicates_published,
+        r.messages_published,
+        r.dead_letters,
+        r.duplicates_dropped,
+        r.files_written,
+        r.events_per_second
+    );
+    let verdict = if r.matches { "MATCH" } else { "MISMATCH" };
+    println!(
+        "Check: {verdict}: lake holds {} events, billed {} events and quantity {}; generated {} valid events, quantity {}",
+        r.events_in_lake, r.events_billed, r.quantity_billed, r.events_valid, r.quantity_generated
+    );
+    println!("Lake: {}/lake/events/date=YYYY-MM-DD/*.parquet", r.data_dir);
+    Ok(())
+}
+
+/// The first day of the current UTC month.
+pub fn this_month() -> NaiveDate {
+    let today = Utc::now().date_naive();
+    NaiveDate::from_ymd_opt(today.year(), today.month(), 1).unwrap_or(today)
+}

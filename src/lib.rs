@@ -1,0 +1,10 @@
+//! The `tally` binary's library half: configuration, the wiring of ingest to the lake,
+//! the workload generator, and output formatting. `main.rs` holds only the command line.
+//! Integration tests under `tests/` drive these same pieces.
+
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod output;
+pub mod pipeline;
+pub mod workload;

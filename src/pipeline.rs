@@ -1,0 +1,117 @@
+//! Wiring: NATS (external or embedded) → ingest worker → bounded channel → lake writer.
+//!
+//! Shutdown is ordered: cancel stops the pulls, each partition seals and sends its open
+//! batch, the writer makes it durable, the batch is acknowledged, and only then does the
+//! writer stop and the embedded nats-server go down.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tally_core::FlushRequest;
+use tally_ingest::{run_worker, Stats};
+use tally_natsd::{NatsServer, ServerOptions};
+use tally_store::{run_writer, Lake};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// A NATS connection, with the local server it runs on when Tally started one.
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub jetstream: async_nats::jetstream::Context,
+    /// The embedded server, stopped when this is dropped.
+    pub server: Option<NatsServer>,
+}
+
+impl Nats {
+    /// Connects to `config.nats_url`, or starts the embedded nats-server first.
+    pub async fn connect(config: &Config) -> anyhow::Result<Nats> {
+        let (url, server) = match &config.nats_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let mut options = ServerOptions::new(config.nats_dir());
+                options.binary = config.nats_server.clone();
+                let server = tokio::task::spawn_blocking(move || NatsServer::start(options))
+                    .await?
+                    .context("starting the embedded nats-server")?;
+                tracing::info!(url = %server.url(), dir = %server.data_dir().display(), "embedded nats-server started");
+                (server.url(), Some(server))
+            }
+        };
+        let client = async_nats::ConnectOptions::new()
+            .name("tally")
+            .retry_on_initial_connect()
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(&url)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let jetstream = async_nats::jetstream::new(client.clone());
+        Ok(Nats {
+            client,
+            jetstream,
+            server,
+        })
+    }
+}
+
+/// A running ingest worker and its lake writer.
+pub struct Pipeline {
+    pub stats: Arc<Stats>,
+    cancel: CancellationToken,
+    worker: JoinHandle<tally_ingest::Result<()>>,
+    writer: JoinHandle<()>,
+}
+
+impl Pipeline {
+    /// Starts a worker over `partitions` (all of them when `None`).
+    pub async fn start(
+        config: &Config,
+        nats: &Nats,
+        partitions: Option<Vec<u16>>,
+    ) -> anyhow::Result<Pipeline> {
+        let lake = Arc::new(Lake::new(config.lake_dir()));
+        let (flush_tx, flush_rx) = mpsc::channel::<FlushRequest>(config.writer_queue);
+        let writer = tokio::spawn(run_writer(lake, flush_rx, config.writer_concurrency));
+        let stats = Arc::new(Stats::default());
+        let cancel = CancellationToken::new();
+        let partitions = partitions.unwrap_or_else(|| (0..config.ingest.partitions).collect());
+        // Create the streams before returning, so publishers can start at once.
+        tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
+        let worker = tokio::spawn(run_worker(
+            nats.jetstream.clone(),
+            config.ingest.clone(),
+            partitions,
+            flush_tx,
+            stats.clone(),
+            cancel.clone(),
+        ));
+        Ok(Pipeline {
+            stats,
+            cancel,
+            worker,
+            writer,
+        })
+    }
+
+    /// The token that stops this pipeline; cancelled too when a partition fails.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Whether the worker stopped by itself (it failed).
+    pub fn is_finished(&self) -> bool {
+        self.worker.is_finished()
+    }
+
+    /// Drains and stops: every open batch is made durable and acknowledged first.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        let worker = self.worker.await.context("ingest worker panicked")?;
+        // The worker dropped its channel senders; the writer finishes what it holds.
+        self.writer.await.context("lake writer panicked")?;
+        worker.context("ingest worker failed")?;
+        Ok(())
+    }
+}
