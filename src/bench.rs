@@ -7,12 +7,12 @@
 //! moment JetStream stored it (the publisher's acknowledgement) to the worker's ack after
 //! the durable write, and reported as p50 / p99 / p999.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::stream::{self, SubjectTransform};
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
@@ -135,12 +135,20 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
             );
             println!(
                 "publish-to-durable latency: p50 {} ms, p99 {} ms, p999 {} ms, max {} ms",
-                report.latency_ms_p50, report.latency_ms_p99, report.latency_ms_p999, report.latency_ms_max
+                report.latency_ms_p50,
+                report.latency_ms_p99,
+                report.latency_ms_p999,
+                report.latency_ms_max
             );
-            if let (Some(s), Some(eps), Some(r)) =
-                (report.baseline_seconds, report.baseline_events_per_sec, report.ratio_to_baseline)
-            {
-                println!("jetstream alone: {s:.2} s, {eps:.0} events/s; tally reaches {:.0} % of it", r * 100.0);
+            if let (Some(s), Some(eps), Some(r)) = (
+                report.baseline_seconds,
+                report.baseline_events_per_sec,
+                report.ratio_to_baseline,
+            ) {
+                println!(
+                    "jetstream alone: {s:.2} s, {eps:.0} events/s; tally reaches {:.0} % of it",
+                    r * 100.0
+                );
             }
         }
     }
@@ -163,7 +171,9 @@ async fn baseline(nats: &Nats, config: &Config, messages: &[OutMessage]) -> anyh
             subjects: vec!["baseline.events.*".to_owned()],
             subject_transform: Some(SubjectTransform {
                 source: "baseline.events.*".to_owned(),
-                destination: format!("baseline.part.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"),
+                destination: format!(
+                    "baseline.part.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+                ),
             }),
             duplicate_window: Duration::from_secs(config.ingest.duplicate_window_secs),
             ..Default::default()

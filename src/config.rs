@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
-use figment::providers::{Env, Format, Serialized, Toml};
+use anyhow::{Context as _, bail};
 use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use tally_ingest::IngestConfig;
 
@@ -23,6 +23,8 @@ pub struct Config {
     pub writer_concurrency: usize,
     /// Sealed batches waiting for the lake writer, across all partitions.
     pub writer_queue: usize,
+    /// Log filter, `tracing` env-filter syntax (`info`, `warn,tally=debug`).
+    pub log: String,
     pub ingest: IngestConfig,
 }
 
@@ -34,6 +36,7 @@ impl Default for Config {
             nats_server: None,
             writer_concurrency: 2,
             writer_queue: 8,
+            log: "warn,tally=info".to_owned(),
             ingest: IngestConfig::default(),
         }
     }
@@ -50,7 +53,12 @@ impl Config {
             figment = figment.merge(Toml::file(file));
         }
         let config: Config = figment
-            .merge(Env::prefixed("TALLY_").split("__"))
+            // TALLY_CONFIG names the file; TALLY_VENV belongs to the install script.
+            .merge(
+                Env::prefixed("TALLY_")
+                    .ignore(&["CONFIG", "VENV"])
+                    .split("__"),
+            )
             .extract()
             .context("reading configuration")?;
         config.validate()?;
@@ -61,6 +69,9 @@ impl Config {
         let mut problems = self.ingest.problems();
         if self.writer_concurrency == 0 {
             problems.push("writer_concurrency must be at least 1".to_owned());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            problems.push(format!("log: {e}"));
         }
         if self.writer_queue == 0 {
             problems.push("writer_queue must be at least 1".to_owned());
@@ -111,13 +122,17 @@ mod tests {
 
     #[test]
     fn partition_lists() {
-        assert_eq!(parse_partitions("0-3,8, 2", 16).unwrap(), vec![0, 1, 2, 3, 8]);
+        assert_eq!(
+            parse_partitions("0-3,8, 2", 16).unwrap(),
+            vec![0, 1, 2, 3, 8]
+        );
         assert!(parse_partitions("0-16", 16).is_err());
         assert!(parse_partitions("5-2", 16).is_err());
         assert!(parse_partitions("", 16).is_err());
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's test jail fixes the closure's type
     fn environment_overrides_defaults_and_bad_values_are_reported() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("TALLY_INGEST__FLUSH_AGE_MS", "250");
@@ -129,7 +144,10 @@ mod tests {
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("partitions"), "{err}");
             jail.create_file("tally.toml", "[ingest]\nflush_rowz = 5\n")?;
-            let err = format!("{:#}", Config::load(Some(Path::new("tally.toml"))).unwrap_err());
+            let err = format!(
+                "{:#}",
+                Config::load(Some(Path::new("tally.toml"))).unwrap_err()
+            );
             assert!(err.contains("flush_rowz"), "{err}");
             Ok(())
         });

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use chrono::{Datelike, NaiveDate, Utc};
 use datafusion::arrow::array::{Int64Array, RecordBatch};
 use datafusion::prelude::col;
@@ -68,7 +68,10 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(MARKER), "made by tally demo; cleared by the next run\n")?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by tally demo; cleared by the next run\n",
+    )?;
     Ok(())
 }
 
@@ -145,11 +148,20 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
 
     let generating = Instant::now();
     let (messages, totals) = workload::generate(spec);
-    tracing::info!(messages = messages.len(), seconds = generating.elapsed().as_secs_f64(), "workload generated");
+    tracing::info!(
+        messages = messages.len(),
+        seconds = generating.elapsed().as_secs_f64(),
+        "workload generated"
+    );
 
-    let published_bar = bar(args.quiet, totals.events_generated + totals.duplicates_published, "published");
+    let published_bar = bar(
+        args.quiet,
+        totals.events_generated + totals.duplicates_published,
+        "published",
+    );
     let start = Instant::now();
-    let published = workload::publish(&nats.jetstream, &messages, 4_096, |n| published_bar.inc(n)).await?;
+    let published =
+        workload::publish(&nats.jetstream, &messages, 4_096, |n| published_bar.inc(n)).await?;
     published_bar.finish();
     let publish_seconds = start.elapsed().as_secs_f64();
     drop(messages);
@@ -233,7 +245,10 @@ async fn print_human(
     let top_rows = lake
         .context()
         .read_batches(billing.to_vec())?
-        .sort(vec![col("quantity").sort(false, false), col("customer").sort(true, false)])?
+        .sort(vec![
+            col("quantity").sort(false, false),
+            col("customer").sort(true, false),
+        ])?
         .limit(0, Some(top))?
         .collect()
         .await?;
@@ -242,7 +257,11 @@ async fn print_human(
         "Billing {} — top {top} of {} lines (customer × feature × month), by quantity",
         r.period, r.billing_lines
     );
-    crate::output::write_batches(&mut std::io::stdout(), &top_rows, crate::output::Format::Table)?;
+    crate::output::write_batches(
+        &mut std::io::stdout(),
+        &top_rows,
+        crate::output::Format::Table,
+    )?;
     println!(
         "Totals: {} lines, {} events billed, quantity {}",
         r.billing_lines, r.events_billed, r.quantity_billed

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use tally::config::{parse_partitions, Config};
+use tally::config::{Config, parse_partitions};
 use tally::demo::{self, DemoArgs};
-use tally::output::{write_batches, Format};
+use tally::output::{Format, write_batches};
 use tally::pipeline::{Nats, Pipeline};
 use tally::workload::Spec;
 use tally_query::{Lakehouse, Period};
@@ -101,14 +101,10 @@ struct WorkerCmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tally=info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -126,6 +122,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let mut config = Config::load(cli.config.as_deref())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
+        .with_writer(std::io::stderr)
+        .init();
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
@@ -192,7 +192,10 @@ impl DemoCmd {
 }
 
 /// Runs the worker until Ctrl-C or SIGTERM, then drains in order.
-async fn serve(config: Config, partitions: Option<Vec<u16>>) -> anyhow::Result<std::process::ExitCode> {
+async fn serve(
+    config: Config,
+    partitions: Option<Vec<u16>>,
+) -> anyhow::Result<std::process::ExitCode> {
     let nats = Nats::connect(&config).await?;
     let pipeline = Pipeline::start(&config, &nats, partitions).await?;
     tracing::info!(lake = %config.lake_dir().display(), "tally is running; Ctrl-C stops it");

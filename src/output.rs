@@ -17,7 +17,11 @@ pub enum Format {
 }
 
 /// Writes record batches in the given format.
-pub fn write_batches(out: &mut dyn Write, batches: &[RecordBatch], format: Format) -> anyhow::Result<()> {
+pub fn write_batches(
+    out: &mut dyn Write,
+    batches: &[RecordBatch],
+    format: Format,
+) -> anyhow::Result<()> {
     match format {
         Format::Table => {
             let table = arrow::util::pretty::pretty_format_batches(batches)?;
@@ -37,7 +41,9 @@ pub fn write_batches(out: &mut dyn Write, batches: &[RecordBatch], format: Forma
             writeln!(out)?;
         }
         Format::Csv => {
-            let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(out);
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(out);
             for b in batches {
                 writer.write(b).context("writing CSV")?;
             }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tally_core::FlushRequest;
-use tally_ingest::{run_worker, Stats};
+use tally_ingest::{Stats, run_worker};
 use tally_natsd::{NatsServer, ServerOptions};
-use tally_store::{run_writer, Lake};
+use tally_store::{Lake, run_writer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +79,8 @@ impl Pipeline {
         let partitions = partitions.unwrap_or_else(|| (0..config.ingest.partitions).collect());
         // Create the streams before returning, so publishers can start at once.
         tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
+        tally_ingest::topology::ensure_consumers(&nats.jetstream, &config.ingest, &partitions)
+            .await?;
         let worker = tokio::spawn(run_worker(
             nats.jetstream.clone(),
             config.ingest.clone(),

@@ -16,12 +16,39 @@ use tally_core::subject::events_subject;
 
 /// Feature names a SaaS catalogue might meter.
 const FEATURES: [&str; 24] = [
-    "api-calls", "storage-gb", "exports", "ai-tokens", "reports", "webhooks", "sso-logins",
-    "emails-sent", "sms-sent", "builds", "build-minutes", "deployments", "seats", "projects",
-    "dashboards", "alerts", "backups", "image-renders", "video-minutes", "search-queries",
-    "audit-exports", "integrations", "workflows", "custom-domains",
+    "api-calls",
+    "storage-gb",
+    "exports",
+    "ai-tokens",
+    "reports",
+    "webhooks",
+    "sso-logins",
+    "emails-sent",
+    "sms-sent",
+    "builds",
+    "build-minutes",
+    "deployments",
+    "seats",
+    "projects",
+    "dashboards",
+    "alerts",
+    "backups",
+    "image-renders",
+    "video-minutes",
+    "search-queries",
+    "audit-exports",
+    "integrations",
+    "workflows",
+    "custom-domains",
 ];
-const REGIONS: [&str; 6] = ["us-east", "eu-west", "ap-south", "us-west", "eu-central", "sa-east"];
+const REGIONS: [&str; 6] = [
+    "us-east",
+    "eu-west",
+    "ap-south",
+    "us-west",
+    "eu-central",
+    "sa-east",
+];
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -95,9 +122,9 @@ pub struct Totals {
 /// `true`: still valid JSON, so it may travel inside a batch.
 const INVALID_KINDS: [(&str, bool); 10] = [
     ("not_json", false),
-    ("missing_field", true),  // no id
-    ("empty_field", true),    // empty id
-    ("missing_field", true),  // no data.feature
+    ("missing_field", true), // no id
+    ("empty_field", true),   // empty id
+    ("missing_field", true), // no data.feature
     ("negative_quantity", true),
     ("non_finite_quantity", true),
     ("wrong_type", true), // quantity as a string
@@ -128,21 +155,49 @@ struct Event<'a> {
 
 fn malformed(kind: usize, id: &str, customer: &str, time: &str) -> String {
     let good = |id: &str, subject: &str, time: &str, data: &str, spec: &str| {
-        let id = if id == "-" { String::new() } else { format!(r#""id":"{id}","#) };
-        let subject = if subject == "-" { String::new() } else { format!(r#""subject":"{subject}","#) };
+        let id = if id == "-" {
+            String::new()
+        } else {
+            format!(r#""id":"{id}","#)
+        };
+        let subject = if subject == "-" {
+            String::new()
+        } else {
+            format!(r#""subject":"{subject}","#)
+        };
         format!(
             r#"{{"specversion":"{spec}",{id}"source":"demo-app","type":"usage",{subject}"time":"{time}","data":{data}}}"#
         )
     };
     let data = r#"{"feature":"api-calls","quantity":1}"#;
     match kind {
-        0 => format!(r#"{{"specversion":"1.0","id":"{id}","subject":"{customer}","data":{{"feature""#),
+        0 => format!(
+            r#"{{"specversion":"1.0","id":"{id}","subject":"{customer}","data":{{"feature""#
+        ),
         1 => good("-", customer, time, data, "1.0"),
         2 => good("", customer, time, data, "1.0"),
         3 => good(id, customer, time, r#"{"quantity":1}"#, "1.0"),
-        4 => good(id, customer, time, r#"{"feature":"api-calls","quantity":-2}"#, "1.0"),
-        5 => good(id, customer, time, r#"{"feature":"api-calls","quantity":"NaN"}"#, "1.0"),
-        6 => good(id, customer, time, r#"{"feature":"api-calls","quantity":"3"}"#, "1.0"),
+        4 => good(
+            id,
+            customer,
+            time,
+            r#"{"feature":"api-calls","quantity":-2}"#,
+            "1.0",
+        ),
+        5 => good(
+            id,
+            customer,
+            time,
+            r#"{"feature":"api-calls","quantity":"NaN"}"#,
+            "1.0",
+        ),
+        6 => good(
+            id,
+            customer,
+            time,
+            r#"{"feature":"api-calls","quantity":"3"}"#,
+            "1.0",
+        ),
         7 => good(id, customer, "last tuesday", data, "1.0"),
         8 => good(id, customer, time, data, "0.3"),
         _ => good(id, "-", time, data, "1.0"),
@@ -174,7 +229,11 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
         weights.partition_point(|w| *w < x).min(weights.len() - 1)
     };
 
-    let start = spec.month.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    let start = spec
+        .month
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc();
     let next_month = spec
         .month
         .checked_add_months(chrono::Months::new(1))
@@ -202,7 +261,10 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
             (id, json)
         } else {
             let jsons: Vec<String> = events.into_iter().map(|(_, j)| j).collect();
-            (format!("batch-{}", uuid::Uuid::now_v7()), format!("[{}]", jsons.join(",")))
+            (
+                format!("batch-{}", uuid::Uuid::now_v7()),
+                format!("[{}]", jsons.join(",")),
+            )
         };
         let msg_id = if msg_id.is_empty() {
             format!("raw-{}", uuid::Uuid::now_v7())
@@ -220,7 +282,8 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
     for i in 0..n {
         let c = pick(&mut rng, &customer_weights);
         let customer = &customers[c];
-        let t = start + Duration::microseconds(((i as i128 * span_us as i128) / n.max(1) as i128) as i64);
+        let t = start
+            + Duration::microseconds(((i as i128 * span_us as i128) / n.max(1) as i128) as i64);
         let time = t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
         let id = uuid::Uuid::now_v7().to_string();
         totals.events_generated += 1;
@@ -229,7 +292,10 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
             let kind = rng.random_range(0..INVALID_KINDS.len());
             let (reason, batchable) = INVALID_KINDS[kind];
             totals.events_invalid += 1;
-            *totals.invalid_by_reason.entry(reason.to_owned()).or_default() += 1;
+            *totals
+                .invalid_by_reason
+                .entry(reason.to_owned())
+                .or_default() += 1;
             let json = malformed(kind, &id, customer, &time);
             if !batchable {
                 emit(&mut out, c, vec![(id, json)]);
@@ -257,7 +323,12 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
                 event_type: "usage",
                 subject: customer,
                 time: &time,
-                data: Data { feature, quantity, region, user: &user },
+                data: Data {
+                    feature,
+                    quantity,
+                    region,
+                    user: &user,
+                },
             })
             .unwrap_or_default();
             totals.events_valid += 1;
@@ -318,14 +389,15 @@ pub async fn publish(
 ) -> anyhow::Result<Published> {
     let mut pending = FuturesUnordered::new();
     let mut report = Published::default();
-    let mut settle = |ack: async_nats::jetstream::publish::PublishAck, events: u32, report: &mut Published| {
-        report.messages += 1;
-        report.events += u64::from(events);
-        if ack.duplicate {
-            report.duplicate_messages += 1;
-        }
-        progress(u64::from(events));
-    };
+    let mut settle =
+        |ack: async_nats::jetstream::publish::PublishAck, events: u32, report: &mut Published| {
+            report.messages += 1;
+            report.events += u64::from(events);
+            if ack.duplicate {
+                report.duplicate_messages += 1;
+            }
+            progress(u64::from(events));
+        };
     for m in messages {
         let publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(m.payload.clone())
@@ -384,7 +456,10 @@ mod tests {
         assert_eq!(invalid, totals.events_invalid);
         assert_eq!(quantity, totals.quantity);
         assert!(totals.duplicates_published > 0 && totals.events_invalid > 0);
-        assert_eq!(totals.events_generated, totals.events_valid + totals.events_invalid);
+        assert_eq!(
+            totals.events_generated,
+            totals.events_valid + totals.events_invalid
+        );
         let by_line: u64 = totals.by_line.values().map(|v| v.0).sum();
         assert_eq!(by_line, totals.events_valid);
     }

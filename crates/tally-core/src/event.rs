@@ -12,8 +12,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// The CloudEvents version Tally accepts.
@@ -145,11 +145,19 @@ impl Invalid {
     }
 
     fn missing(field: &'static str) -> Self {
-        Self::new(Reason::MissingField, Some(field), format!("`{field}` is required"))
+        Self::new(
+            Reason::MissingField,
+            Some(field),
+            format!("`{field}` is required"),
+        )
     }
 
     fn wrong_type(field: &'static str, expected: &str) -> Self {
-        Self::new(Reason::WrongType, Some(field), format!("`{field}` must be {expected}"))
+        Self::new(
+            Reason::WrongType,
+            Some(field),
+            format!("`{field}` must be {expected}"),
+        )
     }
 }
 
@@ -222,7 +230,11 @@ impl<'a> Frame<'a> {
 }
 
 fn frame_error(e: &serde_json::Error) -> Invalid {
-    Invalid::new(Reason::NotJson, None, format!("message is not valid JSON: {e}"))
+    Invalid::new(
+        Reason::NotJson,
+        None,
+        format!("message is not valid JSON: {e}"),
+    )
 }
 
 struct FrameVisitor<'l> {
@@ -661,7 +673,15 @@ impl<'de> Visitor<'de> for EventVisitor<'_> {
         if let Some(e) = errors.0 {
             return Ok(Err(e));
         }
-        Ok(finish(specversion, id, source, event_type, subject, time, data))
+        Ok(finish(
+            specversion,
+            id,
+            source,
+            event_type,
+            subject,
+            time,
+            data,
+        ))
     }
 }
 
@@ -740,7 +760,10 @@ mod tests {
         assert_eq!(e.quantity, 2.5);
         assert_eq!(e.region.as_deref(), Some("eu"));
         assert_eq!(e.user.as_deref(), Some("u1"));
-        assert_eq!(e.time.unwrap().to_rfc3339(), "2026-11-03T14:05:00.500+00:00");
+        assert_eq!(
+            e.time.unwrap().to_rfc3339(),
+            "2026-11-03T14:05:00.500+00:00"
+        );
         assert_eq!(e.extra.as_deref(), Some(r#"{"plan":"x","n":[1,2]}"#));
     }
 
@@ -765,7 +788,12 @@ mod tests {
             .collect();
         assert_eq!(
             reasons,
-            [None, Some(Reason::NotAnObject), Some(Reason::MissingField), None]
+            [
+                None,
+                Some(Reason::NotAnObject),
+                Some(Reason::MissingField),
+                None
+            ]
         );
         let raw = Frame::raw_events(json.as_bytes());
         assert_eq!(raw.len(), 4);
@@ -792,10 +820,22 @@ mod tests {
             Reason::TooManyEvents
         );
         let limits = DecodeLimits::default();
-        assert_eq!(Frame::decode(b"[]", &limits).unwrap_err().reason, Reason::EmptyBatch);
-        assert_eq!(Frame::decode(b"{", &limits).unwrap_err().reason, Reason::NotJson);
-        assert_eq!(Frame::decode(b"{} x", &limits).unwrap_err().reason, Reason::NotJson);
-        assert_eq!(Frame::decode(b"42", &limits).unwrap_err().reason, Reason::NotAnObject);
+        assert_eq!(
+            Frame::decode(b"[]", &limits).unwrap_err().reason,
+            Reason::EmptyBatch
+        );
+        assert_eq!(
+            Frame::decode(b"{", &limits).unwrap_err().reason,
+            Reason::NotJson
+        );
+        assert_eq!(
+            Frame::decode(b"{} x", &limits).unwrap_err().reason,
+            Reason::NotJson
+        );
+        assert_eq!(
+            Frame::decode(b"42", &limits).unwrap_err().reason,
+            Reason::NotAnObject
+        );
     }
 
     #[test]
@@ -804,7 +844,9 @@ mod tests {
             let json = format!(
                 r#"{{"specversion":"1.0","id":"e","source":"s","type":"t","subject":"c","data":{{"feature":"f","quantity":{q}}}}}"#
             );
-            one(&json).map(|e| e.quantity).map_err(|e| (e.reason, e.field))
+            one(&json)
+                .map(|e| e.quantity)
+                .map_err(|e| (e.reason, e.field))
         };
         let q = Some("data.quantity");
         assert_eq!(with("-1"), Err((Reason::NegativeQuantity, q)));

@@ -43,7 +43,9 @@ pub fn partition_transform(partitions: u16) -> (String, String) {
 
 /// Splits a stored subject `tally.part.<partition>.<token>` into its partition and token.
 pub fn parse_partitioned(subject: &str) -> Option<(u16, &str)> {
-    let rest = subject.strip_prefix(PARTITIONED_PREFIX)?.strip_prefix('.')?;
+    let rest = subject
+        .strip_prefix(PARTITIONED_PREFIX)?
+        .strip_prefix('.')?;
     let (partition, token) = rest.split_once('.')?;
     Some((partition.parse().ok()?, token))
 }

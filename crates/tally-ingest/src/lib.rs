@@ -13,8 +13,8 @@ pub mod rows;
 pub mod topology;
 mod worker;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -196,7 +196,9 @@ pub async fn run_worker(
             err_tx.clone(),
         );
         tracker.spawn(async move {
-            if let Err(e) = run_partition(js, &config, partition, flush_tx, stats, cancel.clone()).await {
+            if let Err(e) =
+                run_partition(js, &config, partition, flush_tx, stats, cancel.clone()).await
+            {
                 tracing::error!(partition, error = %e, "partition worker failed");
                 cancel.cancel();
                 let _ = err_tx.send(e).await;

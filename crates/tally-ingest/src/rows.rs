@@ -72,11 +72,8 @@ impl Rows {
         self.customer.append_value(&event.subject);
         self.feature.append_value(&event.feature);
         self.quantity.append_value(event.quantity);
-        self.event_time.append_value(
-            event
-                .time
-                .map_or(ingest_micros, |t| t.timestamp_micros()),
-        );
+        self.event_time
+            .append_value(event.time.map_or(ingest_micros, |t| t.timestamp_micros()));
         self.region.append_option(event.region.as_deref());
         self.user_id.append_option(event.user.as_deref());
         self.source.append_value(&event.source);

@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform};
 use async_nats::jetstream::Context;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::stream::{
+    self, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform,
+};
 use tally_core::subject::{
     self, DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX,
 };
@@ -59,18 +61,31 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
     Ok(())
 }
 
+/// Creates the durable consumers of these partitions, so that the topology is complete
+/// before anyone publishes or waits on it.
+pub async fn ensure_consumers(
+    js: &Context,
+    config: &IngestConfig,
+    partitions: &[u16],
+) -> Result<()> {
+    for &p in partitions {
+        ensure_consumer(js, config, p).await?;
+    }
+    Ok(())
+}
+
 /// The durable pull consumer of one partition.
 pub async fn ensure_consumer(
     js: &Context,
     config: &IngestConfig,
     partition: u16,
-) -> Result<pull::Stream> {
+) -> Result<PullConsumer> {
     let stream = js
         .get_stream(EVENTS_STREAM)
         .await
         .map_err(|e| Error::nats("open events stream", e))?;
     let name = subject::partition_consumer(partition);
-    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+    stream
         .get_or_create_consumer(
             &name,
             pull::Config {
@@ -84,8 +99,13 @@ pub async fn ensure_consumer(
             },
         )
         .await
-        .map_err(|e| Error::nats("create partition consumer", e))?;
-    consumer
+        .map_err(|e| Error::nats("create partition consumer", e))
+}
+
+/// Starts pulling one partition's messages (prefetching, with heartbeats).
+pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Result<pull::Stream> {
+    ensure_consumer(js, config, partition)
+        .await?
         .stream()
         .max_messages_per_batch(config.fetch_messages)
         .heartbeat(Duration::from_secs(5))

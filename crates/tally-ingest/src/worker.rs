@@ -1,13 +1,13 @@
 //! One partition's loop: pull, decode, dedup, dead-letter, accumulate, seal, ack after durable.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
+use async_nats::jetstream::Context;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::Acker;
-use async_nats::jetstream::Context;
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dedup::Dedup;
 use crate::rows::Rows;
-use crate::{topology, Error, IngestConfig, Result, Stats};
+use crate::{Error, IngestConfig, Result, Stats, topology};
 
 /// Dead-letter headers: why, where from, and which event of a batch.
 pub const HDR_REASON: &str = "Tally-Reason";
@@ -104,7 +104,7 @@ async fn pull_loop(
     stats: &Stats,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let mut messages = topology::ensure_consumer(js, config, partition).await?;
+    let mut messages = topology::messages(js, config, partition).await?;
     let mut dedup = Dedup::new(config.dedup_capacity);
     let mut open = Open::new();
     // Redeliveries of what this process already handled are skipped by sequence.
@@ -146,11 +146,11 @@ async fn pull_loop(
                 Some(Err(e)) => {
                     tracing::warn!(partition, error = %e, "pull stream error; re-creating it");
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    messages = topology::ensure_consumer(js, config, partition).await?;
+                    messages = topology::messages(js, config, partition).await?;
                 }
                 None => {
                     tracing::warn!(partition, "pull stream ended; re-creating it");
-                    messages = topology::ensure_consumer(js, config, partition).await?;
+                    messages = topology::messages(js, config, partition).await?;
                 }
             }
         }
@@ -177,7 +177,8 @@ async fn handle(
     let frame = match Frame::decode(payload, &config.limits) {
         Ok(frame) => frame,
         Err(invalid) => {
-            let dl = dead_letter(js, partition, seq, None, message, payload.clone(), &invalid).await?;
+            let dl =
+                dead_letter(js, partition, seq, None, message, payload.clone(), &invalid).await?;
             open.dead_letters.push(dl);
             stats.dead_letters.fetch_add(1, Relaxed);
             return Ok(());
@@ -215,7 +216,8 @@ async fn handle(
                     payload.clone()
                 };
                 let index = frame.is_batch.then_some(index);
-                let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
+                let dl =
+                    dead_letter(js, partition, seq, index, message, original, &invalid).await?;
                 open.dead_letters.push(dl);
                 stats.dead_letters.fetch_add(1, Relaxed);
             }
@@ -240,7 +242,10 @@ async fn dead_letter(
     if let Some(field) = invalid.field {
         headers.insert(HDR_FIELD, field);
     }
-    headers.insert(HDR_ERROR, invalid.message.replace(['\r', '\n'], " ").as_str());
+    headers.insert(
+        HDR_ERROR,
+        invalid.message.replace(['\r', '\n'], " ").as_str(),
+    );
     headers.insert(HDR_PARTITION, partition.to_string().as_str());
     headers.insert(HDR_STREAM_SEQ, seq.to_string().as_str());
     headers.insert(HDR_SUBJECT, message.subject.as_str());
@@ -335,4 +340,3 @@ async fn ack_in_order(mut rx: mpsc::Receiver<Pending>, stats: Arc<Stats>) -> Res
     }
     Ok(())
 }
-

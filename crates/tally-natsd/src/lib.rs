@@ -244,7 +244,10 @@ mod tests {
         let dir = server.data_dir().to_owned();
         assert!(dir.join("nats-server.conf").is_file());
         drop(server);
-        assert!(TcpStream::connect(addr).is_err(), "server still listening after drop");
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "server still listening after drop"
+        );
         assert!(!dir.exists(), "temporary directory left behind");
     }
 }

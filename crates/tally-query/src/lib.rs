@@ -17,7 +17,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::prelude::{col, lit, SessionContext};
+use datafusion::prelude::{SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use tally_core::schema::{self, lake_schema};
 
@@ -114,7 +114,10 @@ impl Lakehouse {
         let config = ListingTableConfig::new(url)
             .with_listing_options(options)
             .with_schema(lake_schema());
-        ctx.register_table(schema::EVENTS_TABLE, Arc::new(ListingTable::try_new(config)?))?;
+        ctx.register_table(
+            schema::EVENTS_TABLE,
+            Arc::new(ListingTable::try_new(config)?),
+        )?;
         Ok(Self { ctx })
     }
 
@@ -124,7 +127,11 @@ impl Lakehouse {
 
     /// Billable usage per customer × feature in a period: `customer, feature, period,
     /// events, quantity`, ordered by customer and feature.
-    pub async fn billing(&self, period: Period, customer: Option<&str>) -> Result<Vec<RecordBatch>> {
+    pub async fn billing(
+        &self,
+        period: Period,
+        customer: Option<&str>,
+    ) -> Result<Vec<RecordBatch>> {
         let mut df = self.ctx.sql(BILLING_SQL).await?.with_param_values(vec![
             ScalarValue::from(period.first_day().format("%Y-%m-%d").to_string()),
             ScalarValue::from(period.next().first_day().format("%Y-%m-%d").to_string()),

@@ -30,7 +30,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use tally_core::schema::{self, EVENTS_TABLE};
 use tally_core::{Durable, FlushRequest, SealedBatch};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 
 /// Metadata keys each Parquet file carries.
 pub const META_PARTITION: &str = "tally.partition";
@@ -98,9 +98,7 @@ impl Lake {
             let date = DateTime::from_timestamp(day * 86_400, 0)
                 .map(|d| d.format("%Y-%m-%d").to_string())
                 .unwrap_or_else(|| "invalid".to_owned());
-            let dir = self
-                .events_dir()
-                .join(format!("{}={date}", schema::DATE));
+            let dir = self.events_dir().join(format!("{}={date}", schema::DATE));
             let name = format!(
                 "p{:03}-{:012}-{:012}.parquet",
                 sealed.partition, sealed.first_seq, sealed.last_seq
@@ -204,7 +202,7 @@ pub async fn run_writer(lake: Arc<Lake>, mut rx: mpsc::Receiver<FlushRequest>, c
 mod tests {
     use super::*;
     use arrow::array::{
-        Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array, UInt64Array,
+        Array, Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array, UInt64Array,
     };
     use std::sync::Arc as StdArc;
 
@@ -212,7 +210,8 @@ mod tests {
         let n = times.len();
         let s = |v: &str| StdArc::new(StringArray::from(vec![v; n])) as StdArc<dyn Array>;
         let ts = |v: Vec<i64>| {
-            StdArc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC")) as StdArc<dyn Array>
+            StdArc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+                as StdArc<dyn Array>
         };
         RecordBatch::try_new(
             schema::lake_schema(),
@@ -252,11 +251,23 @@ mod tests {
             batch: batch(&[d0 + 5, d0 + day + 1, d0 + 7]),
         };
         let durable = lake.write(&sealed).unwrap();
-        assert_eq!(durable, Durable { rows: 3, files: 2, bytes: durable.bytes });
-        let a = dir.path().join("events/date=2026-11-01/p003-000000000010-000000000012.parquet");
-        let b = dir.path().join("events/date=2026-11-02/p003-000000000010-000000000012.parquet");
+        assert_eq!(
+            durable,
+            Durable {
+                rows: 3,
+                files: 2,
+                bytes: durable.bytes
+            }
+        );
+        let a = dir
+            .path()
+            .join("events/date=2026-11-01/p003-000000000010-000000000012.parquet");
+        let b = dir
+            .path()
+            .join("events/date=2026-11-02/p003-000000000010-000000000012.parquet");
         assert!(a.exists() && b.exists());
-        let reader = parquet::file::reader::SerializedFileReader::new(File::open(&a).unwrap()).unwrap();
+        let reader =
+            parquet::file::reader::SerializedFileReader::new(File::open(&a).unwrap()).unwrap();
         use parquet::file::reader::FileReader;
         let meta = reader.metadata().file_metadata();
         assert_eq!(meta.num_rows(), 2);
@@ -273,7 +284,13 @@ mod tests {
         // No temporary file is left behind.
         let leftovers: Vec<_> = fs::read_dir(a.parent().unwrap())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
             .collect();
         assert!(leftovers.is_empty());
     }
