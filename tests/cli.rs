@@ -1,0 +1,231 @@
+//! The `tally` commands as a user or a script runs them: real processes, real
+//! nats-servers.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tally::workload::{self, Spec};
+
+#[test]
+fn demo_prints_matching_totals_as_json_and_leaves_a_hive_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "demo",
+            "--events",
+            "20000",
+            "--customers",
+            "40",
+            "--format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("TALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    let report: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "events_generated",
+        "events_valid",
+        "events_in_lake",
+        "quantity_generated",
+        "quantity_billed",
+        "match",
+    ] {
+        assert!(report.get(key).is_some(), "{key} missing from {last}");
+    }
+    assert_eq!(report["match"], true);
+    assert_eq!(report["events_generated"], 20_000);
+    assert_eq!(report["events_in_lake"], report["events_valid"]);
+    assert_eq!(report["quantity_billed"], report["quantity_generated"]);
+    let events = data.join("lake/events");
+    let dates: Vec<_> = std::fs::read_dir(&events)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!dates.is_empty());
+    assert!(
+        dates
+            .iter()
+            .all(|d| d.starts_with("date=") && d.len() == "date=2026-11-01".len())
+    );
+
+    // `tally billing` reads the same lake: its CSV totals equal the demo's.
+    let period = report["period"].as_str().unwrap();
+    let billing = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "billing",
+            "--period",
+            period,
+            "--format",
+            "csv",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        billing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&billing.stderr)
+    );
+    let csv = String::from_utf8(billing.stdout).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("customer,feature,period,events,quantity")
+    );
+    let (mut events, mut quantity) = (0u64, 0f64);
+    for line in lines {
+        let cols: Vec<&str> = line.split(',').collect();
+        events += cols[3].parse::<u64>().unwrap();
+        quantity += cols[4].parse::<f64>().unwrap();
+    }
+    assert_eq!(events, report["events_billed"].as_u64().unwrap());
+    assert_eq!(quantity, report["quantity_billed"].as_f64().unwrap());
+    let bad = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["billing", "--period", "2026-13", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected YYYY-MM"));
+
+    // A second run reuses the directory it made; a foreign directory is refused.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("precious.txt"), "keep").unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["demo", "--events", "100", "--format", "json", "--data-dir"])
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not made by `tally demo`"));
+    assert!(foreign.join("precious.txt").exists());
+}
+
+fn lake_rows(h: &common::Harness) -> u64 {
+    common::parquet_files(&h.lake_events())
+        .into_iter()
+        .map(|p| {
+            use parquet::file::reader::FileReader;
+            let r =
+                parquet::file::reader::SerializedFileReader::new(std::fs::File::open(p).unwrap())
+                    .unwrap();
+            r.metadata().file_metadata().num_rows() as u64
+        })
+        .sum()
+}
+
+fn serve(h: &common::Harness, flush_age_ms: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--nats-url", &h.server.url(), "--data-dir"])
+        .arg(h.dir.path())
+        .env("TALLY_INGEST__FLUSH_AGE_MS", flush_age_ms)
+        .env("TALLY_INGEST__ACK_WAIT_SECS", "2")
+        .spawn()
+        .unwrap()
+}
+
+/// Per partition consumer: (messages not yet delivered, delivered but unacknowledged).
+async fn consumer_backlog(h: &common::Harness) -> (u64, u64) {
+    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.unwrap();
+    let (mut pending, mut unacked) = (0, 0);
+    for p in 0..h.config.ingest.partitions {
+        let mut c: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&tally_core::subject::partition_consumer(p))
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        pending += info.num_pending;
+        unacked += info.num_ack_pending as u64;
+    }
+    (pending, unacked)
+}
+
+fn terminate(mut child: std::process::Child) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "tally serve exited with {status}");
+}
+
+/// `tally serve` against an existing NATS. SIGTERM drains: what the worker holds becomes
+/// durable and acknowledged before it exits (the flush age is too long for anything else
+/// to write it). A second `serve` picks up whatever the first had not taken in, and the
+/// lake ends with every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_drains_on_sigterm_and_a_restart_loses_nothing() {
+    let h = common::Harness::start().await;
+    let first = serve(&h, "600000");
+    let mut spec = Spec::new(3_000, chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap());
+    spec.customers = 30;
+    spec.batch = 20;
+    let (messages, totals) = workload::generate(&spec);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Publish once `serve` has created the topology.
+    while consumer_backlog_ready(&h).await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "tally serve never created its consumers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    workload::publish(&h.nats.jetstream, &messages, 256, |_| {})
+        .await
+        .unwrap();
+    while consumer_backlog(&h).await.0 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "messages not delivered to tally serve"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lake_rows(&h), 0, "written before the drain");
+    terminate(first);
+    let drained = lake_rows(&h);
+    assert!(drained > 0, "SIGTERM wrote nothing");
+
+    let second = serve(&h, "100");
+    while consumer_backlog(&h).await != (0, 0) || lake_rows(&h) < totals.events_valid {
+        assert!(
+            Instant::now() < deadline,
+            "the second serve did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminate(second);
+    assert_eq!(lake_rows(&h), totals.events_valid);
+}
+
+/// `Some` once every partition consumer exists.
+async fn consumer_backlog_ready(h: &common::Harness) -> Option<()> {
+    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.ok()?;
+    for p in 0..h.config.ingest.partitions {
+        stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                &tally_core::subject::partition_consumer(p),
+            )
+            .await
+            .ok()?;
+    }
+    Some(())
+}
