@@ -237,6 +237,31 @@ fn frame_error(e: &serde_json::Error) -> Invalid {
     )
 }
 
+/// Implements the visitor methods for JSON scalars (bool, numbers, string, null), each
+/// producing the same value: used where a scalar is a flaw to report, not a parse error.
+macro_rules! scalars_give {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
 struct FrameVisitor<'l> {
     limits: &'l DecodeLimits,
 }
@@ -293,24 +318,7 @@ impl<'de> Visitor<'de> for FrameVisitor<'_> {
         }))
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
+    scalars_give!(Err(not_an_object()));
 }
 
 fn not_an_object() -> Invalid {
@@ -352,24 +360,7 @@ impl<'de> Visitor<'de> for LenientEvent<'_> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Err(not_an_object()))
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Err(not_an_object()))
-    }
+    scalars_give!(Err(not_an_object()));
 }
 
 /// A JSON value expected to be a string, read without judging its type so that a wrong
@@ -541,9 +532,10 @@ struct DataVisitor<'l> {
     limits: &'l DecodeLimits,
 }
 
-/// `Ok(None)`: `data` was null. The inner `Result` carries the first flaw in `data`.
+/// The inner `Result` carries the first flaw in `data`; `data` that is not an object
+/// (null included) is `wrong_type`.
 impl<'de> Visitor<'de> for DataVisitor<'_> {
-    type Value = Result<Option<Data<'de>>, Invalid>;
+    type Value = Result<Data<'de>, Invalid>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("the data object")
@@ -590,34 +582,14 @@ impl<'de> Visitor<'de> for DataVisitor<'_> {
             s.push('}');
             data.extra = Some(s);
         }
-        Ok(Ok(Some(data)))
+        Ok(Ok(data))
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Ok(None))
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Ok(None))
-    }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Err(Invalid::wrong_type("data", "an object")))
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Err(Invalid::wrong_type("data", "an object")))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Err(Invalid::wrong_type("data", "an object")))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Err(Invalid::wrong_type("data", "an object")))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Err(Invalid::wrong_type("data", "an object")))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Err(Invalid::wrong_type("data", "an object")))
-    }
+    scalars_give!(Err(Invalid::wrong_type("data", "an object")));
 }
 
 struct DataSeed<'l> {
@@ -625,7 +597,7 @@ struct DataSeed<'l> {
 }
 
 impl<'de> de::DeserializeSeed<'de> for DataSeed<'_> {
-    type Value = Result<Option<Data<'de>>, Invalid>;
+    type Value = Result<Data<'de>, Invalid>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(DataVisitor {
@@ -662,7 +634,7 @@ impl<'de> Visitor<'de> for EventVisitor<'_> {
                 "subject" => subject = take_str(map.next_value()?, "subject", limits, &mut errors),
                 "time" => time = take_str(map.next_value()?, "time", limits, &mut errors),
                 "data" => match map.next_value_seed(DataSeed { limits })? {
-                    Ok(d) => data = d,
+                    Ok(d) => data = Some(d),
                     Err(e) => errors.set(e),
                 },
                 _ => {
