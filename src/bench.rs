@@ -50,12 +50,16 @@ pub struct IngestBench {
     /// Also measure JetStream alone (publish + consume + ack; no decode, no Parquet).
     #[arg(long)]
     baseline: bool,
+    /// Send the compact Arrow IPC encoding instead of CloudEvents JSON.
+    #[arg(long)]
+    arrow: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
 
 #[derive(Debug, Serialize)]
 pub struct IngestReport {
+    pub encoding: &'static str,
     pub events: u64,
     pub messages: u64,
     pub batch: usize,
@@ -80,6 +84,7 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
     let mut spec = Spec::new(args.events, this_month());
     spec.batch = args.batch;
     spec.customers = args.customers;
+    spec.arrow = args.arrow;
     let (messages, totals) = workload::generate(&spec);
     let nats = Nats::connect(&config).await?;
 
@@ -113,6 +118,7 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
 
     let events_per_sec = totals.events_valid as f64 / seconds;
     let report = IngestReport {
+        encoding: if args.arrow { "arrow" } else { "json" },
         events: totals.events_valid,
         messages: messages.len() as u64,
         batch: args.batch,
@@ -130,8 +136,13 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
         BenchFormat::Json => println!("{}", serde_json::to_string(&report)?),
         BenchFormat::Table => {
             println!(
-                "tally ingest: {} events in {} messages ({} per message): {:.2} s, {:.0} events/s",
-                report.events, report.messages, report.batch, report.seconds, report.events_per_sec
+                "tally ingest ({}): {} events in {} messages ({} per message): {:.2} s, {:.0} events/s",
+                report.encoding,
+                report.events,
+                report.messages,
+                report.batch,
+                report.seconds,
+                report.events_per_sec
             );
             println!(
                 "publish-to-durable latency: p50 {} ms, p99 {} ms, p999 {} ms, max {} ms",

@@ -68,6 +68,9 @@ pub struct Spec {
     /// Share of messages sent as single events even when `batch` > 1.
     pub single_rate: f64,
     pub seed: u64,
+    /// Send messages in the compact Arrow IPC encoding instead of JSON (where every event
+    /// of the message is valid).
+    pub arrow: bool,
     /// Events are spread from the month's start up to this time (or the month's end).
     pub until: DateTime<Utc>,
 }
@@ -85,6 +88,7 @@ impl Spec {
             duplicate_rate: 0.0,
             single_rate: 0.0,
             seed: 42,
+            arrow: false,
             until: Utc::now(),
         }
     }
@@ -97,6 +101,8 @@ pub struct OutMessage {
     pub msg_id: String,
     pub payload: Bytes,
     pub events: u32,
+    /// Whether the payload is Arrow IPC (sent with its `Content-Type` header).
+    pub arrow: bool,
 }
 
 /// What was generated, counted the way billing should count it.
@@ -271,10 +277,12 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
         } else {
             msg_id
         };
+        let arrow = spec.arrow.then(|| to_arrow(&payload)).flatten();
         out.push(OutMessage {
             subject: events_subject(&customers[c]),
             msg_id,
-            payload: Bytes::from(payload),
+            arrow: arrow.is_some(),
+            payload: Bytes::from(arrow.unwrap_or_else(|| payload.into_bytes())),
             events: count,
         });
     };
@@ -370,6 +378,18 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
     (out, totals)
 }
 
+/// The same events as Arrow IPC, when every one of them is valid.
+fn to_arrow(json: &str) -> Option<Vec<u8>> {
+    let frame =
+        tally_core::Frame::decode(json.as_bytes(), &tally_core::DecodeLimits::default()).ok()?;
+    let events = frame
+        .events
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    tally_core::columnar::encode(&events).ok()
+}
+
 /// What the publisher saw.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Published {
@@ -399,9 +419,15 @@ pub async fn publish(
             progress(u64::from(events));
         };
     for m in messages {
-        let publish = async_nats::jetstream::message::PublishMessage::build()
+        let mut publish = async_nats::jetstream::message::PublishMessage::build()
             .payload(m.payload.clone())
             .message_id(&m.msg_id);
+        if m.arrow {
+            publish = publish.header(
+                tally_core::columnar::CONTENT_TYPE_HEADER,
+                tally_core::columnar::ARROW_CONTENT_TYPE,
+            );
+        }
         let ack = js.send_publish(m.subject.clone(), publish).await?;
         let events = m.events;
         pending.push(async move { (ack.await, events) });

@@ -18,6 +18,7 @@ fn message(customer: &str, id: &str, payload: impl Into<Vec<u8>>, events: u32) -
         msg_id: id.to_owned(),
         payload: bytes::Bytes::from(payload.into()),
         events,
+        arrow: false,
     }
 }
 
@@ -114,6 +115,34 @@ async fn each_malformed_kind_is_dead_lettered_with_its_reason() {
         Some(1),
     ));
     valid_events += 2;
+    // The compact encoding: a bad row is refused alone; a body that is not Arrow, whole.
+    let json = format!(
+        "[{},{},{}]",
+        event("arrow-1", "acme", "1"),
+        event("arrow-bad", "acme", "1"),
+        event("arrow-2", "acme", "4")
+    );
+    let frame = tally_core::Frame::decode(json.as_bytes(), &Default::default()).unwrap();
+    let mut rows: Vec<_> = frame.events.into_iter().map(Result::unwrap).collect();
+    rows[1].quantity = f64::INFINITY;
+    let mut arrow = message(
+        "acme",
+        "arrow",
+        tally_core::columnar::encode(&rows).unwrap(),
+        3,
+    );
+    arrow.arrow = true;
+    messages.push(arrow);
+    expected.insert((
+        "non_finite_quantity".to_owned(),
+        Some("data.quantity".to_owned()),
+        Some(1),
+    ));
+    valid_events += 2;
+    let mut not_arrow = message("acme", "not-arrow", event("na", "acme", "1"), 1);
+    not_arrow.arrow = true;
+    messages.push(not_arrow);
+    expected.insert(("not_arrow".to_owned(), None, None));
 
     workload::publish(&h.nats.jetstream, &messages, 64, |_| {})
         .await
@@ -158,7 +187,9 @@ async fn each_malformed_kind_is_dead_lettered_with_its_reason() {
         }
     }
     assert_eq!(ids.len() as u64, valid_events);
-    assert!(ids.contains(&"mixed-1".to_owned()) && ids.contains(&"mixed-2".to_owned()));
+    for id in ["mixed-1", "mixed-2", "arrow-1", "arrow-2"] {
+        assert!(ids.contains(&id.to_owned()), "{id} missing from the lake");
+    }
     assert!(
         !ids.iter()
             .any(|i| i.starts_with("big-") || i.starts_with("many-"))

@@ -15,6 +15,68 @@ use tally::workload::{self, Spec};
 use tally_core::schema::lake_schema;
 use tally_query::{Lakehouse, Period};
 
+/// The lake's rows, read with the plain Parquet reader: (distinct ids, rows, quantity).
+fn read_lake(h: &Harness) -> (HashSet<String>, u64, f64) {
+    let mut ids = HashSet::new();
+    let (mut rows, mut quantity) = (0u64, 0.0);
+    for path in parquet_files(&h.lake_events()) {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            rows += batch.num_rows() as u64;
+            ids.extend(
+                batch
+                    .column(0)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|s| s.unwrap().to_owned()),
+            );
+            quantity += batch
+                .column_by_name("quantity")
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .values()
+                .iter()
+                .sum::<f64>();
+        }
+    }
+    (ids, rows, quantity)
+}
+
+/// The compact Arrow IPC encoding lands exactly like JSON: once each, same totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_batches_land_exactly_once() {
+    let h = Harness::start().await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let mut spec = Spec::new(30_000, NaiveDate::from_ymd_opt(2026, 8, 1).unwrap());
+    spec.customers = 100;
+    spec.batch = 100;
+    spec.duplicate_rate = 0.01;
+    spec.arrow = true;
+    spec.until = DateTime::from_timestamp(4_000_000_000, 0).unwrap();
+    let (messages, totals) = workload::generate(&spec);
+    assert!(messages.iter().filter(|m| m.arrow).count() > messages.len() / 2);
+    workload::publish(&h.nats.jetstream, &messages, 1_024, |_| {})
+        .await
+        .unwrap();
+    h.drain(&pipeline, totals.events_valid).await;
+    pipeline.shutdown().await.unwrap();
+    let (ids, rows, quantity) = read_lake(&h);
+    assert_eq!(rows, totals.events_valid);
+    assert_eq!(ids.len() as u64, totals.events_valid);
+    assert_eq!(quantity, totals.quantity);
+    let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let billed =
+        tally_query::BillingTotals::of(&lake.billing(Period::of(spec.month), None).await.unwrap());
+    assert_eq!(
+        (billed.events, billed.quantity),
+        (totals.events_valid, totals.quantity)
+    );
+}
+
 /// 200,000 events, mixed single and batched messages, 1 % published twice with the same
 /// id, 1 % malformed: the lake holds each valid event exactly once, the dead letters hold
 /// each malformed one with its reason, and billing equals what was sent.

@@ -73,11 +73,13 @@ pub enum Reason {
     EmptyBatch,
     /// The event's subject is not the customer the message was published for.
     SubjectMismatch,
+    /// A message marked as Arrow IPC is not a readable Arrow IPC stream.
+    NotArrow,
 }
 
 impl Reason {
     /// Every reason, in a stable order.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::NotJson,
         Reason::NotAnObject,
         Reason::MissingField,
@@ -92,6 +94,7 @@ impl Reason {
         Reason::TooManyEvents,
         Reason::EmptyBatch,
         Reason::SubjectMismatch,
+        Reason::NotArrow,
     ];
 
     /// The stable code.
@@ -111,6 +114,7 @@ impl Reason {
             Reason::TooManyEvents => "too_many_events",
             Reason::EmptyBatch => "empty_batch",
             Reason::SubjectMismatch => "subject_mismatch",
+            Reason::NotArrow => "not_arrow",
         }
     }
 
@@ -136,7 +140,11 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(reason: Reason, field: Option<&'static str>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        reason: Reason,
+        field: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             reason,
             field,
@@ -144,7 +152,7 @@ impl Invalid {
         }
     }
 
-    fn missing(field: &'static str) -> Self {
+    pub(crate) fn missing(field: &'static str) -> Self {
         Self::new(
             Reason::MissingField,
             Some(field),
@@ -152,7 +160,7 @@ impl Invalid {
         )
     }
 
-    fn wrong_type(field: &'static str, expected: &str) -> Self {
+    pub(crate) fn wrong_type(field: &'static str, expected: &str) -> Self {
         Self::new(
             Reason::WrongType,
             Some(field),
@@ -434,6 +442,46 @@ impl FirstError {
     }
 }
 
+/// Refuses a string longer than the limit.
+pub(crate) fn check_len(
+    s: &str,
+    field: &'static str,
+    limits: &DecodeLimits,
+) -> Result<(), Invalid> {
+    if s.len() > limits.max_field_len {
+        return Err(Invalid::new(
+            Reason::FieldTooLong,
+            Some(field),
+            format!(
+                "`{field}` is {} bytes; the limit is {}",
+                s.len(),
+                limits.max_field_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a negative or non-finite quantity.
+pub(crate) fn check_quantity(q: f64, shown: &dyn fmt::Display) -> Result<f64, Invalid> {
+    const FIELD: &str = "data.quantity";
+    if !q.is_finite() {
+        Err(Invalid::new(
+            Reason::NonFiniteQuantity,
+            Some(FIELD),
+            format!("`{FIELD}` must be finite; {shown} is not"),
+        ))
+    } else if q < 0.0 {
+        Err(Invalid::new(
+            Reason::NegativeQuantity,
+            Some(FIELD),
+            format!("`{FIELD}` must not be negative; got {shown}"),
+        ))
+    } else {
+        Ok(q)
+    }
+}
+
 /// Checks a required or optional string field and keeps it.
 fn take_str<'a>(
     value: LooseStr<'a>,
@@ -442,19 +490,13 @@ fn take_str<'a>(
     errors: &mut FirstError,
 ) -> Option<Cow<'a, str>> {
     match value {
-        LooseStr::Str(s) if s.len() > limits.max_field_len => {
-            errors.set(Invalid::new(
-                Reason::FieldTooLong,
-                Some(field),
-                format!(
-                    "`{field}` is {} bytes; the limit is {}",
-                    s.len(),
-                    limits.max_field_len
-                ),
-            ));
-            None
-        }
-        LooseStr::Str(s) => Some(s),
+        LooseStr::Str(s) => match check_len(&s, field, limits) {
+            Ok(()) => Some(s),
+            Err(e) => {
+                errors.set(e);
+                None
+            }
+        },
         LooseStr::Null => None,
         LooseStr::Other => {
             errors.set(Invalid::wrong_type(field, "a string"));
@@ -464,7 +506,10 @@ fn take_str<'a>(
 }
 
 /// A required string: missing and empty are distinct reasons.
-fn required<'a>(value: Option<Cow<'a, str>>, field: &'static str) -> Result<Cow<'a, str>, Invalid> {
+pub(crate) fn required<'a>(
+    value: Option<Cow<'a, str>>,
+    field: &'static str,
+) -> Result<Cow<'a, str>, Invalid> {
     match value {
         None => Err(Invalid::missing(field)),
         Some(s) if s.is_empty() => Err(Invalid::new(
@@ -484,21 +529,7 @@ fn parse_quantity(raw: &RawValue) -> Result<Option<f64>, Invalid> {
             let q: f64 = text
                 .parse()
                 .map_err(|_| Invalid::wrong_type(FIELD, "a number"))?;
-            if !q.is_finite() {
-                Err(Invalid::new(
-                    Reason::NonFiniteQuantity,
-                    Some(FIELD),
-                    format!("`{FIELD}` must be finite; {text} is not"),
-                ))
-            } else if q < 0.0 {
-                Err(Invalid::new(
-                    Reason::NegativeQuantity,
-                    Some(FIELD),
-                    format!("`{FIELD}` must not be negative; got {text}"),
-                ))
-            } else {
-                Ok(Some(q))
-            }
+            check_quantity(q, &text).map(Some)
         }
         Some(b'n') => Ok(None),
         Some(b'"') => {

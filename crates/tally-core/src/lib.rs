@@ -6,6 +6,7 @@
 //! [`subject`], and the batch a worker hands to the lake in [`batch`].
 
 pub mod batch;
+pub mod columnar;
 pub mod decision;
 pub mod event;
 pub mod schema;

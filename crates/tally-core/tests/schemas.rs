@@ -67,7 +67,11 @@ fn every_invalid_example_is_refused_for_its_reason() {
     for reason in Reason::ALL {
         let message_level = matches!(
             reason,
-            Reason::TooLarge | Reason::TooManyEvents | Reason::EmptyBatch | Reason::SubjectMismatch
+            Reason::TooLarge
+                | Reason::TooManyEvents
+                | Reason::EmptyBatch
+                | Reason::SubjectMismatch
+                | Reason::NotArrow
         );
         assert!(
             message_level || reasons_seen.contains(reason.as_str()),

@@ -11,8 +11,9 @@ use async_nats::jetstream::message::Acker;
 use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
 use tally_core::subject::{self, DEAD_LETTER_PREFIX};
-use tally_core::{Decision, Durable, FlushRequest, Frame, Invalid, Reason, SealedBatch};
+use tally_core::{Decision, Durable, Event, FlushRequest, Frame, Invalid, Reason, SealedBatch};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -158,7 +159,8 @@ async fn pull_loop(
     seal(&mut open, partition, flush_tx, ack_tx).await
 }
 
-/// Decodes one message into rows and dead letters.
+/// Decodes one message (CloudEvents JSON, or Arrow IPC when its `Content-Type` says so)
+/// into rows and dead letters.
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     js: &Context,
@@ -172,58 +174,108 @@ async fn handle(
 ) -> Result<()> {
     stats.messages.fetch_add(1, Relaxed);
     let payload = &message.payload;
-    let token = subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t);
-    let ingest_micros = chrono::Utc::now().timestamp_micros();
-    let frame = match Frame::decode(payload, &config.limits) {
-        Ok(frame) => frame,
-        Err(invalid) => {
-            let dl =
-                dead_letter(js, partition, seq, None, message, payload.clone(), &invalid).await?;
-            open.dead_letters.push(dl);
-            stats.dead_letters.fetch_add(1, Relaxed);
-            return Ok(());
-        }
+    let limits = &config.limits;
+    let mut accept = Accept {
+        token: subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t),
+        ingest_micros: chrono::Utc::now().timestamp_micros(),
+        seq,
+        partition,
     };
-    let mut raw: Option<Vec<&[u8]>> = None;
-    for (index, outcome) in frame.events.into_iter().enumerate() {
-        let outcome = outcome.and_then(|event| match token {
-            Some(t) if !subject::token_matches(t, &event.subject) => Err(Invalid {
-                reason: Reason::SubjectMismatch,
-                field: Some("subject"),
-                message: format!(
-                    "`subject` {:?} is not the customer this message was published for (token {t:?})",
-                    event.subject
-                ),
-            }),
-            _ => Ok(event),
-        });
-        match outcome {
-            Ok(event) => {
-                if dedup.first_time(&event.id) {
-                    open.rows
-                        .push(&event, Decision::Accepted, ingest_micros, seq, partition);
-                    stats.events_valid.fetch_add(1, Relaxed);
-                } else {
-                    stats.duplicates.fetch_add(1, Relaxed);
+    let is_arrow = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(CONTENT_TYPE_HEADER))
+        .is_some_and(|v| v.as_str() == ARROW_CONTENT_TYPE);
+    let mut refused: Vec<(Option<usize>, Bytes, Invalid)> = Vec::new();
+    if is_arrow {
+        match Columnar::decode(payload, limits) {
+            Err(invalid) => refused.push((None, payload.clone(), invalid)),
+            Ok(columnar) => {
+                for (i, outcome) in columnar.events(limits).enumerate() {
+                    if let Some(invalid) = accept.event(outcome, open, dedup, stats) {
+                        refused.push((Some(i), Bytes::from(columnar.row_json(i)), invalid));
+                    }
                 }
             }
-            Err(invalid) => {
-                let original = if frame.is_batch {
-                    let raw = raw.get_or_insert_with(|| Frame::raw_events(payload));
-                    raw.get(index)
-                        .map_or_else(|| payload.clone(), |r| payload.slice_ref(r))
-                } else {
-                    payload.clone()
-                };
-                let index = frame.is_batch.then_some(index);
-                let dl =
-                    dead_letter(js, partition, seq, index, message, original, &invalid).await?;
-                open.dead_letters.push(dl);
-                stats.dead_letters.fetch_add(1, Relaxed);
+        }
+    } else {
+        match Frame::decode(payload, limits) {
+            Err(invalid) => refused.push((None, payload.clone(), invalid)),
+            Ok(frame) => {
+                let is_batch = frame.is_batch;
+                let mut raw: Option<Vec<&[u8]>> = None;
+                for (i, outcome) in frame.events.into_iter().enumerate() {
+                    if let Some(invalid) = accept.event(outcome, open, dedup, stats) {
+                        let original = if is_batch {
+                            let raw = raw.get_or_insert_with(|| Frame::raw_events(payload));
+                            raw.get(i)
+                                .map_or_else(|| payload.clone(), |r| payload.slice_ref(r))
+                        } else {
+                            payload.clone()
+                        };
+                        refused.push((is_batch.then_some(i), original, invalid));
+                    }
+                }
             }
         }
     }
+    for (index, original, invalid) in refused {
+        let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
+        open.dead_letters.push(dl);
+        stats.dead_letters.fetch_add(1, Relaxed);
+    }
     Ok(())
+}
+
+/// What every event of one message shares on its way into the open batch.
+struct Accept<'m> {
+    /// The customer token of the message's subject.
+    token: Option<&'m str>,
+    ingest_micros: i64,
+    seq: u64,
+    partition: u16,
+}
+
+impl Accept<'_> {
+    /// Checks the customer, drops a repeated id, decides and appends; returns the flaw of
+    /// an event that must be dead-lettered.
+    fn event(
+        &mut self,
+        outcome: Result<Event<'_>, Invalid>,
+        open: &mut Open,
+        dedup: &mut Dedup,
+        stats: &Stats,
+    ) -> Option<Invalid> {
+        let event = match outcome {
+            Ok(event) => event,
+            Err(invalid) => return Some(invalid),
+        };
+        if let Some(t) = self.token {
+            if !subject::token_matches(t, &event.subject) {
+                return Some(Invalid {
+                    reason: Reason::SubjectMismatch,
+                    field: Some("subject"),
+                    message: format!(
+                        "`subject` {:?} is not the customer this message was published for (token {t:?})",
+                        event.subject
+                    ),
+                });
+            }
+        }
+        if dedup.first_time(&event.id) {
+            open.rows.push(
+                &event,
+                Decision::Accepted,
+                self.ingest_micros,
+                self.seq,
+                self.partition,
+            );
+            stats.events_valid.fetch_add(1, Relaxed);
+        } else {
+            stats.duplicates.fetch_add(1, Relaxed);
+        }
+        None
+    }
 }
 
 /// Publishes a dead letter: the original bytes as the body, the reason in headers. Its
