@@ -250,17 +250,17 @@ impl Accept<'_> {
             Ok(event) => event,
             Err(invalid) => return Some(invalid),
         };
-        if let Some(t) = self.token {
-            if !subject::token_matches(t, &event.subject) {
-                return Some(Invalid {
-                    reason: Reason::SubjectMismatch,
-                    field: Some("subject"),
-                    message: format!(
-                        "`subject` {:?} is not the customer this message was published for (token {t:?})",
-                        event.subject
-                    ),
-                });
-            }
+        if let Some(t) = self.token
+            && !subject::token_matches(t, &event.subject)
+        {
+            return Some(Invalid {
+                reason: Reason::SubjectMismatch,
+                field: Some("subject"),
+                message: format!(
+                    "`subject` {:?} is not the customer this message was published for (token {t:?})",
+                    event.subject
+                ),
+            });
         }
         if dedup.first_time(&event.id) {
             open.rows.push(
