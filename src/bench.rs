@@ -53,6 +53,10 @@ pub struct IngestBench {
     /// Send the compact Arrow IPC encoding instead of CloudEvents JSON.
     #[arg(long)]
     arrow: bool,
+    /// Offer this many events/s instead of publishing as fast as possible: latency at a
+    /// sustainable load rather than at saturation (where it is the backlog's age).
+    #[arg(long)]
+    rate: Option<u64>,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -63,6 +67,8 @@ pub struct IngestReport {
     pub events: u64,
     pub messages: u64,
     pub batch: usize,
+    /// Offered load in events/s; `None`: as fast as possible.
+    pub rate: Option<u64>,
     pub seconds: f64,
     pub events_per_sec: f64,
     pub latency_ms_p50: u64,
@@ -96,7 +102,18 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
 
     let pipeline = Pipeline::start(&config, &nats, None).await?;
     let start = Instant::now();
-    workload::publish(&nats.jetstream, &messages, 8_192, |_| {}).await?;
+    match args.rate {
+        None => {
+            workload::publish(
+                &nats.jetstream,
+                &messages,
+                workload::MAX_ACKS_IN_FLIGHT,
+                |_| {},
+            )
+            .await?;
+        }
+        Some(rate) => publish_paced(&nats, &messages, rate).await?,
+    }
     wait_drained(
         &nats,
         config.ingest.partitions,
@@ -122,6 +139,7 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
         events: totals.events_valid,
         messages: messages.len() as u64,
         batch: args.batch,
+        rate: args.rate,
         seconds,
         events_per_sec,
         latency_ms_p50: latency.value_at_quantile(0.5),
@@ -166,6 +184,39 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
     drop(nats);
     drop(temp);
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Publishes in 10 ms slices so that the offered load stays at `rate` events/s.
+async fn publish_paced(nats: &Nats, messages: &[OutMessage], rate: u64) -> anyhow::Result<()> {
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut slice = Vec::new();
+    let per_slice = (rate / 100).max(1);
+    for m in messages {
+        slice.push(m.clone());
+        let events: u64 = slice.iter().map(|m| u64::from(m.events)).sum();
+        if events >= per_slice {
+            workload::publish(
+                &nats.jetstream,
+                &slice,
+                workload::MAX_ACKS_IN_FLIGHT,
+                |_| {},
+            )
+            .await?;
+            sent += events;
+            slice.clear();
+            let due = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
+        }
+    }
+    workload::publish(
+        &nats.jetstream,
+        &slice,
+        workload::MAX_ACKS_IN_FLIGHT,
+        |_| {},
+    )
+    .await?;
+    Ok(())
 }
 
 /// JetStream alone: the same messages through an equally partitioned stream, consumed by
@@ -242,7 +293,7 @@ async fn baseline(nats: &Nats, config: &Config, messages: &[OutMessage]) -> anyh
             ..m.clone()
         })
         .collect();
-    workload::publish(js, &renamed, 8_192, |_| {}).await?;
+    workload::publish(js, &renamed, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await?;
     while tasks.join_next().await.is_some() {}
     let seconds = start.elapsed().as_secs_f64();
     js.delete_stream(name).await.ok();

@@ -160,8 +160,13 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
         "published",
     );
     let start = Instant::now();
-    let published =
-        workload::publish(&nats.jetstream, &messages, 4_096, |n| published_bar.inc(n)).await?;
+    let published = workload::publish(
+        &nats.jetstream,
+        &messages,
+        workload::MAX_ACKS_IN_FLIGHT,
+        |n| published_bar.inc(n),
+    )
+    .await?;
     published_bar.finish();
     let publish_seconds = start.elapsed().as_secs_f64();
     drop(messages);

@@ -399,15 +399,26 @@ pub struct Published {
     pub duplicate_messages: u64,
 }
 
-/// Publishes messages with up to `in_flight` acknowledgements outstanding; every message
-/// counts only once JetStream acknowledged it. `progress` is told the events acknowledged.
+/// The most publish acknowledgements kept outstanding. async-nats holds a permit (5,000
+/// by default) for each until its future completes, and those futures are only polled
+/// here: waiting for a permit with more than that outstanding would wait forever.
+pub const MAX_ACKS_IN_FLIGHT: usize = 4_096;
+/// The most payload bytes awaiting acknowledgement: large batches otherwise queue enough
+/// work in the server that acknowledgements outlast the client's timeout.
+pub const MAX_BYTES_IN_FLIGHT: usize = 8 * 1024 * 1024;
+
+/// Publishes messages with up to `in_flight` (at most [`MAX_ACKS_IN_FLIGHT`])
+/// acknowledgements outstanding; every message counts only once JetStream acknowledged
+/// it. `progress` is told the events acknowledged.
 pub async fn publish(
     js: &async_nats::jetstream::Context,
     messages: &[OutMessage],
     in_flight: usize,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<Published> {
+    let in_flight = in_flight.clamp(1, MAX_ACKS_IN_FLIGHT);
     let mut pending = FuturesUnordered::new();
+    let mut bytes = 0usize;
     let mut report = Published::default();
     let mut settle =
         |ack: async_nats::jetstream::publish::PublishAck, events: u32, report: &mut Published| {
@@ -429,15 +440,17 @@ pub async fn publish(
             );
         }
         let ack = js.send_publish(m.subject.clone(), publish).await?;
-        let events = m.events;
-        pending.push(async move { (ack.await, events) });
-        while pending.len() >= in_flight {
-            if let Some((ack, events)) = pending.next().await {
+        let (events, size) = (m.events, m.payload.len());
+        bytes += size;
+        pending.push(async move { (ack.await, events, size) });
+        while pending.len() >= in_flight || bytes >= MAX_BYTES_IN_FLIGHT {
+            if let Some((ack, events, size)) = pending.next().await {
+                bytes -= size;
                 settle(ack?, events, &mut report);
             }
         }
     }
-    while let Some((ack, events)) = pending.next().await {
+    while let Some((ack, events, _)) = pending.next().await {
         settle(ack?, events, &mut report);
     }
     Ok(report)

@@ -70,11 +70,6 @@ impl Open {
             || self.messages >= c.flush_messages
             || self.bytes >= c.flush_bytes
     }
-
-    fn old(&self, c: &IngestConfig) -> bool {
-        self.opened
-            .is_some_and(|t| t.elapsed() >= Duration::from_millis(c.flush_age_ms))
-    }
 }
 
 /// Runs one partition until cancelled (then drains) or until something fails.
@@ -110,17 +105,16 @@ async fn pull_loop(
     let mut open = Open::new();
     // Redeliveries of what this process already handled are skipped by sequence.
     let mut max_seq = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis((config.flush_age_ms / 4).max(5)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let flush_age = Duration::from_millis(config.flush_age_ms);
     loop {
+        // The open batch is sealed when its first message is `flush_age` old, to the tick.
+        let due = open
+            .opened
+            .map(|t| tokio::time::Instant::from_std(t + flush_age));
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            _ = tick.tick() => {
-                if open.old(config) {
-                    seal(&mut open, partition, flush_tx, ack_tx).await?;
-                }
-            }
+            () = sleep_until_due(due) => seal(&mut open, partition, flush_tx, ack_tx).await?,
             next = messages.next() => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
@@ -157,6 +151,14 @@ async fn pull_loop(
         }
     }
     seal(&mut open, partition, flush_tx, ack_tx).await
+}
+
+/// Sleeps until `due`, or forever when there is no open batch.
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Decodes one message (CloudEvents JSON, or Arrow IPC when its `Content-Type` says so)

@@ -70,8 +70,21 @@ pub struct Lake {
 impl Lake {
     /// A lake rooted at `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        // Event ids are unique: a dictionary for them is pure cost, and so are statistics
+        // on ids and free-form data that no query prunes on.
+        let unique = |name: &str| parquet::schema::types::ColumnPath::from(name);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+            .set_column_dictionary_enabled(unique(schema::EVENT_ID), false)
+            .set_column_statistics_enabled(
+                unique(schema::EVENT_ID),
+                parquet::file::properties::EnabledStatistics::None,
+            )
+            .set_column_dictionary_enabled(unique(schema::DATA), false)
+            .set_column_statistics_enabled(
+                unique(schema::DATA),
+                parquet::file::properties::EnabledStatistics::None,
+            )
             .build();
         Self {
             root: root.into(),
