@@ -19,7 +19,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Path of the nats-server binary for the embedded default (searched when unset).
     pub nats_server: Option<PathBuf>,
-    /// Parquet files encoded at once.
+    /// Parquet files encoded (and fsynced) at once. Above the core count on purpose: much
+    /// of a write is waiting for fsync.
     pub writer_concurrency: usize,
     /// Sealed batches waiting for the lake writer, across all partitions.
     pub writer_queue: usize,
@@ -34,8 +35,8 @@ impl Default for Config {
             nats_url: None,
             data_dir: PathBuf::from("data"),
             nats_server: None,
-            writer_concurrency: 2,
-            writer_queue: 8,
+            writer_concurrency: 8,
+            writer_queue: 16,
             log: "warn,tally=info".to_owned(),
             ingest: IngestConfig::default(),
         }
