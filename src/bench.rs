@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::demo::{this_month, wait_drained};
+use crate::demo::wait_drained;
 use crate::pipeline::{Nats, Pipeline};
 use crate::workload::{self, OutMessage, Spec};
 
@@ -87,7 +87,10 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
     if config.nats_url.is_none() {
         config.data_dir = temp.path().to_owned();
     }
-    let mut spec = Spec::new(args.events, this_month());
+    // Live traffic: event times over today so far, one date partition, as a running
+    // system sees them (`tally demo` replays a whole month instead).
+    let mut spec = Spec::new(args.events, chrono::Utc::now().date_naive());
+    spec.span = workload::Span::Day;
     spec.batch = args.batch;
     spec.customers = args.customers;
     spec.arrow = args.arrow;

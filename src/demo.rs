@@ -142,7 +142,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     config.nats_url = None;
     prepare(&config.data_dir)?;
     let spec = &args.spec;
-    let period = Period::of(spec.month);
+    let period = Period::of(spec.start);
     let nats = Nats::connect(&config).await?;
     let pipeline = Pipeline::start(&config, &nats, None).await?;
 

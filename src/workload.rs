@@ -1,5 +1,5 @@
 //! A realistic usage workload: customers of very different sizes, popular and niche
-//! features, regions, end users, event times spread over a month in time order; optionally
+//! features, regions, end users, event times spread over a month (or a day) in time order; optionally
 //! some malformed events and some published twice. Used by `tally demo`, `tally bench`
 //! and the end-to-end tests, which compare what the lake and the billing query say with
 //! the totals kept here.
@@ -57,8 +57,10 @@ pub struct Spec {
     pub customers: u32,
     pub features: u32,
     pub regions: u32,
-    /// First day of the month the events fall in.
-    pub month: NaiveDate,
+    /// Events begin at this date's midnight (UTC): a month's first day for a month of usage.
+    pub start: NaiveDate,
+    /// How long after `start` the events spread (ending earlier at `until`).
+    pub span: Span,
     /// Events per message (1: one event per message).
     pub batch: usize,
     /// Share of events that are malformed.
@@ -71,18 +73,20 @@ pub struct Spec {
     /// Send messages in the compact Arrow IPC encoding instead of JSON (where every event
     /// of the message is valid).
     pub arrow: bool,
-    /// Events are spread from the month's start up to this time (or the month's end).
+    /// Events stop at this time if it comes before the end of the span.
     pub until: DateTime<Utc>,
 }
 
 impl Spec {
-    pub fn new(events: u64, month: NaiveDate) -> Spec {
+    /// A month of usage starting at `start`.
+    pub fn new(events: u64, start: NaiveDate) -> Spec {
         Spec {
             events,
             customers: 1_000,
             features: 20,
             regions: 3,
-            month,
+            start,
+            span: Span::Month,
             batch: 100,
             invalid_rate: 0.0,
             duplicate_rate: 0.0,
@@ -92,6 +96,15 @@ impl Spec {
             until: Utc::now(),
         }
     }
+}
+
+/// How far the event times spread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// One calendar month: a month of usage replayed, many date partitions.
+    Month,
+    /// One day: live traffic, one date partition.
+    Day,
 }
 
 /// One NATS message to publish.
@@ -236,19 +249,21 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
     };
 
     let start = spec
-        .month
+        .start
         .and_hms_opt(0, 0, 0)
         .unwrap_or_default()
         .and_utc();
-    let next_month = spec
-        .month
-        .checked_add_months(chrono::Months::new(1))
-        .unwrap_or(spec.month);
-    let end = next_month
-        .and_hms_opt(0, 0, 0)
-        .unwrap_or_default()
-        .and_utc()
-        .min(spec.until.max(start + Duration::hours(1)));
+    let span_end = match spec.span {
+        Span::Month => spec
+            .start
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap_or(spec.start)
+            .and_hms_opt(0, 0, 0)
+            .unwrap_or_default()
+            .and_utc(),
+        Span::Day => start + Duration::days(1),
+    };
+    let end = span_end.min(spec.until.max(start + Duration::minutes(1)));
     let span_us = (end - start).num_microseconds().unwrap_or(1).max(1);
 
     let mut totals = Totals::default();

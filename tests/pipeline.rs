@@ -70,7 +70,7 @@ async fn arrow_batches_land_exactly_once() {
     assert_eq!(quantity, totals.quantity);
     let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
     let billed =
-        tally_query::BillingTotals::of(&lake.billing(Period::of(spec.month), None).await.unwrap());
+        tally_query::BillingTotals::of(&lake.billing(Period::of(spec.start), None).await.unwrap());
     assert_eq!(
         (billed.events, billed.quantity),
         (totals.events_valid, totals.quantity)

@@ -86,26 +86,47 @@ impl Rows {
         self.len += 1;
     }
 
-    /// Takes the rows as a record batch and leaves the builders empty.
+    /// Takes the rows as a record batch and leaves the builders empty, sized like the batch
+    /// just taken: the next one grows without a chain of reallocations and copies.
     pub fn finish(&mut self) -> RecordBatch {
+        let rows = self.len;
+        let text = |b: &mut StringBuilder| -> ArrayRef {
+            let array = b.finish();
+            *b = StringBuilder::with_capacity(rows, array.value_data().len());
+            Arc::new(array)
+        };
         let utc = |b: &mut TimestampMicrosecondBuilder| -> ArrayRef {
-            Arc::new(b.finish().with_timezone("UTC"))
+            let array = b.finish().with_timezone("UTC");
+            *b = TimestampMicrosecondBuilder::with_capacity(rows);
+            Arc::new(array)
         };
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.event_id.finish()),
-            Arc::new(self.customer.finish()),
-            Arc::new(self.feature.finish()),
-            Arc::new(self.quantity.finish()),
+            text(&mut self.event_id),
+            text(&mut self.customer),
+            text(&mut self.feature),
+            {
+                let array = self.quantity.finish();
+                self.quantity = Float64Builder::with_capacity(rows);
+                Arc::new(array)
+            },
             utc(&mut self.event_time),
-            Arc::new(self.region.finish()),
-            Arc::new(self.user_id.finish()),
-            Arc::new(self.source.finish()),
-            Arc::new(self.event_type.finish()),
-            Arc::new(self.data.finish()),
-            Arc::new(self.decision.finish()),
+            text(&mut self.region),
+            text(&mut self.user_id),
+            text(&mut self.source),
+            text(&mut self.event_type),
+            text(&mut self.data),
+            text(&mut self.decision),
             utc(&mut self.ingest_time),
-            Arc::new(self.stream_seq.finish()),
-            Arc::new(self.partition_id.finish()),
+            {
+                let array = self.stream_seq.finish();
+                self.stream_seq = UInt64Builder::with_capacity(rows);
+                Arc::new(array)
+            },
+            {
+                let array = self.partition_id.finish();
+                self.partition_id = UInt16Builder::with_capacity(rows);
+                Arc::new(array)
+            },
         ];
         self.len = 0;
         // The columns are built in schema order from the schema's own types.
