@@ -182,6 +182,8 @@ async fn handle(
         ingest_micros: chrono::Utc::now().timestamp_micros(),
         seq,
         partition,
+        valid: 0,
+        duplicates: 0,
     };
     let is_arrow = message
         .headers
@@ -194,7 +196,7 @@ async fn handle(
             Err(invalid) => refused.push((None, payload.clone(), invalid)),
             Ok(columnar) => {
                 for (i, outcome) in columnar.events(limits).enumerate() {
-                    if let Some(invalid) = accept.event(outcome, open, dedup, stats) {
+                    if let Some(invalid) = accept.event(outcome, open, dedup) {
                         refused.push((Some(i), Bytes::from(columnar.row_json(i)), invalid));
                     }
                 }
@@ -207,7 +209,7 @@ async fn handle(
                 let is_batch = frame.is_batch;
                 let mut raw: Option<Vec<&[u8]>> = None;
                 for (i, outcome) in frame.events.into_iter().enumerate() {
-                    if let Some(invalid) = accept.event(outcome, open, dedup, stats) {
+                    if let Some(invalid) = accept.event(outcome, open, dedup) {
                         let original = if is_batch {
                             let raw = raw.get_or_insert_with(|| Frame::raw_events(payload));
                             raw.get(i)
@@ -221,6 +223,9 @@ async fn handle(
             }
         }
     }
+    // Shared counters are touched once per message, not once per event.
+    stats.events_valid.fetch_add(accept.valid, Relaxed);
+    stats.duplicates.fetch_add(accept.duplicates, Relaxed);
     for (index, original, invalid) in refused {
         let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
         open.dead_letters.push(dl);
@@ -236,6 +241,8 @@ struct Accept<'m> {
     ingest_micros: i64,
     seq: u64,
     partition: u16,
+    valid: u64,
+    duplicates: u64,
 }
 
 impl Accept<'_> {
@@ -246,7 +253,6 @@ impl Accept<'_> {
         outcome: Result<Event<'_>, Invalid>,
         open: &mut Open,
         dedup: &mut Dedup,
-        stats: &Stats,
     ) -> Option<Invalid> {
         let event = match outcome {
             Ok(event) => event,
@@ -272,9 +278,9 @@ impl Accept<'_> {
                 self.seq,
                 self.partition,
             );
-            stats.events_valid.fetch_add(1, Relaxed);
+            self.valid += 1;
         } else {
-            stats.duplicates.fetch_add(1, Relaxed);
+            self.duplicates += 1;
         }
         None
     }
