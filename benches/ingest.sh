@@ -16,6 +16,7 @@ tally="${CARGO_TARGET_DIR:-target}/release/tally"
 configs=(
   "json-batch100|--events 1000000 --batch 100 --baseline"
   "arrow-batch100|--events 1000000 --batch 100 --arrow --baseline"
+  "json-batch100-month-replay|--events 1000000 --batch 100 --replay-month"
   "json-single|--events 200000 --batch 1 --baseline"
   "json-batch100-at-200k/s|--events 2000000 --batch 100 --rate 200000"
   "json-single-at-30k/s|--events 300000 --batch 1 --rate 30000"

@@ -53,6 +53,10 @@ pub struct IngestBench {
     /// Send the compact Arrow IPC encoding instead of CloudEvents JSON.
     #[arg(long)]
     arrow: bool,
+    /// Spread event times over the current month (a replay: many date partitions, so many
+    /// more files) instead of over today (live traffic).
+    #[arg(long)]
+    replay_month: bool,
     /// Offer this many events/s instead of publishing as fast as possible: latency at a
     /// sustainable load rather than at saturation (where it is the backlog's age).
     #[arg(long)]
@@ -89,8 +93,13 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
     }
     // Live traffic: event times over today so far, one date partition, as a running
     // system sees them (`tally demo` replays a whole month instead).
-    let mut spec = Spec::new(args.events, chrono::Utc::now().date_naive());
-    spec.span = workload::Span::Day;
+    let mut spec = if args.replay_month {
+        Spec::new(args.events, crate::demo::this_month())
+    } else {
+        let mut spec = Spec::new(args.events, chrono::Utc::now().date_naive());
+        spec.span = workload::Span::Day;
+        spec
+    };
     spec.batch = args.batch;
     spec.customers = args.customers;
     spec.arrow = args.arrow;
