@@ -202,32 +202,21 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
 async fn publish_paced(nats: &Nats, messages: &[OutMessage], rate: u64) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     let mut sent = 0u64;
-    let mut slice = Vec::new();
     let per_slice = (rate / 100).max(1);
-    for m in messages {
-        slice.push(m.clone());
-        let events: u64 = slice.iter().map(|m| u64::from(m.events)).sum();
-        if events >= per_slice {
-            workload::publish(
-                &nats.jetstream,
-                &slice,
-                workload::MAX_ACKS_IN_FLIGHT,
-                |_| {},
-            )
-            .await?;
-            sent += events;
-            slice.clear();
+    let mut slice_start = 0;
+    let mut slice_events = 0u64;
+    for (i, m) in messages.iter().enumerate() {
+        slice_events += u64::from(m.events);
+        let last = i + 1 == messages.len();
+        if slice_events >= per_slice || last {
+            let slice = &messages[slice_start..=i];
+            workload::publish(&nats.jetstream, slice, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await?;
+            sent += slice_events;
+            (slice_start, slice_events) = (i + 1, 0);
             let due = start + Duration::from_secs_f64(sent as f64 / rate as f64);
             tokio::time::sleep_until(due).await;
         }
     }
-    workload::publish(
-        &nats.jetstream,
-        &slice,
-        workload::MAX_ACKS_IN_FLIGHT,
-        |_| {},
-    )
-    .await?;
     Ok(())
 }
 

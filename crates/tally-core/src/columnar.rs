@@ -125,17 +125,7 @@ fn required_strings(batch: &RecordBatch, name: &'static str) -> Result<StringArr
 impl Columnar {
     /// Decodes an Arrow IPC stream. `Err` refuses the whole message.
     pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Columnar, Invalid> {
-        if payload.len() > limits.max_message_bytes {
-            return Err(Invalid::new(
-                Reason::TooLarge,
-                None,
-                format!(
-                    "message is {} bytes; the limit is {}",
-                    payload.len(),
-                    limits.max_message_bytes
-                ),
-            ));
-        }
+        limits.check_size(payload)?;
         let not_arrow = |e: arrow::error::ArrowError| {
             Invalid::new(
                 Reason::NotArrow,

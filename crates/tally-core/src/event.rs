@@ -31,6 +31,24 @@ pub struct DecodeLimits {
     pub max_field_len: usize,
 }
 
+impl DecodeLimits {
+    /// Refuses a message larger than `max_message_bytes`.
+    pub fn check_size(&self, payload: &[u8]) -> Result<(), Invalid> {
+        if payload.len() > self.max_message_bytes {
+            return Err(Invalid::new(
+                Reason::TooLarge,
+                None,
+                format!(
+                    "message is {} bytes; the limit is {}",
+                    payload.len(),
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for DecodeLimits {
     fn default() -> Self {
         Self {
@@ -208,17 +226,7 @@ impl<'a> Frame<'a> {
     ///
     /// `Err` means the whole message is refused; otherwise each event has its own outcome.
     pub fn decode(payload: &'a [u8], limits: &DecodeLimits) -> Result<Frame<'a>, Invalid> {
-        if payload.len() > limits.max_message_bytes {
-            return Err(Invalid::new(
-                Reason::TooLarge,
-                None,
-                format!(
-                    "message is {} bytes; the limit is {}",
-                    payload.len(),
-                    limits.max_message_bytes
-                ),
-            ));
-        }
+        limits.check_size(payload)?;
         let mut de = serde_json::Deserializer::from_slice(payload);
         let frame = de
             .deserialize_any(FrameVisitor { limits })
