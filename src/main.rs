@@ -196,12 +196,13 @@ async fn serve(
     config: Config,
     partitions: Option<Vec<u16>>,
 ) -> anyhow::Result<std::process::ExitCode> {
+    // Handlers first: a SIGTERM during start-up must drain, not kill.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let nats = Nats::connect(&config).await?;
     let pipeline = Pipeline::start(&config, &nats, partitions).await?;
     tracing::info!(lake = %config.lake_dir().display(), "tally is running; Ctrl-C stops it");
     let cancel = pipeline.cancel_token();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; draining"),
         _ = term.recv() => tracing::info!("terminated; draining"),

@@ -129,14 +129,28 @@ fn lake_rows(h: &common::Harness) -> u64 {
         .sum()
 }
 
+/// Starts `tally serve` and returns once it says it is running.
 fn serve(h: &common::Harness, flush_age_ms: &str) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["serve", "--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
         .env("TALLY_INGEST__FLUSH_AGE_MS", flush_age_ms)
         .env("TALLY_INGEST__ACK_WAIT_SECS", "2")
+        .env("TALLY_LOG", "info")
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let running = lines.by_ref().any(|line| {
+        let line = line.unwrap_or_default();
+        eprintln!("{line}");
+        line.contains("tally is running")
+    });
+    assert!(running, "tally serve exited before it was running");
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
+    child
 }
 
 /// Per partition consumer: (messages not yet delivered, delivered but unacknowledged).
