@@ -243,3 +243,49 @@ async fn consumer_backlog_ready(h: &common::Harness) -> Option<()> {
     }
     Some(())
 }
+
+/// The load generator runs end to end and reports what it measured (figures are for
+/// BENCHMARKS.md, not asserted here beyond their presence and consistency).
+#[test]
+fn bench_ingest_reports_json_with_a_baseline() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "bench",
+            "ingest",
+            "--events",
+            "3000",
+            "--batch",
+            "10",
+            "--customers",
+            "20",
+            "--baseline",
+            "--format",
+            "json",
+        ])
+        .env("TALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["events"], 3000);
+    assert_eq!(report["encoding"], "json");
+    assert!(report["messages"].as_u64().unwrap() >= 300);
+    for key in [
+        "events_per_sec",
+        "baseline_events_per_sec",
+        "ratio_to_baseline",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+    let (p50, p99, p999) = (
+        report["latency_ms_p50"].as_u64().unwrap(),
+        report["latency_ms_p99"].as_u64().unwrap(),
+        report["latency_ms_p999"].as_u64().unwrap(),
+    );
+    assert!(p50 >= 1 && p50 <= p99 && p99 <= p999, "{report}");
+}
