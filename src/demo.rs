@@ -113,12 +113,18 @@ pub async fn wait_drained(
         }
         let mut idle = true;
         for p in 0..partitions {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            // A consumer being re-created at its ack floor is briefly absent: not idle.
+            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream
                 .get_consumer(&tally_core::subject::partition_consumer(p))
-                .await
-                .map_err(|e| anyhow::anyhow!("opening consumer of partition {p}: {e}"))?;
-            let info = consumer.info().await?;
-            if info.num_pending > 0 || info.num_ack_pending > 0 {
+                .await;
+            let busy = match consumer {
+                Ok(mut c) => c
+                    .info()
+                    .await
+                    .map_or(true, |i| i.num_pending > 0 || i.num_ack_pending > 0),
+                Err(_) => true,
+            };
+            if busy {
                 idle = false;
                 break;
             }

@@ -129,8 +129,18 @@ fn lake_rows(h: &common::Harness) -> u64 {
         .sum()
 }
 
+/// A `tally serve` process, killed if a failing test leaves it running.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `tally serve` and returns once it says it is running.
-fn serve(h: &common::Harness, flush_age_ms: &str) -> std::process::Child {
+fn serve(h: &common::Harness, flush_age_ms: &str) -> Serve {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["serve", "--nats-url", &h.server.url(), "--data-dir"])
@@ -150,7 +160,7 @@ fn serve(h: &common::Harness, flush_age_ms: &str) -> std::process::Child {
     assert!(running, "tally serve exited before it was running");
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
-    child
+    Serve(child)
 }
 
 /// Per partition consumer: (messages not yet delivered, delivered but unacknowledged).
@@ -158,27 +168,29 @@ async fn consumer_backlog(h: &common::Harness) -> (u64, u64) {
     let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.unwrap();
     let (mut pending, mut unacked) = (0, 0);
     for p in 0..h.config.ingest.partitions {
-        let mut c: async_nats::jetstream::consumer::PullConsumer = stream
+        // A worker re-creating its consumer makes it briefly absent: not settled yet.
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream
             .get_consumer(&tally_core::subject::partition_consumer(p))
-            .await
-            .unwrap();
-        let info = c.info().await.unwrap();
-        pending += info.num_pending;
-        unacked += info.num_ack_pending as u64;
+            .await;
+        match consumer {
+            Ok(mut c) => match c.info().await {
+                Ok(info) => {
+                    pending += info.num_pending;
+                    unacked += info.num_ack_pending as u64;
+                }
+                Err(_) => pending += 1,
+            },
+            Err(_) => pending += 1,
+        }
     }
     (pending, unacked)
 }
 
-fn terminate(mut child: std::process::Child) {
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
+fn terminate(mut serve: Serve) {
+    let pid = serve.0.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success());
+    let status = serve.0.wait().unwrap();
     assert!(status.success(), "tally serve exited with {status}");
 }
 
@@ -288,4 +300,56 @@ fn bench_ingest_reports_json_with_a_baseline() {
         report["latency_ms_p999"].as_u64().unwrap(),
     );
     assert!(p50 >= 1 && p50 <= p99 && p99 <= p999, "{report}");
+}
+
+/// A worker killed with SIGKILL while it holds delivered, unacknowledged messages strands
+/// none of them: the next worker starts again at the consumer's ack floor, so acking the
+/// newer messages published in between cannot acknowledge the older ones unprocessed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_strands_nothing_it_had_not_made_durable() {
+    let h = common::Harness::start().await;
+    let mut first = serve(&h, "600000");
+    let batch = |seed: u64| {
+        let mut spec = Spec::new(2_000, chrono::NaiveDate::from_ymd_opt(2026, 7, 1).unwrap());
+        spec.customers = 25;
+        spec.batch = 10;
+        spec.seed = seed;
+        workload::generate(&spec)
+    };
+    let (before, before_totals) = batch(1);
+    workload::publish(&h.nats.jetstream, &before, 256, |_| {})
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (pending, unacked) = consumer_backlog(&h).await;
+        if pending == 0 && unacked == before.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "messages not delivered to the first worker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert_eq!(lake_rows(&h), 0, "nothing was durable before the kill");
+
+    let (after, after_totals) = batch(2);
+    workload::publish(&h.nats.jetstream, &after, 256, |_| {})
+        .await
+        .unwrap();
+    let expected = before_totals.events_valid + after_totals.events_valid;
+    let second = serve(&h, "100");
+    while consumer_backlog(&h).await != (0, 0) || lake_rows(&h) < expected {
+        assert!(
+            Instant::now() < deadline,
+            "lake holds {} of {expected} events",
+            lake_rows(&h)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminate(second);
+    assert_eq!(lake_rows(&h), expected);
 }

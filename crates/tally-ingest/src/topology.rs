@@ -74,6 +74,19 @@ pub async fn ensure_consumers(
     Ok(())
 }
 
+fn consumer_config(config: &IngestConfig, partition: u16, deliver: DeliverPolicy) -> pull::Config {
+    let name = subject::partition_consumer(partition);
+    pull::Config {
+        durable_name: Some(name),
+        filter_subject: subject::partition_filter(partition),
+        ack_policy: AckPolicy::All,
+        deliver_policy: deliver,
+        ack_wait: Duration::from_secs(config.ack_wait_secs),
+        max_ack_pending: config.max_ack_pending(),
+        ..Default::default()
+    }
+}
+
 /// The durable pull consumer of one partition.
 pub async fn ensure_consumer(
     js: &Context,
@@ -84,27 +97,69 @@ pub async fn ensure_consumer(
         .get_stream(EVENTS_STREAM)
         .await
         .map_err(|e| Error::nats("open events stream", e))?;
-    let name = subject::partition_consumer(partition);
     stream
         .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: subject::partition_filter(partition),
-                ack_policy: AckPolicy::All,
-                deliver_policy: DeliverPolicy::All,
-                ack_wait: Duration::from_secs(config.ack_wait_secs),
-                max_ack_pending: config.max_ack_pending(),
-                ..Default::default()
-            },
+            &subject::partition_consumer(partition),
+            consumer_config(config, partition, DeliverPolicy::All),
         )
         .await
         .map_err(|e| Error::nats("create partition consumer", e))
 }
 
-/// Starts pulling one partition's messages (prefetching, with heartbeats).
+/// Re-creates a partition's consumer so that delivery restarts right after its ack floor.
+///
+/// Why: with ack-all, acknowledging a message acknowledges every pending message below
+/// it. Messages delivered to an earlier subscription (a crashed process, or a pull stream
+/// that ended) but never processed stay pending until `ack_wait` runs out, while new
+/// messages are delivered at once; acking one of those would acknowledge, and so lose,
+/// the stranded ones. Restarting at the ack floor delivers everything not yet
+/// acknowledged again, in order, with no gap.
+async fn rewind_to_ack_floor(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+) -> Result<PullConsumer> {
+    let mut consumer = ensure_consumer(js, config, partition).await?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| Error::nats("read partition consumer", e))?;
+    if info.num_ack_pending == 0 && info.delivered.stream_sequence == info.ack_floor.stream_sequence
+    {
+        return Ok(consumer);
+    }
+    let start = info.ack_floor.stream_sequence + 1;
+    tracing::info!(
+        partition,
+        start,
+        pending = info.num_ack_pending,
+        "rewinding the partition consumer to its ack floor"
+    );
+    let stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("open events stream", e))?;
+    let name = subject::partition_consumer(partition);
+    stream
+        .delete_consumer(&name)
+        .await
+        .map_err(|e| Error::nats("delete partition consumer", e))?;
+    stream
+        .create_consumer(consumer_config(
+            config,
+            partition,
+            DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+        ))
+        .await
+        .map_err(|e| Error::nats("re-create partition consumer", e))
+}
+
+/// Starts pulling one partition's messages (prefetching, with heartbeats), from the
+/// first message not yet acknowledged.
 pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Result<pull::Stream> {
-    ensure_consumer(js, config, partition)
+    rewind_to_ack_floor(js, config, partition)
         .await?
         .stream()
         .max_messages_per_batch(config.fetch_messages)

@@ -1,6 +1,7 @@
 //! One partition's loop: pull, decode, dedup, dead-letter, accumulate, seal, ack after durable.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -82,8 +83,15 @@ pub async fn run_partition(
     cancel: CancellationToken,
 ) -> Result<()> {
     let (ack_tx, ack_rx) = mpsc::channel::<Pending>(config.flushes_in_flight);
-    let acks = tokio::spawn(ack_in_order(ack_rx, stats.clone()));
-    let result = pull_loop(&js, config, partition, &flush_tx, &ack_tx, &stats, &cancel).await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let acks = tokio::spawn(ack_in_order(ack_rx, stats.clone(), acked.clone()));
+    let sink = Sink {
+        flush_tx: &flush_tx,
+        ack_tx: &ack_tx,
+        sealed: 0,
+        acked: &acked,
+    };
+    let result = pull_loop(&js, config, partition, sink, &stats, &cancel).await;
     drop(ack_tx);
     let acked = acks
         .await
@@ -91,12 +99,28 @@ pub async fn run_partition(
     result.and(acked)
 }
 
+/// Where sealed batches go, and how many of them were acknowledged.
+struct Sink<'a> {
+    flush_tx: &'a mpsc::Sender<FlushRequest>,
+    ack_tx: &'a mpsc::Sender<Pending>,
+    sealed: u64,
+    acked: &'a AtomicU64,
+}
+
+impl Sink<'_> {
+    /// Waits until every sealed batch is acknowledged (or the ack task has stopped).
+    async fn settle(&self) {
+        while self.acked.load(Relaxed) < self.sealed && !self.ack_tx.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 async fn pull_loop(
     js: &Context,
     config: &IngestConfig,
     partition: u16,
-    flush_tx: &mpsc::Sender<FlushRequest>,
-    ack_tx: &mpsc::Sender<Pending>,
+    mut sink: Sink<'_>,
     stats: &Stats,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -114,7 +138,7 @@ async fn pull_loop(
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            () = sleep_until_due(due) => seal(&mut open, partition, flush_tx, ack_tx).await?,
+            () = sleep_until_due(due) => seal(&mut open, partition, &mut sink).await?,
             next = messages.next() => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
@@ -135,22 +159,23 @@ async fn pull_loop(
                     open.bytes += message.payload.len();
                     open.stored_ms.push(stored_ms);
                     if open.full(config) {
-                        seal(&mut open, partition, flush_tx, ack_tx).await?;
+                        seal(&mut open, partition, &mut sink).await?;
                     }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(partition, error = %e, "pull stream error; re-creating it");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    messages = topology::messages(js, config, partition).await?;
-                }
+                // The pull stream recovers from these itself; a terminal one ends it.
+                Some(Err(e)) => tracing::warn!(partition, error = %e, "pull stream error"),
                 None => {
-                    tracing::warn!(partition, "pull stream ended; re-creating it");
+                    tracing::warn!(partition, "pull stream ended; resubscribing at the ack floor");
+                    // Acks go through the old subscription's consumer: settle them first.
+                    seal(&mut open, partition, &mut sink).await?;
+                    sink.settle().await;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                     messages = topology::messages(js, config, partition).await?;
                 }
             }
         }
     }
-    seal(&mut open, partition, flush_tx, ack_tx).await
+    seal(&mut open, partition, &mut sink).await
 }
 
 /// Sleeps until `due`, or forever when there is no open batch.
@@ -324,12 +349,7 @@ async fn dead_letter(
 }
 
 /// Seals the open batch, if it holds any message, and queues it for the lake.
-async fn seal(
-    open: &mut Open,
-    partition: u16,
-    flush_tx: &mpsc::Sender<FlushRequest>,
-    ack_tx: &mpsc::Sender<Pending>,
-) -> Result<()> {
+async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()> {
     let Some((last, last_seq)) = open.last.take() else {
         return Ok(());
     };
@@ -344,14 +364,14 @@ async fn seal(
         batch: open.rows.finish(),
     };
     let (done_tx, done) = oneshot::channel();
-    flush_tx
+    sink.flush_tx
         .send(FlushRequest {
             sealed,
             done: done_tx,
         })
         .await
         .map_err(|_| Error::Store("the lake writer stopped".to_owned()))?;
-    ack_tx
+    sink.ack_tx
         .send(Pending {
             done,
             last,
@@ -360,6 +380,7 @@ async fn seal(
         })
         .await
         .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
+    sink.sealed += 1;
     open.messages = 0;
     open.bytes = 0;
     open.opened = None;
@@ -369,7 +390,11 @@ async fn seal(
 /// Acknowledges sealed batches in the order they were sealed, each only once the lake
 /// says it is durable. With ack-all, acking out of order would acknowledge an earlier
 /// batch that is not yet on disk.
-async fn ack_in_order(mut rx: mpsc::Receiver<Pending>, stats: Arc<Stats>) -> Result<()> {
+async fn ack_in_order(
+    mut rx: mpsc::Receiver<Pending>,
+    stats: Arc<Stats>,
+    acked: Arc<AtomicU64>,
+) -> Result<()> {
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
     while let Some(p) = rx.recv().await {
         let durable = p
@@ -393,6 +418,7 @@ async fn ack_in_order(mut rx: mpsc::Receiver<Pending>, stats: Arc<Stats>) -> Res
         stats.rows_durable.fetch_add(durable.rows as u64, Relaxed);
         stats.files_written.fetch_add(durable.files as u64, Relaxed);
         stats.batches_acked.fetch_add(1, Relaxed);
+        acked.fetch_add(1, Relaxed);
         if let Ok(mut h) = stats.stored_to_durable_ms.lock() {
             let _ = h.add(&latency);
         }
