@@ -145,7 +145,9 @@ pub async fn wait_drained(
 /// Runs the demo end to end.
 pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoReport> {
     // The demo always runs on its own embedded server and a lake it may clear.
-    config.nats_url = None;
+    if let Some(url) = config.nats_url.take() {
+        tracing::warn!(%url, "the demo starts its own nats-server; ignoring the configured NATS URL");
+    }
     prepare(&config.data_dir)?;
     let spec = &args.spec;
     let period = Period::of(spec.start);

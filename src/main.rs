@@ -31,6 +31,9 @@ struct Cli {
 enum Command {
     /// Run the whole pipeline on a generated month of usage and print its bill.
     ///
+    /// The demo always starts its own nats-server and lake under the data directory
+    /// (default data/demo), which it clears on the next run; it does not use --nats-url.
+    ///
     /// Example: tally demo --events 200000 --format json
     Demo(DemoCmd),
     /// Print billable usage per customer × feature for a month.
@@ -55,10 +58,13 @@ struct DemoCmd {
     /// Events to generate.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
+    /// Customers (a few large ones and a long tail).
     #[arg(long, default_value_t = 1_000)]
     customers: u32,
+    /// Metered features (at most 24).
     #[arg(long, default_value_t = 20)]
     features: u32,
+    /// Regions (at most 6).
     #[arg(long, default_value_t = 3)]
     regions: u32,
     /// Month the events fall in (YYYY-MM); default: the current month, up to now.
