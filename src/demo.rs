@@ -65,6 +65,8 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
                 dir.display()
             );
         }
+        // A server left by a killed earlier run must not keep its store open underneath.
+        tally_natsd::stop_leftover(&dir.join("nats"));
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;

@@ -151,12 +151,15 @@ impl NatsServer {
         let store = dir.join("jetstream");
         let config = dir.join("nats-server.conf");
         let log = dir.join("nats-server.log");
+        let pid_file = dir.join("nats-server.pid");
+        stop_leftover(dir);
         fs::write(
             &config,
             format!(
-                "listen: \"{addr}\"\nmax_payload: {max}\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
+                "listen: \"{addr}\"\nmax_payload: {max}\npid_file: \"{pid}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
                 addr = self.addr,
                 max = self.options.max_payload,
+                pid = pid_file.display(),
                 store = store.display(),
             ),
         )
@@ -205,6 +208,39 @@ impl Drop for NatsServer {
     }
 }
 
+/// Stops a nats-server that an earlier process started on this data directory and could
+/// not stop (it was killed with SIGKILL): two servers must never share a JetStream store.
+/// The pid file is trusted only if that process is a nats-server running this directory's
+/// config (Linux `/proc`); anything else is left alone.
+pub fn stop_leftover(data_dir: &Path) {
+    let (pid_file, config) = (
+        data_dir.join("nats-server.pid"),
+        data_dir.join("nats-server.conf"),
+    );
+    let Some(pid) = fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let ours = || {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        cmdline.contains("nats-server") && cmdline.contains(&*config.to_string_lossy())
+    };
+    if !ours() {
+        return;
+    }
+    tracing::warn!(pid, dir = %data_dir.display(),
+        "stopping a nats-server left running by an earlier process on this data directory");
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // A killed process has no command line any more (even before it is reaped).
+    while ours() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Looks for a `nats-server` binary; see the crate docs for the order.
 pub fn find_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TALLY_NATS_SERVER") {
@@ -249,5 +285,26 @@ mod tests {
             "server still listening after drop"
         );
         assert!(!dir.exists(), "temporary directory left behind");
+    }
+
+    /// A server whose owner died without stopping it (no drop: SIGKILL) is stopped by the
+    /// next start on the same data directory, so two never share a JetStream store.
+    #[test]
+    fn a_leftover_server_on_the_same_directory_is_stopped_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let orphan = NatsServer::start(ServerOptions::new(dir.path())).unwrap();
+        let pid = fs::read_to_string(dir.path().join("nats-server.pid")).unwrap();
+        let pid = pid.trim().to_owned();
+        std::mem::forget(orphan);
+        let cmdline = |pid: &str| fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(String::from_utf8_lossy(&cmdline(&pid)).contains("nats-server"));
+        let mut next = NatsServer::start(ServerOptions::new(dir.path())).unwrap();
+        // Killed, and reaped by no one: at most a zombie without a command line is left.
+        assert!(
+            !String::from_utf8_lossy(&cmdline(&pid)).contains("nats-server"),
+            "the leftover server still runs"
+        );
+        assert!(TcpStream::connect(next.addr).is_ok());
+        next.stop();
     }
 }
