@@ -98,3 +98,45 @@ fn lake_schema_matches_the_schema_file() {
         .collect();
     assert_eq!(describe(&lake_schema()), from_file);
 }
+
+/// The JSON Schema agrees with the decoder: every valid example validates, and every
+/// invalid example that is JSON at all is refused by the schema too.
+#[test]
+fn the_json_schema_agrees_with_the_decoder() {
+    let schema: serde_json::Value =
+        serde_json::from_slice(&fs::read(schemas_dir().join("event.schema.json")).unwrap())
+            .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for path in json_files(&schemas_dir().join("examples/valid")) {
+        let value: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let events = match value {
+            serde_json::Value::Array(items) => items,
+            one => vec![one],
+        };
+        for event in events {
+            let errors: Vec<String> = validator
+                .iter_errors(&event)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        }
+    }
+    let mut checked = 0;
+    for path in json_files(&schemas_dir().join("examples/invalid")) {
+        // Not JSON, or a number no JSON library holds (1e999): only the decoder can judge.
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&fs::read(&path).unwrap())
+        else {
+            continue;
+        };
+        assert!(
+            !validator.is_valid(&value),
+            "the schema accepts {}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 15,
+        "only {checked} invalid examples checked against the schema"
+    );
+}
