@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Float64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
-    UInt16Builder, UInt64Builder,
+    ArrayRef, ArrowPrimitiveType, Float64Builder, PrimitiveArray, PrimitiveBuilder, RecordBatch,
+    StringBuilder, TimestampMicrosecondBuilder, UInt16Builder, UInt64Builder,
 };
 use tally_core::schema::lake_schema;
 use tally_core::{Decision, Event};
@@ -96,19 +96,13 @@ impl Rows {
             Arc::new(array)
         };
         let utc = |b: &mut TimestampMicrosecondBuilder| -> ArrayRef {
-            let array = b.finish().with_timezone("UTC");
-            *b = TimestampMicrosecondBuilder::with_capacity(rows);
-            Arc::new(array)
+            Arc::new(take(b, rows).with_timezone("UTC"))
         };
         let columns: Vec<ArrayRef> = vec![
             text(&mut self.event_id),
             text(&mut self.customer),
             text(&mut self.feature),
-            {
-                let array = self.quantity.finish();
-                self.quantity = Float64Builder::with_capacity(rows);
-                Arc::new(array)
-            },
+            Arc::new(take(&mut self.quantity, rows)),
             utc(&mut self.event_time),
             text(&mut self.region),
             text(&mut self.user_id),
@@ -117,19 +111,18 @@ impl Rows {
             text(&mut self.data),
             text(&mut self.decision),
             utc(&mut self.ingest_time),
-            {
-                let array = self.stream_seq.finish();
-                self.stream_seq = UInt64Builder::with_capacity(rows);
-                Arc::new(array)
-            },
-            {
-                let array = self.partition_id.finish();
-                self.partition_id = UInt16Builder::with_capacity(rows);
-                Arc::new(array)
-            },
+            Arc::new(take(&mut self.stream_seq, rows)),
+            Arc::new(take(&mut self.partition_id, rows)),
         ];
         self.len = 0;
         // The columns are built in schema order from the schema's own types.
         RecordBatch::try_new(lake_schema(), columns).expect("rows match the lake schema")
     }
+}
+
+/// Finishes a primitive builder and leaves a fresh one with room for `rows` values.
+fn take<T: ArrowPrimitiveType>(b: &mut PrimitiveBuilder<T>, rows: usize) -> PrimitiveArray<T> {
+    let array = b.finish();
+    *b = PrimitiveBuilder::with_capacity(rows);
+    array
 }
