@@ -4,6 +4,7 @@
 #
 #   benches/ingest.sh            # release build, then every configuration
 #   RUNS=5 benches/ingest.sh
+#   RAW=runs.tsv benches/ingest.sh   # also keep every run's JSON line
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -14,12 +15,14 @@ cargo build --release --bin tally
 tally="${CARGO_TARGET_DIR:-target}/release/tally"
 
 configs=(
-  "json-batch100|--events 1000000 --batch 100 --baseline"
-  "arrow-batch100|--events 1000000 --batch 100 --arrow --baseline"
-  "json-batch100-month-replay|--events 1000000 --batch 100 --replay-month"
-  "json-single|--events 200000 --batch 1 --baseline"
+  "json-batch100|--events 3000000 --batch 100 --baseline"
+  "arrow-batch100|--events 3000000 --batch 100 --arrow --baseline"
+  "json-batch100-month-replay|--events 3000000 --batch 100 --replay-month"
+  "json-single|--events 600000 --batch 1 --baseline"
   "json-batch100-at-200k/s|--events 2000000 --batch 100 --rate 200000"
   "json-single-at-30k/s|--events 300000 --batch 1 --rate 30000"
+  "json-batch100-1M-events|--events 1000000 --batch 100"
+  "arrow-batch100-1M-events|--events 1000000 --batch 100 --arrow"
 )
 out="$(mktemp)"
 for c in "${configs[@]}"; do
@@ -35,12 +38,20 @@ rows = {}
 for line in open(sys.argv[1]):
     name, doc = line.rstrip("\n").split("\t", 1)
     rows.setdefault(name, []).append(json.loads(doc))
-print("| configuration | runs | events/s (median) | JetStream alone, events/s | ratio | latency p50 / p99 / p999 ms |")
-print("| --- | --- | --- | --- | --- | --- |")
+print("| configuration | runs | events/s (median) | JetStream alone, events/s | ratio | latency p50 / p99 / p999 ms | CPU µs per event: Tally process / nats-server (JetStream alone) |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
 for name, runs in rows.items():
-    med = lambda k: statistics.median(r[k] for r in runs if r.get(k) is not None) if any(r.get(k) is not None for r in runs) else None
+    def med(k, sub=None):
+        vals = [r[k] if sub is None else r[k][sub] for r in runs if r.get(k) is not None]
+        return statistics.median(vals) if vals else None
     eps, base, ratio = med("events_per_sec"), med("baseline_events_per_sec"), med("ratio_to_baseline")
     lat = "/".join(str(round(med(k))) for k in ("latency_ms_p50", "latency_ms_p99", "latency_ms_p999"))
-    print(f"| {name} | {len(runs)} | {eps:,.0f} | {'' if base is None else f'{base:,.0f}'} | {'' if ratio is None else f'{ratio:.0%}'} | {lat} |")
+    cpu = ""
+    if med("cpu_us_per_event", "this_process") is not None:
+        cpu = f"{med('cpu_us_per_event', 'this_process'):.2f} / {med('cpu_us_per_event', 'nats_server'):.2f}"
+        if base is not None:
+            cpu += f" ({med('baseline_cpu_us_per_event', 'this_process'):.2f} / {med('baseline_cpu_us_per_event', 'nats_server'):.2f})"
+    print(f"| {name} | {len(runs)} | {eps:,.0f} | {'' if base is None else f'{base:,.0f}'} | {'' if ratio is None else f'{ratio:.0%}'} | {lat} | {cpu} |")
 PY
+if [ -n "${RAW:-}" ]; then cp "$out" "$RAW"; fi
 rm -f "$out"

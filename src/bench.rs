@@ -83,6 +83,53 @@ pub struct IngestReport {
     pub baseline_events_per_sec: Option<f64>,
     /// Tally's events/s over the baseline's.
     pub ratio_to_baseline: Option<f64>,
+    /// CPU time per event (user + system, all threads) of this process (publisher and
+    /// Tally) and of the embedded nats-server, over the measured run.
+    pub cpu_us_per_event: Option<CpuPerEvent>,
+    /// The same over the baseline run (publisher and plain consumers; nats-server).
+    pub baseline_cpu_us_per_event: Option<CpuPerEvent>,
+}
+
+/// The stream of the JetStream-only baseline.
+const BASELINE_STREAM: &str = "TALLY_BASELINE";
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuPerEvent {
+    pub this_process: f64,
+    pub nats_server: f64,
+}
+
+/// CPU seconds a process's threads have run so far, from the scheduler's own account in
+/// `/proc/<pid>/task/*/schedstat` (nanoseconds); `None` where that cannot be read.
+/// Threads that have already exited are not counted: none of Tally's or nats-server's
+/// exit during a run.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
+}
+
+/// CPU seconds used so far by this process and by the embedded nats-server.
+#[derive(Clone, Copy)]
+struct CpuMark(Option<(f64, f64)>);
+
+impl CpuMark {
+    fn now(nats: &Nats) -> CpuMark {
+        let server = nats.server.as_ref().and_then(|s| s.pid());
+        CpuMark(cpu_seconds(std::process::id()).zip(server.and_then(cpu_seconds)))
+    }
+
+    fn per_event(self, until: CpuMark, events: u64) -> Option<CpuPerEvent> {
+        let ((t0, n0), (t1, n1)) = self.0.zip(until.0)?;
+        let per = |s: f64| s * 1e6 / events.max(1) as f64;
+        Some(CpuPerEvent {
+            this_process: per(t1 - t0),
+            nats_server: per(n1 - n0),
+        })
+    }
 }
 
 pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::ExitCode> {
@@ -104,15 +151,25 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
     spec.customers = args.customers;
     spec.arrow = args.arrow;
     let (messages, totals) = workload::generate(&spec);
+
+    let (baseline, baseline_cpu) = if args.baseline {
+        // The embedded case gives each run a fresh server of its own, so that neither
+        // inherits the other's streams (memory, duplicate-window maps) or file deletions.
+        let mut own = config.clone();
+        own.data_dir = config.data_dir.join("baseline");
+        let nats = Nats::connect(&own).await?;
+        let mark = CpuMark::now(&nats);
+        let seconds = baseline(&nats, &own, &messages).await?;
+        let cpu = mark.per_event(CpuMark::now(&nats), totals.events_valid);
+        nats.jetstream.delete_stream(BASELINE_STREAM).await.ok();
+        (Some(seconds), cpu)
+    } else {
+        (None, None)
+    };
     let nats = Nats::connect(&config).await?;
 
-    let baseline = if args.baseline {
-        Some(baseline(&nats, &config, &messages).await?)
-    } else {
-        None
-    };
-
     let pipeline = Pipeline::start(&config, &nats, None).await?;
+    let mark = CpuMark::now(&nats);
     let start = Instant::now();
     match args.rate {
         None => {
@@ -137,6 +194,7 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
     )
     .await?;
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = mark.per_event(CpuMark::now(&nats), totals.events_valid);
     let latency = pipeline
         .stats
         .stored_to_durable_ms
@@ -161,6 +219,8 @@ pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::proce
         baseline_seconds: baseline,
         baseline_events_per_sec: baseline.map(|s| totals.events_valid as f64 / s),
         ratio_to_baseline: baseline.map(|s| s / seconds),
+        cpu_us_per_event: cpu,
+        baseline_cpu_us_per_event: baseline_cpu,
     };
     match args.format {
         BenchFormat::Json => println!("{}", serde_json::to_string(&report)?),
@@ -226,7 +286,7 @@ async fn publish_paced(nats: &Nats, messages: &[OutMessage], rate: u64) -> anyho
 async fn baseline(nats: &Nats, config: &Config, messages: &[OutMessage]) -> anyhow::Result<f64> {
     let js = &nats.jetstream;
     let partitions = config.ingest.partitions;
-    let name = "TALLY_BASELINE";
+    let name = BASELINE_STREAM;
     let _ = js.delete_stream(name).await;
     let stream = js
         .create_stream(stream::Config {
@@ -286,7 +346,6 @@ async fn baseline(nats: &Nats, config: &Config, messages: &[OutMessage]) -> anyh
             }
         });
     }
-    let start = Instant::now();
     let renamed: Vec<OutMessage> = messages
         .iter()
         .map(|m| OutMessage {
@@ -294,9 +353,9 @@ async fn baseline(nats: &Nats, config: &Config, messages: &[OutMessage]) -> anyh
             ..m.clone()
         })
         .collect();
+    let start = Instant::now();
     workload::publish(js, &renamed, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await?;
     while tasks.join_next().await.is_some() {}
     let seconds = start.elapsed().as_secs_f64();
-    js.delete_stream(name).await.ok();
     Ok(seconds)
 }

@@ -130,15 +130,24 @@ async fn pull_loop(
     // Redeliveries of what this process already handled are skipped by sequence.
     let mut max_seq = 0u64;
     let flush_age = Duration::from_millis(config.flush_age_ms);
+    // The open batch is sealed when its first message is `flush_age` old, to the tick. One
+    // timer, re-armed once per batch rather than once per message.
+    let timer = tokio::time::sleep(flush_age);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
-        // The open batch is sealed when its first message is `flush_age` old, to the tick.
-        let due = open
-            .opened
-            .map(|t| tokio::time::Instant::from_std(t + flush_age));
+        if armed != open.opened {
+            armed = open.opened;
+            if let Some(t) = armed {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(t + flush_age));
+            }
+        }
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            () = sleep_until_due(due) => seal(&mut open, partition, &mut sink).await?,
+            () = &mut timer, if armed.is_some() => seal(&mut open, partition, &mut sink).await?,
             next = messages.next() => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
@@ -178,14 +187,6 @@ async fn pull_loop(
     seal(&mut open, partition, &mut sink).await
 }
 
-/// Sleeps until `due`, or forever when there is no open batch.
-async fn sleep_until_due(due: Option<tokio::time::Instant>) {
-    match due {
-        Some(due) => tokio::time::sleep_until(due).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Decodes one message (CloudEvents JSON, or Arrow IPC when its `Content-Type` says so)
 /// into rows and dead letters.
 #[allow(clippy::too_many_arguments)]
@@ -210,11 +211,7 @@ async fn handle(
         valid: 0,
         duplicates: 0,
     };
-    let is_arrow = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(CONTENT_TYPE_HEADER))
-        .is_some_and(|v| v.as_str() == ARROW_CONTENT_TYPE);
+    let is_arrow = header(message, CONTENT_TYPE_HEADER) == Some(ARROW_CONTENT_TYPE);
     let mut refused: Vec<(Option<usize>, Bytes, Invalid)> = Vec::new();
     if is_arrow {
         match Columnar::decode(payload, limits) {
@@ -257,6 +254,17 @@ async fn handle(
         stats.dead_letters.fetch_add(1, Relaxed);
     }
     Ok(())
+}
+
+/// A header's first value. A message has a header or two: a scan beats building a
+/// `HeaderName` and hashing it, which `HeaderMap::get` does for every call.
+fn header<'m>(message: &'m async_nats::Message, name: &str) -> Option<&'m str> {
+    let (_, values) = message
+        .headers
+        .as_ref()?
+        .iter()
+        .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))?;
+    values.first().map(|v| v.as_str())
 }
 
 /// What every event of one message shares on its way into the open batch.

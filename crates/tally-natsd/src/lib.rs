@@ -127,6 +127,11 @@ impl NatsServer {
         &self.options.data_dir
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the server (SIGKILL) and waits for it to exit. The data directory stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
