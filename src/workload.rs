@@ -224,29 +224,40 @@ fn malformed(kind: usize, id: &str, customer: &str, time: &str) -> String {
 }
 
 /// Generates the workload's messages and the totals the pipeline must reproduce.
+/// Draws `0..n` with weight `1 / (k + 1)^s`: a few large ones, a long tail.
+pub struct PowerLaw(Vec<f64>);
+
+impl PowerLaw {
+    pub fn new(n: usize, s: f64) -> Self {
+        let mut acc = 0.0;
+        Self(
+            (0..n.max(1))
+                .map(|k| {
+                    acc += 1.0 / ((k + 1) as f64).powf(s);
+                    acc
+                })
+                .collect(),
+        )
+    }
+
+    pub fn pick(&self, rng: &mut SmallRng) -> usize {
+        let total = self.0[self.0.len() - 1];
+        let x = rng.random::<f64>() * total;
+        self.0.partition_point(|w| *w < x).min(self.0.len() - 1)
+    }
+}
+
 pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
     let mut rng = SmallRng::seed_from_u64(spec.seed);
     let customers: Vec<String> = (0..spec.customers.max(1))
         .map(|i| format!("cust-{i:05}"))
         .collect();
     // Customer sizes follow a power law: a few large customers, a long tail.
-    let cumulative = |n: usize, s: f64| {
-        let mut acc = 0.0;
-        (0..n)
-            .map(|k| {
-                acc += 1.0 / ((k + 1) as f64).powf(s);
-                acc
-            })
-            .collect::<Vec<f64>>()
-    };
-    let customer_weights = cumulative(customers.len(), 0.9);
+    let customer_weights = PowerLaw::new(customers.len(), 0.9);
     let nfeatures = (spec.features as usize).clamp(1, FEATURES.len());
-    let feature_weights = cumulative(nfeatures, 1.1);
+    let feature_weights = PowerLaw::new(nfeatures, 1.1);
     let nregions = (spec.regions as usize).clamp(1, REGIONS.len());
-    let pick = |rng: &mut SmallRng, weights: &[f64]| {
-        let x = rng.random::<f64>() * weights[weights.len() - 1];
-        weights.partition_point(|w| *w < x).min(weights.len() - 1)
-    };
+    let pick = |rng: &mut SmallRng, weights: &PowerLaw| weights.pick(rng);
 
     let start = spec
         .start

@@ -23,11 +23,14 @@ pub enum Decision {
     UnknownCustomer,
     /// A new distinct user beyond the customer's seats.
     SeatLimit,
+    /// Older than the open usage period of its counter: stored, not counted, and billed
+    /// apart from the period's lines.
+    Late,
 }
 
 impl Decision {
     /// Every decision, in a stable order.
-    pub const ALL: [Decision; 8] = [
+    pub const ALL: [Decision; 9] = [
         Decision::Accepted,
         Decision::Overage,
         Decision::LimitReached,
@@ -36,6 +39,7 @@ impl Decision {
         Decision::RegionBlocked,
         Decision::UnknownCustomer,
         Decision::SeatLimit,
+        Decision::Late,
     ];
 
     /// The name stored in the lake and used in queries.
@@ -49,6 +53,7 @@ impl Decision {
             Decision::RegionBlocked => "region_blocked",
             Decision::UnknownCustomer => "unknown_customer",
             Decision::SeatLimit => "seat_limit",
+            Decision::Late => "late",
         }
     }
 

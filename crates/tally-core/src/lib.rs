@@ -3,12 +3,16 @@
 //! A usage event arrives as CloudEvents 1.0 structured JSON ([`event`]), is decided
 //! ([`Decision`]) and lands in the lake as one row of [`schema::lake_schema`]. The NATS
 //! names every component agrees on (streams, subjects, the customer-token rule) live in
-//! [`subject`], and the batch a worker hands to the lake in [`batch`].
+//! [`subject`], and the batch a worker hands to the lake in [`batch`]. What customers
+//! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], usage periods and the
+//! injected clock in [`period`].
 
 pub mod batch;
 pub mod columnar;
 pub mod decision;
+pub mod entitlement;
 pub mod event;
+pub mod period;
 pub mod schema;
 pub mod subject;
 

@@ -1,5 +1,6 @@
 //! `tally bench ingest`: end-to-end events/s and publish-to-durable latency, with an
-//! optional JetStream-only baseline measured in the same run.
+//! optional JetStream-only baseline measured in the same run. `tally bench quota`: the
+//! quota engine alone ([`quota`]).
 //!
 //! Messages are generated before the clock starts. The clock runs from the first publish
 //! to the moment every partition consumer has nothing pending and nothing unacknowledged
@@ -24,12 +25,18 @@ use crate::demo::wait_drained;
 use crate::pipeline::{Nats, Pipeline};
 use crate::workload::{self, OutMessage, Spec};
 
+pub mod quota;
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// End-to-end ingest: publish → decode → Parquet → durable ack.
     ///
-    /// Example: tally bench ingest --events 1000000 --batch 100 --baseline --format json
+    /// Example: tally bench ingest --events 3000000 --batch 100 --baseline --format json
     Ingest(IngestBench),
+    /// The quota engine alone: decisions/s on one core, bytes per counter.
+    ///
+    /// Example: tally bench quota --customers 100000 --features 20 --format json
+    Quota(quota::QuotaBench),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -40,7 +47,9 @@ pub enum BenchFormat {
 
 #[derive(Args)]
 pub struct IngestBench {
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Events to send. With 16 partitions, fewer than 3,000,000 leave each partition less
+    /// than one flush, so the run measures the flush deadline more than throughput.
+    #[arg(long, default_value_t = 3_000_000)]
     events: u64,
     /// Events per message.
     #[arg(long, default_value_t = 100)]
@@ -132,8 +141,14 @@ impl CpuMark {
     }
 }
 
-pub async fn run(mut config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::ExitCode> {
-    let BenchCmd::Ingest(args) = cmd;
+pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        BenchCmd::Ingest(args) => ingest(config, args).await,
+        BenchCmd::Quota(args) => tokio::task::spawn_blocking(move || quota::run(args)).await?,
+    }
+}
+
+async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::process::ExitCode> {
     let temp = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
     if config.nats_url.is_none() {
         config.data_dir = temp.path().to_owned();

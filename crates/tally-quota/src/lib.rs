@@ -1,0 +1,523 @@
+//! The quota engine: decides every usage event against the customer's entitlement, held
+//! in memory, and says when a notification is due.
+//!
+//! Synchronous and free of I/O: the ingest worker owns one [`Engine`] for the customers of
+//! its partitions, feeds it the definitions it reads from the key-value buckets, and asks
+//! it for a [`Decision`] per event. The rules, in the order they apply:
+//!
+//! 1. No entitlement for the customer: `unknown_customer`.
+//! 2. Suspended, or the event's time outside `[valid_from, valid_until)`: `expired`.
+//! 3. A geo-fence that does not list the event's region (or an event without one):
+//!    `region_blocked`.
+//! 4. A feature that neither the plan nor an add-on turns on: `not_entitled`.
+//! 5. A new distinct user beyond the seats (of the feature, or of the whole plan):
+//!    `seat_limit`. A user holds a seat once one of their events is counted.
+//! 6. Boolean and static features: `accepted`, never counted.
+//! 7. Metered features count per usage period (the event's time decides the period). An
+//!    event older than the counter's open period is `late`: stored, not counted. The
+//!    period's limit is used first, then grants in priority order (lowest first), then
+//!    earliest expiry. An event that fits is `accepted`; one that does not is refused
+//!    whole under a hard limit (`limit_reached`) and counted as `overage` under a soft one.
+//!
+//! Crossing a threshold percentage of the limit, the first refusal of a period, and a grant
+//! running dry each yield one [`Notice`] per period. Which were sent is kept with the
+//! counter, so a check or a repeated definition never sends one twice.
+
+mod account;
+
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use tally_core::Decision;
+use tally_core::entitlement::{AddOn, Customer, Plan};
+
+use account::{Account, Compiled, Shared};
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+/// One usage event as the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage<'a> {
+    pub customer: &'a str,
+    pub feature: &'a str,
+    pub quantity: f64,
+    /// When the usage happened, in microseconds since the Unix epoch.
+    pub time: i64,
+    pub region: Option<&'a str>,
+    pub user: Option<&'a str>,
+}
+
+/// A notification the worker publishes (subject `tally.notify.<kind>.<customer>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub kind: NoticeKind,
+    pub customer: String,
+    pub feature: String,
+    pub plan: String,
+    /// Quantity counted in the period so far, overage and grants included.
+    pub usage: f64,
+    /// The period's limit (before grants).
+    pub limit: f64,
+    /// `usage` as a percentage of `limit`.
+    pub percent: f64,
+    pub period_start: i64,
+    pub period_end: i64,
+    /// The plan that would lift the limit.
+    pub next_plan: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// Usage reached this percentage of the limit.
+    Threshold(u32),
+    /// The first event of the period refused by a hard limit.
+    LimitReached,
+    /// A grant (by id) has nothing left.
+    GrantExhausted(String),
+}
+
+impl NoticeKind {
+    /// The subject token: `threshold`, `limit_reached`, `grant_exhausted`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NoticeKind::Threshold(_) => "threshold",
+            NoticeKind::LimitReached => "limit_reached",
+            NoticeKind::GrantExhausted(_) => "grant_exhausted",
+        }
+    }
+}
+
+/// What a check reports about one feature, without recording anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// The decision an event of the asked quantity would get now.
+    pub decision: Decision,
+    /// Quantity counted in the open period.
+    pub usage: f64,
+    /// The period's limit; `None`: unlimited or not metered.
+    pub limit: Option<f64>,
+    /// What is left of the limit and the usable grants; `None`: unlimited or not metered.
+    pub remaining: Option<f64>,
+    /// When the open period ends (microseconds since the epoch).
+    pub resets_at: Option<i64>,
+    /// A static feature's value.
+    pub value: Option<serde_json::Value>,
+}
+
+/// The definitions and counters of the customers one worker owns.
+#[derive(Default)]
+pub struct Engine {
+    plans: Map<String, Arc<Plan>>,
+    addons: Map<String, Arc<AddOn>>,
+    /// By the 128-bit XXH3 hash of the customer id: the lookup compares 16 bytes in the
+    /// table instead of following a pointer to a string (a collision between two ids is as
+    /// unlikely as between two random UUIDs).
+    accounts: Map<u128, Account>,
+    /// Feature names as small integers, so that an account finds its feature by number.
+    features: Map<Box<str>, u32>,
+    feature_names: Vec<Box<str>>,
+    shared: Shared,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("plans", &self.plans.len())
+            .field("addons", &self.addons.len())
+            .field("customers", &self.accounts.len())
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a plan; its customers are decided against it from the next event.
+    pub fn upsert_plan(&mut self, plan: Plan) {
+        let id = plan.id.clone();
+        self.plans.insert(id.clone(), Arc::new(plan));
+        self.recompile(|c| c.plan == id);
+    }
+
+    /// Removes a plan: its customers are entitled to nothing until it returns.
+    pub fn remove_plan(&mut self, id: &str) {
+        self.plans.remove(id);
+        self.recompile(|c| c.plan == id);
+    }
+
+    pub fn upsert_addon(&mut self, addon: AddOn) {
+        let id = addon.id.clone();
+        self.addons.insert(id.clone(), Arc::new(addon));
+        self.recompile(|c| c.addons.iter().any(|a| a.id == id));
+    }
+
+    pub fn remove_addon(&mut self, id: &str) {
+        self.addons.remove(id);
+        self.recompile(|c| c.addons.iter().any(|a| a.id == id));
+    }
+
+    /// Adds or replaces a customer. Counters, seats and grant balances carry over, so an
+    /// upgrade or a downgrade decides the next event against the new limits and undoes
+    /// nothing already counted.
+    pub fn upsert_customer(&mut self, customer: Customer) {
+        let old = self.accounts.remove(&customer_key(&customer.id));
+        let account = self.compile(Arc::new(customer), old);
+        self.accounts
+            .insert(customer_key(&account.customer.id), account);
+    }
+
+    pub fn remove_customer(&mut self, id: &str) {
+        self.accounts.remove(&customer_key(id));
+    }
+
+    /// The definition a customer is decided against.
+    pub fn customer(&self, id: &str) -> Option<&Customer> {
+        self.accounts.get(&customer_key(id)).map(|a| &*a.customer)
+    }
+
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.get(id).map(|p| &**p)
+    }
+
+    /// Customers known.
+    pub fn customers(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Customer × feature counters held (those of features a customer no longer has
+    /// included: they keep what the period counted).
+    pub fn counters(&self) -> usize {
+        self.accounts.values().map(|a| a.slots.len()).sum()
+    }
+
+    /// Decides one event and records it: counters, seats and grants move, and any
+    /// notification that falls due is appended to `notices`.
+    pub fn decide(&mut self, usage: &Usage<'_>, notices: &mut Vec<Notice>) -> Decision {
+        let Some(account) = self.accounts.get_mut(&customer_key(usage.customer)) else {
+            return Decision::UnknownCustomer;
+        };
+        let slot = self.features.get(usage.feature).copied();
+        account.decide(usage, slot, self.feature_names.as_slice(), Some(notices))
+    }
+
+    /// What an event of `usage.quantity` would get now, and the feature's balance,
+    /// recording nothing.
+    pub fn check(&mut self, usage: &Usage<'_>) -> Check {
+        let Some(account) = self.accounts.get_mut(&customer_key(usage.customer)) else {
+            return Check::refused(Decision::UnknownCustomer);
+        };
+        let slot = self.features.get(usage.feature).copied();
+        let decision = account.decide(usage, slot, self.feature_names.as_slice(), None);
+        account.balance(usage, slot, decision)
+    }
+
+    fn recompile(&mut self, affected: impl Fn(&Customer) -> bool) {
+        let ids: Vec<u128> = self
+            .accounts
+            .iter()
+            .filter(|(_, a)| affected(&a.customer))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(old) = self.accounts.remove(&id) {
+                let customer = old.customer.clone();
+                let account = self.compile(customer, Some(old));
+                self.accounts.insert(id, account);
+            }
+        }
+    }
+
+    fn compile(&mut self, customer: Arc<Customer>, old: Option<Account>) -> Account {
+        let plan = self.plans.get(&customer.plan).cloned();
+        let addons: Vec<(Arc<AddOn>, u32)> = customer
+            .addons
+            .iter()
+            .filter_map(|r| self.addons.get(&r.id).map(|a| (a.clone(), r.quantity)))
+            .collect();
+        let compiled = Compiled::new(&customer, plan.as_deref(), &addons, &mut self.shared);
+        let features = &mut self.features;
+        let names = &mut self.feature_names;
+        let mut intern = |name: &str| -> u32 {
+            if let Some(&id) = features.get(name) {
+                return id;
+            }
+            let id = u32::try_from(names.len()).unwrap_or(u32::MAX);
+            features.insert(name.into(), id);
+            names.push(name.into());
+            id
+        };
+        Account::build(customer, compiled, &mut intern, old)
+    }
+}
+
+impl Check {
+    fn refused(decision: Decision) -> Check {
+        Check {
+            decision,
+            usage: 0.0,
+            limit: None,
+            remaining: None,
+            resets_at: None,
+            value: None,
+        }
+    }
+}
+
+fn customer_key(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
+
+/// A 64-bit key for a user id in a seat set.
+fn user_key(user: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(user.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::{DateTime, Utc};
+    use tally_core::entitlement::{Enforcement, Entitlement, Grant, Metered, UsagePeriod};
+
+    use super::*;
+
+    fn at(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros()
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    fn metered(limit: f64, enforcement: Enforcement) -> Entitlement {
+        let mut m = Metered::new(Some(limit));
+        m.enforcement = enforcement;
+        m.next_plan = Some("pro".to_owned());
+        Entitlement::Metered(m)
+    }
+
+    fn plan(id: &str, features: &[(&str, Entitlement)]) -> Plan {
+        Plan {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            features: features
+                .iter()
+                .map(|(f, e)| ((*f).to_owned(), e.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            seats: None,
+        }
+    }
+
+    fn engine(features: &[(&str, Entitlement)]) -> Engine {
+        let mut e = Engine::new();
+        e.upsert_plan(plan("free", features));
+        e.upsert_customer(Customer::new("acme", "free"));
+        e
+    }
+
+    fn usage<'a>(feature: &'a str, quantity: f64, time: &str) -> Usage<'a> {
+        Usage {
+            customer: "acme",
+            feature,
+            quantity,
+            time: at(time),
+            region: None,
+            user: None,
+        }
+    }
+
+    fn use_(e: &mut Engine, feature: &str, quantity: f64, time: &str) -> (Decision, Vec<Notice>) {
+        let mut notices = Vec::new();
+        (
+            e.decide(&usage(feature, quantity, time), &mut notices),
+            notices,
+        )
+    }
+
+    #[test]
+    fn a_hard_limit_refuses_the_event_that_would_cross_it_whole() {
+        let mut e = engine(&[("calls", metered(10.0, Enforcement::Hard))]);
+        assert_eq!(
+            use_(&mut e, "calls", 7.0, "2026-11-02T00:00:00Z").0,
+            Decision::Accepted
+        );
+        let (d, notices) = use_(&mut e, "calls", 4.0, "2026-11-02T01:00:00Z");
+        assert_eq!(d, Decision::LimitReached);
+        assert_eq!(notices[0].kind, NoticeKind::LimitReached);
+        assert_eq!((notices[0].usage, notices[0].limit), (7.0, 10.0));
+        assert_eq!(notices[0].next_plan.as_deref(), Some("pro"));
+        // Nothing of the refused event was counted: 3 still fit, once.
+        assert_eq!(
+            use_(&mut e, "calls", 3.0, "2026-11-02T02:00:00Z").0,
+            Decision::Accepted
+        );
+        let (d, notices) = use_(&mut e, "calls", 1.0, "2026-11-02T03:00:00Z");
+        assert_eq!((d, notices.len()), (Decision::LimitReached, 0));
+        // The next month starts empty.
+        assert_eq!(
+            use_(&mut e, "calls", 10.0, "2026-12-01T00:00:00Z").0,
+            Decision::Accepted
+        );
+    }
+
+    #[test]
+    fn a_soft_limit_counts_overage_and_thresholds_notify_once_per_period() {
+        let mut e = engine(&[("calls", metered(10.0, Enforcement::Soft))]);
+        let (d, n) = use_(&mut e, "calls", 8.0, "2026-11-02T00:00:00Z");
+        assert_eq!(d, Decision::Accepted);
+        assert_eq!(
+            n.iter().map(|n| n.kind.clone()).collect::<Vec<_>>(),
+            [NoticeKind::Threshold(80)]
+        );
+        assert_eq!(n[0].period_start, at("2026-11-01T00:00:00Z"));
+        assert_eq!(n[0].period_end, at("2026-12-01T00:00:00Z"));
+        let (d, n) = use_(&mut e, "calls", 5.0, "2026-11-03T00:00:00Z");
+        assert_eq!(d, Decision::Overage);
+        assert_eq!(n[0].kind, NoticeKind::Threshold(100));
+        assert_eq!(n[0].percent, 130.0);
+        let (d, n) = use_(&mut e, "calls", 5.0, "2026-11-04T00:00:00Z");
+        assert_eq!((d, n.len()), (Decision::Overage, 0));
+    }
+
+    #[test]
+    fn grants_burn_after_the_limit_by_priority_then_expiry_and_expire_whole() {
+        let mut e = engine(&[("calls", metered(10.0, Enforcement::Hard))]);
+        let grant = |id: &str, amount, priority, expires: Option<&str>| Grant {
+            id: id.to_owned(),
+            feature: "calls".to_owned(),
+            amount,
+            effective: utc("2026-11-01T00:00:00Z"),
+            expires: expires.map(utc),
+            priority,
+            recurring: None,
+        };
+        let mut acme = Customer::new("acme", "free");
+        acme.grants = vec![
+            grant("late-expiry", 5.0, 1, Some("2026-11-20T00:00:00Z")),
+            grant("low-priority", 5.0, 2, None),
+            grant("early-expiry", 5.0, 1, Some("2026-11-10T00:00:00Z")),
+        ];
+        e.upsert_customer(acme);
+        // 10 from the limit, then 3 from the priority-1 grant that expires first.
+        assert_eq!(
+            use_(&mut e, "calls", 13.0, "2026-11-05T00:00:00Z").0,
+            Decision::Accepted
+        );
+        let check = |e: &mut Engine, time| e.check(&usage("calls", 1.0, time));
+        assert_eq!(check(&mut e, "2026-11-05T00:00:00Z").remaining, Some(12.0));
+        // After the early grant expires its last 2 are gone: 5 + 5 are left.
+        assert_eq!(check(&mut e, "2026-11-12T00:00:00Z").remaining, Some(10.0));
+        let (d, n) = use_(&mut e, "calls", 6.0, "2026-11-12T00:00:00Z");
+        assert_eq!(d, Decision::Accepted);
+        assert_eq!(
+            n[0].kind,
+            NoticeKind::GrantExhausted("late-expiry".to_owned())
+        );
+        assert_eq!(check(&mut e, "2026-11-12T00:00:00Z").remaining, Some(4.0));
+    }
+
+    #[test]
+    fn an_upgrade_applies_to_the_next_event_and_a_downgrade_undoes_nothing() {
+        let mut e = engine(&[("calls", metered(10.0, Enforcement::Hard))]);
+        e.upsert_plan(plan("pro", &[("calls", metered(100.0, Enforcement::Hard))]));
+        assert_eq!(
+            use_(&mut e, "calls", 10.0, "2026-11-02T00:00:00Z").0,
+            Decision::Accepted
+        );
+        assert_eq!(
+            use_(&mut e, "calls", 1.0, "2026-11-02T00:01:00Z").0,
+            Decision::LimitReached
+        );
+        e.upsert_customer(Customer::new("acme", "pro"));
+        assert_eq!(
+            use_(&mut e, "calls", 80.0, "2026-11-02T00:02:00Z").0,
+            Decision::Accepted
+        );
+        // Back on free with 90 counted: refused, and the usage stays.
+        e.upsert_customer(Customer::new("acme", "free"));
+        assert_eq!(
+            use_(&mut e, "calls", 1.0, "2026-11-02T00:03:00Z").0,
+            Decision::LimitReached
+        );
+        let balance = e.check(&usage("calls", 1.0, "2026-11-02T00:04:00Z"));
+        assert_eq!((balance.usage, balance.remaining), (90.0, Some(0.0)));
+        assert_eq!(balance.resets_at, Some(at("2026-12-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn seats_validity_regions_and_unknown_customers() {
+        let mut e = engine(&[("export", Entitlement::Boolean { enabled: true })]);
+        let mut acme = Customer::new("acme", "free");
+        acme.seats = Some(2);
+        acme.regions = vec!["eu".to_owned()];
+        acme.valid_until = Some(utc("2026-12-01T00:00:00Z"));
+        e.upsert_customer(acme);
+        let mut decide = |customer, user, region, time| {
+            e.decide(
+                &Usage {
+                    customer,
+                    feature: "export",
+                    quantity: 1.0,
+                    time: at(time),
+                    region,
+                    user,
+                },
+                &mut Vec::new(),
+            )
+        };
+        let t = "2026-11-02T00:00:00Z";
+        assert_eq!(
+            decide("acme", Some("u1"), Some("eu"), t),
+            Decision::Accepted
+        );
+        assert_eq!(
+            decide("acme", Some("u2"), Some("eu"), t),
+            Decision::Accepted
+        );
+        assert_eq!(
+            decide("acme", Some("u3"), Some("eu"), t),
+            Decision::SeatLimit
+        );
+        assert_eq!(
+            decide("acme", Some("u1"), Some("eu"), t),
+            Decision::Accepted
+        );
+        assert_eq!(decide("acme", None, Some("us"), t), Decision::RegionBlocked);
+        assert_eq!(decide("acme", None, None, t), Decision::RegionBlocked);
+        assert_eq!(
+            decide("acme", None, Some("eu"), "2026-12-01T00:00:00Z"),
+            Decision::Expired
+        );
+        assert_eq!(decide("globex", None, None, t), Decision::UnknownCustomer);
+    }
+
+    #[test]
+    fn billing_anchored_periods_and_late_events() {
+        let mut m = Metered::new(Some(5.0));
+        m.period = UsagePeriod::Billing;
+        let mut e = engine(&[("calls", Entitlement::Metered(m))]);
+        let mut acme = Customer::new("acme", "free");
+        acme.anchor_day = 15;
+        e.upsert_customer(acme);
+        assert_eq!(
+            use_(&mut e, "calls", 5.0, "2026-11-14T23:00:00Z").0,
+            Decision::Accepted
+        );
+        assert_eq!(
+            use_(&mut e, "calls", 5.0, "2026-11-15T00:00:00Z").0,
+            Decision::Accepted
+        );
+        // The previous period is closed for this counter.
+        assert_eq!(
+            use_(&mut e, "calls", 1.0, "2026-11-14T23:30:00Z").0,
+            Decision::Late
+        );
+        assert_eq!(
+            use_(&mut e, "storage", 1.0, "2026-11-15T00:00:00Z").0,
+            Decision::NotEntitled
+        );
+    }
+}
