@@ -13,79 +13,85 @@ use tally_core::period::bounds;
 use crate::{Check, Map, Notice, NoticeKind, Usage, user_key};
 
 /// The bit of `Counter::notified` that records the period's first refusal.
-const LIMIT_BIT: u64 = 1 << 63;
+const LIMIT_BIT: u32 = 1 << 31;
 
-/// A feature's rule for one customer: the plan's entitlement with the add-ons applied.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Rule {
+/// A feature's entitlement as a plan or an add-on defines it, shared by every customer
+/// who has it (a customer's own limit, with add-ons, is in its slot).
+#[derive(Debug, PartialEq)]
+pub(crate) enum Def {
     Off,
     On,
-    Static(Arc<serde_json::Value>),
+    Static(serde_json::Value),
     Metered(Metered),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub(crate) struct Metered {
-    /// `f64::INFINITY`: unlimited.
-    limit: f64,
     period: UsagePeriod,
     hard: bool,
-    /// Ascending; shared by every customer of the plan.
-    thresholds: Arc<[u32]>,
-    next_plan: Option<Arc<str>>,
+    /// Ascending, at most 31.
+    thresholds: Box<[u32]>,
+    next_plan: Option<Box<str>>,
     seats: Option<u32>,
 }
 
-/// Shares what many customers' rules hold alike, so that a counter stays small.
-#[derive(Default)]
+/// The definitions many customers share, so that a counter stays one cache line.
 pub(crate) struct Shared {
-    thresholds: Map<Vec<u32>, Arc<[u32]>>,
-    names: Map<Box<str>, Arc<str>>,
+    defs: Map<String, Arc<Def>>,
+    /// The definition of a feature a customer no longer has.
+    off: Arc<Def>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            defs: Map::default(),
+            off: Arc::new(Def::Off),
+        }
+    }
 }
 
 impl Shared {
-    fn thresholds(&mut self, list: &[u32]) -> Arc<[u32]> {
-        let mut list = list.to_vec();
-        list.sort_unstable();
-        list.dedup();
-        if let Some(t) = self.thresholds.get(&list) {
-            return t.clone();
+    /// The shared definition of an entitlement, and its limit (`f64::INFINITY`:
+    /// unlimited or not metered).
+    fn def(&mut self, entitlement: &Entitlement) -> (Arc<Def>, f64) {
+        let limit = match entitlement {
+            Entitlement::Metered(m) => m.limit.unwrap_or(f64::INFINITY),
+            _ => f64::INFINITY,
+        };
+        let key = serde_json::to_string(entitlement).unwrap_or_default();
+        if let Some(d) = self.defs.get(&key) {
+            return (d.clone(), limit);
         }
-        let shared: Arc<[u32]> = list.clone().into();
-        self.thresholds.insert(list, shared.clone());
-        shared
-    }
-
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(name) {
-            return n.clone();
-        }
-        let shared: Arc<str> = name.into();
-        self.names.insert(name.into(), shared.clone());
-        shared
-    }
-
-    fn rule(&mut self, entitlement: &Entitlement) -> Rule {
-        match entitlement {
-            Entitlement::Boolean { enabled: true } => Rule::On,
-            Entitlement::Boolean { enabled: false } => Rule::Off,
-            Entitlement::Static { value } => Rule::Static(Arc::new(value.clone())),
-            Entitlement::Metered(m) => Rule::Metered(Metered {
-                limit: m.limit.unwrap_or(f64::INFINITY),
-                period: m.period,
-                hard: m.enforcement == Enforcement::Hard,
-                thresholds: self.thresholds(&m.thresholds),
-                next_plan: m.next_plan.as_deref().map(|p| self.name(p)),
-                seats: m.seats,
-            }),
-        }
+        let def = Arc::new(match entitlement {
+            Entitlement::Boolean { enabled: true } => Def::On,
+            Entitlement::Boolean { enabled: false } => Def::Off,
+            Entitlement::Static { value } => Def::Static(value.clone()),
+            Entitlement::Metered(m) => {
+                let mut thresholds = m.thresholds.clone();
+                thresholds.sort_unstable();
+                thresholds.dedup();
+                thresholds.truncate(31);
+                Def::Metered(Metered {
+                    period: m.period,
+                    hard: m.enforcement == Enforcement::Hard,
+                    thresholds: thresholds.into(),
+                    next_plan: m.next_plan.as_deref().map(Into::into),
+                    seats: m.seats,
+                })
+            }
+        });
+        self.defs.insert(key, def.clone());
+        (def, limit)
     }
 }
 
 /// A customer's features and seats, from the plan and the add-ons.
 pub(crate) struct Compiled {
-    features: BTreeMap<String, Rule>,
+    /// Each feature's definition and the customer's limit.
+    features: BTreeMap<String, (Arc<Def>, f64)>,
     seats: Option<u32>,
+    off: Arc<Def>,
 }
 
 impl Compiled {
@@ -97,34 +103,42 @@ impl Compiled {
         addons: &[(Arc<AddOn>, u32)],
         shared: &mut Shared,
     ) -> Compiled {
+        let off = shared.off.clone();
         let Some(plan) = plan else {
             return Compiled {
                 features: BTreeMap::new(),
                 seats: None,
+                off,
             };
         };
-        let mut features: BTreeMap<String, Rule> = plan
+        let mut features: BTreeMap<String, (Arc<Def>, f64)> = plan
             .features
             .iter()
-            .map(|(name, e)| (name.clone(), shared.rule(e)))
+            .map(|(name, e)| (name.clone(), shared.def(e)))
             .collect();
         for (addon, _) in addons {
             for (name, e) in &addon.features {
-                features.insert(name.clone(), shared.rule(e));
+                features.insert(name.clone(), shared.def(e));
             }
         }
         let mut seats = customer.seats.or(plan.seats);
         for (addon, units) in addons {
             for (name, extra) in &addon.extra {
-                if let Some(Rule::Metered(m)) = features.get_mut(name) {
-                    m.limit += extra * f64::from(*units);
+                if let Some((def, limit)) = features.get_mut(name)
+                    && matches!(**def, Def::Metered(_))
+                {
+                    *limit += extra * f64::from(*units);
                 }
             }
             if let (Some(s), Some(more)) = (seats.as_mut(), addon.seats) {
                 *s = s.saturating_add(more.saturating_mul(*units));
             }
         }
-        Compiled { features, seats }
+        Compiled {
+            features,
+            seats,
+            off,
+        }
     }
 }
 
@@ -138,7 +152,7 @@ struct Counter {
     /// The part counted against the period's limit.
     base: f64,
     /// Bit i: threshold i was notified; `LIMIT_BIT`: the first refusal was.
-    notified: u64,
+    notified: u32,
 }
 
 impl Counter {
@@ -263,33 +277,43 @@ impl Seats {
     }
 }
 
-/// One customer × feature: the rule, the counter, the grants and the feature's seats.
+/// One customer × feature: the counter, the customer's limit, the shared definition and
+/// the feature's seats, in one cache line (64 bytes).
+///
+/// A feature the plan no longer has keeps its slot, with what it counted and the `Off`
+/// definition, so that a downgrade and an upgrade back within a period reset nothing.
+#[repr(align(64))]
 pub(crate) struct Slot {
-    pub(crate) feature: u32,
-    /// False once the plan no longer has the feature: the slot stays, with what it
-    /// counted, so that a downgrade and an upgrade back within a period reset nothing.
-    entitled: bool,
-    rule: Rule,
     counter: Counter,
+    /// The period's limit with add-ons; `f64::INFINITY`: unlimited.
+    limit: f64,
+    def: Arc<Def>,
     seats: Option<Box<Seats>>,
 }
 
+/// The fields every decision reads come first, so that they share the cache line of the
+/// key in the account table.
+#[repr(C)]
 pub(crate) struct Account {
-    pub(crate) customer: Arc<Customer>,
+    /// Bit f: the slot of feature number f < 64 is here; the slot's index is the number
+    /// of bits below it. Most catalogues have fewer than 64 features, and then finding a
+    /// slot reads nothing but the account itself.
+    present: u64,
     valid_from: i64,
     valid_until: i64,
-    suspended: bool,
-    regions: Box<[Box<str>]>,
-    anchor: u8,
-    /// The feature number of each slot, sorted: the search reads one or two cache lines
-    /// instead of a line per probed slot.
-    keys: Box<[u32]>,
     /// In the order of `keys`.
-    pub(crate) slots: Vec<Slot>,
+    pub(crate) slots: Box<[Slot]>,
+    suspended: bool,
+    anchor: u8,
+    regions: Box<[Box<str>]>,
     seats: Option<Box<Seats>>,
     /// Every grant of the customer's definition, with its balance (a grant keeps it while
-    /// its feature is not in the plan, and loses it when the definition drops the grant).
+    /// its feature is not in the plan, and loses it when the definition drops the grant),
+    /// by feature in burn order.
     grants: Box<[GrantState]>,
+    /// The feature number of each slot, sorted (searched for feature numbers past 63).
+    keys: Box<[u32]>,
+    pub(crate) customer: Arc<Customer>,
 }
 
 impl Account {
@@ -302,32 +326,33 @@ impl Account {
         old: Option<Account>,
     ) -> Account {
         let anchor = customer.anchor_day.clamp(1, 31);
-        let mut slots: Vec<Slot> = compiled
+        let mut slots: Vec<(u32, Slot)> = compiled
             .features
             .into_iter()
-            .map(|(name, rule)| {
-                let seats = match &rule {
-                    Rule::Metered(m) => m.seats.map(|n| Box::new(Seats::new(n, m.period))),
+            .map(|(name, (def, limit))| {
+                let seats = match &*def {
+                    Def::Metered(m) => m.seats.map(|n| Box::new(Seats::new(n, m.period))),
                     _ => None,
                 };
-                Slot {
-                    feature: intern(&name),
-                    entitled: true,
-                    rule,
+                let slot = Slot {
                     counter: Counter::EMPTY,
+                    limit,
+                    def,
                     seats,
-                }
+                };
+                (intern(&name), slot)
             })
             .collect();
-        slots.sort_unstable_by_key(|s| s.feature);
         let mut seats = compiled
             .seats
             .map(|n| Box::new(Seats::new(n, UsagePeriod::Billing)));
-        let mut grants: Box<[GrantState]> = customer
+        let mut grants: Vec<GrantState> = customer
             .grants
             .iter()
             .map(|g| GrantState::new(g, intern(&g.feature)))
             .collect();
+        // Burn order: priority, then earliest expiry, then as defined.
+        grants.sort_by_key(|g| (g.feature, g.priority, g.expires));
         if let Some(old) = old {
             for g in grants.iter_mut() {
                 if let Some(o) = old.grants.iter().find(|o| o.same_terms(g)) {
@@ -337,24 +362,28 @@ impl Account {
                 }
             }
             let mut before: Map<u32, Slot> =
-                old.slots.into_iter().map(|s| (s.feature, s)).collect();
-            for slot in &mut slots {
-                if let Some(o) = before.remove(&slot.feature) {
+                old.keys.iter().copied().zip(old.slots.into_vec()).collect();
+            for (feature, slot) in &mut slots {
+                if let Some(o) = before.remove(feature) {
                     slot.carry(o, anchor);
                 }
             }
-            slots.extend(before.into_values().map(|o| Slot {
-                entitled: false,
-                seats: None,
-                ..o
+            slots.extend(before.into_iter().map(|(feature, o)| {
+                let dormant = Slot {
+                    def: compiled.off.clone(),
+                    seats: None,
+                    ..o
+                };
+                (feature, dormant)
             }));
-            slots.sort_unstable_by_key(|s| s.feature);
             if let (Some(new), Some(old)) = (seats.as_mut(), old.seats) {
                 new.start = old.start;
                 new.end = old.end;
                 new.users = old.users;
             }
         }
+        slots.sort_unstable_by_key(|(feature, _)| *feature);
+        let (keys, slots): (Vec<u32>, Vec<Slot>) = slots.into_iter().unzip();
         Account {
             valid_from: customer
                 .valid_from
@@ -365,16 +394,27 @@ impl Account {
             suspended: customer.status == Status::Suspended,
             regions: customer.regions.iter().map(|r| r.as_str().into()).collect(),
             anchor,
-            keys: slots.iter().map(|s| s.feature).collect(),
-            slots,
+            present: keys
+                .iter()
+                .filter(|f| **f < 64)
+                .fold(0, |bits, f| bits | 1 << f),
+            keys: keys.into(),
+            slots: slots.into(),
             seats,
-            grants,
+            grants: grants.into(),
             customer,
         }
     }
 
     fn slot(&self, feature: Option<u32>) -> Option<usize> {
-        self.keys.binary_search(&feature?).ok()
+        let feature = feature?;
+        if feature < 64 {
+            let bit = 1u64 << feature;
+            // Slots are sorted by feature number: those below 64 come first.
+            return (self.present & bit != 0)
+                .then(|| (self.present & (bit - 1)).count_ones() as usize);
+        }
+        self.keys.binary_search(&feature).ok()
     }
 
     /// Decides `usage`; with `notices`, records it too.
@@ -400,8 +440,9 @@ impl Account {
             return Decision::NotEntitled;
         };
         let anchor = self.anchor;
+        let feature = self.keys[i];
         let slot = &mut self.slots[i];
-        if !slot.entitled || slot.rule == Rule::Off {
+        if *slot.def == Def::Off {
             return Decision::NotEntitled;
         }
         let user = usage.user.map(user_key);
@@ -412,20 +453,18 @@ impl Account {
             }
         }
         let commit = notices.is_some();
-        let decision = match &slot.rule {
-            Rule::Off => Decision::NotEntitled,
-            Rule::On | Rule::Static(_) => Decision::Accepted,
-            Rule::Metered(rule) => {
-                let feature_name = names.get(slot.feature as usize).map_or("", |n| n);
+        let decision = match &*slot.def {
+            Def::Off => Decision::NotEntitled,
+            Def::On | Def::Static(_) => Decision::Accepted,
+            Def::Metered(rule) => {
                 let mut ctx = Notify {
                     customer: &self.customer,
-                    feature: feature_name,
+                    feature: names.get(feature as usize).map_or("", |n| n),
                     rule,
+                    limit: slot.limit,
                     out: notices,
                 };
-                let feature = slot.feature;
                 metered(
-                    rule,
                     &mut slot.counter,
                     &mut self.grants,
                     feature,
@@ -457,30 +496,28 @@ impl Account {
         decision: Decision,
     ) -> Check {
         let mut check = Check::refused(decision);
-        let Some(slot) = self.slot(feature).map(|i| &self.slots[i]) else {
+        let Some(i) = self.slot(feature) else {
             return check;
         };
-        if !slot.entitled {
-            return check;
-        }
-        match &slot.rule {
-            Rule::Static(v) => check.value = Some((**v).clone()),
-            Rule::Metered(rule) => {
+        let (slot, feature) = (&self.slots[i], self.keys[i]);
+        match &*slot.def {
+            Def::Static(v) => check.value = Some(v.clone()),
+            Def::Metered(rule) => {
                 let c = slot.counter.at(rule, self.anchor, usage.time);
                 check.usage = c.used;
                 check.resets_at = Some(c.end);
-                if rule.limit.is_finite() {
+                if slot.limit.is_finite() {
                     let grants: f64 = self
                         .grants
                         .iter()
-                        .filter(|g| g.feature == slot.feature)
+                        .filter(|g| g.feature == feature)
                         .map(|g| g.available(self.anchor, usage.time).0)
                         .sum();
-                    check.limit = Some(rule.limit);
-                    check.remaining = Some((rule.limit - c.base).max(0.0) + grants);
+                    check.limit = Some(slot.limit);
+                    check.remaining = Some((slot.limit - c.base).max(0.0) + grants);
                 }
             }
-            Rule::On | Rule::Off => {}
+            Def::On | Def::Off => {}
         }
         check
     }
@@ -493,8 +530,8 @@ impl Slot {
     /// their period kind stays.
     fn carry(&mut self, old: Slot, anchor: u8) {
         let c = old.counter;
-        let keep = match &self.rule {
-            Rule::Metered(m) => {
+        let keep = match &*self.def {
+            Def::Metered(m) => {
                 c == Counter::EMPTY || bounds(m.period, anchor, c.start) == (c.start, c.end)
             }
             _ => true,
@@ -517,6 +554,7 @@ struct Notify<'a> {
     customer: &'a Customer,
     feature: &'a str,
     rule: &'a Metered,
+    limit: f64,
     /// `None`: a check, which records and notifies nothing.
     out: Option<&'a mut Vec<Notice>>,
 }
@@ -526,7 +564,7 @@ impl Notify<'_> {
         let Some(out) = self.out.as_deref_mut() else {
             return;
         };
-        let limit = self.rule.limit;
+        let limit = self.limit;
         out.push(Notice {
             kind,
             customer: self.customer.id.clone(),
@@ -548,7 +586,6 @@ impl Notify<'_> {
 
 /// The metered rule (7 in the crate's list). Records only when `ctx.out` is set.
 fn metered(
-    rule: &Metered,
     counter: &mut Counter,
     grants: &mut [GrantState],
     feature: u32,
@@ -556,6 +593,7 @@ fn metered(
     usage: &Usage<'_>,
     ctx: &mut Notify<'_>,
 ) -> Decision {
+    let (rule, limit) = (ctx.rule, ctx.limit);
     let t = usage.time;
     let commit = ctx.out.is_some();
     let mut c = counter.at(rule, anchor, t);
@@ -563,7 +601,7 @@ fn metered(
         return Decision::Late;
     }
     let q = usage.quantity;
-    if !rule.limit.is_finite() {
+    if !limit.is_finite() {
         if commit {
             c.used += q;
             c.base += q;
@@ -571,19 +609,13 @@ fn metered(
         }
         return Decision::Accepted;
     }
-    let left = (rule.limit - c.base).max(0.0);
-    // Usable grants in burn order: priority, then earliest expiry.
-    let mut order: Vec<(u32, i64, usize, f64)> = grants
+    let left = (limit - c.base).max(0.0);
+    // The account keeps its grants in burn order.
+    let from_grants: f64 = grants
         .iter()
-        .enumerate()
-        .filter(|(_, g)| g.feature == feature)
-        .filter_map(|(i, g)| {
-            let (avail, _, _) = g.available(anchor, t);
-            (avail > 0.0).then_some((g.priority, g.expires, i, avail))
-        })
-        .collect();
-    order.sort_unstable_by_key(|&(p, e, i, _)| (p, e, i));
-    let from_grants: f64 = order.iter().map(|o| o.3).sum();
+        .filter(|g| g.feature == feature)
+        .map(|g| g.available(anchor, t).0)
+        .sum();
     let decision = if q <= left + from_grants {
         Decision::Accepted
     } else if rule.hard {
@@ -606,12 +638,14 @@ fn metered(
     c.base += from_base;
     c.used += q;
     let mut rest = q - from_base;
-    for &(_, _, i, _) in &order {
+    for g in grants.iter_mut().filter(|g| g.feature == feature) {
         if rest <= 0.0 {
             break;
         }
-        let g = &mut grants[i];
         let (avail, window, sent) = g.available(anchor, t);
+        if avail <= 0.0 {
+            continue;
+        }
         g.remaining = avail;
         g.window = window;
         g.exhausted_sent = sent;
@@ -624,10 +658,10 @@ fn metered(
             ctx.send(NoticeKind::GrantExhausted(id), &c);
         }
     }
-    if rule.limit > 0.0 {
-        for (bit, &threshold) in rule.thresholds.iter().enumerate().take(63) {
-            let mask = 1u64 << bit;
-            if c.notified & mask == 0 && c.used * 100.0 >= f64::from(threshold) * rule.limit {
+    if limit > 0.0 {
+        for (bit, &threshold) in rule.thresholds.iter().enumerate() {
+            let mask = 1u32 << bit;
+            if c.notified & mask == 0 && c.used * 100.0 >= f64::from(threshold) * limit {
                 c.notified |= mask;
                 ctx.send(NoticeKind::Threshold(threshold), &c);
             }
@@ -635,4 +669,15 @@ fn metered(
     }
     *counter = c;
     decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counter_is_one_cache_line() {
+        assert_eq!(size_of::<Slot>(), 64);
+        assert_eq!(align_of::<Slot>(), 64);
+    }
 }
