@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod definitions;
 pub mod demo;
 pub mod output;
 pub mod pipeline;

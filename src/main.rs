@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tally::config::{Config, parse_partitions};
+use tally::definitions::Kind;
 use tally::demo::{self, DemoArgs};
 use tally::output::{Format, write_batches};
 use tally::pipeline::{Nats, Pipeline};
@@ -48,6 +49,16 @@ enum Command {
     ///
     /// Example: tally worker --partitions 0-7
     Worker(WorkerCmd),
+    /// Plans, add-ons and SKU mappings: apply a catalogue file, or list them.
+    ///
+    /// Example: tally plans apply examples/catalog.toml
+    #[command(subcommand)]
+    Plans(tally::definitions::DefinitionsCmd),
+    /// Customers' entitlements: apply a customers file, or list them.
+    ///
+    /// Example: tally customers apply examples/customers.toml
+    #[command(subcommand)]
+    Customers(tally::definitions::DefinitionsCmd),
     /// Measure the pipeline; see `tally bench ingest --help`.
     #[command(subcommand)]
     Bench(tally::bench::BenchCmd),
@@ -119,6 +130,15 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // The reader went away (`tally … | head`): nothing more to say.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -186,6 +206,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let partitions = parse_partitions(&cmd.partitions, config.ingest.partitions)?;
             serve(config, Some(partitions)).await
         }
+        Command::Plans(cmd) => tally::definitions::run(config, Kind::Catalog, cmd).await,
+        Command::Customers(cmd) => tally::definitions::run(config, Kind::Customers, cmd).await,
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
     }
 }

@@ -253,3 +253,336 @@ pub struct Catalog {
     #[serde(default)]
     pub skus: Vec<Sku>,
 }
+
+/// One flaw in a definition: the field's path (`plans[1].features.calls.limit`) and what
+/// is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Collects problems under a path.
+struct Check<'p> {
+    problems: &'p mut Vec<Problem>,
+}
+
+impl Check<'_> {
+    fn flag(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn id(&mut self, field: &str, id: &str) {
+        if id.is_empty() {
+            self.flag(field, "must not be empty");
+        } else if id.len() > MAX_ID_LEN {
+            self.flag(
+                field,
+                format!("is {} bytes; the limit is {MAX_ID_LEN}", id.len()),
+            );
+        }
+    }
+
+    fn quantity(&mut self, field: &str, q: f64) {
+        if !q.is_finite() || q < 0.0 {
+            self.flag(field, format!("must be a finite number ≥ 0, not {q}"));
+        }
+    }
+
+    fn entitlement(&mut self, field: &str, e: &Entitlement) {
+        let Entitlement::Metered(m) = e else {
+            return;
+        };
+        if let Some(limit) = m.limit {
+            self.quantity(&format!("{field}.limit"), limit);
+        }
+        if let Some(included) = m.included {
+            self.quantity(&format!("{field}.included"), included);
+        }
+        if m.thresholds.len() > MAX_THRESHOLDS {
+            self.flag(
+                format!("{field}.thresholds"),
+                format!("at most {MAX_THRESHOLDS} thresholds"),
+            );
+        }
+        for (i, t) in m.thresholds.iter().enumerate() {
+            if *t == 0 || *t > 10_000 {
+                self.flag(
+                    format!("{field}.thresholds[{i}]"),
+                    format!("must be a percentage from 1 to 10000, not {t}"),
+                );
+            }
+        }
+        if let Some(next) = &m.next_plan {
+            self.id(&format!("{field}.next_plan"), next);
+        }
+    }
+
+    fn unique<'a>(&mut self, what: &str, ids: impl Iterator<Item = &'a str>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, id) in ids.enumerate() {
+            if !seen.insert(id) {
+                self.flag(format!("{what}[{i}].id"), format!("{id:?} appears twice"));
+            }
+        }
+    }
+}
+
+/// The longest id of a plan, add-on, SKU, customer or grant.
+pub const MAX_ID_LEN: usize = 256;
+/// The most thresholds a metered feature may notify at.
+pub const MAX_THRESHOLDS: usize = 31;
+
+impl Catalog {
+    /// Every problem in the catalogue; empty when it may be applied.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut c = Check {
+            problems: &mut problems,
+        };
+        c.unique("plans", self.plans.iter().map(|p| p.id.as_str()));
+        c.unique("addons", self.addons.iter().map(|a| a.id.as_str()));
+        for (i, p) in self.plans.iter().enumerate() {
+            c.id(&format!("plans[{i}].id"), &p.id);
+            for (name, e) in &p.features {
+                c.id(&format!("plans[{i}].features"), name);
+                c.entitlement(&format!("plans[{i}].features.{name}"), e);
+            }
+        }
+        for (i, a) in self.addons.iter().enumerate() {
+            c.id(&format!("addons[{i}].id"), &a.id);
+            for (name, e) in &a.features {
+                c.entitlement(&format!("addons[{i}].features.{name}"), e);
+            }
+            for (name, q) in &a.extra {
+                c.quantity(&format!("addons[{i}].extra.{name}"), *q);
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in self.skus.iter().enumerate() {
+            c.id(&format!("skus[{i}].sku"), &s.sku);
+            if !seen.insert(s.sku.as_str()) {
+                c.flag(
+                    format!("skus[{i}].sku"),
+                    format!("{:?} appears twice", s.sku),
+                );
+            }
+            match &s.target {
+                SkuTarget::Plan(p) => c.id(&format!("skus[{i}].plan"), p),
+                SkuTarget::Addon { id, quantity } => {
+                    c.id(&format!("skus[{i}].addon.id"), id);
+                    if *quantity == 0 {
+                        c.flag(format!("skus[{i}].addon.quantity"), "must be at least 1");
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl Customer {
+    /// Every problem in the definition, each field under `at` (`customers[3]`).
+    pub fn problems(&self, at: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut c = Check {
+            problems: &mut problems,
+        };
+        c.id(&format!("{at}.id"), &self.id);
+        c.id(&format!("{at}.plan"), &self.plan);
+        if !(1..=31).contains(&self.anchor_day) {
+            c.flag(
+                format!("{at}.anchor_day"),
+                format!(
+                    "must be a day of the month from 1 to 31, not {}",
+                    self.anchor_day
+                ),
+            );
+        }
+        if let (Some(from), Some(until)) = (self.valid_from, self.valid_until)
+            && until <= from
+        {
+            c.flag(format!("{at}.valid_until"), "must be after valid_from");
+        }
+        for (i, a) in self.addons.iter().enumerate() {
+            c.id(&format!("{at}.addons[{i}].id"), &a.id);
+            if a.quantity == 0 {
+                c.flag(format!("{at}.addons[{i}].quantity"), "must be at least 1");
+            }
+        }
+        c.unique(
+            &format!("{at}.grants"),
+            self.grants.iter().map(|g| g.id.as_str()),
+        );
+        for (i, g) in self.grants.iter().enumerate() {
+            c.id(&format!("{at}.grants[{i}].id"), &g.id);
+            c.id(&format!("{at}.grants[{i}].feature"), &g.feature);
+            c.quantity(&format!("{at}.grants[{i}].amount"), g.amount);
+            if g.expires.is_some_and(|e| e <= g.effective) {
+                c.flag(
+                    format!("{at}.grants[{i}].expires"),
+                    "must be after effective",
+                );
+            }
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            c.id(&format!("{at}.regions[{i}]"), r);
+        }
+        problems
+    }
+}
+
+/// A file of customers, as `tally customers apply` reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Customers {
+    #[serde(default)]
+    pub customers: Vec<Customer>,
+}
+
+impl Customers {
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, c) in self.customers.iter().enumerate() {
+            problems.extend(c.problems(&format!("customers[{i}]")));
+            if !seen.insert(c.id.as_str()) {
+                problems.push(Problem {
+                    field: format!("customers[{i}].id"),
+                    message: format!("{:?} appears twice", c.id),
+                });
+            }
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CATALOG: &str = r#"
+        [[plans]]
+        id = "free"
+        name = "Free"
+        [plans.features.api-calls]
+        kind = "metered"
+        limit = 1000
+        period = "day"
+        enforcement = "hard"
+        next_plan = "pro"
+        [plans.features.sso]
+        kind = "boolean"
+        enabled = false
+        [plans.features.max-projects]
+        kind = "static"
+        value = 3
+
+        [[addons]]
+        id = "calls-pack"
+        name = "10k calls"
+        extra = { api-calls = 10000 }
+
+        [[skus]]
+        sku = "PRO-M"
+        plan = "pro"
+
+        [[skus]]
+        sku = "CALLS-10K"
+        addon = { id = "calls-pack", quantity = 1 }
+    "#;
+
+    #[test]
+    fn a_toml_catalogue_reads_as_plans_addons_and_skus() {
+        let catalog: Catalog = toml::from_str(CATALOG).unwrap();
+        assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
+        let free = &catalog.plans[0];
+        let Entitlement::Metered(calls) = &free.features["api-calls"] else {
+            panic!("api-calls is metered");
+        };
+        assert_eq!(calls.limit, Some(1000.0));
+        assert_eq!(calls.period, UsagePeriod::Day);
+        assert_eq!(calls.thresholds, [80, 100]);
+        assert_eq!(
+            free.features["sso"],
+            Entitlement::Boolean { enabled: false }
+        );
+        assert_eq!(catalog.skus[0].target, SkuTarget::Plan("pro".to_owned()));
+        assert_eq!(
+            catalog.skus[1].target,
+            SkuTarget::Addon {
+                id: "calls-pack".to_owned(),
+                quantity: 1
+            }
+        );
+        // JSON carries the same definitions.
+        let json = serde_json::to_string(&catalog).unwrap();
+        assert_eq!(serde_json::from_str::<Catalog>(&json).unwrap(), catalog);
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        let mut catalog: Catalog = toml::from_str(CATALOG).unwrap();
+        catalog.plans.push(catalog.plans[0].clone());
+        if let Entitlement::Metered(m) = catalog.plans[0].features.get_mut("api-calls").unwrap() {
+            m.limit = Some(-1.0);
+            m.thresholds = vec![0, 80];
+        }
+        let fields: Vec<String> = catalog.problems().into_iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "plans[1].id",
+                "plans[0].features.api-calls.limit",
+                "plans[0].features.api-calls.thresholds[0]",
+            ]
+        );
+
+        let customers: Customers = toml::from_str(
+            r#"
+            [[customers]]
+            id = "acme"
+            plan = "free"
+            anchor_day = 32
+            valid_from = "2026-11-01T00:00:00Z"
+            valid_until = "2026-10-01T00:00:00Z"
+            [[customers.grants]]
+            id = "g"
+            feature = "api-calls"
+            amount = -5
+            effective = "2026-11-01T00:00:00Z"
+            expires = "2026-11-01T00:00:00Z"
+            [[customers]]
+            id = "acme"
+            plan = ""
+            "#,
+        )
+        .unwrap();
+        let fields: Vec<String> = customers.problems().into_iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "customers[0].anchor_day",
+                "customers[0].valid_until",
+                "customers[0].grants[0].amount",
+                "customers[0].grants[0].expires",
+                "customers[1].plan",
+                "customers[1].id",
+            ]
+        );
+        // Unknown fields are refused by name when the file is read.
+        let err =
+            toml::from_str::<Customers>("[[customers]]\nid = \"a\"\nplan = \"p\"\nplna = 1\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("plna"), "{err}");
+    }
+}

@@ -100,6 +100,27 @@ pub fn token_matches(token: &str, customer: &str) -> bool {
     }
 }
 
+/// The key-value bucket of plans (`plan.<key>`), add-ons (`addon.<key>`) and SKU
+/// mappings (`sku.<key>`).
+pub const CATALOG_BUCKET: &str = "tally_catalog";
+/// The key-value bucket of customers, by [`kv_key`] of the customer id.
+pub const CUSTOMERS_BUCKET: &str = "tally_customers";
+/// The stream every change to those buckets is also appended to.
+pub const AUDIT_STREAM: &str = "TALLY_AUDIT";
+/// Audit entries are published to `tally.audit.<kind>.<customer-token of the id>`.
+pub const AUDIT_PREFIX: &str = "tally.audit";
+
+/// The key-value key for an id. NATS keys allow `[-/_=.a-zA-Z0-9]`: an id of ASCII
+/// letters, digits, `-` and `_` is its own key; any other becomes `=` followed by the
+/// lowercase hex of its UTF-8 bytes (the token rule with `=` for `~`, which keys forbid).
+pub fn kv_key(id: &str) -> String {
+    let token = customer_token(id);
+    match token.strip_prefix('~') {
+        Some(hex) => format!("={hex}"),
+        None => token,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +143,21 @@ mod tests {
         assert_eq!(customer_token("a.b"), "~612e62");
         assert!(!token_matches("~612e62", "a-b"));
         assert!(customer_from_token("~6").is_none());
+    }
+
+    #[test]
+    fn kv_keys_use_only_allowed_characters() {
+        assert_eq!(kv_key("acme-42_x"), "acme-42_x");
+        assert_eq!(kv_key("a.b"), "=612e62");
+        for id in ["acme corp/eu.1", "Zürich", "", "~x", "=y"] {
+            let key = kv_key(id);
+            assert!(
+                key.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)),
+                "{id} -> {key}"
+            );
+            assert!(key.starts_with('='), "{id}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! the binary wires the channel to `tally-store`.
 
 pub mod dedup;
+pub mod definitions;
 pub mod rows;
 pub mod topology;
 mod worker;
@@ -115,6 +116,9 @@ pub enum Error {
     /// The lake could not make a batch durable; its messages stay unacknowledged.
     #[error("lake: {0}")]
     Store(String),
+    /// A stored definition (plan, customer, …) could not be read or written.
+    #[error("definition: {0}")]
+    Definition(String),
 }
 
 impl Error {

@@ -225,15 +225,17 @@ impl GrantState {
             && self.recurring == other.recurring
     }
 
-    /// What can be used at `t`, and the window it belongs to.
+    /// What can be used at `t`, and the window it belongs to. A recurring grant comes back
+    /// whole in each new window; an event from a window before the one in use (a late
+    /// arrival) finds nothing.
     fn available(&self, anchor: u8, t: i64) -> (f64, (i64, i64), bool) {
         if t < self.effective || t >= self.expires {
             return (0.0, self.window, self.exhausted_sent);
         }
         match self.recurring {
-            Some(period) if t >= self.window.1 || t < self.window.0 => {
-                (self.amount, bounds(period, anchor, t), false)
-            }
+            // A window before the one in use is closed: its balance is gone.
+            Some(_) if t < self.window.0 => (0.0, self.window, self.exhausted_sent),
+            Some(period) if t >= self.window.1 => (self.amount, bounds(period, anchor, t), false),
             _ => (self.remaining, self.window, self.exhausted_sent),
         }
     }
