@@ -247,11 +247,24 @@ impl PowerLaw {
     }
 }
 
+/// The id of the generator's `i`-th customer.
+pub fn customer_id(i: u32) -> String {
+    format!("cust-{i:05}")
+}
+
+/// The features a workload of `n` features uses.
+pub fn features(n: u32) -> &'static [&'static str] {
+    &FEATURES[..(n as usize).clamp(1, FEATURES.len())]
+}
+
+/// The regions a workload of `n` regions uses.
+pub fn regions(n: u32) -> &'static [&'static str] {
+    &REGIONS[..(n as usize).clamp(1, REGIONS.len())]
+}
+
 pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
     let mut rng = SmallRng::seed_from_u64(spec.seed);
-    let customers: Vec<String> = (0..spec.customers.max(1))
-        .map(|i| format!("cust-{i:05}"))
-        .collect();
+    let customers: Vec<String> = (0..spec.customers.max(1)).map(customer_id).collect();
     // Customer sizes follow a power law: a few large customers, a long tail.
     let customer_weights = PowerLaw::new(customers.len(), 0.9);
     let nfeatures = (spec.features as usize).clamp(1, FEATURES.len());

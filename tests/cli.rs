@@ -48,7 +48,18 @@ fn demo_prints_matching_totals_as_json_and_leaves_a_hive_lake() {
     assert_eq!(report["match"], true);
     assert_eq!(report["events_generated"], 20_000);
     assert_eq!(report["events_in_lake"], report["events_valid"]);
-    assert_eq!(report["quantity_billed"], report["quantity_generated"]);
+    // Enforcement: the lake's decisions and billed quantity equal the demo's own replay,
+    // and the catalogue refuses part of the usage in several ways.
+    assert_eq!(report["decisions"], report["decisions_expected"]);
+    assert_eq!(report["quantity_billed"], report["quantity_expected"]);
+    let billed = report["quantity_billed"].as_f64().unwrap();
+    assert!(billed > 0.0 && billed < report["quantity_generated"].as_f64().unwrap());
+    for decision in ["accepted", "not_entitled", "seat_limit", "expired"] {
+        assert!(
+            report["decisions"][decision].as_u64().unwrap_or(0) > 0,
+            "no {decision} in {last}"
+        );
+    }
     let events = data.join("lake/events");
     let dates: Vec<_> = std::fs::read_dir(&events)
         .unwrap()

@@ -50,6 +50,7 @@ fn read_lake(h: &Harness) -> (HashSet<String>, u64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arrow_batches_land_exactly_once() {
     let h = Harness::start().await;
+    h.entitle_everyone(100).await;
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let mut spec = Spec::new(30_000, NaiveDate::from_ymd_opt(2026, 8, 1).unwrap());
     spec.customers = 100;
@@ -83,6 +84,7 @@ async fn arrow_batches_land_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_valid_event_lands_once_and_bills_exactly() {
     let h = Harness::start().await;
+    h.entitle_everyone(300).await;
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
 
     let month = NaiveDate::from_ymd_opt(2026, 10, 1).unwrap();

@@ -121,6 +121,30 @@ pub fn kv_key(id: &str) -> String {
     }
 }
 
+/// The id a key-value key stands for; `None` for a malformed key.
+pub fn id_from_kv_key(key: &str) -> Option<String> {
+    match key.strip_prefix('=') {
+        Some(hex) => customer_from_token(&format!("~{hex}")),
+        None => Some(key.to_owned()),
+    }
+}
+
+/// The partition NATS's `partition(P, token)` transform gives a customer: FNV-1a (32-bit)
+/// of the customer's subject token, modulo the partition count.
+pub fn partition_of(customer: &str, partitions: u16) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in customer_token(customer).bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % u32::from(partitions.max(1))) as u16
+}
+
+/// The stream of notifications (upgrade prompts).
+pub const NOTIFY_STREAM: &str = "TALLY_NOTIFY";
+/// Notifications are published to `tally.notify.<kind>.<customer-token>`.
+pub const NOTIFY_PREFIX: &str = "tally.notify";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +182,20 @@ mod tests {
             );
             assert!(key.starts_with('='), "{id}");
         }
+    }
+
+    #[test]
+    fn kv_keys_map_back_to_ids() {
+        for id in ["acme", "a.b", "Zürich corp", "=x"] {
+            assert_eq!(id_from_kv_key(&kv_key(id)).as_deref(), Some(id));
+        }
+    }
+
+    #[test]
+    fn partitions_follow_fnv1a_of_the_token() {
+        // FNV-1a of "a" is 0xe40c292c.
+        assert_eq!(partition_of("a", 16), (0xe40c_292c_u32 % 16) as u16);
+        assert!((0..1000).all(|i| partition_of(&format!("cust-{i}"), 16) < 16));
     }
 
     #[test]

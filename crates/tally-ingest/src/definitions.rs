@@ -115,6 +115,11 @@ impl Definitions {
         })
     }
 
+    /// The catalogue and customers buckets.
+    pub fn stores(&self) -> (Store, Store) {
+        (self.catalog.clone(), self.customers.clone())
+    }
+
     /// Writes a catalogue's plans, add-ons and SKU mappings, in that order.
     pub async fn apply_catalog(&self, catalog: &Catalog, actor: &str) -> Result<Vec<Applied>> {
         let mut applied = Vec::new();

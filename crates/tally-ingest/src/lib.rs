@@ -10,6 +10,7 @@
 
 pub mod dedup;
 pub mod definitions;
+pub mod entitlements;
 pub mod rows;
 pub mod topology;
 mod worker;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tally_core::{DecodeLimits, FlushRequest};
+use tally_core::{Decision, DecodeLimits, FlushRequest};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,6 +53,9 @@ pub struct IngestConfig {
     pub ack_wait_secs: u64,
     /// Distinct event ids remembered per partition (per generation, see [`dedup`]).
     pub dedup_capacity: usize,
+    /// Decide every event against the entitlements in the key-value buckets. Off, every
+    /// valid event is `accepted` (to measure what enforcement costs).
+    pub enforce: bool,
     pub limits: DecodeLimits,
 }
 
@@ -69,6 +73,7 @@ impl Default for IngestConfig {
             fetch_messages: 1_000,
             ack_wait_secs: 60,
             dedup_capacity: 500_000,
+            enforce: true,
             limits: DecodeLimits::default(),
         }
     }
@@ -143,6 +148,9 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub dead_letters: AtomicU64,
     pub redeliveries_skipped: AtomicU64,
+    /// Valid, first-seen events by decision, in the order of [`Decision::ALL`].
+    pub decided: [AtomicU64; Decision::ALL.len()],
+    pub notices: AtomicU64,
     /// Rows in files the lake reported durable and whose messages were acknowledged.
     pub rows_durable: AtomicU64,
     pub files_written: AtomicU64,
@@ -159,6 +167,8 @@ impl Default for Stats {
             duplicates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             redeliveries_skipped: AtomicU64::new(0),
+            decided: Default::default(),
+            notices: AtomicU64::new(0),
             rows_durable: AtomicU64::new(0),
             files_written: AtomicU64::new(0),
             batches_acked: AtomicU64::new(0),
@@ -188,9 +198,18 @@ pub async fn run_worker(
     cancel: CancellationToken,
 ) -> Result<()> {
     topology::ensure_streams(&js, &config).await?;
+    let entitlements = if config.enforce {
+        Some(
+            entitlements::Entitlements::start(&js, &partitions, config.partitions, cancel.clone())
+                .await?,
+        )
+    } else {
+        None
+    };
     let tracker = TaskTracker::new();
     let (err_tx, mut err_rx) = mpsc::channel::<Error>(partitions.len().max(1));
     for partition in partitions {
+        let entitlements = entitlements.clone();
         let (js, config, flush_tx, stats, cancel, err_tx) = (
             js.clone(),
             config.clone(),
@@ -200,8 +219,16 @@ pub async fn run_worker(
             err_tx.clone(),
         );
         tracker.spawn(async move {
-            if let Err(e) =
-                run_partition(js, &config, partition, flush_tx, stats, cancel.clone()).await
+            if let Err(e) = run_partition(
+                js,
+                &config,
+                partition,
+                flush_tx,
+                stats,
+                entitlements,
+                cancel.clone(),
+            )
+            .await
             {
                 tracing::error!(partition, error = %e, "partition worker failed");
                 cancel.cancel();

@@ -9,6 +9,7 @@ use async_nats::jetstream::stream::{
 };
 use tally_core::subject::{
     self, DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX,
+    NOTIFY_PREFIX, NOTIFY_STREAM,
 };
 
 use crate::{Error, IngestConfig, Result};
@@ -58,6 +59,16 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
     })
     .await
     .map_err(|e| Error::nats("create dead-letter stream", e))?;
+    js.get_or_create_stream(stream::Config {
+        name: NOTIFY_STREAM.to_owned(),
+        subjects: vec![format!("{NOTIFY_PREFIX}.>")],
+        duplicate_window: Duration::from_secs(config.duplicate_window_secs),
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::nats("create notification stream", e))?;
     Ok(())
 }
 

@@ -13,12 +13,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
-use tally_core::subject::{self, DEAD_LETTER_PREFIX};
+use tally_core::subject::{self, DEAD_LETTER_PREFIX, NOTIFY_PREFIX};
 use tally_core::{Decision, Durable, Event, FlushRequest, Frame, Invalid, Reason, SealedBatch};
+use tally_quota::{Engine, Notice, NoticeKind, Usage};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::dedup::Dedup;
+use crate::entitlements::Entitlements;
 use crate::rows::Rows;
 use crate::{Error, IngestConfig, Result, Stats, topology};
 
@@ -50,6 +52,7 @@ struct Open {
     opened: Option<Instant>,
     stored_ms: Vec<i64>,
     dead_letters: Vec<PublishAckFuture>,
+    notices: Vec<PublishAckFuture>,
 }
 
 impl Open {
@@ -63,6 +66,7 @@ impl Open {
             opened: None,
             stored_ms: Vec::new(),
             dead_letters: Vec::new(),
+            notices: Vec::new(),
         }
     }
 
@@ -80,6 +84,7 @@ pub async fn run_partition(
     partition: u16,
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: Arc<Stats>,
+    entitlements: Option<Arc<Entitlements>>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let (ack_tx, ack_rx) = mpsc::channel::<Pending>(config.flushes_in_flight);
@@ -91,7 +96,16 @@ pub async fn run_partition(
         sealed: 0,
         acked: &acked,
     };
-    let result = pull_loop(&js, config, partition, sink, &stats, &cancel).await;
+    let result = pull_loop(
+        &js,
+        config,
+        partition,
+        sink,
+        &stats,
+        entitlements.as_deref(),
+        &cancel,
+    )
+    .await;
     drop(ack_tx);
     let acked = acks
         .await
@@ -122,6 +136,7 @@ async fn pull_loop(
     partition: u16,
     mut sink: Sink<'_>,
     stats: &Stats,
+    entitlements: Option<&Entitlements>,
     cancel: &CancellationToken,
 ) -> Result<()> {
     let mut messages = topology::messages(js, config, partition).await?;
@@ -151,14 +166,20 @@ async fn pull_loop(
             next = messages.next() => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
-                    let (seq, stored_ms) = (info.stream_sequence, info.published.timestamp_millis());
+                    let (seq, stored_us) = (info.stream_sequence, info.published.timestamp_micros());
+                    let stored_ms = stored_us.div_euclid(1000);
                     if seq <= max_seq {
                         stats.redeliveries_skipped.fetch_add(1, Relaxed);
                         continue;
                     }
                     max_seq = seq;
                     let (message, acker) = msg.split();
-                    handle(js, config, partition, seq, &message, &mut open, &mut dedup, stats).await?;
+                    if let Some(e) = entitlements {
+                        // Changes acknowledged before this message was stored apply to it.
+                        e.sync_for(stored_us).await?;
+                    }
+                    let at = At { partition, seq };
+                    handle(js, config, at, &message, &mut open, &mut dedup, stats, entitlements).await?;
                     if open.last.is_none() {
                         open.first_seq = seq;
                         open.opened = Some(Instant::now());
@@ -193,26 +214,76 @@ async fn pull_loop(
 async fn handle(
     js: &Context,
     config: &IngestConfig,
-    partition: u16,
-    seq: u64,
+    at: At,
     message: &async_nats::Message,
     open: &mut Open,
     dedup: &mut Dedup,
     stats: &Stats,
+    entitlements: Option<&Entitlements>,
 ) -> Result<()> {
+    let At { partition, seq } = at;
     stats.messages.fetch_add(1, Relaxed);
     let payload = &message.payload;
     let limits = &config.limits;
-    let mut accept = Accept {
-        token: subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t),
-        ingest_micros: chrono::Utc::now().timestamp_micros(),
-        seq,
-        partition,
-        valid: 0,
-        duplicates: 0,
+    let mut notices = Vec::new();
+    let refused = {
+        // Held only while this message's events are decided, never across an await.
+        let mut engine = entitlements.map(Entitlements::engine);
+        let mut accept = Accept {
+            token: subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t),
+            ingest_micros: chrono::Utc::now().timestamp_micros(),
+            seq,
+            partition,
+            valid: 0,
+            duplicates: 0,
+            decided: [0; Decision::ALL.len()],
+            engine: engine.as_deref_mut(),
+            notices: &mut notices,
+        };
+        let refused = decode_and_accept(payload, message, limits, &mut accept, open, dedup);
+        // Shared counters are touched once per message, not once per event.
+        stats.events_valid.fetch_add(accept.valid, Relaxed);
+        stats.duplicates.fetch_add(accept.duplicates, Relaxed);
+        for (total, n) in stats.decided.iter().zip(accept.decided) {
+            if n > 0 {
+                total.fetch_add(n, Relaxed);
+            }
+        }
+        refused
     };
+    for (index, original, invalid) in refused {
+        let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
+        open.dead_letters.push(dl);
+        stats.dead_letters.fetch_add(1, Relaxed);
+    }
+    for notice in &notices {
+        open.notices.push(notify(js, notice).await?);
+        stats.notices.fetch_add(1, Relaxed);
+    }
+    Ok(())
+}
+
+/// Where a message was stored.
+#[derive(Clone, Copy)]
+struct At {
+    partition: u16,
+    seq: u64,
+}
+
+/// An event refused whole: its index in a batch, its original bytes, its flaw.
+type Refused = (Option<usize>, Bytes, Invalid);
+
+/// Decodes one message and passes each event through `accept`; returns those refused.
+fn decode_and_accept(
+    payload: &Bytes,
+    message: &async_nats::Message,
+    limits: &tally_core::DecodeLimits,
+    accept: &mut Accept<'_, '_>,
+    open: &mut Open,
+    dedup: &mut Dedup,
+) -> Vec<Refused> {
     let is_arrow = header(message, CONTENT_TYPE_HEADER) == Some(ARROW_CONTENT_TYPE);
-    let mut refused: Vec<(Option<usize>, Bytes, Invalid)> = Vec::new();
+    let mut refused: Vec<Refused> = Vec::new();
     if is_arrow {
         match Columnar::decode(payload, limits) {
             Err(invalid) => refused.push((None, payload.clone(), invalid)),
@@ -245,15 +316,7 @@ async fn handle(
             }
         }
     }
-    // Shared counters are touched once per message, not once per event.
-    stats.events_valid.fetch_add(accept.valid, Relaxed);
-    stats.duplicates.fetch_add(accept.duplicates, Relaxed);
-    for (index, original, invalid) in refused {
-        let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
-        open.dead_letters.push(dl);
-        stats.dead_letters.fetch_add(1, Relaxed);
-    }
-    Ok(())
+    refused
 }
 
 /// A header's first value. A message has a header or two: a scan beats building a
@@ -268,7 +331,7 @@ fn header<'m>(message: &'m async_nats::Message, name: &str) -> Option<&'m str> {
 }
 
 /// What every event of one message shares on its way into the open batch.
-struct Accept<'m> {
+struct Accept<'m, 'e> {
     /// The customer token of the message's subject.
     token: Option<&'m str>,
     ingest_micros: i64,
@@ -276,9 +339,13 @@ struct Accept<'m> {
     partition: u16,
     valid: u64,
     duplicates: u64,
+    decided: [u64; Decision::ALL.len()],
+    /// `None`: enforcement is off and every valid event is accepted.
+    engine: Option<&'e mut Engine>,
+    notices: &'e mut Vec<Notice>,
 }
 
-impl Accept<'_> {
+impl Accept<'_, '_> {
     /// Checks the customer, drops a repeated id, decides and appends; returns the flaw of
     /// an event that must be dead-lettered.
     fn event(
@@ -304,13 +371,30 @@ impl Accept<'_> {
             });
         }
         if dedup.first_time(&event.id) {
+            let decision = match self.engine.as_deref_mut() {
+                Some(engine) => engine.decide(
+                    &Usage {
+                        customer: &event.subject,
+                        feature: &event.feature,
+                        quantity: event.quantity,
+                        time: event
+                            .time
+                            .map_or(self.ingest_micros, |t| t.timestamp_micros()),
+                        region: event.region.as_deref(),
+                        user: event.user.as_deref(),
+                    },
+                    self.notices,
+                ),
+                None => Decision::Accepted,
+            };
             open.rows.push(
                 &event,
-                Decision::Accepted,
+                decision,
                 self.ingest_micros,
                 self.seq,
                 self.partition,
             );
+            self.decided[decision as usize] += 1;
             self.valid += 1;
         } else {
             self.duplicates += 1;
@@ -356,14 +440,71 @@ async fn dead_letter(
     .map_err(|e| Error::nats("publish dead letter", e))
 }
 
+/// Publishes a notification to `tally.notify.<kind>.<customer-token>`. Its message id
+/// names the customer, feature, kind and period, so a redelivered message that crosses
+/// the same threshold again sends nothing new.
+async fn notify(js: &Context, notice: &Notice) -> Result<PublishAckFuture> {
+    let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).map(|t| t.to_rfc3339());
+    let (threshold, grant) = match &notice.kind {
+        NoticeKind::Threshold(t) => (Some(*t), None),
+        NoticeKind::GrantExhausted(g) => (None, Some(g.as_str())),
+        NoticeKind::LimitReached => (None, None),
+    };
+    let body = serde_json::json!({
+        "kind": notice.kind.as_str(),
+        "customer": notice.customer,
+        "feature": notice.feature,
+        "plan": notice.plan,
+        "usage": notice.usage,
+        "limit": notice.limit,
+        "percent": notice.percent,
+        "threshold": threshold,
+        "grant": grant,
+        "period_start": time(notice.period_start),
+        "period_end": time(notice.period_end),
+        "next_plan": notice.next_plan,
+    });
+    let identity = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{:?}\u{0}{:?}\u{0}{}",
+        notice.customer,
+        notice.feature,
+        notice.kind.as_str(),
+        threshold,
+        grant,
+        notice.period_start
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!(
+            "notice-{:032x}",
+            xxhash_rust::xxh3::xxh3_128(identity.as_bytes())
+        )
+        .as_str(),
+    );
+    let subject = format!(
+        "{NOTIFY_PREFIX}.{}.{}",
+        notice.kind.as_str(),
+        subject::customer_token(&notice.customer)
+    );
+    js.publish_with_headers(subject, headers, body.to_string().into())
+        .await
+        .map_err(|e| Error::nats("publish notification", e))
+}
+
 /// Seals the open batch, if it holds any message, and queues it for the lake.
 async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()> {
     let Some((last, last_seq)) = open.last.take() else {
         return Ok(());
     };
-    // A dead letter must be stored before the ack that covers its message.
+    // A dead letter or a notification must be stored before the ack that covers its
+    // message: a crash in between redelivers the message, which sends them again (their
+    // message ids make that a no-op).
     for dl in open.dead_letters.drain(..) {
         dl.await.map_err(|e| Error::nats("dead letter ack", e))?;
+    }
+    for n in open.notices.drain(..) {
+        n.await.map_err(|e| Error::nats("notification ack", e))?;
     }
     let sealed = SealedBatch {
         partition,

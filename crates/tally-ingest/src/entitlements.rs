@@ -1,0 +1,268 @@
+//! The worker's entitlements: the quota engine, kept current by watching the buckets.
+//!
+//! At start the worker reads both buckets whole (the latest value of every key) and then
+//! follows their changes. Each watch is supervised: when it ends or fails (a NATS restart,
+//! say) it is re-created from the revision after the last one applied, so no change is
+//! missed or applied twice.
+//!
+//! A change acknowledged to its writer applies to the next event the worker decides: before
+//! deciding a message stored after the last synchronisation point, the worker reads the
+//! buckets' last revisions and waits until the watches have applied them
+//! ([`Entitlements::sync_for`]). Under load the messages being decided were stored before
+//! the last synchronisation, so this costs a request now and then, not one per message.
+//!
+//! Only customers of the partitions this worker owns are held; plans and add-ons are held
+//! whole.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use async_nats::jetstream::kv::{Entry, Operation, Store};
+use futures::StreamExt;
+use tally_core::entitlement::{AddOn, Customer, Plan};
+use tally_core::subject::{CATALOG_BUCKET, CUSTOMERS_BUCKET, id_from_kv_key, partition_of};
+use tally_quota::Engine;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::definitions::Definitions;
+use crate::{Error, Result};
+
+/// How far the worker's clock may run ahead of nats-server's before a message stored just
+/// before a synchronisation is taken for one stored after it (which only costs a sync).
+const CLOCK_MARGIN_US: i64 = 100_000;
+/// How long a sync waits for the watches before deciding with what it has.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The engine of one worker process and what keeps it current.
+pub struct Entitlements {
+    engine: Mutex<Engine>,
+    owned: Vec<bool>,
+    partitions: u16,
+    catalog: Followed,
+    customers: Followed,
+    /// Messages stored at or before this time (µs, nats-server's clock, less the margin)
+    /// are decided with every change acknowledged before them.
+    synced_until: AtomicI64,
+    sync: tokio::sync::Mutex<()>,
+    js: Context,
+}
+
+impl std::fmt::Debug for Entitlements {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entitlements")
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One watched bucket: its stream, and the last revision applied.
+struct Followed {
+    stream: String,
+    applied: watch::Sender<u64>,
+}
+
+impl Entitlements {
+    /// Opens the buckets, starts the watches and waits until everything stored now is
+    /// applied. The watches run until `cancel`.
+    pub async fn start(
+        js: &Context,
+        owned: &[u16],
+        partitions: u16,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Entitlements>> {
+        let definitions = Definitions::open(js).await?;
+        let (catalog, customers) = definitions.stores();
+        let mut owned_mask = vec![false; usize::from(partitions.max(1))];
+        for &p in owned {
+            if let Some(o) = owned_mask.get_mut(usize::from(p)) {
+                *o = true;
+            }
+        }
+        let this = Arc::new(Entitlements {
+            engine: Mutex::new(Engine::new()),
+            owned: owned_mask,
+            partitions,
+            catalog: Followed {
+                stream: catalog.stream_name.clone(),
+                applied: watch::Sender::new(0),
+            },
+            customers: Followed {
+                stream: customers.stream_name.clone(),
+                applied: watch::Sender::new(0),
+            },
+            synced_until: AtomicI64::new(i64::MIN),
+            sync: tokio::sync::Mutex::new(()),
+            js: js.clone(),
+        });
+        tokio::spawn(follow(this.clone(), catalog, cancel.clone()));
+        tokio::spawn(follow(this.clone(), customers, cancel));
+        this.sync_for(chrono::Utc::now().timestamp_micros()).await?;
+        Ok(this)
+    }
+
+    /// The engine, for deciding one message's events. Hold it only while deciding.
+    pub fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes sure every change acknowledged before `stored_us` (a message's JetStream
+    /// timestamp) is applied.
+    pub async fn sync_for(&self, stored_us: i64) -> Result<()> {
+        if stored_us <= self.synced_until.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.sync.lock().await;
+        // Another partition may have synchronised while this one waited.
+        if stored_us <= self.synced_until.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let started = chrono::Utc::now().timestamp_micros();
+        for followed in [&self.catalog, &self.customers] {
+            let last = self
+                .js
+                .get_stream(&followed.stream)
+                .await
+                .map_err(|e| Error::nats("read a definitions bucket", e))?
+                .get_info()
+                .await
+                .map_err(|e| Error::nats("read a definitions bucket", e))?
+                .state
+                .last_sequence;
+            let mut applied = followed.applied.subscribe();
+            let caught_up = tokio::time::timeout(SYNC_TIMEOUT, applied.wait_for(|r| *r >= last));
+            if !matches!(caught_up.await, Ok(Ok(_))) {
+                tracing::warn!(
+                    bucket = followed.stream,
+                    revision = last,
+                    "the definitions watch is behind; deciding with what it has"
+                );
+                return Ok(());
+            }
+        }
+        self.synced_until
+            .store(started - CLOCK_MARGIN_US, Ordering::Release);
+        Ok(())
+    }
+
+    fn owns(&self, customer: &str) -> bool {
+        let p = partition_of(customer, self.partitions);
+        self.owned.get(usize::from(p)).copied().unwrap_or(false)
+    }
+
+    /// Applies one bucket entry to the engine.
+    fn apply(&self, entry: &Entry) {
+        let put = entry.operation == Operation::Put;
+        let mut engine = self.engine();
+        let parse = |what: &str| -> Option<serde_json::Value> {
+            serde_json::from_slice(&entry.value)
+                .map_err(
+                    |e| tracing::error!(key = entry.key, error = %e, "unreadable {what}; ignored"),
+                )
+                .ok()
+        };
+        if entry.bucket == CUSTOMERS_BUCKET {
+            let Some(id) = id_from_kv_key(&entry.key) else {
+                return;
+            };
+            if !self.owns(&id) {
+                return;
+            }
+            if !put {
+                engine.remove_customer(&id);
+            } else if let Some(c) =
+                parse("customer").and_then(|v| serde_json::from_value::<Customer>(v).ok())
+            {
+                engine.upsert_customer(c);
+            }
+            return;
+        }
+        debug_assert_eq!(entry.bucket, CATALOG_BUCKET);
+        let Some((kind, key)) = entry.key.split_once('.') else {
+            return;
+        };
+        let Some(id) = id_from_kv_key(key) else {
+            return;
+        };
+        match (kind, put) {
+            ("plan", false) => engine.remove_plan(&id),
+            ("addon", false) => engine.remove_addon(&id),
+            ("plan", true) => {
+                if let Some(p) = parse("plan").and_then(|v| serde_json::from_value::<Plan>(v).ok())
+                {
+                    engine.upsert_plan(p);
+                }
+            }
+            ("addon", true) => {
+                if let Some(a) =
+                    parse("addon").and_then(|v| serde_json::from_value::<AddOn>(v).ok())
+                {
+                    engine.upsert_addon(a);
+                }
+            }
+            // SKU mappings are for orders, not for deciding events.
+            _ => {}
+        }
+    }
+}
+
+/// Follows one bucket until cancelled, re-creating the watch after a failure from the
+/// revision after the last one applied.
+async fn follow(entitlements: Arc<Entitlements>, store: Store, cancel: CancellationToken) {
+    let followed = if store.name == CATALOG_BUCKET {
+        &entitlements.catalog
+    } else {
+        &entitlements.customers
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let last = *followed.applied.borrow();
+        let watch = if last == 0 {
+            store.watch_with_history(">").await
+        } else {
+            store.watch_all_from_revision(last + 1).await
+        };
+        let mut watch = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(bucket = store.name, error = %e, "cannot watch a definitions bucket; retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => return,
+                next = watch.next() => next,
+            };
+            match next {
+                Some(Ok(entry)) => {
+                    if entry.revision > *followed.applied.borrow() {
+                        entitlements.apply(&entry);
+                        followed.applied.send_replace(entry.revision);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(bucket = store.name, error = %e, "definitions watch failed; re-creating it");
+                    break;
+                }
+                None => {
+                    tracing::warn!(
+                        bucket = store.name,
+                        "definitions watch ended; re-creating it"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
