@@ -48,6 +48,8 @@ pub struct Entitlements {
     synced_until: AtomicI64,
     sync: tokio::sync::Mutex<()>,
     js: Context,
+    /// Fault injection (tests): a pause before each change is applied.
+    apply_delay: Duration,
 }
 
 impl std::fmt::Debug for Entitlements {
@@ -71,6 +73,7 @@ impl Entitlements {
         js: &Context,
         owned: &[u16],
         partitions: u16,
+        apply_delay: Duration,
         cancel: CancellationToken,
     ) -> Result<Arc<Entitlements>> {
         let definitions = Definitions::open(js).await?;
@@ -94,6 +97,7 @@ impl Entitlements {
                 applied: watch::Sender::new(0),
             },
             synced_until: AtomicI64::new(i64::MIN),
+            apply_delay,
             sync: tokio::sync::Mutex::new(()),
             js: js.clone(),
         });
@@ -246,6 +250,9 @@ async fn follow(entitlements: Arc<Entitlements>, store: Store, cancel: Cancellat
             };
             match next {
                 Some(Ok(entry)) => {
+                    if !entitlements.apply_delay.is_zero() {
+                        tokio::time::sleep(entitlements.apply_delay).await;
+                    }
                     if entry.revision > *followed.applied.borrow() {
                         entitlements.apply(&entry);
                         followed.applied.send_replace(entry.revision);

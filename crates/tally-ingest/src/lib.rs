@@ -57,6 +57,11 @@ pub struct IngestConfig {
     /// valid event is `accepted` (to measure what enforcement costs).
     pub enforce: bool,
     pub limits: DecodeLimits,
+    /// Fault injection for tests: wait this long before applying each change read from the
+    /// definitions buckets, so that a test can show a change still applies to the first
+    /// event stored after its write. Not read from configuration files.
+    #[serde(skip)]
+    pub definitions_apply_delay_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -75,6 +80,7 @@ impl Default for IngestConfig {
             dedup_capacity: 500_000,
             enforce: true,
             limits: DecodeLimits::default(),
+            definitions_apply_delay_ms: 0,
         }
     }
 }
@@ -200,8 +206,14 @@ pub async fn run_worker(
     topology::ensure_streams(&js, &config).await?;
     let entitlements = if config.enforce {
         Some(
-            entitlements::Entitlements::start(&js, &partitions, config.partitions, cancel.clone())
-                .await?,
+            entitlements::Entitlements::start(
+                &js,
+                &partitions,
+                config.partitions,
+                std::time::Duration::from_millis(config.definitions_apply_delay_ms),
+                cancel.clone(),
+            )
+            .await?,
         )
     } else {
         None

@@ -1,0 +1,317 @@
+//! Enforcement through a real nats-server: each decision recorded in the lake, upgrade
+//! prompts on the notification stream, and live entitlement changes.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::Harness;
+use tally::pipeline::Pipeline;
+use tally_core::entitlement::{
+    Catalog, Customer, Customers, Enforcement, Entitlement, Metered, Plan, Status,
+};
+use tally_core::subject::{self, EVENTS_STREAM, NOTIFY_STREAM};
+use tally_ingest::definitions::Definitions;
+use tally_query::Lakehouse;
+
+fn metered(limit: f64, enforcement: Enforcement) -> Entitlement {
+    let mut m = Metered::new(Some(limit));
+    m.enforcement = enforcement;
+    m.next_plan = Some("big".to_owned());
+    Entitlement::Metered(m)
+}
+
+fn plan(id: &str, calls: f64, seats: Option<u32>) -> Plan {
+    Plan {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        features: [
+            ("calls", metered(calls, Enforcement::Hard)),
+            ("storage", metered(5.0, Enforcement::Soft)),
+            ("export", Entitlement::Boolean { enabled: true }),
+            ("sso", Entitlement::Boolean { enabled: false }),
+        ]
+        .into_iter()
+        .map(|(f, e)| (f.to_owned(), e))
+        .collect(),
+        seats,
+    }
+}
+
+async fn setup(h: &Harness, customers: Vec<Customer>) -> Definitions {
+    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let catalog = Catalog {
+        plans: vec![plan("small", 10.0, Some(2)), plan("big", 1000.0, None)],
+        ..Catalog::default()
+    };
+    defs.apply_catalog(&catalog, "test").await.unwrap();
+    defs.apply_customers(&Customers { customers }, "test")
+        .await
+        .unwrap();
+    defs
+}
+
+/// Publishes one event and waits for JetStream's acknowledgement.
+async fn publish(h: &Harness, id: &str, customer: &str, feature: &str, quantity: f64, extra: &str) {
+    let body = format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"test","type":"usage","subject":"{customer}",{extra}"data":{{"feature":"{feature}","quantity":{quantity}}}}}"#
+    );
+    h.nats
+        .jetstream
+        .publish(subject::events_subject(customer), body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Each event's decision, from the lake.
+async fn decisions(h: &Harness) -> BTreeMap<String, String> {
+    let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let batches = lake
+        .context()
+        .sql("SELECT event_id, decision FROM events")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for b in &batches {
+        let cast = |i: usize| {
+            arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap()
+        };
+        let (ids, ds) = (cast(0), cast(1));
+        let (ids, ds) = (
+            ids.as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap(),
+            ds.as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap(),
+        );
+        for i in 0..b.num_rows() {
+            out.insert(ids.value(i).to_owned(), ds.value(i).to_owned());
+        }
+    }
+    out
+}
+
+/// Every notification: (subject, body).
+async fn notifications(h: &Harness) -> Vec<(String, serde_json::Value)> {
+    let stream = h.nats.jetstream.get_stream(NOTIFY_STREAM).await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        out.push((
+            m.subject.to_string(),
+            serde_json::from_slice(&m.payload).unwrap(),
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_recorded_with_its_event_and_prompts_are_sent_once() {
+    let h = Harness::start().await;
+    let mut acme = Customer::new("acme", "small");
+    acme.regions = vec!["eu".to_owned()];
+    let mut old = Customer::new("old", "small");
+    old.valid_until = Some("2026-01-01T00:00:00Z".parse().unwrap());
+    let mut paused = Customer::new("paused", "small");
+    paused.status = Status::Suspended;
+    setup(&h, vec![acme, old, paused]).await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+
+    let at = |t: &str, region: &str, user: &str| {
+        format!(r#""time":"{t}","data":{{"region":"{region}","user":"{user}","#)
+    };
+    let nov = |user| at("2026-11-10T10:00:00Z", "eu", user);
+    // (id, customer, feature, quantity, time/region/user, the decision it must get)
+    let cases: Vec<(&str, &str, &str, f64, String, &str)> = vec![
+        ("e01", "acme", "calls", 6.0, nov("u1"), "accepted"),
+        ("e02", "acme", "calls", 6.0, nov("u1"), "limit_reached"),
+        ("e03", "acme", "storage", 7.0, nov("u1"), "overage"),
+        ("e04", "acme", "sso", 1.0, nov("u1"), "not_entitled"),
+        (
+            "e05",
+            "acme",
+            "export",
+            1.0,
+            at("2026-11-10T10:00:00Z", "us", "u1"),
+            "region_blocked",
+        ),
+        ("e06", "old", "export", 1.0, nov("u1"), "expired"),
+        ("e07", "paused", "export", 1.0, nov("u1"), "expired"),
+        (
+            "e08",
+            "nobody",
+            "export",
+            1.0,
+            nov("u1"),
+            "unknown_customer",
+        ),
+        ("e09", "acme", "export", 1.0, nov("u2"), "accepted"),
+        ("e10", "acme", "export", 1.0, nov("u3"), "seat_limit"),
+        (
+            "e11",
+            "acme",
+            "calls",
+            1.0,
+            at("2026-10-31T23:00:00Z", "eu", "u1"),
+            "late",
+        ),
+        ("e12", "acme", "calls", 4.0, nov("u2"), "accepted"),
+    ];
+    for (id, customer, feature, q, extra, _) in &cases {
+        // `extra` opens the data object; the helper closes it with feature and quantity.
+        let (time, data) = extra.split_once(r#""data":{"#).unwrap();
+        let body = format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"test","type":"usage","subject":"{customer}",{time}"data":{{{data}"feature":"{feature}","quantity":{q}}}}}"#
+        );
+        h.nats
+            .jetstream
+            .publish(subject::events_subject(customer), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    h.drain(&pipeline, cases.len() as u64).await;
+    let got = decisions(&h).await;
+    for (id, _, _, _, _, want) in &cases {
+        assert_eq!(got.get(*id).map(String::as_str), Some(*want), "{id}");
+    }
+
+    // Prompts: storage crossed 80 % and 100 % (7 of 5) in one event; calls was refused
+    // (first refusal of the period) and later reached 100 % exactly (6 + 4 of 10).
+    let mut sent: Vec<(String, String, Option<u64>)> = notifications(&h)
+        .await
+        .into_iter()
+        .map(|(subject, body)| {
+            assert_eq!(body["customer"], "acme");
+            assert_eq!(body["period_start"], "2026-11-01T00:00:00+00:00");
+            assert_eq!(body["next_plan"], "big");
+            (
+                subject,
+                body["feature"].as_str().unwrap().to_owned(),
+                body["threshold"].as_u64(),
+            )
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            (
+                "tally.notify.limit_reached.acme".to_owned(),
+                "calls".to_owned(),
+                None
+            ),
+            (
+                "tally.notify.threshold.acme".to_owned(),
+                "calls".to_owned(),
+                Some(80)
+            ),
+            (
+                "tally.notify.threshold.acme".to_owned(),
+                "calls".to_owned(),
+                Some(100)
+            ),
+            (
+                "tally.notify.threshold.acme".to_owned(),
+                "storage".to_owned(),
+                Some(80)
+            ),
+            (
+                "tally.notify.threshold.acme".to_owned(),
+                "storage".to_owned(),
+                Some(100)
+            ),
+        ]
+    );
+
+    // NATS put each customer's events in the partition Tally computes for it.
+    let stream = h.nats.jetstream.get_stream(EVENTS_STREAM).await.unwrap();
+    for seq in 1..=cases.len() as u64 {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let (partition, token) = subject::parse_partitioned(&m.subject).unwrap();
+        let customer = subject::customer_from_token(token).unwrap();
+        assert_eq!(
+            partition,
+            subject::partition_of(&customer, h.config.ingest.partitions)
+        );
+    }
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_applies_to_the_first_event_after_the_write_is_acknowledged() {
+    let mut h = Harness::start().await;
+    let defs = setup(&h, vec![Customer::new("grow", "small")]).await;
+    // The worker's watch applies each change 300 ms late: the event published right after
+    // the write reaches the worker first, which must wait for the change.
+    h.config.ingest.definitions_apply_delay_ms = 300;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let time = r#""time":"2026-11-10T10:00:00Z","#;
+
+    // Each change is written once the worker has decided every event before it; the next
+    // event is published the moment the write is acknowledged.
+    let stats = pipeline.stats.clone();
+    let decided = |n: u64| {
+        let stats = stats.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while tally_ingest::Stats::get(&stats.events_valid) < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{n} events not decided"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+    let change = |customer: Customer| {
+        let defs = defs.clone();
+        async move {
+            let customers = Customers {
+                customers: vec![customer],
+            };
+            defs.apply_customers(&customers, "crm").await.unwrap();
+        }
+    };
+    publish(&h, "g1", "grow", "calls", 10.0, time).await;
+    publish(&h, "g2", "grow", "calls", 1.0, time).await;
+    decided(2).await;
+    change(Customer::new("grow", "big")).await;
+    publish(&h, "g3", "grow", "calls", 1.0, time).await;
+    decided(3).await;
+    // Down again below the usage (11 of 10 counted): refused, nothing undone.
+    change(Customer::new("grow", "small")).await;
+    publish(&h, "g4", "grow", "calls", 1.0, time).await;
+    decided(4).await;
+    // Suspended: expired at once.
+    let mut suspended = Customer::new("grow", "big");
+    suspended.status = Status::Suspended;
+    change(suspended).await;
+    publish(&h, "g5", "grow", "calls", 1.0, time).await;
+
+    h.drain(&pipeline, 5).await;
+    let got = decisions(&h).await;
+    let got: Vec<&str> = ["g1", "g2", "g3", "g4", "g5"]
+        .iter()
+        .map(|id| got[*id].as_str())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "accepted",
+            "limit_reached",
+            "accepted",
+            "limit_reached",
+            "expired"
+        ]
+    );
+    pipeline.shutdown().await.unwrap();
+}
