@@ -62,6 +62,11 @@ pub struct IngestBench {
     /// Send the compact Arrow IPC encoding instead of CloudEvents JSON.
     #[arg(long)]
     arrow: bool,
+    /// Accept every valid event without deciding it against entitlements (to measure what
+    /// enforcement costs). By default the demo catalogue and customers are loaded and
+    /// every event is decided.
+    #[arg(long)]
+    no_enforce: bool,
     /// Spread event times over the current month (a replay: many date partitions, so many
     /// more files) instead of over today (live traffic).
     #[arg(long)]
@@ -77,6 +82,8 @@ pub struct IngestBench {
 #[derive(Debug, Serialize)]
 pub struct IngestReport {
     pub encoding: &'static str,
+    /// Whether every event was decided against entitlements.
+    pub enforce: bool,
     pub events: u64,
     pub messages: u64,
     pub batch: usize,
@@ -183,6 +190,13 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     };
     let nats = Nats::connect(&config).await?;
 
+    config.ingest.enforce = !args.no_enforce;
+    if config.ingest.enforce {
+        let (catalog, customers) = crate::demo::definitions(&spec)?;
+        let defs = tally_ingest::definitions::Definitions::open(&nats.jetstream).await?;
+        defs.apply_catalog(&catalog, "tally-bench").await?;
+        defs.apply_customers(&customers, "tally-bench").await?;
+    }
     let pipeline = Pipeline::start(&config, &nats, None).await?;
     let mark = CpuMark::now(&nats);
     let start = Instant::now();
@@ -221,6 +235,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     let events_per_sec = totals.events_valid as f64 / seconds;
     let report = IngestReport {
         encoding: if args.arrow { "arrow" } else { "json" },
+        enforce: config.ingest.enforce,
         events: totals.events_valid,
         messages: messages.len() as u64,
         batch: args.batch,

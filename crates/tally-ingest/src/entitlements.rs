@@ -11,8 +11,9 @@
 //! ([`Entitlements::sync_for`]). Under load the messages being decided were stored before
 //! the last synchronisation, so this costs a request now and then, not one per message.
 //!
-//! Only customers of the partitions this worker owns are held; plans and add-ons are held
-//! whole.
+//! Each owned partition has an engine of its own, behind a lock that only its partition
+//! task and the watches take (so partitions never wait for each other): it holds the
+//! partition's customers, and every plan and add-on.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -36,10 +37,10 @@ const CLOCK_MARGIN_US: i64 = 100_000;
 /// How long a sync waits for the watches before deciding with what it has.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The engine of one worker process and what keeps it current.
+/// The engines of one worker process and what keeps them current.
 pub struct Entitlements {
-    engine: Mutex<Engine>,
-    owned: Vec<bool>,
+    /// By partition; `None` for a partition this process does not own.
+    engines: Vec<Option<Mutex<Engine>>>,
     partitions: u16,
     catalog: Followed,
     customers: Followed,
@@ -78,15 +79,11 @@ impl Entitlements {
     ) -> Result<Arc<Entitlements>> {
         let definitions = Definitions::open(js).await?;
         let (catalog, customers) = definitions.stores();
-        let mut owned_mask = vec![false; usize::from(partitions.max(1))];
-        for &p in owned {
-            if let Some(o) = owned_mask.get_mut(usize::from(p)) {
-                *o = true;
-            }
-        }
+        let engines = (0..partitions.max(1))
+            .map(|p| owned.contains(&p).then(|| Mutex::new(Engine::new())))
+            .collect();
         let this = Arc::new(Entitlements {
-            engine: Mutex::new(Engine::new()),
-            owned: owned_mask,
+            engines,
             partitions,
             catalog: Followed {
                 stream: catalog.stream_name.clone(),
@@ -107,11 +104,24 @@ impl Entitlements {
         Ok(this)
     }
 
-    /// The engine, for deciding one message's events. Hold it only while deciding.
-    pub fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// A partition's engine, for deciding one message's events. Hold it only while
+    /// deciding. `None` for a partition this process does not own.
+    pub fn engine(&self, partition: u16) -> Option<MutexGuard<'_, Engine>> {
+        let engine = self.engines.get(usize::from(partition))?.as_ref()?;
+        Some(
+            engine
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Runs `f` on every owned partition's engine, one at a time.
+    fn each_engine(&self, mut f: impl FnMut(&mut Engine)) {
+        for p in 0..self.partitions {
+            if let Some(mut engine) = self.engine(p) {
+                f(&mut engine);
+            }
+        }
     }
 
     /// Makes sure every change acknowledged before `stored_us` (a message's JetStream
@@ -153,15 +163,9 @@ impl Entitlements {
         Ok(())
     }
 
-    fn owns(&self, customer: &str) -> bool {
-        let p = partition_of(customer, self.partitions);
-        self.owned.get(usize::from(p)).copied().unwrap_or(false)
-    }
-
     /// Applies one bucket entry to the engine.
     fn apply(&self, entry: &Entry) {
         let put = entry.operation == Operation::Put;
-        let mut engine = self.engine();
         let parse = |what: &str| -> Option<serde_json::Value> {
             serde_json::from_slice(&entry.value)
                 .map_err(
@@ -173,9 +177,9 @@ impl Entitlements {
             let Some(id) = id_from_kv_key(&entry.key) else {
                 return;
             };
-            if !self.owns(&id) {
+            let Some(mut engine) = self.engine(partition_of(&id, self.partitions)) else {
                 return;
-            }
+            };
             if !put {
                 engine.remove_customer(&id);
             } else if let Some(c) =
@@ -193,19 +197,19 @@ impl Entitlements {
             return;
         };
         match (kind, put) {
-            ("plan", false) => engine.remove_plan(&id),
-            ("addon", false) => engine.remove_addon(&id),
+            ("plan", false) => self.each_engine(|e| e.remove_plan(&id)),
+            ("addon", false) => self.each_engine(|e| e.remove_addon(&id)),
             ("plan", true) => {
                 if let Some(p) = parse("plan").and_then(|v| serde_json::from_value::<Plan>(v).ok())
                 {
-                    engine.upsert_plan(p);
+                    self.each_engine(|e| e.upsert_plan(p.clone()));
                 }
             }
             ("addon", true) => {
                 if let Some(a) =
                     parse("addon").and_then(|v| serde_json::from_value::<AddOn>(v).ok())
                 {
-                    engine.upsert_addon(a);
+                    self.each_engine(|e| e.upsert_addon(a.clone()));
                 }
             }
             // SKU mappings are for orders, not for deciding events.

@@ -228,7 +228,7 @@ async fn handle(
     let mut notices = Vec::new();
     let refused = {
         // Held only while this message's events are decided, never across an await.
-        let mut engine = entitlements.map(Entitlements::engine);
+        let mut engine = entitlements.and_then(|e| e.engine(partition));
         let mut accept = Accept {
             token: subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t),
             ingest_micros: chrono::Utc::now().timestamp_micros(),
