@@ -59,6 +59,10 @@ enum Command {
     /// Example: tally customers apply examples/customers.toml
     #[command(subcommand)]
     Customers(tally::definitions::DefinitionsCmd),
+    /// Ask the worker that owns a customer whether it may use a feature now.
+    ///
+    /// Example: tally check cust-00001 api-calls --quantity 100 --nats-url nats://127.0.0.1:4222
+    Check(CheckCmd),
     /// Measure the pipeline; see `tally bench ingest --help`.
     #[command(subcommand)]
     Bench(tally::bench::BenchCmd),
@@ -105,6 +109,20 @@ struct BillingCmd {
     /// Only this customer.
     #[arg(long)]
     customer: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+#[derive(Args)]
+struct CheckCmd {
+    customer: String,
+    feature: String,
+    #[arg(long, default_value_t = 1.0)]
+    quantity: f64,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
@@ -208,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Plans(cmd) => tally::definitions::run(config, Kind::Catalog, cmd).await,
         Command::Customers(cmd) => tally::definitions::run(config, Kind::Customers, cmd).await,
+        Command::Check(cmd) => check(config, cmd).await,
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
     }
 }
@@ -217,6 +236,54 @@ impl DemoCmd {
     fn data_dir_is_default(&self, config: &Config) -> bool {
         config.data_dir == Config::default().data_dir
     }
+}
+
+async fn check(config: Config, cmd: CheckCmd) -> anyhow::Result<std::process::ExitCode> {
+    use tally_ingest::checks::{CheckRequest, check};
+    let nats = Nats::connect(&config).await?;
+    let request = CheckRequest {
+        customer: cmd.customer,
+        feature: cmd.feature,
+        quantity: cmd.quantity,
+        time: None,
+        region: cmd.region,
+        user: cmd.user,
+    };
+    let reply = check(
+        &nats.client,
+        config.ingest.partitions,
+        &request,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .context("is a tally worker running against this NATS? (tally serve)")?;
+    if cmd.format == Format::Table {
+        let of = |v: Option<f64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+        println!(
+            "{} {}: {} ({}), usage {} of {}, {} remaining{}{}",
+            reply.customer,
+            reply.feature,
+            reply.decision,
+            if reply.has_access {
+                "has access"
+            } else {
+                "no access"
+            },
+            reply.usage,
+            of(reply.limit),
+            of(reply.remaining),
+            reply
+                .resets_at
+                .map_or(String::new(), |t| format!(", resets {}", t.to_rfc3339())),
+            reply
+                .value
+                .as_ref()
+                .map_or(String::new(), |v| format!(", value {v}")),
+        );
+    } else {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Runs the worker until Ctrl-C or SIGTERM, then drains in order.

@@ -28,8 +28,14 @@ pub struct Nats {
 impl Nats {
     /// Connects to `config.nats_url`, or starts the embedded nats-server first.
     pub async fn connect(config: &Config) -> anyhow::Result<Nats> {
+        let running = || tally_natsd::running(&config.nats_dir());
         let (url, server) = match &config.nats_url {
             Some(url) => (url.clone(), None),
+            // Another tally command already runs the embedded server of this data directory.
+            None if let Some(url) = running() => {
+                tracing::info!(%url, "using the nats-server of the tally already running on this data directory");
+                (url, None)
+            }
             None => {
                 let mut options = ServerOptions::new(config.nats_dir());
                 options.binary = config.nats_server.clone();
@@ -81,14 +87,23 @@ impl Pipeline {
         tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
         tally_ingest::topology::ensure_consumers(&nats.jetstream, &config.ingest, &partitions)
             .await?;
-        let worker = tokio::spawn(run_worker(
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let mut worker = tokio::spawn(run_worker(
             nats.jetstream.clone(),
             config.ingest.clone(),
             partitions,
             flush_tx,
             stats.clone(),
             cancel.clone(),
+            ready_tx,
         ));
+        // Return once the entitlements are loaded and checks are answered, or with the
+        // worker's error.
+        if ready.await.is_err() {
+            let failed = (&mut worker).await.context("ingest worker panicked")?;
+            failed.context("starting the ingest worker")?;
+            anyhow::bail!("the ingest worker stopped while starting");
+        }
         Ok(Pipeline {
             stats,
             cancel,

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -363,4 +364,51 @@ async fn a_killed_worker_strands_nothing_it_had_not_made_durable() {
     }
     terminate(second);
     assert_eq!(lake_rows(&h), expected);
+}
+
+/// With the embedded default, a command run beside `tally serve` on the same data
+/// directory uses that serve's nats-server: it neither starts a second server on the same
+/// store nor stops the running one.
+#[test]
+fn a_command_beside_a_running_serve_shares_its_embedded_nats_server() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let tally = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+        c.arg("--data-dir").arg(dir.path()).env("TALLY_LOG", "info");
+        c
+    };
+    let mut child = tally()
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(
+        lines
+            .by_ref()
+            .any(|l| l.unwrap_or_default().contains("tally is running")),
+        "tally serve exited before it was running"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    let serve = Serve(child);
+    let pid_file = dir.path().join("nats/nats-server.pid");
+    let server = std::fs::read_to_string(&pid_file).unwrap();
+
+    let catalog = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/catalog.toml");
+    let applied = tally().args(["plans", "apply", catalog]).output().unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(String::from_utf8_lossy(&applied.stdout).contains("free"));
+    assert!(String::from_utf8_lossy(&applied.stderr).contains("using the nats-server"));
+    let listed = tally().args(["plans", "list"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("plan free (Free)"));
+
+    // The same server still runs, under serve, which drains and exits cleanly.
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), server);
+    assert!(Path::new(&format!("/proc/{}", server.trim())).exists());
+    terminate(serve);
 }

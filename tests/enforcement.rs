@@ -315,3 +315,133 @@ async fn an_upgrade_applies_to_the_first_event_after_the_write_is_acknowledged()
     );
     pipeline.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
+    use tally_ingest::checks::{CheckRequest, check, check_subject};
+    let h = Harness::start().await;
+    setup(&h, vec![Customer::new("acme", "small")]).await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let partitions = h.config.ingest.partitions;
+    let ask = |feature: &str, quantity: f64| CheckRequest {
+        customer: "acme".to_owned(),
+        feature: feature.to_owned(),
+        quantity,
+        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
+        region: None,
+        user: None,
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let client = &h.nats.client;
+
+    let fresh = check(client, partitions, &ask("calls", 1.0), timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        (fresh.decision.as_str(), fresh.has_access),
+        ("accepted", true)
+    );
+    assert_eq!(
+        (fresh.usage, fresh.limit, fresh.remaining),
+        (0.0, Some(10.0), Some(10.0))
+    );
+    assert_eq!(
+        fresh.resets_at.unwrap().to_rfc3339(),
+        "2026-12-01T00:00:00+00:00"
+    );
+    // Checking twice records nothing.
+    assert_eq!(
+        check(client, partitions, &ask("calls", 1.0), timeout)
+            .await
+            .unwrap(),
+        fresh
+    );
+
+    publish(
+        &h,
+        "c1",
+        "acme",
+        "calls",
+        6.0,
+        r#""time":"2026-11-10T10:00:00Z","#,
+    )
+    .await;
+    h.drain(&pipeline, 1).await;
+    let after = check(client, partitions, &ask("calls", 5.0), timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        (after.decision.as_str(), after.has_access),
+        ("limit_reached", false)
+    );
+    assert_eq!((after.usage, after.remaining), (6.0, Some(4.0)));
+    let sso = check(client, partitions, &ask("sso", 1.0), timeout)
+        .await
+        .unwrap();
+    assert_eq!(sso.decision, "not_entitled");
+    let nobody = CheckRequest {
+        customer: "nobody".to_owned(),
+        ..ask("calls", 1.0)
+    };
+    assert_eq!(
+        check(client, partitions, &nobody, timeout)
+            .await
+            .unwrap()
+            .decision,
+        "unknown_customer"
+    );
+
+    // Malformed requests and a request to the wrong partition name what is wrong.
+    let client = h.nats.client.clone();
+    let raw = |subject: String, body: &'static str| {
+        let client = client.clone();
+        async move {
+            let reply = client.request(subject, body.into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    let subject = check_subject("acme", partitions);
+    let bad = raw(
+        subject.clone(),
+        r#"{"customer":"acme","feature":"calls","quantity":"lots"}"#,
+    )
+    .await;
+    assert_eq!(bad["field"], "quantity", "{bad}");
+    let bad = raw(subject.clone(), r#"{"customer":"acme"}"#).await;
+    assert_eq!(bad["field"], "feature", "{bad}");
+    let other = (0..partitions)
+        .map(|p| format!("tally.check.{p}"))
+        .find(|s| *s != subject)
+        .unwrap();
+    let wrong = raw(other, r#"{"customer":"acme","feature":"calls"}"#).await;
+    assert_eq!(wrong["field"], "customer", "{wrong}");
+    assert!(
+        wrong["error"].as_str().unwrap().contains(&subject),
+        "{wrong}"
+    );
+
+    // `tally check` asks the same way.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "check",
+            "acme",
+            "calls",
+            "--format",
+            "json",
+            "--nats-url",
+            &h.server.url(),
+        ])
+        .arg("--data-dir")
+        .arg(h.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(cli["customer"], "acme");
+    assert!(cli["decision"].is_string());
+    pipeline.shutdown().await.unwrap();
+}

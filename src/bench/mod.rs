@@ -25,6 +25,7 @@ use crate::demo::wait_drained;
 use crate::pipeline::{Nats, Pipeline};
 use crate::workload::{self, OutMessage, Spec};
 
+pub mod check;
 pub mod quota;
 
 #[derive(Subcommand)]
@@ -37,6 +38,10 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench quota --customers 100000 --features 20 --format json
     Quota(quota::QuotaBench),
+    /// Entitlement checks over NATS request-reply at a fixed rate: round-trip latency.
+    ///
+    /// Example: tally bench check --rate 20000 --seconds 10 --format json
+    Check(check::CheckBench),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -152,6 +157,7 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
     match cmd {
         BenchCmd::Ingest(args) => ingest(config, args).await,
         BenchCmd::Quota(args) => tokio::task::spawn_blocking(move || quota::run(args)).await?,
+        BenchCmd::Check(args) => check::run(config, args).await,
     }
 }
 

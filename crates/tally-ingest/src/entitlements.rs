@@ -33,7 +33,7 @@ use crate::{Error, Result};
 
 /// How far the worker's clock may run ahead of nats-server's before a message stored just
 /// before a synchronisation is taken for one stored after it (which only costs a sync).
-const CLOCK_MARGIN_US: i64 = 100_000;
+const CLOCK_MARGIN_US: i64 = 20_000;
 /// How long a sync waits for the watches before deciding with what it has.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -136,17 +136,12 @@ impl Entitlements {
             return Ok(());
         }
         let started = chrono::Utc::now().timestamp_micros();
-        for followed in [&self.catalog, &self.customers] {
-            let last = self
-                .js
-                .get_stream(&followed.stream)
-                .await
-                .map_err(|e| Error::nats("read a definitions bucket", e))?
-                .get_info()
-                .await
-                .map_err(|e| Error::nats("read a definitions bucket", e))?
-                .state
-                .last_sequence;
+        // Both buckets' last revisions, asked at once.
+        let (catalog, customers) = tokio::join!(
+            self.last_revision(&self.catalog),
+            self.last_revision(&self.customers)
+        );
+        for (followed, last) in [(&self.catalog, catalog?), (&self.customers, customers?)] {
             let mut applied = followed.applied.subscribe();
             let caught_up = tokio::time::timeout(SYNC_TIMEOUT, applied.wait_for(|r| *r >= last));
             if !matches!(caught_up.await, Ok(Ok(_))) {
@@ -161,6 +156,19 @@ impl Entitlements {
         self.synced_until
             .store(started - CLOCK_MARGIN_US, Ordering::Release);
         Ok(())
+    }
+
+    async fn last_revision(&self, followed: &Followed) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream_no_info(&followed.stream)
+            .await
+            .map_err(|e| Error::nats("read a definitions bucket", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| Error::nats("read a definitions bucket", e))?;
+        Ok(info.state.last_sequence)
     }
 
     /// Applies one bucket entry to the engine.

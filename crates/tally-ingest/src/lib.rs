@@ -8,6 +8,7 @@
 //! lake answers that the file holding them is durable. This crate does not know the lake:
 //! the binary wires the channel to `tally-store`.
 
+pub mod checks;
 pub mod dedup;
 pub mod definitions;
 pub mod entitlements;
@@ -130,6 +131,9 @@ pub enum Error {
     /// A stored definition (plan, customer, …) could not be read or written.
     #[error("definition: {0}")]
     Definition(String),
+    /// A check was refused or not answered.
+    #[error("check: {0}")]
+    Check(String),
 }
 
 impl Error {
@@ -195,6 +199,7 @@ impl Stats {
 ///
 /// On cancel, each partition seals its open batch, waits for it to become durable and
 /// acknowledges it before returning. A failing partition cancels the others.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_worker(
     js: async_nats::jetstream::Context,
     config: IngestConfig,
@@ -202,6 +207,7 @@ pub async fn run_worker(
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: std::sync::Arc<Stats>,
     cancel: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<()> {
     topology::ensure_streams(&js, &config).await?;
     let entitlements = if config.enforce {
@@ -218,6 +224,22 @@ pub async fn run_worker(
     } else {
         None
     };
+    // Answered until cancelled; the tasks end with this function.
+    let _checks = match &entitlements {
+        Some(e) => Some(
+            checks::serve(
+                js.client(),
+                e.clone(),
+                partitions.clone(),
+                config.partitions,
+                cancel.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    // The entitlements are loaded and checks are answered: the worker is ready.
+    let _ = ready.send(());
     let tracker = TaskTracker::new();
     let (err_tx, mut err_rx) = mpsc::channel::<Error>(partitions.len().max(1));
     for partition in partitions {

@@ -213,27 +213,60 @@ impl Drop for NatsServer {
     }
 }
 
+/// The pid of a nats-server running this data directory's config, if any. The pid file
+/// is trusted only if that process is a nats-server with this directory's config (Linux
+/// `/proc`).
+fn server_on(data_dir: &Path) -> Option<u32> {
+    let pid = fs::read_to_string(data_dir.join("nats-server.pid"))
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    let config = data_dir.join("nats-server.conf");
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("nats-server") && cmdline.contains(&*config.to_string_lossy())).then_some(pid)
+}
+
+/// Whether the process that started nats-server `pid` still runs it: its parent is a live
+/// `tally` process. A server whose `tally` was killed has been adopted by another process.
+fn owner_alive(pid: u32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state, then the parent's pid.
+    let parent = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok());
+    parent.is_some_and(|ppid| {
+        fs::read_to_string(format!("/proc/{ppid}/comm")).is_ok_and(|comm| comm.trim() == "tally")
+    })
+}
+
+/// The client URL of the nats-server that a running `tally` process started on this data
+/// directory, so that a second command (`tally plans apply` beside `tally serve`) uses it
+/// instead of starting another server on the same store.
+pub fn running(data_dir: &Path) -> Option<String> {
+    let pid = server_on(data_dir)?;
+    if !owner_alive(pid) {
+        return None;
+    }
+    let config = fs::read_to_string(data_dir.join("nats-server.conf")).ok()?;
+    let listen = config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen:"))?
+        .trim()
+        .trim_matches('"');
+    Some(format!("nats://{listen}"))
+}
+
 /// Stops a nats-server that an earlier process started on this data directory and could
 /// not stop (it was killed with SIGKILL): two servers must never share a JetStream store.
-/// The pid file is trusted only if that process is a nats-server running this directory's
-/// config (Linux `/proc`); anything else is left alone.
+/// A server whose `tally` still runs is left alone (see [`running`]).
 pub fn stop_leftover(data_dir: &Path) {
-    let (pid_file, config) = (
-        data_dir.join("nats-server.pid"),
-        data_dir.join("nats-server.conf"),
-    );
-    let Some(pid) = fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-    else {
+    let Some(pid) = server_on(data_dir) else {
         return;
     };
-    let ours = || {
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        cmdline.contains("nats-server") && cmdline.contains(&*config.to_string_lossy())
-    };
-    if !ours() {
+    if owner_alive(pid) {
         return;
     }
     tracing::warn!(pid, dir = %data_dir.display(),
@@ -241,7 +274,7 @@ pub fn stop_leftover(data_dir: &Path) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     let deadline = Instant::now() + Duration::from_secs(5);
     // A killed process has no command line any more (even before it is reaped).
-    while ours() && Instant::now() < deadline {
+    while server_on(data_dir).is_some() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,0 +1,277 @@
+//! Entitlement checks over NATS request-reply: "may customer C use feature F (quantity q)
+//! now?", answered by the worker that owns C's partition, without recording anything.
+//!
+//! A request goes to `tally.check.<partition>` (the customer's partition, see
+//! [`partition_of`]); every process owning that partition listens in the queue group
+//! `tally-check`, so one of them answers. The body is a JSON [`CheckRequest`]; the reply a
+//! JSON [`CheckReply`], with `error` naming the field when the request is malformed. A
+//! check reads the engine as it stands: a definition change is seen once the worker's
+//! watch has applied it (normally within a millisecond), without the synchronisation
+//! events get.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Client;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tally_core::subject::partition_of;
+use tally_quota::Usage;
+use tokio_util::sync::CancellationToken;
+
+use crate::entitlements::Entitlements;
+use crate::{Error, Result};
+
+/// Checks for a partition are requested on `tally.check.<partition>`.
+pub const CHECK_PREFIX: &str = "tally.check";
+const QUEUE: &str = "tally-check";
+
+/// The subject a check for this customer goes to.
+pub fn check_subject(customer: &str, partitions: u16) -> String {
+    format!("{CHECK_PREFIX}.{}", partition_of(customer, partitions))
+}
+
+/// "May `customer` use `feature` now?"
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    pub customer: String,
+    pub feature: String,
+    /// The quantity the app is about to use (default 1).
+    #[serde(default = "one")]
+    pub quantity: f64,
+    /// When (default: now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The answer: the decision an event would get now, and the feature's balance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReply {
+    pub customer: String,
+    pub feature: String,
+    /// `accepted`, `overage`, `limit_reached`, `not_entitled`, … (see the decisions).
+    pub decision: String,
+    /// Whether the usage would be allowed (accepted or overage).
+    pub has_access: bool,
+    /// Quantity counted in the open period.
+    pub usage: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<f64>,
+    /// What is left of the limit and the usable grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<f64>,
+    /// When the period's counter starts again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<DateTime<Utc>>,
+    /// A static feature's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+}
+
+/// The reply to a request that could not be checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// Subscribes to the checks of the owned partitions (the server has the subscriptions
+/// when this returns) and answers them until `cancel`.
+pub async fn serve(
+    client: Client,
+    entitlements: Arc<Entitlements>,
+    partitions: Vec<u16>,
+    total: u16,
+    cancel: CancellationToken,
+) -> Result<tokio::task::JoinSet<()>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut subscriptions = Vec::new();
+    for p in partitions {
+        let requests = client
+            .queue_subscribe(format!("{CHECK_PREFIX}.{p}"), QUEUE.to_owned())
+            .await
+            .map_err(|e| Error::nats("subscribe to checks", e))?;
+        subscriptions.push((p, requests));
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::nats("subscribe to checks", e))?;
+    for (p, mut requests) in subscriptions {
+        let (client, entitlements, cancel) = (client.clone(), entitlements.clone(), cancel.clone());
+        tasks.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    r = requests.next() => r,
+                };
+                let Some(request) = request else { break };
+                let Some(reply_to) = request.reply else {
+                    continue;
+                };
+                let body = match answer(&entitlements, p, total, &request.payload) {
+                    Ok(reply) => serde_json::to_vec(&reply),
+                    Err(error) => serde_json::to_vec(&error),
+                }
+                .unwrap_or_default();
+                if let Err(e) = client.publish(reply_to, body.into()).await {
+                    tracing::warn!(partition = p, error = %e, "cannot answer a check");
+                }
+            }
+        });
+    }
+    Ok(tasks)
+}
+
+fn answer(
+    entitlements: &Entitlements,
+    partition: u16,
+    total: u16,
+    payload: &[u8],
+) -> std::result::Result<CheckReply, CheckError> {
+    let request = parse(payload)?;
+    if !request.quantity.is_finite() || request.quantity < 0.0 {
+        return Err(CheckError {
+            error: format!(
+                "quantity must be a finite number ≥ 0, not {}",
+                request.quantity
+            ),
+            field: Some("quantity".to_owned()),
+        });
+    }
+    let owner = partition_of(&request.customer, total);
+    if owner != partition {
+        return Err(CheckError {
+            error: format!(
+                "customer {:?} belongs to partition {owner}; ask on {CHECK_PREFIX}.{owner}",
+                request.customer
+            ),
+            field: Some("customer".to_owned()),
+        });
+    }
+    let Some(mut engine) = entitlements.engine(partition) else {
+        return Err(CheckError {
+            error: format!("partition {partition} is not owned here"),
+            field: None,
+        });
+    };
+    let time = request.time.unwrap_or_else(Utc::now).timestamp_micros();
+    let check = engine.check(&Usage {
+        customer: &request.customer,
+        feature: &request.feature,
+        quantity: request.quantity,
+        time,
+        region: request.region.as_deref(),
+        user: request.user.as_deref(),
+    });
+    Ok(CheckReply {
+        decision: check.decision.as_str().to_owned(),
+        has_access: check.decision.is_billable(),
+        usage: check.usage,
+        limit: check.limit,
+        remaining: check.remaining,
+        resets_at: check.resets_at.and_then(DateTime::from_timestamp_micros),
+        value: check.value,
+        customer: request.customer,
+        feature: request.feature,
+    })
+}
+
+/// Reads a request, naming the field of the first flaw.
+fn parse(payload: &[u8]) -> std::result::Result<CheckRequest, CheckError> {
+    let flaw = |field: &str, error: String| CheckError {
+        error,
+        field: Some(field.to_owned()),
+    };
+    let value: Value = serde_json::from_slice(payload).map_err(|e| CheckError {
+        error: format!("not JSON: {e}"),
+        field: None,
+    })?;
+    let Value::Object(object) = value else {
+        return Err(CheckError {
+            error: "a check request is a JSON object".to_owned(),
+            field: None,
+        });
+    };
+    let text = |name: &str, required: bool| -> std::result::Result<Option<String>, CheckError> {
+        match object.get(name) {
+            None | Some(Value::Null) if required => {
+                Err(flaw(name, format!("`{name}` is required")))
+            }
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if required && s.is_empty() => {
+                Err(flaw(name, format!("`{name}` must not be empty")))
+            }
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(flaw(
+                name,
+                format!("`{name}` must be a string, not {other}"),
+            )),
+        }
+    };
+    if let Some(unknown) = object.keys().find(|k| {
+        !["customer", "feature", "quantity", "time", "region", "user"].contains(&k.as_str())
+    }) {
+        return Err(flaw(unknown, format!("unknown field `{unknown}`")));
+    }
+    let quantity = match object.get("quantity") {
+        None | Some(Value::Null) => 1.0,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(other) => {
+            return Err(flaw(
+                "quantity",
+                format!("`quantity` must be a number, not {other}"),
+            ));
+        }
+    };
+    let time = text("time", false)?
+        .map(|t| {
+            DateTime::parse_from_rfc3339(&t)
+                .map(|t| t.to_utc())
+                .map_err(|e| flaw("time", format!("`time` is not RFC 3339: {e}")))
+        })
+        .transpose()?;
+    Ok(CheckRequest {
+        customer: text("customer", true)?.unwrap_or_default(),
+        feature: text("feature", true)?.unwrap_or_default(),
+        quantity,
+        time,
+        region: text("region", false)?,
+        user: text("user", false)?,
+    })
+}
+
+/// Asks the owning worker; `Err` when no worker answers in time or the request was refused.
+pub async fn check(
+    client: &Client,
+    partitions: u16,
+    request: &CheckRequest,
+    timeout: Duration,
+) -> Result<CheckReply> {
+    let body = serde_json::to_vec(request).map_err(|e| Error::Check(e.to_string()))?;
+    let reply = tokio::time::timeout(
+        timeout,
+        client.request(check_subject(&request.customer, partitions), body.into()),
+    )
+    .await
+    .map_err(|_| Error::Check(format!("no worker answered within {timeout:?}")))?
+    .map_err(|e| Error::nats("check", e))?;
+    if let Ok(answer) = serde_json::from_slice::<CheckReply>(&reply.payload) {
+        return Ok(answer);
+    }
+    let error: CheckError = serde_json::from_slice(&reply.payload)
+        .map_err(|e| Error::Check(format!("unreadable check reply: {e}")))?;
+    Err(Error::Check(error.error))
+}
