@@ -4,8 +4,8 @@
 //! ([`Decision`]) and lands in the lake as one row of [`schema::lake_schema`]. The NATS
 //! names every component agrees on (streams, subjects, the customer-token rule) live in
 //! [`subject`], and the batch a worker hands to the lake in [`batch`]. What customers
-//! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], usage periods and the
-//! injected clock in [`period`].
+//! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], usage periods in
+//! [`period`].
 
 pub mod batch;
 pub mod columnar;

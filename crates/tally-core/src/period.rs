@@ -1,9 +1,8 @@
-//! Usage periods in UTC, and the clock that tells where "now" is.
+//! Usage periods in UTC.
 //!
 //! Times are microseconds since the Unix epoch, as in the lake. A period is a half-open
-//! interval `[start, end)`.
-
-use std::sync::atomic::{AtomicI64, Ordering};
+//! interval `[start, end)`. Nothing here reads a clock: the quota engine decides an event
+//! by the event's own time, so tests cross periods by sending times, never by sleeping.
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
 
@@ -57,46 +56,6 @@ fn anchored(first: NaiveDate, anchor_day: u8) -> NaiveDate {
 fn micros(date: NaiveDate) -> i64 {
     date.and_hms_opt(0, 0, 0)
         .map_or(0, |t| t.and_utc().timestamp_micros())
-}
-
-/// Where "now" is: the system clock in production, a settable one in tests, so that
-/// tests cross periods without sleeping.
-pub trait Clock: Send + Sync + std::fmt::Debug {
-    /// Microseconds since the Unix epoch.
-    fn now_us(&self) -> i64;
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_us(&self) -> i64 {
-        Utc::now().timestamp_micros()
-    }
-}
-
-/// A clock that stands still until it is set or advanced.
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(now_us: i64) -> Self {
-        Self(AtomicI64::new(now_us))
-    }
-
-    pub fn set(&self, now_us: i64) {
-        self.0.store(now_us, Ordering::SeqCst);
-    }
-
-    pub fn advance(&self, by_us: i64) {
-        self.0.fetch_add(by_us, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_us(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
 }
 
 #[cfg(test)]
@@ -155,15 +114,5 @@ mod tests {
             b(30, "2028-02-29T12:00:00Z"),
             (at("2028-02-29T00:00:00Z"), at("2028-03-30T00:00:00Z"))
         );
-    }
-
-    #[test]
-    fn a_manual_clock_moves_only_when_told() {
-        let clock = ManualClock::new(10);
-        assert_eq!(clock.now_us(), 10);
-        clock.advance(DAY_US);
-        assert_eq!(clock.now_us(), 10 + DAY_US);
-        clock.set(0);
-        assert_eq!(clock.now_us(), 0);
     }
 }

@@ -33,7 +33,7 @@ use crate::{Error, Result};
 
 /// How far the worker's clock may run ahead of nats-server's before a message stored just
 /// before a synchronisation is taken for one stored after it (which only costs a sync).
-const CLOCK_MARGIN_US: i64 = 20_000;
+const CLOCK_MARGIN_US: i64 = 5_000;
 /// How long a sync waits for the watches before deciding with what it has.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 

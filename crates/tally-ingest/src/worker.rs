@@ -40,6 +40,8 @@ struct Pending {
     last_seq: u64,
     /// When JetStream stored each message, in ms since the epoch, for the latency histogram.
     stored_ms: Vec<i64>,
+    /// Dead letters and notifications the batch's messages caused: stored before the ack.
+    published: Vec<PublishAckFuture>,
 }
 
 /// The open batch of one partition.
@@ -497,15 +499,6 @@ async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()
     let Some((last, last_seq)) = open.last.take() else {
         return Ok(());
     };
-    // A dead letter or a notification must be stored before the ack that covers its
-    // message: a crash in between redelivers the message, which sends them again (their
-    // message ids make that a no-op).
-    for dl in open.dead_letters.drain(..) {
-        dl.await.map_err(|e| Error::nats("dead letter ack", e))?;
-    }
-    for n in open.notices.drain(..) {
-        n.await.map_err(|e| Error::nats("notification ack", e))?;
-    }
     let sealed = SealedBatch {
         partition,
         first_seq: open.first_seq,
@@ -526,6 +519,11 @@ async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()
             last,
             last_seq,
             stored_ms: std::mem::take(&mut open.stored_ms),
+            published: open
+                .dead_letters
+                .drain(..)
+                .chain(open.notices.drain(..))
+                .collect(),
         })
         .await
         .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
@@ -546,6 +544,14 @@ async fn ack_in_order(
 ) -> Result<()> {
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
     while let Some(p) = rx.recv().await {
+        // A dead letter or a notification must be stored before the ack that covers its
+        // message: a crash in between redelivers the message, which sends them again
+        // (their message ids make that a no-op). Waiting here keeps the pull loop going.
+        for published in p.published {
+            published
+                .await
+                .map_err(|e| Error::nats("dead letter or notification ack", e))?;
+        }
         let durable = p
             .done
             .await
