@@ -313,6 +313,22 @@ async fn an_upgrade_applies_to_the_first_event_after_the_write_is_acknowledged()
             "expired"
         ]
     );
+    // Each change made while the worker ran was announced once; the definition it found
+    // at start was not.
+    let changes: Vec<(String, String)> = notifications(&h)
+        .await
+        .into_iter()
+        .filter(|(subject, _)| subject == "tally.notify.entitlement_changed.grow")
+        .map(|(_, body)| {
+            (
+                body["plan"].as_str().unwrap().to_owned(),
+                body["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [("big", "active"), ("small", "active"), ("big", "suspended")]
+        .map(|(p, s)| (p.to_owned(), s.to_owned()));
+    assert_eq!(changes, expected);
     pipeline.shutdown().await.unwrap();
 }
 

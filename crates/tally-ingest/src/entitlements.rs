@@ -65,6 +65,8 @@ impl std::fmt::Debug for Entitlements {
 struct Followed {
     stream: String,
     applied: watch::Sender<u64>,
+    /// The bucket's last revision when the worker started: changes after it are news.
+    started_at: std::sync::atomic::AtomicU64,
 }
 
 impl Entitlements {
@@ -88,16 +90,24 @@ impl Entitlements {
             catalog: Followed {
                 stream: catalog.stream_name.clone(),
                 applied: watch::Sender::new(0),
+                started_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             },
             customers: Followed {
                 stream: customers.stream_name.clone(),
                 applied: watch::Sender::new(0),
+                started_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             },
             synced_until: AtomicI64::new(i64::MIN),
             apply_delay,
             sync: tokio::sync::Mutex::new(()),
             js: js.clone(),
         });
+        let (c, k) = tokio::join!(
+            this.last_revision(&this.catalog),
+            this.last_revision(&this.customers)
+        );
+        this.catalog.started_at.store(c?, Ordering::Release);
+        this.customers.started_at.store(k?, Ordering::Release);
         tokio::spawn(follow(this.clone(), catalog, cancel.clone()));
         tokio::spawn(follow(this.clone(), customers, cancel));
         this.sync_for(chrono::Utc::now().timestamp_micros()).await?;
@@ -158,6 +168,32 @@ impl Entitlements {
         Ok(())
     }
 
+    /// Publishes `tally.notify.entitlement_changed.<token>`, once per revision (its message
+    /// id), so that the vendor's app can refresh a license or a cached check.
+    async fn announce(&self, customer: &str, revision: u64, body: serde_json::Value) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("entitlement-changed-{revision}").as_str(),
+        );
+        let subject = format!(
+            "{}.entitlement_changed.{}",
+            tally_core::subject::NOTIFY_PREFIX,
+            tally_core::subject::customer_token(customer)
+        );
+        let sent = self
+            .js
+            .publish_with_headers(subject, headers, body.to_string().into())
+            .await;
+        let stored = match sent {
+            Ok(ack) => ack.await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::warn!(customer, revision, error = %e, "cannot announce an entitlement change");
+        }
+    }
+
     async fn last_revision(&self, followed: &Followed) -> Result<u64> {
         let stream = self
             .js
@@ -172,7 +208,9 @@ impl Entitlements {
     }
 
     /// Applies one bucket entry to the engine.
-    fn apply(&self, entry: &Entry) {
+    /// Applies one bucket entry to the engine; for a customer of this process, returns
+    /// the entitlement-changed notification to publish.
+    fn apply(&self, entry: &Entry) -> Option<(String, serde_json::Value)> {
         let put = entry.operation == Operation::Put;
         let parse = |what: &str| -> Option<serde_json::Value> {
             serde_json::from_slice(&entry.value)
@@ -182,28 +220,34 @@ impl Entitlements {
                 .ok()
         };
         if entry.bucket == CUSTOMERS_BUCKET {
-            let Some(id) = id_from_kv_key(&entry.key) else {
-                return;
-            };
-            let Some(mut engine) = self.engine(partition_of(&id, self.partitions)) else {
-                return;
-            };
+            let id = id_from_kv_key(&entry.key)?;
+            let mut engine = self.engine(partition_of(&id, self.partitions))?;
+            let mut customer = None;
             if !put {
                 engine.remove_customer(&id);
             } else if let Some(c) =
                 parse("customer").and_then(|v| serde_json::from_value::<Customer>(v).ok())
             {
+                customer = Some(serde_json::to_value(&c).unwrap_or_default());
                 engine.upsert_customer(c);
             }
-            return;
+            let news = entry.revision > self.customers.started_at.load(Ordering::Acquire);
+            return news.then(|| {
+                let body = serde_json::json!({
+                    "kind": "entitlement_changed",
+                    "customer": id,
+                    "revision": entry.revision,
+                    "deleted": !put,
+                    "plan": customer.as_ref().and_then(|c| c.get("plan").cloned()),
+                    "status": customer.as_ref().and_then(|c| c.get("status").cloned()),
+                    "entitlement": customer,
+                });
+                (id, body)
+            });
         }
         debug_assert_eq!(entry.bucket, CATALOG_BUCKET);
-        let Some((kind, key)) = entry.key.split_once('.') else {
-            return;
-        };
-        let Some(id) = id_from_kv_key(key) else {
-            return;
-        };
+        let (kind, key) = entry.key.split_once('.')?;
+        let id = id_from_kv_key(key)?;
         match (kind, put) {
             ("plan", false) => self.each_engine(|e| e.remove_plan(&id)),
             ("addon", false) => self.each_engine(|e| e.remove_addon(&id)),
@@ -223,6 +267,7 @@ impl Entitlements {
             // SKU mappings are for orders, not for deciding events.
             _ => {}
         }
+        None
     }
 }
 
@@ -266,8 +311,11 @@ async fn follow(entitlements: Arc<Entitlements>, store: Store, cancel: Cancellat
                         tokio::time::sleep(entitlements.apply_delay).await;
                     }
                     if entry.revision > *followed.applied.borrow() {
-                        entitlements.apply(&entry);
+                        let news = entitlements.apply(&entry);
                         followed.applied.send_replace(entry.revision);
+                        if let Some((customer, body)) = news {
+                            entitlements.announce(&customer, entry.revision, body).await;
+                        }
                     }
                 }
                 Some(Err(e)) => {
