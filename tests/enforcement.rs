@@ -461,3 +461,58 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     assert!(cli["decision"].is_string());
     pipeline.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_and_record_returns_the_decision_the_event_was_recorded_with() {
+    use tally_ingest::record::record;
+    let h = Harness::start().await;
+    setup(&h, vec![Customer::new("acme", "small")]).await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let partitions = h.config.ingest.partitions;
+    let timeout = std::time::Duration::from_secs(10);
+    let event = |id: &str, quantity: f64| {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"app","type":"usage","subject":"acme","time":"2026-11-10T10:00:00Z","data":{{"feature":"calls","quantity":{quantity}}}}}"#
+        )
+        .into_bytes()
+    };
+    let client = &h.nats.client;
+
+    let first = record(client, partitions, "acme", event("r1", 6.0), timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.decision.as_deref(), first.has_access),
+        (Some("accepted"), true)
+    );
+    let second = record(client, partitions, "acme", event("r2", 6.0), timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.decision.as_deref(), second.has_access),
+        (Some("limit_reached"), false)
+    );
+    // The same event again counts nothing.
+    let again = record(client, partitions, "acme", event("r1", 6.0), timeout)
+        .await
+        .unwrap();
+    assert!(again.duplicate && !again.has_access, "{again:?}");
+    // A malformed event is refused, naming the field, and nothing is stored.
+    let bad = br#"{"specversion":"1.0","id":"r3","source":"app","type":"usage","subject":"acme","data":{"feature":"calls","quantity":-1}}"#;
+    let refused = record(client, partitions, "acme", bad.to_vec(), timeout)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.field.as_deref(),
+        Some("data.quantity"),
+        "{refused:?}"
+    );
+
+    // The lake holds each event once, with the decision the app was told.
+    h.drain(&pipeline, 2).await;
+    let got = decisions(&h).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(got["r1"], "accepted");
+    assert_eq!(got["r2"], "limit_reached");
+    pipeline.shutdown().await.unwrap();
+}

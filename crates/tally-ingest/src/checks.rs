@@ -96,32 +96,14 @@ pub async fn serve(
     total: u16,
     cancel: CancellationToken,
 ) -> Result<tokio::task::JoinSet<()>> {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut subscriptions = Vec::new();
-    for p in partitions {
-        let requests = client
-            .queue_subscribe(format!("{CHECK_PREFIX}.{p}"), QUEUE.to_owned())
-            .await
-            .map_err(|e| Error::nats("subscribe to checks", e))?;
-        subscriptions.push((p, requests));
-    }
-    client
-        .flush()
-        .await
-        .map_err(|e| Error::nats("subscribe to checks", e))?;
-    for (p, mut requests) in subscriptions {
-        let (client, entitlements, cancel) = (client.clone(), entitlements.clone(), cancel.clone());
-        tasks.spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    () = cancel.cancelled() => break,
-                    r = requests.next() => r,
-                };
-                let Some(request) = request else { break };
-                let Some(reply_to) = request.reply else {
-                    continue;
-                };
-                let body = match answer(&entitlements, p, total, &request.payload) {
+    let subscriptions = subscribe(&client, CHECK_PREFIX, QUEUE, &partitions).await?;
+    Ok(answer_each(
+        subscriptions,
+        cancel,
+        move |p, reply_to, payload| {
+            let (client, entitlements) = (client.clone(), entitlements.clone());
+            async move {
+                let body = match answer(&entitlements, p, total, &payload) {
                     Ok(reply) => serde_json::to_vec(&reply),
                     Err(error) => serde_json::to_vec(&error),
                 }
@@ -130,9 +112,61 @@ pub async fn serve(
                     tracing::warn!(partition = p, error = %e, "cannot answer a check");
                 }
             }
+        },
+    ))
+}
+
+/// Runs `handle(partition, reply subject, body)` for each request with a reply subject,
+/// one task per subscription, until `cancel`.
+pub(crate) fn answer_each<F, Fut>(
+    subscriptions: Vec<(u16, async_nats::Subscriber)>,
+    cancel: CancellationToken,
+    handle: F,
+) -> tokio::task::JoinSet<()>
+where
+    F: Fn(u16, async_nats::Subject, bytes::Bytes) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for (p, mut requests) in subscriptions {
+        let (cancel, handle) = (cancel.clone(), handle.clone());
+        tasks.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    r = requests.next() => r,
+                };
+                let Some(request) = request else { break };
+                if let Some(reply_to) = request.reply {
+                    handle(p, reply_to, request.payload).await;
+                }
+            }
         });
     }
-    Ok(tasks)
+    tasks
+}
+
+/// Subscribes to `<prefix>.<partition>` in a queue group for each partition, and returns
+/// once the server has the subscriptions, so that a request sent next is answered.
+pub(crate) async fn subscribe(
+    client: &Client,
+    prefix: &str,
+    queue: &str,
+    partitions: &[u16],
+) -> Result<Vec<(u16, async_nats::Subscriber)>> {
+    let mut subscriptions = Vec::new();
+    for &p in partitions {
+        let requests = client
+            .queue_subscribe(format!("{prefix}.{p}"), queue.to_owned())
+            .await
+            .map_err(|e| Error::nats("subscribe to requests", e))?;
+        subscriptions.push((p, requests));
+    }
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::nats("subscribe to requests", e))?;
+    Ok(subscriptions)
 }
 
 fn answer(

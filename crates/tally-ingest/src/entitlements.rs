@@ -51,6 +51,8 @@ pub struct Entitlements {
     js: Context,
     /// Fault injection (tests): a pause before each change is applied.
     apply_delay: Duration,
+    /// Record requests waiting for their event's decision.
+    pub waiters: crate::record::Waiters,
 }
 
 impl std::fmt::Debug for Entitlements {
@@ -98,6 +100,7 @@ impl Entitlements {
                 started_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             },
             synced_until: AtomicI64::new(i64::MIN),
+            waiters: crate::record::Waiters::default(),
             apply_delay,
             sync: tokio::sync::Mutex::new(()),
             js: js.clone(),

@@ -12,6 +12,7 @@ pub mod checks;
 pub mod dedup;
 pub mod definitions;
 pub mod entitlements;
+pub mod record;
 pub mod rows;
 pub mod topology;
 mod worker;
@@ -232,6 +233,20 @@ pub async fn run_worker(
                 e.clone(),
                 partitions.clone(),
                 config.partitions,
+                cancel.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let _records = match &entitlements {
+        Some(e) => Some(
+            record::serve(
+                js.clone(),
+                e.clone(),
+                partitions.clone(),
+                config.partitions,
+                config.limits,
                 cancel.clone(),
             )
             .await?,

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dedup::Dedup;
 use crate::entitlements::Entitlements;
+use crate::record::Waiters;
 use crate::rows::Rows;
 use crate::{Error, IngestConfig, Result, Stats, topology};
 
@@ -241,6 +242,7 @@ async fn handle(
             decided: [0; Decision::ALL.len()],
             engine: engine.as_deref_mut(),
             notices: &mut notices,
+            waiters: entitlements.map(|e| &e.waiters),
         };
         let refused = decode_and_accept(payload, message, limits, &mut accept, open, dedup);
         // Shared counters are touched once per message, not once per event.
@@ -345,6 +347,8 @@ struct Accept<'m, 'e> {
     /// `None`: enforcement is off and every valid event is accepted.
     engine: Option<&'e mut Engine>,
     notices: &'e mut Vec<Notice>,
+    /// Record requests waiting for a decision.
+    waiters: Option<&'e Waiters>,
 }
 
 impl Accept<'_, '_> {
@@ -398,8 +402,14 @@ impl Accept<'_, '_> {
             );
             self.decided[decision as usize] += 1;
             self.valid += 1;
+            if let Some(w) = self.waiters {
+                w.decided(&event.id, Some(decision));
+            }
         } else {
             self.duplicates += 1;
+            if let Some(w) = self.waiters {
+                w.decided(&event.id, None);
+            }
         }
         None
     }
