@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use chrono::{Datelike, NaiveDate, Utc};
-use datafusion::arrow::array::{Int64Array, RecordBatch};
+use datafusion::arrow::array::RecordBatch;
 use datafusion::prelude::col;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -167,10 +167,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     let spec = &args.spec;
     let period = Period::of(spec.start);
     let nats = Nats::connect(&config).await?;
-    let (catalog, customers) = definitions(spec)?;
-    let defs = Definitions::open(&nats.jetstream).await?;
-    defs.apply_catalog(&catalog, "tally-demo").await?;
-    defs.apply_customers(&customers, "tally-demo").await?;
+    let (catalog, customers) = load_definitions(&nats, spec, "tally-demo").await?;
     let pipeline = Pipeline::start(&config, &nats, None).await?;
 
     let generating = Instant::now();
@@ -219,8 +216,8 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     let lake = Lakehouse::open(&config.lake_dir()).await?;
     let billing = lake.billing(period, None).await?;
     let billed = BillingTotals::of(&billing);
-    let events_in_lake = count_rows(&lake).await?;
     let decisions = count_decisions(&lake).await?;
+    let events_in_lake: u64 = decisions.values().sum();
     let lines_match = lines_of(&billing) == expected.lines;
     let report = DemoReport {
         period: period.to_string(),
@@ -304,6 +301,19 @@ pub fn definitions(spec: &Spec) -> anyhow::Result<(Catalog, Customers)> {
         })
         .collect();
     Ok((catalog, Customers { customers }))
+}
+
+/// Writes the demo's [`definitions`] to the entitlement buckets, and returns them.
+pub async fn load_definitions(
+    nats: &Nats,
+    spec: &Spec,
+    actor: &str,
+) -> anyhow::Result<(Catalog, Customers)> {
+    let (catalog, customers) = definitions(spec)?;
+    let defs = Definitions::open(&nats.jetstream).await?;
+    defs.apply_catalog(&catalog, actor).await?;
+    defs.apply_customers(&customers, actor).await?;
+    Ok((catalog, customers))
 }
 
 /// What the demo expects the lake to hold.
@@ -430,25 +440,6 @@ async fn count_decisions(
         }
     }
     Ok(out)
-}
-
-async fn count_rows(lake: &Lakehouse) -> anyhow::Result<u64> {
-    let batches = lake
-        .context()
-        .sql("SELECT COUNT(*) AS n FROM events")
-        .await?
-        .collect()
-        .await?;
-    let n = batches
-        .first()
-        .and_then(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .map(|a| a.value(0))
-        })
-        .unwrap_or(0);
-    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 async fn print_human(

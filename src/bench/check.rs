@@ -13,7 +13,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tally_ingest::checks::{CheckRequest, check};
-use tally_ingest::definitions::Definitions;
 
 use super::BenchFormat;
 use crate::config::Config;
@@ -59,10 +58,7 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
     let mut spec = Spec::new(0, chrono::Utc::now().date_naive());
     spec.customers = args.customers;
     let nats = Nats::connect(&config).await?;
-    let (catalog, customers) = crate::demo::definitions(&spec)?;
-    let defs = Definitions::open(&nats.jetstream).await?;
-    defs.apply_catalog(&catalog, "tally-bench").await?;
-    defs.apply_customers(&customers, "tally-bench").await?;
+    crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     config.ingest.enforce = true;
     let pipeline = Pipeline::start(&config, &nats, None).await?;
 

@@ -198,10 +198,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
 
     config.ingest.enforce = !args.no_enforce;
     if config.ingest.enforce {
-        let (catalog, customers) = crate::demo::definitions(&spec)?;
-        let defs = tally_ingest::definitions::Definitions::open(&nats.jetstream).await?;
-        defs.apply_catalog(&catalog, "tally-bench").await?;
-        defs.apply_customers(&customers, "tally-bench").await?;
+        crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     }
     let pipeline = Pipeline::start(&config, &nats, None).await?;
     let mark = CpuMark::now(&nats);

@@ -203,29 +203,6 @@ impl Engine {
         account.decide(usage, slot, self.feature_names.as_slice(), Some(notices))
     }
 
-    /// Decides the events of one customer (a NATS message carries one customer's events):
-    /// the account is looked up once. `usages` must all name `customer`.
-    pub fn decide_many<'u>(
-        &mut self,
-        customer: &str,
-        usages: impl IntoIterator<Item = &'u Usage<'u>>,
-        notices: &mut Vec<Notice>,
-        mut decided: impl FnMut(&Usage<'u>, Decision),
-    ) {
-        let mut account = self.accounts.get_mut(&customer_key(customer));
-        for usage in usages {
-            debug_assert_eq!(usage.customer, customer);
-            let decision = match account.as_deref_mut() {
-                None => Decision::UnknownCustomer,
-                Some(account) => {
-                    let slot = self.features.get(usage.feature).copied();
-                    account.decide(usage, slot, self.feature_names.as_slice(), Some(notices))
-                }
-            };
-            decided(usage, decision);
-        }
-    }
-
     /// What an event of `usage.quantity` would get now, and the feature's balance,
     /// recording nothing.
     pub fn check(&mut self, usage: &Usage<'_>) -> Check {
@@ -515,29 +492,6 @@ mod tests {
             Decision::Expired
         );
         assert_eq!(decide("globex", None, None, t), Decision::UnknownCustomer);
-    }
-
-    #[test]
-    fn a_message_of_events_is_decided_like_the_events_one_by_one() {
-        let features = [("calls", metered(10.0, Enforcement::Hard))];
-        let (mut one, mut many) = (engine(&features), engine(&features));
-        let usages: Vec<Usage<'_>> = (0..6)
-            .map(|i| usage("calls", 3.0, &format!("2026-11-02T00:0{i}:00Z")))
-            .collect();
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        let singly: Vec<Decision> = usages.iter().map(|u| one.decide(u, &mut a)).collect();
-        let mut together = Vec::new();
-        many.decide_many("acme", &usages, &mut b, |_, d| together.push(d));
-        assert_eq!(together, singly);
-        assert_eq!(a, b);
-        assert_eq!(singly[3], Decision::LimitReached);
-        let mut unknown = Vec::new();
-        let globex = Usage {
-            customer: "globex",
-            ..usages[0]
-        };
-        many.decide_many("globex", [&globex], &mut b, |_, d| unknown.push(d));
-        assert_eq!(unknown, [Decision::UnknownCustomer]);
     }
 
     #[test]
