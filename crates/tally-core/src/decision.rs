@@ -57,6 +57,11 @@ impl Decision {
         }
     }
 
+    /// The decision stored under `name` in the lake.
+    pub fn parse(name: &str) -> Option<Decision> {
+        Decision::ALL.into_iter().find(|d| d.as_str() == name)
+    }
+
     /// Whether events with this decision appear on a bill.
     pub const fn is_billable(self) -> bool {
         matches!(self, Decision::Accepted | Decision::Overage)
@@ -77,5 +82,13 @@ mod tests {
     fn only_accepted_and_overage_bill() {
         let billable: Vec<_> = Decision::ALL.iter().filter(|d| d.is_billable()).collect();
         assert_eq!(billable, [&Decision::Accepted, &Decision::Overage]);
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for d in Decision::ALL {
+            assert_eq!(Decision::parse(d.as_str()), Some(d));
+        }
+        assert_eq!(Decision::parse("nonsense"), None);
     }
 }

@@ -5,7 +5,7 @@
 //! names every component agrees on (streams, subjects, the customer-token rule) live in
 //! [`subject`], and the batch a worker hands to the lake in [`batch`]. What customers
 //! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], usage periods in
-//! [`period`].
+//! [`period`]; a partition's checkpoint of counters in [`snapshot`].
 
 pub mod batch;
 pub mod columnar;
@@ -14,6 +14,7 @@ pub mod entitlement;
 pub mod event;
 pub mod period;
 pub mod schema;
+pub mod snapshot;
 pub mod subject;
 
 pub use batch::{Durable, FlushRequest, SealedBatch};

@@ -9,6 +9,7 @@ use tally_core::entitlement::{
     AddOn, Customer, Enforcement, Entitlement, Grant, Plan, Status, UsagePeriod,
 };
 use tally_core::period::bounds;
+use tally_core::snapshot;
 
 use crate::{Check, Map, Notice, NoticeKind, Usage, user_key};
 
@@ -52,6 +53,10 @@ impl Default for Shared {
 }
 
 impl Shared {
+    pub(crate) fn off(&self) -> Arc<Def> {
+        self.off.clone()
+    }
+
     /// The shared definition of an entitlement, and its limit (`f64::INFINITY`:
     /// unlimited or not metered).
     fn def(&mut self, entitlement: &Entitlement) -> (Arc<Def>, f64) {
@@ -217,6 +222,13 @@ impl GrantState {
         }
     }
 
+    /// Whether anything was drawn from it or noted about it (else a new one is the same).
+    fn touched(&self) -> bool {
+        self.remaining != self.amount
+            || self.exhausted_sent
+            || (self.recurring.is_some() && self.window.0 != i64::MIN)
+    }
+
     fn same_terms(&self, other: &GrantState) -> bool {
         self.id == other.id
             && self.feature == other.feature
@@ -268,6 +280,25 @@ impl Seats {
             return self.limit > 0;
         }
         self.users.contains(&user) || self.users.len() < self.limit as usize
+    }
+
+    fn export(&self) -> snapshot::Seats {
+        snapshot::Seats {
+            period: self.period,
+            start: self.start,
+            end: self.end,
+            users: self.users.iter().copied().collect(),
+        }
+    }
+
+    fn import(s: snapshot::Seats) -> Box<Seats> {
+        Box::new(Seats {
+            limit: 0,
+            period: s.period,
+            start: s.start,
+            end: s.end,
+            users: s.users.into_iter().collect(),
+        })
     }
 
     fn take(&mut self, user: u64, anchor: u8, t: i64) {
@@ -408,6 +439,121 @@ impl Account {
         }
     }
 
+    /// What this account has counted, for a checkpoint; `None` when it counted nothing.
+    pub(crate) fn export(&self, names: &[Box<str>]) -> Option<snapshot::Account> {
+        let name = |f: u32| {
+            names
+                .get(f as usize)
+                .map_or_else(String::new, |n| n.to_string())
+        };
+        let counters: Vec<snapshot::Counter> = self
+            .keys
+            .iter()
+            .zip(self.slots.iter())
+            .filter(|(_, s)| {
+                s.counter != Counter::EMPTY || s.seats.as_ref().is_some_and(|s| !s.users.is_empty())
+            })
+            .map(|(&f, s)| snapshot::Counter {
+                feature: name(f),
+                start: s.counter.start,
+                end: s.counter.end,
+                used: s.counter.used,
+                base: s.counter.base,
+                notified: s.counter.notified,
+                seats: s.seats.as_deref().map(Seats::export),
+            })
+            .collect();
+        let grants: Vec<snapshot::Grant> = self
+            .grants
+            .iter()
+            .filter(|g| g.touched())
+            .map(|g| snapshot::Grant {
+                id: g.id.to_string(),
+                feature: name(g.feature),
+                amount: g.amount,
+                effective: g.effective,
+                recurring: g.recurring,
+                remaining: g.remaining,
+                window: g.window,
+                exhausted_sent: g.exhausted_sent,
+            })
+            .collect();
+        let seats = self
+            .seats
+            .as_deref()
+            .filter(|s| !s.users.is_empty())
+            .map(Seats::export);
+        if counters.is_empty() && grants.is_empty() && seats.is_none() {
+            return None;
+        }
+        Some(snapshot::Account {
+            customer: self.customer.id.clone(),
+            counters,
+            grants,
+            seats,
+        })
+    }
+
+    /// An account holding nothing but what `state` counted: built on as the `old` account,
+    /// it hands its counts over by the same rules as a definition change does.
+    pub(crate) fn from_state(
+        state: snapshot::Account,
+        customer: Arc<Customer>,
+        off: &Arc<Def>,
+        intern: &mut dyn FnMut(&str) -> u32,
+    ) -> Account {
+        let mut slots: Vec<(u32, Slot)> = state
+            .counters
+            .into_iter()
+            .map(|c| {
+                let slot = Slot {
+                    counter: Counter {
+                        start: c.start,
+                        end: c.end,
+                        used: c.used,
+                        base: c.base,
+                        notified: c.notified,
+                    },
+                    limit: f64::INFINITY,
+                    def: off.clone(),
+                    seats: c.seats.map(Seats::import),
+                };
+                (intern(&c.feature), slot)
+            })
+            .collect();
+        slots.sort_unstable_by_key(|(f, _)| *f);
+        let (keys, slots): (Vec<u32>, Vec<Slot>) = slots.into_iter().unzip();
+        let grants: Vec<GrantState> = state
+            .grants
+            .into_iter()
+            .map(|g| GrantState {
+                feature: intern(&g.feature),
+                id: g.id.as_str().into(),
+                amount: g.amount,
+                effective: g.effective,
+                expires: i64::MAX,
+                priority: 0,
+                recurring: g.recurring,
+                remaining: g.remaining,
+                window: g.window,
+                exhausted_sent: g.exhausted_sent,
+            })
+            .collect();
+        Account {
+            present: 0,
+            valid_from: i64::MIN,
+            valid_until: i64::MAX,
+            slots: slots.into(),
+            suspended: false,
+            anchor: customer.anchor_day.clamp(1, 31),
+            regions: Box::default(),
+            seats: state.seats.map(Seats::import),
+            grants: grants.into(),
+            keys: keys.into(),
+            customer,
+        }
+    }
+
     fn slot(&self, feature: Option<u32>) -> Option<usize> {
         let feature = feature?;
         if feature < 64 {
@@ -441,23 +587,51 @@ impl Account {
         let Some(i) = self.slot(feature) else {
             return Decision::NotEntitled;
         };
-        let anchor = self.anchor;
-        let feature = self.keys[i];
-        let slot = &mut self.slots[i];
-        if *slot.def == Def::Off {
+        if *self.slots[i].def == Def::Off {
             return Decision::NotEntitled;
         }
-        let user = usage.user.map(user_key);
-        if let Some(u) = user {
-            let seat_sets = [slot.seats.as_deref(), self.seats.as_deref()];
+        if let Some(u) = usage.user.map(user_key) {
+            let seat_sets = [self.slots[i].seats.as_deref(), self.seats.as_deref()];
             if seat_sets.into_iter().flatten().any(|s| !s.admits(u, t)) {
                 return Decision::SeatLimit;
             }
         }
+        self.count(i, usage, names, notices, None)
+    }
+
+    /// Records an event already decided (`decision`, as the lake stored it): counters,
+    /// grants, seats and notices move as they did when it was decided, whatever the
+    /// definitions say now.
+    pub(crate) fn replay(
+        &mut self,
+        usage: &Usage<'_>,
+        feature: Option<u32>,
+        names: &[Box<str>],
+        notices: &mut Vec<Notice>,
+        decision: Decision,
+    ) {
+        let moves = decision.is_billable() || decision == Decision::LimitReached;
+        if let Some(i) = self.slot(feature).filter(|_| moves) {
+            self.count(i, usage, names, Some(notices), Some(decision));
+        }
+    }
+
+    /// The rules past the gates: counts a metered feature, takes seats. `forced`: the
+    /// decision to record instead of the one the counter gives.
+    fn count(
+        &mut self,
+        i: usize,
+        usage: &Usage<'_>,
+        names: &[Box<str>],
+        notices: Option<&mut Vec<Notice>>,
+        forced: Option<Decision>,
+    ) -> Decision {
+        let anchor = self.anchor;
+        let feature = self.keys[i];
+        let slot = &mut self.slots[i];
         let commit = notices.is_some();
         let decision = match &*slot.def {
-            Def::Off => Decision::NotEntitled,
-            Def::On | Def::Static(_) => Decision::Accepted,
+            Def::Off | Def::On | Def::Static(_) => forced.unwrap_or(Decision::Accepted),
             Def::Metered(rule) => {
                 let mut ctx = Notify {
                     customer: &self.customer,
@@ -473,13 +647,15 @@ impl Account {
                     anchor,
                     usage,
                     &mut ctx,
+                    forced,
                 )
             }
         };
         if commit
             && decision.is_billable()
-            && let Some(u) = user
+            && let Some(u) = usage.user.map(user_key)
         {
+            let t = usage.time;
             if let Some(s) = slot.seats.as_deref_mut() {
                 s.take(u, anchor, t);
             }
@@ -586,7 +762,8 @@ impl Notify<'_> {
     }
 }
 
-/// The metered rule (7 in the crate's list). Records only when `ctx.out` is set.
+/// The metered rule (7 in the crate's list). Records only when `ctx.out` is set; `forced`
+/// replays a decision taken before instead of taking one.
 fn metered(
     counter: &mut Counter,
     grants: &mut [GrantState],
@@ -594,16 +771,17 @@ fn metered(
     anchor: u8,
     usage: &Usage<'_>,
     ctx: &mut Notify<'_>,
+    forced: Option<Decision>,
 ) -> Decision {
     let (rule, limit) = (ctx.rule, ctx.limit);
     let t = usage.time;
     let commit = ctx.out.is_some();
     let mut c = counter.at(rule, anchor, t);
     if t < c.start {
-        return Decision::Late;
+        return forced.unwrap_or(Decision::Late);
     }
     let q = usage.quantity;
-    if !limit.is_finite() {
+    if !limit.is_finite() && forced.is_none_or(Decision::is_billable) {
         if commit {
             c.used += q;
             c.base += q;
@@ -618,7 +796,9 @@ fn metered(
         .filter(|g| g.feature == feature)
         .map(|g| g.available(anchor, t).0)
         .sum();
-    let decision = if q <= left + from_grants {
+    let decision = if let Some(d) = forced {
+        d
+    } else if q <= left + from_grants {
         Decision::Accepted
     } else if rule.hard {
         Decision::LimitReached

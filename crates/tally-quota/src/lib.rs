@@ -30,6 +30,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use tally_core::Decision;
 use tally_core::entitlement::{AddOn, Customer, Plan};
+use tally_core::snapshot;
 
 use account::{Account, Compiled, Shared};
 
@@ -203,6 +204,50 @@ impl Engine {
         account.decide(usage, slot, self.feature_names.as_slice(), Some(notices))
     }
 
+    /// Records an event decided before (as the lake stored it with `decision`), as it was
+    /// recorded then: how a worker that takes a partition over catches up on the events
+    /// stored after the partition's last checkpoint. Notices fall due as they did then.
+    pub fn replay(&mut self, usage: &Usage<'_>, decision: Decision, notices: &mut Vec<Notice>) {
+        if let Some(account) = self.accounts.get_mut(&customer_key(usage.customer)) {
+            let slot = self.features.get(usage.feature).copied();
+            account.replay(
+                usage,
+                slot,
+                self.feature_names.as_slice(),
+                notices,
+                decision,
+            );
+        }
+    }
+
+    /// What every customer has counted: the engine's part of a checkpoint.
+    pub fn snapshot(&self) -> Vec<snapshot::Account> {
+        self.accounts
+            .values()
+            .filter_map(|a| a.export(&self.feature_names))
+            .collect()
+    }
+
+    /// Takes over what a checkpoint counted, for the customers defined here (load the
+    /// definitions first). A count carries over as it does across a definition change.
+    pub fn restore(&mut self, accounts: Vec<snapshot::Account>) {
+        for state in accounts {
+            let key = customer_key(&state.customer);
+            let Some(account) = self.accounts.remove(&key) else {
+                continue;
+            };
+            let customer = account.customer.clone();
+            let off = self.shared.off();
+            let names = &mut self.feature_names;
+            let features = &mut self.features;
+            let old = Account::from_state(state, customer.clone(), &off, &mut |name| {
+                intern(features, names, name)
+            });
+            let rebuilt = self.compile(customer, Some(old));
+            self.accounts.insert(key, rebuilt);
+        }
+    }
+
     /// What an event of `usage.quantity` would get now, and the feature's balance,
     /// recording nothing.
     pub fn check(&mut self, usage: &Usage<'_>) -> Check {
@@ -240,17 +285,24 @@ impl Engine {
         let compiled = Compiled::new(&customer, plan.as_deref(), &addons, &mut self.shared);
         let features = &mut self.features;
         let names = &mut self.feature_names;
-        let mut intern = |name: &str| -> u32 {
-            if let Some(&id) = features.get(name) {
-                return id;
-            }
-            let id = u32::try_from(names.len()).unwrap_or(u32::MAX);
-            features.insert(name.into(), id);
-            names.push(name.into());
-            id
-        };
-        Account::build(customer, compiled, &mut intern, old)
+        Account::build(
+            customer,
+            compiled,
+            &mut |name| intern(features, names, name),
+            old,
+        )
     }
+}
+
+/// A feature's number, given on first sight.
+fn intern(features: &mut Map<Box<str>, u32>, names: &mut Vec<Box<str>>, name: &str) -> u32 {
+    if let Some(&id) = features.get(name) {
+        return id;
+    }
+    let id = u32::try_from(names.len()).unwrap_or(u32::MAX);
+    features.insert(name.into(), id);
+    names.push(name.into());
+    id
 }
 
 impl Check {

@@ -6,6 +6,12 @@
 //! downgrades, grants, suspensions, geo-fences) and clock moves, forward and back, must
 //! get the same decisions and the same notifications from both.
 //!
+//! Along the way the engine checkpoints and restarts as a worker does: a new engine with
+//! the definitions of the moment restores the last checkpoint and replays the events
+//! decided since with their recorded decisions; it must hold what the running one held,
+//! send again the notices those events sent, and go on deciding as the model does. As in
+//! the worker, a definition change is followed by a checkpoint.
+//!
 //! Quantities are whole numbers, so sums are exact in any order.
 
 use std::cell::RefCell;
@@ -398,6 +404,112 @@ fn notice_names(notices: &[Notice]) -> Vec<String> {
         .collect()
 }
 
+// ---------------------------------------------------------------- restarts
+
+thread_local! {
+    /// Counts of what the restarts went through, for the coverage check.
+    static SEEN: RefCell<HashMap<String, u64>> = RefCell::default();
+}
+
+/// An event as the log of a partition keeps it: customer, feature, quantity, time,
+/// region, user, the decision recorded and the notices it sent.
+type Recorded = (
+    usize,
+    usize,
+    u32,
+    i64,
+    Option<usize>,
+    Option<usize>,
+    Decision,
+    Vec<Notice>,
+);
+
+/// The last checkpoint and what was decided since, as the lake would hold them.
+#[derive(Default)]
+struct Restarts {
+    checkpoint: Vec<tally_core::snapshot::Account>,
+    log: Vec<Recorded>,
+    /// The last op changed a definition.
+    defined: bool,
+}
+
+impl Restarts {
+    fn checkpoint(&mut self, engine: &Engine) {
+        self.checkpoint = engine.snapshot();
+        self.log.clear();
+    }
+
+    /// A new engine with the model's definitions, the checkpoint, and the log replayed.
+    fn restart(
+        &mut self,
+        running: &Engine,
+        model: &Model,
+        step: usize,
+    ) -> Result<Engine, TestCaseError> {
+        let mut engine = Engine::new();
+        for p in model.plans.values() {
+            engine.upsert_plan(p.clone());
+        }
+        for a in model.addons.values() {
+            engine.upsert_addon(a.clone());
+        }
+        for c in model.customers.values() {
+            engine.upsert_customer(c.clone());
+        }
+        engine.restore(self.checkpoint.clone());
+        for (ci, fi, q, t, region, user, decision, sent) in &self.log {
+            let usage = Usage {
+                customer: CUSTOMERS[*ci],
+                feature: FEATURES[*fi],
+                quantity: f64::from(*q),
+                time: *t,
+                region: region.map(|r| REGIONS[r]),
+                user: user.map(|u| USERS[u]),
+            };
+            let mut again = Vec::new();
+            engine.replay(&usage, *decision, &mut again);
+            prop_assert_eq!(
+                &again,
+                sent,
+                "step {}: replayed notices of {:?}",
+                step,
+                usage
+            );
+            if !again.is_empty() {
+                SEEN.with(|s| {
+                    *s.borrow_mut()
+                        .entry("notice replayed".to_owned())
+                        .or_default() += 1
+                });
+            }
+        }
+        prop_assert_eq!(
+            normalized(engine.snapshot()),
+            normalized(running.snapshot()),
+            "step {}: the restarted engine holds other counts",
+            step
+        );
+        Ok(engine)
+    }
+}
+
+/// A snapshot in an order that does not depend on hash tables or feature numbering.
+fn normalized(
+    mut accounts: Vec<tally_core::snapshot::Account>,
+) -> Vec<tally_core::snapshot::Account> {
+    accounts.sort_by(|a, b| a.customer.cmp(&b.customer));
+    for a in &mut accounts {
+        a.counters.sort_by(|x, y| x.feature.cmp(&y.feature));
+        a.grants
+            .sort_by(|x, y| (&x.feature, &x.id).cmp(&(&y.feature, &y.id)));
+        let seats = a.counters.iter_mut().filter_map(|c| c.seats.as_mut());
+        for s in seats.chain(a.seats.as_mut()) {
+            s.users.sort_unstable();
+        }
+    }
+    accounts
+}
+
 // ---------------------------------------------------------------- generators
 
 fn entitlement(fi: usize) -> impl Strategy<Value = Option<Entitlement>> {
@@ -550,6 +662,8 @@ enum Op {
     RemovePlan(usize),
     Addon(AddOn),
     Customer(Customer),
+    Checkpoint,
+    Restart,
 }
 
 fn ops(anchors: [u8; 2]) -> impl Strategy<Value = Vec<Op>> {
@@ -575,6 +689,8 @@ fn ops(anchors: [u8; 2]) -> impl Strategy<Value = Vec<Op>> {
         1 => (0usize..2).prop_map(Op::RemovePlan),
         1 => addon().prop_map(Op::Addon),
         3 => prop_oneof![customer(0, anchors[0]), customer(1, anchors[1])].prop_map(Op::Customer),
+        2 => Just(Op::Checkpoint),
+        2 => Just(Op::Restart),
     ];
     prop::collection::vec(op, 1..160)
 }
@@ -607,6 +723,7 @@ fn the_engine_decides_and_notifies_as_the_model_does() {
         ..ProptestConfig::default()
     };
     let seen: RefCell<HashMap<String, u64>> = RefCell::default();
+    SEEN.with(|s| s.borrow_mut().clear());
     let mut runner = TestRunner::new(config);
     let result = runner.run(&scenario(), |(plans, addon, customers, ops)| {
         let mut engine = Engine::new();
@@ -625,7 +742,16 @@ fn the_engine_decides_and_notifies_as_the_model_does() {
         model.refresh();
         let mut now = START;
         let mut notices = Vec::new();
+        let mut restarts = Restarts::default();
         for (step, op) in ops.into_iter().enumerate() {
+            // As in the worker, a definition change is followed by a checkpoint.
+            if std::mem::take(&mut restarts.defined) {
+                restarts.checkpoint(&engine);
+            }
+            restarts.defined = matches!(
+                op,
+                Op::Plan(_) | Op::RemovePlan(_) | Op::Addon(_) | Op::Customer(_)
+            );
             let (ci, fi, q, t, region, user) = match op {
                 Op::Event {
                     customer,
@@ -675,6 +801,15 @@ fn the_engine_decides_and_notifies_as_the_model_does() {
                     engine.upsert_customer(c);
                     continue;
                 }
+                Op::Checkpoint => {
+                    restarts.checkpoint(&engine);
+                    continue;
+                }
+                Op::Restart => {
+                    engine = restarts.restart(&engine, &model, step)?;
+                    *seen.borrow_mut().entry("restart".to_owned()).or_default() += 1;
+                    continue;
+                }
             };
             let usage = Usage {
                 customer: CUSTOMERS[ci],
@@ -695,6 +830,9 @@ fn the_engine_decides_and_notifies_as_the_model_does() {
                     .entry(format!("notice {}", n.kind.as_str()))
                     .or_default() += 1;
             }
+            restarts
+                .log
+                .push((ci, fi, q, t, region, user, got, notices.clone()));
             let (want, want_notices) = model.decide(ci, fi, f64::from(q), t, region, user);
             prop_assert_eq!(got, want, "step {}: {:?}", step, usage);
             prop_assert_eq!(predicted, got, "step {}: the check disagrees", step);
@@ -710,10 +848,12 @@ fn the_engine_decides_and_notifies_as_the_model_does() {
     if let Err(e) = result {
         panic!("{e}");
     }
-    let seen = seen.into_inner();
+    let mut seen = seen.into_inner();
+    seen.extend(SEEN.with(|s| s.borrow().clone()));
     let decisions = Decision::ALL.iter().map(|d| format!("decision {d}"));
     let notices = ["threshold", "limit_reached", "grant_exhausted"].map(|n| format!("notice {n}"));
-    for kind in decisions.chain(notices) {
+    let restarts = ["restart".to_owned(), "notice replayed".to_owned()];
+    for kind in decisions.chain(notices).chain(restarts) {
         assert!(
             seen.get(&kind).copied().unwrap_or(0) > 0,
             "no {kind} in {seen:?}"

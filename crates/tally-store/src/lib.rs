@@ -12,6 +12,9 @@
 //! metadata (`tally.partition`, `tally.first_seq`, `tally.last_seq`) record which stream
 //! sequences it holds.
 //!
+//! Beside the events, each partition's checkpoints ([`checkpoint`]); [`tail`] reads back
+//! what a partition holds past one.
+//!
 //! [`Lake::write`] is blocking and runs off the async threads; [`run_writer`] is the thin
 //! async shell that serves a worker's bounded channel of [`FlushRequest`]s.
 
@@ -32,10 +35,18 @@ use tally_core::schema::{self, EVENTS_TABLE};
 use tally_core::{Durable, FlushRequest, SealedBatch};
 use tokio::sync::{Semaphore, mpsc};
 
+pub mod checkpoint;
+pub mod tail;
+
+pub use tail::{PartitionFile, Tail};
+
 /// Metadata keys each Parquet file carries.
 pub const META_PARTITION: &str = "tally.partition";
 pub const META_FIRST_SEQ: &str = "tally.first_seq";
 pub const META_LAST_SEQ: &str = "tally.last_seq";
+/// How many files (one per event date) the sealed batch became: a recovering worker
+/// treats a batch with fewer files as never written.
+pub const META_FILES: &str = "tally.files";
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 
@@ -49,15 +60,24 @@ pub enum Error {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("batch has no {0} column of the lake schema")]
     Schema(&'static str),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Makes a rename in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// The lake on the local filesystem.
@@ -107,7 +127,9 @@ impl Lake {
         if sealed.batch.num_rows() == 0 {
             return Ok(durable);
         }
-        for (day, rows) in split_by_day(&sealed.batch)? {
+        let days = split_by_day(&sealed.batch)?;
+        let files = days.len();
+        for (day, rows) in days {
             let date = DateTime::from_timestamp(day * 86_400, 0)
                 .map(|d| d.format("%Y-%m-%d").to_string())
                 .unwrap_or_else(|| "invalid".to_owned());
@@ -116,7 +138,7 @@ impl Lake {
                 "p{:03}-{:012}-{:012}.parquet",
                 sealed.partition, sealed.first_seq, sealed.last_seq
             );
-            let bytes = self.write_file(&dir, &name, sealed, &rows)?;
+            let bytes = self.write_file(&dir, &name, sealed, files, &rows)?;
             durable.rows += rows.num_rows();
             durable.files += 1;
             durable.bytes += bytes;
@@ -129,6 +151,7 @@ impl Lake {
         dir: &Path,
         name: &str,
         sealed: &SealedBatch,
+        files: usize,
         rows: &RecordBatch,
     ) -> Result<u64> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -141,6 +164,7 @@ impl Lake {
             (META_PARTITION, sealed.partition.to_string()),
             (META_FIRST_SEQ, sealed.first_seq.to_string()),
             (META_LAST_SEQ, sealed.last_seq.to_string()),
+            (META_FILES, files.to_string()),
         ] {
             writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
         }
@@ -150,9 +174,7 @@ impl Lake {
         drop(file);
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         // The rename is durable only once the directory entry is.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
+        sync_dir(dir)?;
         Ok(bytes)
     }
 }
@@ -212,14 +234,15 @@ pub async fn run_writer(lake: Arc<Lake>, mut rx: mpsc::Receiver<FlushRequest>, c
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use arrow::array::{
         Array, Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array, UInt64Array,
     };
     use std::sync::Arc as StdArc;
 
-    fn batch(times: &[i64]) -> RecordBatch {
+    /// Rows of customer `acme` at these times, with stream sequences 1, 2, ….
+    pub(crate) fn batch(times: &[i64]) -> RecordBatch {
         let n = times.len();
         let s = |v: &str| StdArc::new(StringArray::from(vec![v; n])) as StdArc<dyn Array>;
         let ts = |v: Vec<i64>| {

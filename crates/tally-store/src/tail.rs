@@ -1,0 +1,237 @@
+//! What the lake holds of one partition past a checkpoint: the rows a worker replays when
+//! it takes the partition over, and the stream sequences they cover.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::PathBuf;
+
+use arrow::array::{AsArray, RecordBatch, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::UInt64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tally_core::schema;
+
+use crate::{Error, Lake, META_FILES, Result, io_err};
+
+/// A lake file of one partition, as its name describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionFile {
+    pub path: PathBuf,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// The lake's rows of a partition past a stream sequence.
+#[derive(Debug, Default)]
+pub struct Tail {
+    /// In stream order (within a message, in the order its events were appended).
+    pub rows: Vec<RecordBatch>,
+    /// The sequence ranges of the sealed batches read: every message in them is accounted
+    /// for (rows here, a dead letter or a duplicate dropped) and must not be handled again.
+    pub covered: Vec<(u64, u64)>,
+    /// Sealed batches found incomplete (a crash between the files of a batch that spans
+    /// dates) and removed: their messages were never acknowledged and come again.
+    pub removed: usize,
+}
+
+impl Lake {
+    /// Every events file of a partition, by first sequence.
+    pub fn partition_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
+        let root = self.events_dir();
+        let dates = match fs::read_dir(&root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&root)(e)),
+        };
+        let prefix = format!("p{partition:03}-");
+        let mut files = Vec::new();
+        for date in dates {
+            let dir = date.map_err(io_err(&root))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let path = entry.map_err(io_err(&dir))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let Some(range) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|n| n.strip_suffix(".parquet"))
+                else {
+                    continue;
+                };
+                if let Some((first, last)) = range.split_once('-')
+                    && let (Ok(first_seq), Ok(last_seq)) = (first.parse(), last.parse())
+                {
+                    files.push(PartitionFile {
+                        path,
+                        first_seq,
+                        last_seq,
+                    });
+                }
+            }
+        }
+        files.sort_by(|a, b| (a.first_seq, &a.path).cmp(&(b.first_seq, &b.path)));
+        Ok(files)
+    }
+
+    /// The partition's rows with a stream sequence past `after_seq`.
+    pub fn tail(&self, partition: u16, after_seq: u64) -> Result<Tail> {
+        let mut batches: BTreeMap<(u64, u64), Vec<PartitionFile>> = BTreeMap::new();
+        for f in self.partition_files(partition)? {
+            if f.last_seq > after_seq {
+                batches
+                    .entry((f.first_seq, f.last_seq))
+                    .or_default()
+                    .push(f);
+            }
+        }
+        let mut tail = Tail::default();
+        for (range, files) in batches {
+            let mut parts = Vec::with_capacity(files.len());
+            let mut expected = 1;
+            for f in &files {
+                let (rows, n) = read(&f.path)?;
+                expected = n;
+                parts.push(rows);
+            }
+            if files.len() < expected {
+                tracing::warn!(
+                    partition,
+                    first_seq = range.0,
+                    last_seq = range.1,
+                    found = files.len(),
+                    expected,
+                    "removing an incomplete sealed batch; its messages were not acknowledged and come again"
+                );
+                for f in &files {
+                    fs::remove_file(&f.path).map_err(io_err(&f.path))?;
+                }
+                tail.removed += 1;
+                continue;
+            }
+            let rows = in_stream_order(parts)?;
+            tail.rows.push(past(rows, after_seq)?);
+            tail.covered.push(range);
+        }
+        Ok(tail)
+    }
+}
+
+/// A file's rows and the number of files its sealed batch was written as.
+fn read(path: &std::path::Path) -> Result<(RecordBatch, usize)> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let files = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == META_FILES))
+        .and_then(|k| k.value.as_deref()?.parse().ok())
+        .unwrap_or(1);
+    let schema = builder.schema().clone();
+    let batches = builder
+        .build()?
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((concat_batches(&schema, &batches)?, files))
+}
+
+/// One sealed batch's rows from its files (one per date), by stream sequence; the sort is
+/// stable, so a message's events keep their order within a date.
+fn in_stream_order(parts: Vec<RecordBatch>) -> Result<RecordBatch> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().unwrap_or_else(empty));
+    }
+    let batch = concat_batches(&parts[0].schema(), &parts)?;
+    let seqs = seqs(&batch)?;
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    order.sort_by_key(|&i| seqs[i as usize]);
+    Ok(take_record_batch(&batch, &UInt32Array::from(order))?)
+}
+
+fn past(batch: RecordBatch, after_seq: u64) -> Result<RecordBatch> {
+    let seqs = seqs(&batch)?;
+    let skip = seqs.iter().take_while(|&&s| s <= after_seq).count();
+    Ok(batch.slice(skip, batch.num_rows() - skip))
+}
+
+fn seqs(batch: &RecordBatch) -> Result<Vec<u64>> {
+    Ok(batch
+        .column_by_name(schema::STREAM_SEQ)
+        .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+        .ok_or(Error::Schema(schema::STREAM_SEQ))?
+        .values()
+        .to_vec())
+}
+
+fn empty() -> RecordBatch {
+    RecordBatch::new_empty(schema::lake_schema())
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::UInt64Array;
+    use std::sync::Arc;
+    use tally_core::SealedBatch;
+
+    use super::*;
+    use crate::MICROS_PER_DAY;
+
+    /// A sealed batch whose rows carry the sequences `seqs`, at these times.
+    fn sealed(first_seq: u64, last_seq: u64, times: &[i64], seqs: &[u64]) -> SealedBatch {
+        let batch = crate::tests::batch(times);
+        let i = batch.schema().index_of(schema::STREAM_SEQ).unwrap();
+        let mut columns = batch.columns().to_vec();
+        columns[i] = Arc::new(UInt64Array::from(seqs.to_vec()));
+        SealedBatch {
+            partition: 2,
+            first_seq,
+            last_seq,
+            batch: RecordBatch::try_new(batch.schema(), columns).unwrap(),
+        }
+    }
+
+    fn all_seqs(tail: &Tail) -> Vec<u64> {
+        tail.rows.iter().flat_map(|b| seqs(b).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_tail_is_every_row_past_a_sequence_in_stream_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let day = 20_758 * MICROS_PER_DAY;
+        lake.write(&sealed(1, 3, &[day, day, day], &[1, 2, 3]))
+            .unwrap();
+        // A batch across midnight: two files, rows interleaved by sequence.
+        let next = day + MICROS_PER_DAY;
+        lake.write(&sealed(4, 7, &[next, day, next, day], &[4, 5, 6, 7]))
+            .unwrap();
+        assert_eq!(lake.partition_files(2).unwrap().len(), 3);
+        assert!(lake.partition_files(3).unwrap().is_empty());
+
+        let tail = lake.tail(2, 0).unwrap();
+        assert_eq!(all_seqs(&tail), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(tail.covered, [(1, 3), (4, 7)]);
+        let tail = lake.tail(2, 5).unwrap();
+        assert_eq!(all_seqs(&tail), [6, 7]);
+        assert_eq!(tail.covered, [(4, 7)]);
+        assert!(lake.tail(2, 7).unwrap().covered.is_empty());
+    }
+
+    #[test]
+    fn a_batch_missing_one_of_its_files_is_removed_as_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let day = 20_758 * MICROS_PER_DAY;
+        lake.write(&sealed(1, 2, &[day, day + MICROS_PER_DAY], &[1, 2]))
+            .unwrap();
+        lake.write(&sealed(3, 3, &[day], &[3])).unwrap();
+        let files = lake.partition_files(2).unwrap();
+        fs::remove_file(&files[0].path).unwrap();
+
+        let tail = lake.tail(2, 0).unwrap();
+        assert_eq!(tail.removed, 1);
+        assert_eq!(tail.covered, [(3, 3)]);
+        assert_eq!(all_seqs(&tail), [3]);
+        assert_eq!(lake.partition_files(2).unwrap().len(), 1);
+    }
+}
