@@ -79,7 +79,11 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let lake = Arc::new(Lake::new(config.lake_dir()));
         let (flush_tx, flush_rx) = mpsc::channel::<FlushRequest>(config.writer_queue);
-        let writer = tokio::spawn(run_writer(lake, flush_rx, config.writer_concurrency));
+        let writer = tokio::spawn(run_writer(
+            lake.clone(),
+            flush_rx,
+            config.writer_concurrency,
+        ));
         let stats = Arc::new(Stats::default());
         let cancel = CancellationToken::new();
         let partitions = partitions.unwrap_or_else(|| (0..config.ingest.partitions).collect());
@@ -92,6 +96,7 @@ impl Pipeline {
             nats.jetstream.clone(),
             config.ingest.clone(),
             partitions,
+            lake,
             flush_tx,
             stats.clone(),
             cancel.clone(),

@@ -128,84 +128,6 @@ fn demo_prints_matching_totals_as_json_and_leaves_a_hive_lake() {
     assert!(foreign.join("precious.txt").exists());
 }
 
-fn lake_rows(h: &common::Harness) -> u64 {
-    common::parquet_files(&h.lake_events())
-        .into_iter()
-        .map(|p| {
-            use parquet::file::reader::FileReader;
-            let r =
-                parquet::file::reader::SerializedFileReader::new(std::fs::File::open(p).unwrap())
-                    .unwrap();
-            r.metadata().file_metadata().num_rows() as u64
-        })
-        .sum()
-}
-
-/// A `tally serve` process, killed if a failing test leaves it running.
-struct Serve(std::process::Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `tally serve` and returns once it says it is running.
-fn serve(h: &common::Harness, flush_age_ms: &str) -> Serve {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--nats-url", &h.server.url(), "--data-dir"])
-        .arg(h.dir.path())
-        .env("TALLY_INGEST__FLUSH_AGE_MS", flush_age_ms)
-        .env("TALLY_INGEST__ACK_WAIT_SECS", "2")
-        .env("TALLY_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let running = lines.by_ref().any(|line| {
-        let line = line.unwrap_or_default();
-        eprintln!("{line}");
-        line.contains("tally is running")
-    });
-    assert!(running, "tally serve exited before it was running");
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
-    Serve(child)
-}
-
-/// Per partition consumer: (messages not yet delivered, delivered but unacknowledged).
-async fn consumer_backlog(h: &common::Harness) -> (u64, u64) {
-    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.unwrap();
-    let (mut pending, mut unacked) = (0, 0);
-    for p in 0..h.config.ingest.partitions {
-        // A worker re-creating its consumer makes it briefly absent: not settled yet.
-        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream
-            .get_consumer(&tally_core::subject::partition_consumer(p))
-            .await;
-        match consumer {
-            Ok(mut c) => match c.info().await {
-                Ok(info) => {
-                    pending += info.num_pending;
-                    unacked += info.num_ack_pending as u64;
-                }
-                Err(_) => pending += 1,
-            },
-            Err(_) => pending += 1,
-        }
-    }
-    (pending, unacked)
-}
-
-fn terminate(mut serve: Serve) {
-    let pid = serve.0.id().to_string();
-    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(kill.success());
-    let status = serve.0.wait().unwrap();
-    assert!(status.success(), "tally serve exited with {status}");
-}
-
 /// `tally serve` against an existing NATS. SIGTERM drains: what the worker holds becomes
 /// durable and acknowledged before it exits (the flush age is too long for anything else
 /// to write it). A second `serve` picks up whatever the first had not taken in, and the
@@ -213,14 +135,14 @@ fn terminate(mut serve: Serve) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_drains_on_sigterm_and_a_restart_loses_nothing() {
     let h = common::Harness::start().await;
-    let first = serve(&h, "600000");
+    let first = common::serve(&h, "600000");
     let mut spec = Spec::new(3_000, chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap());
     spec.customers = 30;
     spec.batch = 20;
     let (messages, totals) = workload::generate(&spec);
     let deadline = Instant::now() + Duration::from_secs(60);
     // Publish once `serve` has created the topology.
-    while consumer_backlog_ready(&h).await.is_none() {
+    while common::consumer_backlog_ready(&h).await.is_none() {
         assert!(
             Instant::now() < deadline,
             "tally serve never created its consumers"
@@ -230,42 +152,30 @@ async fn serve_drains_on_sigterm_and_a_restart_loses_nothing() {
     workload::publish(&h.nats.jetstream, &messages, 256, |_| {})
         .await
         .unwrap();
-    while consumer_backlog(&h).await.0 > 0 {
+    while common::consumer_backlog(&h).await.0 > 0 {
         assert!(
             Instant::now() < deadline,
             "messages not delivered to tally serve"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(lake_rows(&h), 0, "written before the drain");
-    terminate(first);
-    let drained = lake_rows(&h);
+    assert_eq!(common::lake_rows(&h), 0, "written before the drain");
+    common::terminate(first);
+    let drained = common::lake_rows(&h);
     assert!(drained > 0, "SIGTERM wrote nothing");
 
-    let second = serve(&h, "100");
-    while consumer_backlog(&h).await != (0, 0) || lake_rows(&h) < totals.events_valid {
+    let second = common::serve(&h, "100");
+    while common::consumer_backlog(&h).await != (0, 0)
+        || common::lake_rows(&h) < totals.events_valid
+    {
         assert!(
             Instant::now() < deadline,
             "the second serve did not catch up"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    terminate(second);
-    assert_eq!(lake_rows(&h), totals.events_valid);
-}
-
-/// `Some` once every partition consumer exists.
-async fn consumer_backlog_ready(h: &common::Harness) -> Option<()> {
-    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.ok()?;
-    for p in 0..h.config.ingest.partitions {
-        stream
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                &tally_core::subject::partition_consumer(p),
-            )
-            .await
-            .ok()?;
-    }
-    Some(())
+    common::terminate(second);
+    assert_eq!(common::lake_rows(&h), totals.events_valid);
 }
 
 /// The load generator runs end to end and reports what it measured (figures are for
@@ -320,7 +230,7 @@ fn bench_ingest_reports_json_with_a_baseline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_strands_nothing_it_had_not_made_durable() {
     let h = common::Harness::start().await;
-    let mut first = serve(&h, "600000");
+    let mut first = common::serve(&h, "600000");
     let batch = |seed: u64| {
         let mut spec = Spec::new(2_000, chrono::NaiveDate::from_ymd_opt(2026, 7, 1).unwrap());
         spec.customers = 25;
@@ -334,7 +244,7 @@ async fn a_killed_worker_strands_nothing_it_had_not_made_durable() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (pending, unacked) = consumer_backlog(&h).await;
+        let (pending, unacked) = common::consumer_backlog(&h).await;
         if pending == 0 && unacked == before.len() as u64 {
             break;
         }
@@ -346,24 +256,28 @@ async fn a_killed_worker_strands_nothing_it_had_not_made_durable() {
     }
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    assert_eq!(lake_rows(&h), 0, "nothing was durable before the kill");
+    assert_eq!(
+        common::lake_rows(&h),
+        0,
+        "nothing was durable before the kill"
+    );
 
     let (after, after_totals) = batch(2);
     workload::publish(&h.nats.jetstream, &after, 256, |_| {})
         .await
         .unwrap();
     let expected = before_totals.events_valid + after_totals.events_valid;
-    let second = serve(&h, "100");
-    while consumer_backlog(&h).await != (0, 0) || lake_rows(&h) < expected {
+    let second = common::serve(&h, "100");
+    while common::consumer_backlog(&h).await != (0, 0) || common::lake_rows(&h) < expected {
         assert!(
             Instant::now() < deadline,
             "lake holds {} of {expected} events",
-            lake_rows(&h)
+            common::lake_rows(&h)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    terminate(second);
-    assert_eq!(lake_rows(&h), expected);
+    common::terminate(second);
+    assert_eq!(common::lake_rows(&h), expected);
 }
 
 /// With the embedded default, a command run beside `tally serve` on the same data
@@ -391,7 +305,7 @@ fn a_command_beside_a_running_serve_shares_its_embedded_nats_server() {
         "tally serve exited before it was running"
     );
     std::thread::spawn(move || lines.for_each(drop));
-    let serve = Serve(child);
+    let serve = common::Serve(child);
     let pid_file = dir.path().join("nats/nats-server.pid");
     let server = std::fs::read_to_string(&pid_file).unwrap();
 
@@ -410,5 +324,5 @@ fn a_command_beside_a_running_serve_shares_its_embedded_nats_server() {
     // The same server still runs, under serve, which drains and exits cleanly.
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), server);
     assert!(Path::new(&format!("/proc/{}", server.trim())).exists());
-    terminate(serve);
+    common::terminate(serve);
 }

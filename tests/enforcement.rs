@@ -516,3 +516,86 @@ async fn reserve_and_record_returns_the_decision_the_event_was_recorded_with() {
     assert_eq!(got["r2"], "limit_reached");
     pipeline.shutdown().await.unwrap();
 }
+
+/// Waits, with a deadline, until `ready` holds.
+async fn until<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A worker killed after its rows are durable but before it acknowledged them: the next
+/// one takes the partition over from the lake. The redelivered messages are not counted
+/// again, the counter goes on where it stood, and each threshold notifies exactly once.
+/// After a clean stop, the next worker starts from the checkpoint the stop wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_counts_nothing_twice_and_notifies_exactly_once() {
+    let h = Harness::start().await;
+    setup(&h, vec![Customer::new("acme", "small")]).await;
+    let flush = ("TALLY_INGEST__FLUSH_AGE_MS", "50");
+    let mut first =
+        common::serve_with(&h, &[flush, ("TALLY_INGEST__FAULT_ACK_DELAY_MS", "600000")]);
+    until("consumers exist", || async {
+        common::consumer_backlog_ready(&h).await.is_some()
+    })
+    .await;
+    // 9 of a hard limit of 10: the 80 % threshold is crossed by the 8th.
+    for i in 0..9 {
+        publish(&h, &format!("e{i:02}"), "acme", "calls", 1.0, "").await;
+    }
+    until("9 rows durable", || async { common::lake_rows(&h) == 9 }).await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert_eq!(
+        common::consumer_backlog(&h).await,
+        (0, 9),
+        "durable, never acknowledged"
+    );
+
+    let second = common::serve_with(&h, &[flush]);
+    for i in 9..13 {
+        publish(&h, &format!("e{i:02}"), "acme", "calls", 1.0, "").await;
+    }
+    until("13 rows, all acknowledged", || async {
+        common::lake_rows(&h) == 13 && common::consumer_backlog(&h).await == (0, 0)
+    })
+    .await;
+    common::terminate(second);
+    let partition = subject::partition_of("acme", h.config.ingest.partitions);
+    let checkpoints = h
+        .config
+        .lake_dir()
+        .join(format!("checkpoints/p{partition:03}"));
+    assert!(
+        std::fs::read_dir(&checkpoints).unwrap().count() > 0,
+        "a clean stop leaves a checkpoint"
+    );
+
+    let third = common::serve_with(&h, &[flush]);
+    publish(&h, "e13", "acme", "calls", 1.0, "").await;
+    until("14 rows", || async { common::lake_rows(&h) == 14 }).await;
+    common::terminate(third);
+
+    assert_eq!(common::lake_rows(&h), 14, "no event stored twice");
+    let got = decisions(&h).await;
+    for i in 0..14 {
+        let want = if i < 10 { "accepted" } else { "limit_reached" };
+        assert_eq!(got[&format!("e{i:02}")], want, "e{i:02}");
+    }
+    let mut sent: Vec<(String, Option<u64>)> = notifications(&h)
+        .await
+        .into_iter()
+        .map(|(subject, body)| (subject, body["threshold"].as_u64()))
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("tally.notify.limit_reached.acme".to_owned(), None),
+            ("tally.notify.threshold.acme".to_owned(), Some(80)),
+            ("tally.notify.threshold.acme".to_owned(), Some(100)),
+        ]
+    );
+}

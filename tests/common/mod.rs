@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use indicatif::ProgressBar;
@@ -126,6 +127,103 @@ pub struct DeadLetter {
     pub index: Option<usize>,
     pub error: String,
     pub body: Vec<u8>,
+}
+
+pub fn lake_rows(h: &Harness) -> u64 {
+    parquet_files(&h.lake_events())
+        .into_iter()
+        .map(|p| {
+            use parquet::file::reader::FileReader;
+            let r =
+                parquet::file::reader::SerializedFileReader::new(std::fs::File::open(p).unwrap())
+                    .unwrap();
+            r.metadata().file_metadata().num_rows() as u64
+        })
+        .sum()
+}
+
+/// A `tally serve` process, killed if a failing test leaves it running.
+pub struct Serve(pub std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tally serve` and returns once it says it is running.
+pub fn serve(h: &Harness, flush_age_ms: &str) -> Serve {
+    serve_with(h, &[("TALLY_INGEST__FLUSH_AGE_MS", flush_age_ms)])
+}
+
+/// Starts `tally serve` with these environment variables set.
+pub fn serve_with(h: &Harness, env: &[(&str, &str)]) -> Serve {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--nats-url", &h.server.url(), "--data-dir"])
+        .arg(h.dir.path())
+        .envs(env.iter().copied())
+        .env("TALLY_INGEST__ACK_WAIT_SECS", "2")
+        .env("TALLY_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let running = lines.by_ref().any(|line| {
+        let line = line.unwrap_or_default();
+        eprintln!("{line}");
+        line.contains("tally is running")
+    });
+    assert!(running, "tally serve exited before it was running");
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
+    Serve(child)
+}
+
+/// Per partition consumer: (messages not yet delivered, delivered but unacknowledged).
+pub async fn consumer_backlog(h: &Harness) -> (u64, u64) {
+    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.unwrap();
+    let (mut pending, mut unacked) = (0, 0);
+    for p in 0..h.config.ingest.partitions {
+        // A worker re-creating its consumer makes it briefly absent: not settled yet.
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream
+            .get_consumer(&tally_core::subject::partition_consumer(p))
+            .await;
+        match consumer {
+            Ok(mut c) => match c.info().await {
+                Ok(info) => {
+                    pending += info.num_pending;
+                    unacked += info.num_ack_pending as u64;
+                }
+                Err(_) => pending += 1,
+            },
+            Err(_) => pending += 1,
+        }
+    }
+    (pending, unacked)
+}
+
+pub fn terminate(mut serve: Serve) {
+    let pid = serve.0.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success());
+    let status = serve.0.wait().unwrap();
+    assert!(status.success(), "tally serve exited with {status}");
+}
+
+/// `Some` once every partition consumer exists.
+pub async fn consumer_backlog_ready(h: &Harness) -> Option<()> {
+    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.ok()?;
+    for p in 0..h.config.ingest.partitions {
+        stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                &tally_core::subject::partition_consumer(p),
+            )
+            .await
+            .ok()?;
+    }
+    Some(())
 }
 
 /// Every Parquet file under a directory, recursively.

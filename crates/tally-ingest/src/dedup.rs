@@ -30,9 +30,24 @@ impl Dedup {
         }
     }
 
+    /// The ids remembered, oldest generation first, for a checkpoint.
+    pub fn export(&self) -> Vec<u128> {
+        self.old.iter().chain(self.young.iter()).copied().collect()
+    }
+
+    /// Remembers ids exported by [`Dedup::export`], as the newest generation (or two).
+    pub fn restore(&mut self, keys: &[u128]) {
+        for &k in keys {
+            self.insert(k);
+        }
+    }
+
     /// Records an id; `false` if it was seen before within the horizon.
     pub fn first_time(&mut self, id: &str) -> bool {
-        let k = key(id);
+        self.insert(key(id))
+    }
+
+    fn insert(&mut self, k: u128) -> bool {
         if self.old.contains(&k) || !self.young.insert(k) {
             return false;
         }
@@ -63,5 +78,19 @@ mod tests {
         // Two rollovers later, "a" is past the horizon.
         assert!(d.first_time("f"));
         assert!(d.first_time("a"));
+    }
+
+    #[test]
+    fn a_restored_set_catches_what_the_exported_one_did() {
+        let mut d = Dedup::new(4);
+        for id in ["a", "b", "c", "d", "e"] {
+            assert!(d.first_time(id));
+        }
+        let mut restored = Dedup::new(4);
+        restored.restore(&d.export());
+        for id in ["a", "b", "c", "d", "e"] {
+            assert!(!restored.first_time(id), "{id}");
+        }
+        assert!(restored.first_time("f"));
     }
 }

@@ -40,7 +40,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 /// The engines of one worker process and what keeps them current.
 pub struct Entitlements {
     /// By partition; `None` for a partition this process does not own.
-    engines: Vec<Option<Mutex<Engine>>>,
+    engines: Vec<Option<Owned>>,
     partitions: u16,
     catalog: Followed,
     customers: Followed,
@@ -61,6 +61,13 @@ impl std::fmt::Debug for Entitlements {
             .field("partitions", &self.partitions)
             .finish_non_exhaustive()
     }
+}
+
+/// An owned partition's engine, and how many definition changes it has taken (watched by
+/// the partition task, which checkpoints after a change).
+struct Owned {
+    engine: Mutex<Engine>,
+    changes: watch::Sender<u64>,
 }
 
 /// One watched bucket: its stream, and the last revision applied.
@@ -84,7 +91,12 @@ impl Entitlements {
         let definitions = Definitions::open(js).await?;
         let (catalog, customers) = definitions.stores();
         let engines = (0..partitions.max(1))
-            .map(|p| owned.contains(&p).then(|| Mutex::new(Engine::new())))
+            .map(|p| {
+                owned.contains(&p).then(|| Owned {
+                    engine: Mutex::new(Engine::new()),
+                    changes: watch::Sender::new(0),
+                })
+            })
             .collect();
         let this = Arc::new(Entitlements {
             engines,
@@ -120,20 +132,35 @@ impl Entitlements {
     /// A partition's engine, for deciding one message's events. Hold it only while
     /// deciding. `None` for a partition this process does not own.
     pub fn engine(&self, partition: u16) -> Option<MutexGuard<'_, Engine>> {
-        let engine = self.engines.get(usize::from(partition))?.as_ref()?;
+        let owned = self.owned(partition)?;
         Some(
-            engine
+            owned
+                .engine
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         )
     }
 
+    /// Changes whenever a definition change reaches the partition's engine.
+    pub fn changes(&self, partition: u16) -> Option<watch::Receiver<u64>> {
+        Some(self.owned(partition)?.changes.subscribe())
+    }
+
+    fn owned(&self, partition: u16) -> Option<&Owned> {
+        self.engines.get(usize::from(partition))?.as_ref()
+    }
+
+    /// Runs `f` on a partition's engine and counts it as a change.
+    fn change(&self, partition: u16, f: impl FnOnce(&mut Engine)) -> Option<()> {
+        f(&mut *self.engine(partition)?);
+        self.owned(partition)?.changes.send_modify(|n| *n += 1);
+        Some(())
+    }
+
     /// Runs `f` on every owned partition's engine, one at a time.
     fn each_engine(&self, mut f: impl FnMut(&mut Engine)) {
         for p in 0..self.partitions {
-            if let Some(mut engine) = self.engine(p) {
-                f(&mut engine);
-            }
+            self.change(p, &mut f);
         }
     }
 
@@ -210,7 +237,6 @@ impl Entitlements {
         Ok(info.state.last_sequence)
     }
 
-    /// Applies one bucket entry to the engine.
     /// Applies one bucket entry to the engine; for a customer of this process, returns
     /// the entitlement-changed notification to publish.
     fn apply(&self, entry: &Entry) -> Option<(String, serde_json::Value)> {
@@ -224,15 +250,16 @@ impl Entitlements {
         };
         if entry.bucket == CUSTOMERS_BUCKET {
             let id = id_from_kv_key(&entry.key)?;
-            let mut engine = self.engine(partition_of(&id, self.partitions))?;
+            let partition = partition_of(&id, self.partitions);
+            self.owned(partition)?;
             let mut customer = None;
             if !put {
-                engine.remove_customer(&id);
+                self.change(partition, |e| e.remove_customer(&id));
             } else if let Some(c) =
                 parse("customer").and_then(|v| serde_json::from_value::<Customer>(v).ok())
             {
                 customer = Some(serde_json::to_value(&c).unwrap_or_default());
-                engine.upsert_customer(c);
+                self.change(partition, |e| e.upsert_customer(c));
             }
             let news = entry.revision > self.customers.started_at.load(Ordering::Acquire);
             return news.then(|| {

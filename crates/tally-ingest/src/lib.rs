@@ -13,6 +13,7 @@ pub mod dedup;
 pub mod definitions;
 pub mod entitlements;
 pub mod record;
+mod recovery;
 pub mod rows;
 pub mod topology;
 mod worker;
@@ -55,10 +56,17 @@ pub struct IngestConfig {
     pub ack_wait_secs: u64,
     /// Distinct event ids remembered per partition (per generation, see [`dedup`]).
     pub dedup_capacity: usize,
+    /// Checkpoint each partition's counters at least this often while it handles messages
+    /// (and after every definition change), in seconds: a worker that takes the partition
+    /// over replays the lake's rows stored since.
+    pub checkpoint_secs: u64,
     /// Decide every event against the entitlements in the key-value buckets. Off, every
     /// valid event is `accepted` (to measure what enforcement costs).
     pub enforce: bool,
     pub limits: DecodeLimits,
+    /// Fault injection for tests: hold each ack this long after its batch is durable, so
+    /// that a test can kill a worker between the two. Leave it at 0.
+    pub fault_ack_delay_ms: u64,
     /// Fault injection for tests: wait this long before applying each change read from the
     /// definitions buckets, so that a test can show a change still applies to the first
     /// event stored after its write. Not read from configuration files.
@@ -80,8 +88,10 @@ impl Default for IngestConfig {
             fetch_messages: 1_000,
             ack_wait_secs: 60,
             dedup_capacity: 500_000,
+            checkpoint_secs: 10,
             enforce: true,
             limits: DecodeLimits::default(),
+            fault_ack_delay_ms: 0,
             definitions_apply_delay_ms: 0,
         }
     }
@@ -159,6 +169,9 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub dead_letters: AtomicU64,
     pub redeliveries_skipped: AtomicU64,
+    /// Lake rows replayed when taking partitions over.
+    pub replayed: AtomicU64,
+    pub checkpoints: AtomicU64,
     /// Valid, first-seen events by decision, in the order of [`Decision::ALL`].
     pub decided: [AtomicU64; Decision::ALL.len()],
     pub notices: AtomicU64,
@@ -178,6 +191,8 @@ impl Default for Stats {
             duplicates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             redeliveries_skipped: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
             decided: Default::default(),
             notices: AtomicU64::new(0),
             rows_durable: AtomicU64::new(0),
@@ -205,6 +220,7 @@ pub async fn run_worker(
     js: async_nats::jetstream::Context,
     config: IngestConfig,
     partitions: Vec<u16>,
+    lake: std::sync::Arc<tally_store::Lake>,
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: std::sync::Arc<Stats>,
     cancel: CancellationToken,
@@ -259,9 +275,10 @@ pub async fn run_worker(
     let (err_tx, mut err_rx) = mpsc::channel::<Error>(partitions.len().max(1));
     for partition in partitions {
         let entitlements = entitlements.clone();
-        let (js, config, flush_tx, stats, cancel, err_tx) = (
+        let (js, config, lake, flush_tx, stats, cancel, err_tx) = (
             js.clone(),
             config.clone(),
+            lake.clone(),
             flush_tx.clone(),
             stats.clone(),
             cancel.clone(),
@@ -272,6 +289,7 @@ pub async fn run_worker(
                 js,
                 &config,
                 partition,
+                lake,
                 flush_tx,
                 stats,
                 entitlements,

@@ -13,15 +13,18 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
+use tally_core::snapshot::Snapshot;
 use tally_core::subject::{self, DEAD_LETTER_PREFIX, NOTIFY_PREFIX};
 use tally_core::{Decision, Durable, Event, FlushRequest, Frame, Invalid, Reason, SealedBatch};
 use tally_quota::{Engine, Notice, NoticeKind, Usage};
+use tally_store::Lake;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::dedup::Dedup;
 use crate::entitlements::Entitlements;
 use crate::record::Waiters;
+use crate::recovery::{self, Committed};
 use crate::rows::Rows;
 use crate::{Error, IngestConfig, Result, Stats, topology};
 
@@ -37,8 +40,11 @@ pub const HDR_SUBJECT: &str = "Tally-Subject";
 /// A sealed batch's messages, waiting for the lake's answer.
 struct Pending {
     done: oneshot::Receiver<Result<Durable, String>>,
-    last: Acker,
+    /// `None`: nothing to acknowledge (a checkpoint after the last batch).
+    last: Option<Acker>,
     last_seq: u64,
+    /// The partition's state after `last_seq`, written once everything up to it is durable.
+    checkpoint: Option<Snapshot>,
     /// When JetStream stored each message, in ms since the epoch, for the latency histogram.
     stored_ms: Vec<i64>,
     /// Dead letters and notifications the batch's messages caused: stored before the ack.
@@ -80,11 +86,14 @@ impl Open {
     }
 }
 
-/// Runs one partition until cancelled (then drains) or until something fails.
+/// Runs one partition until cancelled (then drains) or until something fails: first takes
+/// it over from the lake ([`recovery`](crate::recovery)), then pulls.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_partition(
     js: Context,
     config: &IngestConfig,
     partition: u16,
+    lake: Arc<Lake>,
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: Arc<Stats>,
     entitlements: Option<Arc<Entitlements>>,
@@ -92,22 +101,33 @@ pub async fn run_partition(
 ) -> Result<()> {
     let (ack_tx, ack_rx) = mpsc::channel::<Pending>(config.flushes_in_flight);
     let acked = Arc::new(AtomicU64::new(0));
-    let acks = tokio::spawn(ack_in_order(ack_rx, stats.clone(), acked.clone()));
+    let acks = tokio::spawn(ack_in_order(
+        ack_rx,
+        Duration::from_millis(config.fault_ack_delay_ms),
+        lake.clone(),
+        stats.clone(),
+        acked.clone(),
+    ));
     let sink = Sink {
         flush_tx: &flush_tx,
         ack_tx: &ack_tx,
         sealed: 0,
         acked: &acked,
     };
-    let result = pull_loop(
-        &js,
-        config,
-        partition,
-        sink,
-        &stats,
-        entitlements.as_deref(),
-        &cancel,
-    )
+    let result = async {
+        let (recovered, dedup) =
+            take_over(&js, partition, lake, entitlements.clone(), config, &stats).await?;
+        let mut part = Partition {
+            number: partition,
+            dedup,
+            committed: recovered.committed,
+            entitlements: entitlements.as_deref(),
+            handled: 0,
+            max_seq: recovered.checkpoint_seq,
+            last_checkpoint: Instant::now(),
+        };
+        pull_loop(&js, config, &mut part, sink, &stats, &cancel).await
+    }
     .await;
     drop(ack_tx);
     let acked = acks
@@ -133,20 +153,115 @@ impl Sink<'_> {
     }
 }
 
+/// A partition's state in the pull loop.
+struct Partition<'e> {
+    number: u16,
+    dedup: Dedup,
+    /// What the lake already holds: skipped when delivered again.
+    committed: Committed,
+    entitlements: Option<&'e Entitlements>,
+    /// Messages handled since the last checkpoint.
+    handled: u64,
+    /// The highest sequence handled or skipped.
+    max_seq: u64,
+    last_checkpoint: Instant,
+}
+
+impl Partition<'_> {
+    /// The partition's counters and seen ids as they stand, which is after `max_seq`.
+    fn checkpoint(&mut self) -> Snapshot {
+        self.handled = 0;
+        self.last_checkpoint = Instant::now();
+        Snapshot {
+            partition: self.number,
+            last_seq: self.max_seq,
+            accounts: self
+                .entitlements
+                .and_then(|e| e.engine(self.number))
+                .map(|e| e.snapshot())
+                .unwrap_or_default(),
+            seen: self.dedup.export(),
+        }
+    }
+
+    /// A checkpoint when one is due: something was handled since the last, and it is
+    /// `interval` old or a definition changed (so that replaying the rows stored after a
+    /// checkpoint always uses the definitions they were decided with).
+    fn checkpoint_if(&mut self, interval: Duration, definitions_changed: bool) -> Option<Snapshot> {
+        let due = definitions_changed || self.last_checkpoint.elapsed() >= interval;
+        (self.handled > 0 && due).then(|| self.checkpoint())
+    }
+}
+
+/// Rebuilds the partition's counters and seen ids from the lake; publishes again the
+/// notices of replayed rows that no ack covered.
+async fn take_over(
+    js: &Context,
+    partition: u16,
+    lake: Arc<Lake>,
+    entitlements: Option<Arc<Entitlements>>,
+    config: &IngestConfig,
+    stats: &Stats,
+) -> Result<(recovery::Recovered, Dedup)> {
+    let ack_floor = recovery::ack_floor(js, partition).await?;
+    let started = Instant::now();
+    let capacity = config.dedup_capacity;
+    let (recovered, dedup) = tokio::task::spawn_blocking(move || {
+        let mut dedup = Dedup::new(capacity);
+        recovery::recover(
+            &lake,
+            partition,
+            ack_floor,
+            &mut dedup,
+            entitlements.as_deref(),
+        )
+        .map(|r| (r, dedup))
+    })
+    .await
+    .map_err(|e| Error::Store(format!("recovery panicked: {e}")))??;
+    let mut stored = Vec::with_capacity(recovered.notices.len());
+    for notice in &recovered.notices {
+        stored.push(notify(js, notice).await?);
+    }
+    for ack in stored {
+        ack.await.map_err(|e| Error::nats("notification ack", e))?;
+    }
+    stats.replayed.fetch_add(recovered.replayed, Relaxed);
+    tracing::info!(
+        partition,
+        checkpoint = recovered.checkpoint_seq,
+        replayed = recovered.replayed,
+        notices_again = recovered.notices.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "partition taken over"
+    );
+    Ok((recovered, dedup))
+}
+
+/// Resolves when the partition's definitions change; never without entitlements.
+async fn definitions_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = changes
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    *changes = None;
+    std::future::pending().await
+}
+
 async fn pull_loop(
     js: &Context,
     config: &IngestConfig,
-    partition: u16,
+    part: &mut Partition<'_>,
     mut sink: Sink<'_>,
     stats: &Stats,
-    entitlements: Option<&Entitlements>,
     cancel: &CancellationToken,
 ) -> Result<()> {
+    let partition = part.number;
     let mut messages = topology::messages(js, config, partition).await?;
-    let mut dedup = Dedup::new(config.dedup_capacity);
     let mut open = Open::new();
-    // Redeliveries of what this process already handled are skipped by sequence.
-    let mut max_seq = 0u64;
+    let mut changes = part.entitlements.and_then(|e| e.changes(partition));
+    let interval = Duration::from_secs(config.checkpoint_secs);
     let flush_age = Duration::from_millis(config.flush_age_ms);
     // The open batch is sealed when its first message is `flush_age` old, to the tick. One
     // timer, re-armed once per batch rather than once per message.
@@ -165,24 +280,34 @@ async fn pull_loop(
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            () = &mut timer, if armed.is_some() => seal(&mut open, partition, &mut sink).await?,
+            () = definitions_changed(&mut changes) => {
+                let checkpoint = part.checkpoint_if(interval, true);
+                seal(&mut open, partition, &mut sink, checkpoint).await?;
+            }
+            () = &mut timer, if armed.is_some() => {
+                let checkpoint = part.checkpoint_if(interval, false);
+                seal(&mut open, partition, &mut sink, checkpoint).await?;
+            }
             next = messages.next() => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
                     let (seq, stored_us) = (info.stream_sequence, info.published.timestamp_micros());
                     let stored_ms = stored_us.div_euclid(1000);
-                    if seq <= max_seq {
+                    // Handled by this process, or already in the lake.
+                    if seq <= part.max_seq || part.committed.holds(seq) {
+                        part.max_seq = part.max_seq.max(seq);
                         stats.redeliveries_skipped.fetch_add(1, Relaxed);
                         continue;
                     }
-                    max_seq = seq;
+                    part.max_seq = seq;
                     let (message, acker) = msg.split();
-                    if let Some(e) = entitlements {
+                    if let Some(e) = part.entitlements {
                         // Changes acknowledged before this message was stored apply to it.
                         e.sync_for(stored_us).await?;
                     }
                     let at = At { partition, seq };
-                    handle(js, config, at, &message, &mut open, &mut dedup, stats, entitlements).await?;
+                    handle(js, config, at, &message, &mut open, &mut part.dedup, stats, part.entitlements).await?;
+                    part.handled += 1;
                     if open.last.is_none() {
                         open.first_seq = seq;
                         open.opened = Some(Instant::now());
@@ -192,7 +317,8 @@ async fn pull_loop(
                     open.bytes += message.payload.len();
                     open.stored_ms.push(stored_ms);
                     if open.full(config) {
-                        seal(&mut open, partition, &mut sink).await?;
+                        let checkpoint = part.checkpoint_if(interval, false);
+                        seal(&mut open, partition, &mut sink, checkpoint).await?;
                     }
                 }
                 // The pull stream recovers from these itself; a terminal one ends it.
@@ -200,7 +326,7 @@ async fn pull_loop(
                 None => {
                     tracing::warn!(partition, "pull stream ended; resubscribing at the ack floor");
                     // Acks go through the old subscription's consumer: settle them first.
-                    seal(&mut open, partition, &mut sink).await?;
+                    seal(&mut open, partition, &mut sink, None).await?;
                     sink.settle().await;
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     messages = topology::messages(js, config, partition).await?;
@@ -208,7 +334,9 @@ async fn pull_loop(
             }
         }
     }
-    seal(&mut open, partition, &mut sink).await
+    // A clean stop leaves a checkpoint of everything, so the next start replays nothing.
+    let checkpoint = part.checkpoint_if(Duration::ZERO, true);
+    seal(&mut open, partition, &mut sink, checkpoint).await
 }
 
 /// Decodes one message (CloudEvents JSON, or Arrow IPC when its `Content-Type` says so)
@@ -504,9 +632,33 @@ async fn notify(js: &Context, notice: &Notice) -> Result<PublishAckFuture> {
         .map_err(|e| Error::nats("publish notification", e))
 }
 
-/// Seals the open batch, if it holds any message, and queues it for the lake.
-async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()> {
+/// Seals the open batch, if it holds any message, and queues it for the lake, with the
+/// checkpoint to write once it is durable.
+async fn seal(
+    open: &mut Open,
+    partition: u16,
+    sink: &mut Sink<'_>,
+    checkpoint: Option<Snapshot>,
+) -> Result<()> {
     let Some((last, last_seq)) = open.last.take() else {
+        // Nothing to write: the checkpoint waits only for the batches before it.
+        if let Some(checkpoint) = checkpoint {
+            let (done_tx, done) = oneshot::channel();
+            let _ = done_tx.send(Ok(Durable::default()));
+            let pending = Pending {
+                done,
+                last: None,
+                last_seq: checkpoint.last_seq,
+                checkpoint: Some(checkpoint),
+                stored_ms: Vec::new(),
+                published: Vec::new(),
+            };
+            sink.ack_tx
+                .send(pending)
+                .await
+                .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
+            sink.sealed += 1;
+        }
         return Ok(());
     };
     let sealed = SealedBatch {
@@ -526,8 +678,9 @@ async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()
     sink.ack_tx
         .send(Pending {
             done,
-            last,
+            last: Some(last),
             last_seq,
+            checkpoint,
             stored_ms: std::mem::take(&mut open.stored_ms),
             published: open
                 .dead_letters
@@ -549,10 +702,13 @@ async fn seal(open: &mut Open, partition: u16, sink: &mut Sink<'_>) -> Result<()
 /// batch that is not yet on disk.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<Pending>,
+    ack_delay: Duration,
+    lake: Arc<Lake>,
     stats: Arc<Stats>,
     acked: Arc<AtomicU64>,
 ) -> Result<()> {
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
+    let mut checkpoints = Checkpoints::new(lake, stats.clone());
     while let Some(p) = rx.recv().await {
         // A dead letter or a notification must be stored before the ack that covers its
         // message: a crash in between redelivers the message, which sends them again
@@ -567,8 +723,19 @@ async fn ack_in_order(
             .await
             .map_err(|_| Error::Store("the lake writer dropped a batch".to_owned()))?
             .map_err(Error::Store)?;
+        // Everything up to the checkpoint is durable now.
+        if let Some(checkpoint) = p.checkpoint {
+            checkpoints.write(checkpoint);
+        }
+        let Some(last) = p.last else {
+            acked.fetch_add(1, Relaxed);
+            continue;
+        };
+        if !ack_delay.is_zero() {
+            tokio::time::sleep(ack_delay).await;
+        }
         let mut attempt = 0;
-        while let Err(e) = p.last.double_ack().await {
+        while let Err(e) = last.double_ack().await {
             attempt += 1;
             if attempt >= 5 {
                 return Err(Error::nats("acknowledge batch", e));
@@ -589,5 +756,61 @@ async fn ack_in_order(
         }
         latency.reset();
     }
+    checkpoints.finish().await;
     Ok(())
+}
+
+/// Writes checkpoints off the ack path, one at a time per partition; while one is being
+/// written, only the newest one waiting is kept (it holds everything the others did).
+struct Checkpoints {
+    lake: Arc<Lake>,
+    stats: Arc<Stats>,
+    writing: Option<tokio::task::JoinHandle<()>>,
+    waiting: Option<Snapshot>,
+}
+
+impl Checkpoints {
+    fn new(lake: Arc<Lake>, stats: Arc<Stats>) -> Self {
+        Self {
+            lake,
+            stats,
+            writing: None,
+            waiting: None,
+        }
+    }
+
+    fn write(&mut self, checkpoint: Snapshot) {
+        self.waiting = Some(checkpoint);
+        if self.writing.as_ref().is_none_or(|w| w.is_finished()) {
+            self.start();
+        }
+    }
+
+    fn start(&mut self) {
+        let Some(checkpoint) = self.waiting.take() else {
+            return;
+        };
+        let (lake, stats) = (self.lake.clone(), self.stats.clone());
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            match lake.write_checkpoint(&checkpoint) {
+                Ok(_) => {
+                    stats.checkpoints.fetch_add(1, Relaxed);
+                }
+                // The rows are in the lake: a later checkpoint, or a longer replay, covers it.
+                Err(e) => tracing::error!(partition = checkpoint.partition,
+                    last_seq = checkpoint.last_seq, error = %e, "cannot write a checkpoint"),
+            }
+        }));
+    }
+
+    /// Waits for the checkpoint being written and writes the one waiting.
+    async fn finish(mut self) {
+        if let Some(w) = self.writing.take() {
+            let _ = w.await;
+        }
+        self.start();
+        if let Some(w) = self.writing.take() {
+            let _ = w.await;
+        }
+    }
 }

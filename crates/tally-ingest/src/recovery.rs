@@ -1,0 +1,193 @@
+//! Taking a partition over: the counters and seen event ids from its latest checkpoint,
+//! then the lake's rows stored after it, replayed with the decisions they were stored with.
+//!
+//! What the lake holds is the truth. A message whose sequence is at or below the
+//! checkpoint's, or inside a sealed batch found in the lake, is already counted and stored:
+//! when JetStream delivers it again (it was never acknowledged, or acknowledged after the
+//! crash) it is skipped. So counting nothing twice does not rest on JetStream's duplicate
+//! window. Notices of the replayed rows that no ack covered are published again (their
+//! message ids make that a no-op if they were already stored).
+
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use arrow::datatypes::{Float64Type, TimestampMicrosecondType, UInt64Type};
+use async_nats::jetstream::Context;
+use tally_core::snapshot::Snapshot;
+use tally_core::{Decision, schema};
+use tally_quota::{Notice, Usage};
+use tally_store::Lake;
+
+use crate::dedup::Dedup;
+use crate::entitlements::Entitlements;
+use crate::{Error, Result};
+
+/// What a partition's lake holds: skip these sequences when they are delivered again.
+#[derive(Debug, Default)]
+pub(crate) struct Committed {
+    /// Every message up to here is counted (in the checkpoint or the replayed rows).
+    upto: u64,
+    /// Sealed batches in the lake past `upto`, in order.
+    covered: Vec<(u64, u64)>,
+}
+
+impl Committed {
+    /// Whether a delivered message is already in the lake. Sequences arrive in order, so
+    /// ranges behind them are dropped as they pass.
+    pub(crate) fn holds(&mut self, seq: u64) -> bool {
+        if seq <= self.upto {
+            return true;
+        }
+        while let Some(&(_, last)) = self.covered.first()
+            && last < seq
+        {
+            self.covered.remove(0);
+        }
+        self.covered
+            .first()
+            .is_some_and(|&(first, last)| first <= seq && seq <= last)
+    }
+}
+
+/// What recovery found, for the log and the stats.
+#[derive(Debug, Default)]
+pub(crate) struct Recovered {
+    pub committed: Committed,
+    pub checkpoint_seq: u64,
+    pub replayed: u64,
+    pub notices: Vec<Notice>,
+}
+
+/// Rebuilds a partition's counters and seen ids. Blocking: reads the lake.
+pub(crate) fn recover(
+    lake: &Lake,
+    partition: u16,
+    ack_floor: u64,
+    dedup: &mut Dedup,
+    entitlements: Option<&Entitlements>,
+) -> Result<Recovered> {
+    let store = |e: tally_store::Error| Error::Store(e.to_string());
+    let checkpoint = lake
+        .latest_checkpoint(partition)
+        .map_err(store)?
+        .unwrap_or(Snapshot {
+            partition,
+            ..Snapshot::default()
+        });
+    let tail = lake.tail(partition, checkpoint.last_seq).map_err(store)?;
+    let mut recovered = Recovered {
+        checkpoint_seq: checkpoint.last_seq,
+        ..Recovered::default()
+    };
+    dedup.restore(&checkpoint.seen);
+    let mut engine = entitlements.and_then(|e| e.engine(partition));
+    if let Some(engine) = engine.as_deref_mut() {
+        engine.restore(checkpoint.accounts);
+    }
+    let mut notices = Vec::new();
+    for rows in &tail.rows {
+        let rows = Rows::of(rows)?;
+        for i in 0..rows.len {
+            dedup.first_time(rows.id.value(i));
+            recovered.replayed += 1;
+            let Some(engine) = engine.as_deref_mut() else {
+                continue;
+            };
+            let Some(decision) = Decision::parse(rows.decision.value(i)) else {
+                continue;
+            };
+            let usage = Usage {
+                customer: rows.customer.value(i),
+                feature: rows.feature.value(i),
+                quantity: rows.quantity[i],
+                time: rows.time[i],
+                region: rows.region.is_valid(i).then(|| rows.region.value(i)),
+                user: rows.user.is_valid(i).then(|| rows.user.value(i)),
+            };
+            notices.clear();
+            engine.replay(&usage, decision, &mut notices);
+            // An ack covers a message only once its notices were stored.
+            if rows.seq[i] > ack_floor {
+                recovered.notices.append(&mut notices);
+            }
+        }
+    }
+    recovered.committed = Committed {
+        upto: checkpoint.last_seq,
+        covered: tail.covered,
+    };
+    if tail.removed > 0 {
+        tracing::warn!(
+            partition,
+            batches = tail.removed,
+            "incomplete batches removed from the lake"
+        );
+    }
+    Ok(recovered)
+}
+
+/// The columns replay reads.
+struct Rows<'a> {
+    len: usize,
+    id: &'a StringArray,
+    customer: &'a StringArray,
+    feature: &'a StringArray,
+    quantity: &'a [f64],
+    time: &'a [i64],
+    region: &'a StringArray,
+    user: &'a StringArray,
+    decision: &'a StringArray,
+    seq: &'a [u64],
+}
+
+impl<'a> Rows<'a> {
+    fn of(batch: &'a RecordBatch) -> Result<Rows<'a>> {
+        let column = |name: &'static str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| Error::Store(format!("a lake file has no {name} column")))
+        };
+        let text = |name: &'static str| -> Result<&'a StringArray> {
+            column(name)?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| Error::Store(format!("the lake's {name} column is not text")))
+        };
+        let wrong = |name: &str| Error::Store(format!("the lake's {name} column has another type"));
+        Ok(Rows {
+            len: batch.num_rows(),
+            id: text(schema::EVENT_ID)?,
+            customer: text(schema::CUSTOMER)?,
+            feature: text(schema::FEATURE)?,
+            quantity: column(schema::QUANTITY)?
+                .as_primitive_opt::<Float64Type>()
+                .ok_or_else(|| wrong(schema::QUANTITY))?
+                .values(),
+            time: column(schema::EVENT_TIME)?
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| wrong(schema::EVENT_TIME))?
+                .values(),
+            region: text(schema::REGION)?,
+            user: text(schema::USER_ID)?,
+            decision: text(schema::DECISION)?,
+            seq: column(schema::STREAM_SEQ)?
+                .as_primitive_opt::<UInt64Type>()
+                .ok_or_else(|| wrong(schema::STREAM_SEQ))?
+                .values(),
+        })
+    }
+}
+
+/// The partition's ack floor: messages above it may not have had their notices stored.
+pub(crate) async fn ack_floor(js: &Context, partition: u16) -> Result<u64> {
+    let stream = js
+        .get_stream(tally_core::subject::EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("open events stream", e))?;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&tally_core::subject::partition_consumer(partition))
+        .await
+        .map_err(|e| Error::nats("read partition consumer", e))?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| Error::nats("read partition consumer", e))?;
+    Ok(info.ack_floor.stream_sequence)
+}
