@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tally_core::FlushRequest;
 use tally_ingest::{Stats, run_worker};
 use tally_natsd::{NatsServer, ServerOptions};
-use tally_store::{Lake, run_writer};
+use tally_store::{Lake, WriterStats, run_writer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,7 @@ impl Nats {
 /// A running ingest worker and its lake writer.
 pub struct Pipeline {
     pub stats: Arc<Stats>,
+    pub writer_stats: Arc<WriterStats>,
     cancel: CancellationToken,
     worker: JoinHandle<tally_ingest::Result<()>>,
     writer: JoinHandle<()>,
@@ -79,13 +80,16 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let lake = Arc::new(Lake::new(config.lake_dir()));
         let (flush_tx, flush_rx) = mpsc::channel::<FlushRequest>(config.writer_queue);
+        let cancel = CancellationToken::new();
+        let writer_stats = Arc::new(WriterStats::default());
         let writer = tokio::spawn(run_writer(
             lake.clone(),
             flush_rx,
             config.writer_concurrency,
+            writer_stats.clone(),
+            cancel.clone(),
         ));
         let stats = Arc::new(Stats::default());
-        let cancel = CancellationToken::new();
         let partitions = partitions.unwrap_or_else(|| (0..config.ingest.partitions).collect());
         // Create the streams before returning, so publishers can start at once.
         tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
@@ -111,6 +115,7 @@ impl Pipeline {
         }
         Ok(Pipeline {
             stats,
+            writer_stats,
             cancel,
             worker,
             writer,

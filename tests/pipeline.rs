@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 
 use arrow::array::{AsArray, RecordBatch};
@@ -14,37 +14,6 @@ use tally::pipeline::Pipeline;
 use tally::workload::{self, Spec};
 use tally_core::schema::lake_schema;
 use tally_query::{Lakehouse, Period};
-
-/// The lake's rows, read with the plain Parquet reader: (distinct ids, rows, quantity).
-fn read_lake(h: &Harness) -> (HashSet<String>, u64, f64) {
-    let mut ids = HashSet::new();
-    let (mut rows, mut quantity) = (0u64, 0.0);
-    for path in parquet_files(&h.lake_events()) {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            rows += batch.num_rows() as u64;
-            ids.extend(
-                batch
-                    .column(0)
-                    .as_string::<i32>()
-                    .iter()
-                    .map(|s| s.unwrap().to_owned()),
-            );
-            quantity += batch
-                .column_by_name("quantity")
-                .unwrap()
-                .as_primitive::<Float64Type>()
-                .values()
-                .iter()
-                .sum::<f64>();
-        }
-    }
-    (ids, rows, quantity)
-}
 
 /// The compact Arrow IPC encoding lands exactly like JSON: once each, same totals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +34,7 @@ async fn arrow_batches_land_exactly_once() {
         .unwrap();
     h.drain(&pipeline, totals.events_valid).await;
     pipeline.shutdown().await.unwrap();
-    let (ids, rows, quantity) = read_lake(&h);
+    let (ids, rows, quantity) = common::read_lake(&h);
     assert_eq!(rows, totals.events_valid);
     assert_eq!(ids.len() as u64, totals.events_valid);
     assert_eq!(quantity, totals.quantity);
@@ -107,7 +76,7 @@ async fn every_valid_event_lands_once_and_bills_exactly() {
     pipeline.shutdown().await.unwrap();
 
     // The lake, read with the plain Parquet reader: each valid event once.
-    let (ids, rows, quantity) = read_lake(&h);
+    let (ids, rows, quantity) = common::read_lake(&h);
     assert_eq!(rows, totals.events_valid);
     assert_eq!(ids.len() as u64, totals.events_valid);
     assert_eq!(quantity, totals.quantity);

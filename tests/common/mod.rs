@@ -4,7 +4,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+
+use arrow::array::AsArray;
+use arrow::datatypes::Float64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::process::Command;
 use std::time::Duration;
 
@@ -135,8 +141,7 @@ pub fn lake_rows(h: &Harness) -> u64 {
         .map(|p| {
             use parquet::file::reader::FileReader;
             let r =
-                parquet::file::reader::SerializedFileReader::new(std::fs::File::open(p).unwrap())
-                    .unwrap();
+                parquet::file::reader::SerializedFileReader::new(File::open(p).unwrap()).unwrap();
             r.metadata().file_metadata().num_rows() as u64
         })
         .sum()
@@ -224,6 +229,37 @@ pub async fn consumer_backlog_ready(h: &Harness) -> Option<()> {
             .ok()?;
     }
     Some(())
+}
+
+/// The lake's rows, read with the plain Parquet reader: (distinct ids, rows, quantity).
+pub fn read_lake(h: &Harness) -> (HashSet<String>, u64, f64) {
+    let mut ids = HashSet::new();
+    let (mut rows, mut quantity) = (0u64, 0.0);
+    for path in parquet_files(&h.lake_events()) {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            rows += batch.num_rows() as u64;
+            ids.extend(
+                batch
+                    .column(0)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|s| s.unwrap().to_owned()),
+            );
+            quantity += batch
+                .column_by_name("quantity")
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .values()
+                .iter()
+                .sum::<f64>();
+        }
+    }
+    (ids, rows, quantity)
 }
 
 /// Every Parquet file under a directory, recursively.

@@ -20,6 +20,7 @@ mod worker;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -172,6 +173,8 @@ pub struct Stats {
     /// Lake rows replayed when taking partitions over.
     pub replayed: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Partitions taken over again after a failure.
+    pub partition_restarts: AtomicU64,
     /// Valid, first-seen events by decision, in the order of [`Decision::ALL`].
     pub decided: [AtomicU64; Decision::ALL.len()],
     pub notices: AtomicU64,
@@ -193,6 +196,7 @@ impl Default for Stats {
             redeliveries_skipped: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            partition_restarts: AtomicU64::new(0),
             decided: Default::default(),
             notices: AtomicU64::new(0),
             rows_durable: AtomicU64::new(0),
@@ -214,7 +218,8 @@ impl Stats {
 /// Runs one task per owned partition until `cancel` fires or one of them fails.
 ///
 /// On cancel, each partition seals its open batch, waits for it to become durable and
-/// acknowledges it before returning. A failing partition cancels the others.
+/// acknowledges it before returning. A failing partition is taken over again from the
+/// lake; one failing while stopping (or with streams of the wrong shape) stops the rest.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_worker(
     js: async_nats::jetstream::Context,
@@ -233,7 +238,7 @@ pub async fn run_worker(
                 &js,
                 &partitions,
                 config.partitions,
-                std::time::Duration::from_millis(config.definitions_apply_delay_ms),
+                Duration::from_millis(config.definitions_apply_delay_ms),
                 cancel.clone(),
             )
             .await?,
@@ -285,21 +290,38 @@ pub async fn run_worker(
             err_tx.clone(),
         );
         tracker.spawn(async move {
-            if let Err(e) = run_partition(
-                js,
-                &config,
-                partition,
-                lake,
-                flush_tx,
-                stats,
-                entitlements,
-                cancel.clone(),
-            )
-            .await
-            {
-                tracing::error!(partition, error = %e, "partition worker failed");
-                cancel.cancel();
-                let _ = err_tx.send(e).await;
+            // A partition that fails (NATS gone, the lake failing at a stop) is taken over
+            // again from the lake, after a pause, until the worker stops.
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let run = run_partition(
+                    js.clone(),
+                    &config,
+                    partition,
+                    lake.clone(),
+                    flush_tx.clone(),
+                    stats.clone(),
+                    entitlements.clone(),
+                    cancel.clone(),
+                );
+                let e = match run.await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                };
+                if cancel.is_cancelled() || matches!(e, Error::Topology(_)) {
+                    tracing::error!(partition, error = %e, "partition worker failed");
+                    cancel.cancel();
+                    let _ = err_tx.send(e).await;
+                    return;
+                }
+                stats.partition_restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition, error = %e, retry_in_ms = pause.as_millis() as u64,
+                    "partition worker failed; taking the partition over again from the lake");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         });
     }

@@ -47,7 +47,7 @@ struct Pending {
     checkpoint: Option<Snapshot>,
     /// When JetStream stored each message, in ms since the epoch, for the latency histogram.
     stored_ms: Vec<i64>,
-    /// Dead letters and notifications the batch's messages caused: stored before the ack.
+    /// Notifications the batch's messages caused: stored before the ack.
     published: Vec<PublishAckFuture>,
 }
 
@@ -101,12 +101,14 @@ pub async fn run_partition(
 ) -> Result<()> {
     let (ack_tx, ack_rx) = mpsc::channel::<Pending>(config.flushes_in_flight);
     let acked = Arc::new(AtomicU64::new(0));
+    let ack_failed = CancellationToken::new();
     let acks = tokio::spawn(ack_in_order(
         ack_rx,
         Duration::from_millis(config.fault_ack_delay_ms),
         lake.clone(),
         stats.clone(),
         acked.clone(),
+        ack_failed.clone(),
     ));
     let sink = Sink {
         flush_tx: &flush_tx,
@@ -126,14 +128,15 @@ pub async fn run_partition(
             max_seq: recovered.checkpoint_seq,
             last_checkpoint: Instant::now(),
         };
-        pull_loop(&js, config, &mut part, sink, &stats, &cancel).await
+        pull_loop(&js, config, &mut part, sink, &stats, &cancel, &ack_failed).await
     }
     .await;
     drop(ack_tx);
     let acked = acks
         .await
         .unwrap_or_else(|e| Err(Error::Store(format!("ack task panicked: {e}"))));
-    result.and(acked)
+    // The ack task's error is the cause when it stopped the pull loop.
+    acked.and(result)
 }
 
 /// Where sealed batches go, and how many of them were acknowledged.
@@ -256,6 +259,7 @@ async fn pull_loop(
     mut sink: Sink<'_>,
     stats: &Stats,
     cancel: &CancellationToken,
+    ack_failed: &CancellationToken,
 ) -> Result<()> {
     let partition = part.number;
     let mut messages = topology::messages(js, config, partition).await?;
@@ -280,6 +284,9 @@ async fn pull_loop(
         tokio::select! {
             biased;
             () = cancel.cancelled() => break,
+            () = ack_failed.cancelled() => {
+                return Err(Error::Store("the partition's acks stopped".to_owned()));
+            }
             () = definitions_changed(&mut changes) => {
                 let checkpoint = part.checkpoint_if(interval, true);
                 seal(&mut open, partition, &mut sink, checkpoint).await?;
@@ -661,6 +668,13 @@ async fn seal(
         }
         return Ok(());
     };
+    // A dead letter is stored before the batch holding its neighbours is handed to the
+    // lake: once the lake holds a batch, its messages are never handled again.
+    for dead_letter in open.dead_letters.drain(..) {
+        dead_letter
+            .await
+            .map_err(|e| Error::nats("dead letter ack", e))?;
+    }
     let sealed = SealedBatch {
         partition,
         first_seq: open.first_seq,
@@ -682,11 +696,7 @@ async fn seal(
             last_seq,
             checkpoint,
             stored_ms: std::mem::take(&mut open.stored_ms),
-            published: open
-                .dead_letters
-                .drain(..)
-                .chain(open.notices.drain(..))
-                .collect(),
+            published: std::mem::take(&mut open.notices),
         })
         .await
         .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
@@ -706,17 +716,47 @@ async fn ack_in_order(
     lake: Arc<Lake>,
     stats: Arc<Stats>,
     acked: Arc<AtomicU64>,
+    failed: CancellationToken,
 ) -> Result<()> {
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("valid bounds");
-    let mut checkpoints = Checkpoints::new(lake, stats.clone());
+    let mut acks = Acks {
+        latency: Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
+        checkpoints: Checkpoints::new(lake, stats.clone()),
+        ack_delay,
+        stats,
+    };
+    let mut outcome = Ok(());
     while let Some(p) = rx.recv().await {
-        // A dead letter or a notification must be stored before the ack that covers its
-        // message: a crash in between redelivers the message, which sends them again
-        // (their message ids make that a no-op). Waiting here keeps the pull loop going.
+        if outcome.is_err() {
+            // Acknowledge nothing more, but let every batch handed to the lake land before
+            // the partition is taken over again from what the lake holds.
+            let _ = p.done.await;
+        } else if let Err(e) = acks.one(p).await {
+            failed.cancel();
+            outcome = Err(e);
+        }
+        acked.fetch_add(1, Relaxed);
+    }
+    acks.checkpoints.finish().await;
+    outcome
+}
+
+/// What the ack task keeps between batches.
+struct Acks {
+    latency: Histogram<u64>,
+    checkpoints: Checkpoints,
+    ack_delay: Duration,
+    stats: Arc<Stats>,
+}
+
+impl Acks {
+    async fn one(&mut self, p: Pending) -> Result<()> {
+        // A notification must be stored before the ack that covers its message: a crash in
+        // between redelivers the message, which sends it again (its message id makes that
+        // a no-op). Waiting here keeps the pull loop going.
         for published in p.published {
             published
                 .await
-                .map_err(|e| Error::nats("dead letter or notification ack", e))?;
+                .map_err(|e| Error::nats("notification ack", e))?;
         }
         let durable = p
             .done
@@ -725,14 +765,13 @@ async fn ack_in_order(
             .map_err(Error::Store)?;
         // Everything up to the checkpoint is durable now.
         if let Some(checkpoint) = p.checkpoint {
-            checkpoints.write(checkpoint);
+            self.checkpoints.write(checkpoint);
         }
         let Some(last) = p.last else {
-            acked.fetch_add(1, Relaxed);
-            continue;
+            return Ok(());
         };
-        if !ack_delay.is_zero() {
-            tokio::time::sleep(ack_delay).await;
+        if !self.ack_delay.is_zero() {
+            tokio::time::sleep(self.ack_delay).await;
         }
         let mut attempt = 0;
         while let Err(e) = last.double_ack().await {
@@ -745,19 +784,19 @@ async fn ack_in_order(
         }
         let now = chrono::Utc::now().timestamp_millis();
         for stored in &p.stored_ms {
-            latency.saturating_record(u64::try_from((now - stored).max(1)).unwrap_or(1));
+            self.latency
+                .saturating_record(u64::try_from((now - stored).max(1)).unwrap_or(1));
         }
+        let stats = &self.stats;
         stats.rows_durable.fetch_add(durable.rows as u64, Relaxed);
         stats.files_written.fetch_add(durable.files as u64, Relaxed);
         stats.batches_acked.fetch_add(1, Relaxed);
-        acked.fetch_add(1, Relaxed);
         if let Ok(mut h) = stats.stored_to_durable_ms.lock() {
-            let _ = h.add(&latency);
+            let _ = h.add(&self.latency);
         }
-        latency.reset();
+        self.latency.reset();
+        Ok(())
     }
-    checkpoints.finish().await;
-    Ok(())
 }
 
 /// Writes checkpoints off the ack path, one at a time per partition; while one is being

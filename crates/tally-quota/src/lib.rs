@@ -228,9 +228,11 @@ impl Engine {
             .collect()
     }
 
-    /// Takes over what a checkpoint counted, for the customers defined here (load the
-    /// definitions first). A count carries over as it does across a definition change.
+    /// Replaces every count with what a checkpoint counted, for the customers defined here
+    /// (load the definitions first): a customer the checkpoint does not name starts from
+    /// nothing. A count carries over as it does across a definition change.
     pub fn restore(&mut self, accounts: Vec<snapshot::Account>) {
+        self.recompile_fresh();
         for state in accounts {
             let key = customer_key(&state.customer);
             let Some(account) = self.accounts.remove(&key) else {
@@ -257,6 +259,17 @@ impl Engine {
         let slot = self.features.get(usage.feature).copied();
         let decision = account.decide(usage, slot, self.feature_names.as_slice(), None);
         account.balance(usage, slot, decision)
+    }
+
+    /// Rebuilds every account with nothing counted.
+    fn recompile_fresh(&mut self) {
+        let keys: Vec<u128> = self.accounts.keys().copied().collect();
+        for key in keys {
+            if let Some(old) = self.accounts.remove(&key) {
+                let account = self.compile(old.customer.clone(), None);
+                self.accounts.insert(key, account);
+            }
+        }
     }
 
     fn recompile(&mut self, affected: impl Fn(&Customer) -> bool) {

@@ -31,9 +31,13 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 use tally_core::schema::{self, EVENTS_TABLE};
 use tally_core::{Durable, FlushRequest, SealedBatch};
+
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 
 pub mod checkpoint;
 pub mod tail;
@@ -208,22 +212,42 @@ fn split_by_day(batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
         .collect()
 }
 
+/// What the lake writer has been through, for the operator.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Failed attempts to write a batch (each is retried).
+    pub write_failures: AtomicU64,
+    /// Whether the last attempt failed.
+    pub failing: AtomicBool,
+}
+
+/// The first pause after a failed write, and the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Serves flush requests until the channel closes, encoding up to `concurrency` files at
 /// once on blocking threads. Each request's outcome goes back on its own channel.
-pub async fn run_writer(lake: Arc<Lake>, mut rx: mpsc::Receiver<FlushRequest>, concurrency: usize) {
+///
+/// A write that fails (a full disk, a lake made read-only) is retried with backoff until
+/// it succeeds: its batch stays unacknowledged meanwhile, the worker stops pulling once
+/// its batches in flight are all waiting, and JetStream holds the backlog. Once `stop`
+/// is cancelled a failing write is tried once more and then reported failed.
+pub async fn run_writer(
+    lake: Arc<Lake>,
+    mut rx: mpsc::Receiver<FlushRequest>,
+    concurrency: usize,
+    stats: Arc<WriterStats>,
+    stop: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(FlushRequest { sealed, done }) = rx.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let lake = lake.clone();
+        let (lake, stats, stop) = (lake.clone(), stats.clone(), stop.clone());
         tasks.spawn_blocking(move || {
-            let outcome = lake.write(&sealed).map_err(|e| {
-                tracing::error!(partition = sealed.partition, first_seq = sealed.first_seq,
-                    last_seq = sealed.last_seq, error = %e, "lake write failed; batch not acknowledged");
-                e.to_string()
-            });
+            let outcome = write_until_done(&lake, &sealed, &stats, &stop);
             drop(permit);
             // The worker may have gone away; its messages stay unacknowledged then.
             let _ = done.send(outcome);
@@ -231,6 +255,46 @@ pub async fn run_writer(lake: Arc<Lake>, mut rx: mpsc::Receiver<FlushRequest>, c
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
+}
+
+fn write_until_done(
+    lake: &Lake,
+    sealed: &SealedBatch,
+    stats: &WriterStats,
+    stop: &CancellationToken,
+) -> std::result::Result<Durable, String> {
+    let mut pause = RETRY_FIRST;
+    let mut attempts = 0u32;
+    loop {
+        match lake.write(sealed) {
+            Ok(durable) => {
+                if attempts > 0 {
+                    stats.failing.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        partition = sealed.partition,
+                        attempts,
+                        "the lake is writable again"
+                    );
+                }
+                return Ok(durable);
+            }
+            Err(e) => {
+                attempts += 1;
+                stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                stats.failing.store(true, Ordering::Relaxed);
+                if attempts == 1 || attempts.is_power_of_two() {
+                    tracing::error!(partition = sealed.partition, first_seq = sealed.first_seq,
+                        last_seq = sealed.last_seq, attempts, error = %e,
+                        "lake write failed; retrying, nothing is acknowledged meanwhile");
+                }
+                if stop.is_cancelled() {
+                    return Err(e.to_string());
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

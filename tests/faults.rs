@@ -1,0 +1,96 @@
+//! Faults a running worker must ride out without an operator: nats-server restarting
+//! under it, and a lake that refuses writes for a while. Nothing acknowledged to a
+//! publisher is lost or stored twice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use common::Harness;
+use tally::pipeline::Pipeline;
+use tally::workload::{self, OutMessage, Spec, Totals};
+
+fn phase(seed: u64) -> (Vec<OutMessage>, Totals) {
+    let mut spec = Spec::new(3_000, NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
+    spec.customers = 50;
+    spec.batch = 20;
+    spec.seed = seed;
+    spec.duplicate_rate = 0.01;
+    workload::generate(&spec)
+}
+
+/// Publishes until JetStream acknowledged every message (a retry after a failure sends
+/// the same message ids, which JetStream's duplicate window drops).
+async fn publish(h: &Harness, messages: &[OutMessage]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = workload::publish(&h.nats.jetstream, messages, 256, |_| {}).await {
+        assert!(Instant::now() < deadline, "publishing never succeeded: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn until_lake_holds(h: &Harness, rows: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while common::read_lake(h).1 < rows || common::consumer_backlog(h).await != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the lake holds {} of {rows} rows",
+            common::read_lake(h).1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_rides_out_a_nats_restart_and_an_unwritable_lake() {
+    let mut h = Harness::start().await;
+    h.entitle_everyone(50).await;
+    let mut config = h.config.clone();
+    config.ingest.flush_age_ms = 50;
+    let pipeline = Pipeline::start(&config, &h.nats, None).await.unwrap();
+    let (a, ta) = phase(1);
+    let (b, tb) = phase(2);
+    let (c, tc) = phase(3);
+
+    publish(&h, &a).await;
+    until_lake_holds(&h, ta.events_valid).await;
+
+    // nats-server goes down and comes back on the same port and store.
+    h.server.restart().unwrap();
+    publish(&h, &b).await;
+    until_lake_holds(&h, ta.events_valid + tb.events_valid).await;
+
+    // The lake refuses writes: a file stands where the events directory should be.
+    let events = h.lake_events();
+    let away = events.with_extension("away");
+    std::fs::rename(&events, &away).unwrap();
+    std::fs::write(&events, b"not a directory").unwrap();
+    publish(&h, &c).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pipeline
+        .writer_stats
+        .write_failures
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "no write was refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pipeline.is_finished(), "the worker keeps running");
+    let (_, unacked) = common::consumer_backlog(&h).await;
+    assert!(
+        unacked > 0,
+        "nothing is acknowledged while the lake refuses writes"
+    );
+    std::fs::remove_file(&events).unwrap();
+    std::fs::rename(&away, &events).unwrap();
+
+    let total = ta.events_valid + tb.events_valid + tc.events_valid;
+    until_lake_holds(&h, total).await;
+    pipeline.shutdown().await.unwrap();
+    let (ids, rows, quantity) = common::read_lake(&h);
+    assert_eq!(rows, total, "every event once");
+    assert_eq!(ids.len() as u64, total);
+    assert_eq!(quantity, ta.quantity + tb.quantity + tc.quantity);
+}
