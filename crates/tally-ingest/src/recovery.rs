@@ -30,6 +30,13 @@ pub(crate) struct Committed {
 }
 
 impl Committed {
+    /// The highest sequence the lake holds.
+    pub(crate) fn last(&self) -> u64 {
+        self.covered
+            .last()
+            .map_or(self.upto, |&(_, last)| last.max(self.upto))
+    }
+
     /// Whether a delivered message is already in the lake. Sequences arrive in order, so
     /// ranges behind them are dropped as they pass.
     pub(crate) fn holds(&mut self, seq: u64) -> bool {

@@ -122,6 +122,7 @@ pub async fn run_partition(
         let mut part = Partition {
             number: partition,
             dedup,
+            replayed_to: recovered.committed.last(),
             committed: recovered.committed,
             entitlements: entitlements.as_deref(),
             handled: 0,
@@ -162,10 +163,16 @@ struct Partition<'e> {
     dedup: Dedup,
     /// What the lake already holds: skipped when delivered again.
     committed: Committed,
+    /// The last sequence of the lake's rows replayed at take-over. Until delivery passes
+    /// it, no checkpoint is taken: the engine holds rows past sequences not yet handled
+    /// (a batch lost in a crash while a later one landed), which no `last_seq` can say.
+    replayed_to: u64,
     entitlements: Option<&'e Entitlements>,
     /// Messages handled since the last checkpoint.
     handled: u64,
-    /// The highest sequence handled or skipped.
+    /// The highest sequence handled or skipped. It starts at the checkpoint's, not at the
+    /// end of the lake's tail: a sealed batch that was lost in a crash while a later one
+    /// landed leaves a gap that must still be handled.
     max_seq: u64,
     last_checkpoint: Instant,
 }
@@ -192,7 +199,7 @@ impl Partition<'_> {
     /// checkpoint always uses the definitions they were decided with).
     fn checkpoint_if(&mut self, interval: Duration, definitions_changed: bool) -> Option<Snapshot> {
         let due = definitions_changed || self.last_checkpoint.elapsed() >= interval;
-        (self.handled > 0 && due).then(|| self.checkpoint())
+        (self.handled > 0 && due && self.max_seq >= self.replayed_to).then(|| self.checkpoint())
     }
 }
 
