@@ -517,15 +517,6 @@ async fn reserve_and_record_returns_the_decision_the_event_was_recorded_with() {
     pipeline.shutdown().await.unwrap();
 }
 
-/// Waits, with a deadline, until `ready` holds.
-async fn until<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !ready().await {
-        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// A worker killed after its rows are durable but before it acknowledged them: the next
 /// one takes the partition over from the lake. The redelivered messages are not counted
 /// again, the counter goes on where it stood, and each threshold notifies exactly once.
@@ -537,7 +528,7 @@ async fn a_restarted_worker_counts_nothing_twice_and_notifies_exactly_once() {
     let flush = ("TALLY_INGEST__FLUSH_AGE_MS", "50");
     let mut first =
         common::serve_with(&h, &[flush, ("TALLY_INGEST__FAULT_ACK_DELAY_MS", "600000")]);
-    until("consumers exist", || async {
+    common::until("consumers exist", || async {
         common::consumer_backlog_ready(&h).await.is_some()
     })
     .await;
@@ -545,7 +536,7 @@ async fn a_restarted_worker_counts_nothing_twice_and_notifies_exactly_once() {
     for i in 0..9 {
         publish(&h, &format!("e{i:02}"), "acme", "calls", 1.0, "").await;
     }
-    until("9 rows durable", || async { common::lake_rows(&h) == 9 }).await;
+    common::until("9 rows durable", || async { common::lake_rows(&h) == 9 }).await;
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     assert_eq!(
@@ -558,7 +549,7 @@ async fn a_restarted_worker_counts_nothing_twice_and_notifies_exactly_once() {
     for i in 9..13 {
         publish(&h, &format!("e{i:02}"), "acme", "calls", 1.0, "").await;
     }
-    until("13 rows, all acknowledged", || async {
+    common::until("13 rows, all acknowledged", || async {
         common::lake_rows(&h) == 13 && common::consumer_backlog(&h).await == (0, 0)
     })
     .await;
@@ -575,7 +566,7 @@ async fn a_restarted_worker_counts_nothing_twice_and_notifies_exactly_once() {
 
     let third = common::serve_with(&h, &[flush]);
     publish(&h, "e13", "acme", "calls", 1.0, "").await;
-    until("14 rows", || async { common::lake_rows(&h) == 14 }).await;
+    common::until("14 rows", || async { common::lake_rows(&h) == 14 }).await;
     common::terminate(third);
 
     assert_eq!(common::lake_rows(&h), 14, "no event stored twice");

@@ -31,15 +31,11 @@ async fn publish(h: &Harness, messages: &[OutMessage]) {
 }
 
 async fn until_lake_holds(h: &Harness, rows: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while common::read_lake(h).1 < rows || common::consumer_backlog(h).await != (0, 0) {
-        assert!(
-            Instant::now() < deadline,
-            "the lake holds {} of {rows} rows",
-            common::read_lake(h).1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::until(
+        &format!("the lake holds {rows} rows, all acknowledged"),
+        || async { common::read_lake(h).1 >= rows && common::consumer_backlog(h).await == (0, 0) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,16 +63,11 @@ async fn ingest_rides_out_a_nats_restart_and_an_unwritable_lake() {
     std::fs::rename(&events, &away).unwrap();
     std::fs::write(&events, b"not a directory").unwrap();
     publish(&h, &c).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pipeline
-        .writer_stats
-        .write_failures
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < 3
-    {
-        assert!(Instant::now() < deadline, "no write was refused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let failures = &pipeline.writer_stats.write_failures;
+    common::until("writes refused", || async {
+        failures.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    })
+    .await;
     assert!(!pipeline.is_finished(), "the worker keeps running");
     let (_, unacked) = common::consumer_backlog(&h).await;
     assert!(

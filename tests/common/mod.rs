@@ -262,6 +262,15 @@ pub fn read_lake(h: &Harness) -> (HashSet<String>, u64, f64) {
     (ids, rows, quantity)
 }
 
+/// Waits, with a deadline, until `ready` holds.
+pub async fn until<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ready().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every Parquet file under a directory, recursively.
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

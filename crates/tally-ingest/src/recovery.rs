@@ -10,7 +10,6 @@
 
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, TimestampMicrosecondType, UInt64Type};
-use async_nats::jetstream::Context;
 use tally_core::snapshot::Snapshot;
 use tally_core::{Decision, schema};
 use tally_quota::{Notice, Usage};
@@ -180,21 +179,4 @@ impl<'a> Rows<'a> {
                 .values(),
         })
     }
-}
-
-/// The partition's ack floor: messages above it may not have had their notices stored.
-pub(crate) async fn ack_floor(js: &Context, partition: u16) -> Result<u64> {
-    let stream = js
-        .get_stream(tally_core::subject::EVENTS_STREAM)
-        .await
-        .map_err(|e| Error::nats("open events stream", e))?;
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(&tally_core::subject::partition_consumer(partition))
-        .await
-        .map_err(|e| Error::nats("read partition consumer", e))?;
-    let info = consumer
-        .info()
-        .await
-        .map_err(|e| Error::nats("read partition consumer", e))?;
-    Ok(info.ack_floor.stream_sequence)
 }

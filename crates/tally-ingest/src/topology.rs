@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::{
     self, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform,
 };
@@ -130,11 +130,7 @@ async fn rewind_to_ack_floor(
     config: &IngestConfig,
     partition: u16,
 ) -> Result<PullConsumer> {
-    let mut consumer = ensure_consumer(js, config, partition).await?;
-    let info = consumer
-        .info()
-        .await
-        .map_err(|e| Error::nats("read partition consumer", e))?;
+    let (consumer, info) = consumer_info(js, config, partition).await?;
     if info.num_ack_pending == 0 && info.delivered.stream_sequence == info.ack_floor.stream_sequence
     {
         return Ok(consumer);
@@ -165,6 +161,27 @@ async fn rewind_to_ack_floor(
         ))
         .await
         .map_err(|e| Error::nats("re-create partition consumer", e))
+}
+
+/// A partition's consumer (created if missing) and its state.
+async fn consumer_info(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+) -> Result<(PullConsumer, consumer::Info)> {
+    let mut consumer = ensure_consumer(js, config, partition).await?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| Error::nats("read partition consumer", e))?
+        .clone();
+    Ok((consumer, info))
+}
+
+/// The partition's ack floor: every message up to it is acknowledged.
+pub async fn ack_floor(js: &Context, config: &IngestConfig, partition: u16) -> Result<u64> {
+    let (_, info) = consumer_info(js, config, partition).await?;
+    Ok(info.ack_floor.stream_sequence)
 }
 
 /// Starts pulling one partition's messages (prefetching, with heartbeats), from the

@@ -213,7 +213,8 @@ async fn take_over(
     config: &IngestConfig,
     stats: &Stats,
 ) -> Result<(recovery::Recovered, Dedup)> {
-    let ack_floor = recovery::ack_floor(js, partition).await?;
+    // Messages above the ack floor may not have had their notices stored.
+    let ack_floor = topology::ack_floor(js, config, partition).await?;
     let started = Instant::now();
     let capacity = config.dedup_capacity;
     let (recovered, dedup) = tokio::task::spawn_blocking(move || {

@@ -232,7 +232,7 @@ impl Engine {
     /// (load the definitions first): a customer the checkpoint does not name starts from
     /// nothing. A count carries over as it does across a definition change.
     pub fn restore(&mut self, accounts: Vec<snapshot::Account>) {
-        self.recompile_fresh();
+        let mut restored: Map<u128, Account> = Map::default();
         for state in accounts {
             let key = customer_key(&state.customer);
             let Some(account) = self.accounts.remove(&key) else {
@@ -245,9 +245,11 @@ impl Engine {
             let old = Account::from_state(state, customer.clone(), &off, &mut |name| {
                 intern(features, names, name)
             });
-            let rebuilt = self.compile(customer, Some(old));
-            self.accounts.insert(key, rebuilt);
+            restored.insert(key, self.compile(customer, Some(old)));
         }
+        // Customers the checkpoint does not name start from nothing.
+        self.recompile_fresh();
+        self.accounts.extend(restored);
     }
 
     /// What an event of `usage.quantity` would get now, and the feature's balance,
