@@ -19,6 +19,8 @@ use crate::config::Config;
 
 /// A NATS connection, with the local server it runs on when Tally started one.
 pub struct Nats {
+    /// Where the server listens (the embedded one's loopback address, or `nats_url`).
+    pub url: String,
     pub client: async_nats::Client,
     pub jetstream: async_nats::jetstream::Context,
     /// The embedded server, stopped when this is dropped.
@@ -55,6 +57,7 @@ impl Nats {
             .with_context(|| format!("connecting to NATS at {url}"))?;
         let jetstream = async_nats::jetstream::new(client.clone());
         Ok(Nats {
+            url,
             client,
             jetstream,
             server,

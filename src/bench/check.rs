@@ -4,6 +4,13 @@
 //! Starts the embedded nats-server and a worker with the demo catalogue and customers,
 //! then sends `--rate` checks a second for `--seconds` (random customers by the demo's
 //! power law, random features), each timed from the request to its reply on loopback.
+//!
+//! The checks come from a client of their own, as an application's would: a second NATS
+//! connection on a runtime and thread apart from the worker's. Each check leaves at its own
+//! moment (`i / rate` after the start, however many are still waiting for a reply), so the
+//! latency is that of an open load, not of a fixed number of senders that wait their turn;
+//! a thread sleeping to each moment spreads them within the millisecond that tokio's timer
+//! would send them together in.
 
 use std::time::{Duration, Instant};
 
@@ -28,9 +35,6 @@ pub struct CheckBench {
     seconds: u64,
     #[arg(long, default_value_t = 1_000)]
     customers: u32,
-    /// Requests in flight at most (the senders).
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -62,48 +66,15 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
     config.ingest.enforce = true;
     let pipeline = Pipeline::start(&config, &nats, None).await?;
 
-    let features = workload::features(20);
-    let total = args.rate * args.seconds;
-    let senders = args.concurrency.max(1) as u64;
-    let interval = Duration::from_secs_f64(senders as f64 / args.rate.max(1) as f64);
+    let offer = Offer {
+        url: nats.url.clone(),
+        partitions: config.ingest.partitions,
+        rate: args.rate.max(1),
+        total: args.rate * args.seconds,
+        customers: args.customers.max(1),
+    };
     let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for s in 0..senders {
-        let client = nats.client.clone();
-        let partitions = config.ingest.partitions;
-        let weights = PowerLaw::new(args.customers.max(1) as usize, 0.9);
-        tasks.spawn(async move {
-            let mut rng = SmallRng::seed_from_u64(s);
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let mut failures = 0u64;
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            for _ in 0..total / senders {
-                ticks.tick().await;
-                let request = CheckRequest {
-                    customer: workload::customer_id(weights.pick(&mut rng) as u32),
-                    feature: features[rng.random_range(0..features.len())].to_owned(),
-                    quantity: 1.0,
-                    time: None,
-                    region: None,
-                    user: None,
-                };
-                let sent = Instant::now();
-                match check(&client, partitions, &request, Duration::from_secs(5)).await {
-                    Ok(_) => latency.saturating_record(sent.elapsed().as_micros() as u64),
-                    Err(_) => failures += 1,
-                }
-            }
-            anyhow::Ok((latency, failures))
-        });
-    }
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut failures = 0;
-    while let Some(done) = tasks.join_next().await {
-        let (h, f) = done??;
-        latency.add(&h)?;
-        failures += f;
-    }
+    let (latency, failures) = tokio::task::spawn_blocking(move || offer.run()).await??;
     let seconds = start.elapsed().as_secs_f64();
     pipeline.shutdown().await?;
 
@@ -134,4 +105,69 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
         ),
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The load generator's part: what to offer, and where.
+struct Offer {
+    url: String,
+    partitions: u16,
+    rate: u64,
+    total: u64,
+    customers: u32,
+}
+
+impl Offer {
+    /// Sends every check at its moment and waits for the last reply: the round trips and
+    /// how many failed.
+    fn run(self) -> anyhow::Result<(Histogram<u64>, u64)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = runtime.block_on(async_nats::connect(&self.url))?;
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
+        let handle = runtime.handle().clone();
+        // The runtime runs the connection and the requests on a thread of its own while
+        // this one paces.
+        let receiver = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                let mut failures = 0u64;
+                while let Some(done) = done_rx.recv().await {
+                    match done {
+                        Some(us) => latency.saturating_record(us),
+                        None => failures += 1,
+                    }
+                }
+                anyhow::Ok((latency, failures))
+            })
+        });
+        let features = workload::features(20);
+        let weights = PowerLaw::new(self.customers as usize, 0.9);
+        let mut rng = SmallRng::seed_from_u64(7);
+        let start = Instant::now();
+        for i in 0..self.total {
+            let due = start + Duration::from_secs_f64(i as f64 / self.rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let request = CheckRequest {
+                customer: workload::customer_id(weights.pick(&mut rng) as u32),
+                feature: features[rng.random_range(0..features.len())].to_owned(),
+                quantity: 1.0,
+                time: None,
+                region: None,
+                user: None,
+            };
+            let (client, done, partitions) = (client.clone(), done_tx.clone(), self.partitions);
+            handle.spawn(async move {
+                let sent = Instant::now();
+                let answer = check(&client, partitions, &request, Duration::from_secs(5)).await;
+                let _ = done.send(answer.ok().map(|_| sent.elapsed().as_micros() as u64));
+            });
+        }
+        drop(done_tx);
+        receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load generator's runtime panicked"))?
+    }
 }
