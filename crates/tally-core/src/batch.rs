@@ -4,8 +4,12 @@
 //! it covers, sends it down a bounded channel, and acknowledges those messages to
 //! JetStream only when the answer says the file holding them is durable.
 
+use std::sync::Arc;
+
 use arrow::record_batch::RecordBatch;
 use tokio::sync::oneshot;
+
+use crate::Fence;
 
 /// Rows of one partition covering the stream sequences `first_seq..=last_seq`.
 ///
@@ -32,5 +36,7 @@ pub struct Durable {
 #[derive(Debug)]
 pub struct FlushRequest {
     pub sealed: SealedBatch,
+    /// The partition's write deadline: past it, the lake refuses the batch.
+    pub fence: Arc<Fence>,
     pub done: oneshot::Sender<Result<Durable, String>>,
 }

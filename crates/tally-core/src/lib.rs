@@ -5,13 +5,15 @@
 //! names every component agrees on (streams, subjects, the customer-token rule) live in
 //! [`subject`], and the batch a worker hands to the lake in [`batch`]. What customers
 //! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], usage periods in
-//! [`period`]; a partition's checkpoint of counters in [`snapshot`].
+//! [`period`]; a partition's checkpoint of counters in [`snapshot`]; the deadline past
+//! which a worker may no longer write a partition in [`fence`].
 
 pub mod batch;
 pub mod columnar;
 pub mod decision;
 pub mod entitlement;
 pub mod event;
+pub mod fence;
 pub mod period;
 pub mod schema;
 pub mod snapshot;
@@ -20,3 +22,4 @@ pub mod subject;
 pub use batch::{Durable, FlushRequest, SealedBatch};
 pub use decision::Decision;
 pub use event::{DecodeLimits, Event, Frame, Invalid, Reason};
+pub use fence::Fence;

@@ -302,6 +302,7 @@ pub async fn run_worker(
                     flush_tx.clone(),
                     stats.clone(),
                     entitlements.clone(),
+                    std::sync::Arc::new(tally_core::Fence::open()),
                     cancel.clone(),
                 );
                 let e = match run.await {

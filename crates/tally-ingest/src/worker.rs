@@ -15,7 +15,9 @@ use hdrhistogram::Histogram;
 use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
 use tally_core::snapshot::Snapshot;
 use tally_core::subject::{self, DEAD_LETTER_PREFIX, NOTIFY_PREFIX};
-use tally_core::{Decision, Durable, Event, FlushRequest, Frame, Invalid, Reason, SealedBatch};
+use tally_core::{
+    Decision, Durable, Event, Fence, FlushRequest, Frame, Invalid, Reason, SealedBatch,
+};
 use tally_quota::{Engine, Notice, NoticeKind, Usage};
 use tally_store::Lake;
 use tokio::sync::{mpsc, oneshot};
@@ -97,6 +99,7 @@ pub async fn run_partition(
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: Arc<Stats>,
     entitlements: Option<Arc<Entitlements>>,
+    fence: Arc<Fence>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let (ack_tx, ack_rx) = mpsc::channel::<Pending>(config.flushes_in_flight);
@@ -105,13 +108,14 @@ pub async fn run_partition(
     let acks = tokio::spawn(ack_in_order(
         ack_rx,
         Duration::from_millis(config.fault_ack_delay_ms),
-        lake.clone(),
+        Checkpoints::new(lake.clone(), fence.clone(), stats.clone()),
         stats.clone(),
         acked.clone(),
         ack_failed.clone(),
     ));
     let sink = Sink {
         flush_tx: &flush_tx,
+        fence: &fence,
         ack_tx: &ack_tx,
         sealed: 0,
         acked: &acked,
@@ -143,6 +147,8 @@ pub async fn run_partition(
 /// Where sealed batches go, and how many of them were acknowledged.
 struct Sink<'a> {
     flush_tx: &'a mpsc::Sender<FlushRequest>,
+    /// The partition's write deadline, sent with every batch.
+    fence: &'a Arc<Fence>,
     ack_tx: &'a mpsc::Sender<Pending>,
     sealed: u64,
     acked: &'a AtomicU64,
@@ -693,6 +699,7 @@ async fn seal(
     sink.flush_tx
         .send(FlushRequest {
             sealed,
+            fence: sink.fence.clone(),
             done: done_tx,
         })
         .await
@@ -721,14 +728,14 @@ async fn seal(
 async fn ack_in_order(
     mut rx: mpsc::Receiver<Pending>,
     ack_delay: Duration,
-    lake: Arc<Lake>,
+    checkpoints: Checkpoints,
     stats: Arc<Stats>,
     acked: Arc<AtomicU64>,
     failed: CancellationToken,
 ) -> Result<()> {
     let mut acks = Acks {
         latency: Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds"),
-        checkpoints: Checkpoints::new(lake, stats.clone()),
+        checkpoints,
         ack_delay,
         stats,
     };
@@ -811,15 +818,17 @@ impl Acks {
 /// written, only the newest one waiting is kept (it holds everything the others did).
 struct Checkpoints {
     lake: Arc<Lake>,
+    fence: Arc<Fence>,
     stats: Arc<Stats>,
     writing: Option<tokio::task::JoinHandle<()>>,
     waiting: Option<Snapshot>,
 }
 
 impl Checkpoints {
-    fn new(lake: Arc<Lake>, stats: Arc<Stats>) -> Self {
+    fn new(lake: Arc<Lake>, fence: Arc<Fence>, stats: Arc<Stats>) -> Self {
         Self {
             lake,
+            fence,
             stats,
             writing: None,
             waiting: None,
@@ -837,9 +846,9 @@ impl Checkpoints {
         let Some(checkpoint) = self.waiting.take() else {
             return;
         };
-        let (lake, stats) = (self.lake.clone(), self.stats.clone());
+        let (lake, fence, stats) = (self.lake.clone(), self.fence.clone(), self.stats.clone());
         self.writing = Some(tokio::task::spawn_blocking(move || {
-            match lake.write_checkpoint(&checkpoint) {
+            match lake.write_checkpoint(&checkpoint, &fence) {
                 Ok(_) => {
                     stats.checkpoints.fetch_add(1, Relaxed);
                 }

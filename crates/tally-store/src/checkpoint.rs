@@ -12,9 +12,10 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
 
+use tally_core::Fence;
 use tally_core::snapshot::Snapshot;
 
-use crate::{Error, Lake, Result, io_err, sync_dir};
+use crate::{Error, Lake, Result, io_err, publish, sync_dir};
 
 const MAGIC: &[u8; 8] = b"TALLYCK1";
 const KEEP: usize = 2;
@@ -26,9 +27,9 @@ impl Lake {
             .join(format!("p{partition:03}"))
     }
 
-    /// Writes a partition's checkpoint durably and drops all but the newest two. Returns
-    /// its size in bytes.
-    pub fn write_checkpoint(&self, snapshot: &Snapshot) -> Result<u64> {
+    /// Writes a partition's checkpoint durably and drops all but the newest two, if the
+    /// partition's fence still holds. Returns its size in bytes.
+    pub fn write_checkpoint(&self, snapshot: &Snapshot, fence: &Fence) -> Result<u64> {
         let dir = self.checkpoints_dir(snapshot.partition);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let payload =
@@ -42,7 +43,7 @@ impl Lake {
             .and_then(|()| file.sync_all())
             .map_err(io_err(&tmp))?;
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        publish(&tmp, &path, fence, snapshot.partition)?;
         sync_dir(&dir)?;
         for old in self
             .checkpoint_files(snapshot.partition)?
@@ -149,7 +150,8 @@ mod tests {
         let lake = Lake::new(dir.path());
         assert_eq!(lake.latest_checkpoint(7).unwrap(), None);
         for seq in [5, 900, 12_000] {
-            lake.write_checkpoint(&snapshot(seq)).unwrap();
+            lake.write_checkpoint(&snapshot(seq), &Fence::open())
+                .unwrap();
         }
         assert_eq!(lake.latest_checkpoint(7).unwrap(), Some(snapshot(12_000)));
         assert_eq!(lake.checkpoint_files(7).unwrap().len(), 2);
@@ -160,8 +162,10 @@ mod tests {
     fn a_corrupt_checkpoint_falls_back_to_the_one_before() {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
-        lake.write_checkpoint(&snapshot(10)).unwrap();
-        lake.write_checkpoint(&snapshot(20)).unwrap();
+        lake.write_checkpoint(&snapshot(10), &Fence::open())
+            .unwrap();
+        lake.write_checkpoint(&snapshot(20), &Fence::open())
+            .unwrap();
         let newest = lake.checkpoint_files(7).unwrap()[0].clone();
         let mut bytes = fs::read(&newest).unwrap();
         let middle = bytes.len() / 2;

@@ -34,7 +34,7 @@ use parquet::file::properties::WriterProperties;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tally_core::schema::{self, EVENTS_TABLE};
-use tally_core::{Durable, FlushRequest, SealedBatch};
+use tally_core::{Durable, Fence, FlushRequest, SealedBatch};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,9 @@ pub enum Error {
     Schema(&'static str),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The partition's lease may have passed to another worker: nothing was made visible.
+    #[error("partition {0} is no longer owned by this worker; nothing written")]
+    Fenced(u16),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,6 +85,15 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
+}
+
+/// Makes a written file visible under its name, if the partition's fence still holds.
+pub(crate) fn publish(tmp: &Path, path: &Path, fence: &Fence, partition: u16) -> Result<()> {
+    if !fence.holds() {
+        let _ = fs::remove_file(tmp);
+        return Err(Error::Fenced(partition));
+    }
+    fs::rename(tmp, path).map_err(io_err(path))
 }
 
 /// The lake on the local filesystem.
@@ -126,7 +138,7 @@ impl Lake {
     }
 
     /// Writes a sealed batch durably: one file per event date, each visible atomically.
-    pub fn write(&self, sealed: &SealedBatch) -> Result<Durable> {
+    pub fn write(&self, sealed: &SealedBatch, fence: &Fence) -> Result<Durable> {
         let mut durable = Durable::default();
         if sealed.batch.num_rows() == 0 {
             return Ok(durable);
@@ -142,7 +154,7 @@ impl Lake {
                 "p{:03}-{:012}-{:012}.parquet",
                 sealed.partition, sealed.first_seq, sealed.last_seq
             );
-            let bytes = self.write_file(&dir, &name, sealed, files, &rows)?;
+            let bytes = self.write_file(&dir, &name, sealed, files, &rows, fence)?;
             durable.rows += rows.num_rows();
             durable.files += 1;
             durable.bytes += bytes;
@@ -157,6 +169,7 @@ impl Lake {
         sealed: &SealedBatch,
         files: usize,
         rows: &RecordBatch,
+        fence: &Fence,
     ) -> Result<u64> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = dir.join(format!(".{name}.tmp"));
@@ -176,7 +189,7 @@ impl Lake {
         file.sync_all().map_err(io_err(&tmp))?;
         let bytes = file.metadata().map_err(io_err(&tmp))?.len();
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        publish(&tmp, &path, fence, sealed.partition)?;
         // The rename is durable only once the directory entry is.
         sync_dir(dir)?;
         Ok(bytes)
@@ -241,13 +254,18 @@ pub async fn run_writer(
 ) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    while let Some(FlushRequest { sealed, done }) = rx.recv().await {
+    while let Some(FlushRequest {
+        sealed,
+        fence,
+        done,
+    }) = rx.recv().await
+    {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
         let (lake, stats, stop) = (lake.clone(), stats.clone(), stop.clone());
         tasks.spawn_blocking(move || {
-            let outcome = write_until_done(&lake, &sealed, &stats, &stop);
+            let outcome = write_until_done(&lake, &sealed, &fence, &stats, &stop);
             drop(permit);
             // The worker may have gone away; its messages stay unacknowledged then.
             let _ = done.send(outcome);
@@ -260,13 +278,14 @@ pub async fn run_writer(
 fn write_until_done(
     lake: &Lake,
     sealed: &SealedBatch,
+    fence: &Fence,
     stats: &WriterStats,
     stop: &CancellationToken,
 ) -> std::result::Result<Durable, String> {
     let mut pause = RETRY_FIRST;
     let mut attempts = 0u32;
     loop {
-        match lake.write(sealed) {
+        match lake.write(sealed, fence) {
             Ok(durable) => {
                 if attempts > 0 {
                     stats.failing.store(false, Ordering::Relaxed);
@@ -278,6 +297,8 @@ fn write_until_done(
                 }
                 return Ok(durable);
             }
+            // Another worker may own the partition now: retrying cannot help.
+            Err(e @ Error::Fenced(_)) => return Err(e.to_string()),
             Err(e) => {
                 attempts += 1;
                 stats.write_failures.fetch_add(1, Ordering::Relaxed);
@@ -350,7 +371,7 @@ pub(crate) mod tests {
             last_seq: 12,
             batch: batch(&[d0 + 5, d0 + day + 1, d0 + 7]),
         };
-        let durable = lake.write(&sealed).unwrap();
+        let durable = lake.write(&sealed, &Fence::open()).unwrap();
         assert_eq!(
             durable,
             Durable {
@@ -405,7 +426,10 @@ pub(crate) mod tests {
             last_seq: 1,
             batch: RecordBatch::new_empty(schema::lake_schema()),
         };
-        assert_eq!(lake.write(&sealed).unwrap(), Durable::default());
+        assert_eq!(
+            lake.write(&sealed, &Fence::open()).unwrap(),
+            Durable::default()
+        );
         assert!(!lake.events_dir().exists());
     }
 
@@ -421,6 +445,41 @@ pub(crate) mod tests {
             last_seq: 1,
             batch: batch(&[0]),
         };
-        assert!(matches!(lake.write(&sealed), Err(Error::Io { .. })));
+        assert!(matches!(
+            lake.write(&sealed, &Fence::open()),
+            Err(Error::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn a_closed_fence_makes_nothing_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let sealed = SealedBatch {
+            partition: 4,
+            first_seq: 1,
+            last_seq: 2,
+            batch: batch(&[0, 1]),
+        };
+        let fence = Fence::open();
+        fence.revoke();
+        assert!(matches!(lake.write(&sealed, &fence), Err(Error::Fenced(4))));
+        assert!(lake.partition_files(4).unwrap().is_empty());
+        // Nothing half-written is left behind either.
+        let left: Vec<_> = walk(dir.path());
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
     }
 }

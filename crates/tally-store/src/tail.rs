@@ -171,7 +171,7 @@ fn empty() -> RecordBatch {
 mod tests {
     use arrow::array::UInt64Array;
     use std::sync::Arc;
-    use tally_core::SealedBatch;
+    use tally_core::{Fence, SealedBatch};
 
     use super::*;
     use crate::MICROS_PER_DAY;
@@ -199,12 +199,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
         let day = 20_758 * MICROS_PER_DAY;
-        lake.write(&sealed(1, 3, &[day, day, day], &[1, 2, 3]))
+        lake.write(&sealed(1, 3, &[day, day, day], &[1, 2, 3]), &Fence::open())
             .unwrap();
         // A batch across midnight: two files, rows interleaved by sequence.
         let next = day + MICROS_PER_DAY;
-        lake.write(&sealed(4, 7, &[next, day, next, day], &[4, 5, 6, 7]))
-            .unwrap();
+        lake.write(
+            &sealed(4, 7, &[next, day, next, day], &[4, 5, 6, 7]),
+            &Fence::open(),
+        )
+        .unwrap();
         assert_eq!(lake.partition_files(2).unwrap().len(), 3);
         assert!(lake.partition_files(3).unwrap().is_empty());
 
@@ -222,9 +225,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
         let day = 20_758 * MICROS_PER_DAY;
-        lake.write(&sealed(1, 2, &[day, day + MICROS_PER_DAY], &[1, 2]))
+        lake.write(
+            &sealed(1, 2, &[day, day + MICROS_PER_DAY], &[1, 2]),
+            &Fence::open(),
+        )
+        .unwrap();
+        lake.write(&sealed(3, 3, &[day], &[3]), &Fence::open())
             .unwrap();
-        lake.write(&sealed(3, 3, &[day], &[3])).unwrap();
         let files = lake.partition_files(2).unwrap();
         fs::remove_file(&files[0].path).unwrap();
 
