@@ -45,7 +45,8 @@ enum Command {
     ///
     /// Example: tally serve --nats-url nats://127.0.0.1:4222
     Serve,
-    /// Run an ingest worker over some partitions until interrupted.
+    /// Run an ingest worker until interrupted: a fair share of the partitions among the
+    /// live workers, or exactly those of `--partitions`.
     ///
     /// Example: tally worker --partitions 0-7
     Worker(WorkerCmd),
@@ -129,9 +130,11 @@ struct CheckCmd {
 
 #[derive(Args)]
 struct WorkerCmd {
-    /// Partitions this worker owns, e.g. `0-7` or `0-3,8`.
+    /// Partitions this worker owns, e.g. `0-7` or `0-3,8` (waiting for any that another
+    /// worker holds). Without it, the worker takes a fair share and hands partitions over
+    /// as workers come and go.
     #[arg(long)]
-    partitions: String,
+    partitions: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -221,8 +224,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Serve => serve(config, None).await,
         Command::Worker(cmd) => {
-            let partitions = parse_partitions(&cmd.partitions, config.ingest.partitions)?;
-            serve(config, Some(partitions)).await
+            let partitions = cmd
+                .partitions
+                .map(|spec| parse_partitions(&spec, config.ingest.partitions))
+                .transpose()?;
+            serve(config, partitions).await
         }
         Command::Plans(cmd) => tally::definitions::run(config, Kind::Catalog, cmd).await,
         Command::Customers(cmd) => tally::definitions::run(config, Kind::Customers, cmd).await,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tally_core::FlushRequest;
+use tally_ingest::ownership::Assignment;
 use tally_ingest::{Stats, run_worker};
 use tally_natsd::{NatsServer, ServerOptions};
 use tally_store::{Lake, WriterStats, run_writer};
@@ -75,7 +76,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts a worker over `partitions` (all of them when `None`).
+    /// Starts a worker over exactly `partitions`, or over a fair share of all of them
+    /// among the live workers when `None` (all of them when it is the only one).
     pub async fn start(
         config: &Config,
         nats: &Nats,
@@ -93,16 +95,23 @@ impl Pipeline {
             cancel.clone(),
         ));
         let stats = Arc::new(Stats::default());
-        let partitions = partitions.unwrap_or_else(|| (0..config.ingest.partitions).collect());
+        let assignment = match partitions {
+            Some(list) => Assignment::Fixed(list),
+            None => Assignment::Shared,
+        };
         // Create the streams before returning, so publishers can start at once.
         tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
-        tally_ingest::topology::ensure_consumers(&nats.jetstream, &config.ingest, &partitions)
-            .await?;
+        tally_ingest::topology::ensure_consumers(
+            &nats.jetstream,
+            &config.ingest,
+            &assignment.candidates(config.ingest.partitions),
+        )
+        .await?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let mut worker = tokio::spawn(run_worker(
             nats.jetstream.clone(),
             config.ingest.clone(),
-            partitions,
+            assignment,
             lake,
             flush_tx,
             stats.clone(),

@@ -164,12 +164,21 @@ pub fn serve(h: &Harness, flush_age_ms: &str) -> Serve {
 
 /// Starts `tally serve` with these environment variables set.
 pub fn serve_with(h: &Harness, env: &[(&str, &str)]) -> Serve {
+    run_tally(h, &["serve"], env)
+}
+
+/// Starts `tally <args>` (`serve` or `worker …`) against the harness's NATS and data
+/// directory, and returns once it says it is running.
+pub fn run_tally(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Serve {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--nats-url", &h.server.url(), "--data-dir"])
+        .args(args)
+        .args(["--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
         .envs(env.iter().copied())
         .env("TALLY_INGEST__ACK_WAIT_SECS", "2")
+        // A killed worker's partitions are free again within two seconds.
+        .env("TALLY_INGEST__LEASE_MS", "1500")
         .env("TALLY_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -12,23 +12,22 @@ pub mod checks;
 pub mod dedup;
 pub mod definitions;
 pub mod entitlements;
+pub mod ownership;
 pub mod record;
 mod recovery;
 pub mod rows;
+mod supervise;
 pub mod topology;
 mod worker;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tally_core::{Decision, DecodeLimits, FlushRequest};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tally_core::{Decision, DecodeLimits};
 
+pub use supervise::run_worker;
 pub use worker::run_partition;
 
 /// Ingest settings. Defaults suit a laptop and the two-core reference machine.
@@ -73,6 +72,10 @@ pub struct IngestConfig {
     /// event stored after its write. Not read from configuration files.
     #[serde(skip)]
     pub definitions_apply_delay_ms: u64,
+    /// A partition's lease lasts this long after its last renewal (renewed every third of
+    /// it), in milliseconds: a worker that dies has its partitions taken over within about
+    /// this time and a third (see [`ownership`]).
+    pub lease_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -94,6 +97,7 @@ impl Default for IngestConfig {
             limits: DecodeLimits::default(),
             fault_ack_delay_ms: 0,
             definitions_apply_delay_ms: 0,
+            lease_ms: 6_000,
         }
     }
 }
@@ -175,6 +179,10 @@ pub struct Stats {
     pub checkpoints: AtomicU64,
     /// Partitions taken over again after a failure.
     pub partition_restarts: AtomicU64,
+    /// Partitions whose lease this worker holds and runs.
+    pub partitions_owned: AtomicU64,
+    /// Leases lost while running (another worker may have taken the partition).
+    pub leases_lost: AtomicU64,
     /// Valid, first-seen events by decision, in the order of [`Decision::ALL`].
     pub decided: [AtomicU64; Decision::ALL.len()],
     pub notices: AtomicU64,
@@ -197,6 +205,8 @@ impl Default for Stats {
             replayed: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             partition_restarts: AtomicU64::new(0),
+            partitions_owned: AtomicU64::new(0),
+            leases_lost: AtomicU64::new(0),
             decided: Default::default(),
             notices: AtomicU64::new(0),
             rows_durable: AtomicU64::new(0),
@@ -212,125 +222,5 @@ impl Default for Stats {
 impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
-    }
-}
-
-/// Runs one task per owned partition until `cancel` fires or one of them fails.
-///
-/// On cancel, each partition seals its open batch, waits for it to become durable and
-/// acknowledges it before returning. A failing partition is taken over again from the
-/// lake; one failing while stopping (or with streams of the wrong shape) stops the rest.
-#[allow(clippy::too_many_arguments)]
-pub async fn run_worker(
-    js: async_nats::jetstream::Context,
-    config: IngestConfig,
-    partitions: Vec<u16>,
-    lake: std::sync::Arc<tally_store::Lake>,
-    flush_tx: mpsc::Sender<FlushRequest>,
-    stats: std::sync::Arc<Stats>,
-    cancel: CancellationToken,
-    ready: tokio::sync::oneshot::Sender<()>,
-) -> Result<()> {
-    topology::ensure_streams(&js, &config).await?;
-    let entitlements = if config.enforce {
-        Some(
-            entitlements::Entitlements::start(
-                &js,
-                &partitions,
-                config.partitions,
-                Duration::from_millis(config.definitions_apply_delay_ms),
-                cancel.clone(),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
-    // Answered until cancelled; the tasks end with this function.
-    let _checks = match &entitlements {
-        Some(e) => Some(
-            checks::serve(
-                js.client(),
-                e.clone(),
-                partitions.clone(),
-                config.partitions,
-                cancel.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let _records = match &entitlements {
-        Some(e) => Some(
-            record::serve(
-                js.clone(),
-                e.clone(),
-                partitions.clone(),
-                config.partitions,
-                config.limits,
-                cancel.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    // The entitlements are loaded and checks are answered: the worker is ready.
-    let _ = ready.send(());
-    let tracker = TaskTracker::new();
-    let (err_tx, mut err_rx) = mpsc::channel::<Error>(partitions.len().max(1));
-    for partition in partitions {
-        let entitlements = entitlements.clone();
-        let (js, config, lake, flush_tx, stats, cancel, err_tx) = (
-            js.clone(),
-            config.clone(),
-            lake.clone(),
-            flush_tx.clone(),
-            stats.clone(),
-            cancel.clone(),
-            err_tx.clone(),
-        );
-        tracker.spawn(async move {
-            // A partition that fails (NATS gone, the lake failing at a stop) is taken over
-            // again from the lake, after a pause, until the worker stops.
-            let mut pause = Duration::from_millis(100);
-            loop {
-                let run = run_partition(
-                    js.clone(),
-                    &config,
-                    partition,
-                    lake.clone(),
-                    flush_tx.clone(),
-                    stats.clone(),
-                    entitlements.clone(),
-                    std::sync::Arc::new(tally_core::Fence::open()),
-                    cancel.clone(),
-                );
-                let e = match run.await {
-                    Ok(()) => return,
-                    Err(e) => e,
-                };
-                if cancel.is_cancelled() || matches!(e, Error::Topology(_)) {
-                    tracing::error!(partition, error = %e, "partition worker failed");
-                    cancel.cancel();
-                    let _ = err_tx.send(e).await;
-                    return;
-                }
-                stats.partition_restarts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(partition, error = %e, retry_in_ms = pause.as_millis() as u64,
-                    "partition worker failed; taking the partition over again from the lake");
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(pause) => {}
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-        });
-    }
-    drop(err_tx);
-    tracker.close();
-    tracker.wait().await;
-    match err_rx.recv().await {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }

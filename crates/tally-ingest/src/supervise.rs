@@ -1,0 +1,362 @@
+//! The worker: takes partitions by lease ([`ownership`]), runs each one it holds, renews
+//! its leases, and hands partitions over when workers come and go.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use tally_core::{Fence, FlushRequest};
+use tally_store::Lake;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::entitlements::Entitlements;
+use crate::ownership::{Assignment, Held, Leases};
+use crate::{Error, IngestConfig, Result, Stats, checks, record, run_partition, topology};
+
+/// What every partition of this worker shares.
+#[derive(Clone)]
+struct Shared {
+    js: Context,
+    config: IngestConfig,
+    lake: Arc<Lake>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    stats: Arc<Stats>,
+    entitlements: Option<Arc<Entitlements>>,
+    /// The whole worker's stop; a fatal partition error fires it too.
+    cancel: CancellationToken,
+    errors: mpsc::Sender<Error>,
+}
+
+/// A partition this worker holds.
+struct Unit {
+    held: Held,
+    fence: Arc<Fence>,
+    /// Stops the partition gracefully: it seals, makes durable and acknowledges what it
+    /// holds, and checkpoints.
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    /// Draining to hand the partition to another worker; the lease is still renewed.
+    Releasing,
+    /// The lease is gone: the fence is closed, the task is ending.
+    Lost,
+}
+
+/// Runs the partitions this worker can hold until `cancel` fires or one of them fails.
+///
+/// On cancel, each partition seals its open batch, waits for it to become durable and
+/// acknowledges it; then the leases are released. A failing partition is taken over again
+/// from the lake while its lease holds; one failing while stopping (or with streams of the
+/// wrong shape) stops the rest. `ready` fires once the entitlements are loaded and the
+/// first round of leases is taken.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_worker(
+    js: Context,
+    config: IngestConfig,
+    assignment: Assignment,
+    lake: Arc<Lake>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    ready: oneshot::Sender<()>,
+) -> Result<()> {
+    topology::ensure_streams(&js, &config).await?;
+    let candidates = assignment.candidates(config.partitions);
+    let entitlements = if config.enforce {
+        Some(
+            Entitlements::start(
+                &js,
+                &candidates,
+                config.partitions,
+                Duration::from_millis(config.definitions_apply_delay_ms),
+                cancel.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let leases = Leases::open(&js, Duration::from_millis(config.lease_ms.max(300))).await?;
+    tracing::info!(worker = %leases.id, lease_ms = config.lease_ms, ?assignment, "worker started");
+    let (errors, mut failed) = mpsc::channel::<Error>(candidates.len().max(1));
+    let ctx = Shared {
+        js,
+        config,
+        lake,
+        flush_tx,
+        stats,
+        entitlements,
+        cancel: cancel.clone(),
+        errors,
+    };
+    // Workers start their search at different partitions, so that two starting together
+    // do not race for the same ones.
+    let offset = (xxhash_rust::xxh3::xxh3_64(leases.id.as_bytes()) as usize)
+        .checked_rem(candidates.len())
+        .unwrap_or(0);
+    let order: Vec<u16> = candidates
+        .iter()
+        .cycle()
+        .skip(offset)
+        .take(candidates.len())
+        .copied()
+        .collect();
+    let tick = leases.lease / 3;
+    let mut units: BTreeMap<u16, Unit> = BTreeMap::new();
+    let mut ready = Some(ready);
+    while !cancel.is_cancelled() {
+        renew(&leases, &mut units, &ctx.stats).await;
+        reap(&leases, &mut units).await;
+        match leases.heartbeat().await {
+            Ok(workers) => {
+                rebalance(&leases, &ctx, &assignment, &order, workers, &mut units).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach the leases; retrying"),
+        }
+        ctx.stats.partitions_owned.store(
+            units.values().filter(|u| u.state == State::Running).count() as u64,
+            Relaxed,
+        );
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = tokio::time::sleep(tick) => {}
+        }
+    }
+    // Every partition drains (their stop tokens are children of `cancel`); the leases are
+    // renewed meanwhile, then released.
+    while units.values().any(|u| !u.task.is_finished()) {
+        renew(&leases, &mut units, &ctx.stats).await;
+        tokio::time::sleep(tick.min(Duration::from_millis(100))).await;
+    }
+    for (p, unit) in std::mem::take(&mut units) {
+        if unit.state != State::Lost
+            && let Err(e) = leases.release(p, unit.held).await
+        {
+            tracing::warn!(partition = p, error = %e, "cannot release a lease; it expires by itself");
+        }
+    }
+    leases.leave().await;
+    ctx.stats.partitions_owned.store(0, Relaxed);
+    drop(ctx);
+    match failed.recv().await {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Renews every lease still held; a partition whose lease is gone, or whose fence closed
+/// before a renewal got through, is lost at once.
+async fn renew(leases: &Leases, units: &mut BTreeMap<u16, Unit>, stats: &Stats) {
+    let renewals = units
+        .iter_mut()
+        .filter(|(_, u)| u.state != State::Lost)
+        .map(|(&p, u)| async move {
+            let mut held = u.held;
+            let outcome = leases.renew(p, &mut held).await;
+            (p, held, outcome)
+        });
+    let outcomes = futures::future::join_all(renewals).await;
+    for (p, held, outcome) in outcomes {
+        let Some(unit) = units.get_mut(&p) else {
+            continue;
+        };
+        match outcome {
+            Ok(true) => {
+                unit.held = held;
+                unit.fence.extend(leases.deadline(held.sent));
+            }
+            Ok(false) => lose(p, unit, stats, "the lease is another worker's"),
+            Err(e) if !unit.fence.holds() => lose(p, unit, stats, &e.to_string()),
+            Err(e) => tracing::warn!(partition = p, error = %e, "cannot renew a lease; retrying"),
+        }
+    }
+}
+
+fn lose(partition: u16, unit: &mut Unit, stats: &Stats, why: &str) {
+    unit.fence.revoke();
+    unit.stop.cancel();
+    unit.state = State::Lost;
+    stats.leases_lost.fetch_add(1, Relaxed);
+    tracing::error!(
+        partition,
+        why,
+        "partition lease lost; the partition stops without writing"
+    );
+}
+
+/// Forgets partitions whose task has ended, releasing the leases of those handed over.
+async fn reap(leases: &Leases, units: &mut BTreeMap<u16, Unit>) {
+    let ended: Vec<u16> = units
+        .iter()
+        .filter(|(_, u)| u.task.is_finished())
+        .map(|(&p, _)| p)
+        .collect();
+    for p in ended {
+        let Some(unit) = units.remove(&p) else {
+            continue;
+        };
+        if unit.state == State::Releasing {
+            match leases.release(p, unit.held).await {
+                Ok(()) => tracing::info!(partition = p, "partition handed over"),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot release a lease; it expires by itself")
+                }
+            }
+        }
+    }
+}
+
+/// Lets partitions beyond this worker's share go, and takes free ones up to it.
+async fn rebalance(
+    leases: &Leases,
+    ctx: &Shared,
+    assignment: &Assignment,
+    order: &[u16],
+    workers: usize,
+    units: &mut BTreeMap<u16, Unit>,
+) {
+    let share = assignment.share(ctx.config.partitions, workers);
+    let running: Vec<u16> = units
+        .iter()
+        .filter(|(_, u)| u.state == State::Running)
+        .map(|(&p, _)| p)
+        .collect();
+    for p in running
+        .iter()
+        .rev()
+        .take(running.len().saturating_sub(share))
+    {
+        if let Some(unit) = units.get_mut(p) {
+            tracing::info!(partition = p, share, workers, "handing a partition over");
+            unit.state = State::Releasing;
+            unit.stop.cancel();
+        }
+    }
+    let mut wanted = share.saturating_sub(running.len());
+    for &p in order {
+        if wanted == 0 || ctx.cancel.is_cancelled() {
+            break;
+        }
+        if units.contains_key(&p) {
+            continue;
+        }
+        match leases.acquire(p).await {
+            Ok(Some(held)) => {
+                let fence = Arc::new(Fence::until(leases.deadline(held.sent)));
+                let stop = ctx.cancel.child_token();
+                let task = tokio::spawn(own(ctx.clone(), p, fence.clone(), stop.clone()));
+                tracing::info!(partition = p, "partition lease taken");
+                units.insert(
+                    p,
+                    Unit {
+                        held,
+                        fence,
+                        stop,
+                        task,
+                        state: State::Running,
+                    },
+                );
+                wanted -= 1;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cannot take a lease; retrying");
+                break;
+            }
+        }
+    }
+}
+
+/// Runs one held partition (its checks and record requests too) until `stop`, taking it
+/// over again from the lake after a failure while the fence holds.
+async fn own(ctx: Shared, partition: u16, fence: Arc<Fence>, stop: CancellationToken) {
+    let mut pause = Duration::from_millis(100);
+    let mut answering = None;
+    loop {
+        let run = async {
+            if answering.is_none() {
+                answering = Some(answer(&ctx, partition, &stop).await?);
+            }
+            run_partition(
+                ctx.js.clone(),
+                &ctx.config,
+                partition,
+                ctx.lake.clone(),
+                ctx.flush_tx.clone(),
+                ctx.stats.clone(),
+                ctx.entitlements.clone(),
+                fence.clone(),
+                stop.clone(),
+            )
+            .await
+        };
+        let e = match run.await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if !fence.holds() {
+            tracing::warn!(partition, error = %e, "partition stopped after its lease ended");
+            return;
+        }
+        if ctx.cancel.is_cancelled() || matches!(e, Error::Topology(_)) {
+            tracing::error!(partition, error = %e, "partition worker failed");
+            ctx.cancel.cancel();
+            let _ = ctx.errors.send(e).await;
+            return;
+        }
+        if stop.is_cancelled() {
+            tracing::warn!(partition, error = %e, "partition failed while handing over");
+            return;
+        }
+        ctx.stats.partition_restarts.fetch_add(1, Relaxed);
+        tracing::warn!(partition, error = %e, retry_in_ms = pause.as_millis() as u64,
+            "partition worker failed; taking the partition over again from the lake");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Answers checks and record requests for a held partition until `stop`.
+async fn answer(
+    ctx: &Shared,
+    partition: u16,
+    stop: &CancellationToken,
+) -> Result<Option<[tokio::task::JoinSet<()>; 2]>> {
+    let Some(e) = &ctx.entitlements else {
+        return Ok(None);
+    };
+    let total = ctx.config.partitions;
+    let checks = checks::serve(
+        ctx.js.client(),
+        e.clone(),
+        vec![partition],
+        total,
+        stop.clone(),
+    )
+    .await?;
+    let records = record::serve(
+        ctx.js.clone(),
+        e.clone(),
+        vec![partition],
+        total,
+        ctx.config.limits,
+        stop.clone(),
+    )
+    .await?;
+    Ok(Some([checks, records]))
+}
