@@ -2,8 +2,12 @@
 //!
 //! The lake's `events` directory is registered as a hive-partitioned listing table with
 //! the schema from [`tally_core::schema`] (given explicitly, so an empty lake is an empty
-//! table rather than an error). Named queries live as `.sql` files under `queries/` and
-//! take their arguments as parameters.
+//! table rather than an error), and its `rollups` directory likewise with
+//! [`tally_store::rollup_schema`]: one row per customer × feature × hour × decision of each
+//! events file. The rollups table lists every rollup file, so until its partition is taken
+//! over it includes an orphan a crash left (see
+//! [`tally_store::rollup`](mod@tally_store::rollup)). Named queries live as `.sql` files
+//! under `queries/` and take their arguments as parameters.
 
 use std::fmt;
 use std::path::Path;
@@ -12,7 +16,7 @@ use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -20,6 +24,7 @@ use datafusion::datasource::listing::{
 use datafusion::prelude::{SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use tally_core::schema::{self, lake_schema};
+use tally_store::{ROLLUPS_TABLE, rollup_schema};
 
 const BILLING_SQL: &str = include_str!("../queries/billing.sql");
 
@@ -99,25 +104,12 @@ pub struct Lakehouse {
 }
 
 impl Lakehouse {
-    /// Opens the lake rooted at `root` (its `events/` directory is created if missing).
+    /// Opens the lake rooted at `root` (its `events/` and `rollups/` directories are
+    /// created if missing).
     pub async fn open(root: &Path) -> Result<Self> {
-        let events = root.join(schema::EVENTS_TABLE);
-        std::fs::create_dir_all(&events).map_err(|source| Error::Io {
-            path: events.display().to_string(),
-            source,
-        })?;
         let ctx = SessionContext::new();
-        let url = ListingTableUrl::parse(format!("{}/", events.display()))?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-            .with_file_extension(".parquet")
-            .with_table_partition_cols(vec![(schema::DATE.to_owned(), DataType::Utf8)]);
-        let config = ListingTableConfig::new(url)
-            .with_listing_options(options)
-            .with_schema(lake_schema());
-        ctx.register_table(
-            schema::EVENTS_TABLE,
-            Arc::new(ListingTable::try_new(config)?),
-        )?;
+        register(&ctx, root, schema::EVENTS_TABLE, lake_schema())?;
+        register(&ctx, root, ROLLUPS_TABLE, rollup_schema())?;
         Ok(Self { ctx })
     }
 
@@ -142,6 +134,25 @@ impl Lakehouse {
         }
         Ok(df.collect().await?)
     }
+}
+
+/// Registers `<root>/<table>/` as the table `table`: Parquet files under hive `date`
+/// partitions, with `schema` given explicitly.
+fn register(ctx: &SessionContext, root: &Path, table: &str, schema: SchemaRef) -> Result<()> {
+    let dir = root.join(table);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        .with_file_extension(".parquet")
+        .with_table_partition_cols(vec![(schema::DATE.to_owned(), DataType::Utf8)]);
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(schema);
+    ctx.register_table(table, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
 }
 
 /// Sums of a billing result: lines, events and quantity.
@@ -178,7 +189,137 @@ impl BillingTotals {
 
 #[cfg(test)]
 mod tests {
+    use datafusion::arrow::array::{
+        Array, ArrayRef, Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array,
+        UInt64Array,
+    };
+    use datafusion::arrow::compute::concat_batches;
+    use tally_core::{Fence, SealedBatch};
+    use tally_store::Lake;
+
     use super::*;
+
+    /// Lake rows of partition 5 with stream sequences `seqs`: three customers, two
+    /// features, three decisions, users with repeats and nulls, quantities in halves, an
+    /// event every 37 minutes from 2026-11-01.
+    fn sealed(seqs: std::ops::RangeInclusive<u64>) -> SealedBatch {
+        let seq: Vec<u64> = seqs.clone().collect();
+        let n = seq.len();
+        let pick = |of: &[&'static str], by: fn(u64) -> u64| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                seq.iter().map(|&i| of[(by(i) % of.len() as u64) as usize]),
+            ))
+        };
+        let t0 = 20_758 * 86_400_000_000_i64;
+        let ts = |v: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+        };
+        let batch = RecordBatch::try_new(
+            lake_schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    seq.iter().map(|i| format!("e{i}")),
+                )),
+                pick(&["acme", "globex", "initech"], |i| i),
+                pick(&["calls", "storage"], |i| i / 3),
+                Arc::new(Float64Array::from_iter_values(
+                    seq.iter().map(|&i| (i % 5) as f64 * 0.5),
+                )),
+                ts(seq
+                    .iter()
+                    .map(|&i| t0 + i as i64 * 37 * 60_000_000)
+                    .collect()),
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                Arc::new(StringArray::from_iter(seq.iter().map(|&i| {
+                    (i % 4 != 0).then(|| ["u1", "u2", "u3", "u4", "u5"][(i % 5) as usize])
+                }))),
+                pick(&["src"], |i| i),
+                pick(&["type"], |i| i),
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                pick(&["accepted", "overage", "denied"], |i| i / 2),
+                ts(vec![0; n]),
+                Arc::new(UInt64Array::from(seq.clone())),
+                Arc::new(UInt16Array::from(vec![5; n])),
+            ],
+        )
+        .unwrap();
+        SealedBatch {
+            partition: 5,
+            first_seq: *seqs.start(),
+            last_seq: *seqs.end(),
+            batch,
+        }
+    }
+
+    async fn query(lake: &Lakehouse, sql: &str) -> RecordBatch {
+        let batches = lake
+            .context()
+            .sql(sql)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let schema = batches[0].schema();
+        concat_batches(&schema, &batches).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_rollups_table_sums_to_the_events_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        // 150 events over four days.
+        for seqs in [1..=40, 41..=90, 91..=150] {
+            lake.write(&sealed(seqs), &Fence::open()).unwrap();
+        }
+        let house = Lakehouse::open(dir.path()).await.unwrap();
+        for (rollups, events) in [
+            (
+                "SELECT customer, feature, decision, CAST(SUM(events) AS BIGINT) AS events,
+                        SUM(quantity) AS quantity
+                 FROM rollups GROUP BY customer, feature, decision
+                 ORDER BY customer, feature, decision",
+                "SELECT customer, feature, decision, COUNT(*) AS events,
+                        SUM(quantity) AS quantity
+                 FROM events GROUP BY customer, feature, decision
+                 ORDER BY customer, feature, decision",
+            ),
+            (
+                "SELECT \"date\", customer, hour, decision, CAST(SUM(events) AS BIGINT) AS events
+                 FROM rollups GROUP BY \"date\", customer, hour, decision
+                 ORDER BY \"date\", customer, hour, decision",
+                "SELECT \"date\", customer, date_trunc('hour', event_time) AS hour, decision,
+                        COUNT(*) AS events
+                 FROM events GROUP BY \"date\", customer, date_trunc('hour', event_time), decision
+                 ORDER BY \"date\", customer, hour, decision",
+            ),
+            (
+                "SELECT \"date\", customer, feature, COUNT(DISTINCT u) AS users
+                 FROM (SELECT \"date\", customer, feature, unnest(users) AS u FROM rollups)
+                 GROUP BY \"date\", customer, feature ORDER BY \"date\", customer, feature",
+                "SELECT \"date\", customer, feature, COUNT(DISTINCT user_id) AS users
+                 FROM events WHERE user_id IS NOT NULL
+                 GROUP BY \"date\", customer, feature ORDER BY \"date\", customer, feature",
+            ),
+        ] {
+            let (from_rollups, from_events) =
+                (query(&house, rollups).await, query(&house, events).await);
+            assert!(from_events.num_rows() > 4, "{events}");
+            assert_eq!(from_rollups.num_columns(), from_events.num_columns());
+            for (r, e) in from_rollups.columns().iter().zip(from_events.columns()) {
+                assert_eq!(r.data_type(), e.data_type(), "{rollups}");
+                assert_eq!(r.as_ref(), e.as_ref(), "{rollups}");
+            }
+        }
+        let totals = query(&house, "SELECT SUM(events) AS n FROM rollups").await;
+        assert_eq!(
+            totals
+                .column(0)
+                .as_primitive::<datafusion::arrow::datatypes::UInt64Type>()
+                .value(0),
+            150
+        );
+    }
 
     #[test]
     fn periods_parse_and_roll_over() {

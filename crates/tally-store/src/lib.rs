@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! <root>/events/date=YYYY-MM-DD/p<partition>-<first_seq>-<last_seq>.parquet
+//! <root>/rollups/date=YYYY-MM-DD/p<partition>-<first_seq>-<last_seq>.parquet
 //! ```
 //!
 //! `date` is the UTC date of the event time. One sealed batch becomes one file per date it
@@ -11,6 +12,12 @@
 //! fsynced, so a reader sees a whole file or none. The name and the file's key-value
 //! metadata (`tally.partition`, `tally.first_seq`, `tally.last_seq`) record which stream
 //! sequences it holds.
+//!
+//! Each events file has a [`rollup`](mod@rollup) of the same date and name (its rows per
+//! customer × feature × hour × decision), made visible before the events file: an events
+//! file's presence implies its rollup's, and a rollup without its events file is an orphan
+//! of a crash, not part of the lake, removed when its partition is taken over.
+//! [`Durable`] counts the events files only.
 //!
 //! Beside the events, each partition's checkpoints ([`checkpoint`]); [`tail`] reads back
 //! what a partition holds past one.
@@ -40,8 +47,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub mod checkpoint;
+pub mod rollup;
 pub mod tail;
 
+pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use tail::{PartitionFile, Tail};
 
 /// Metadata keys each Parquet file carries.
@@ -137,7 +146,13 @@ impl Lake {
         self.root.join(EVENTS_TABLE)
     }
 
-    /// Writes a sealed batch durably: one file per event date, each visible atomically.
+    /// The rollups table's directory.
+    pub fn rollups_dir(&self) -> PathBuf {
+        self.root.join(ROLLUPS_TABLE)
+    }
+
+    /// Writes a sealed batch durably: one file per event date, each visible atomically,
+    /// each after its rollup.
     pub fn write(&self, sealed: &SealedBatch, fence: &Fence) -> Result<Durable> {
         let mut durable = Durable::default();
         if sealed.batch.num_rows() == 0 {
@@ -149,11 +164,16 @@ impl Lake {
             let date = DateTime::from_timestamp(day * 86_400, 0)
                 .map(|d| d.format("%Y-%m-%d").to_string())
                 .unwrap_or_else(|| "invalid".to_owned());
-            let dir = self.events_dir().join(format!("{}={date}", schema::DATE));
+            let part = format!("{}={date}", schema::DATE);
             let name = format!(
                 "p{:03}-{:012}-{:012}.parquet",
                 sealed.partition, sealed.first_seq, sealed.last_seq
             );
+            // The rollup is durable before the events file can be visible (see `rollup`).
+            let summary = rollup(&rows)?;
+            let rollups = self.rollups_dir().join(&part);
+            self.write_file(&rollups, &name, sealed, files, &summary, fence)?;
+            let dir = self.events_dir().join(&part);
             let bytes = self.write_file(&dir, &name, sealed, files, &rows, fence)?;
             durable.rows += rows.num_rows();
             durable.files += 1;
@@ -431,6 +451,7 @@ pub(crate) mod tests {
             Durable::default()
         );
         assert!(!lake.events_dir().exists());
+        assert!(!lake.rollups_dir().exists());
     }
 
     #[test]
@@ -468,6 +489,118 @@ pub(crate) mod tests {
         // Nothing half-written is left behind either.
         let left: Vec<_> = walk(dir.path());
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A Parquet file's rows and its `tally.*` metadata.
+    fn read_file(path: &Path) -> (RecordBatch, Vec<(String, String)>) {
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            File::open(path).unwrap(),
+        )
+        .unwrap();
+        let mut kv: Vec<_> = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .iter()
+            .filter(|k| k.key.starts_with("tally."))
+            .map(|k| (k.key.clone(), k.value.clone().unwrap()))
+            .collect();
+        kv.sort();
+        let schema = builder.schema().clone();
+        let batches: Vec<_> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+        (
+            arrow::compute::concat_batches(&schema, &batches).unwrap(),
+            kv,
+        )
+    }
+
+    #[test]
+    fn each_events_file_has_a_rollup_of_the_same_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let d0 = 20_758 * MICROS_PER_DAY;
+        let hour = 3_600_000_000;
+        let sealed = SealedBatch {
+            partition: 3,
+            first_seq: 10,
+            last_seq: 14,
+            batch: batch(&[d0 + 5, d0 + MICROS_PER_DAY + 1, d0 + 7, d0 + hour, d0 + 8]),
+        };
+        let durable = lake.write(&sealed, &Fence::open()).unwrap();
+        // The rollups are not counted: the lake holds five rows in two files.
+        assert_eq!((durable.rows, durable.files), (5, 2));
+        let events = lake.partition_files(3).unwrap();
+        let rollups = lake.partition_rollup_files(3).unwrap();
+        let relative = |files: &[PartitionFile], root: &Path| -> Vec<PathBuf> {
+            files
+                .iter()
+                .map(|f| f.path.strip_prefix(root).unwrap().to_owned())
+                .collect()
+        };
+        let names = relative(&rollups, &lake.rollups_dir());
+        assert_eq!(names, relative(&events, &lake.events_dir()));
+        assert_eq!(
+            names,
+            [
+                PathBuf::from("date=2026-11-01/p003-000000000010-000000000014.parquet"),
+                PathBuf::from("date=2026-11-02/p003-000000000010-000000000014.parquet"),
+            ]
+        );
+        // Each rollup sums its own day's rows and carries its events file's metadata.
+        let mut per_hour: Vec<u64> = Vec::new();
+        for (e, r) in events.iter().zip(&rollups) {
+            let (rows, events_kv) = read_file(&e.path);
+            let (summary, rollup_kv) = read_file(&r.path);
+            assert_eq!(summary.schema().fields(), rollup_schema().fields());
+            assert_eq!(rollup_kv, events_kv);
+            assert!(rollup_kv.contains(&(META_FILES.into(), "2".into())));
+            assert_eq!(summary.columns(), rollup(&rows).unwrap().columns());
+            let counts = summary.column_by_name(rollup::EVENTS).unwrap();
+            per_hour.extend(
+                counts
+                    .as_primitive::<arrow::datatypes::UInt64Type>()
+                    .values(),
+            );
+        }
+        // 2026-11-01 00:00 (three rows), 01:00 (one); 2026-11-02 00:00 (one).
+        assert_eq!(per_hour, [3, 1, 1]);
+    }
+
+    #[test]
+    fn no_events_file_is_visible_before_its_rollup() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(ROLLUPS_TABLE), b"not a directory").unwrap();
+        let lake = Lake::new(dir.path());
+        let sealed = SealedBatch {
+            partition: 1,
+            first_seq: 1,
+            last_seq: 1,
+            batch: batch(&[0]),
+        };
+        assert!(matches!(
+            lake.write(&sealed, &Fence::open()),
+            Err(Error::Io { .. })
+        ));
+        assert!(lake.partition_files(1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_closed_fence_writes_no_rollup() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let sealed = SealedBatch {
+            partition: 4,
+            first_seq: 1,
+            last_seq: 2,
+            batch: batch(&[0, MICROS_PER_DAY]),
+        };
+        let fence = Fence::open();
+        fence.revoke();
+        assert!(matches!(lake.write(&sealed, &fence), Err(Error::Fenced(4))));
+        assert!(lake.partition_rollup_files(4).unwrap().is_empty());
+        assert!(lake.partition_files(4).unwrap().is_empty());
+        assert!(walk(dir.path()).is_empty());
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -1,9 +1,14 @@
 //! What the lake holds of one partition past a checkpoint: the rows a worker replays when
 //! it takes the partition over, and the stream sequences they cover.
+//!
+//! Reading the tail is also when the partition's leftovers of a crash go: the files of an
+//! incomplete sealed batch, then every rollup of the partition whose events file is absent
+//! (an orphan, see [`rollup`](mod@crate::rollup)), those of the batches just removed
+//! included.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use arrow::array::{AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
@@ -11,7 +16,7 @@ use arrow::datatypes::UInt64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::schema;
 
-use crate::{Error, Lake, META_FILES, Result, io_err};
+use crate::{Error, Lake, META_FILES, Result, io_err, sync_dir};
 
 /// A lake file of one partition, as its name describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,52 +37,30 @@ pub struct Tail {
     /// Sealed batches found incomplete (a crash between the files of a batch that spans
     /// dates) and removed: their messages were never acknowledged and come again.
     pub removed: usize,
+    /// Rollup files removed because their events file was absent: orphans of a crash
+    /// between the two renames, or of a batch removed as incomplete.
+    pub removed_rollups: usize,
 }
 
 impl Lake {
     /// Every events file of a partition, by first sequence.
     pub fn partition_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
-        let root = self.events_dir();
-        let dates = match fs::read_dir(&root) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err(&root)(e)),
-        };
-        let prefix = format!("p{partition:03}-");
-        let mut files = Vec::new();
-        for date in dates {
-            let dir = date.map_err(io_err(&root))?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-                let path = entry.map_err(io_err(&dir))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let Some(range) = name
-                    .strip_prefix(&prefix)
-                    .and_then(|n| n.strip_suffix(".parquet"))
-                else {
-                    continue;
-                };
-                if let Some((first, last)) = range.split_once('-')
-                    && let (Ok(first_seq), Ok(last_seq)) = (first.parse(), last.parse())
-                {
-                    files.push(PartitionFile {
-                        path,
-                        first_seq,
-                        last_seq,
-                    });
-                }
-            }
-        }
-        files.sort_by(|a, b| (a.first_seq, &a.path).cmp(&(b.first_seq, &b.path)));
-        Ok(files)
+        files_of(&self.events_dir(), partition)
     }
 
-    /// The partition's rows with a stream sequence past `after_seq`.
+    /// Every rollup file of a partition, by first sequence (orphans included).
+    pub fn partition_rollup_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
+        files_of(&self.rollups_dir(), partition)
+    }
+
+    /// The partition's rows with a stream sequence past `after_seq`. Removes the files of
+    /// incomplete sealed batches and the partition's orphaned rollups: call it only while
+    /// no write of the partition is under way (at take-over, before pulling).
     pub fn tail(&self, partition: u16, after_seq: u64) -> Result<Tail> {
+        let files = self.partition_files(partition)?;
+        let mut present: HashSet<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
         let mut batches: BTreeMap<(u64, u64), Vec<PartitionFile>> = BTreeMap::new();
-        for f in self.partition_files(partition)? {
+        for f in files {
             if f.last_seq > after_seq {
                 batches
                     .entry((f.first_seq, f.last_seq))
@@ -86,6 +69,7 @@ impl Lake {
             }
         }
         let mut tail = Tail::default();
+        let mut emptied = BTreeSet::new();
         for (range, files) in batches {
             let mut parts = Vec::with_capacity(files.len());
             let mut expected = 1;
@@ -105,6 +89,8 @@ impl Lake {
                 );
                 for f in &files {
                     fs::remove_file(&f.path).map_err(io_err(&f.path))?;
+                    present.remove(&f.path);
+                    emptied.extend(f.path.parent().map(Path::to_owned));
                 }
                 tail.removed += 1;
                 continue;
@@ -113,12 +99,82 @@ impl Lake {
             tail.rows.push(past(rows, after_seq)?);
             tail.covered.push(range);
         }
+        // An events file may be without its rollup at no moment, a crash included: the
+        // removals above are made durable before any rollup of theirs goes.
+        for dir in &emptied {
+            sync_dir(dir)?;
+        }
+        tail.removed_rollups = self.remove_orphan_rollups(partition, &present)?;
         Ok(tail)
+    }
+
+    /// Removes the partition's rollups whose events file is absent. `events` lists the
+    /// partition's events files; one not in it is looked for again before its rollup goes.
+    fn remove_orphan_rollups(&self, partition: u16, events: &HashSet<PathBuf>) -> Result<usize> {
+        let (rollups, events_dir) = (self.rollups_dir(), self.events_dir());
+        let mut removed = 0;
+        for f in files_of(&rollups, partition)? {
+            let Ok(relative) = f.path.strip_prefix(&rollups) else {
+                continue;
+            };
+            let raw = events_dir.join(relative);
+            if events.contains(&raw) || raw.try_exists().map_err(io_err(&raw))? {
+                continue;
+            }
+            fs::remove_file(&f.path).map_err(io_err(&f.path))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::warn!(
+                partition,
+                rollups = removed,
+                "removed rollups whose events file is absent (left by a crash)"
+            );
+        }
+        Ok(removed)
     }
 }
 
+/// The files of one partition under a table's directory (`<dir>/date=…/p<partition>-…`).
+fn files_of(root: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
+    let dates = match fs::read_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(root)(e)),
+    };
+    let prefix = format!("p{partition:03}-");
+    let mut files = Vec::new();
+    for date in dates {
+        let dir = date.map_err(io_err(root))?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let Some(range) = name
+                .strip_prefix(&prefix)
+                .and_then(|n| n.strip_suffix(".parquet"))
+            else {
+                continue;
+            };
+            if let Some((first, last)) = range.split_once('-')
+                && let (Ok(first_seq), Ok(last_seq)) = (first.parse(), last.parse())
+            {
+                files.push(PartitionFile {
+                    path,
+                    first_seq,
+                    last_seq,
+                });
+            }
+        }
+    }
+    files.sort_by(|a, b| (a.first_seq, &a.path).cmp(&(b.first_seq, &b.path)));
+    Ok(files)
+}
+
 /// A file's rows and the number of files its sealed batch was written as.
-fn read(path: &std::path::Path) -> Result<(RecordBatch, usize)> {
+fn read(path: &Path) -> Result<(RecordBatch, usize)> {
     let file = File::open(path).map_err(io_err(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let files = builder
@@ -240,5 +296,59 @@ mod tests {
         assert_eq!(tail.covered, [(3, 3)]);
         assert_eq!(all_seqs(&tail), [3]);
         assert_eq!(lake.partition_files(2).unwrap().len(), 1);
+        // Both rollups of the removed batch went with it; the complete batch keeps its own.
+        assert_eq!(tail.removed_rollups, 2);
+        let rollups = lake.partition_rollup_files(2).unwrap();
+        assert_eq!(
+            rollups
+                .iter()
+                .map(|f| (f.first_seq, f.last_seq))
+                .collect::<Vec<_>>(),
+            [(3, 3)]
+        );
+    }
+
+    #[test]
+    fn a_rollup_without_its_events_file_is_removed_at_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let day = 20_758 * MICROS_PER_DAY;
+        for s in [
+            sealed(1, 2, &[day, day], &[1, 2]),
+            sealed(3, 4, &[day, day], &[3, 4]),
+        ] {
+            lake.write(&s, &Fence::open()).unwrap();
+        }
+        // Another partition's orphan is not this take-over's business.
+        let other = SealedBatch {
+            partition: 9,
+            ..sealed(1, 1, &[day], &[1])
+        };
+        lake.write(&other, &Fence::open()).unwrap();
+        fs::remove_file(&lake.partition_files(9).unwrap()[0].path).unwrap();
+        // A crash between the two renames of batch 1–2: its rollup is visible, its events
+        // file is not.
+        let events = lake.partition_files(2).unwrap();
+        let rollups = lake.partition_rollup_files(2).unwrap();
+        assert_eq!(rollups.len(), 2);
+        assert_eq!(
+            rollups[0].path.file_name(),
+            events[0].path.file_name(),
+            "a rollup is named as its events file"
+        );
+        fs::remove_file(&events[0].path).unwrap();
+
+        // The orphan goes even below the checkpoint's sequence: it is not part of the lake.
+        let tail = lake.tail(2, 2).unwrap();
+        assert_eq!((tail.removed, tail.removed_rollups), (0, 1));
+        assert_eq!(tail.covered, [(3, 4)]);
+        assert!(!rollups[0].path.exists());
+        assert!(
+            rollups[1].path.exists(),
+            "a rollup with its events file stays"
+        );
+        assert_eq!(lake.partition_rollup_files(9).unwrap().len(), 1);
+        // Nothing is left to remove the next time.
+        assert_eq!(lake.tail(2, 0).unwrap().removed_rollups, 0);
     }
 }
