@@ -316,6 +316,35 @@ pub async fn load_definitions(
     Ok((catalog, customers))
 }
 
+/// Puts customers `cust-00000` … of the workload generator on a plan with every feature
+/// metered and unlimited, so that every valid event is `accepted` and bills: for runs
+/// about delivery (`tally chaos`, tests), where the decisions are not the subject.
+pub async fn entitle_unlimited(nats: &Nats, customers: u32, actor: &str) -> anyhow::Result<()> {
+    use tally_core::entitlement::{Customer, Entitlement, Metered, Plan};
+    let plan = Plan {
+        id: "unlimited".to_owned(),
+        name: "Unlimited".to_owned(),
+        features: workload::features(u32::MAX)
+            .iter()
+            .map(|f| ((*f).to_owned(), Entitlement::Metered(Metered::new(None))))
+            .collect(),
+        seats: None,
+    };
+    let defs = Definitions::open(&nats.jetstream).await?;
+    let catalog = Catalog {
+        plans: vec![plan],
+        ..Catalog::default()
+    };
+    defs.apply_catalog(&catalog, actor).await?;
+    let customers = Customers {
+        customers: (0..customers)
+            .map(|i| Customer::new(workload::customer_id(i), "unlimited"))
+            .collect(),
+    };
+    defs.apply_customers(&customers, actor).await?;
+    Ok(())
+}
+
 /// What the demo expects the lake to hold.
 #[derive(Debug, Default)]
 pub struct Expected {
@@ -384,7 +413,9 @@ pub fn replay(
 }
 
 /// Billed events and quantity per customer × feature, from the billing query's rows.
-fn lines_of(billing: &[RecordBatch]) -> std::collections::BTreeMap<(String, String), (u64, f64)> {
+pub fn lines_of(
+    billing: &[RecordBatch],
+) -> std::collections::BTreeMap<(String, String), (u64, f64)> {
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{Float64Type, Int64Type};
     let mut lines = std::collections::BTreeMap::new();

@@ -64,6 +64,14 @@ enum Command {
     ///
     /// Example: tally check cust-00001 api-calls --quantity 100 --nats-url nats://127.0.0.1:4222
     Check(CheckCmd),
+    /// Run the fault suite: publish a workload while the worker is killed, nats-server
+    /// restarts and the lake refuses writes; then check the lake against the generator.
+    ///
+    /// It starts its own nats-server and worker under the data directory, which it
+    /// clears on the next run. Exits non-zero unless every figure is exact.
+    ///
+    /// Example: tally chaos --events 100000 --kills 5 --nats-restarts 2 --data-dir /tmp/chaos --format json
+    Chaos(tally::chaos::ChaosArgs),
     /// Measure the pipeline; see `tally bench ingest --help`.
     #[command(subcommand)]
     Bench(tally::bench::BenchCmd),
@@ -234,6 +242,23 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Customers(cmd) => tally::definitions::run(config, Kind::Customers, cmd).await,
         Command::Check(cmd) => check(config, cmd).await,
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
+        Command::Chaos(args) => {
+            if config.data_dir == Config::default().data_dir {
+                config.data_dir = config.data_dir.join("chaos");
+            }
+            let format = args.format;
+            let report = tally::chaos::run(config, args).await?;
+            match format {
+                Format::Table => tally::chaos::print_table(&report),
+                _ => println!("{}", serde_json::to_string(&report)?),
+            }
+            Ok(if report.exact {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("error: the lake does not match what was published; see the figures");
+                std::process::ExitCode::from(2)
+            })
+        }
     }
 }
 
@@ -292,6 +317,17 @@ async fn check(config: Config, cmd: CheckCmd) -> anyhow::Result<std::process::Ex
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Whether an error is NATS failing an operation (retrying later may help), not a
+/// configuration or topology one.
+fn nats_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<tally_ingest::Error>(),
+            Some(tally_ingest::Error::Nats { .. })
+        )
+    })
+}
+
 /// Runs the worker until Ctrl-C or SIGTERM, then drains in order.
 async fn serve(
     config: Config,
@@ -301,7 +337,20 @@ async fn serve(
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let nats = Nats::connect(&config).await?;
-    let pipeline = Pipeline::start(&config, &nats, partitions).await?;
+    // NATS may be restarting while this starts: transient errors are retried for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut pause = std::time::Duration::from_millis(250);
+    let pipeline = loop {
+        match Pipeline::start(&config, &nats, partitions.clone()).await {
+            Ok(p) => break p,
+            Err(e) if nats_unavailable(&e) && std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot start yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     tracing::info!(lake = %config.lake_dir().display(), "tally is running; Ctrl-C stops it");
     let cancel = pipeline.cancel_token();
     tokio::select! {

@@ -52,30 +52,9 @@ impl Harness {
     /// feature metered and unlimited, so that every valid event is `accepted`: for tests of
     /// delivery, where the decisions are not the subject.
     pub async fn entitle_everyone(&self, customers: u32) {
-        use tally_core::entitlement::{Catalog, Customer, Customers, Entitlement, Metered, Plan};
-        let plan = Plan {
-            id: "unlimited".to_owned(),
-            name: "Unlimited".to_owned(),
-            features: tally::workload::features(u32::MAX)
-                .iter()
-                .map(|f| ((*f).to_owned(), Entitlement::Metered(Metered::new(None))))
-                .collect(),
-            seats: None,
-        };
-        let defs = tally_ingest::definitions::Definitions::open(&self.nats.jetstream)
+        tally::demo::entitle_unlimited(&self.nats, customers, "test")
             .await
             .unwrap();
-        let catalog = Catalog {
-            plans: vec![plan],
-            ..Catalog::default()
-        };
-        defs.apply_catalog(&catalog, "test").await.unwrap();
-        let customers = Customers {
-            customers: (0..customers)
-                .map(|i| Customer::new(tally::workload::customer_id(i), "unlimited"))
-                .collect(),
-        };
-        defs.apply_customers(&customers, "test").await.unwrap();
     }
 
     pub fn lake_events(&self) -> PathBuf {

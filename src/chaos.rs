@@ -1,0 +1,456 @@
+//! `tally chaos`: the fault suite as a command.
+//!
+//! Starts a nats-server of its own under the data directory and a worker (`tally serve`)
+//! as a child process, publishes a generated workload (batched and single messages, some
+//! event ids repeated, some events malformed), and meanwhile:
+//!
+//! - kills the worker with SIGKILL `--kills` times and starts a new one at once (it takes
+//!   the partitions over once the dead one's leases expire);
+//! - kills and restarts nats-server `--nats-restarts` times (the publisher retries what
+//!   was not acknowledged with the same message ids, as an SDK does);
+//! - makes the lake's events directory unwritable for `--unwritable-secs` once.
+//!
+//! Publishing is paced (`--rate`) and cut into slices; the faults fall between slices, at
+//! moments drawn from `--seed`, while the worker is busy with what was published before. When everything is acknowledged
+//! and drained, the worker is stopped and the lake is checked against the generator: each
+//! valid event exactly once, every malformed one a dead letter, every repeated id dropped,
+//! and the billing lines (every customer is on an unlimited plan, so every valid event
+//! bills) equal to the generator's per customer × feature. The figures are printed as a
+//! table, or as one JSON object on the last line.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::Int64Type;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tally_core::subject;
+use tally_natsd::{NatsServer, ServerOptions};
+use tally_query::{Lakehouse, Period};
+
+use crate::config::Config;
+use crate::output::Format;
+use crate::pipeline::Nats;
+use crate::workload::{self, OutMessage, Spec};
+
+const MARKER: &str = ".tally-chaos";
+/// Publishing is cut into this many slices; faults fall between them.
+const SLICES: usize = 100;
+/// The worker's lease: a killed worker's partitions are free again this soon.
+const LEASE_MS: &str = "1500";
+
+#[derive(Args, Debug, Clone)]
+pub struct ChaosArgs {
+    /// Events to generate (about 1 % more are published: repeated ids).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Times the worker is killed (SIGKILL) and started again while events flow.
+    #[arg(long, default_value_t = 10)]
+    pub kills: u32,
+    /// Times nats-server is killed and started again while events flow.
+    #[arg(long, default_value_t = 2)]
+    pub nats_restarts: u32,
+    /// For how long, once, the lake refuses writes (0: never).
+    #[arg(long, default_value_t = 3)]
+    pub unwritable_secs: u64,
+    /// Events published per second at most, so that the faults are spread over the run.
+    #[arg(long, default_value_t = 50_000)]
+    pub rate: u64,
+    /// Customers of the workload.
+    #[arg(long, default_value_t = 1_000)]
+    pub customers: u32,
+    /// Seeds the workload and the moments of the faults.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// What happened, and whether the lake is exact.
+#[derive(Debug, Serialize)]
+pub struct ChaosReport {
+    /// Events in every message published (first attempts; repeated ids and malformed
+    /// events included).
+    pub sent: u64,
+    /// Events in messages JetStream acknowledged (each message counted once, however many
+    /// attempts it took).
+    pub acked: u64,
+    /// Distinct valid events generated.
+    pub events_valid: u64,
+    pub in_lake: u64,
+    pub distinct_in_lake: u64,
+    /// Acknowledged events that are neither in the lake nor dead letters: the repeated ids
+    /// the worker dropped. The generator published `duplicates_published`.
+    pub duplicates_dropped: u64,
+    pub duplicates_published: u64,
+    pub dead_letters: u64,
+    pub events_invalid: u64,
+    pub kills: u32,
+    pub nats_restarts: u32,
+    pub unwritable_secs: u64,
+    /// Slices of publishing that had to be sent again after an error.
+    pub publish_retries: u64,
+    pub seconds: f64,
+    /// The billing lines equal the generator's per customer × feature, and the lake holds
+    /// every valid event exactly once.
+    pub billing_matches: bool,
+    /// Every figure above agrees with the generator.
+    pub exact: bool,
+}
+
+/// A fault, at the start of a slice of publishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillWorker,
+    RestartNats,
+    Unwritable,
+}
+
+pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosReport> {
+    let started = Instant::now();
+    let dir = config.data_dir.clone();
+    prepare(&dir)?;
+    let mut options = ServerOptions::new(dir.join("nats"));
+    options.binary = config.nats_server.clone();
+    let mut server = tokio::task::spawn_blocking(move || NatsServer::start(options))
+        .await?
+        .context("starting nats-server")?;
+    config.nats_url = Some(server.url());
+    let nats = Nats::connect(&config).await?;
+    crate::demo::entitle_unlimited(&nats, args.customers, "tally-chaos").await?;
+    tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
+
+    let month = crate::demo::this_month();
+    let mut spec = Spec::new(args.events, month);
+    spec.customers = args.customers;
+    spec.batch = 50;
+    spec.single_rate = 0.2;
+    spec.duplicate_rate = 0.01;
+    spec.invalid_rate = 0.001;
+    spec.seed = args.seed;
+    let (messages, totals) = workload::generate(&spec);
+    let faults = schedule(&args);
+
+    let exe = std::env::current_exe().context("locating the tally binary")?;
+    let mut worker = Worker::start(&exe, &server.url(), &dir, 0)?;
+    let lake_events = config.lake_dir().join(tally_core::schema::EVENTS_TABLE);
+    let mut report = ChaosReport {
+        sent: 0,
+        acked: 0,
+        events_valid: totals.events_valid,
+        in_lake: 0,
+        distinct_in_lake: 0,
+        duplicates_dropped: 0,
+        duplicates_published: totals.duplicates_published,
+        dead_letters: 0,
+        events_invalid: totals.events_invalid,
+        kills: 0,
+        nats_restarts: 0,
+        unwritable_secs: args.unwritable_secs,
+        publish_retries: 0,
+        seconds: 0.0,
+        billing_matches: false,
+        exact: false,
+    };
+    let mut restore: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let per_slice = messages.len().div_ceil(SLICES).max(1);
+    let publishing = Instant::now();
+    for (i, slice) in messages.chunks(per_slice).enumerate() {
+        let due = Duration::from_secs_f64(report.sent as f64 / args.rate.max(1) as f64);
+        tokio::time::sleep_until((publishing + due).into()).await;
+        for fault in faults.iter().filter(|(at, _)| *at == i).map(|(_, f)| *f) {
+            match fault {
+                Fault::KillWorker => {
+                    worker.kill()?;
+                    report.kills += 1;
+                    worker = Worker::start(&exe, &server.url(), &dir, report.kills)?;
+                    tracing::warn!(kills = report.kills, "worker killed and started again");
+                }
+                Fault::RestartNats => {
+                    server = tokio::task::spawn_blocking(move || server.restart().map(|()| server))
+                        .await?
+                        .context("restarting nats-server")?;
+                    report.nats_restarts += 1;
+                    tracing::warn!(restarts = report.nats_restarts, "nats-server restarted");
+                }
+                Fault::Unwritable => {
+                    restore = Some(make_unwritable(&lake_events, args.unwritable_secs)?);
+                    tracing::warn!(secs = args.unwritable_secs, "the lake refuses writes");
+                }
+            }
+        }
+        report.sent += slice.iter().map(|m| u64::from(m.events)).sum::<u64>();
+        report.publish_retries += publish(&nats, slice).await?;
+        report.acked += slice.iter().map(|m| u64::from(m.events)).sum::<u64>();
+    }
+    if let Some(restore) = restore {
+        restore.await??;
+    }
+    drained(&nats, config.ingest.partitions, &mut worker).await?;
+    worker.stop()?;
+
+    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let (rows, distinct) = count(&lake).await?;
+    report.in_lake = rows;
+    report.distinct_in_lake = distinct;
+    report.dead_letters = nats
+        .jetstream
+        .get_stream(subject::DEAD_LETTER_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    report.duplicates_dropped = report
+        .acked
+        .saturating_sub(report.in_lake + report.dead_letters);
+    let billing = lake.billing(Period::of(month), None).await?;
+    report.billing_matches = rows == distinct
+        && rows == totals.events_valid
+        && crate::demo::lines_of(&billing) == totals.by_line;
+    report.exact = report.billing_matches
+        && report.acked == report.sent
+        && report.dead_letters == totals.events_invalid
+        && report.duplicates_dropped == totals.duplicates_published;
+    report.seconds = started.elapsed().as_secs_f64();
+    drop(nats);
+    drop(server);
+    Ok(report)
+}
+
+/// The slices before which each fault strikes, drawn from the seed, none in the first
+/// or last tenth (so the worker is busy when they strike).
+fn schedule(args: &ChaosArgs) -> Vec<(usize, Fault)> {
+    let mut rng = SmallRng::seed_from_u64(args.seed ^ 0xC4A0_5EED);
+    let kinds = std::iter::repeat_n(Fault::KillWorker, args.kills as usize)
+        .chain(std::iter::repeat_n(
+            Fault::RestartNats,
+            args.nats_restarts as usize,
+        ))
+        .chain((args.unwritable_secs > 0).then_some(Fault::Unwritable));
+    let mut faults: Vec<(usize, Fault)> = kinds
+        .map(|f| (rng.random_range(SLICES / 10..SLICES * 9 / 10), f))
+        .collect();
+    faults.sort_unstable();
+    faults
+}
+
+/// Publishes a slice until JetStream acknowledged all of it; returns the retries. A retry
+/// sends the same message ids, so what was stored before the failure is dropped by
+/// JetStream's duplicate window.
+async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut retries = 0;
+    loop {
+        match workload::publish(&nats.jetstream, slice, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await
+        {
+            Ok(_) => return Ok(retries),
+            Err(e) if Instant::now() < deadline => {
+                retries += 1;
+                tracing::info!(error = %e, "publishing failed; sending the slice again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.context("publishing never succeeded within 120 s")),
+        }
+    }
+}
+
+/// Waits until every partition's consumer has nothing pending and nothing unacknowledged
+/// (acks come only after the lake holds a batch). A worker that exits is started again.
+async fn drained(nats: &Nats, partitions: u16, worker: &mut Worker) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let stream = loop {
+        match nats.jetstream.get_stream(subject::EVENTS_STREAM).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "waiting for the events stream");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    loop {
+        if let Some(status) = worker.child.try_wait()? {
+            bail!(
+                "the worker exited with {status}; see {}",
+                worker.log.display()
+            );
+        }
+        let mut idle = true;
+        for p in 0..partitions {
+            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                stream.get_consumer(&subject::partition_consumer(p)).await;
+            let busy = match consumer {
+                Ok(mut c) => c
+                    .info()
+                    .await
+                    .map_or(true, |i| i.num_pending > 0 || i.num_ack_pending > 0),
+                Err(_) => true,
+            };
+            if busy {
+                idle = false;
+                break;
+            }
+        }
+        if idle {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the worker did not drain the stream within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Rows and distinct event ids in the lake.
+async fn count(lake: &Lakehouse) -> anyhow::Result<(u64, u64)> {
+    let batches = lake
+        .context()
+        .sql("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")
+        .await?
+        .collect()
+        .await?;
+    let b = batches.first().context("no count")?;
+    let get = |i: usize| b.column(i).as_primitive::<Int64Type>().value(0);
+    let (n, d) = (get(0), get(1));
+    debug_assert!(!b.column(0).is_null(0));
+    Ok((u64::try_from(n)?, u64::try_from(d)?))
+}
+
+/// Puts a file where the events directory was; the directory comes back after `secs`.
+fn make_unwritable(
+    events: &Path,
+    secs: u64,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    std::fs::create_dir_all(events)?;
+    let away = events.with_extension("away");
+    std::fs::rename(events, &away)?;
+    std::fs::write(events, b"the lake refuses writes (tally chaos)")?;
+    let events = events.to_owned();
+    Ok(tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        std::fs::remove_file(&events)?;
+        std::fs::rename(&away, &events)?;
+        tracing::warn!("the lake is writable again");
+        Ok(())
+    }))
+}
+
+/// A `tally serve` child process, its log in the data directory.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(exe: &Path, url: &str, dir: &Path, n: u32) -> anyhow::Result<Worker> {
+        let log = dir.join(format!("worker-{n}.log"));
+        let child = Command::new(exe)
+            .args(["serve", "--nats-url", url, "--data-dir"])
+            .arg(dir)
+            .env("TALLY_INGEST__LEASE_MS", LEASE_MS)
+            .env("TALLY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("starting the worker")?;
+        Ok(Worker { child, log })
+    }
+
+    fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM: the worker drains and releases its leases.
+    fn stop(mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("cannot signal the worker");
+        }
+        let exit = self.child.wait()?;
+        if !exit.success() {
+            bail!(
+                "the worker exited with {exit} on SIGTERM; see {}",
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The data directory must be new, empty, or one an earlier `tally chaos` made (cleared).
+fn prepare(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        if !dir.join(MARKER).exists() {
+            bail!(
+                "{} is not empty and was not made by `tally chaos`; pick another --data-dir",
+                dir.display()
+            );
+        }
+        tally_natsd::stop_leftover(&dir.join("nats"));
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by tally chaos; cleared by the next run\n",
+    )?;
+    Ok(())
+}
+
+/// The report as a table.
+pub fn print_table(r: &ChaosReport) {
+    let rows = [
+        ("events sent", r.sent.to_string()),
+        ("acknowledged by JetStream", r.acked.to_string()),
+        ("valid events generated", r.events_valid.to_string()),
+        ("rows in the lake", r.in_lake.to_string()),
+        (
+            "distinct event ids in the lake",
+            r.distinct_in_lake.to_string(),
+        ),
+        (
+            "repeated ids dropped (published)",
+            format!("{} ({})", r.duplicates_dropped, r.duplicates_published),
+        ),
+        (
+            "dead letters (malformed generated)",
+            format!("{} ({})", r.dead_letters, r.events_invalid),
+        ),
+        ("worker kills survived", r.kills.to_string()),
+        ("nats-server restarts survived", r.nats_restarts.to_string()),
+        (
+            "seconds the lake refused writes",
+            r.unwritable_secs.to_string(),
+        ),
+        ("publish slices sent again", r.publish_retries.to_string()),
+        (
+            "billing matches the generator",
+            r.billing_matches.to_string(),
+        ),
+        ("every figure exact", r.exact.to_string()),
+        ("seconds", format!("{:.1}", r.seconds)),
+    ];
+    for (name, value) in rows {
+        println!("{name:<36} {value}");
+    }
+}
