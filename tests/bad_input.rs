@@ -102,6 +102,15 @@ async fn each_malformed_kind_is_dead_lettered_with_its_reason() {
         Some("subject".to_owned()),
         None,
     ));
+    // An event dated further ahead than `limits.max_future_secs` (300 s) of its arrival.
+    let ahead = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    messages.push(message(
+        "acme",
+        "future",
+        event("future-1", "acme", "1").replace("2026-11-03T10:00:00Z", &ahead),
+        1,
+    ));
+    expected.insert(("future_time".to_owned(), Some("time".to_owned()), None));
     // One bad event inside a batch: its neighbours still count.
     let bad_in_batch = event("mixed-bad", "acme", "-5");
     let mixed = format!(

@@ -29,6 +29,10 @@ pub struct DecodeLimits {
     pub max_batch_events: usize,
     /// Longest id, source, type, subject, feature, region or user, in bytes.
     pub max_field_len: usize,
+    /// Furthest an event's `time` may lie after the moment it is received, in seconds:
+    /// past it the event is refused (`future_time`), since a clock that far ahead would
+    /// count usage in a period not yet open.
+    pub max_future_secs: u64,
 }
 
 impl DecodeLimits {
@@ -47,6 +51,32 @@ impl DecodeLimits {
         }
         Ok(())
     }
+
+    /// Refuses an event whose `time` lies more than `max_future_secs` after `received`
+    /// (microseconds since the epoch). An event without a time takes the time it is
+    /// received, so it is never refused.
+    pub fn check_time(&self, time: Option<DateTime<Utc>>, received: i64) -> Result<(), Invalid> {
+        let Some(time) = time else {
+            return Ok(());
+        };
+        let ahead_us = time.timestamp_micros().saturating_sub(received);
+        let limit_us = i64::try_from(self.max_future_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000);
+        if ahead_us > limit_us {
+            return Err(Invalid::new(
+                Reason::FutureTime,
+                Some("time"),
+                format!(
+                    "`time` {} is {} s after the event was received; at most {} s ahead is accepted",
+                    time.to_rfc3339(),
+                    ahead_us / 1_000_000,
+                    self.max_future_secs
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for DecodeLimits {
@@ -55,6 +85,7 @@ impl Default for DecodeLimits {
             max_message_bytes: 1024 * 1024,
             max_batch_events: 10_000,
             max_field_len: 256,
+            max_future_secs: 300,
         }
     }
 }
@@ -93,11 +124,13 @@ pub enum Reason {
     SubjectMismatch,
     /// A message marked as Arrow IPC is not a readable Arrow IPC stream.
     NotArrow,
+    /// `time` lies further ahead of the moment the event was received than allowed.
+    FutureTime,
 }
 
 impl Reason {
     /// Every reason, in a stable order.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::NotJson,
         Reason::NotAnObject,
         Reason::MissingField,
@@ -113,6 +146,7 @@ impl Reason {
         Reason::EmptyBatch,
         Reason::SubjectMismatch,
         Reason::NotArrow,
+        Reason::FutureTime,
     ];
 
     /// The stable code.
@@ -133,6 +167,7 @@ impl Reason {
             Reason::EmptyBatch => "empty_batch",
             Reason::SubjectMismatch => "subject_mismatch",
             Reason::NotArrow => "not_arrow",
+            Reason::FutureTime => "future_time",
         }
     }
 
@@ -750,6 +785,26 @@ fn finish<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_too_far_ahead_of_its_arrival_is_refused_naming_the_time() {
+        let limits = DecodeLimits::default();
+        let received = 1_790_000_000_000_000;
+        let at = |secs: i64| DateTime::from_timestamp_micros(received + secs * 1_000_000);
+        assert!(limits.check_time(None, received).is_ok());
+        assert!(
+            limits.check_time(at(-86_400), received).is_ok(),
+            "late is not future"
+        );
+        assert!(
+            limits.check_time(at(300), received).is_ok(),
+            "the limit itself is allowed"
+        );
+        let refused = limits.check_time(at(301), received).unwrap_err();
+        assert_eq!(refused.reason, Reason::FutureTime);
+        assert_eq!(refused.field, Some("time"));
+        assert!(refused.message.contains("301 s"), "{}", refused.message);
+    }
 
     fn one(json: &str) -> Result<Event<'_>, Invalid> {
         let frame = Frame::decode(json.as_bytes(), &DecodeLimits::default())?;

@@ -160,6 +160,9 @@ async fn record_one(
         },
     };
     let id = event.id.to_string();
+    if let Err(invalid) = limits.check_time(event.time, chrono::Utc::now().timestamp_micros()) {
+        return refuse(id, invalid.message, invalid.field);
+    }
     let owner = partition_of(&event.subject, total);
     if owner != partition {
         return refuse(

@@ -16,7 +16,8 @@ use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
 use tally_core::snapshot::Snapshot;
 use tally_core::subject::{self, DEAD_LETTER_PREFIX, NOTIFY_PREFIX};
 use tally_core::{
-    Decision, Durable, Event, Fence, FlushRequest, Frame, Invalid, Reason, SealedBatch,
+    Decision, DecodeLimits, Durable, Event, Fence, FlushRequest, Frame, Invalid, Reason,
+    SealedBatch,
 };
 use tally_quota::{Engine, Notice, NoticeKind, Usage};
 use tally_store::Lake;
@@ -383,6 +384,7 @@ async fn handle(
         let mut engine = entitlements.and_then(|e| e.engine(partition));
         let mut accept = Accept {
             token: subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t),
+            limits,
             ingest_micros: chrono::Utc::now().timestamp_micros(),
             seq,
             partition,
@@ -430,7 +432,7 @@ type Refused = (Option<usize>, Bytes, Invalid);
 fn decode_and_accept(
     payload: &Bytes,
     message: &async_nats::Message,
-    limits: &tally_core::DecodeLimits,
+    limits: &DecodeLimits,
     accept: &mut Accept<'_, '_>,
     open: &mut Open,
     dedup: &mut Dedup,
@@ -487,6 +489,7 @@ fn header<'m>(message: &'m async_nats::Message, name: &str) -> Option<&'m str> {
 struct Accept<'m, 'e> {
     /// The customer token of the message's subject.
     token: Option<&'m str>,
+    limits: &'m DecodeLimits,
     ingest_micros: i64,
     seq: u64,
     partition: u16,
@@ -524,6 +527,9 @@ impl Accept<'_, '_> {
                     event.subject
                 ),
             });
+        }
+        if let Err(invalid) = self.limits.check_time(event.time, self.ingest_micros) {
+            return Some(invalid);
         }
         if dedup.first_time(&event.id) {
             let decision = match self.engine.as_deref_mut() {
