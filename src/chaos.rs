@@ -96,6 +96,8 @@ pub struct ChaosReport {
     pub unwritable_secs: u64,
     /// Slices of publishing that had to be sent again after an error.
     pub publish_retries: u64,
+    /// The last worker's peak resident memory (`VmHWM`), in MiB, where `/proc` tells.
+    pub worker_peak_rss_mib: Option<u64>,
     pub seconds: f64,
     /// The billing lines equal the generator's per customer × feature, and the lake holds
     /// every valid event exactly once.
@@ -154,6 +156,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         nats_restarts: 0,
         unwritable_secs: args.unwritable_secs,
         publish_retries: 0,
+        worker_peak_rss_mib: None,
         seconds: 0.0,
         billing_matches: false,
         exact: false,
@@ -193,6 +196,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         restore.await??;
     }
     drained(&nats, config.ingest.partitions, &mut worker).await?;
+    report.worker_peak_rss_mib = worker.peak_rss_kib().map(|k| k / 1024);
     worker.stop()?;
 
     let lake = Lakehouse::open(&config.lake_dir()).await?;
@@ -363,6 +367,19 @@ impl Worker {
         Ok(Worker { child, log })
     }
 
+    /// `VmHWM` of the running worker, in KiB.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
     fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
         self.child.wait()?;
@@ -443,6 +460,11 @@ pub fn print_table(r: &ChaosReport) {
             r.unwritable_secs.to_string(),
         ),
         ("publish slices sent again", r.publish_retries.to_string()),
+        (
+            "last worker's peak memory (MiB)",
+            r.worker_peak_rss_mib
+                .map_or_else(|| "unknown".to_owned(), |m| m.to_string()),
+        ),
         (
             "billing matches the generator",
             r.billing_matches.to_string(),

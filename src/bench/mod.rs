@@ -1,6 +1,7 @@
 //! `tally bench ingest`: end-to-end events/s and publish-to-durable latency, with an
 //! optional JetStream-only baseline measured in the same run. `tally bench quota`: the
-//! quota engine alone ([`quota`]).
+//! quota engine alone ([`quota`]); `check`: checks over NATS ([`check`]); `recovery`: a
+//! worker taking its partitions over ([`recovery`]).
 //!
 //! Messages are generated before the clock starts. The clock runs from the first publish
 //! to the moment every partition consumer has nothing pending and nothing unacknowledged
@@ -27,6 +28,7 @@ use crate::workload::{self, OutMessage, Spec};
 
 pub mod check;
 pub mod quota;
+pub mod recovery;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -42,6 +44,11 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench check --rate 20000 --seconds 10 --format json
     Check(check::CheckBench),
+    /// A starting worker taking over partitions with many live counters: from
+    /// checkpoints, and replaying the whole lake.
+    ///
+    /// Example: tally bench recovery --customers 50000 --features 20 --format json
+    Recovery(recovery::RecoveryBench),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -158,6 +165,9 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
         BenchCmd::Ingest(args) => ingest(config, args).await,
         BenchCmd::Quota(args) => tokio::task::spawn_blocking(move || quota::run(args)).await?,
         BenchCmd::Check(args) => check::run(config, args).await,
+        BenchCmd::Recovery(args) => recovery::run(config, args)
+            .await
+            .map(|_| std::process::ExitCode::SUCCESS),
     }
 }
 

@@ -176,6 +176,10 @@ pub struct Stats {
     pub redeliveries_skipped: AtomicU64,
     /// Lake rows replayed when taking partitions over.
     pub replayed: AtomicU64,
+    /// Partitions taken over from the lake (at start, after a failure, from another worker).
+    pub takeovers: AtomicU64,
+    /// Customer × feature counters restored from checkpoints when taking partitions over.
+    pub counters_restored: AtomicU64,
     pub checkpoints: AtomicU64,
     /// Partitions taken over again after a failure.
     pub partition_restarts: AtomicU64,
@@ -203,6 +207,8 @@ impl Default for Stats {
             dead_letters: AtomicU64::new(0),
             redeliveries_skipped: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
+            counters_restored: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             partition_restarts: AtomicU64::new(0),
             partitions_owned: AtomicU64::new(0),

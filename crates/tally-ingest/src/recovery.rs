@@ -58,6 +58,8 @@ impl Committed {
 pub(crate) struct Recovered {
     pub committed: Committed,
     pub checkpoint_seq: u64,
+    /// Customer × feature counters the checkpoint held.
+    pub counters: u64,
     pub replayed: u64,
     pub notices: Vec<Notice>,
 }
@@ -81,6 +83,11 @@ pub(crate) fn recover(
     let tail = lake.tail(partition, checkpoint.last_seq).map_err(store)?;
     let mut recovered = Recovered {
         checkpoint_seq: checkpoint.last_seq,
+        counters: checkpoint
+            .accounts
+            .iter()
+            .map(|a| a.counters.len() as u64)
+            .sum(),
         ..Recovered::default()
     };
     dedup.restore(&checkpoint.seen);

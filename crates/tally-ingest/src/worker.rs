@@ -245,9 +245,14 @@ async fn take_over(
         ack.await.map_err(|e| Error::nats("notification ack", e))?;
     }
     stats.replayed.fetch_add(recovered.replayed, Relaxed);
+    stats
+        .counters_restored
+        .fetch_add(recovered.counters, Relaxed);
+    stats.takeovers.fetch_add(1, Relaxed);
     tracing::info!(
         partition,
         checkpoint = recovered.checkpoint_seq,
+        counters = recovered.counters,
         replayed = recovered.replayed,
         notices_again = recovered.notices.len(),
         ms = started.elapsed().as_millis() as u64,
