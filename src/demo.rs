@@ -329,6 +329,7 @@ pub async fn entitle_unlimited(nats: &Nats, customers: u32, actor: &str) -> anyh
             .map(|f| ((*f).to_owned(), Entitlement::Metered(Metered::new(None))))
             .collect(),
         seats: None,
+        prices: None,
     };
     let defs = Definitions::open(&nats.jetstream).await?;
     let catalog = Catalog {

@@ -35,6 +35,7 @@ fn plan(id: &str, calls: f64, seats: Option<u32>) -> Plan {
         .map(|(f, e)| (f.to_owned(), e))
         .collect(),
         seats,
+        prices: None,
     }
 }
 

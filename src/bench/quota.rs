@@ -108,6 +108,7 @@ fn catalogue(features: &[String]) -> Vec<Plan> {
             })
             .collect(),
         seats,
+        prices: None,
     })
     .collect()
 }

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::pricing::{AddOnPrice, PlanPrices};
+
 /// A plan: a named set of feature entitlements.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,9 @@ pub struct Plan {
     /// number). A customer's own `seats` replaces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seats: Option<u32>,
+    /// What the plan charges per billing period (`None`: nothing; usage is still metered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<PlanPrices>,
 }
 
 /// One feature's entitlement.
@@ -127,6 +132,9 @@ pub struct AddOn {
     /// Seats added per unit bought.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seats: Option<u32>,
+    /// What each unit bought costs per billing period, in the plan's currency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<AddOnPrice>,
 }
 
 /// Maps an order's SKU to what it provisions.
@@ -357,6 +365,19 @@ impl Catalog {
                 c.id(&format!("plans[{i}].features"), name);
                 c.entitlement(&format!("plans[{i}].features.{name}"), e);
             }
+            if let Some(prices) = &p.prices {
+                if let Err(e) = prices.validate() {
+                    c.flag(format!("plans[{i}].prices.{}", e.field), e.message);
+                }
+                for name in prices.features.keys() {
+                    if !matches!(p.features.get(name), Some(Entitlement::Metered(_))) {
+                        c.flag(
+                            format!("plans[{i}].prices.features.{name}"),
+                            "is not a metered feature of the plan",
+                        );
+                    }
+                }
+            }
         }
         for (i, a) in self.addons.iter().enumerate() {
             c.id(&format!("addons[{i}].id"), &a.id);
@@ -365,6 +386,11 @@ impl Catalog {
             }
             for (name, q) in &a.extra {
                 c.quantity(&format!("addons[{i}].extra.{name}"), *q);
+            }
+            if let Some(price) = &a.price
+                && price.fee < crate::pricing::Decimal::ZERO
+            {
+                c.flag(format!("addons[{i}].price.fee"), "is below zero");
             }
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -537,6 +563,20 @@ mod tests {
             m.limit = Some(-1.0);
             m.thresholds = vec![0, 80];
         }
+        catalog.plans[0].prices = Some(
+            toml::from_str(
+                r#"
+                currency = "usd"
+                [features.api-calls]
+                model = "per_unit"
+                unit_price = "0.001"
+                [features.nothing-metered]
+                model = "per_unit"
+                unit_price = "1"
+                "#,
+            )
+            .unwrap(),
+        );
         let fields: Vec<String> = catalog.problems().into_iter().map(|p| p.field).collect();
         assert_eq!(
             fields,
@@ -544,6 +584,8 @@ mod tests {
                 "plans[1].id",
                 "plans[0].features.api-calls.limit",
                 "plans[0].features.api-calls.thresholds[0]",
+                "plans[0].prices.currency",
+                "plans[0].prices.features.nothing-metered",
             ]
         );
 

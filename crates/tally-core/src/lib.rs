@@ -4,7 +4,8 @@
 //! ([`Decision`]) and lands in the lake as one row of [`schema::lake_schema`]. The NATS
 //! names every component agrees on (streams, subjects, the customer-token rule) live in
 //! [`subject`], and the batch a worker hands to the lake in [`batch`]. What customers
-//! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], usage periods in
+//! bought (plans, add-ons, SKUs, grants) is in [`entitlement`], what it costs and how
+//! usage is rated in [`pricing`], usage periods in
 //! [`period`]; a partition's checkpoint of counters in [`snapshot`]; the deadline past
 //! which a worker may no longer write a partition in [`fence`].
 
@@ -15,6 +16,7 @@ pub mod entitlement;
 pub mod event;
 pub mod fence;
 pub mod period;
+pub mod pricing;
 pub mod schema;
 pub mod snapshot;
 pub mod subject;

@@ -375,6 +375,7 @@ mod tests {
                 .map(|(f, e)| ((*f).to_owned(), e.clone()))
                 .collect::<BTreeMap<_, _>>(),
             seats: None,
+            prices: None,
         }
     }
 

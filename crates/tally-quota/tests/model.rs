@@ -572,6 +572,7 @@ fn plan(id: &'static str) -> impl Strategy<Value = Plan> {
                 .filter_map(|(i, e)| e.map(|e| (FEATURES[i].to_owned(), e)))
                 .collect(),
             seats,
+            prices: None,
         })
 }
 
@@ -591,6 +592,7 @@ fn addon() -> impl Strategy<Value = AddOn> {
             },
             extra: BTreeMap::from([("calls".to_owned(), f64::from(extra))]),
             seats,
+            price: None,
         })
 }
 
