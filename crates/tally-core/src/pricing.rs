@@ -284,6 +284,220 @@ pub struct TierCharge {
     pub amount: Decimal,
 }
 
+/// A customer's billable usage of one feature in a period, under the plan that decided
+/// it (the lake records the plan in force with every event).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub plan: String,
+    pub feature: String,
+    /// Events decided `accepted` and `overage`.
+    pub events: u64,
+    /// Quantity decided `accepted`.
+    pub accepted: Decimal,
+    /// Quantity decided `overage` (past a soft limit).
+    pub overage: Decimal,
+}
+
+/// What a line of an invoice is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineKind {
+    /// A metered feature's usage under one plan.
+    Usage,
+    /// A plan's fee for the period.
+    FlatFee,
+    /// An add-on's fee for the period (per unit bought).
+    AddOn,
+    /// What brings the total up to the plan's minimum.
+    Minimum,
+}
+
+/// One line of an invoice; `amount` is rounded to the currency's minor unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub kind: LineKind,
+    pub plan: String,
+    /// The feature, or the add-on, or empty for a plan's fee and the minimum.
+    pub item: String,
+    pub events: u64,
+    pub quantity: Decimal,
+    pub included: Decimal,
+    pub charged: Decimal,
+    /// The price of one unit where the model has one (per unit, package, a single tier).
+    pub unit_price: Option<Decimal>,
+    pub tiers: Vec<TierCharge>,
+    pub amount: Decimal,
+}
+
+/// A customer's bill for a period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invoice {
+    pub customer: String,
+    /// `None` when no plan involved has prices (usage is listed, at no charge).
+    pub currency: Option<String>,
+    pub lines: Vec<Line>,
+    /// The lines before the minimum.
+    pub subtotal: Decimal,
+    pub total: Decimal,
+}
+
+/// Bills one customer for a period.
+///
+/// - Each usage line is rated with the prices of the plan that decided it, so a plan
+///   change inside the period splits a feature's usage between the plans by when each
+///   event happened, each part with its own included quantity and tiers.
+/// - The fee of the customer's plan at billing time is charged once, in full, and so is
+///   each add-on's fee times the units held at billing time; the minimum is that plan's.
+/// - A feature that its plan does not price is listed at no charge.
+///
+/// Every plan involved must charge in one currency.
+pub fn invoice(
+    customer: &crate::entitlement::Customer,
+    usage: &[Usage],
+    plans: &BTreeMap<String, crate::entitlement::Plan>,
+    addons: &BTreeMap<String, crate::entitlement::AddOn>,
+) -> Result<Invoice, PriceError> {
+    let prices_of = |plan: &str| plans.get(plan).and_then(|p| p.prices.as_ref());
+    let mut currency: Option<String> = None;
+    let mut agree = |prices: &PlanPrices, plan: &str| -> Result<(), PriceError> {
+        match &currency {
+            Some(c) if *c != prices.currency => Err(bad(
+                format!("plans.{plan}.prices.currency"),
+                format!(
+                    "{} differs from {c}: one invoice has one currency",
+                    prices.currency
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                currency = Some(prices.currency.clone());
+                Ok(())
+            }
+        }
+    };
+    let current = prices_of(&customer.plan);
+    if let Some(p) = current {
+        agree(p, &customer.plan)?;
+    }
+    for u in usage {
+        if let Some(p) = prices_of(&u.plan) {
+            agree(p, &u.plan)?;
+        }
+    }
+    let code = currency.clone().unwrap_or_default();
+    let round = |amount: Decimal| round_money(amount, &code);
+    let mut lines = Vec::new();
+    for u in usage {
+        let price = prices_of(&u.plan).and_then(|p| p.features.get(&u.feature));
+        let (rated, unit_price) = match price {
+            Some(price) => (price.rate(u.accepted, u.overage), price.model.unit_price()),
+            None => (
+                Rated {
+                    quantity: u.accepted + u.overage,
+                    included: Decimal::ZERO,
+                    charged: Decimal::ZERO,
+                    amount: Decimal::ZERO,
+                    tiers: Vec::new(),
+                },
+                None,
+            ),
+        };
+        lines.push(Line {
+            kind: LineKind::Usage,
+            plan: u.plan.clone(),
+            item: u.feature.clone(),
+            events: u.events,
+            quantity: rated.quantity,
+            included: rated.included,
+            charged: rated.charged,
+            unit_price,
+            tiers: rated.tiers,
+            amount: round(rated.amount),
+        });
+    }
+    let fee_line = |kind, plan: &str, item: &str, quantity: Decimal, unit: Decimal| Line {
+        kind,
+        plan: plan.to_owned(),
+        item: item.to_owned(),
+        events: 0,
+        quantity,
+        included: Decimal::ZERO,
+        charged: quantity,
+        unit_price: Some(unit),
+        tiers: Vec::new(),
+        amount: round(quantity * unit),
+    };
+    if let Some(p) = current
+        && p.flat_fee > Decimal::ZERO
+    {
+        lines.push(fee_line(
+            LineKind::FlatFee,
+            &customer.plan,
+            "",
+            Decimal::ONE,
+            p.flat_fee,
+        ));
+    }
+    for held in &customer.addons {
+        if let Some(price) = addons.get(&held.id).and_then(|a| a.price.as_ref()) {
+            if currency.is_none() {
+                return Err(bad(
+                    format!("addons.{}.price", held.id),
+                    "an add-on fee needs the customer's plan to have prices (its currency)",
+                ));
+            }
+            lines.push(fee_line(
+                LineKind::AddOn,
+                &customer.plan,
+                &held.id,
+                Decimal::from(held.quantity),
+                price.fee,
+            ));
+        }
+    }
+    let subtotal: Decimal = lines.iter().map(|l| l.amount).sum();
+    let mut total = subtotal;
+    if let Some(p) = current
+        && subtotal < p.minimum
+    {
+        let top_up = round(p.minimum - subtotal);
+        lines.push(Line {
+            kind: LineKind::Minimum,
+            plan: customer.plan.clone(),
+            item: String::new(),
+            events: 0,
+            quantity: Decimal::ONE,
+            included: Decimal::ZERO,
+            charged: Decimal::ONE,
+            unit_price: None,
+            tiers: Vec::new(),
+            amount: top_up,
+        });
+        total += top_up;
+    }
+    Ok(Invoice {
+        customer: customer.id.clone(),
+        currency,
+        lines,
+        subtotal,
+        total,
+    })
+}
+
+impl PriceModel {
+    /// The price of one unit, where the model has a single one.
+    pub fn unit_price(&self) -> Option<Decimal> {
+        match self {
+            PriceModel::PerUnit { unit_price } => Some(*unit_price),
+            PriceModel::Package {
+                package_size,
+                package_price,
+            } => Some(package_price / package_size),
+            PriceModel::Graduated { .. } | PriceModel::Volume { .. } => None,
+        }
+    }
+}
+
 /// Rounds an amount to the currency's minor unit, half away from zero.
 pub fn round_money(amount: Decimal, currency: &str) -> Decimal {
     amount.round_dp_with_strategy(
@@ -487,5 +701,126 @@ mod tests {
             "model = \"per_unit\"\nunit_price = \"1\"\nincluded_qty = \"5\"\n",
         );
         assert!(typo.unwrap_err().to_string().contains("included_qty"));
+    }
+
+    fn catalogue() -> crate::entitlement::Catalog {
+        toml::from_str(
+            r#"
+            [[plans]]
+            id = "pro"
+            name = "Pro"
+            [plans.features.calls]
+            kind = "metered"
+            [plans.features.mails]
+            kind = "metered"
+            [plans.prices]
+            currency = "EUR"
+            flat_fee = "49"
+            minimum = "100"
+            [plans.prices.features.calls]
+            included = "1000"
+            model = "per_unit"
+            unit_price = "0.01"
+
+            [[plans]]
+            id = "free"
+            name = "Free"
+            [plans.features.calls]
+            kind = "metered"
+            [plans.prices]
+            currency = "EUR"
+            [plans.prices.features.calls]
+            included = "500"
+            model = "per_unit"
+            unit_price = "0.02"
+
+            [[plans]]
+            id = "dollars"
+            name = "Dollars"
+            [plans.prices]
+            currency = "USD"
+
+            [[addons]]
+            id = "seats"
+            name = "Seats"
+            price = { fee = "4.50" }
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn usage(plan: &str, feature: &str, accepted: &str, overage: &str) -> Usage {
+        Usage {
+            plan: plan.to_owned(),
+            feature: feature.to_owned(),
+            events: 1,
+            accepted: d(accepted),
+            overage: d(overage),
+        }
+    }
+
+    #[test]
+    fn an_invoice_rates_usage_by_the_plan_that_decided_it_and_adds_fees_and_the_minimum() {
+        let c = catalogue();
+        let plans = c.plans.iter().map(|p| (p.id.clone(), p.clone())).collect();
+        let addons = c.addons.iter().map(|a| (a.id.clone(), a.clone())).collect();
+        let mut customer = crate::entitlement::Customer::new("acme", "pro");
+        customer.addons = vec![crate::entitlement::AddOnRef {
+            id: "seats".to_owned(),
+            quantity: 2,
+        }];
+        // An upgrade from free to pro inside the period: each part has its own included
+        // quantity and price.
+        let bill = invoice(
+            &customer,
+            &[
+                usage("free", "calls", "700", "0"),
+                usage("pro", "calls", "3000", "0"),
+                usage("pro", "mails", "10", "0"),
+            ],
+            &plans,
+            &addons,
+        )
+        .unwrap();
+        let amounts: Vec<(LineKind, &str, &str, Decimal)> = bill
+            .lines
+            .iter()
+            .map(|l| (l.kind, l.plan.as_str(), l.item.as_str(), l.amount))
+            .collect();
+        assert_eq!(
+            amounts,
+            [
+                (LineKind::Usage, "free", "calls", d("4.00")),
+                (LineKind::Usage, "pro", "calls", d("20.00")),
+                (LineKind::Usage, "pro", "mails", d("0")),
+                (LineKind::FlatFee, "pro", "", d("49")),
+                (LineKind::AddOn, "pro", "seats", d("9.00")),
+                (LineKind::Minimum, "pro", "", d("18.00")),
+            ]
+        );
+        assert_eq!(bill.subtotal, d("82.00"));
+        assert_eq!(bill.total, d("100.00"));
+        assert_eq!(bill.currency.as_deref(), Some("EUR"));
+
+        // Past the minimum there is no minimum line.
+        let big = invoice(
+            &customer,
+            &[usage("pro", "calls", "10000", "0")],
+            &plans,
+            &addons,
+        )
+        .unwrap();
+        assert!(big.lines.iter().all(|l| l.kind != LineKind::Minimum));
+        assert_eq!(big.total, d("148.00"));
+
+        // Two currencies on one invoice are refused, naming the plan.
+        let err = invoice(
+            &customer,
+            &[usage("dollars", "calls", "1", "0")],
+            &plans,
+            &addons,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "plans.dollars.prices.currency");
     }
 }
