@@ -65,6 +65,11 @@ struct Open {
     stored_ms: Vec<i64>,
     dead_letters: Vec<PublishAckFuture>,
     notices: Vec<PublishAckFuture>,
+    /// The highest redelivered message skipped because the lake (or a batch on its way
+    /// there) holds it: acknowledged after the batch, once everything below it is durable.
+    /// Without this, a redelivery skipped after the last batch would never be
+    /// acknowledged, and would come again after every `ack_wait`.
+    skipped: Option<(Acker, u64)>,
 }
 
 impl Open {
@@ -79,6 +84,18 @@ impl Open {
             stored_ms: Vec::new(),
             dead_letters: Vec::new(),
             notices: Vec::new(),
+            skipped: None,
+        }
+    }
+
+    /// Notes a skipped redelivery; the open batch seals within `flush_age` even if it holds
+    /// nothing else.
+    fn skip(&mut self, acker: Acker, seq: u64) {
+        if self.skipped.as_ref().is_none_or(|(_, s)| *s < seq) {
+            self.skipped = Some((acker, seq));
+        }
+        if self.opened.is_none() {
+            self.opened = Some(Instant::now());
         }
     }
 
@@ -156,6 +173,35 @@ struct Sink<'a> {
 }
 
 impl Sink<'_> {
+    async fn pending(&mut self, pending: Pending) -> Result<()> {
+        self.ack_tx
+            .send(pending)
+            .await
+            .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
+        self.sealed += 1;
+        Ok(())
+    }
+
+    /// Queues an ack, or a checkpoint, that waits for nothing but the batches before it.
+    async fn nothing_to_write(
+        &mut self,
+        last: Option<Acker>,
+        last_seq: u64,
+        checkpoint: Option<Snapshot>,
+    ) -> Result<()> {
+        let (done_tx, done) = oneshot::channel();
+        let _ = done_tx.send(Ok(Durable::default()));
+        self.pending(Pending {
+            done,
+            last,
+            last_seq,
+            checkpoint,
+            stored_ms: Vec::new(),
+            published: Vec::new(),
+        })
+        .await
+    }
+
     /// Waits until every sealed batch is acknowledged (or the ack task has stopped).
     async fn settle(&self) {
         while self.acked.load(Relaxed) < self.sealed && !self.ack_tx.is_closed() {
@@ -324,6 +370,7 @@ async fn pull_loop(
                     if seq <= part.max_seq || part.committed.holds(seq) {
                         part.max_seq = part.max_seq.max(seq);
                         stats.redeliveries_skipped.fetch_add(1, Relaxed);
+                        open.skip(msg.split().1, seq);
                         continue;
                     }
                     part.max_seq = seq;
@@ -665,34 +712,47 @@ async fn notify(js: &Context, notice: &Notice) -> Result<PublishAckFuture> {
 }
 
 /// Seals the open batch, if it holds any message, and queues it for the lake, with the
-/// checkpoint to write once it is durable.
+/// checkpoint to write once it is durable; then the ack of a skipped redelivery past it.
 async fn seal(
     open: &mut Open,
     partition: u16,
     sink: &mut Sink<'_>,
     checkpoint: Option<Snapshot>,
 ) -> Result<()> {
-    let Some((last, last_seq)) = open.last.take() else {
-        // Nothing to write: the checkpoint waits only for the batches before it.
-        if let Some(checkpoint) = checkpoint {
-            let (done_tx, done) = oneshot::channel();
-            let _ = done_tx.send(Ok(Durable::default()));
-            let pending = Pending {
-                done,
-                last: None,
-                last_seq: checkpoint.last_seq,
-                checkpoint: Some(checkpoint),
-                stored_ms: Vec::new(),
-                published: Vec::new(),
-            };
-            sink.ack_tx
-                .send(pending)
-                .await
-                .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
-            sink.sealed += 1;
+    let skipped = open.skipped.take();
+    open.opened = None;
+    let sealed_to = match open.last.take() {
+        Some((last, last_seq)) => {
+            seal_rows(open, partition, sink, checkpoint, last, last_seq).await?;
+            Some(last_seq)
         }
-        return Ok(());
+        // Nothing to write: the checkpoint waits only for the batches before it.
+        None => {
+            if let Some(checkpoint) = checkpoint {
+                let last_seq = checkpoint.last_seq;
+                sink.nothing_to_write(None, last_seq, Some(checkpoint))
+                    .await?;
+            }
+            None
+        }
     };
+    if let Some((acker, seq)) = skipped
+        && sealed_to.is_none_or(|to| seq > to)
+    {
+        sink.nothing_to_write(Some(acker), seq, None).await?;
+    }
+    Ok(())
+}
+
+/// Hands the open batch's rows to the lake and its ack to the ack task.
+async fn seal_rows(
+    open: &mut Open,
+    partition: u16,
+    sink: &mut Sink<'_>,
+    checkpoint: Option<Snapshot>,
+    last: Acker,
+    last_seq: u64,
+) -> Result<()> {
     // A dead letter is stored before the batch holding its neighbours is handed to the
     // lake: once the lake holds a batch, its messages are never handled again.
     for dead_letter in open.dead_letters.drain(..) {
@@ -715,21 +775,17 @@ async fn seal(
         })
         .await
         .map_err(|_| Error::Store("the lake writer stopped".to_owned()))?;
-    sink.ack_tx
-        .send(Pending {
-            done,
-            last: Some(last),
-            last_seq,
-            checkpoint,
-            stored_ms: std::mem::take(&mut open.stored_ms),
-            published: std::mem::take(&mut open.notices),
-        })
-        .await
-        .map_err(|_| Error::Store("the ack task stopped".to_owned()))?;
-    sink.sealed += 1;
+    sink.pending(Pending {
+        done,
+        last: Some(last),
+        last_seq,
+        checkpoint,
+        stored_ms: std::mem::take(&mut open.stored_ms),
+        published: std::mem::take(&mut open.notices),
+    })
+    .await?;
     open.messages = 0;
     open.bytes = 0;
-    open.opened = None;
     Ok(())
 }
 
