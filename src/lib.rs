@@ -9,4 +9,5 @@ pub mod definitions;
 pub mod demo;
 pub mod output;
 pub mod pipeline;
+pub mod sql;
 pub mod workload;

@@ -41,6 +41,14 @@ enum Command {
     ///
     /// Example: tally billing --period 2026-11 --format csv
     Billing(BillingCmd),
+    /// Run one read-only SQL query over the lake (tables `events` and `rollups`).
+    ///
+    /// Only queries run: DDL, DML, COPY, SET, several statements and table functions that
+    /// read files are refused. The query is bounded by --memory-limit-mib and
+    /// --timeout-secs; json, csv and arrow stream the result as it comes.
+    ///
+    /// Example: tally sql "SELECT customer, SUM(quantity) AS quantity FROM events WHERE date >= '2026-11-01' GROUP BY customer ORDER BY quantity DESC LIMIT 10" --format csv
+    Sql(tally::sql::SqlArgs),
     /// Run Tally (the ingest worker over every partition) until interrupted.
     ///
     /// Example: tally serve --nats-url nats://127.0.0.1:4222
@@ -230,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             write_batches(&mut std::io::stdout().lock(), &batches, cmd.format)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Sql(args) => tally::sql::run(&config, args).await,
         Command::Serve => serve(config, None).await,
         Command::Worker(cmd) => {
             let partitions = cmd

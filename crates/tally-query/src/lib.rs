@@ -8,11 +8,21 @@
 //! over it includes an orphan a crash left (see
 //! [`tally_store::rollup`](mod@tally_store::rollup)). Named queries live as `.sql` files
 //! under `queries/` and take their arguments as parameters.
+//!
+//! The session runs in a bounded runtime ([`LakehouseOptions`]: a memory pool that spills
+//! to disk, a cap on the spill files). [`sql`] runs a person's own read-only query over
+//! the same tables, under a time limit as well, and [`output`] streams its result as
+//! JSON, CSV or Arrow IPC.
+
+pub mod output;
+pub mod sql;
 
 use std::fmt;
-use std::path::Path;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{Datelike, NaiveDate};
 use datafusion::arrow::array::{AsArray, RecordBatch};
@@ -21,7 +31,10 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::prelude::{SessionContext, col, lit};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use tally_core::schema::{self, lake_schema};
 use tally_store::{ROLLUPS_TABLE, rollup_schema};
@@ -98,19 +111,84 @@ impl fmt::Display for Period {
     }
 }
 
+/// What bounds a [`Lakehouse`] session: its memory, its spill files, and the wall-clock
+/// time a query of [`sql::run`] may take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LakehouseOptions {
+    /// Bytes the session's queries may hold at once (one pool for the session, shared by
+    /// its queries). Operators that can spill (sorts, grouped aggregations) spill to disk
+    /// at the limit; the others fail with `ResourcesExhausted`, which [`sql`] reports as
+    /// the memory limit. Default: 512 MiB.
+    pub memory_limit: usize,
+    /// Directory for spill files (created if missing); `None`: the system's temporary
+    /// directory. Spill files are removed when the query that wrote them ends.
+    pub spill_dir: Option<PathBuf>,
+    /// Bytes of spill files the session may hold at once. Default: 10 GiB.
+    pub spill_limit: u64,
+    /// Wall-clock limit of one [`sql::run`] query: planning and the whole result
+    /// stream. Default: 60 s. The named queries (billing) are not timed.
+    pub time_limit: Duration,
+}
+
+impl LakehouseOptions {
+    pub const DEFAULT_MEMORY_LIMIT: usize = 512 * 1024 * 1024;
+    pub const DEFAULT_SPILL_LIMIT: u64 = 10 * 1024 * 1024 * 1024;
+    pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(60);
+}
+
+impl Default for LakehouseOptions {
+    fn default() -> Self {
+        Self {
+            memory_limit: Self::DEFAULT_MEMORY_LIMIT,
+            spill_dir: None,
+            spill_limit: Self::DEFAULT_SPILL_LIMIT,
+            time_limit: Self::DEFAULT_TIME_LIMIT,
+        }
+    }
+}
+
 /// A DataFusion session with the lake's tables registered.
 pub struct Lakehouse {
     ctx: SessionContext,
+    options: LakehouseOptions,
 }
 
 impl Lakehouse {
     /// Opens the lake rooted at `root` (its `events/` and `rollups/` directories are
-    /// created if missing).
+    /// created if missing), with the default [`LakehouseOptions`].
     pub async fn open(root: &Path) -> Result<Self> {
-        let ctx = SessionContext::new();
+        Self::open_with(root, LakehouseOptions::default()).await
+    }
+
+    /// Opens the lake rooted at `root` in a session bounded by `options`.
+    pub async fn open_with(root: &Path, options: LakehouseOptions) -> Result<Self> {
+        let mut disk =
+            DiskManagerBuilder::default().with_max_temp_directory_size(options.spill_limit);
+        if let Some(dir) = &options.spill_dir {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.clone()]));
+        }
+        // The fair pool gives each spilling operator a share of the limit; the tracking
+        // wrapper names the largest consumers in the error when it is reached.
+        let pool = TrackConsumersPool::new(
+            FairSpillPool::new(options.memory_limit),
+            NonZeroUsize::new(5).expect("non-zero"),
+        );
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .with_disk_manager_builder(disk)
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         register(&ctx, root, schema::EVENTS_TABLE, lake_schema())?;
         register(&ctx, root, ROLLUPS_TABLE, rollup_schema())?;
-        Ok(Self { ctx })
+        Ok(Self { ctx, options })
+    }
+
+    pub fn options(&self) -> &LakehouseOptions {
+        &self.options
     }
 
     pub fn context(&self) -> &SessionContext {
@@ -194,6 +272,7 @@ mod tests {
         UInt64Array,
     };
     use datafusion::arrow::compute::concat_batches;
+    use datafusion::arrow::datatypes::UInt64Type;
     use tally_core::{Fence, SealedBatch};
     use tally_store::Lake;
 
@@ -312,13 +391,7 @@ mod tests {
             }
         }
         let totals = query(&house, "SELECT SUM(events) AS n FROM rollups").await;
-        assert_eq!(
-            totals
-                .column(0)
-                .as_primitive::<datafusion::arrow::datatypes::UInt64Type>()
-                .value(0),
-            150
-        );
+        assert_eq!(totals.column(0).as_primitive::<UInt64Type>().value(0), 150);
     }
 
     #[test]
