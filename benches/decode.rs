@@ -37,7 +37,7 @@ fn decode(c: &mut Criterion) {
             b.iter(|| {
                 for m in &msgs {
                     for e in Frame::decode(black_box(m), &limits).unwrap().events {
-                        rows.push(&e.unwrap(), Decision::Accepted, 0, 1, 0);
+                        rows.push(&e.unwrap(), Decision::Accepted, None, 0, 1, 0);
                     }
                 }
                 rows.finish().num_rows()

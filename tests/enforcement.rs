@@ -68,10 +68,17 @@ async fn publish(h: &Harness, id: &str, customer: &str, feature: &str, quantity:
 
 /// Each event's decision, from the lake.
 async fn decisions(h: &Harness) -> BTreeMap<String, String> {
+    by_event(h, "decision").await
+}
+
+/// A column of every event in the lake, by event id (null as "").
+async fn by_event(h: &Harness, column: &str) -> BTreeMap<String, String> {
     let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
     let batches = lake
         .context()
-        .sql("SELECT event_id, decision FROM events")
+        .sql(&format!(
+            "SELECT event_id, coalesce({column}, '') FROM events"
+        ))
         .await
         .unwrap()
         .collect()
@@ -314,6 +321,14 @@ async fn an_upgrade_applies_to_the_first_event_after_the_write_is_acknowledged()
             "expired"
         ]
     );
+    // Each event is recorded with the plan that decided it: billing rates it with that
+    // plan's prices, so a change inside a period splits the usage between the plans.
+    let plans = by_event(&h, "plan").await;
+    let plans: Vec<&str> = ["g1", "g2", "g3", "g4", "g5"]
+        .iter()
+        .map(|id| plans[*id].as_str())
+        .collect();
+    assert_eq!(plans, ["small", "small", "big", "small", "big"]);
     // Each change made while the worker ran was announced once; the definition it found
     // at start was not.
     let changes: Vec<(String, String)> = notifications(&h)

@@ -43,6 +43,7 @@ fn data_dir() -> tempfile::TempDir {
             ts(vec![t0; n]),
             Arc::new(UInt64Array::from_iter_values(i.iter().map(|i| i + 1))),
             Arc::new(UInt16Array::from(vec![0; n])),
+            text(&|_| "pro".to_owned()),
         ],
     )
     .unwrap();

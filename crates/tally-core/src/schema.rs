@@ -22,6 +22,10 @@ pub const DECISION: &str = "decision";
 pub const INGEST_TIME: &str = "ingest_time";
 pub const STREAM_SEQ: &str = "stream_seq";
 pub const PARTITION_ID: &str = "partition_id";
+/// The plan that decided the event (null when no entitlement did: enforcement off, an
+/// unknown customer). Billing rates each event with its plan's prices. Last, and
+/// nullable, so that files written before it read as null.
+pub const PLAN: &str = "plan";
 
 /// The hive partition column of the events table.
 pub const DATE: &str = "date";
@@ -48,6 +52,7 @@ static LAKE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(INGEST_TIME, utc_micros(), false),
         Field::new(STREAM_SEQ, DataType::UInt64, false),
         Field::new(PARTITION_ID, DataType::UInt16, false),
+        Field::new(PLAN, DataType::Utf8, true),
     ]))
 });
 

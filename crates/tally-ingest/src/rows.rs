@@ -25,6 +25,7 @@ pub struct Rows {
     ingest_time: TimestampMicrosecondBuilder,
     stream_seq: UInt64Builder,
     partition_id: UInt16Builder,
+    plan: StringBuilder,
     len: usize,
 }
 
@@ -45,6 +46,7 @@ impl Default for Rows {
             ingest_time: TimestampMicrosecondBuilder::new(),
             stream_seq: UInt64Builder::new(),
             partition_id: UInt16Builder::new(),
+            plan: StringBuilder::new(),
             len: 0,
         }
     }
@@ -59,11 +61,14 @@ impl Rows {
         self.len == 0
     }
 
-    /// Appends one decided event. `ingest_micros` also stands in for a missing event time.
+    /// Appends one decided event and the plan that decided it. `ingest_micros` also
+    /// stands in for a missing event time.
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         event: &Event<'_>,
         decision: Decision,
+        plan: Option<&str>,
         ingest_micros: i64,
         stream_seq: u64,
         partition: u16,
@@ -83,6 +88,7 @@ impl Rows {
         self.ingest_time.append_value(ingest_micros);
         self.stream_seq.append_value(stream_seq);
         self.partition_id.append_value(partition);
+        self.plan.append_option(plan);
         self.len += 1;
     }
 
@@ -113,6 +119,7 @@ impl Rows {
             utc(&mut self.ingest_time),
             Arc::new(take(&mut self.stream_seq, rows)),
             Arc::new(take(&mut self.partition_id, rows)),
+            text(&mut self.plan),
         ];
         self.len = 0;
         // The columns are built in schema order from the schema's own types.

@@ -585,28 +585,43 @@ impl Accept<'_, '_> {
         }
         if dedup.first_time(&event.id) {
             let decision = match self.engine.as_deref_mut() {
-                Some(engine) => engine.decide(
-                    &Usage {
-                        customer: &event.subject,
-                        feature: &event.feature,
-                        quantity: event.quantity,
-                        time: event
-                            .time
-                            .map_or(self.ingest_micros, |t| t.timestamp_micros()),
-                        region: event.region.as_deref(),
-                        user: event.user.as_deref(),
-                    },
-                    self.notices,
-                ),
-                None => Decision::Accepted,
+                Some(engine) => {
+                    let decision = engine.decide(
+                        &Usage {
+                            customer: &event.subject,
+                            feature: &event.feature,
+                            quantity: event.quantity,
+                            time: event
+                                .time
+                                .map_or(self.ingest_micros, |t| t.timestamp_micros()),
+                            region: event.region.as_deref(),
+                            user: event.user.as_deref(),
+                        },
+                        self.notices,
+                    );
+                    let plan = engine.customer(&event.subject).map(|c| c.plan.as_str());
+                    open.rows.push(
+                        &event,
+                        decision,
+                        plan,
+                        self.ingest_micros,
+                        self.seq,
+                        self.partition,
+                    );
+                    decision
+                }
+                None => {
+                    open.rows.push(
+                        &event,
+                        Decision::Accepted,
+                        None,
+                        self.ingest_micros,
+                        self.seq,
+                        self.partition,
+                    );
+                    Decision::Accepted
+                }
             };
-            open.rows.push(
-                &event,
-                decision,
-                self.ingest_micros,
-                self.seq,
-                self.partition,
-            );
             self.decided[decision as usize] += 1;
             self.valid += 1;
             if let Some(w) = self.waiters {

@@ -319,6 +319,7 @@ mod tests {
                 ts(vec![0; n]),
                 Arc::new(UInt64Array::from(seq.clone())),
                 Arc::new(UInt16Array::from(vec![5; n])),
+                pick(&["free", "pro"], |i| i / 7),
             ],
         )
         .unwrap();

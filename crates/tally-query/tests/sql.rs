@@ -54,6 +54,7 @@ fn write_lake(root: &Path) {
             ts(vec![t0; n as usize]),
             Arc::new(UInt64Array::from_iter_values(i.iter().map(|i| i + 1))),
             Arc::new(UInt16Array::from(vec![5; n as usize])),
+            strings(&|_| Some("pro".to_owned())),
         ],
     )
     .unwrap();

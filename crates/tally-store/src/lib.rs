@@ -373,6 +373,7 @@ pub(crate) mod tests {
                 ts(vec![0; n]),
                 StdArc::new(UInt64Array::from((1..=n as u64).collect::<Vec<_>>())),
                 StdArc::new(UInt16Array::from(vec![3; n])),
+                s("pro"),
             ],
         )
         .unwrap()

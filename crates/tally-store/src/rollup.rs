@@ -48,6 +48,8 @@ pub const QUANTITY: &str = schema::QUANTITY;
 /// The distinct non-null user ids of the group, sorted.
 pub const USERS: &str = "users";
 pub const PARTITION_ID: &str = schema::PARTITION_ID;
+/// The plan that decided the group's events (null where none did).
+pub const PLAN: &str = schema::PLAN;
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
@@ -68,6 +70,7 @@ static ROLLUP_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(QUANTITY, DataType::Float64, false),
         Field::new(USERS, DataType::List(USER_ITEM.clone()), false),
         Field::new(PARTITION_ID, DataType::UInt16, false),
+        Field::new(PLAN, DataType::Utf8, true),
     ]))
 });
 
@@ -85,6 +88,7 @@ struct Key<'a> {
     hour: i64,
     decision: &'a str,
     partition: u16,
+    plan: Option<&'a str>,
 }
 
 #[derive(Debug)]
@@ -96,12 +100,15 @@ struct Group<'a> {
 }
 
 /// Sums lake rows (of [`tally_core::schema::lake_schema`]) per customer, feature, UTC
-/// hour of the event time and decision, into rows of [`rollup_schema`] sorted by those.
+/// hour of the event time, decision (and partition and plan, which a customer's rows of
+/// one hour share unless the plan changed within it), into rows of [`rollup_schema`]
+/// sorted by those.
 pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
     let customer = strings(rows, schema::CUSTOMER)?;
     let feature = strings(rows, schema::FEATURE)?;
     let decision = strings(rows, schema::DECISION)?;
     let user = strings(rows, schema::USER_ID)?;
+    let plan = strings(rows, schema::PLAN)?;
     let time = rows
         .column_by_name(schema::EVENT_TIME)
         .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
@@ -136,6 +143,7 @@ pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
             hour: t - t.rem_euclid(MICROS_PER_HOUR),
             decision: decision.value(i),
             partition: partition[i],
+            plan: plan.is_valid(i).then(|| plan.value(i)),
         };
         let g = match last {
             Some((k, g)) if k == key => g,
@@ -215,6 +223,7 @@ pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
         Arc::new(UInt16Array::from_iter_values(
             sorted().map(|g| g.key.partition),
         )),
+        Arc::new(StringArray::from_iter(sorted().map(|g| g.key.plan))),
     ];
     Ok(RecordBatch::try_new(rollup_schema(), columns)?)
 }
