@@ -414,6 +414,7 @@ pub fn replay(
 }
 
 /// Billed events and quantity per customer × feature, from the billing query's rows.
+/// Billable events and quantity per customer × feature, summed over plans.
 pub fn lines_of(
     billing: &[RecordBatch],
 ) -> std::collections::BTreeMap<(String, String), (u64, f64)> {
@@ -438,10 +439,12 @@ pub fn lines_of(
             if c.is_null(i) || f.is_null(i) {
                 continue;
             }
-            lines.insert(
-                (c.value(i).to_owned(), f.value(i).to_owned()),
-                (u64::try_from(e.value(i)).unwrap_or(0), q.value(i)),
-            );
+            // One line per plan: a plan change inside the period splits a feature's usage.
+            let line: &mut (u64, f64) = lines
+                .entry((c.value(i).to_owned(), f.value(i).to_owned()))
+                .or_default();
+            line.0 += u64::try_from(e.value(i)).unwrap_or(0);
+            line.1 += q.value(i);
         }
     }
     lines

@@ -3,6 +3,7 @@
 //! Integration tests under `tests/` drive these same pieces.
 
 pub mod bench;
+pub mod billing;
 pub mod chaos;
 pub mod config;
 pub mod definitions;

@@ -7,10 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use tally::config::{Config, parse_partitions};
 use tally::definitions::Kind;
 use tally::demo::{self, DemoArgs};
-use tally::output::{Format, write_batches};
+use tally::output::Format;
 use tally::pipeline::{Nats, Pipeline};
 use tally::workload::Spec;
-use tally_query::{Lakehouse, Period};
+use tally_query::Period;
 
 #[derive(Parser)]
 #[command(name = "tally", version, about, long_about = None)]
@@ -37,7 +37,10 @@ enum Command {
     ///
     /// Example: tally demo --events 200000 --format json
     Demo(DemoCmd),
-    /// Print billable usage per customer × feature for a month.
+    /// Print every customer's invoice for a month: usage rated by the plan that decided
+    /// it, plan and add-on fees, the minimum. Reads the plans and customers from NATS (the
+    /// embedded server of the data directory when no URL is set) and the usage from the
+    /// lake.
     ///
     /// Example: tally billing --period 2026-11 --format csv
     Billing(BillingCmd),
@@ -233,9 +236,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Billing(cmd) => {
             let period: Period = cmd.period.parse()?;
-            let lake = Lakehouse::open(&config.lake_dir()).await?;
-            let batches = lake.billing(period, cmd.customer.as_deref()).await?;
-            write_batches(&mut std::io::stdout().lock(), &batches, cmd.format)?;
+            let invoices =
+                tally::billing::invoices(&config, period, cmd.customer.as_deref()).await?;
+            tally::billing::write(&mut std::io::stdout().lock(), &invoices, period, cmd.format)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Sql(args) => tally::sql::run(&config, args).await,

@@ -73,7 +73,8 @@ fn demo_prints_matching_totals_as_json_and_leaves_a_hive_lake() {
             .all(|d| d.starts_with("date=") && d.len() == "date=2026-11-01".len())
     );
 
-    // `tally billing` reads the same lake: its CSV totals equal the demo's.
+    // `tally billing` rates the same lake with the demo catalogue's prices: its usage
+    // lines add up to what the demo billed, and each invoice's total is its lines' sum.
     let period = report["period"].as_str().unwrap();
     let billing = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args([
@@ -96,16 +97,54 @@ fn demo_prints_matching_totals_as_json_and_leaves_a_hive_lake() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("customer,feature,period,events,quantity")
+        Some(
+            "customer,period,currency,kind,plan,item,events,quantity,included,charged,unit_price,amount"
+        )
     );
-    let (mut events, mut quantity) = (0u64, 0f64);
+    let (mut events, mut quantity, mut charged_lines) = (0u64, 0f64, 0);
+    let mut kinds = std::collections::BTreeSet::new();
     for line in lines {
         let cols: Vec<&str> = line.split(',').collect();
-        events += cols[3].parse::<u64>().unwrap();
-        quantity += cols[4].parse::<f64>().unwrap();
+        assert_eq!(cols.len(), 12, "{line}");
+        kinds.insert(cols[3].to_owned());
+        if cols[3] == "usage" {
+            events += cols[6].parse::<u64>().unwrap();
+            quantity += cols[7].parse::<f64>().unwrap();
+        }
+        if cols[11] != "0.00" && !cols[11].is_empty() {
+            charged_lines += 1;
+        }
     }
     assert_eq!(events, report["events_billed"].as_u64().unwrap());
     assert_eq!(quantity, report["quantity_billed"].as_f64().unwrap());
+    assert!(charged_lines > 0, "the demo's prices charge something");
+    assert!(
+        kinds.contains("flat_fee") && kinds.contains("usage"),
+        "{kinds:?}"
+    );
+    let json = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "billing",
+            "--period",
+            period,
+            "--format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let invoices: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    for invoice in invoices.as_array().unwrap() {
+        let sum: f64 = invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["amount"].as_str().unwrap().parse::<f64>().unwrap())
+            .sum();
+        let total: f64 = invoice["total"].as_str().unwrap().parse().unwrap();
+        assert!((sum - total).abs() < 1e-9, "{invoice}");
+    }
     let bad = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["billing", "--period", "2026-13", "--data-dir"])
         .arg(&data)

@@ -195,8 +195,9 @@ impl Lakehouse {
         &self.ctx
     }
 
-    /// Billable usage per customer × feature in a period: `customer, feature, period,
-    /// events, quantity`, ordered by customer and feature.
+    /// Billable usage per customer × plan × feature in a period: `customer, plan,
+    /// feature, period, events, quantity, accepted, overage` (the last two: quantity
+    /// decided `accepted` and `overage`), ordered by customer, plan and feature.
     pub async fn billing(
         &self,
         period: Period,

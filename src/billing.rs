@@ -1,0 +1,291 @@
+//! `tally billing`: every customer's invoice for a period, rated with the plans' prices.
+//!
+//! The usage comes from the lake (`Lakehouse::billing`: billable quantity per customer ×
+//! plan × feature, split into `accepted` and `overage`); the plans, add-ons and customers
+//! from the key-value buckets as they are now. Each customer whose definition is valid at
+//! some time in the period gets an invoice ([`tally_core::pricing::invoice`]): its usage
+//! lines rated by the plan that decided them, its plan's fee, its add-ons' fees and the
+//! minimum. Usage of a customer without a definition is listed under an invoice with no
+//! currency, at no charge.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::Context as _;
+use chrono::{TimeZone, Utc};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+use serde::Serialize;
+use tally_core::entitlement::Customer;
+use tally_core::pricing::{self, Decimal, Invoice, Line, LineKind, Usage};
+use tally_ingest::definitions::Definitions;
+use tally_query::{Lakehouse, Period};
+
+use crate::config::Config;
+use crate::output::Format;
+use crate::pipeline::Nats;
+
+/// Every invoice of the period (only `customer`'s when given), by customer id.
+pub async fn invoices(
+    config: &Config,
+    period: Period,
+    customer: Option<&str>,
+) -> anyhow::Result<Vec<Invoice>> {
+    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let usage = usage_of(&lake.billing(period, customer).await?)?;
+    let nats = Nats::connect(config).await?;
+    let definitions = Definitions::open(&nats.jetstream)
+        .await?
+        .load()
+        .await
+        .context("reading the plans and customers")?;
+    let plans = definitions
+        .plans
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect();
+    let addons = definitions
+        .addons
+        .into_iter()
+        .map(|a| (a.id.clone(), a))
+        .collect();
+    let (start, end) = bounds(period);
+    let mut customers: BTreeMap<String, Customer> = definitions
+        .customers
+        .into_iter()
+        .filter(|c| customer.is_none_or(|id| c.id == id))
+        .filter(|c| c.valid_from.is_none_or(|f| f < end) && c.valid_until.is_none_or(|u| u > start))
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    // Usage of a customer no longer defined is still listed.
+    for id in usage.keys() {
+        customers
+            .entry(id.clone())
+            .or_insert_with(|| Customer::new(id.clone(), ""));
+    }
+    let mut out = Vec::with_capacity(customers.len());
+    for (id, c) in &customers {
+        let lines = usage.get(id).map_or(&[][..], Vec::as_slice);
+        out.push(
+            pricing::invoice(c, lines, &plans, &addons)
+                .with_context(|| format!("rating the usage of {id}"))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The period's bounds as times.
+fn bounds(period: Period) -> (chrono::DateTime<Utc>, chrono::DateTime<Utc>) {
+    let at = |d: chrono::NaiveDate| Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN));
+    (at(period.first_day()), at(period.next().first_day()))
+}
+
+/// The billing query's rows as usage per customer.
+fn usage_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Usage>>> {
+    let mut usage: BTreeMap<String, Vec<Usage>> = BTreeMap::new();
+    for b in batches {
+        let text = |name: &str| -> anyhow::Result<_> {
+            Ok(b.column_by_name(name)
+                .with_context(|| format!("the billing query has no {name}"))?
+                .as_string::<i32>())
+        };
+        let number = |name: &str| -> anyhow::Result<_> {
+            Ok(b.column_by_name(name)
+                .with_context(|| format!("the billing query has no {name}"))?
+                .as_primitive::<Float64Type>())
+        };
+        let (customer, plan, feature) = (text("customer")?, text("plan")?, text("feature")?);
+        let (accepted, overage) = (number("accepted")?, number("overage")?);
+        let events = b
+            .column_by_name("events")
+            .context("the billing query has no events")?
+            .as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            let exact = |q: f64| {
+                pricing::quantity(q).with_context(|| format!("quantity {q} is not a number"))
+            };
+            usage
+                .entry(customer.value(i).to_owned())
+                .or_default()
+                .push(Usage {
+                    plan: if plan.is_null(i) {
+                        String::new()
+                    } else {
+                        plan.value(i).to_owned()
+                    },
+                    feature: feature.value(i).to_owned(),
+                    events: u64::try_from(events.value(i)).unwrap_or(0),
+                    accepted: exact(accepted.value(i))?,
+                    overage: exact(overage.value(i))?,
+                });
+        }
+    }
+    Ok(usage)
+}
+
+/// An invoice as JSON: amounts as strings, so that they stay exact.
+#[derive(Serialize)]
+struct InvoiceJson<'a> {
+    customer: &'a str,
+    period: String,
+    currency: Option<&'a str>,
+    lines: Vec<LineJson<'a>>,
+    subtotal: String,
+    total: String,
+}
+
+#[derive(Serialize)]
+struct LineJson<'a> {
+    kind: LineKind,
+    plan: &'a str,
+    item: &'a str,
+    events: u64,
+    quantity: String,
+    included: String,
+    charged: String,
+    unit_price: Option<String>,
+    tiers: Vec<TierJson>,
+    amount: String,
+}
+
+#[derive(Serialize)]
+struct TierJson {
+    from: String,
+    to: String,
+    quantity: String,
+    unit_price: String,
+    flat_price: String,
+    amount: String,
+}
+
+fn line_json<'a>(l: &'a Line, currency: Option<&str>) -> LineJson<'a> {
+    LineJson {
+        kind: l.kind,
+        plan: &l.plan,
+        item: &l.item,
+        events: l.events,
+        quantity: l.quantity.normalize().to_string(),
+        included: l.included.normalize().to_string(),
+        charged: l.charged.normalize().to_string(),
+        unit_price: l.unit_price.map(|p| p.normalize().to_string()),
+        tiers: l
+            .tiers
+            .iter()
+            .map(|t| TierJson {
+                from: t.from.normalize().to_string(),
+                to: t.to.normalize().to_string(),
+                quantity: t.quantity.normalize().to_string(),
+                unit_price: t.unit_price.normalize().to_string(),
+                flat_price: t.flat_price.normalize().to_string(),
+                amount: t.amount.normalize().to_string(),
+            })
+            .collect(),
+        amount: money(l.amount, currency),
+    }
+}
+
+/// An amount with the currency's digits (`4.6` → `4.60`).
+fn money(amount: Decimal, currency: Option<&str>) -> String {
+    let digits = currency.map_or(2, pricing::minor_digits);
+    let mut a = amount;
+    a.rescale(digits);
+    a.to_string()
+}
+
+/// Prints the invoices: a table per customer, JSON (one array of invoices) or CSV (one
+/// row per line).
+pub fn write(
+    out: &mut dyn Write,
+    invoices: &[Invoice],
+    period: Period,
+    format: Format,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Json => {
+            let json: Vec<InvoiceJson<'_>> = invoices
+                .iter()
+                .map(|i| {
+                    let currency = i.currency.as_deref();
+                    InvoiceJson {
+                        customer: &i.customer,
+                        period: period.to_string(),
+                        currency,
+                        lines: i.lines.iter().map(|l| line_json(l, currency)).collect(),
+                        subtotal: money(i.subtotal, currency),
+                        total: money(i.total, currency),
+                    }
+                })
+                .collect();
+            serde_json::to_writer(&mut *out, &json)?;
+            writeln!(out)?;
+        }
+        Format::Csv => {
+            writeln!(
+                out,
+                "customer,period,currency,kind,plan,item,events,quantity,included,charged,unit_price,amount"
+            )?;
+            for i in invoices {
+                let currency = i.currency.as_deref();
+                for l in &i.lines {
+                    let j = line_json(l, currency);
+                    writeln!(
+                        out,
+                        "{},{},{},{},{},{},{},{},{},{},{},{}",
+                        csv(&i.customer),
+                        period,
+                        currency.unwrap_or(""),
+                        serde_json::to_value(l.kind)?.as_str().unwrap_or(""),
+                        csv(&l.plan),
+                        csv(&l.item),
+                        l.events,
+                        j.quantity,
+                        j.included,
+                        j.charged,
+                        j.unit_price.unwrap_or_default(),
+                        j.amount,
+                    )?;
+                }
+            }
+        }
+        Format::Table => {
+            for i in invoices {
+                let currency = i.currency.as_deref();
+                writeln!(
+                    out,
+                    "{} — {period} — total {} {}",
+                    i.customer,
+                    money(i.total, currency),
+                    currency.unwrap_or("(no prices)")
+                )?;
+                for l in &i.lines {
+                    let j = line_json(l, currency);
+                    let what = match l.kind {
+                        LineKind::Usage => format!("{} ({})", l.item, l.plan),
+                        LineKind::FlatFee => format!("{} plan fee", l.plan),
+                        LineKind::AddOn => format!("add-on {} × {}", l.item, j.quantity),
+                        LineKind::Minimum => format!("up to the {} minimum", l.plan),
+                    };
+                    let detail = if l.kind == LineKind::Usage {
+                        format!(
+                            "{} used, {} included, {} charged",
+                            j.quantity, j.included, j.charged
+                        )
+                    } else {
+                        String::new()
+                    };
+                    writeln!(out, "  {what:<40} {detail:<48} {:>14}", j.amount)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A CSV field, quoted when it must be.
+fn csv(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
