@@ -6,7 +6,8 @@
 //! some time in the period gets an invoice ([`tally_core::pricing::invoice`]): its usage
 //! lines rated by the plan that decided them, its plan's fee, its add-ons' fees and the
 //! minimum. Usage of a customer without a definition is listed under an invoice with no
-//! currency, at no charge.
+//! currency, at no charge. Usage of the period decided `late` (it arrived after its
+//! counter had moved on) is not billed; each bill lists it apart, for review.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,14 +26,31 @@ use crate::config::Config;
 use crate::output::Format;
 use crate::pipeline::Nats;
 
-/// Every invoice of the period (only `customer`'s when given), by customer id.
+/// A customer's invoice, and the usage of the period that was decided `late`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bill {
+    pub invoice: Invoice,
+    pub late: Vec<Late>,
+}
+
+/// Late usage of one feature under one plan: not billed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Late {
+    pub plan: String,
+    pub feature: String,
+    pub events: u64,
+    pub quantity: f64,
+}
+
+/// Every bill of the period (only `customer`'s when given), by customer id.
 pub async fn invoices(
     config: &Config,
     period: Period,
     customer: Option<&str>,
-) -> anyhow::Result<Vec<Invoice>> {
+) -> anyhow::Result<Vec<Bill>> {
     let lake = Lakehouse::open(&config.lake_dir()).await?;
     let usage = usage_of(&lake.billing(period, customer).await?)?;
+    let mut late = late_of(&lake.late(period, customer).await?)?;
     let nats = Nats::connect(config).await?;
     let definitions = Definitions::open(&nats.jetstream)
         .await?
@@ -58,7 +76,7 @@ pub async fn invoices(
         .map(|c| (c.id.clone(), c))
         .collect();
     // Usage of a customer no longer defined is still listed.
-    for id in usage.keys() {
+    for id in usage.keys().chain(late.keys()) {
         customers
             .entry(id.clone())
             .or_insert_with(|| Customer::new(id.clone(), ""));
@@ -66,10 +84,11 @@ pub async fn invoices(
     let mut out = Vec::with_capacity(customers.len());
     for (id, c) in &customers {
         let lines = usage.get(id).map_or(&[][..], Vec::as_slice);
-        out.push(
-            pricing::invoice(c, lines, &plans, &addons)
+        out.push(Bill {
+            invoice: pricing::invoice(c, lines, &plans, &addons)
                 .with_context(|| format!("rating the usage of {id}"))?,
-        );
+            late: late.remove(id).unwrap_or_default(),
+        });
     }
     Ok(out)
 }
@@ -123,6 +142,39 @@ fn usage_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Usag
     Ok(usage)
 }
 
+/// The late query's rows per customer.
+fn late_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Late>>> {
+    let mut late: BTreeMap<String, Vec<Late>> = BTreeMap::new();
+    for b in batches {
+        let column = |name: &str| {
+            b.column_by_name(name)
+                .with_context(|| format!("the late query has no {name}"))
+        };
+        let (customer, plan, feature) = (
+            column("customer")?.as_string::<i32>(),
+            column("plan")?.as_string::<i32>(),
+            column("feature")?.as_string::<i32>(),
+        );
+        let events = column("events")?.as_primitive::<Int64Type>();
+        let quantity = column("quantity")?.as_primitive::<Float64Type>();
+        for i in 0..b.num_rows() {
+            late.entry(customer.value(i).to_owned())
+                .or_default()
+                .push(Late {
+                    plan: if plan.is_null(i) {
+                        String::new()
+                    } else {
+                        plan.value(i).to_owned()
+                    },
+                    feature: feature.value(i).to_owned(),
+                    events: u64::try_from(events.value(i)).unwrap_or(0),
+                    quantity: quantity.value(i),
+                });
+        }
+    }
+    Ok(late)
+}
+
 /// An invoice as JSON: amounts as strings, so that they stay exact.
 #[derive(Serialize)]
 struct InvoiceJson<'a> {
@@ -132,6 +184,8 @@ struct InvoiceJson<'a> {
     lines: Vec<LineJson<'a>>,
     subtotal: String,
     total: String,
+    /// Not billed: usage of the period that arrived after its counter moved on.
+    late: &'a [Late],
 }
 
 #[derive(Serialize)]
@@ -196,15 +250,16 @@ fn money(amount: Decimal, currency: Option<&str>) -> String {
 /// row per line).
 pub fn write(
     out: &mut dyn Write,
-    invoices: &[Invoice],
+    bills: &[Bill],
     period: Period,
     format: Format,
 ) -> anyhow::Result<()> {
     match format {
         Format::Json => {
-            let json: Vec<InvoiceJson<'_>> = invoices
+            let json: Vec<InvoiceJson<'_>> = bills
                 .iter()
-                .map(|i| {
+                .map(|bill| {
+                    let i = &bill.invoice;
                     let currency = i.currency.as_deref();
                     InvoiceJson {
                         customer: &i.customer,
@@ -213,6 +268,7 @@ pub fn write(
                         lines: i.lines.iter().map(|l| line_json(l, currency)).collect(),
                         subtotal: money(i.subtotal, currency),
                         total: money(i.total, currency),
+                        late: &bill.late,
                     }
                 })
                 .collect();
@@ -224,8 +280,21 @@ pub fn write(
                 out,
                 "customer,period,currency,kind,plan,item,events,quantity,included,charged,unit_price,amount"
             )?;
-            for i in invoices {
+            for bill in bills {
+                let i = &bill.invoice;
                 let currency = i.currency.as_deref();
+                for l in &bill.late {
+                    writeln!(
+                        out,
+                        "{},{period},{},late,{},{},{},{},,,,",
+                        csv(&i.customer),
+                        currency.unwrap_or(""),
+                        csv(&l.plan),
+                        csv(&l.feature),
+                        l.events,
+                        l.quantity
+                    )?;
+                }
                 for l in &i.lines {
                     let j = line_json(l, currency);
                     writeln!(
@@ -248,7 +317,8 @@ pub fn write(
             }
         }
         Format::Table => {
-            for i in invoices {
+            for bill in bills {
+                let i = &bill.invoice;
                 let currency = i.currency.as_deref();
                 writeln!(
                     out,
@@ -274,6 +344,13 @@ pub fn write(
                         String::new()
                     };
                     writeln!(out, "  {what:<40} {detail:<48} {:>14}", j.amount)?;
+                }
+                for l in &bill.late {
+                    writeln!(
+                        out,
+                        "  late, not billed: {} ({}): {} events, {} used",
+                        l.feature, l.plan, l.events, l.quantity
+                    )?;
                 }
             }
         }

@@ -236,9 +236,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Billing(cmd) => {
             let period: Period = cmd.period.parse()?;
-            let invoices =
-                tally::billing::invoices(&config, period, cmd.customer.as_deref()).await?;
-            tally::billing::write(&mut std::io::stdout().lock(), &invoices, period, cmd.format)?;
+            let bills = tally::billing::invoices(&config, period, cmd.customer.as_deref()).await?;
+            tally::billing::write(&mut std::io::stdout().lock(), &bills, period, cmd.format)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Sql(args) => tally::sql::run(&config, args).await,

@@ -40,6 +40,7 @@ use tally_core::schema::{self, lake_schema};
 use tally_store::{ROLLUPS_TABLE, rollup_schema};
 
 const BILLING_SQL: &str = include_str!("../queries/billing.sql");
+const LATE_SQL: &str = include_str!("../queries/late.sql");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -203,7 +204,22 @@ impl Lakehouse {
         period: Period,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        let mut df = self.ctx.sql(BILLING_SQL).await?.with_param_values(vec![
+        self.period_query(BILLING_SQL, period, customer).await
+    }
+
+    /// Usage of the period decided `late` (not billed): `customer, plan, feature, period,
+    /// events, quantity`.
+    pub async fn late(&self, period: Period, customer: Option<&str>) -> Result<Vec<RecordBatch>> {
+        self.period_query(LATE_SQL, period, customer).await
+    }
+
+    async fn period_query(
+        &self,
+        sql: &str,
+        period: Period,
+        customer: Option<&str>,
+    ) -> Result<Vec<RecordBatch>> {
+        let mut df = self.ctx.sql(sql).await?.with_param_values(vec![
             ScalarValue::from(period.first_day().format("%Y-%m-%d").to_string()),
             ScalarValue::from(period.next().first_day().format("%Y-%m-%d").to_string()),
             ScalarValue::from(period.to_string()),

@@ -1,0 +1,235 @@
+//! Billing end to end on a hand-checked data set: events through a real nats-server and
+//! worker, decided against plans with prices, then `tally billing` rating the lake.
+//! Every price model, a soft limit's overage price, a plan change inside the period,
+//! fees, an add-on, a minimum and late usage; every amount below is worked out by hand.
+
+mod common;
+
+use std::process::Command;
+
+use common::Harness;
+use serde_json::Value;
+use tally::pipeline::Pipeline;
+use tally_core::entitlement::{AddOnRef, Catalog, Customer, Customers};
+use tally_core::subject;
+use tally_ingest::definitions::Definitions;
+
+const CATALOG: &str = r#"
+[[plans]]
+id = "starter"
+name = "Starter"
+[plans.features.calls]
+kind = "metered"
+period = "month"
+[plans.features.mb]
+kind = "metered"
+limit = 1000
+period = "month"
+enforcement = "hard"
+[plans.prices]
+currency = "EUR"
+flat_fee = "10"
+minimum = "30"
+[plans.prices.features.calls]
+included = "100"
+model = "per_unit"
+unit_price = "0.05"
+[plans.prices.features.mb]
+model = "package"
+package_size = "100"
+package_price = "1.00"
+
+[[plans]]
+id = "scale"
+name = "Scale"
+[plans.features.calls]
+kind = "metered"
+limit = 1000
+period = "month"
+enforcement = "soft"
+[plans.features.mb]
+kind = "metered"
+period = "month"
+[plans.prices]
+currency = "EUR"
+flat_fee = "50"
+[plans.prices.features.calls]
+model = "graduated"
+tiers = [{ up_to = "500", unit_price = "0.04" }, { unit_price = "0.02" }]
+overage_unit_price = "0.10"
+[plans.prices.features.mb]
+model = "volume"
+tiers = [{ up_to = "1000", unit_price = "0.01" }, { unit_price = "0.005", flat_price = "2" }]
+
+[[addons]]
+id = "support"
+name = "Support"
+price = { fee = "7.50" }
+"#;
+
+/// Publishes `n` events of `quantity` each as one batch message.
+async fn send(h: &Harness, customer: &str, feature: &str, n: usize, quantity: u32, time: &str) {
+    let prefix = format!("{customer}-{feature}-{time}");
+    let events: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"specversion":"1.0","id":"{prefix}-{i}","source":"test","type":"usage","subject":"{customer}","time":"{time}","data":{{"feature":"{feature}","quantity":{quantity}}}}}"#
+            )
+        })
+        .collect();
+    h.nats
+        .jetstream
+        .publish(
+            subject::events_subject(customer),
+            format!("[{}]", events.join(",")).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn billing(h: &Harness, period: &str) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["billing", "--period", period, "--format", "json"])
+        .args(["--nats-url", &h.server.url(), "--data-dir"])
+        .arg(h.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// (kind, plan, item, amount) of each line.
+fn lines(invoice: &Value) -> Vec<(String, String, String, String)> {
+    invoice["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let s = |k: &str| l[k].as_str().unwrap().to_owned();
+            (s("kind"), s("plan"), s("item"), s("amount"))
+        })
+        .collect()
+}
+
+fn line(kind: &str, plan: &str, item: &str, amount: &str) -> (String, String, String, String) {
+    (kind.into(), plan.into(), item.into(), amount.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_late_usage() {
+    let h = Harness::start().await;
+    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let catalog: Catalog = toml::from_str(CATALOG).unwrap();
+    assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
+    defs.apply_catalog(&catalog, "test").await.unwrap();
+    let customers = |list: Vec<Customer>| Customers { customers: list };
+    defs.apply_customers(
+        &customers(vec![
+            Customer::new("ana", "starter"),
+            Customer::new("bo", "starter"),
+            Customer::new("cy", "scale"),
+        ]),
+        "test",
+    )
+    .await
+    .unwrap();
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+
+    // ana, starter: calls 250, mb 350.
+    send(&h, "ana", "calls", 5, 50, "2026-11-05T10:00:00Z").await;
+    send(&h, "ana", "mb", 7, 50, "2026-11-05T11:00:00Z").await;
+    // bo: 120 calls on starter; then scale with two support add-ons: 1,300 calls (the
+    // counter goes on from 120, so 880 fit the soft limit of 1,000 and 420 are overage)
+    // and 1,200 mb.
+    send(&h, "bo", "calls", 4, 30, "2026-11-05T10:00:00Z").await;
+    // A change applies from the next event the worker decides: wait until these are.
+    let stats = pipeline.stats.clone();
+    common::until("bo's starter calls decided", || async {
+        tally_ingest::Stats::get(&stats.events_valid) >= 16
+    })
+    .await;
+    let mut bo = Customer::new("bo", "scale");
+    bo.addons = vec![AddOnRef {
+        id: "support".to_owned(),
+        quantity: 2,
+    }];
+    defs.apply_customers(&customers(vec![bo]), "crm")
+        .await
+        .unwrap();
+    send(&h, "bo", "calls", 130, 10, "2026-11-15T10:00:00Z").await;
+    send(&h, "bo", "mb", 12, 100, "2026-11-15T11:00:00Z").await;
+    // cy, scale: 10 calls in November, then 5 dated in October: its counter has moved on
+    // to November, so they are late.
+    send(&h, "cy", "calls", 2, 5, "2026-11-10T10:00:00Z").await;
+    send(&h, "cy", "calls", 1, 5, "2026-10-15T10:00:00Z").await;
+    h.drain(&pipeline, 12 + 146 + 3).await;
+    pipeline.shutdown().await.unwrap();
+
+    let november = billing(&h, "2026-11");
+    let by: std::collections::BTreeMap<&str, &Value> = november
+        .iter()
+        .map(|i| (i["customer"].as_str().unwrap(), i))
+        .collect();
+    assert_eq!(by.len(), 3);
+    // ana: (250 − 100) × 0.05 = 7.50; ⌈350 / 100⌉ × 1.00 = 4.00; fee 10; 21.50 in all,
+    // raised to the minimum of 30 by 8.50.
+    assert_eq!(
+        lines(by["ana"]),
+        [
+            line("usage", "starter", "calls", "7.50"),
+            line("usage", "starter", "mb", "4.00"),
+            line("flat_fee", "starter", "", "10.00"),
+            line("minimum", "starter", "", "8.50"),
+        ]
+    );
+    assert_eq!(by["ana"]["subtotal"], "21.50");
+    assert_eq!(by["ana"]["total"], "30.00");
+    assert_eq!(by["ana"]["currency"], "EUR");
+    // bo: starter calls (120 − 100) × 0.05 = 1.00; scale calls graduated on the 880
+    // accepted, 500 × 0.04 + 380 × 0.02 = 27.60, plus 420 overage × 0.10 = 42.00;
+    // scale mb 1,200 is past the first volume tier: 1,200 × 0.005 + 2 = 8.00; the fee of
+    // the plan held at billing time, 50; two support add-ons, 15.00. No minimum.
+    assert_eq!(
+        lines(by["bo"]),
+        [
+            line("usage", "scale", "calls", "69.60"),
+            line("usage", "scale", "mb", "8.00"),
+            line("usage", "starter", "calls", "1.00"),
+            line("flat_fee", "scale", "", "50.00"),
+            line("add_on", "scale", "support", "15.00"),
+        ]
+    );
+    assert_eq!(by["bo"]["total"], "143.60");
+    let scale_calls = &by["bo"]["lines"][0];
+    assert_eq!(scale_calls["quantity"], "1300");
+    assert_eq!(scale_calls["tiers"].as_array().unwrap().len(), 2);
+    // cy: 10 × 0.04 = 0.40 and the fee.
+    assert_eq!(by["cy"]["total"], "50.40");
+    assert!(by["cy"]["late"].as_array().unwrap().is_empty());
+
+    // October: cy's late calls are listed, not billed.
+    let october = billing(&h, "2026-10");
+    let cy = october
+        .iter()
+        .find(|i| i["customer"] == "cy")
+        .expect("cy is billed in October");
+    assert_eq!(
+        cy["late"],
+        serde_json::json!([{"plan": "scale", "feature": "calls", "events": 1, "quantity": 5.0}])
+    );
+    assert_eq!(
+        lines(cy),
+        [line("flat_fee", "scale", "", "50.00")],
+        "late usage bills nothing"
+    );
+}
