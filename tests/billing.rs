@@ -5,12 +5,19 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Float64Type;
 use common::Harness;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
+use tally::config::Config;
+use tally::pipeline::Nats;
 use tally::pipeline::Pipeline;
 use tally_core::entitlement::{AddOnRef, Catalog, Customer, Customers};
+use tally_core::pricing::{self, Decimal, Usage};
 use tally_core::subject;
 use tally_ingest::definitions::Definitions;
 
@@ -176,7 +183,7 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
     pipeline.shutdown().await.unwrap();
 
     let november = billing(&h, "2026-11");
-    let by: std::collections::BTreeMap<&str, &Value> = november
+    let by: BTreeMap<&str, &Value> = november
         .iter()
         .map(|i| (i["customer"].as_str().unwrap(), i))
         .collect();
@@ -232,4 +239,172 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
         [line("flat_fee", "scale", "", "50.00")],
         "late usage bills nothing"
     );
+}
+
+/// A generated month through the whole pipeline: `tally billing` equals, to the cent, the
+/// invoices of a plain fold over the raw Parquet rows (no DataFusion), rated with the same
+/// prices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let demo = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "demo",
+            "--events",
+            "30000",
+            "--customers",
+            "200",
+            "--format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let report: Value = serde_json::from_str(
+        String::from_utf8_lossy(&demo.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let period = report["period"].as_str().unwrap().to_owned();
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "billing",
+            "--period",
+            &period,
+            "--format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let billed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The fold: every raw row of the period, billable decisions only, summed exactly per
+    // customer × plan × feature.
+    let mut sums: BTreeMap<(String, String, String), (u64, Decimal, Decimal)> = BTreeMap::new();
+    for path in common::parquet_files(&data.join("lake/events")) {
+        if !path.to_string_lossy().contains(&format!("date={period}-")) {
+            continue;
+        }
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let b = batch.unwrap();
+            let text = |name: &str| b.column_by_name(name).unwrap().as_string::<i32>().clone();
+            let (customer, plan, feature, decision) = (
+                text("customer"),
+                text("plan"),
+                text("feature"),
+                text("decision"),
+            );
+            let quantity = b
+                .column_by_name("quantity")
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .clone();
+            for i in 0..b.num_rows() {
+                let d = decision.value(i);
+                if d != "accepted" && d != "overage" {
+                    continue;
+                }
+                let plan = if plan.is_null(i) { "" } else { plan.value(i) };
+                let q = pricing::quantity(quantity.value(i)).unwrap();
+                let e = sums
+                    .entry((
+                        customer.value(i).to_owned(),
+                        plan.to_owned(),
+                        feature.value(i).to_owned(),
+                    ))
+                    .or_default();
+                e.0 += 1;
+                if d == "accepted" {
+                    e.1 += q;
+                } else {
+                    e.2 += q;
+                }
+            }
+        }
+    }
+    let mut usage: BTreeMap<String, Vec<Usage>> = BTreeMap::new();
+    for ((customer, plan, feature), (events, accepted, overage)) in sums {
+        usage.entry(customer).or_default().push(Usage {
+            plan,
+            feature,
+            events,
+            accepted,
+            overage,
+        });
+    }
+
+    // The same definitions billing read, from the demo's own nats-server store.
+    let config = Config {
+        data_dir: data.clone(),
+        ..Config::default()
+    };
+    let nats = Nats::connect(&config).await.unwrap();
+    let defs = Definitions::open(&nats.jetstream)
+        .await
+        .unwrap()
+        .load()
+        .await
+        .unwrap();
+    let plans = defs
+        .plans
+        .iter()
+        .map(|p| (p.id.clone(), p.clone()))
+        .collect();
+    let addons = defs
+        .addons
+        .iter()
+        .map(|a| (a.id.clone(), a.clone()))
+        .collect();
+    let customers: BTreeMap<&str, &Customer> =
+        defs.customers.iter().map(|c| (c.id.as_str(), c)).collect();
+
+    let mut checked = 0;
+    let mut charged = Decimal::ZERO;
+    for invoice in &billed {
+        let id = invoice["customer"].as_str().unwrap();
+        let fallback = Customer::new(id, "");
+        let customer = customers.get(id).copied().unwrap_or(&fallback);
+        let lines = usage.get(id).map_or(&[][..], Vec::as_slice);
+        let folded = pricing::invoice(customer, lines, &plans, &addons).unwrap();
+        let total: Decimal = invoice["total"].as_str().unwrap().parse().unwrap();
+        assert_eq!(total, folded.total, "{id}");
+        let amounts: Vec<Decimal> = invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["amount"].as_str().unwrap().parse().unwrap())
+            .collect();
+        let folded_amounts: Vec<Decimal> = folded.lines.iter().map(|l| l.amount).collect();
+        assert_eq!(amounts, folded_amounts, "{id}");
+        charged += total;
+        checked += 1;
+    }
+    // Every customer with usage was billed, and the prices charged something.
+    assert!(
+        usage
+            .keys()
+            .all(|id| billed.iter().any(|i| i["customer"] == id.as_str()))
+    );
+    assert!(checked >= 150, "{checked} invoices");
+    assert!(charged > Decimal::ZERO);
 }
