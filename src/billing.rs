@@ -14,7 +14,9 @@ use std::io::Write;
 
 use anyhow::Context as _;
 use chrono::{TimeZone, Utc};
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use serde::Serialize;
 use tally_core::entitlement::Customer;
@@ -99,44 +101,77 @@ fn bounds(period: Period) -> (chrono::DateTime<Utc>, chrono::DateTime<Utc>) {
     (at(period.first_day()), at(period.next().first_day()))
 }
 
+/// The columns the billing and late queries share.
+struct Keyed<'a> {
+    batch: &'a RecordBatch,
+    query: &'static str,
+    customer: &'a StringArray,
+    plan: &'a StringArray,
+    feature: &'a StringArray,
+    events: &'a Int64Array,
+}
+
+impl<'a> Keyed<'a> {
+    fn of(batch: &'a RecordBatch, query: &'static str) -> anyhow::Result<Keyed<'a>> {
+        let text = |name| Ok::<_, anyhow::Error>(column(batch, query, name)?.as_string::<i32>());
+        Ok(Keyed {
+            batch,
+            query,
+            customer: text("customer")?,
+            plan: text("plan")?,
+            feature: text("feature")?,
+            events: column(batch, query, "events")?.as_primitive::<Int64Type>(),
+        })
+    }
+
+    fn quantity(&self, name: &str) -> anyhow::Result<&'a Float64Array> {
+        Ok(column(self.batch, self.query, name)?.as_primitive::<Float64Type>())
+    }
+
+    fn customer(&self, i: usize) -> String {
+        self.customer.value(i).to_owned()
+    }
+
+    /// The plan that decided the events; empty where none did.
+    fn plan(&self, i: usize) -> String {
+        if self.plan.is_null(i) {
+            String::new()
+        } else {
+            self.plan.value(i).to_owned()
+        }
+    }
+
+    fn feature(&self, i: usize) -> String {
+        self.feature.value(i).to_owned()
+    }
+
+    fn events(&self, i: usize) -> u64 {
+        u64::try_from(self.events.value(i)).unwrap_or(0)
+    }
+}
+
+fn column<'a>(batch: &'a RecordBatch, query: &str, name: &str) -> anyhow::Result<&'a ArrayRef> {
+    batch
+        .column_by_name(name)
+        .with_context(|| format!("the {query} query has no {name}"))
+}
+
 /// The billing query's rows as usage per customer.
 fn usage_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Usage>>> {
+    let exact =
+        |q: f64| pricing::quantity(q).with_context(|| format!("quantity {q} is not a number"));
     let mut usage: BTreeMap<String, Vec<Usage>> = BTreeMap::new();
     for b in batches {
-        let text = |name: &str| -> anyhow::Result<_> {
-            Ok(b.column_by_name(name)
-                .with_context(|| format!("the billing query has no {name}"))?
-                .as_string::<i32>())
-        };
-        let number = |name: &str| -> anyhow::Result<_> {
-            Ok(b.column_by_name(name)
-                .with_context(|| format!("the billing query has no {name}"))?
-                .as_primitive::<Float64Type>())
-        };
-        let (customer, plan, feature) = (text("customer")?, text("plan")?, text("feature")?);
-        let (accepted, overage) = (number("accepted")?, number("overage")?);
-        let events = b
-            .column_by_name("events")
-            .context("the billing query has no events")?
-            .as_primitive::<Int64Type>();
+        let k = Keyed::of(b, "billing")?;
+        let (accepted, overage) = (k.quantity("accepted")?, k.quantity("overage")?);
         for i in 0..b.num_rows() {
-            let exact = |q: f64| {
-                pricing::quantity(q).with_context(|| format!("quantity {q} is not a number"))
-            };
-            usage
-                .entry(customer.value(i).to_owned())
-                .or_default()
-                .push(Usage {
-                    plan: if plan.is_null(i) {
-                        String::new()
-                    } else {
-                        plan.value(i).to_owned()
-                    },
-                    feature: feature.value(i).to_owned(),
-                    events: u64::try_from(events.value(i)).unwrap_or(0),
-                    accepted: exact(accepted.value(i))?,
-                    overage: exact(overage.value(i))?,
-                });
+            usage.entry(k.customer(i)).or_default().push(Usage {
+                plan: k.plan(i),
+                feature: k.feature(i),
+                events: k.events(i),
+                accepted: exact(accepted.value(i))?,
+                overage: exact(overage.value(i))?,
+            });
         }
     }
     Ok(usage)
@@ -146,30 +181,15 @@ fn usage_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Usag
 fn late_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Late>>> {
     let mut late: BTreeMap<String, Vec<Late>> = BTreeMap::new();
     for b in batches {
-        let column = |name: &str| {
-            b.column_by_name(name)
-                .with_context(|| format!("the late query has no {name}"))
-        };
-        let (customer, plan, feature) = (
-            column("customer")?.as_string::<i32>(),
-            column("plan")?.as_string::<i32>(),
-            column("feature")?.as_string::<i32>(),
-        );
-        let events = column("events")?.as_primitive::<Int64Type>();
-        let quantity = column("quantity")?.as_primitive::<Float64Type>();
+        let k = Keyed::of(b, "late")?;
+        let quantity = k.quantity("quantity")?;
         for i in 0..b.num_rows() {
-            late.entry(customer.value(i).to_owned())
-                .or_default()
-                .push(Late {
-                    plan: if plan.is_null(i) {
-                        String::new()
-                    } else {
-                        plan.value(i).to_owned()
-                    },
-                    feature: feature.value(i).to_owned(),
-                    events: u64::try_from(events.value(i)).unwrap_or(0),
-                    quantity: quantity.value(i),
-                });
+            late.entry(k.customer(i)).or_default().push(Late {
+                plan: k.plan(i),
+                feature: k.feature(i),
+                events: k.events(i),
+                quantity: quantity.value(i),
+            });
         }
     }
     Ok(late)

@@ -39,7 +39,6 @@ use crate::output::Format;
 use crate::pipeline::Nats;
 use crate::workload::{self, OutMessage, Spec};
 
-const MARKER: &str = ".tally-chaos";
 /// Publishing is cut into this many slices; faults fall between them.
 const SLICES: usize = 100;
 /// The worker's lease: a killed worker's partitions are free again this soon.
@@ -117,7 +116,8 @@ enum Fault {
 pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosReport> {
     let started = Instant::now();
     let dir = config.data_dir.clone();
-    prepare(&dir)?;
+    // New, empty, or made by an earlier `tally chaos` (cleared).
+    crate::demo::prepare(&dir, "chaos")?;
     let mut options = ServerOptions::new(dir.join("nats"));
     options.binary = config.nats_server.clone();
     let mut server = tokio::task::spawn_blocking(move || NatsServer::start(options))
@@ -412,26 +412,6 @@ impl Drop for Worker {
             let _ = self.child.wait();
         }
     }
-}
-
-/// The data directory must be new, empty, or one an earlier `tally chaos` made (cleared).
-fn prepare(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        if !dir.join(MARKER).exists() {
-            bail!(
-                "{} is not empty and was not made by `tally chaos`; pick another --data-dir",
-                dir.display()
-            );
-        }
-        tally_natsd::stop_leftover(&dir.join("nats"));
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join(MARKER),
-        "made by tally chaos; cleared by the next run\n",
-    )?;
-    Ok(())
 }
 
 /// The report as a table.

@@ -29,7 +29,6 @@ use crate::pipeline::{Nats, Pipeline};
 use crate::workload::{self, Spec};
 
 /// Marks a directory as the demo's own, so a second run may clear it.
-const MARKER: &str = ".tally-demo";
 
 #[derive(Debug, Clone)]
 pub struct DemoArgs {
@@ -69,12 +68,14 @@ pub struct DemoReport {
     pub data_dir: String,
 }
 
-/// Empties a directory the demo made before, or refuses one it did not make.
-fn prepare(dir: &Path) -> anyhow::Result<()> {
+/// Empties a directory `tally <command>` made before (it holds the file `.tally-<command>`),
+/// or refuses one it did not make.
+pub(crate) fn prepare(dir: &Path, command: &str) -> anyhow::Result<()> {
+    let marker = dir.join(format!(".tally-{command}"));
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        if !dir.join(MARKER).exists() {
+        if !marker.exists() {
             bail!(
-                "{} is not empty and was not made by `tally demo`; pick another --data-dir",
+                "{} is not empty and was not made by `tally {command}`; pick another --data-dir",
                 dir.display()
             );
         }
@@ -84,8 +85,8 @@ fn prepare(dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(
-        dir.join(MARKER),
-        "made by tally demo; cleared by the next run\n",
+        marker,
+        format!("made by tally {command}; cleared by the next run\n"),
     )?;
     Ok(())
 }
@@ -163,7 +164,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     if let Some(url) = config.nats_url.take() {
         tracing::warn!(%url, "the demo starts its own nats-server; ignoring the configured NATS URL");
     }
-    prepare(&config.data_dir)?;
+    prepare(&config.data_dir, "demo")?;
     let spec = &args.spec;
     let period = Period::of(spec.start);
     let nats = Nats::connect(&config).await?;
