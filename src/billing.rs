@@ -13,25 +13,28 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use anyhow::Context as _;
-use chrono::{TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use serde::Serialize;
-use tally_core::entitlement::Customer;
+use tally_core::entitlement::{Customer, UsagePeriod};
 use tally_core::pricing::{self, Decimal, Invoice, Line, LineKind, Usage};
 use tally_ingest::definitions::Definitions;
-use tally_query::{Lakehouse, Period};
+use tally_query::{Lakehouse, Period, Scope};
 
 use crate::config::Config;
 use crate::output::Format;
 use crate::pipeline::Nats;
 
-/// A customer's invoice, and the usage of the period that was decided `late`.
+/// A customer's invoice for its period, and the usage of the period decided `late`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bill {
     pub invoice: Invoice,
+    /// The period billed, `[start, end)`.
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
     pub late: Vec<Late>,
 }
 
@@ -44,15 +47,15 @@ pub struct Late {
     pub quantity: f64,
 }
 
-/// Every bill of the period (only `customer`'s when given), by customer id.
+/// Every bill of the period (only `customer`'s when given), by customer id: the calendar
+/// month, or with `anniversary` each customer's billing month that starts in it, on the
+/// customer's anchor day (the last day of a shorter month).
 pub async fn invoices(
     config: &Config,
     period: Period,
     customer: Option<&str>,
+    anniversary: bool,
 ) -> anyhow::Result<Vec<Bill>> {
-    let lake = Lakehouse::open(&config.lake_dir()).await?;
-    let usage = usage_of(&lake.billing(period, customer).await?)?;
-    let mut late = late_of(&lake.late(period, customer).await?)?;
     let nats = Nats::connect(config).await?;
     let definitions = Definitions::open(&nats.jetstream)
         .await?
@@ -69,36 +72,87 @@ pub async fn invoices(
         .into_iter()
         .map(|a| (a.id.clone(), a))
         .collect();
-    let (start, end) = bounds(period);
-    let mut customers: BTreeMap<String, Customer> = definitions
+    let month = bounds(period);
+    let period_of = |c: &Customer| {
+        if anniversary {
+            billing_month(period, c.anchor_day)
+        } else {
+            month
+        }
+    };
+    let mut customers: BTreeMap<String, (Customer, Span)> = definitions
         .customers
         .into_iter()
         .filter(|c| customer.is_none_or(|id| c.id == id))
-        .filter(|c| c.valid_from.is_none_or(|f| f < end) && c.valid_until.is_none_or(|u| u > start))
-        .map(|c| (c.id.clone(), c))
+        .filter_map(|c| {
+            let (start, end) = period_of(&c);
+            let valid =
+                c.valid_from.is_none_or(|f| f < end) && c.valid_until.is_none_or(|u| u > start);
+            valid.then(|| (c.id.clone(), (c, (start, end))))
+        })
         .collect();
-    // Usage of a customer no longer defined is still listed.
+    let periods: Vec<(String, i64, i64)> = customers
+        .iter()
+        .map(|(id, (_, (s, e)))| (id.clone(), s.timestamp_micros(), e.timestamp_micros()))
+        .collect();
+    let scope = if anniversary {
+        Scope::Periods {
+            name: period,
+            periods: &periods,
+        }
+    } else {
+        Scope::Month(period)
+    };
+    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let usage = usage_of(&lake.billing(&scope, customer).await?)?;
+    let mut late = late_of(&lake.late(&scope, customer).await?)?;
+    // Usage of a customer no longer defined is still listed (calendar months only: an
+    // anniversary needs the definition's anchor day).
     for id in usage.keys().chain(late.keys()) {
         customers
             .entry(id.clone())
-            .or_insert_with(|| Customer::new(id.clone(), ""));
+            .or_insert_with(|| (Customer::new(id.clone(), ""), month));
     }
     let mut out = Vec::with_capacity(customers.len());
-    for (id, c) in &customers {
+    for (id, (c, (start, end))) in &customers {
         let lines = usage.get(id).map_or(&[][..], Vec::as_slice);
         out.push(Bill {
             invoice: pricing::invoice(c, lines, &plans, &addons)
                 .with_context(|| format!("rating the usage of {id}"))?,
+            start: *start,
+            end: *end,
             late: late.remove(id).unwrap_or_default(),
         });
     }
     Ok(out)
 }
 
-/// The period's bounds as times.
-fn bounds(period: Period) -> (chrono::DateTime<Utc>, chrono::DateTime<Utc>) {
-    let at = |d: chrono::NaiveDate| Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN));
-    (at(period.first_day()), at(period.next().first_day()))
+/// A period as times, `[start, end)`.
+type Span = (DateTime<Utc>, DateTime<Utc>);
+
+/// A calendar month's bounds as times.
+fn bounds(period: Period) -> Span {
+    (
+        midnight(period.first_day()),
+        midnight(period.next().first_day()),
+    )
+}
+
+/// The billing month of a customer anchored on `anchor_day` that starts in `period`.
+fn billing_month(period: Period, anchor_day: u8) -> Span {
+    let first = period.first_day();
+    let days = (period.next().first_day() - first).num_days() as u32;
+    let start = first
+        .with_day(u32::from(anchor_day).clamp(1, days))
+        .unwrap_or(first);
+    let start_us = midnight(start).timestamp_micros();
+    let (s, e) = tally_core::period::bounds(UsagePeriod::Billing, anchor_day, start_us);
+    let at = |us| DateTime::from_timestamp_micros(us).unwrap_or_default();
+    (at(s), at(e))
+}
+
+fn midnight(d: NaiveDate) -> DateTime<Utc> {
+    Utc.from_utc_datetime(&d.and_time(chrono::NaiveTime::MIN))
 }
 
 /// The columns the billing and late queries share.
@@ -200,6 +254,9 @@ fn late_of(batches: &[RecordBatch]) -> anyhow::Result<BTreeMap<String, Vec<Late>
 struct InvoiceJson<'a> {
     customer: &'a str,
     period: String,
+    /// The period billed, `[period_start, period_end)`.
+    period_start: String,
+    period_end: String,
     currency: Option<&'a str>,
     lines: Vec<LineJson<'a>>,
     subtotal: String,
@@ -284,6 +341,8 @@ pub fn write(
                     InvoiceJson {
                         customer: &i.customer,
                         period: period.to_string(),
+                        period_start: bill.start.to_rfc3339(),
+                        period_end: bill.end.to_rfc3339(),
                         currency,
                         lines: i.lines.iter().map(|l| line_json(l, currency)).collect(),
                         subtotal: money(i.subtotal, currency),
@@ -342,8 +401,10 @@ pub fn write(
                 let currency = i.currency.as_deref();
                 writeln!(
                     out,
-                    "{} — {period} — total {} {}",
+                    "{} — {} to {} — total {} {}",
                     i.customer,
+                    bill.start.date_naive(),
+                    bill.end.date_naive(),
                     money(i.total, currency),
                     currency.unwrap_or("(no prices)")
                 )?;

@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tally_core::subject;
 use tally_natsd::{NatsServer, ServerOptions};
-use tally_query::{Lakehouse, Period};
+use tally_query::{Lakehouse, Period, Scope};
 
 use crate::config::Config;
 use crate::output::Format;
@@ -214,7 +214,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     report.duplicates_dropped = report
         .acked
         .saturating_sub(report.in_lake + report.dead_letters);
-    let billing = lake.billing(Period::of(month), None).await?;
+    let billing = lake.billing(&Scope::Month(Period::of(month)), None).await?;
     report.billing_matches = rows == distinct
         && rows == totals.events_valid
         && crate::demo::lines_of(&billing) == totals.by_line;

@@ -21,7 +21,7 @@ use tally_core::Frame;
 use tally_core::entitlement::{AddOnRef, Catalog, Customer, Customers, Grant, Status};
 use tally_ingest::Stats;
 use tally_ingest::definitions::Definitions;
-use tally_query::{BillingTotals, Lakehouse, Period};
+use tally_query::{BillingTotals, Lakehouse, Period, Scope};
 use tally_quota::{Engine, Usage};
 
 use crate::config::Config;
@@ -215,7 +215,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     drop(nats);
 
     let lake = Lakehouse::open(&config.lake_dir()).await?;
-    let billing = lake.billing(period, None).await?;
+    let billing = lake.billing(&Scope::Month(period), None).await?;
     let billed = BillingTotals::of(&billing);
     let decisions = count_decisions(&lake).await?;
     let events_in_lake: u64 = decisions.values().sum();

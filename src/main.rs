@@ -129,6 +129,10 @@ struct BillingCmd {
     /// Only this customer.
     #[arg(long)]
     customer: Option<String>,
+    /// Bill each customer's own billing month that starts in the period, on its anchor
+    /// day, instead of the calendar month.
+    #[arg(long)]
+    anniversary: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
 }
@@ -236,7 +240,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Billing(cmd) => {
             let period: Period = cmd.period.parse()?;
-            let bills = tally::billing::invoices(&config, period, cmd.customer.as_deref()).await?;
+            let bills =
+                tally::billing::invoices(&config, period, cmd.customer.as_deref(), cmd.anniversary)
+                    .await?;
             tally::billing::write(&mut std::io::stdout().lock(), &bills, period, cmd.format)?;
             Ok(std::process::ExitCode::SUCCESS)
         }

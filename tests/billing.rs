@@ -96,9 +96,10 @@ async fn send(h: &Harness, customer: &str, feature: &str, n: usize, quantity: u3
         .unwrap();
 }
 
-fn billing(h: &Harness, period: &str) -> Vec<Value> {
+fn billing(h: &Harness, period: &str, extra: &[&str]) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["billing", "--period", period, "--format", "json"])
+        .args(extra)
         .args(["--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
         .output()
@@ -140,11 +141,15 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
     assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
     defs.apply_catalog(&catalog, "test").await.unwrap();
     let customers = |list: Vec<Customer>| Customers { customers: list };
+    // dee's billing month starts on the 15th.
+    let mut dee = Customer::new("dee", "starter");
+    dee.anchor_day = 15;
     defs.apply_customers(
         &customers(vec![
             Customer::new("ana", "starter"),
             Customer::new("bo", "starter"),
             Customer::new("cy", "scale"),
+            dee,
         ]),
         "test",
     )
@@ -179,15 +184,19 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
     // to November, so they are late.
     send(&h, "cy", "calls", 2, 5, "2026-11-10T10:00:00Z").await;
     send(&h, "cy", "calls", 1, 5, "2026-10-15T10:00:00Z").await;
-    h.drain(&pipeline, 12 + 146 + 3).await;
+    // dee: 300 calls on 20 October, 100 on 10 November, 200 on 20 November.
+    send(&h, "dee", "calls", 3, 100, "2026-10-20T10:00:00Z").await;
+    send(&h, "dee", "calls", 1, 100, "2026-11-10T10:00:00Z").await;
+    send(&h, "dee", "calls", 2, 100, "2026-11-20T10:00:00Z").await;
+    h.drain(&pipeline, 12 + 146 + 3 + 6).await;
     pipeline.shutdown().await.unwrap();
 
-    let november = billing(&h, "2026-11");
+    let november = billing(&h, "2026-11", &[]);
     let by: BTreeMap<&str, &Value> = november
         .iter()
         .map(|i| (i["customer"].as_str().unwrap(), i))
         .collect();
-    assert_eq!(by.len(), 3);
+    assert_eq!(by.len(), 4);
     // ana: (250 − 100) × 0.05 = 7.50; ⌈350 / 100⌉ × 1.00 = 4.00; fee 10; 21.50 in all,
     // raised to the minimum of 30 by 8.50.
     assert_eq!(
@@ -225,7 +234,7 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
     assert!(by["cy"]["late"].as_array().unwrap().is_empty());
 
     // October: cy's late calls are listed, not billed.
-    let october = billing(&h, "2026-10");
+    let october = billing(&h, "2026-10", &[]);
     let cy = october
         .iter()
         .find(|i| i["customer"] == "cy")
@@ -239,6 +248,36 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
         [line("flat_fee", "scale", "", "50.00")],
         "late usage bills nothing"
     );
+
+    // dee by calendar month, then by its own billing month from the 15th: November's
+    // calendar month holds 300 calls, (300 − 100) × 0.05 = 10.00; its billing month from
+    // 15 October holds 400, 15.00, and the one from 15 November 200, 5.00.
+    let calls = |bills: &[Value]| -> (String, String, String) {
+        let dee = bills.iter().find(|i| i["customer"] == "dee").unwrap();
+        (
+            dee["period_start"].as_str().unwrap()[..10].to_owned(),
+            dee["period_end"].as_str().unwrap()[..10].to_owned(),
+            lines(dee)[0].3.clone(),
+        )
+    };
+    assert_eq!(
+        calls(&november),
+        ("2026-11-01".into(), "2026-12-01".into(), "10.00".into())
+    );
+    let anniversary = ["--anniversary"];
+    assert_eq!(
+        calls(&billing(&h, "2026-10", &anniversary)),
+        ("2026-10-15".into(), "2026-11-15".into(), "15.00".into())
+    );
+    let november_15 = billing(&h, "2026-11", &anniversary);
+    assert_eq!(
+        calls(&november_15),
+        ("2026-11-15".into(), "2026-12-15".into(), "5.00".into())
+    );
+    // Customers anchored on the 1st are billed by the calendar month either way.
+    let ana = november_15.iter().find(|i| i["customer"] == "ana").unwrap();
+    assert_eq!(ana["total"], "30.00");
+    assert_eq!(ana["period_start"].as_str().unwrap()[..10], *"2026-11-01");
 }
 
 /// A generated month through the whole pipeline: `tally billing` equals, to the cent, the

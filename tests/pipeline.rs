@@ -13,7 +13,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally::pipeline::Pipeline;
 use tally::workload::{self, Spec};
 use tally_core::schema::lake_schema;
-use tally_query::{Lakehouse, Period};
+use tally_query::{Lakehouse, Period, Scope};
 
 /// The compact Arrow IPC encoding lands exactly like JSON: once each, same totals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,8 +39,12 @@ async fn arrow_batches_land_exactly_once() {
     assert_eq!(ids.len() as u64, totals.events_valid);
     assert_eq!(quantity, totals.quantity);
     let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
-    let billed =
-        tally_query::BillingTotals::of(&lake.billing(Period::of(spec.start), None).await.unwrap());
+    let billed = tally_query::BillingTotals::of(
+        &lake
+            .billing(&Scope::Month(Period::of(spec.start)), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         (billed.events, billed.quantity),
         (totals.events_valid, totals.quantity)
@@ -130,7 +134,10 @@ async fn every_valid_event_lands_once_and_bills_exactly() {
 
     // Billing through DataFusion equals the generator's own per-line totals.
     let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
-    let billing = lake.billing(Period::of(month), None).await.unwrap();
+    let billing = lake
+        .billing(&Scope::Month(Period::of(month)), None)
+        .await
+        .unwrap();
     let mut billed = BTreeMap::new();
     for b in &billing {
         let customers = b.column_by_name("customer").unwrap().as_string::<i32>();
@@ -152,6 +159,9 @@ async fn every_valid_event_lands_once_and_bills_exactly() {
     }
     assert_eq!(billed, totals.by_line);
     // Nothing bills outside the month.
-    let next = lake.billing(Period::of(month).next(), None).await.unwrap();
+    let next = lake
+        .billing(&Scope::Month(Period::of(month).next()), None)
+        .await
+        .unwrap();
     assert_eq!(next.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
 }

@@ -1,6 +1,6 @@
--- Billing: billable usage per customer × plan × feature for one period (a calendar month).
--- $1, $2: the period's first day and the next period's first day (YYYY-MM-DD), which
--- prune the hive `date` partitions; $3: the period's name (YYYY-MM).
+-- Billing: billable usage per customer × plan × feature over the events a billing run
+-- covers (`billed_events`: the period's events, already narrowed to the calendar month or
+-- to each customer's own billing month). $1: the period's name.
 -- Only billable decisions count: `accepted` within the limit, `overage` past a soft one.
 -- Each event is counted under the plan that decided it, so a plan change inside the
 -- period gives one line per plan.
@@ -8,14 +8,12 @@ SELECT
     customer,
     plan,
     feature,
-    $3 AS period,
+    $1 AS period,
     COUNT(*) AS events,
     SUM(quantity) AS quantity,
     SUM(CASE WHEN decision = 'accepted' THEN quantity ELSE 0 END) AS accepted,
     SUM(CASE WHEN decision = 'overage' THEN quantity ELSE 0 END) AS overage
-FROM events
-WHERE "date" >= $1
-  AND "date" < $2
-  AND decision IN ('accepted', 'overage')
+FROM billed_events
+WHERE decision IN ('accepted', 'overage')
 GROUP BY customer, plan, feature
 ORDER BY customer, plan, feature

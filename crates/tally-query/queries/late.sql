@@ -1,16 +1,15 @@
--- Late usage: events of one period (by their own time) decided `late`, because they
--- arrived after their counter had moved on to a later period. Not billed; listed with
--- the period's invoices for review. Parameters as in billing.sql.
+-- Late usage: events of the period (by their own time, see billing.sql for
+-- `billed_events`) decided `late`, because they arrived after their counter had moved on
+-- to a later period. Not billed; listed with the period's invoices for review.
+-- $1: the period's name.
 SELECT
     customer,
     plan,
     feature,
-    $3 AS period,
+    $1 AS period,
     COUNT(*) AS events,
     SUM(quantity) AS quantity
-FROM events
-WHERE "date" >= $1
-  AND "date" < $2
-  AND decision = 'late'
+FROM billed_events
+WHERE decision = 'late'
 GROUP BY customer, plan, feature
 ORDER BY customer, plan, feature

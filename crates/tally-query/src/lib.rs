@@ -22,6 +22,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{Datelike, NaiveDate};
@@ -34,7 +35,7 @@ use datafusion::datasource::listing::{
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::prelude::{SessionConfig, SessionContext, col, lit};
+use datafusion::prelude::{JoinType, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use tally_core::schema::{self, lake_schema};
 use tally_store::{ROLLUPS_TABLE, rollup_schema};
@@ -196,39 +197,149 @@ impl Lakehouse {
         &self.ctx
     }
 
-    /// Billable usage per customer × plan × feature in a period: `customer, plan,
+    /// Billable usage per customer × plan × feature over `scope`: `customer, plan,
     /// feature, period, events, quantity, accepted, overage` (the last two: quantity
     /// decided `accepted` and `overage`), ordered by customer, plan and feature.
     pub async fn billing(
         &self,
-        period: Period,
+        scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        self.period_query(BILLING_SQL, period, customer).await
+        self.scoped(BILLING_SQL, scope, customer).await
     }
 
-    /// Usage of the period decided `late` (not billed): `customer, plan, feature, period,
+    /// Usage over `scope` decided `late` (not billed): `customer, plan, feature, period,
     /// events, quantity`.
-    pub async fn late(&self, period: Period, customer: Option<&str>) -> Result<Vec<RecordBatch>> {
-        self.period_query(LATE_SQL, period, customer).await
+    pub async fn late(
+        &self,
+        scope: &Scope<'_>,
+        customer: Option<&str>,
+    ) -> Result<Vec<RecordBatch>> {
+        self.scoped(LATE_SQL, scope, customer).await
     }
 
-    async fn period_query(
+    /// Runs a named query over the events `scope` covers, registered for it alone as
+    /// `billed_events` (under a name of its own, so that runs do not meet).
+    async fn scoped(
         &self,
         sql: &str,
-        period: Period,
+        scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        let mut df = self.ctx.sql(sql).await?.with_param_values(vec![
-            ScalarValue::from(period.first_day().format("%Y-%m-%d").to_string()),
-            ScalarValue::from(period.next().first_day().format("%Y-%m-%d").to_string()),
-            ScalarValue::from(period.to_string()),
-        ])?;
+        let (from, to) = scope.dates();
+        let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
+        // The date bounds prune the hive partitions; the times below are exact.
+        let mut events = self.ctx.table(schema::EVENTS_TABLE).await?.filter(
+            col(schema::DATE)
+                .gt_eq(day(from))
+                .and(col(schema::DATE).lt(day(to))),
+        )?;
         if let Some(c) = customer {
-            df = df.filter(col("customer").eq(lit(c)))?;
+            events = events.filter(col(schema::CUSTOMER).eq(lit(c)))?;
         }
-        Ok(df.collect().await?)
+        if let Scope::Periods { periods, .. } = scope {
+            let periods = self.ctx.read_batch(periods_batch(periods)?)?;
+            events = events
+                .join(
+                    periods,
+                    JoinType::Inner,
+                    &[schema::CUSTOMER],
+                    &["period_customer"],
+                    None,
+                )?
+                .filter(
+                    col(schema::EVENT_TIME)
+                        .gt_eq(col("period_start"))
+                        .and(col(schema::EVENT_TIME).lt(col("period_end"))),
+                )?;
+        }
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let name = format!("billed_events_{}", RUN.fetch_add(1, Ordering::Relaxed));
+        self.ctx.register_table(&name, events.into_view())?;
+        let result = async {
+            self.ctx
+                .sql(&sql.replace("billed_events", &name))
+                .await?
+                .with_param_values(vec![ScalarValue::from(scope.name())])?
+                .collect()
+                .await
+        }
+        .await;
+        self.ctx.deregister_table(&name)?;
+        Ok(result?)
     }
+}
+
+/// Which events a billing run covers.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every customer's events of a calendar month.
+    Month(Period),
+    /// Each listed customer's events in its own period: (customer, start, end), times in
+    /// microseconds since the epoch, `[start, end)`; `name` names the run.
+    Periods {
+        name: Period,
+        periods: &'a [(String, i64, i64)],
+    },
+}
+
+impl Scope<'_> {
+    fn name(&self) -> String {
+        match self {
+            Scope::Month(p) => p.to_string(),
+            Scope::Periods { name, .. } => name.to_string(),
+        }
+    }
+
+    /// The dates (first, and the day after the last) any covered event falls on.
+    fn dates(&self) -> (NaiveDate, NaiveDate) {
+        match self {
+            Scope::Month(p) => (p.first_day(), p.next().first_day()),
+            Scope::Periods { name, periods } => {
+                let date =
+                    |us: i64| chrono::DateTime::from_timestamp_micros(us).map(|t| t.date_naive());
+                let from = periods.iter().filter_map(|p| date(p.1)).min();
+                let to = periods
+                    .iter()
+                    .filter_map(|p| date(p.2 - 1))
+                    .max()
+                    .map(|d| d + chrono::Days::new(1));
+                match (from, to) {
+                    (Some(from), Some(to)) => (from, to),
+                    // No customer: nothing is covered.
+                    _ => (name.first_day(), name.first_day()),
+                }
+            }
+        }
+    }
+}
+
+/// The customers' periods as a record batch to join the events with.
+fn periods_batch(periods: &[(String, i64, i64)]) -> Result<RecordBatch> {
+    use datafusion::arrow::array::{StringArray, TimestampMicrosecondArray};
+    use datafusion::arrow::datatypes::{Field, Schema, TimeUnit};
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("period_customer", DataType::Utf8, false),
+        Field::new("period_start", ts(), false),
+        Field::new("period_end", ts(), false),
+    ]));
+    let times = |f: fn(&(String, i64, i64)) -> i64| {
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(periods.iter().map(f)).with_timezone("UTC"),
+        )
+    };
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                periods.iter().map(|p| p.0.as_str()),
+            )),
+            times(|p| p.1),
+            times(|p| p.2),
+        ],
+    )
+    .map_err(datafusion::error::DataFusionError::from)?)
 }
 
 /// Registers `<root>/<table>/` as the table `table`: Parquet files under hive `date`
