@@ -2,6 +2,7 @@
 //! the workload generator, and output formatting. `main.rs` holds only the command line.
 //! Integration tests under `tests/` drive these same pieces.
 
+pub mod analytics;
 pub mod bench;
 pub mod billing;
 pub mod chaos;

@@ -52,6 +52,19 @@ enum Command {
     ///
     /// Example: tally sql "SELECT customer, SUM(quantity) AS quantity FROM events WHERE date >= '2026-11-01' GROUP BY customer ORDER BY quantity DESC LIMIT 10" --format csv
     Sql(tally::sql::SqlArgs),
+    /// The upgrade candidates of a month: customers past a feature's allowance (how far,
+    /// what it adds to the bill), and customers refused by hard limits (per day) with the
+    /// plan that would have covered them. Plans and customers come from NATS, usage from
+    /// the lake.
+    ///
+    /// Example: tally overage --period 2026-11 --format json
+    Overage(tally::analytics::OverageArgs),
+    /// Adoption per feature over a range of days: active and activated customers, events,
+    /// quantity, first uses, free-tier customers who never used an advanced feature, use by
+    /// region, distinct users per day, week and month.
+    ///
+    /// Example: tally adoption --from 2026-11-01 --to 2026-11-30 --feature exports
+    Adoption(tally::analytics::AdoptionArgs),
     /// Run Tally (the ingest worker over every partition) until interrupted.
     ///
     /// Example: tally serve --nats-url nats://127.0.0.1:4222
@@ -247,6 +260,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Sql(args) => tally::sql::run(&config, args).await,
+        Command::Overage(args) => {
+            tally::analytics::run_overage(&config, args).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Adoption(args) => {
+            tally::analytics::run_adoption(&config, args).await?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Serve => serve(config, None).await,
         Command::Worker(cmd) => {
             let partitions = cmd

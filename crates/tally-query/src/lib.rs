@@ -14,6 +14,7 @@
 //! the same tables, under a time limit as well, and [`output`] streams its result as
 //! JSON, CSV or Arrow IPC.
 
+pub mod analytics;
 pub mod output;
 pub mod sql;
 

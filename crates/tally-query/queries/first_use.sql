@@ -1,0 +1,22 @@
+-- Adoption: per customer × feature, the first time the customer used the feature
+-- (`first_use`: its earliest event decided `accepted` or `overage`; null if none) and
+-- the customer's first event of any feature (`customer_first_event`: any decision but
+-- `unknown_customer`, which comes before the customer was defined), both over the whole
+-- lake up to the end of a range.
+-- $1: the day after the range's last (YYYY-MM-DD).
+SELECT
+    customer,
+    feature,
+    first_use,
+    MIN(first_event) OVER (PARTITION BY customer) AS customer_first_event
+FROM (
+    SELECT
+        customer,
+        feature,
+        MIN(CASE WHEN decision IN ('accepted', 'overage') THEN event_time END) AS first_use,
+        MIN(CASE WHEN decision <> 'unknown_customer' THEN event_time END) AS first_event
+    FROM events
+    WHERE "date" < $1
+    GROUP BY customer, feature
+) AS per_feature
+ORDER BY customer, feature
