@@ -212,6 +212,12 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     let ingest_seconds = start.elapsed().as_secs_f64();
     let stats = pipeline.stats.clone();
     pipeline.shutdown().await?;
+    // The analyses read the definitions from this run's nats-server: before it stops.
+    let analyses = if args.quiet {
+        None
+    } else {
+        Some(analyse(&config, spec, period).await?)
+    };
     drop(nats);
 
     let lake = Lakehouse::open(&config.lake_dir()).await?;
@@ -247,10 +253,121 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
         quantity_expected: expected.quantity,
         data_dir: config.data_dir.display().to_string(),
     };
-    if !args.quiet {
+    if let Some(analyses) = analyses {
         print_human(&lake, &report, &billing, args.top).await?;
+        analyses.print(args.top)?;
     }
     Ok(report)
+}
+
+/// The month's invoices, overage report and adoption, as a billing job and a product
+/// manager would ask for them.
+struct Analyses {
+    bills: Vec<crate::billing::Bill>,
+    overage: crate::analytics::OverageReport,
+    adoption: crate::analytics::AdoptionReport,
+}
+
+async fn analyse(config: &Config, spec: &Spec, period: Period) -> anyhow::Result<Analyses> {
+    let bills = crate::billing::invoices(config, period, None, false).await?;
+    let overage = crate::analytics::overage(config, period).await?;
+    let last = spec
+        .until
+        .date_naive()
+        .min(period.next().first_day() - chrono::Days::new(1))
+        .max(period.first_day());
+    let range = tally_query::analytics::DateRange::new(period.first_day(), last)
+        .context("the demo month")?;
+    let free = std::iter::once("free".to_owned()).collect();
+    let adoption = crate::analytics::adoption(config, range, None, &free).await?;
+    Ok(Analyses {
+        bills,
+        overage,
+        adoption,
+    })
+}
+
+impl Analyses {
+    fn print(&self, top: usize) -> anyhow::Result<()> {
+        use std::fmt::Write as _;
+        let mut bills: Vec<&crate::billing::Bill> = self.bills.iter().collect();
+        bills.sort_by_key(|b| std::cmp::Reverse(b.invoice.total));
+        let revenue: tally_core::pricing::Decimal = bills.iter().map(|b| b.invoice.total).sum();
+        println!();
+        println!(
+            "Invoices: {} customers, {revenue} USD in all; the {top} largest (tally billing):",
+            bills.len()
+        );
+        for b in bills.iter().take(top) {
+            let plan = b.invoice.lines.iter().find_map(|l| {
+                (l.kind == tally_core::pricing::LineKind::FlatFee).then_some(l.plan.as_str())
+            });
+            println!(
+                "  {:<14} {:<12} {:>12} {}",
+                b.invoice.customer,
+                plan.unwrap_or("-"),
+                b.invoice.total,
+                b.invoice.currency.as_deref().unwrap_or("")
+            );
+        }
+        let o = &self.overage;
+        let mut over: Vec<&crate::analytics::OverLine> = o.over.iter().collect();
+        let added = |l: &crate::analytics::OverLine| -> tally_core::pricing::Decimal {
+            l.added
+                .as_deref()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_default()
+        };
+        over.sort_by_key(|l| std::cmp::Reverse(added(l)));
+        let covered = o.upgrades.iter().filter(|u| u.covered_by.is_some()).count();
+        println!();
+        println!(
+            "Overage (tally overage): {} customer × feature lines past their allowance; {} refused by a hard limit, {covered} of them covered by a next plan. Largest additions:",
+            o.over.len(),
+            o.upgrades.len()
+        );
+        for l in over.iter().take(top) {
+            println!(
+                "  {:<14} {:<10} {:<14} {:>10} over, adds {} {}",
+                l.customer,
+                l.plan,
+                l.feature,
+                l.over,
+                l.added.as_deref().unwrap_or("-"),
+                l.currency.as_deref().unwrap_or("")
+            );
+        }
+        let a = &self.adoption;
+        println!();
+        println!(
+            "Adoption {} to {} (tally adoption): {} free-tier customers never used an advanced feature",
+            a.from,
+            a.to,
+            a.free_tier.len()
+        );
+        let mut table = String::new();
+        writeln!(
+            table,
+            "  {:<14} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8}",
+            "feature", "entitled", "active", "activation", "events", "DAU avg", "MAU"
+        )?;
+        for f in &a.features {
+            writeln!(
+                table,
+                "  {:<14} {:>8} {:>8} {:>10} {:>10} {:>8.1} {:>8}",
+                f.feature,
+                f.entitled_customers,
+                f.active_customers,
+                f.activation_rate
+                    .map_or("-".to_owned(), |r| format!("{:.0} %", r * 100.0)),
+                f.events,
+                f.dau_avg,
+                f.mau_last
+            )?;
+        }
+        print!("{table}");
+        Ok(())
+    }
 }
 
 /// The demo catalogue, and a definition for 99 % of the generated customers: the largest
@@ -496,7 +613,7 @@ async fn print_human(
         .await?;
     println!();
     println!(
-        "Billing {} — top {top} of {} lines (customer × feature × month), by quantity",
+        "Billing {} — top {top} of {} lines (customer × plan × feature × month), by quantity",
         r.period, r.billing_lines
     );
     crate::output::write_batches(
