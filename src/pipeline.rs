@@ -108,8 +108,14 @@ impl Pipeline {
         )
         .await?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let leases = async_nats::ConnectOptions::new()
+            .name("tally-leases")
+            .connect(&nats.url)
+            .await
+            .with_context(|| format!("connecting to NATS at {} for the leases", nats.url))?;
         let mut worker = tokio::spawn(run_worker(
             nats.jetstream.clone(),
+            async_nats::jetstream::new(leases),
             config.ingest.clone(),
             assignment,
             lake,

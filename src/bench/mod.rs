@@ -227,6 +227,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     }
     wait_drained(
         &nats,
+        &tally_store::Lake::new(config.lake_dir()),
         config.ingest.partitions,
         &pipeline.stats,
         totals.events_valid,

@@ -78,6 +78,7 @@ pub async fn run(mut config: Config, args: RecoveryBench) -> anyhow::Result<Reco
     drop(messages);
     wait_drained(
         &nats,
+        &tally_store::Lake::new(config.lake_dir()),
         config.ingest.partitions,
         &pipeline.stats,
         rows,

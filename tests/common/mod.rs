@@ -66,6 +66,7 @@ impl Harness {
     pub async fn drain(&self, pipeline: &Pipeline, rows: u64) {
         wait_drained(
             &self.nats,
+            &tally_store::Lake::new(self.config.lake_dir()),
             self.config.ingest.partitions,
             &pipeline.stats,
             rows,

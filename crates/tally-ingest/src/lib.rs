@@ -74,7 +74,8 @@ pub struct IngestConfig {
     pub definitions_apply_delay_ms: u64,
     /// A partition's lease lasts this long after its last renewal (renewed every third of
     /// it), in milliseconds: a worker that dies has its partitions taken over within about
-    /// this time and a third (see [`ownership`]).
+    /// this time and a third (see [`ownership`]). Long enough that renewals delayed by a
+    /// saturated nats-server do not cost a worker its partitions.
     pub lease_ms: u64,
 }
 
@@ -97,7 +98,7 @@ impl Default for IngestConfig {
             limits: DecodeLimits::default(),
             fault_ack_delay_ms: 0,
             definitions_apply_delay_ms: 0,
-            lease_ms: 6_000,
+            lease_ms: 15_000,
         }
     }
 }

@@ -57,10 +57,12 @@ enum State {
 /// acknowledges it; then the leases are released. A failing partition is taken over again
 /// from the lake while its lease holds; one failing while stopping (or with streams of the
 /// wrong shape) stops the rest. `ready` fires once the entitlements are loaded and the
-/// first round of leases is taken.
+/// first round of leases is taken. `leases_js` should be a connection of its own: on the
+/// worker's, renewals would queue behind its pulls, acks and publishes under load.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_worker(
     js: Context,
+    leases_js: Context,
     config: IngestConfig,
     assignment: Assignment,
     lake: Arc<Lake>,
@@ -85,7 +87,7 @@ pub async fn run_worker(
     } else {
         None
     };
-    let leases = Leases::open(&js, Duration::from_millis(config.lease_ms.max(300))).await?;
+    let leases = Leases::open(&leases_js, Duration::from_millis(config.lease_ms.max(300))).await?;
     tracing::info!(worker = %leases.id, lease_ms = config.lease_ms, ?assignment, "worker started");
     let (errors, mut failed) = mpsc::channel::<Error>(candidates.len().max(1));
     let ctx = Shared {

@@ -48,6 +48,35 @@ impl Lake {
         files_of(&self.events_dir(), partition)
     }
 
+    /// Rows in every events file of the lake, from the files' footers.
+    pub fn rows(&self) -> Result<u64> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let root = self.events_dir();
+        let dates = match fs::read_dir(&root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&root)(e)),
+        };
+        let mut rows = 0;
+        for date in dates {
+            let dir = date.map_err(io_err(&root))?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let path = entry.map_err(io_err(&dir))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if name.starts_with('.') || !name.ends_with(".parquet") {
+                    continue;
+                }
+                let file = File::open(&path).map_err(io_err(&path))?;
+                let footer = SerializedFileReader::new(file)?;
+                rows += u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0);
+            }
+        }
+        Ok(rows)
+    }
+
     /// Every rollup file of a partition, by first sequence (orphans included).
     pub fn partition_rollup_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
         files_of(&self.rollups_dir(), partition)
