@@ -142,13 +142,13 @@ pub async fn run_adoption(config: &Config, args: AdoptionArgs) -> anyhow::Result
 }
 
 /// The definitions as they are now, by id.
-struct Defs {
-    plans: BTreeMap<String, Plan>,
-    addons: BTreeMap<String, AddOn>,
-    customers: BTreeMap<String, Customer>,
+pub(crate) struct Defs {
+    pub(crate) plans: BTreeMap<String, Plan>,
+    pub(crate) addons: BTreeMap<String, AddOn>,
+    pub(crate) customers: BTreeMap<String, Customer>,
 }
 
-async fn definitions(config: &Config) -> anyhow::Result<Defs> {
+pub(crate) async fn definitions(config: &Config) -> anyhow::Result<Defs> {
     let nats = Nats::connect(config).await?;
     let Snapshot {
         plans,
@@ -435,7 +435,7 @@ pub async fn overage(config: &Config, period: Period) -> anyhow::Result<OverageR
                 }
             },
         };
-        let money = |d: Option<Decimal>| d.map(|d| money(d, currency.as_deref()));
+        let money = |d: Option<Decimal>| d.map(|d| pricing::format_money(d, currency.as_deref()));
         over.push(OverLine {
             customer: customer.clone(),
             plan: plan.clone(),
@@ -564,13 +564,6 @@ fn covering(
         }
     }
     (None, None)
-}
-
-/// An amount with the currency's digits (`1.5` → `1.50`).
-fn money(amount: Decimal, currency: Option<&str>) -> String {
-    let mut a = amount;
-    a.rescale(currency.map_or(2, pricing::minor_digits));
-    a.to_string()
 }
 
 /// The adoption report of a range.

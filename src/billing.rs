@@ -20,13 +20,11 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use serde::Serialize;
 use tally_core::entitlement::{Customer, UsagePeriod};
-use tally_core::pricing::{self, Decimal, Invoice, Line, LineKind, Usage};
-use tally_ingest::definitions::Definitions;
+use tally_core::pricing::{self, Invoice, Line, LineKind, Usage};
 use tally_query::{Lakehouse, Period, Scope};
 
 use crate::config::Config;
 use crate::output::Format;
-use crate::pipeline::Nats;
 
 /// A customer's invoice for its period, and the usage of the period decided `late`.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,22 +54,11 @@ pub async fn invoices(
     customer: Option<&str>,
     anniversary: bool,
 ) -> anyhow::Result<Vec<Bill>> {
-    let nats = Nats::connect(config).await?;
-    let definitions = Definitions::open(&nats.jetstream)
-        .await?
-        .load()
-        .await
-        .context("reading the plans and customers")?;
-    let plans = definitions
-        .plans
-        .into_iter()
-        .map(|p| (p.id.clone(), p))
-        .collect();
-    let addons = definitions
-        .addons
-        .into_iter()
-        .map(|a| (a.id.clone(), a))
-        .collect();
+    let crate::analytics::Defs {
+        plans,
+        addons,
+        customers: defined,
+    } = crate::analytics::definitions(config).await?;
     let month = bounds(period);
     let period_of = |c: &Customer| {
         if anniversary {
@@ -80,9 +67,8 @@ pub async fn invoices(
             month
         }
     };
-    let mut customers: BTreeMap<String, (Customer, Span)> = definitions
-        .customers
-        .into_iter()
+    let mut customers: BTreeMap<String, (Customer, Span)> = defined
+        .into_values()
         .filter(|c| customer.is_none_or(|id| c.id == id))
         .filter_map(|c| {
             let (start, end) = period_of(&c);
@@ -311,16 +297,8 @@ fn line_json<'a>(l: &'a Line, currency: Option<&str>) -> LineJson<'a> {
                 amount: t.amount.normalize().to_string(),
             })
             .collect(),
-        amount: money(l.amount, currency),
+        amount: pricing::format_money(l.amount, currency),
     }
-}
-
-/// An amount with the currency's digits (`4.6` → `4.60`).
-fn money(amount: Decimal, currency: Option<&str>) -> String {
-    let digits = currency.map_or(2, pricing::minor_digits);
-    let mut a = amount;
-    a.rescale(digits);
-    a.to_string()
 }
 
 /// Prints the invoices: a table per customer, JSON (one array of invoices) or CSV (one
@@ -345,8 +323,8 @@ pub fn write(
                         period_end: bill.end.to_rfc3339(),
                         currency,
                         lines: i.lines.iter().map(|l| line_json(l, currency)).collect(),
-                        subtotal: money(i.subtotal, currency),
-                        total: money(i.total, currency),
+                        subtotal: pricing::format_money(i.subtotal, currency),
+                        total: pricing::format_money(i.total, currency),
                         late: &bill.late,
                     }
                 })
@@ -405,7 +383,7 @@ pub fn write(
                     i.customer,
                     bill.start.date_naive(),
                     bill.end.date_naive(),
-                    money(i.total, currency),
+                    pricing::format_money(i.total, currency),
                     currency.unwrap_or("(no prices)")
                 )?;
                 for l in &i.lines {

@@ -506,6 +506,14 @@ pub fn round_money(amount: Decimal, currency: &str) -> Decimal {
     )
 }
 
+/// An amount written with the currency's digits (`4.6` → `4.60`; two without a
+/// currency).
+pub fn format_money(amount: Decimal, currency: Option<&str>) -> String {
+    let mut a = amount;
+    a.rescale(currency.map_or(2, minor_digits));
+    a.to_string()
+}
+
 /// Digits of the minor unit (ISO 4217): 0 for JPY, KRW and the like, 3 for BHD, JOD,
 /// KWD, OMR and TND, 2 for the rest.
 pub fn minor_digits(currency: &str) -> u32 {

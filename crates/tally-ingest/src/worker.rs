@@ -586,7 +586,7 @@ impl Accept<'_, '_> {
         if dedup.first_time(&event.id) {
             let decision = match self.engine.as_deref_mut() {
                 Some(engine) => {
-                    let decision = engine.decide(
+                    let (decision, plan) = engine.decide_under_plan(
                         &Usage {
                             customer: &event.subject,
                             feature: &event.feature,
@@ -599,7 +599,6 @@ impl Accept<'_, '_> {
                         },
                         self.notices,
                     );
-                    let plan = engine.customer(&event.subject).map(|c| c.plan.as_str());
                     open.rows.push(
                         &event,
                         decision,

@@ -197,11 +197,22 @@ impl Engine {
     /// Decides one event and records it: counters, seats and grants move, and any
     /// notification that falls due is appended to `notices`.
     pub fn decide(&mut self, usage: &Usage<'_>, notices: &mut Vec<Notice>) -> Decision {
+        self.decide_under_plan(usage, notices).0
+    }
+
+    /// [`decide`](Self::decide), and the plan the customer is on (the lake records it
+    /// with the decision), from the one lookup of the customer.
+    pub fn decide_under_plan(
+        &mut self,
+        usage: &Usage<'_>,
+        notices: &mut Vec<Notice>,
+    ) -> (Decision, Option<&str>) {
         let Some(account) = self.accounts.get_mut(&customer_key(usage.customer)) else {
-            return Decision::UnknownCustomer;
+            return (Decision::UnknownCustomer, None);
         };
         let slot = self.features.get(usage.feature).copied();
-        account.decide(usage, slot, self.feature_names.as_slice(), Some(notices))
+        let decision = account.decide(usage, slot, self.feature_names.as_slice(), Some(notices));
+        (decision, Some(account.customer.plan.as_str()))
     }
 
     /// Records an event decided before (as the lake stored it with `decision`), as it was
