@@ -6,6 +6,7 @@ pub mod analytics;
 pub mod bench;
 pub mod billing;
 pub mod chaos;
+pub mod compact;
 pub mod config;
 pub mod definitions;
 pub mod demo;

@@ -65,6 +65,13 @@ enum Command {
     ///
     /// Example: tally adoption --from 2026-11-01 --to 2026-11-30 --feature exports
     Adoption(tally::analytics::AdoptionArgs),
+    /// Merge the lake's small Parquet files into large ones (the workers also do it every
+    /// ingest.compact_every_secs). Only what checkpoints have settled is merged; no query
+    /// sees a row twice or misses one meanwhile, and the replaced files are removed once
+    /// older than --retain-secs.
+    ///
+    /// Example: tally compact --data-dir data --format json
+    Compact(tally::compact::CompactArgs),
     /// Run Tally (the ingest worker over every partition) until interrupted.
     ///
     /// Example: tally serve --nats-url nats://127.0.0.1:4222
@@ -268,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             tally::analytics::run_adoption(&config, args).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Compact(args) => tally::compact::run(&config, args).await,
         Command::Serve => serve(config, None).await,
         Command::Worker(cmd) => {
             let partitions = cmd

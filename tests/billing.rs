@@ -287,7 +287,9 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
 async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
+    // Small batches, so that each partition holds several files of a date to compact.
     let demo = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .env("TALLY_INGEST__FLUSH_MESSAGES", "4")
         .args([
             "demo",
             "--events",
@@ -332,6 +334,41 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
         String::from_utf8_lossy(&out.stderr)
     );
     let billed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+
+    // `tally compact` merges the lake's files (the demo stopped cleanly, so all is settled)
+    // and removes those it replaced (no retention asked); the bill does not move.
+    let tally = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let files_before = common::parquet_files(&data.join("lake/events")).len();
+    let compacted: Value = serde_json::from_slice(&tally(&[
+        "compact",
+        "--retain-secs",
+        "0",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert!(compacted["written"].as_u64().unwrap() > 0, "{compacted}");
+    assert_eq!(compacted["unsettled"], serde_json::json!([]));
+    let files_after = common::parquet_files(&data.join("lake/events")).len();
+    assert!(files_after < files_before, "{files_after} ≥ {files_before}");
+    let again: Vec<Value> = serde_json::from_slice(&tally(&[
+        "billing", "--period", &period, "--format", "json",
+    ]))
+    .unwrap();
+    assert_eq!(again, billed);
 
     // The fold: every raw row of the period, billable decisions only, summed exactly per
     // customer × plan × feature.

@@ -8,7 +8,7 @@ use std::fs::File;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, TimestampMicrosecondType};
 use chrono::{DateTime, NaiveDate};
-use common::{Harness, parquet_files};
+use common::{Harness, parquet_files, until};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally::pipeline::Pipeline;
 use tally::workload::{self, Spec};
@@ -164,4 +164,123 @@ async fn every_valid_event_lands_once_and_bills_exactly() {
         .await
         .unwrap();
     assert_eq!(next.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
+}
+
+/// A running worker compacts its partitions' settled files of closed dates by itself (here
+/// every second, with a checkpoint every second): compacted files appear, and the lake still holds each event once and
+/// bills exactly what was sent. After a clean stop, `tally compact` leaves one file per
+/// partition and date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_compact_closed_dates_and_nothing_changes() {
+    let mut h = Harness::start().await;
+    h.config.ingest.compact_every_secs = 1;
+    // Compaction merges what checkpoints have settled.
+    h.config.ingest.checkpoint_secs = 1;
+    h.config.ingest.flush_messages = 40;
+    h.config.ingest.partitions = 4;
+    h.entitle_everyone(50).await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let month = NaiveDate::from_ymd_opt(2026, 7, 1).unwrap();
+    let mut spec = Spec::new(40_000, month);
+    spec.customers = 50;
+    spec.batch = 20;
+    spec.until = DateTime::from_timestamp(4_000_000_000, 0).unwrap();
+    let (messages, totals) = workload::generate(&spec);
+    workload::publish(&h.nats.jetstream, &messages, 512, |_| {})
+        .await
+        .unwrap();
+    h.drain(&pipeline, totals.events_valid).await;
+    let visible_before = parquet_files(&h.lake_events()).len();
+    let lake = tally_store::Lake::new(h.config.lake_dir());
+    until("a worker compacts", || async {
+        parquet_files(&h.lake_events())
+            .iter()
+            .any(|p| compacted(p).is_some())
+    })
+    .await;
+    pipeline.shutdown().await.unwrap();
+
+    let (ids, rows, quantity) = common::read_lake(&h);
+    assert_eq!(
+        (ids.len() as u64, rows),
+        (totals.events_valid, totals.events_valid)
+    );
+    assert_eq!(quantity, totals.quantity);
+    assert_eq!(lake.rows().unwrap(), totals.events_valid);
+
+    // The rest, on demand: every partition settled at its clean stop.
+    let options = tally_store::CompactOptions {
+        retain: std::time::Duration::ZERO,
+        ..tally_store::CompactOptions::default()
+    };
+    let report = tally::compact::compact(&lake, None, &options).unwrap();
+    assert!(report.unsettled.is_empty(), "{report:?}");
+    let files = parquet_files(&h.lake_events());
+    let mut per_day = std::collections::HashSet::new();
+    for f in &files {
+        let day = f.parent().unwrap().to_owned();
+        let name = f.file_name().unwrap().to_str().unwrap();
+        let partition = tally_store::parse_name(name).unwrap().0;
+        assert!(
+            per_day.insert((day, partition)),
+            "two files for {}",
+            f.display()
+        );
+    }
+    assert!(
+        files.len() < visible_before,
+        "{} ≥ {visible_before}",
+        files.len()
+    );
+    // Nothing superseded is left on disk with no retention.
+    let on_disk = walk(&h.lake_events());
+    assert_eq!(on_disk, files.len());
+    let (ids, rows, quantity) = common::read_lake(&h);
+    assert_eq!(
+        (ids.len() as u64, rows),
+        (totals.events_valid, totals.events_valid)
+    );
+    assert_eq!(quantity, totals.quantity);
+    let house = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let billed = tally_query::BillingTotals::of(
+        &house
+            .billing(&Scope::Month(Period::of(month)), None)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (billed.events, billed.quantity),
+        (totals.events_valid, totals.quantity)
+    );
+}
+
+/// How many files a compacted file merged, from its metadata.
+fn compacted(path: &std::path::Path) -> Option<usize> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(File::open(path).ok()?).ok()?;
+    reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()?
+        .iter()
+        .find(|k| k.key == tally_store::META_COMPACTED)?
+        .value
+        .as_deref()?
+        .parse()
+        .ok()
+}
+
+/// Parquet files on disk under a directory, superseded ones included.
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            if p.is_dir() {
+                walk(&p)
+            } else {
+                usize::from(p.extension().is_some_and(|x| x == "parquet"))
+            }
+        })
+        .sum()
 }

@@ -260,20 +260,41 @@ pub async fn until<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut()
     }
 }
 
-/// Every Parquet file under a directory, recursively.
+/// Every Parquet file under a directory, recursively, that is part of the lake: a file
+/// superseded by a compacted one (still on disk for a while) is left out, as every reader
+/// of the lake leaves it out (`tally_store::visible`).
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
+    collect_parquet(dir, &mut out);
+    let keys: Vec<_> = out
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // A file whose name is not a lake file's is a group of its own: always shown.
+            let (partition, first, last) =
+                tally_store::parse_name(name).unwrap_or((u16::MAX, i as u64, i as u64));
+            (p.parent().map(Path::to_owned), partition, first, last)
+        })
+        .collect();
+    let shown = tally_store::visible(&keys);
+    out.into_iter()
+        .zip(shown)
+        .filter_map(|(p, s)| s.then_some(p))
+        .collect()
+}
+
+fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
+        return;
     };
     for e in entries {
         let path = e.unwrap().path();
         if path.is_dir() {
-            out.extend(parquet_files(&path));
+            collect_parquet(&path, out);
         } else if path.extension().is_some_and(|x| x == "parquet") {
             out.push(path);
         }
     }
     out.sort();
-    out
 }

@@ -77,6 +77,12 @@ pub struct IngestConfig {
     /// this time and a third (see [`ownership`]). Long enough that renewals delayed by a
     /// saturated nats-server do not cost a worker its partitions.
     pub lease_ms: u64,
+    /// Compact each owned partition's settled files this often, in seconds (0: never; see
+    /// `tally_store::compact`): closed dates merged whole, open ones once small files pile
+    /// up. `tally compact` does the same on demand.
+    pub compact_every_secs: u64,
+    /// Rows a compacted file holds at most.
+    pub compact_target_rows: u64,
 }
 
 impl Default for IngestConfig {
@@ -99,6 +105,8 @@ impl Default for IngestConfig {
             fault_ack_delay_ms: 0,
             definitions_apply_delay_ms: 0,
             lease_ms: 15_000,
+            compact_every_secs: 300,
+            compact_target_rows: 1_000_000,
         }
     }
 }
@@ -123,6 +131,9 @@ impl IngestConfig {
         }
         if self.flushes_in_flight == 0 {
             p.push("ingest.flushes_in_flight must be at least 1".to_owned());
+        }
+        if self.compact_target_rows < 2 {
+            p.push("ingest.compact_target_rows must be at least 2".to_owned());
         }
         if self.fetch_messages == 0 {
             p.push("ingest.fetch_messages must be at least 1".to_owned());

@@ -284,6 +284,15 @@ async fn rebalance(
 /// Runs one held partition (its checks and record requests too) until `stop`, taking it
 /// over again from the lake after a failure while the fence holds.
 async fn own(ctx: Shared, partition: u16, fence: Arc<Fence>, stop: CancellationToken) {
+    let _compaction = (ctx.config.compact_every_secs > 0).then(|| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(compact_while_held(
+            ctx.lake.clone(),
+            ctx.config.clone(),
+            partition,
+            fence.clone(),
+            stop.clone(),
+        )))
+    });
     let mut pause = Duration::from_millis(100);
     let mut answering = None;
     loop {
@@ -330,6 +339,71 @@ async fn own(ctx: Shared, partition: u16, fence: Arc<Fence>, stop: CancellationT
             () = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Compacts a held partition's settled files every `compact_every_secs` (the partitions
+/// of a worker spread over the interval) while its lease holds; the compacted files become
+/// visible only while the fence holds. A round finding the lake's compaction lock taken
+/// (`tally compact`, another worker's round) is skipped.
+async fn compact_while_held(
+    lake: Arc<Lake>,
+    config: IngestConfig,
+    partition: u16,
+    fence: Arc<Fence>,
+    stop: CancellationToken,
+) {
+    let every = Duration::from_secs(config.compact_every_secs);
+    let spread = u32::from(config.partitions.max(1));
+    let mut wait = every / spread * (u32::from(partition) % spread + 1);
+    let options = tally_store::CompactOptions {
+        target_rows: config.compact_target_rows,
+        ..tally_store::CompactOptions::default()
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = every;
+        if !fence.holds() {
+            return;
+        }
+        let (lake, fence, options) = (lake.clone(), fence.clone(), options.clone());
+        let round = tokio::task::spawn_blocking(move || {
+            let Some(_lock) = lake.lock_compaction()? else {
+                return Ok(None);
+            };
+            let Some(settled) = lake.settled_seq(partition)? else {
+                return Ok(None);
+            };
+            lake.compact(
+                partition,
+                settled,
+                &fence,
+                &options,
+                std::time::SystemTime::now(),
+            )
+            .map(Some)
+        })
+        .await;
+        match round {
+            Ok(Ok(Some(done))) if done.written > 0 || done.removed > 0 => {
+                tracing::info!(
+                    partition,
+                    merged = done.merged,
+                    written = done.written,
+                    rows = done.rows,
+                    removed = done.removed,
+                    "compacted"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(partition, error = %e, "compaction failed; the lake is unchanged by it")
+            }
+            Err(e) => tracing::warn!(partition, error = %e, "compaction panicked"),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ SELECT
     plan,
     feature,
     $1 AS period,
-    COUNT(*) AS events,
+    CAST(SUM(events) AS BIGINT) AS events,
     SUM(quantity) AS quantity
 FROM billed_events
 WHERE decision = 'late'

@@ -4,10 +4,11 @@
 //! the schema from [`tally_core::schema`] (given explicitly, so an empty lake is an empty
 //! table rather than an error), and its `rollups` directory likewise with
 //! [`tally_store::rollup_schema`]: one row per customer × feature × hour × decision of each
-//! events file. The rollups table lists every rollup file, so until its partition is taken
-//! over it includes an orphan a crash left (see
-//! [`tally_store::rollup`](mod@tally_store::rollup)). Named queries live as `.sql` files
-//! under `queries/` and take their arguments as parameters.
+//! events file. Both are listed through a store that leaves out what is not part of the
+//! lake (files a compacted one superseded, rollups whose events file is not shown; see
+//! `store.rs`), so a query sees each event once while compaction and ingest run. Named
+//! queries live as `.sql` files under `queries/` and take their arguments as parameters;
+//! billing reads the rollups.
 //!
 //! The session runs in a bounded runtime ([`LakehouseOptions`]: a memory pool that spills
 //! to disk, a cap on the spill files). [`sql`] runs a person's own read-only query over
@@ -17,6 +18,7 @@
 pub mod analytics;
 pub mod output;
 pub mod sql;
+mod store;
 
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -33,13 +35,17 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{JoinType, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use tally_core::schema::{self, lake_schema};
 use tally_store::{ROLLUPS_TABLE, rollup_schema};
+
+use crate::store::LakeStore;
 
 const BILLING_SQL: &str = include_str!("../queries/billing.sql");
 const LATE_SQL: &str = include_str!("../queries/late.sql");
@@ -180,10 +186,19 @@ impl Lakehouse {
             FairSpillPool::new(options.memory_limit),
             NonZeroUsize::new(5).expect("non-zero"),
         );
+        // Every query lists the lake afresh (compaction and ingest change it), through the
+        // store that leaves out what is not part of it.
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(pool))
             .with_disk_manager_builder(disk)
+            .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
             .build_arc()?;
+        let store = LakeStore::new(root).map_err(|source| Error::Io {
+            path: root.display().to_string(),
+            source,
+        })?;
+        let file = ObjectStoreUrl::local_filesystem();
+        runtime.register_object_store(file.as_ref(), Arc::new(store));
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         register(&ctx, root, schema::EVENTS_TABLE, lake_schema())?;
         register(&ctx, root, ROLLUPS_TABLE, rollup_schema())?;
@@ -198,43 +213,69 @@ impl Lakehouse {
         &self.ctx
     }
 
-    /// Billable usage per customer × plan × feature over `scope`: `customer, plan,
-    /// feature, period, events, quantity, accepted, overage` (the last two: quantity
-    /// decided `accepted` and `overage`), ordered by customer, plan and feature.
+    /// Billable usage per customer × plan × feature over `scope`, from the rollups:
+    /// `customer, plan, feature, period, events, quantity, accepted, overage` (the last
+    /// two: quantity decided `accepted` and `overage`), ordered by customer, plan and
+    /// feature.
     pub async fn billing(
         &self,
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        self.scoped(BILLING_SQL, scope, customer).await
+        self.billing_from(Source::Rollups, scope, customer).await
     }
 
-    /// Usage over `scope` decided `late` (not billed): `customer, plan, feature, period,
-    /// events, quantity`.
+    /// [`billing`](Self::billing) computed from `source`: the same answer either way.
+    pub async fn billing_from(
+        &self,
+        source: Source,
+        scope: &Scope<'_>,
+        customer: Option<&str>,
+    ) -> Result<Vec<RecordBatch>> {
+        self.scoped(BILLING_SQL, source, scope, customer).await
+    }
+
+    /// Usage over `scope` decided `late` (not billed), from the rollups: `customer, plan,
+    /// feature, period, events, quantity`.
     pub async fn late(
         &self,
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        self.scoped(LATE_SQL, scope, customer).await
+        self.scoped(LATE_SQL, Source::Rollups, scope, customer)
+            .await
     }
 
-    /// Runs a named query over the events `scope` covers, registered for it alone as
-    /// `billed_events` (under a name of its own, so that runs do not meet).
+    /// Runs a named query over the usage `scope` covers, registered for it alone as
+    /// `billed_events` (under a name of its own, so that runs do not meet): rows with
+    /// `customer, plan, feature, decision, quantity` and `events` (how many events a row
+    /// stands for).
     async fn scoped(
         &self,
         sql: &str,
+        source: Source,
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
         let (from, to) = scope.dates();
         let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
-        // The date bounds prune the hive partitions; the times below are exact.
-        let mut events = self.ctx.table(schema::EVENTS_TABLE).await?.filter(
+        // The date bounds prune the hive partitions; the times below are exact (a billing
+        // period starts at midnight UTC, so an hour of the rollups is inside it or not).
+        let (table, time) = match source {
+            Source::Rollups => (ROLLUPS_TABLE, tally_store::rollup::HOUR),
+            Source::Events => (schema::EVENTS_TABLE, schema::EVENT_TIME),
+        };
+        let mut events = self.ctx.table(table).await?.filter(
             col(schema::DATE)
                 .gt_eq(day(from))
                 .and(col(schema::DATE).lt(day(to))),
         )?;
+        if source == Source::Events {
+            events = events.with_column(
+                tally_store::rollup::EVENTS,
+                lit(ScalarValue::UInt64(Some(1))),
+            )?;
+        }
         if let Some(c) = customer {
             events = events.filter(col(schema::CUSTOMER).eq(lit(c)))?;
         }
@@ -249,9 +290,9 @@ impl Lakehouse {
                     None,
                 )?
                 .filter(
-                    col(schema::EVENT_TIME)
+                    col(time)
                         .gt_eq(col("period_start"))
-                        .and(col(schema::EVENT_TIME).lt(col("period_end"))),
+                        .and(col(time).lt(col("period_end"))),
                 )?;
         }
         static RUN: AtomicU64 = AtomicU64::new(0);
@@ -269,6 +310,14 @@ impl Lakehouse {
         self.ctx.deregister_table(&name)?;
         Ok(result?)
     }
+}
+
+/// Which table a named query reads: the same answers, from the hourly rollups (fewer
+/// rows) or from every event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Rollups,
+    Events,
 }
 
 /// Which events a billing run covers.
@@ -522,6 +571,127 @@ mod tests {
         }
         let totals = query(&house, "SELECT SUM(events) AS n FROM rollups").await;
         assert_eq!(totals.column(0).as_primitive::<UInt64Type>().value(0), 150);
+    }
+
+    /// What the lake answers: billing from either table, and sums of both tables.
+    async fn answers(root: &Path) -> Vec<RecordBatch> {
+        let house = Lakehouse::open(root).await.unwrap();
+        let month = Scope::Month("2026-11".parse().unwrap());
+        let mut out = Vec::new();
+        for source in [Source::Rollups, Source::Events] {
+            let billed = house.billing_from(source, &month, None).await.unwrap();
+            out.push(concat_batches(&billed[0].schema(), &billed).unwrap());
+        }
+        for sql in [
+            "SELECT customer, feature, decision, COUNT(*) AS n, SUM(quantity) AS q,
+                    MIN(stream_seq) AS lo, MAX(stream_seq) AS hi, COUNT(DISTINCT event_id) AS ids
+             FROM events GROUP BY customer, feature, decision ORDER BY customer, feature, decision",
+            "SELECT customer, feature, decision, SUM(events) AS n, SUM(quantity) AS q
+             FROM rollups GROUP BY customer, feature, decision ORDER BY customer, feature, decision",
+        ] {
+            out.push(query(&house, sql).await);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn compaction_changes_no_answer_and_orphan_rollups_count_nowhere() {
+        use std::time::{Duration, SystemTime};
+        use tally_store::CompactOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        for seqs in [1..=40, 41..=90, 91..=150, 151..=155] {
+            lake.write(&sealed(seqs), &Fence::open()).unwrap();
+        }
+        let before = answers(dir.path()).await;
+        assert_eq!(
+            before[0], before[1],
+            "billing from rollups equals billing from events"
+        );
+
+        // A rollup whose events file never appeared (a crash between the two renames).
+        lake.write(&sealed(156..=170), &Fence::open()).unwrap();
+        for f in lake.partition_files(5).unwrap() {
+            if f.first_seq == 156 {
+                std::fs::remove_file(&f.path).unwrap();
+            }
+        }
+        assert_eq!(answers(dir.path()).await, before);
+
+        // Compaction up to 150: the last batch stays apart; the inputs stay on disk.
+        let options = CompactOptions::default();
+        let now = SystemTime::now();
+        let merge = lake.compact(5, 150, &Fence::open(), &options, now).unwrap();
+        assert!(
+            merge.merged > merge.written && merge.written > 0,
+            "{merge:?}"
+        );
+        assert_eq!(answers(dir.path()).await, before);
+        // Past `retain`, the superseded files go; the answers stay.
+        let later = now + options.retain + Duration::from_secs(1);
+        let done = lake
+            .compact(5, 150, &Fence::open(), &options, later)
+            .unwrap();
+        // Each merged events file and its rollup, and the orphan rollup of 156–170 (past
+        // the sequence compacted: the take-over's to remove, not compaction's).
+        assert_eq!(done.removed, 2 * merge.merged, "{done:?}");
+        assert_eq!(answers(dir.path()).await, before);
+    }
+
+    #[tokio::test]
+    async fn a_query_during_compaction_sees_every_event_once() {
+        use std::time::SystemTime;
+        use tally_store::CompactOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        // Eight partitions of 30 batches each.
+        let mut rows = 0;
+        for partition in 0..8u16 {
+            for b in 0..30u64 {
+                let s = sealed(b * 10 + 1..=b * 10 + 10);
+                rows += s.batch.num_rows() as u64;
+                let s = SealedBatch { partition, ..s };
+                lake.write(&s, &Fence::open()).unwrap();
+            }
+        }
+        let compactor = std::thread::spawn({
+            let lake = lake.clone();
+            move || {
+                let options = CompactOptions {
+                    target_rows: 40,
+                    ..CompactOptions::default()
+                };
+                let mut merged = 0;
+                for partition in 0..8 {
+                    let done = lake
+                        .compact(partition, 300, &Fence::open(), &options, SystemTime::now())
+                        .unwrap();
+                    merged += done.merged;
+                }
+                merged
+            }
+        });
+        let house = Lakehouse::open(dir.path()).await.unwrap();
+        let mut queries = 0;
+        loop {
+            let finished = compactor.is_finished();
+            let counts = query(
+                &house,
+                "SELECT (SELECT COUNT(*) FROM events) AS e, (SELECT SUM(events) FROM rollups) AS r",
+            )
+            .await;
+            assert_eq!(
+                counts.column(0).as_primitive::<Int64Type>().value(0),
+                rows as i64
+            );
+            assert_eq!(counts.column(1).as_primitive::<UInt64Type>().value(0), rows);
+            queries += 1;
+            if finished {
+                break;
+            }
+        }
+        assert!(compactor.join().unwrap() > 100);
+        assert!(queries > 1);
     }
 
     #[test]

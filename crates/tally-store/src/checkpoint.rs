@@ -70,7 +70,7 @@ impl Lake {
     }
 
     /// A partition's checkpoint files, newest first.
-    fn checkpoint_files(&self, partition: u16) -> Result<Vec<PathBuf>> {
+    pub(crate) fn checkpoint_files(&self, partition: u16) -> Result<Vec<PathBuf>> {
         let dir = self.checkpoints_dir(partition);
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,

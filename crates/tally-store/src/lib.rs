@@ -47,9 +47,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub mod checkpoint;
+pub mod compact;
 pub mod rollup;
 pub mod tail;
 
+pub use compact::{CompactOptions, Compacted, parse_name, visible};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use tail::{PartitionFile, Tail};
 
@@ -60,6 +62,18 @@ pub const META_LAST_SEQ: &str = "tally.last_seq";
 /// How many files (one per event date) the sealed batch became: a recovering worker
 /// treats a batch with fewer files as never written.
 pub const META_FILES: &str = "tally.files";
+/// On a compacted file: how many files it merged (see [`compact`]).
+pub const META_COMPACTED: &str = "tally.compacted";
+
+/// What a lake file's metadata says of it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FileMeta {
+    pub partition: u16,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub files: usize,
+    pub compacted: Option<usize>,
+}
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 
@@ -73,6 +87,8 @@ pub enum Error {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("batch has no {0} column of the lake schema")]
     Schema(&'static str),
+    #[error("lake file has no {0} column, which the lake schema requires")]
+    MissingColumn(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// The partition's lease may have passed to another worker: nothing was made visible.
@@ -171,10 +187,17 @@ impl Lake {
             );
             // The rollup is durable before the events file can be visible (see `rollup`).
             let summary = rollup(&rows)?;
+            let meta = FileMeta {
+                partition: sealed.partition,
+                first_seq: sealed.first_seq,
+                last_seq: sealed.last_seq,
+                files,
+                compacted: None,
+            };
             let rollups = self.rollups_dir().join(&part);
-            self.write_file(&rollups, &name, sealed, files, &summary, fence)?;
+            self.write_file(&rollups, &name, &meta, &summary, fence)?;
             let dir = self.events_dir().join(&part);
-            let bytes = self.write_file(&dir, &name, sealed, files, &rows, fence)?;
+            let bytes = self.write_file(&dir, &name, &meta, &rows, fence)?;
             durable.rows += rows.num_rows();
             durable.files += 1;
             durable.bytes += bytes;
@@ -182,12 +205,13 @@ impl Lake {
         Ok(durable)
     }
 
-    fn write_file(
+    /// Writes `rows` as `dir/name`: a temporary file, fsynced, renamed into place while
+    /// the fence holds, the directory fsynced. Returns the file's size.
+    pub(crate) fn write_file(
         &self,
         dir: &Path,
         name: &str,
-        sealed: &SealedBatch,
-        files: usize,
+        meta: &FileMeta,
         rows: &RecordBatch,
         fence: &Fence,
     ) -> Result<u64> {
@@ -198,18 +222,24 @@ impl Lake {
         let mut writer = ArrowWriter::try_new(file, rows.schema(), Some(self.props.clone()))?;
         writer.write(rows)?;
         for (key, value) in [
-            (META_PARTITION, sealed.partition.to_string()),
-            (META_FIRST_SEQ, sealed.first_seq.to_string()),
-            (META_LAST_SEQ, sealed.last_seq.to_string()),
-            (META_FILES, files.to_string()),
+            (META_PARTITION, meta.partition.to_string()),
+            (META_FIRST_SEQ, meta.first_seq.to_string()),
+            (META_LAST_SEQ, meta.last_seq.to_string()),
+            (META_FILES, meta.files.to_string()),
         ] {
             writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
+        }
+        if let Some(inputs) = meta.compacted {
+            writer.append_key_value_metadata(KeyValue::new(
+                META_COMPACTED.to_owned(),
+                inputs.to_string(),
+            ));
         }
         let file = writer.into_inner()?;
         file.sync_all().map_err(io_err(&tmp))?;
         let bytes = file.metadata().map_err(io_err(&tmp))?.len();
         drop(file);
-        publish(&tmp, &path, fence, sealed.partition)?;
+        publish(&tmp, &path, fence, meta.partition)?;
         // The rename is durable only once the directory entry is.
         sync_dir(dir)?;
         Ok(bytes)

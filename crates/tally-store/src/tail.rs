@@ -16,6 +16,7 @@ use arrow::datatypes::UInt64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::schema;
 
+use crate::compact::{parse_name, visible, visible_files};
 use crate::{Error, Lake, META_FILES, Result, io_err, sync_dir};
 
 /// A lake file of one partition, as its name describes it.
@@ -43,12 +44,14 @@ pub struct Tail {
 }
 
 impl Lake {
-    /// Every events file of a partition, by first sequence.
+    /// Every events file of a partition that is part of the lake (not superseded by a
+    /// compacted file, see [`compact`](mod@crate::compact)), by first sequence.
     pub fn partition_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
-        files_of(&self.events_dir(), partition)
+        Ok(visible_files(files_of(&self.events_dir(), partition)?))
     }
 
-    /// Rows in every events file of the lake, from the files' footers.
+    /// Rows in every events file of the lake (superseded ones aside), from the files'
+    /// footers.
     pub fn rows(&self) -> Result<u64> {
         use parquet::file::reader::{FileReader, SerializedFileReader};
         let root = self.events_dir();
@@ -63,13 +66,21 @@ impl Lake {
             if !dir.is_dir() {
                 continue;
             }
+            let mut files = Vec::new();
             for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
                 let path = entry.map_err(io_err(&dir))?.path();
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if name.starts_with('.') || !name.ends_with(".parquet") {
+                if let Some((p, first, last)) = parse_name(name) {
+                    files.push(((), p, first, last, path));
+                }
+            }
+            let keys: Vec<_> = files.iter().map(|f| (f.0, f.1, f.2, f.3)).collect();
+            for (f, shown) in files.iter().zip(visible(&keys)) {
+                if !shown {
                     continue;
                 }
-                let file = File::open(&path).map_err(io_err(&path))?;
+                let path = &f.4;
+                let file = File::open(path).map_err(io_err(path))?;
                 let footer = SerializedFileReader::new(file)?;
                 rows += u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0);
             }
@@ -82,12 +93,24 @@ impl Lake {
         files_of(&self.rollups_dir(), partition)
     }
 
-    /// The partition's rows with a stream sequence past `after_seq`. Removes the files of
-    /// incomplete sealed batches and the partition's orphaned rollups: call it only while
-    /// no write of the partition is under way (at take-over, before pulling).
+    /// The partition's rows with a stream sequence past `after_seq`, in stream order.
+    /// Removes the files of incomplete sealed batches and the partition's orphaned rollups
+    /// past `after_seq`: call it only while no write of the partition is under way (at
+    /// take-over, before pulling).
     pub fn tail(&self, partition: u16, after_seq: u64) -> Result<Tail> {
         let files = self.partition_files(partition)?;
-        let mut present: HashSet<PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+        let mut present: HashSet<PathBuf> = files_of(&self.events_dir(), partition)?
+            .into_iter()
+            .map(|f| f.path)
+            .collect();
+        // A compacted file merges complete batches only: a batch across dates whose file
+        // of one date was merged into it is complete.
+        let compacted: Vec<(u64, u64)> = files.iter().map(|f| (f.first_seq, f.last_seq)).collect();
+        let merged = |(first, last): (u64, u64)| {
+            compacted
+                .iter()
+                .any(|&(a, b)| a <= first && last <= b && (a, b) != (first, last))
+        };
         let mut batches: BTreeMap<(u64, u64), Vec<PartitionFile>> = BTreeMap::new();
         for f in files {
             if f.last_seq > after_seq {
@@ -107,7 +130,7 @@ impl Lake {
                 expected = n;
                 parts.push(rows);
             }
-            if files.len() < expected {
+            if files.len() < expected && !merged(range) {
                 tracing::warn!(
                     partition,
                     first_seq = range.0,
@@ -124,28 +147,43 @@ impl Lake {
                 tail.removed += 1;
                 continue;
             }
-            let rows = in_stream_order(parts)?;
-            tail.rows.push(past(rows, after_seq)?);
+            tail.rows.extend(parts);
             tail.covered.push(range);
+        }
+        // One stream order over every file read: a compacted file's range may hold
+        // another file's (of another date).
+        if !tail.rows.is_empty() {
+            let rows = in_stream_order(std::mem::take(&mut tail.rows))?;
+            tail.rows.push(past(rows, after_seq)?);
         }
         // An events file may be without its rollup at no moment, a crash included: the
         // removals above are made durable before any rollup of theirs goes.
         for dir in &emptied {
             sync_dir(dir)?;
         }
-        tail.removed_rollups = self.remove_orphan_rollups(partition, &present)?;
+        tail.removed_rollups = self.remove_orphan_rollups(partition, after_seq, &present)?;
         Ok(tail)
     }
 
-    /// Removes the partition's rollups whose events file is absent. `events` lists the
-    /// partition's events files; one not in it is looked for again before its rollup goes.
-    fn remove_orphan_rollups(&self, partition: u16, events: &HashSet<PathBuf>) -> Result<usize> {
+    /// Removes the partition's rollups past `after_seq` whose events file is absent.
+    /// `events` lists the partition's events files; one not in it is looked for again
+    /// before its rollup goes. (At or below `after_seq`, ingest leaves no orphan: every
+    /// batch there is durable. Those a compaction leaves are its own to remove.)
+    fn remove_orphan_rollups(
+        &self,
+        partition: u16,
+        after_seq: u64,
+        events: &HashSet<PathBuf>,
+    ) -> Result<usize> {
         let (rollups, events_dir) = (self.rollups_dir(), self.events_dir());
         let mut removed = 0;
         for f in files_of(&rollups, partition)? {
             let Ok(relative) = f.path.strip_prefix(&rollups) else {
                 continue;
             };
+            if f.last_seq <= after_seq {
+                continue;
+            }
             let raw = events_dir.join(relative);
             if events.contains(&raw) || raw.try_exists().map_err(io_err(&raw))? {
                 continue;
@@ -164,8 +202,9 @@ impl Lake {
     }
 }
 
-/// The files of one partition under a table's directory (`<dir>/date=…/p<partition>-…`).
-fn files_of(root: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
+/// The files of one partition under a table's directory (`<dir>/date=…/p<partition>-…`),
+/// superseded ones included.
+pub(crate) fn files_of(root: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
     let dates = match fs::read_dir(root) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -367,8 +406,11 @@ mod tests {
         );
         fs::remove_file(&events[0].path).unwrap();
 
-        // The orphan goes even below the checkpoint's sequence: it is not part of the lake.
+        // At or below the checkpoint's sequence a rollup is not the take-over's to judge
+        // (only a compaction leaves orphans there); past it, the orphan goes.
         let tail = lake.tail(2, 2).unwrap();
+        assert_eq!((tail.removed, tail.removed_rollups), (0, 0));
+        let tail = lake.tail(2, 0).unwrap();
         assert_eq!((tail.removed, tail.removed_rollups), (0, 1));
         assert_eq!(tail.covered, [(3, 4)]);
         assert!(!rollups[0].path.exists());
