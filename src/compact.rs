@@ -39,6 +39,8 @@ pub struct Report {
     pub merged: usize,
     pub written: usize,
     pub rows: u64,
+    /// Monthly rollups written for closed months.
+    pub monthly: usize,
     pub removed: usize,
 }
 
@@ -61,8 +63,14 @@ pub async fn run(config: &Config, args: CompactArgs) -> anyhow::Result<ExitCode>
     match args.format {
         Format::Table => {
             println!(
-                "{} partitions: {} files merged into {} ({} rows); {} superseded files removed",
-                report.partitions, report.merged, report.written, report.rows, report.removed
+                "{} partitions: {} files merged into {} ({} rows), {} monthly rollups written; \
+                 {} superseded files removed",
+                report.partitions,
+                report.merged,
+                report.written,
+                report.rows,
+                report.monthly,
+                report.removed
             );
             if !report.unsettled.is_empty() {
                 println!(
@@ -112,6 +120,7 @@ pub fn compact(
     report.merged = done.merged;
     report.written = done.written;
     report.rows = done.rows;
+    report.monthly = done.monthly;
     report.removed = done.removed;
     Ok(report)
 }

@@ -1,7 +1,8 @@
 //! `tally bench ingest`: end-to-end events/s and publish-to-durable latency, with an
 //! optional JetStream-only baseline measured in the same run. `tally bench quota`: the
 //! quota engine alone ([`quota`]); `check`: checks over NATS ([`check`]); `recovery`: a
-//! worker taking its partitions over ([`recovery`]).
+//! worker taking its partitions over ([`recovery`]); `query`: billing and adoption over a
+//! generated month ([`query`]).
 //!
 //! Messages are generated before the clock starts. The clock runs from the first publish
 //! to the moment every partition consumer has nothing pending and nothing unacknowledged
@@ -27,6 +28,7 @@ use crate::pipeline::{Nats, Pipeline};
 use crate::workload::{self, OutMessage, Spec};
 
 pub mod check;
+pub mod query;
 pub mod quota;
 pub mod recovery;
 
@@ -49,6 +51,12 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench recovery --customers 50000 --features 20 --format json
     Recovery(recovery::RecoveryBench),
+    /// Billing and adoption over a generated month in the lake: from the monthly rollups,
+    /// from the raw events, and (with --duckdb) DuckDB over the same files.
+    /// `benches/query.sh` installs DuckDB and runs it in release.
+    ///
+    /// Example: tally bench query --events 10000000 --dir /var/tmp/tally-query --format json
+    Query(query::QueryBench),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -165,6 +173,7 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
         BenchCmd::Ingest(args) => ingest(config, args).await,
         BenchCmd::Quota(args) => tokio::task::spawn_blocking(move || quota::run(args)).await?,
         BenchCmd::Check(args) => check::run(config, args).await,
+        BenchCmd::Query(args) => query::run(args).await,
         BenchCmd::Recovery(args) => recovery::run(config, args)
             .await
             .map(|_| std::process::ExitCode::SUCCESS),

@@ -160,6 +160,7 @@ impl Default for LakehouseOptions {
 pub struct Lakehouse {
     ctx: SessionContext,
     options: LakehouseOptions,
+    root: PathBuf,
 }
 
 impl Lakehouse {
@@ -202,7 +203,11 @@ impl Lakehouse {
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         register(&ctx, root, schema::EVENTS_TABLE, lake_schema())?;
         register(&ctx, root, ROLLUPS_TABLE, rollup_schema())?;
-        Ok(Self { ctx, options })
+        Ok(Self {
+            ctx,
+            options,
+            root: root.to_owned(),
+        })
     }
 
     pub fn options(&self) -> &LakehouseOptions {
@@ -265,11 +270,14 @@ impl Lakehouse {
             Source::Rollups => (ROLLUPS_TABLE, tally_store::rollup::HOUR),
             Source::Events => (schema::EVENTS_TABLE, schema::EVENT_TIME),
         };
-        let mut events = self.ctx.table(table).await?.filter(
-            col(schema::DATE)
-                .gt_eq(day(from))
-                .and(col(schema::DATE).lt(day(to))),
-        )?;
+        let mut events = match (source, scope) {
+            (Source::Rollups, Scope::Month(month)) => self.month_usage(*month).await?,
+            _ => self.ctx.table(table).await?.filter(
+                col(schema::DATE)
+                    .gt_eq(day(from))
+                    .and(col(schema::DATE).lt(day(to))),
+            )?,
+        };
         if source == Source::Events {
             events = events.with_column(
                 tally_store::rollup::EVENTS,
@@ -312,8 +320,60 @@ impl Lakehouse {
     }
 }
 
-/// Which table a named query reads: the same answers, from the hourly rollups (fewer
-/// rows) or from every event.
+/// The columns of usage a named query reads, whatever the table.
+const USAGE_COLUMNS: [&str; 6] = [
+    schema::CUSTOMER,
+    schema::PLAN,
+    schema::FEATURE,
+    schema::DECISION,
+    schema::QUANTITY,
+    tally_store::rollup::EVENTS,
+];
+
+impl Lakehouse {
+    /// A calendar month's usage from the rollups: the monthly rollups of its closed
+    /// partitions, and the hourly rollups of the events files they do not cover
+    /// ([`tally_store::Lake::month_sources`]), as rows of [`USAGE_COLUMNS`].
+    async fn month_usage(&self, month: Period) -> Result<datafusion::dataframe::DataFrame> {
+        let lake = tally_store::Lake::new(&self.root);
+        let sources =
+            tokio::task::spawn_blocking(move || lake.month_sources(month.year, month.month))
+                .await
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let monthly = self.files(&sources.monthly, tally_store::monthly_schema())?;
+        let hourly = self.files(&sources.hourly, rollup_schema())?;
+        let pick = |df: datafusion::dataframe::DataFrame| df.select_columns(&USAGE_COLUMNS);
+        Ok(pick(monthly)?.union(pick(hourly)?)?)
+    }
+
+    /// A table of exactly these Parquet files (none: an empty table of `schema`).
+    fn files(
+        &self,
+        paths: &[PathBuf],
+        schema: SchemaRef,
+    ) -> Result<datafusion::dataframe::DataFrame> {
+        if paths.is_empty() {
+            return Ok(self.ctx.read_batch(RecordBatch::new_empty(schema))?);
+        }
+        let urls = paths
+            .iter()
+            .map(|p| ListingTableUrl::parse(p.display().to_string()))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema);
+        Ok(self
+            .ctx
+            .read_table(Arc::new(ListingTable::try_new(config)?))?)
+    }
+}
+
+/// Which table a named query reads: the same answers, from the rollups (for a calendar
+/// month, the monthly ones where compaction wrote them: far fewer rows) or from every
+/// event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Rollups,
@@ -618,24 +678,41 @@ mod tests {
         }
         assert_eq!(answers(dir.path()).await, before);
 
-        // Compaction up to 150: the last batch stays apart; the inputs stay on disk.
+        // Compaction up to 150 on 2026-12-02, November closed: the dates merged, November's
+        // monthly rollup written; 151–155 stays apart, read from its hourly rollup.
         let options = CompactOptions::default();
-        let now = SystemTime::now();
-        let merge = lake.compact(5, 150, &Fence::open(), &options, now).unwrap();
+        let december = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
+        let merge = lake
+            .compact(5, 150, &Fence::open(), &options, december)
+            .unwrap();
         assert!(
             merge.merged > merge.written && merge.written > 0,
             "{merge:?}"
         );
+        assert_eq!(merge.monthly, 1);
+        let sources = lake.month_sources(2026, 11).unwrap();
+        assert_eq!(sources.monthly.len(), 1);
+        assert!(!sources.hourly.is_empty());
         assert_eq!(answers(dir.path()).await, before);
-        // Past `retain`, the superseded files go; the answers stay.
-        let later = now + options.retain + Duration::from_secs(1);
+
+        // Events of November that arrive after its monthly rollup are read from their own
+        // rollup, then covered by a wider monthly rollup that supersedes the first.
+        lake.write(&sealed(171..=180), &Fence::open()).unwrap();
+        let late = answers(dir.path()).await;
+        assert_eq!(late[0], late[1]);
+        assert_ne!(late[2], before[2]);
+        // ("december" is days past the files' own times, beyond `retain`: what a run
+        // supersedes goes in the same run. Here the merged files and their rollups, the
+        // monthly file the new one supersedes, and the orphan rollup of 156–170, settled
+        // now, which only a compaction could have left there.)
         let done = lake
-            .compact(5, 150, &Fence::open(), &options, later)
+            .compact(5, 180, &Fence::open(), &options, december)
             .unwrap();
-        // Each merged events file and its rollup, and the orphan rollup of 156–170 (past
-        // the sequence compacted: the take-over's to remove, not compaction's).
-        assert_eq!(done.removed, 2 * merge.merged, "{done:?}");
-        assert_eq!(answers(dir.path()).await, before);
+        assert_eq!(done.monthly, 1);
+        assert_eq!(done.removed, 2 * done.merged + 2, "{done:?}");
+        let sources = lake.month_sources(2026, 11).unwrap();
+        assert_eq!((sources.monthly.len(), sources.hourly.len()), (1, 0));
+        assert_eq!(answers(dir.path()).await, late);
     }
 
     #[tokio::test]

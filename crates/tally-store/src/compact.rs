@@ -145,7 +145,9 @@ pub struct Compacted {
     pub written: usize,
     /// Rows in the compacted files.
     pub rows: u64,
-    /// Superseded files (events and rollups) and orphaned rollups removed.
+    /// Monthly rollups written (see [`monthly`](mod@crate::monthly)).
+    pub monthly: usize,
+    /// Superseded files (events, rollups, monthly rollups) and orphaned rollups removed.
     pub removed: usize,
 }
 
@@ -154,6 +156,7 @@ impl std::ops::AddAssign for Compacted {
         self.merged += o.merged;
         self.written += o.written;
         self.rows += o.rows;
+        self.monthly += o.monthly;
         self.removed += o.removed;
     }
 }
@@ -264,7 +267,10 @@ impl Lake {
                 done += self.merge(partition, &dir, &run, fence)?;
             }
         }
+        done.monthly +=
+            self.compact_months(partition, up_to_seq, fence, options.closed_after, now)?;
         done.removed += self.remove_superseded(partition, options.retain, now)?;
+        done.removed += self.remove_superseded_months(partition, options.retain, now)?;
         done.removed += self.remove_compaction_orphans(partition, up_to_seq)?;
         Ok(done)
     }
@@ -315,7 +321,7 @@ impl Lake {
             merged: run.len(),
             written: 1,
             rows: rows.num_rows() as u64,
-            removed: 0,
+            ..Compacted::default()
         })
     }
 
@@ -435,7 +441,8 @@ fn date_of(dir: &Path) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(end).ok()?))
 }
 
-fn footer_rows(path: &Path) -> Result<u64> {
+/// A Parquet file's rows, from its footer.
+pub fn footer_rows(path: &Path) -> Result<u64> {
     let file = File::open(path).map_err(io_err(path))?;
     let reader = SerializedFileReader::new(file)?;
     Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))

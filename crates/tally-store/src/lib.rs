@@ -48,10 +48,12 @@ use tokio_util::sync::CancellationToken;
 
 pub mod checkpoint;
 pub mod compact;
+pub mod monthly;
 pub mod rollup;
 pub mod tail;
 
-pub use compact::{CompactOptions, Compacted, parse_name, visible};
+pub use compact::{CompactOptions, Compacted, footer_rows, parse_name, visible};
+pub use monthly::{MONTHLY_TABLE, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use tail::{PartitionFile, Tail};
 

@@ -1,0 +1,528 @@
+//! Monthly rollups: a partition's usage of a closed calendar month (UTC) per customer ×
+//! feature × decision × plan, the level billing reads for a closed month.
+//!
+//! ```text
+//! <root>/monthly/month=YYYY-MM/p<partition>-<first_seq>-<last_seq>.parquet
+//! ```
+//!
+//! Hourly rollups hold about one row per event once customers × features × hours outnumber
+//! the events (10,000 customers × 50 features do at any rate below a billion events a
+//! month), so summing them is no cheaper than scanning the events. A monthly rollup holds
+//! at most one row per customer × feature × decision × plan, whatever the volume.
+//!
+//! **What it covers.** Compaction ([`Lake::compact`]) writes it once the month is closed,
+//! from the hourly rollups of the partition's events files dated in the month that are
+//! settled (at or below the newest checkpoint), and names it by the widest range of those
+//! files. It *covers* every events file of its partition dated in its month whose range
+//! lies inside its own; a later file (an event arriving after the month closed) is not
+//! covered, and its rows are read from its own rollup until a later compaction writes a
+//! wider monthly file, which supersedes this one as compacted events files supersede theirs
+//! ([`visible`](crate::visible)). [`Lake::month_sources`] lists what a query reads for a
+//! month: the monthly files, and the rollups of the events files no monthly file covers.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, ListArray, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt16Array, UInt64Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{
+    DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+    UInt16Type, UInt64Type,
+};
+use chrono::{DateTime, Datelike, NaiveDate};
+use hashbrown::HashMap;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tally_core::Fence;
+
+use crate::compact::{parse_name, visible, visible_files};
+use crate::rollup::{
+    CUSTOMER, DECISION, EVENTS, FEATURE, HOUR, PARTITION_ID, PLAN, QUANTITY, USERS,
+};
+use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err};
+
+/// The monthly table's directory under the lake root.
+pub const MONTHLY_TABLE: &str = "monthly";
+/// The first instant of the row's calendar month (UTC).
+pub const MONTH: &str = "month";
+
+static MONTHLY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let user = Arc::new(Field::new_list_field(DataType::Utf8, false));
+    Arc::new(Schema::new(vec![
+        Field::new(CUSTOMER, DataType::Utf8, false),
+        Field::new(FEATURE, DataType::Utf8, false),
+        Field::new(
+            MONTH,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new(DECISION, DataType::Utf8, false),
+        Field::new(EVENTS, DataType::UInt64, false),
+        Field::new(QUANTITY, DataType::Float64, false),
+        Field::new(USERS, DataType::List(user), false),
+        Field::new(PARTITION_ID, DataType::UInt16, false),
+        Field::new(PLAN, DataType::Utf8, true),
+    ]))
+});
+
+/// The schema of one monthly row: a rollup row with `month` for `hour`.
+pub fn monthly_schema() -> SchemaRef {
+    MONTHLY_SCHEMA.clone()
+}
+
+/// A calendar month (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Month {
+    pub year: i32,
+    pub month: u32,
+}
+
+impl Month {
+    pub fn first_day(self) -> NaiveDate {
+        NaiveDate::from_ymd_opt(self.year, self.month, 1).unwrap_or_default()
+    }
+
+    pub fn next(self) -> Month {
+        if self.month == 12 {
+            Month {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Month {
+                year: self.year,
+                month: self.month + 1,
+            }
+        }
+    }
+
+    fn of(date: NaiveDate) -> Month {
+        Month {
+            year: date.year(),
+            month: date.month(),
+        }
+    }
+
+    /// The month of a `date=YYYY-MM-DD` directory.
+    fn of_dir(dir: &Path) -> Option<Month> {
+        let date: NaiveDate = dir
+            .file_name()?
+            .to_str()?
+            .strip_prefix("date=")?
+            .parse()
+            .ok()?;
+        Some(Month::of(date))
+    }
+
+    fn dir_name(self) -> String {
+        format!("{MONTH}={:04}-{:02}", self.year, self.month)
+    }
+
+    fn micros(date: NaiveDate) -> i64 {
+        date.and_hms_opt(0, 0, 0)
+            .map_or(0, |t| t.and_utc().timestamp_micros())
+    }
+
+    /// `[start, end)` in microseconds since the epoch.
+    fn span(self) -> (i64, i64) {
+        (
+            Self::micros(self.first_day()),
+            Self::micros(self.next().first_day()),
+        )
+    }
+}
+
+/// Sums rollup rows per customer × feature × month × decision × partition × plan, with the
+/// union of their users. Strings are interned once; a row whose key equals the previous
+/// row's (rollups are sorted by customer, feature, hour) costs comparisons only.
+/// Interned customer, feature, month start, decision, partition, plan.
+type GroupKey = (u32, u32, i64, u32, u16, u32);
+
+#[derive(Default)]
+struct Summer {
+    names: HashMap<Box<str>, u32>,
+    strings: Vec<Box<str>>,
+    groups: HashMap<GroupKey, Sums>,
+}
+
+#[derive(Default)]
+struct Sums {
+    events: u64,
+    quantity: f64,
+    users: Vec<u32>,
+}
+
+const NO_PLAN: u32 = u32::MAX;
+
+impl Summer {
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.names.get(s) {
+            return id;
+        }
+        let id = self.strings.len() as u32;
+        self.strings.push(s.into());
+        self.names.insert(s.into(), id);
+        id
+    }
+
+    /// The id of `s`, from `last` when `s` is the string it last held.
+    fn cached<'a>(&mut self, last: &mut (Option<&'a str>, u32), s: Option<&'a str>) -> u32 {
+        match (s, *last) {
+            (None, _) => NO_PLAN,
+            (Some(v), (Some(prev), id)) if prev == v => id,
+            (Some(v), _) => {
+                let id = self.intern(v);
+                *last = (Some(v), id);
+                id
+            }
+        }
+    }
+
+    fn add(&mut self, rollup: &RecordBatch) -> Result<()> {
+        let text = |name: &'static str| {
+            rollup
+                .column_by_name(name)
+                .and_then(|c| c.as_string_opt::<i32>())
+                .ok_or(Error::Schema(name))
+        };
+        let (customer, feature, decision, plan) = (
+            text(CUSTOMER)?,
+            text(FEATURE)?,
+            text(DECISION)?,
+            text(PLAN)?,
+        );
+        let hour = rollup
+            .column_by_name(HOUR)
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .ok_or(Error::Schema(HOUR))?
+            .values();
+        let events = rollup
+            .column_by_name(EVENTS)
+            .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+            .ok_or(Error::Schema(EVENTS))?
+            .values();
+        let quantity = rollup
+            .column_by_name(QUANTITY)
+            .and_then(|c| c.as_primitive_opt::<Float64Type>())
+            .ok_or(Error::Schema(QUANTITY))?
+            .values();
+        let partition = rollup
+            .column_by_name(PARTITION_ID)
+            .and_then(|c| c.as_primitive_opt::<UInt16Type>())
+            .ok_or(Error::Schema(PARTITION_ID))?
+            .values();
+        let users = rollup
+            .column_by_name(USERS)
+            .and_then(|c| c.as_list_opt::<i32>())
+            .ok_or(Error::Schema(USERS))?;
+        let user_values = users.values().as_string::<i32>();
+        let offsets = users.value_offsets();
+
+        let mut month: Option<(i64, i64)> = None;
+        let mut last: [(Option<&str>, u32); 4] = [(None, 0); 4];
+        for i in 0..rollup.num_rows() {
+            let t = hour[i];
+            let start = match month {
+                Some((s, e)) if (s..e).contains(&t) => s,
+                _ => {
+                    let date = DateTime::from_timestamp_micros(t)
+                        .map(|d| d.date_naive())
+                        .unwrap_or_default();
+                    let span = Month::of(date).span();
+                    month = Some(span);
+                    span.0
+                }
+            };
+            let key = (
+                self.cached(&mut last[0], Some(customer.value(i))),
+                self.cached(&mut last[1], Some(feature.value(i))),
+                start,
+                self.cached(&mut last[2], Some(decision.value(i))),
+                partition[i],
+                self.cached(&mut last[3], plan.is_valid(i).then(|| plan.value(i))),
+            );
+            let (from, to) = (offsets[i] as usize, offsets[i + 1] as usize);
+            let mut users: Vec<u32> = Vec::with_capacity(to - from);
+            for u in from..to {
+                users.push(self.intern(user_values.value(u)));
+            }
+            let sums = self.groups.entry(key).or_default();
+            sums.events += events[i];
+            sums.quantity += quantity[i];
+            sums.users.extend(users);
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<RecordBatch> {
+        let Summer {
+            strings, groups, ..
+        } = self;
+        let name = |id: u32| strings.get(id as usize).map(|s| &**s);
+        let mut rows: Vec<_> = groups.into_iter().collect();
+        rows.sort_unstable_by(|a, b| {
+            let k = |r: &GroupKey| (name(r.0), name(r.1), r.2, name(r.3), r.4, name(r.5));
+            k(&a.0).cmp(&k(&b.0))
+        });
+        let mut user_names: Vec<&str> = Vec::new();
+        let mut lengths = Vec::with_capacity(rows.len());
+        for (_, sums) in &mut rows {
+            let mut names: Vec<&str> = sums.users.iter().filter_map(|&u| name(u)).collect();
+            names.sort_unstable();
+            names.dedup();
+            lengths.push(names.len());
+            user_names.extend(names);
+        }
+        let users = ListArray::try_new(
+            Arc::new(Field::new_list_field(DataType::Utf8, false)),
+            OffsetBuffer::from_lengths(lengths),
+            Arc::new(StringArray::from_iter_values(user_names)),
+            None,
+        )?;
+        let text = |f: fn(&GroupKey) -> u32| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| name(f(&r.0)).unwrap_or("")),
+            ))
+        };
+        let columns: Vec<ArrayRef> = vec![
+            text(|k| k.0),
+            text(|k| k.1),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.0.2))
+                    .with_timezone("UTC"),
+            ),
+            text(|k| k.3),
+            Arc::new(UInt64Array::from_iter_values(
+                rows.iter().map(|r| r.1.events),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.1.quantity),
+            )),
+            Arc::new(users),
+            Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.0.4))),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| name(r.0.5)))),
+        ];
+        Ok(RecordBatch::try_new(monthly_schema(), columns)?)
+    }
+}
+
+/// What a query reads for one month: the monthly files, and the hourly rollups of the
+/// events files dated in the month that no monthly file covers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MonthSources {
+    pub monthly: Vec<PathBuf>,
+    pub hourly: Vec<PathBuf>,
+}
+
+impl Lake {
+    /// The monthly table's directory.
+    pub fn monthly_dir(&self) -> PathBuf {
+        self.root.join(MONTHLY_TABLE)
+    }
+
+    /// The files a query of `month`'s usage reads (see the module). The events files are
+    /// listed before the monthly ones: a monthly file covers settled files only, which
+    /// were on disk (or superseded by a file that was) when the events were listed.
+    pub fn month_sources(&self, year: i32, month: u32) -> Result<MonthSources> {
+        let month = Month { year, month };
+        let (first, next) = (month.first_day(), month.next().first_day());
+        let mut events = Vec::new();
+        for dir in date_dirs(&self.events_dir())? {
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(date) = name.strip_prefix("date=").and_then(|d| d.parse().ok()) else {
+                continue;
+            };
+            if (first..next).contains(&date) {
+                events.extend(lake_files(&dir)?);
+            }
+        }
+        let keys: Vec<_> = events
+            .iter()
+            .map(|(path, p, a, b)| (path.parent().map(Path::to_owned), *p, *a, *b))
+            .collect();
+        let shown: Vec<_> = events
+            .into_iter()
+            .zip(visible(&keys))
+            .filter_map(|(f, s)| s.then_some(f))
+            .collect();
+        let monthly_all = lake_files(&self.monthly_dir().join(month.dir_name()))?;
+        let keys: Vec<_> = monthly_all
+            .iter()
+            .map(|(_, p, a, b)| ((), *p, *a, *b))
+            .collect();
+        let monthly: Vec<_> = monthly_all
+            .into_iter()
+            .zip(visible(&keys))
+            .filter_map(|(f, s)| s.then_some(f))
+            .collect();
+        let covered =
+            |p: u16, a: u64, b: u64| monthly.iter().any(|m| m.1 == p && m.2 <= a && b <= m.3);
+        let hourly = shown
+            .into_iter()
+            .filter(|(_, p, a, b)| !covered(*p, *a, *b))
+            .filter_map(|(path, ..)| {
+                let relative = path.strip_prefix(self.events_dir()).ok()?;
+                Some(self.rollups_dir().join(relative))
+            })
+            .collect();
+        Ok(MonthSources {
+            monthly: monthly.into_iter().map(|m| m.0).collect(),
+            hourly,
+        })
+    }
+
+    /// Writes the monthly rollup of each closed month of a partition that its visible
+    /// monthly file does not yet cover entirely. Returns the files written.
+    pub(crate) fn compact_months(
+        &self,
+        partition: u16,
+        up_to_seq: u64,
+        fence: &Fence,
+        closed_after: Duration,
+        now: SystemTime,
+    ) -> Result<usize> {
+        let mut months: BTreeMap<Month, Vec<PartitionFile>> = BTreeMap::new();
+        for f in self.partition_files(partition)? {
+            if f.last_seq > up_to_seq {
+                continue;
+            }
+            if let Some(m) = f.path.parent().and_then(Month::of_dir) {
+                months.entry(m).or_default().push(f);
+            }
+        }
+        let mut written = 0;
+        for (month, files) in months {
+            let end = SystemTime::UNIX_EPOCH
+                + Duration::from_micros(u64::try_from(month.span().1).unwrap_or(0));
+            if now.duration_since(end).map_or(true, |d| d < closed_after) {
+                continue;
+            }
+            let dir = self.monthly_dir().join(month.dir_name());
+            let current: Vec<PartitionFile> = visible_files(files_of_dir(&dir, partition)?);
+            let all_covered = files.iter().all(|f| {
+                current
+                    .iter()
+                    .any(|m| m.first_seq <= f.first_seq && f.last_seq <= m.last_seq)
+            });
+            if all_covered {
+                continue;
+            }
+            let mut summer = Summer::default();
+            for f in &files {
+                let rollup = match f.path.strip_prefix(self.events_dir()) {
+                    Ok(relative) => self.rollups_dir().join(relative),
+                    Err(_) => continue,
+                };
+                let file = File::open(&rollup).map_err(io_err(&rollup))?;
+                for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+                    summer.add(&batch?)?;
+                }
+            }
+            let rows = summer.finish()?;
+            let meta = FileMeta {
+                partition,
+                first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
+                last_seq: files.iter().map(|f| f.last_seq).max().unwrap_or(0),
+                files: 1,
+                compacted: Some(files.len()),
+            };
+            let name = format!(
+                "p{partition:03}-{:012}-{:012}.parquet",
+                meta.first_seq, meta.last_seq
+            );
+            self.write_file(&dir, &name, &meta, &rows, fence)?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    /// Removes monthly files superseded by a wider one older than `retain`.
+    pub(crate) fn remove_superseded_months(
+        &self,
+        partition: u16,
+        retain: Duration,
+        now: SystemTime,
+    ) -> Result<usize> {
+        let mut removed = 0;
+        for dir in date_dirs(&self.monthly_dir())? {
+            let all = files_of_dir(&dir, partition)?;
+            let shown = visible_files(all.clone());
+            for gone in all.iter().filter(|f| !shown.contains(f)) {
+                let Some(by) = shown
+                    .iter()
+                    .find(|v| v.first_seq <= gone.first_seq && gone.last_seq <= v.last_seq)
+                else {
+                    continue;
+                };
+                let age = fs::metadata(&by.path)
+                    .and_then(|m| m.modified())
+                    .map_err(io_err(&by.path))?;
+                if now.duration_since(age).unwrap_or_default() >= retain {
+                    fs::remove_file(&gone.path).map_err(io_err(&gone.path))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The subdirectories of a table's directory.
+fn date_dirs(root: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(root) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(root)(e)),
+    };
+    let mut dirs = Vec::new();
+    for e in entries {
+        let path = e.map_err(io_err(root))?.path();
+        if path.is_dir() {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// The lake files of one directory: (path, partition, first, last).
+fn lake_files(dir: &Path) -> Result<Vec<(PathBuf, u16, u64, u64)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut files = Vec::new();
+    for e in entries {
+        let path = e.map_err(io_err(dir))?.path();
+        if let Some((p, a, b)) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_name)
+        {
+            files.push((path, p, a, b));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One partition's files of one directory.
+fn files_of_dir(dir: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
+    Ok(lake_files(dir)?
+        .into_iter()
+        .filter(|f| f.1 == partition)
+        .map(|(path, _, first_seq, last_seq)| PartitionFile {
+            path,
+            first_seq,
+            last_seq,
+        })
+        .collect())
+}
