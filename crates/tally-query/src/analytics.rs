@@ -352,23 +352,33 @@ impl Lakehouse {
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<ActiveUsers>> {
-        let df = self
-            .ctx
-            .sql(ACTIVE_USERS_SQL)
-            .await?
-            .with_param_values(range.params())?;
-        rows(only(df, feature)?, |r| {
-            let grain = r.text("grain")?;
-            Ok(ActiveUsers {
-                feature: r.text("feature")?,
-                grain: Grain::parse(&grain).ok_or_else(|| {
-                    DataFusionError::Internal(format!("unexpected grain {grain:?}"))
-                })?,
-                bucket: r.date("bucket")?,
-                users: r.count("users")?,
-            })
-        })
-        .await
+        let mut out = Vec::new();
+        for grain in ["day", "week", "month"] {
+            let mut params = range.params();
+            params.push(ScalarValue::from(grain));
+            let df = self
+                .ctx
+                .sql(ACTIVE_USERS_SQL)
+                .await?
+                .with_param_values(params)?;
+            out.extend(
+                rows(only(df, feature)?, |r| {
+                    let grain = r.text("grain")?;
+                    Ok(ActiveUsers {
+                        feature: r.text("feature")?,
+                        grain: Grain::parse(&grain).ok_or_else(|| {
+                            DataFusionError::Internal(format!("unexpected grain {grain:?}"))
+                        })?,
+                        bucket: r.date("bucket")?,
+                        users: r.count("users")?,
+                    })
+                })
+                .await?,
+            );
+        }
+        // By feature, then day, week, month, then bucket.
+        out.sort_by(|a, b| (&a.feature, a.grain, a.bucket).cmp(&(&b.feature, b.grain, b.bucket)));
+        Ok(out)
     }
 }
 

@@ -30,21 +30,22 @@
 //! of at most [`CompactOptions::target_rows`] rows. On a date still open, only runs of at
 //! least [`CompactOptions::open_min_files`] small files are merged, so a busy day's files do
 //! not pile up and a large file is not rewritten again and again while its date is open.
-//! A compacted file's rows are its inputs' rows in stream order, and its rollup is computed
-//! from them as a sealed batch's is.
+//! A compacted file's rows are its inputs' rows grouped by customer, each customer's in
+//! stream order, and its rollup is computed from them as a sealed batch's is.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use arrow::array::AsArray;
 use arrow::array::{RecordBatch, new_null_array};
 use arrow::compute::concat_batches;
 use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use tally_core::Fence;
-use tally_core::schema::lake_schema;
+use tally_core::schema::{self, lake_schema};
 
 use crate::tail::files_of;
 use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err, rollup, sync_dir};
@@ -290,7 +291,7 @@ impl Lake {
         for c in run {
             batches.extend(read_rows(&c.file.path)?);
         }
-        let rows = concat_batches(&lake_schema(), &batches)?;
+        let rows = by_customer(&concat_batches(&lake_schema(), &batches)?)?;
         let summary = rollup(&rows)?;
         let meta = FileMeta {
             partition,
@@ -431,6 +432,23 @@ fn runs(candidates: Vec<Candidate>, closed: bool, options: &CompactOptions) -> V
     }
     flush(&mut run, &mut rows);
     runs
+}
+
+/// The rows grouped by customer, each customer's rows still in stream order (a stable
+/// sort): a query grouping by customer touches one customer's groups at a time, and the
+/// customer column compresses to runs. A take-over sorts by sequence again (stably, so a
+/// message's events keep their order).
+fn by_customer(rows: &RecordBatch) -> Result<RecordBatch> {
+    let customer = rows
+        .column_by_name(schema::CUSTOMER)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or(Error::Schema(schema::CUSTOMER))?;
+    let mut order: Vec<u32> = (0..rows.num_rows() as u32).collect();
+    order.sort_by_key(|&i| customer.value(i as usize));
+    Ok(arrow::compute::take_record_batch(
+        rows,
+        &arrow::array::UInt32Array::from(order),
+    )?)
 }
 
 /// The end of the date a `date=YYYY-MM-DD` directory holds.

@@ -259,14 +259,19 @@ fn read(path: &Path) -> Result<(RecordBatch, usize)> {
     Ok((concat_batches(&schema, &batches)?, files))
 }
 
-/// One sealed batch's rows from its files (one per date), by stream sequence; the sort is
-/// stable, so a message's events keep their order within a date.
+/// Rows of the files read, by stream sequence; the sort is stable, so a message's events
+/// keep their order within a file.
 fn in_stream_order(parts: Vec<RecordBatch>) -> Result<RecordBatch> {
-    if parts.len() == 1 {
-        return Ok(parts.into_iter().next().unwrap_or_else(empty));
-    }
-    let batch = concat_batches(&parts[0].schema(), &parts)?;
+    let batch = match parts.len() {
+        0 => return Ok(empty()),
+        1 => parts.into_iter().next().unwrap_or_else(empty),
+        _ => concat_batches(&parts[0].schema(), &parts)?,
+    };
     let seqs = seqs(&batch)?;
+    // A sealed batch's file is in stream order; a compacted one is grouped by customer.
+    if seqs.is_sorted() {
+        return Ok(batch);
+    }
     let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
     order.sort_by_key(|&i| seqs[i as usize]);
     Ok(take_record_batch(&batch, &UInt32Array::from(order))?)

@@ -1,0 +1,347 @@
+//! Golden outputs of every named query over a small lake whose answers are worked out by
+//! hand in `golden/november.txt`: each decision kind, a plan change inside the month, a
+//! late event, an event of the month before, halves in quantities. The same answers must
+//! come from the raw events, from the hourly rollups, and after compaction from the
+//! monthly rollups.
+//!
+//! `TALLY_BLESS=1 cargo test -p tally-query --test golden` rewrites the file from the
+//! queries' answers; check every line of the difference by hand before committing it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arrow::array::{
+    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt16Array,
+    UInt64Array,
+};
+use chrono::{NaiveDate, NaiveDateTime};
+use tally_core::schema::lake_schema;
+use tally_core::{Fence, SealedBatch};
+use tally_query::analytics::{DateRange, Window};
+use tally_query::{Lakehouse, Period, Scope, Source};
+use tally_store::{CompactOptions, Lake};
+
+/// (customer, feature, quantity, time, region, user, decision, plan)
+type Row = (
+    &'static str,
+    &'static str,
+    f64,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static str,
+    Option<&'static str>,
+);
+
+const ROWS: [Row; 15] = [
+    (
+        "acme",
+        "api_calls",
+        10.0,
+        "2026-11-02 10:15",
+        Some("eu"),
+        Some("u1"),
+        "accepted",
+        Some("pro"),
+    ),
+    (
+        "acme",
+        "api_calls",
+        5.0,
+        "2026-11-02 10:45",
+        Some("eu"),
+        Some("u2"),
+        "accepted",
+        Some("pro"),
+    ),
+    (
+        "acme",
+        "api_calls",
+        7.0,
+        "2026-11-03 09:00",
+        Some("eu"),
+        Some("u1"),
+        "overage",
+        Some("pro"),
+    ),
+    (
+        "acme",
+        "storage",
+        2.5,
+        "2026-11-03 12:00",
+        Some("eu"),
+        Some("u1"),
+        "accepted",
+        Some("pro"),
+    ),
+    (
+        "acme",
+        "api_calls",
+        3.0,
+        "2026-11-04 08:00",
+        Some("eu"),
+        Some("u3"),
+        "limit_reached",
+        Some("pro"),
+    ),
+    (
+        "acme",
+        "exports",
+        1.0,
+        "2026-11-05 08:00",
+        Some("eu"),
+        Some("u1"),
+        "not_entitled",
+        Some("pro"),
+    ),
+    (
+        "globex",
+        "api_calls",
+        4.0,
+        "2026-11-10 13:00",
+        Some("us"),
+        Some("g1"),
+        "accepted",
+        Some("free"),
+    ),
+    (
+        "globex",
+        "api_calls",
+        6.0,
+        "2026-11-16 13:00",
+        Some("us"),
+        Some("g1"),
+        "accepted",
+        Some("pro"),
+    ),
+    (
+        "globex",
+        "api_calls",
+        2.0,
+        "2026-11-17 13:00",
+        Some("us"),
+        Some("g2"),
+        "overage",
+        Some("pro"),
+    ),
+    (
+        "globex",
+        "reports",
+        1.0,
+        "2026-11-18 14:00",
+        Some("us"),
+        Some("g2"),
+        "region_blocked",
+        Some("pro"),
+    ),
+    (
+        "initech",
+        "api_calls",
+        1.0,
+        "2026-11-20 09:00",
+        Some("ap"),
+        Some("i1"),
+        "expired",
+        Some("free"),
+    ),
+    (
+        "initech",
+        "api_calls",
+        1.0,
+        "2026-11-21 09:00",
+        Some("ap"),
+        Some("i1"),
+        "seat_limit",
+        Some("free"),
+    ),
+    (
+        "ghost",
+        "api_calls",
+        1.0,
+        "2026-11-21 10:00",
+        None,
+        None,
+        "unknown_customer",
+        None,
+    ),
+    (
+        "acme",
+        "api_calls",
+        8.0,
+        "2026-11-01 00:30",
+        Some("eu"),
+        Some("u2"),
+        "late",
+        Some("pro"),
+    ),
+    (
+        "acme",
+        "api_calls",
+        2.0,
+        "2026-10-31 23:00",
+        Some("eu"),
+        Some("u1"),
+        "accepted",
+        Some("pro"),
+    ),
+];
+
+fn micros(t: &str) -> i64 {
+    NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M")
+        .unwrap()
+        .and_utc()
+        .timestamp_micros()
+}
+
+/// Rows `from..to` of [`ROWS`] as a sealed batch of partition 0, sequences from `from + 1`.
+fn sealed(from: usize, to: usize) -> SealedBatch {
+    let rows = &ROWS[from..to];
+    let n = rows.len();
+    let text = |f: fn(&Row) -> Option<&'static str>| -> ArrayRef {
+        Arc::new(StringArray::from_iter(rows.iter().map(f)))
+    };
+    let times = |v: Vec<i64>| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+    };
+    let batch = RecordBatch::try_new(
+        lake_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                (from..to).map(|i| format!("event-{i}")),
+            )),
+            text(|r| Some(r.0)),
+            text(|r| Some(r.1)),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            times(rows.iter().map(|r| micros(r.3)).collect()),
+            text(|r| r.4),
+            text(|r| r.5),
+            text(|_| Some("app")),
+            text(|_| Some("usage")),
+            text(|_| None),
+            text(|r| Some(r.6)),
+            times(rows.iter().map(|r| micros(r.3) + 1_000_000).collect()),
+            Arc::new(UInt64Array::from_iter_values(from as u64 + 1..=to as u64)),
+            Arc::new(UInt16Array::from(vec![0; n])),
+            text(|r| r.7),
+        ],
+    )
+    .unwrap();
+    SealedBatch {
+        partition: 0,
+        first_seq: from as u64 + 1,
+        last_seq: to as u64,
+        batch,
+    }
+}
+
+fn table(batches: &[RecordBatch]) -> String {
+    arrow::util::pretty::pretty_format_batches(batches)
+        .unwrap()
+        .to_string()
+}
+
+fn lines<T: std::fmt::Debug>(rows: &[T]) -> String {
+    rows.iter().map(|r| format!("{r:?}\n")).collect()
+}
+
+/// Every named query's answer for November 2026, as text.
+async fn answers(root: &Path, source: Source) -> String {
+    let house = Lakehouse::open(root).await.unwrap();
+    let november: Period = "2026-11".parse().unwrap();
+    let month = Scope::Month(november);
+    let range = DateRange::new(
+        NaiveDate::from_ymd_opt(2026, 11, 1).unwrap(),
+        NaiveDate::from_ymd_opt(2026, 11, 30).unwrap(),
+    )
+    .unwrap();
+    let mut out = String::new();
+    out += "# billing\n";
+    out += &table(&house.billing_from(source, &month, None).await.unwrap());
+    out += "\n# billing of one customer\n";
+    out += &table(
+        &house
+            .billing_from(source, &month, Some("globex"))
+            .await
+            .unwrap(),
+    );
+    out += "\n# billing by anniversary: acme from 2026-11-03, globex from 2026-11-15\n";
+    let periods = [
+        (
+            "acme".to_owned(),
+            micros("2026-11-03 00:00"),
+            micros("2026-12-03 00:00"),
+        ),
+        (
+            "globex".to_owned(),
+            micros("2026-11-15 00:00"),
+            micros("2026-12-15 00:00"),
+        ),
+    ];
+    let anniversary = Scope::Periods {
+        name: november,
+        periods: &periods,
+    };
+    out += &table(
+        &house
+            .billing_from(source, &anniversary, None)
+            .await
+            .unwrap(),
+    );
+    out += "\n# late\n";
+    out += &table(&house.late(&month, None).await.unwrap());
+    out += "\n# usage per day\n";
+    out += &lines(&house.usage_windows(november, Window::Day).await.unwrap());
+    out += "# usage per month\n";
+    out += &lines(&house.usage_windows(november, Window::Month).await.unwrap());
+    out += "# hard-limit rejections\n";
+    out += &lines(&house.limit_rejections(november).await.unwrap());
+    out += "# feature use\n";
+    out += &lines(&house.feature_use(range, None).await.unwrap());
+    out += "# first uses\n";
+    out += &lines(&house.first_uses(range.end(), None).await.unwrap());
+    out += "# use by region\n";
+    out += &lines(&house.region_use(range, None).await.unwrap());
+    out += "# distinct users\n";
+    out += &lines(&house.active_users(range, None).await.unwrap());
+    out
+}
+
+#[tokio::test]
+async fn every_named_query_answers_as_worked_out_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path());
+    for (from, to) in [(0, 6), (6, 12), (12, 15)] {
+        lake.write(&sealed(from, to), &Fence::open()).unwrap();
+    }
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/november.txt");
+    let from_events = answers(dir.path(), Source::Events).await;
+    if std::env::var_os("TALLY_BLESS").is_some() {
+        std::fs::write(&golden, &from_events).unwrap();
+    }
+    let expected = std::fs::read_to_string(&golden).unwrap();
+    assert_eq!(from_events, expected, "from the raw events");
+    assert_eq!(
+        answers(dir.path(), Source::Rollups).await,
+        expected,
+        "from the hourly rollups"
+    );
+
+    // Compacted on 2026-12-02, October and November closed: dates merged, the monthly
+    // rollups written.
+    let december = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
+    let done = lake
+        .compact(0, 15, &Fence::open(), &CompactOptions::default(), december)
+        .unwrap();
+    assert_eq!((done.written, done.monthly), (1, 2), "{done:?}");
+    assert_eq!(
+        answers(dir.path(), Source::Rollups).await,
+        expected,
+        "from the monthly rollups"
+    );
+    assert_eq!(
+        answers(dir.path(), Source::Events).await,
+        expected,
+        "after compaction"
+    );
+}
