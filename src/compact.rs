@@ -80,7 +80,21 @@ pub async fn run(config: &Config, args: CompactArgs) -> anyhow::Result<ExitCode>
                 );
             }
         }
-        Format::Json | Format::Csv => println!("{}", serde_json::to_string(&report)?),
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Csv => {
+            println!("partitions,unsettled,merged,written,rows,monthly,removed");
+            let unsettled: Vec<String> = report.unsettled.iter().map(u16::to_string).collect();
+            println!(
+                "{},{},{},{},{},{},{}",
+                report.partitions,
+                unsettled.join(" "),
+                report.merged,
+                report.written,
+                report.rows,
+                report.monthly,
+                report.removed
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -316,27 +316,7 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
     )
     .unwrap();
     let period = report["period"].as_str().unwrap().to_owned();
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "billing",
-            "--period",
-            &period,
-            "--format",
-            "json",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let billed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-
-    // `tally compact` merges the lake's files (the demo stopped cleanly, so all is settled)
-    // and removes those it replaced (no retention asked); the bill does not move.
+    // `tally … --data-dir <the demo's>`, which must succeed: its stdout.
     let tally = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(args)
@@ -351,6 +331,13 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
         );
         out.stdout
     };
+    let billed: Vec<Value> = serde_json::from_slice(&tally(&[
+        "billing", "--period", &period, "--format", "json",
+    ]))
+    .unwrap();
+
+    // `tally compact` merges the lake's files (the demo stopped cleanly, so all is settled)
+    // and removes those it replaced (no retention asked); the bill does not move.
     let files_before = common::parquet_files(&data.join("lake/events")).len();
     let compacted: Value = serde_json::from_slice(&tally(&[
         "compact",

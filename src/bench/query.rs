@@ -227,7 +227,7 @@ pub async fn run(args: QueryBench) -> anyhow::Result<std::process::ExitCode> {
         None => None,
     };
 
-    let monthly = Lake::new(&lake_dir).month_sources(month.year, month.month)?;
+    let monthly = Lake::new(&lake_dir).month_sources(month)?;
     let monthly_rows = footer_rows(&monthly.monthly)?;
     let (lake_bytes, events_files) = disk(&lake_dir.join(tally_core::schema::EVENTS_TABLE))?;
     // Upper bound of the monthly rows at 1,000,000,000 events: every customer × feature

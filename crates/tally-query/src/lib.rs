@@ -20,15 +20,13 @@ pub mod output;
 pub mod sql;
 mod store;
 
-use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::{Datelike, NaiveDate};
+use chrono::NaiveDate;
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -59,66 +57,14 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
-    #[error("bad period {0:?}: expected YYYY-MM")]
-    BadPeriod(String),
+    #[error(transparent)]
+    BadPeriod(#[from] tally_store::BadMonth),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A calendar month, the billing period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Period {
-    pub year: i32,
-    pub month: u32,
-}
-
-impl Period {
-    pub fn first_day(self) -> NaiveDate {
-        NaiveDate::from_ymd_opt(self.year, self.month, 1).expect("month is 1..=12")
-    }
-
-    pub fn next(self) -> Period {
-        if self.month == 12 {
-            Period {
-                year: self.year + 1,
-                month: 1,
-            }
-        } else {
-            Period {
-                year: self.year,
-                month: self.month + 1,
-            }
-        }
-    }
-
-    /// The period holding a date.
-    pub fn of(date: NaiveDate) -> Period {
-        Period {
-            year: date.year(),
-            month: date.month(),
-        }
-    }
-}
-
-impl FromStr for Period {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::BadPeriod(s.to_owned());
-        let (y, m) = s.split_once('-').ok_or_else(bad)?;
-        let (year, month) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-        if y.len() != 4 || m.len() != 2 || !(1..=12).contains(&month) {
-            return Err(bad());
-        }
-        Ok(Period { year, month })
-    }
-}
-
-impl fmt::Display for Period {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04}-{:02}", self.year, self.month)
-    }
-}
+pub use tally_store::Month as Period;
 
 /// What bounds a [`Lakehouse`] session: its memory, its spill files, and the wall-clock
 /// time a query of [`sql::run`] may take.
@@ -344,11 +290,10 @@ impl Lakehouse {
     /// ([`tally_store::Lake::month_sources`]), as rows of [`USAGE_COLUMNS`].
     async fn month_usage(&self, month: Period) -> Result<datafusion::dataframe::DataFrame> {
         let lake = tally_store::Lake::new(&self.root);
-        let sources =
-            tokio::task::spawn_blocking(move || lake.month_sources(month.year, month.month))
-                .await
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let sources = tokio::task::spawn_blocking(move || lake.month_sources(month))
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         let monthly = self.files(&sources.monthly, tally_store::monthly_schema())?;
         let hourly = self.files(&sources.hourly, rollup_schema())?;
         let pick = |df: datafusion::dataframe::DataFrame| df.select_columns(&USAGE_COLUMNS);
@@ -698,7 +643,7 @@ mod tests {
             "{merge:?}"
         );
         assert_eq!(merge.monthly, 1);
-        let sources = lake.month_sources(2026, 11).unwrap();
+        let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.monthly.len(), 1);
         assert!(!sources.hourly.is_empty());
         assert_eq!(answers(dir.path()).await, before);
@@ -718,7 +663,7 @@ mod tests {
             .unwrap();
         assert_eq!(done.monthly, 1);
         assert_eq!(done.removed, 2 * done.merged + 2, "{done:?}");
-        let sources = lake.month_sources(2026, 11).unwrap();
+        let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!((sources.monthly.len(), sources.hourly.len()), (1, 0));
         assert_eq!(answers(dir.path()).await, late);
     }

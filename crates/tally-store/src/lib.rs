@@ -53,7 +53,7 @@ pub mod rollup;
 pub mod tail;
 
 pub use compact::{CompactOptions, Compacted, footer_rows, parse_name, visible};
-pub use monthly::{MONTHLY_TABLE, MonthSources, monthly_schema};
+pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use tail::{PartitionFile, Tail};
 

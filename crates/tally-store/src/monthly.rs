@@ -75,12 +75,17 @@ pub fn monthly_schema() -> SchemaRef {
     MONTHLY_SCHEMA.clone()
 }
 
-/// A calendar month (UTC).
+/// A calendar month (UTC): a billing period, and the span of a monthly rollup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Month {
     pub year: i32,
     pub month: u32,
 }
+
+/// A month that is not `YYYY-MM`.
+#[derive(Debug, thiserror::Error)]
+#[error("bad period {0:?}: expected YYYY-MM")]
+pub struct BadMonth(pub String);
 
 impl Month {
     pub fn first_day(self) -> NaiveDate {
@@ -101,7 +106,8 @@ impl Month {
         }
     }
 
-    fn of(date: NaiveDate) -> Month {
+    /// The month holding a date.
+    pub fn of(date: NaiveDate) -> Month {
         Month {
             year: date.year(),
             month: date.month(),
@@ -120,7 +126,7 @@ impl Month {
     }
 
     fn dir_name(self) -> String {
-        format!("{MONTH}={:04}-{:02}", self.year, self.month)
+        format!("{MONTH}={self}")
     }
 
     fn micros(date: NaiveDate) -> i64 {
@@ -134,6 +140,26 @@ impl Month {
             Self::micros(self.first_day()),
             Self::micros(self.next().first_day()),
         )
+    }
+}
+
+impl std::str::FromStr for Month {
+    type Err = BadMonth;
+
+    fn from_str(s: &str) -> Result<Self, BadMonth> {
+        let bad = || BadMonth(s.to_owned());
+        let (y, m) = s.split_once('-').ok_or_else(bad)?;
+        let (year, month) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if y.len() != 4 || m.len() != 2 || !(1..=12).contains(&month) {
+            return Err(bad());
+        }
+        Ok(Month { year, month })
+    }
+}
+
+impl std::fmt::Display for Month {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
     }
 }
 
@@ -328,8 +354,7 @@ impl Lake {
     /// The files a query of `month`'s usage reads (see the module). The events files are
     /// listed before the monthly ones: a monthly file covers settled files only, which
     /// were on disk (or superseded by a file that was) when the events were listed.
-    pub fn month_sources(&self, year: i32, month: u32) -> Result<MonthSources> {
-        let month = Month { year, month };
+    pub fn month_sources(&self, month: Month) -> Result<MonthSources> {
         let (first, next) = (month.first_day(), month.next().first_day());
         let mut events = Vec::new();
         for dir in date_dirs(&self.events_dir())? {

@@ -283,7 +283,7 @@ fn past(batch: RecordBatch, after_seq: u64) -> Result<RecordBatch> {
     Ok(batch.slice(skip, batch.num_rows() - skip))
 }
 
-fn seqs(batch: &RecordBatch) -> Result<Vec<u64>> {
+pub(crate) fn seqs(batch: &RecordBatch) -> Result<Vec<u64>> {
     Ok(batch
         .column_by_name(schema::STREAM_SEQ)
         .and_then(|c| c.as_primitive_opt::<UInt64Type>())
