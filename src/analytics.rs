@@ -703,7 +703,7 @@ pub async fn adoption(
             .insert(u.bucket, u.users);
     }
     let average_and_last = |feature: &str, grain: Grain| -> (f64, u64) {
-        let buckets = grain.buckets(range);
+        let buckets = grain.buckets(range.from(), range.to());
         let values = series.get(&(feature, grain));
         let at = |b: &NaiveDate| values.and_then(|v| v.get(b)).copied().unwrap_or(0);
         let sum: u64 = buckets.iter().map(at).sum();

@@ -3,7 +3,8 @@
 //! binary, which reads them from NATS.
 //!
 //! Each function runs one file of `queries/` with its parameters (the first day and the
-//! day after the last, which prune the hive `date` partitions). Use of a feature means an
+//! day after the last, which prune the hive `date` partitions), except the distinct
+//! users, which are counted from the rollups ([`tally_store::users`]). Use of a feature means an
 //! event decided `accepted` or `overage` ([`USED`]): the customer got what it asked for.
 //! Refusals are kept apart: `limit_reached` in [`Lakehouse::usage_windows`] and
 //! [`Lakehouse::limit_rejections`], `not_entitled` in [`Lakehouse::feature_use`]; the
@@ -27,7 +28,6 @@ const LIMIT_REJECTIONS_SQL: &str = include_str!("../queries/limit_rejections.sql
 const FEATURE_USE_SQL: &str = include_str!("../queries/feature_use.sql");
 const FIRST_USE_SQL: &str = include_str!("../queries/first_use.sql");
 const REGION_USE_SQL: &str = include_str!("../queries/region_use.sql");
-const ACTIVE_USERS_SQL: &str = include_str!("../queries/active_users.sql");
 
 /// The decisions that mean the customer used the feature.
 pub const USED: [&str; 2] = ["accepted", "overage"];
@@ -155,70 +155,7 @@ pub struct RegionUse {
     pub quantity: f64,
 }
 
-/// The calendar unit of [`ActiveUsers`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Grain {
-    Day,
-    /// An ISO week, from Monday.
-    Week,
-    Month,
-}
-
-impl Grain {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Grain::Day => "day",
-            Grain::Week => "week",
-            Grain::Month => "month",
-        }
-    }
-
-    /// The first day of the day, week or month holding `d`.
-    pub fn bucket_of(self, d: NaiveDate) -> NaiveDate {
-        use chrono::Datelike;
-        match self {
-            Grain::Day => d,
-            Grain::Week => d - Days::new(u64::from(d.weekday().num_days_from_monday())),
-            Grain::Month => d.with_day(1).expect("every month has a first day"),
-        }
-    }
-
-    /// The first day of the next bucket after the one starting on `bucket`.
-    pub fn next(self, bucket: NaiveDate) -> NaiveDate {
-        match self {
-            Grain::Day => bucket + Days::new(1),
-            Grain::Week => bucket + Days::new(7),
-            Grain::Month => Period::of(bucket).next().first_day(),
-        }
-    }
-
-    /// The buckets a range overlaps, in order.
-    pub fn buckets(self, range: DateRange) -> Vec<NaiveDate> {
-        let mut out = Vec::new();
-        let mut b = self.bucket_of(range.from());
-        while b <= range.to() {
-            out.push(b);
-            b = self.next(b);
-        }
-        out
-    }
-
-    fn parse(s: &str) -> Option<Grain> {
-        [Grain::Day, Grain::Week, Grain::Month]
-            .into_iter()
-            .find(|g| g.as_str() == s)
-    }
-}
-
-/// Distinct users of a feature in one day, week or month.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActiveUsers {
-    pub feature: String,
-    pub grain: Grain,
-    /// The bucket's first day.
-    pub bucket: NaiveDate,
-    pub users: u64,
-}
+pub use tally_store::{ActiveUsers, Grain};
 
 impl Lakehouse {
     /// Counted and refused usage per customer × plan × feature × `window` of `period`,
@@ -345,40 +282,21 @@ impl Lakehouse {
         .await
     }
 
-    /// Distinct users per feature per day, week and month with any, in `range`
-    /// (`queries/active_users.sql`); a bucket without users has no row.
+    /// Distinct users per feature per day, week and month with any, in `range` (only
+    /// `feature`, when given); a bucket without users has no row. Counted from the
+    /// rollups, not by a query: see [`tally_store::users`].
     pub async fn active_users(
         &self,
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<ActiveUsers>> {
-        let mut out = Vec::new();
-        for grain in ["day", "week", "month"] {
-            let mut params = range.params();
-            params.push(ScalarValue::from(grain));
-            let df = self
-                .ctx
-                .sql(ACTIVE_USERS_SQL)
-                .await?
-                .with_param_values(params)?;
-            out.extend(
-                rows(only(df, feature)?, |r| {
-                    let grain = r.text("grain")?;
-                    Ok(ActiveUsers {
-                        feature: r.text("feature")?,
-                        grain: Grain::parse(&grain).ok_or_else(|| {
-                            DataFusionError::Internal(format!("unexpected grain {grain:?}"))
-                        })?,
-                        bucket: r.date("bucket")?,
-                        users: r.count("users")?,
-                    })
-                })
-                .await?,
-            );
-        }
-        // By feature, then day, week, month, then bucket.
-        out.sort_by(|a, b| (&a.feature, a.grain, a.bucket).cmp(&(&b.feature, b.grain, b.bucket)));
-        Ok(out)
+        let lake = tally_store::Lake::new(&self.root);
+        let feature = feature.map(str::to_owned);
+        let (from, to) = (range.from(), range.to());
+        tokio::task::spawn_blocking(move || lake.active_users(from, to, feature.as_deref()))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map_err(|e| DataFusionError::External(Box::new(e)).into())
     }
 }
 
@@ -887,9 +805,9 @@ mod tests {
     #[test]
     fn buckets_cover_the_range() {
         let range = DateRange::new(date("2026-11-04"), date("2026-12-01")).unwrap();
-        assert_eq!(Grain::Day.buckets(range).len(), 28);
+        assert_eq!(Grain::Day.buckets(range.from(), range.to()).len(), 28);
         assert_eq!(
-            Grain::Week.buckets(range),
+            Grain::Week.buckets(range.from(), range.to()),
             [
                 "2026-11-02",
                 "2026-11-09",
@@ -900,7 +818,7 @@ mod tests {
             .map(date)
         );
         assert_eq!(
-            Grain::Month.buckets(range),
+            Grain::Month.buckets(range.from(), range.to()),
             ["2026-11-01", "2026-12-01"].map(date)
         );
         assert!(DateRange::new(date("2026-11-02"), date("2026-11-01")).is_none());

@@ -51,11 +51,13 @@ pub mod compact;
 pub mod monthly;
 pub mod rollup;
 pub mod tail;
+pub mod users;
 
 pub use compact::{CompactOptions, Compacted, footer_rows, parse_name, visible};
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use tail::{PartitionFile, Tail};
+pub use users::{ActiveUsers, Grain};
 
 /// Metadata keys each Parquet file carries.
 pub const META_PARTITION: &str = "tally.partition";

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, ListArray, RecordBatch, StringArray,
-    TimestampMicrosecondArray, UInt16Array, UInt64Array,
+    TimestampMicrosecondArray, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{
@@ -46,13 +46,18 @@ use crate::rollup::{
 };
 use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err};
 
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
 /// The monthly table's directory under the lake root.
 pub const MONTHLY_TABLE: &str = "monthly";
 /// The first instant of the row's calendar month (UTC).
 pub const MONTH: &str = "month";
+/// Beside each of `users`, the days of the month it was seen on: bit `d - 1` for day `d`.
+pub const USER_DAYS: &str = "user_days";
 
 static MONTHLY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let user = Arc::new(Field::new_list_field(DataType::Utf8, false));
+    let day = Arc::new(Field::new_list_field(DataType::UInt32, false));
     Arc::new(Schema::new(vec![
         Field::new(CUSTOMER, DataType::Utf8, false),
         Field::new(FEATURE, DataType::Utf8, false),
@@ -65,12 +70,14 @@ static MONTHLY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(EVENTS, DataType::UInt64, false),
         Field::new(QUANTITY, DataType::Float64, false),
         Field::new(USERS, DataType::List(user), false),
+        Field::new(USER_DAYS, DataType::List(day), false),
         Field::new(PARTITION_ID, DataType::UInt16, false),
         Field::new(PLAN, DataType::Utf8, true),
     ]))
 });
 
-/// The schema of one monthly row: a rollup row with `month` for `hour`.
+/// The schema of one monthly row: a rollup row with `month` for `hour`, and the days each
+/// user was seen on.
 pub fn monthly_schema() -> SchemaRef {
     MONTHLY_SCHEMA.clone()
 }
@@ -180,7 +187,8 @@ struct Summer {
 struct Sums {
     events: u64,
     quantity: f64,
-    users: Vec<u32>,
+    /// (user, day of the month's bit), one per rollup row a user is in.
+    users: Vec<(u32, u32)>,
 }
 
 const NO_PLAN: u32 = u32::MAX;
@@ -273,9 +281,10 @@ impl Summer {
                 self.cached(&mut last[3], plan.is_valid(i).then(|| plan.value(i))),
             );
             let (from, to) = (offsets[i] as usize, offsets[i + 1] as usize);
-            let mut users: Vec<u32> = Vec::with_capacity(to - from);
+            let day = 1u32 << ((t - start) / MICROS_PER_DAY).clamp(0, 30);
+            let mut users: Vec<(u32, u32)> = Vec::with_capacity(to - from);
             for u in from..to {
-                users.push(self.intern(user_values.value(u)));
+                users.push((self.intern(user_values.value(u)), day));
             }
             let sums = self.groups.entry(key).or_default();
             sums.events += events[i];
@@ -296,18 +305,39 @@ impl Summer {
             k(&a.0).cmp(&k(&b.0))
         });
         let mut user_names: Vec<&str> = Vec::new();
+        let mut user_days: Vec<u32> = Vec::new();
         let mut lengths = Vec::with_capacity(rows.len());
         for (_, sums) in &mut rows {
-            let mut names: Vec<&str> = sums.users.iter().filter_map(|&u| name(u)).collect();
-            names.sort_unstable();
-            names.dedup();
-            lengths.push(names.len());
-            user_names.extend(names);
+            let mut seen: Vec<(&str, u32)> = sums
+                .users
+                .iter()
+                .filter_map(|&(u, day)| Some((name(u)?, day)))
+                .collect();
+            seen.sort_unstable();
+            let before = user_names.len();
+            for (user, days) in seen {
+                if user_names.len() > before && user_names.last() == Some(&user) {
+                    if let Some(last) = user_days.last_mut() {
+                        *last |= days;
+                    }
+                } else {
+                    user_names.push(user);
+                    user_days.push(days);
+                }
+            }
+            lengths.push(user_names.len() - before);
         }
+        let offsets = OffsetBuffer::from_lengths(lengths);
         let users = ListArray::try_new(
             Arc::new(Field::new_list_field(DataType::Utf8, false)),
-            OffsetBuffer::from_lengths(lengths),
+            offsets.clone(),
             Arc::new(StringArray::from_iter_values(user_names)),
+            None,
+        )?;
+        let days = ListArray::try_new(
+            Arc::new(Field::new_list_field(DataType::UInt32, false)),
+            offsets,
+            Arc::new(UInt32Array::from(user_days)),
             None,
         )?;
         let text = |f: fn(&GroupKey) -> u32| -> ArrayRef {
@@ -330,6 +360,7 @@ impl Summer {
                 rows.iter().map(|r| r.1.quantity),
             )),
             Arc::new(users),
+            Arc::new(days),
             Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.0.4))),
             Arc::new(StringArray::from_iter(rows.iter().map(|r| name(r.0.5)))),
         ];
