@@ -213,25 +213,24 @@ impl Lakehouse {
     }
 
     /// Use per customer × feature in `range` (only `feature`'s when given), with the
-    /// `not_entitled` refusals (`queries/feature_use.sql`).
+    /// `not_entitled` refusals (`queries/feature_use.sql`, over the rollups).
     pub async fn feature_use(
         &self,
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<FeatureUse>> {
-        let df = self
-            .ctx
-            .sql(FEATURE_USE_SQL)
-            .await?
-            .with_param_values(range.params())?;
-        rows(only(df, feature)?, |r| {
-            Ok(FeatureUse {
-                customer: r.text("customer")?,
-                feature: r.text("feature")?,
-                events: r.count("events")?,
-                quantity: r.number("quantity")?,
-                not_entitled: r.count("not_entitled")?,
+        let usage = self.range_usage(range.from(), range.to()).await?;
+        self.over(usage, "usage", FEATURE_USE_SQL, |df| async move {
+            rows(only(df, feature)?, |r| {
+                Ok(FeatureUse {
+                    customer: r.text("customer")?,
+                    feature: r.text("feature")?,
+                    events: r.count("events")?,
+                    quantity: r.number("quantity")?,
+                    not_entitled: r.count("not_entitled")?,
+                })
             })
+            .await
         })
         .await
     }

@@ -206,7 +206,7 @@ impl Lakehouse {
     }
 
     /// Runs a named query over the usage `scope` covers, registered for it alone as
-    /// `billed_events` (under a name of its own, so that runs do not meet): rows with
+    /// `billed_events` ([`Self::over`]): rows with
     /// `customer, plan, feature, decision, quantity` and `events` (how many events a row
     /// stands for).
     async fn scoped(
@@ -257,21 +257,31 @@ impl Lakehouse {
                         .and(col(time).lt(col("period_end"))),
                 )?;
         }
-        static RUN: AtomicU64 = AtomicU64::new(0);
-        let name = format!("billed_events_{}", RUN.fetch_add(1, Ordering::Relaxed));
-        self.ctx.register_table(&name, events.into_view())?;
-        let result = async {
-            self.ctx
-                .sql(&sql.replace("billed_events", &name))
-                .await?
-                .with_param_values(vec![ScalarValue::from(scope.name())])?
-                .collect()
-                .await
-        }
-        .await;
-        self.ctx.deregister_table(&name)?;
-        Ok(result?)
+        let period = ScalarValue::from(scope.name());
+        self.over(events, "billed_events", sql, |df| async move {
+            Ok(df.with_param_values(vec![period])?.collect().await?)
+        })
+        .await
     }
+}
+
+/// `sql` with the table name `table` (a whole word) replaced by `name`.
+fn replace_table(sql: &str, table: &str, name: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + name.len());
+    let mut rest = sql;
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    while let Some(at) = rest.find(table) {
+        let (before, after) = (&rest[..at], &rest[at + table.len()..]);
+        out.push_str(before);
+        if word(before.chars().last()) || word(after.chars().next()) {
+            out.push_str(table);
+        } else {
+            out.push_str(name);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The columns of usage a named query reads, whatever the table.
@@ -298,6 +308,75 @@ impl Lakehouse {
         let hourly = self.files(&sources.hourly, rollup_schema())?;
         let pick = |df: datafusion::dataframe::DataFrame| df.select_columns(&USAGE_COLUMNS);
         Ok(pick(monthly)?.union(pick(hourly)?)?)
+    }
+
+    /// The usage of the days `from` to `to` (both included) from the rollups, as rows of
+    /// [`USAGE_COLUMNS`]: each month the range covers whole from [`Self::month_usage`],
+    /// the days of a month it cuts from the hourly rollups.
+    pub(crate) async fn range_usage(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<datafusion::dataframe::DataFrame> {
+        let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
+        let mut usage: Option<datafusion::dataframe::DataFrame> = None;
+        let mut month = Period::of(from);
+        while month.first_day() <= to {
+            let (first, last) = (
+                month.first_day(),
+                month.next().first_day() - chrono::Days::new(1),
+            );
+            let part = if from <= first && last <= to {
+                self.month_usage(month).await?
+            } else {
+                self.ctx
+                    .table(ROLLUPS_TABLE)
+                    .await?
+                    .filter(
+                        col(schema::DATE)
+                            .gt_eq(day(first.max(from)))
+                            .and(col(schema::DATE).lt_eq(day(last.min(to)))),
+                    )?
+                    .select_columns(&USAGE_COLUMNS)?
+            };
+            usage = Some(match usage {
+                Some(u) => u.union(part)?,
+                None => part,
+            });
+            month = month.next();
+        }
+        match usage {
+            Some(u) => Ok(u),
+            None => Ok(self
+                .ctx
+                .read_batch(RecordBatch::new_empty(rollup_schema()))?
+                .select_columns(&USAGE_COLUMNS)?),
+        }
+    }
+
+    /// Runs `sql` over `df` registered as `table` for this run alone (under a name of its
+    /// own, so that runs do not meet), handing the query's frame to `read`.
+    pub(crate) async fn over<T, F, Fut>(
+        &self,
+        df: datafusion::dataframe::DataFrame,
+        table: &str,
+        sql: &str,
+        read: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(datafusion::dataframe::DataFrame) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let name = format!("{table}_{}", RUN.fetch_add(1, Ordering::Relaxed));
+        self.ctx.register_table(&name, df.into_view())?;
+        let result = async {
+            let query = self.ctx.sql(&replace_table(sql, table, &name)).await?;
+            read(query).await
+        }
+        .await;
+        self.ctx.deregister_table(&name)?;
+        result
     }
 
     /// A table of exactly these Parquet files (none: an empty table of `schema`).

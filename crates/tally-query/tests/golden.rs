@@ -179,6 +179,8 @@ async fn answers(root: &Path, source: Source) -> String {
     )
     .unwrap();
     out += &lines(&house.active_users(across, Some("api_calls")).await.unwrap());
+    out += "# feature use, 2026-10-26 to 2026-11-08\n";
+    out += &lines(&house.feature_use(across, None).await.unwrap());
     out
 }
 
