@@ -139,7 +139,7 @@ pub async fn run(args: QueryBench) -> anyhow::Result<std::process::ExitCode> {
     let this_month = NaiveDate::from_ymd_opt(today.year(), today.month(), 1).unwrap_or(today);
     let month = Period::of(this_month - chrono::Days::new(1));
     let spec = Generated {
-        version: 3,
+        version: 4,
         events: args.events,
         customers: args.customers,
         features: args.features,

@@ -3,7 +3,8 @@
 -- the customer's first event of any feature (`customer_first_event`: any decision but
 -- `unknown_customer`, which comes before the customer was defined), both over the whole
 -- lake up to the end of a range.
--- $1: the day after the range's last (YYYY-MM-DD).
+-- `usage`: the lake's usage up to the range's end from the rollups (monthly ones for
+-- whole months), one row per rollup group, `first_time` its earliest event.
 SELECT
     customer,
     feature,
@@ -13,10 +14,9 @@ FROM (
     SELECT
         customer,
         feature,
-        MIN(CASE WHEN decision IN ('accepted', 'overage') THEN event_time END) AS first_use,
-        MIN(CASE WHEN decision <> 'unknown_customer' THEN event_time END) AS first_event
-    FROM events
-    WHERE "date" < $1
+        MIN(CASE WHEN decision IN ('accepted', 'overage') THEN first_time END) AS first_use,
+        MIN(CASE WHEN decision <> 'unknown_customer' THEN first_time END) AS first_event
+    FROM usage
     GROUP BY customer, feature
 ) AS per_feature
 ORDER BY customer, feature

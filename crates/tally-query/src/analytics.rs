@@ -63,10 +63,6 @@ impl DateRange {
     pub fn days(&self) -> u64 {
         (self.to - self.from).num_days() as u64 + 1
     }
-
-    fn params(&self) -> Vec<ScalarValue> {
-        vec![day(self.from), day(self.end())]
-    }
 }
 
 /// How finely [`Lakehouse::usage_windows`] splits a period: a metered feature's usage
@@ -236,47 +232,53 @@ impl Lakehouse {
     }
 
     /// Every customer × feature in the lake before `until` (a day, excluded), with the
-    /// first use and the customer's first event (`queries/first_use.sql`). With
+    /// first use and the customer's first event (`queries/first_use.sql`, over the
+    /// rollups, which keep each group's earliest event time). With
     /// `feature`, only its rows; the customer's first event still covers every feature.
     pub async fn first_uses(
         &self,
         until: NaiveDate,
         feature: Option<&str>,
     ) -> Result<Vec<FirstUse>> {
-        let df = self
-            .ctx
-            .sql(FIRST_USE_SQL)
-            .await?
-            .with_param_values(vec![day(until)])?;
-        rows(only(df, feature)?, |r| {
-            Ok(FirstUse {
-                customer: r.text("customer")?,
-                feature: r.text("feature")?,
-                first_use: r.time("first_use")?,
-                customer_first_event: r.time("customer_first_event")?,
+        let lake = tally_store::Lake::new(&self.root);
+        let first = tokio::task::spawn_blocking(move || lake.first_date())
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let last = until - Days::new(1);
+        // An empty lake is an empty range.
+        let usage = self.range_usage(first.unwrap_or(until), last).await?;
+        self.over(usage, "usage", FIRST_USE_SQL, |df| async move {
+            rows(only(df, feature)?, |r| {
+                Ok(FirstUse {
+                    customer: r.text("customer")?,
+                    feature: r.text("feature")?,
+                    first_use: r.time("first_use")?,
+                    customer_first_event: r.time("customer_first_event")?,
+                })
             })
+            .await
         })
         .await
     }
 
-    /// Use per feature × region in `range` (`queries/region_use.sql`).
+    /// Use per feature × region in `range` (`queries/region_use.sql`, over the rollups).
     pub async fn region_use(
         &self,
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<RegionUse>> {
-        let df = self
-            .ctx
-            .sql(REGION_USE_SQL)
-            .await?
-            .with_param_values(range.params())?;
-        rows(only(df, feature)?, |r| {
-            Ok(RegionUse {
-                feature: r.text("feature")?,
-                region: r.optional_text("region")?,
-                events: r.count("events")?,
-                quantity: r.number("quantity")?,
+        let usage = self.range_usage(range.from(), range.to()).await?;
+        self.over(usage, "usage", REGION_USE_SQL, |df| async move {
+            rows(only(df, feature)?, |r| {
+                Ok(RegionUse {
+                    feature: r.text("feature")?,
+                    region: r.optional_text("region")?,
+                    events: r.count("events")?,
+                    quantity: r.number("quantity")?,
+                })
             })
+            .await
         })
         .await
     }

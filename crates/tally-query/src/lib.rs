@@ -285,13 +285,15 @@ fn replace_table(sql: &str, table: &str, name: &str) -> String {
 }
 
 /// The columns of usage a named query reads, whatever the table.
-const USAGE_COLUMNS: [&str; 6] = [
+const USAGE_COLUMNS: [&str; 8] = [
     schema::CUSTOMER,
     schema::PLAN,
     schema::FEATURE,
     schema::DECISION,
     schema::QUANTITY,
     tally_store::rollup::EVENTS,
+    tally_store::rollup::REGION,
+    tally_store::rollup::FIRST_TIME,
 ];
 
 impl Lakehouse {
@@ -312,7 +314,7 @@ impl Lakehouse {
 
     /// The usage of the days `from` to `to` (both included) from the rollups, as rows of
     /// [`USAGE_COLUMNS`]: each month the range covers whole from [`Self::month_usage`],
-    /// the days of a month it cuts from the hourly rollups.
+    /// the days of a month it cuts from the hourly rollups (`from` after `to`: none).
     pub(crate) async fn range_usage(
         &self,
         from: NaiveDate,
@@ -321,7 +323,7 @@ impl Lakehouse {
         let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
         let mut usage: Option<datafusion::dataframe::DataFrame> = None;
         let mut month = Period::of(from);
-        while month.first_day() <= to {
+        while from <= to && month.first_day() <= to {
             let (first, last) = (
                 month.first_day(),
                 month.next().first_day() - chrono::Days::new(1),

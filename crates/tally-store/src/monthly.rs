@@ -42,7 +42,8 @@ use tally_core::Fence;
 
 use crate::compact::{parse_name, visible, visible_files};
 use crate::rollup::{
-    CUSTOMER, DECISION, EVENTS, FEATURE, HOUR, PARTITION_ID, PLAN, QUANTITY, USERS,
+    CUSTOMER, DECISION, EVENTS, FEATURE, FIRST_TIME, HOUR, PARTITION_ID, PLAN, QUANTITY, REGION,
+    USERS,
 };
 use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err};
 
@@ -73,6 +74,12 @@ static MONTHLY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(USER_DAYS, DataType::List(day), false),
         Field::new(PARTITION_ID, DataType::UInt16, false),
         Field::new(PLAN, DataType::Utf8, true),
+        Field::new(REGION, DataType::Utf8, true),
+        Field::new(
+            FIRST_TIME,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
     ]))
 });
 
@@ -170,12 +177,13 @@ impl std::fmt::Display for Month {
     }
 }
 
-/// Sums rollup rows per customer × feature × month × decision × partition × plan, with the
-/// union of their users. Strings are interned once; a row whose key equals the previous
-/// row's (rollups are sorted by customer, feature, hour) costs comparisons only.
-/// Interned customer, feature, month start, decision, partition, plan.
-type GroupKey = (u32, u32, i64, u32, u16, u32);
+/// Interned customer, feature, month start, decision, partition, plan, region.
+type GroupKey = (u32, u32, i64, u32, u16, u32, u32);
 
+/// Sums rollup rows per customer × feature × month × decision × partition × plan ×
+/// region, with the union of their users (and the days each was seen on) and the earliest
+/// event time. Strings are interned once; a row whose key equals the previous row's
+/// (rollups are sorted by customer, feature, hour) costs comparisons only.
 #[derive(Default)]
 struct Summer {
     names: HashMap<Box<str>, u32>,
@@ -183,15 +191,17 @@ struct Summer {
     groups: HashMap<GroupKey, Sums>,
 }
 
-#[derive(Default)]
 struct Sums {
     events: u64,
     quantity: f64,
+    /// The earliest event time.
+    first: i64,
     /// (user, day of the month's bit), one per rollup row a user is in.
     users: Vec<(u32, u32)>,
 }
 
-const NO_PLAN: u32 = u32::MAX;
+/// The id of a null plan or region.
+const NONE: u32 = u32::MAX;
 
 impl Summer {
     fn intern(&mut self, s: &str) -> u32 {
@@ -207,7 +217,7 @@ impl Summer {
     /// The id of `s`, from `last` when `s` is the string it last held.
     fn cached<'a>(&mut self, last: &mut (Option<&'a str>, u32), s: Option<&'a str>) -> u32 {
         match (s, *last) {
-            (None, _) => NO_PLAN,
+            (None, _) => NONE,
             (Some(v), (Some(prev), id)) if prev == v => id,
             (Some(v), _) => {
                 let id = self.intern(v);
@@ -230,6 +240,13 @@ impl Summer {
             text(DECISION)?,
             text(PLAN)?,
         );
+        // Rollups written before they kept the region and the first time lack them.
+        let region = rollup
+            .column_by_name(REGION)
+            .and_then(|c| c.as_string_opt::<i32>());
+        let first = rollup
+            .column_by_name(FIRST_TIME)
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
         let hour = rollup
             .column_by_name(HOUR)
             .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
@@ -258,7 +275,7 @@ impl Summer {
         let offsets = users.value_offsets();
 
         let mut month: Option<(i64, i64)> = None;
-        let mut last: [(Option<&str>, u32); 4] = [(None, 0); 4];
+        let mut last: [(Option<&str>, u32); 5] = [(None, 0); 5];
         for i in 0..rollup.num_rows() {
             let t = hour[i];
             let start = match month {
@@ -279,16 +296,27 @@ impl Summer {
                 self.cached(&mut last[2], Some(decision.value(i))),
                 partition[i],
                 self.cached(&mut last[3], plan.is_valid(i).then(|| plan.value(i))),
+                self.cached(
+                    &mut last[4],
+                    region.and_then(|r| r.is_valid(i).then(|| r.value(i))),
+                ),
             );
+            let seen = first.filter(|f| f.is_valid(i)).map_or(t, |f| f.value(i));
             let (from, to) = (offsets[i] as usize, offsets[i + 1] as usize);
             let day = 1u32 << ((t - start) / MICROS_PER_DAY).clamp(0, 30);
             let mut users: Vec<(u32, u32)> = Vec::with_capacity(to - from);
             for u in from..to {
                 users.push((self.intern(user_values.value(u)), day));
             }
-            let sums = self.groups.entry(key).or_default();
+            let sums = self.groups.entry(key).or_insert(Sums {
+                events: 0,
+                quantity: 0.0,
+                first: seen,
+                users: Vec::new(),
+            });
             sums.events += events[i];
             sums.quantity += quantity[i];
+            sums.first = sums.first.min(seen);
             sums.users.extend(users);
         }
         Ok(())
@@ -301,7 +329,17 @@ impl Summer {
         let name = |id: u32| strings.get(id as usize).map(|s| &**s);
         let mut rows: Vec<_> = groups.into_iter().collect();
         rows.sort_unstable_by(|a, b| {
-            let k = |r: &GroupKey| (name(r.0), name(r.1), r.2, name(r.3), r.4, name(r.5));
+            let k = |r: &GroupKey| {
+                (
+                    name(r.0),
+                    name(r.1),
+                    r.2,
+                    name(r.3),
+                    r.4,
+                    name(r.5),
+                    name(r.6),
+                )
+            };
             k(&a.0).cmp(&k(&b.0))
         });
         let mut user_names: Vec<&str> = Vec::new();
@@ -363,6 +401,11 @@ impl Summer {
             Arc::new(days),
             Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.0.4))),
             Arc::new(StringArray::from_iter(rows.iter().map(|r| name(r.0.5)))),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| name(r.0.6)))),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1.first))
+                    .with_timezone("UTC"),
+            ),
         ];
         Ok(RecordBatch::try_new(monthly_schema(), columns)?)
     }
@@ -380,6 +423,14 @@ impl Lake {
     /// The monthly table's directory.
     pub fn monthly_dir(&self) -> PathBuf {
         self.root.join(MONTHLY_TABLE)
+    }
+
+    /// The earliest date the lake has events of (`None`: none).
+    pub fn first_date(&self) -> Result<Option<NaiveDate>> {
+        Ok(date_dirs(&self.events_dir())?
+            .iter()
+            .filter_map(|d| d.file_name()?.to_str()?.strip_prefix("date=")?.parse().ok())
+            .min())
     }
 
     /// The files a query of `month`'s usage reads (see the module). The events files are

@@ -50,6 +50,10 @@ pub const USERS: &str = "users";
 pub const PARTITION_ID: &str = schema::PARTITION_ID;
 /// The plan that decided the group's events (null where none did).
 pub const PLAN: &str = schema::PLAN;
+/// The region the group's events named (null where they named none).
+pub const REGION: &str = schema::REGION;
+/// The earliest event time of the group (null in rollups written before it was kept).
+pub const FIRST_TIME: &str = "first_time";
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
@@ -71,6 +75,12 @@ static ROLLUP_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(USERS, DataType::List(USER_ITEM.clone()), false),
         Field::new(PARTITION_ID, DataType::UInt16, false),
         Field::new(PLAN, DataType::Utf8, true),
+        Field::new(REGION, DataType::Utf8, true),
+        Field::new(
+            FIRST_TIME,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
     ]))
 });
 
@@ -89,6 +99,7 @@ struct Key<'a> {
     decision: &'a str,
     partition: u16,
     plan: Option<&'a str>,
+    region: Option<&'a str>,
 }
 
 #[derive(Debug)]
@@ -97,18 +108,21 @@ struct Group<'a> {
     events: u64,
     quantity: f64,
     users: u32,
+    first: i64,
 }
 
 /// Sums lake rows (of [`tally_core::schema::lake_schema`]) per customer, feature, UTC
-/// hour of the event time, decision (and partition and plan, which a customer's rows of
-/// one hour share unless the plan changed within it), into rows of [`rollup_schema`]
-/// sorted by those.
+/// hour of the event time, decision (and partition, plan and region, which a customer's
+/// rows of one hour share unless the plan changed within it or its events came from
+/// several regions), into rows of [`rollup_schema`] sorted by those, with the group's
+/// earliest event time.
 pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
     let customer = strings(rows, schema::CUSTOMER)?;
     let feature = strings(rows, schema::FEATURE)?;
     let decision = strings(rows, schema::DECISION)?;
     let user = strings(rows, schema::USER_ID)?;
     let plan = strings(rows, schema::PLAN)?;
+    let region = strings(rows, schema::REGION)?;
     let time = rows
         .column_by_name(schema::EVENT_TIME)
         .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
@@ -144,6 +158,7 @@ pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
             decision: decision.value(i),
             partition: partition[i],
             plan: plan.is_valid(i).then(|| plan.value(i)),
+            region: region.is_valid(i).then(|| region.value(i)),
         };
         let g = match last {
             Some((k, g)) if k == key => g,
@@ -154,6 +169,7 @@ pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
                         events: 0,
                         quantity: 0.0,
                         users: 0,
+                        first: t,
                     });
                     (groups.len() - 1) as u32
                 });
@@ -164,6 +180,7 @@ pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
         let group = &mut groups[g as usize];
         group.events += 1;
         group.quantity += quantity[i];
+        group.first = group.first.min(t);
         if user.is_valid(i) {
             let pair = (g, user.value(i));
             if last_user != Some(pair) && seen.insert(pair) {
@@ -224,6 +241,11 @@ pub fn rollup(rows: &RecordBatch) -> Result<RecordBatch> {
             sorted().map(|g| g.key.partition),
         )),
         Arc::new(StringArray::from_iter(sorted().map(|g| g.key.plan))),
+        Arc::new(StringArray::from_iter(sorted().map(|g| g.key.region))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(sorted().map(|g| g.first))
+                .with_timezone("UTC"),
+        ),
     ];
     Ok(RecordBatch::try_new(rollup_schema(), columns)?)
 }
@@ -362,6 +384,16 @@ mod tests {
                 row("globex", "storage", h0, "denied", 1, 10.0, &["u9"]),
             ]
         );
+        // Each group's earliest event; no region named.
+        let first = out
+            .column_by_name(FIRST_TIME)
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(
+            first.values().to_vec(),
+            [h0 + 10, h0 + 50, h1, h0 + H - 1, h1 + 5, h0]
+        );
+        assert_eq!(out.column_by_name(REGION).unwrap().null_count(), 6);
     }
 
     #[test]
