@@ -21,7 +21,7 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::{DataFrame, col, lit};
 use datafusion::scalar::ScalarValue;
 
-use crate::{Lakehouse, Period, Result};
+use crate::{Lakehouse, Period, Result, on_lake};
 
 const USAGE_WINDOWS_SQL: &str = include_str!("../queries/usage_windows.sql");
 const LIMIT_REJECTIONS_SQL: &str = include_str!("../queries/limit_rejections.sql");
@@ -241,10 +241,7 @@ impl Lakehouse {
         feature: Option<&str>,
     ) -> Result<Vec<FirstUse>> {
         let lake = tally_store::Lake::new(&self.root);
-        let first = tokio::task::spawn_blocking(move || lake.first_date())
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let first = on_lake(move || lake.first_date()).await?;
         let last = until - Days::new(1);
         // An empty lake is an empty range.
         let usage = self.range_usage(first.unwrap_or(until), last).await?;
@@ -294,10 +291,7 @@ impl Lakehouse {
         let lake = tally_store::Lake::new(&self.root);
         let feature = feature.map(str::to_owned);
         let (from, to) = (range.from(), range.to());
-        tokio::task::spawn_blocking(move || lake.active_users(from, to, feature.as_deref()))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?
-            .map_err(|e| DataFusionError::External(Box::new(e)).into())
+        on_lake(move || lake.active_users(from, to, feature.as_deref())).await
     }
 }
 

@@ -265,6 +265,19 @@ impl Lakehouse {
     }
 }
 
+/// Runs blocking lake I/O (listing, reading files) off the async threads.
+pub(crate) async fn on_lake<T: Send + 'static>(
+    work: impl FnOnce() -> tally_store::Result<T> + Send + 'static,
+) -> Result<T> {
+    let external = |e: Box<dyn std::error::Error + Send + Sync>| {
+        Error::DataFusion(datafusion::error::DataFusionError::External(e))
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| external(Box::new(e)))?
+        .map_err(|e| external(Box::new(e)))
+}
+
 /// `sql` with the table name `table` (a whole word) replaced by `name`.
 fn replace_table(sql: &str, table: &str, name: &str) -> String {
     let mut out = String::with_capacity(sql.len() + name.len());
@@ -302,10 +315,7 @@ impl Lakehouse {
     /// ([`tally_store::Lake::month_sources`]), as rows of [`USAGE_COLUMNS`].
     async fn month_usage(&self, month: Period) -> Result<datafusion::dataframe::DataFrame> {
         let lake = tally_store::Lake::new(&self.root);
-        let sources = tokio::task::spawn_blocking(move || lake.month_sources(month))
-            .await
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        let sources = on_lake(move || lake.month_sources(month)).await?;
         let monthly = self.files(&sources.monthly, tally_store::monthly_schema())?;
         let hourly = self.files(&sources.hourly, rollup_schema())?;
         let pick = |df: datafusion::dataframe::DataFrame| df.select_columns(&USAGE_COLUMNS);
