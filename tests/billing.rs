@@ -287,38 +287,11 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
 async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
-    // Small batches, so that each partition holds several files of a date to compact.
-    let demo = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("TALLY_INGEST__FLUSH_MESSAGES", "4")
-        .args([
-            "demo",
-            "--events",
-            "30000",
-            "--customers",
-            "200",
-            "--format",
-            "json",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        demo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
-    let report: Value = serde_json::from_str(
-        String::from_utf8_lossy(&demo.stdout)
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
-    let period = report["period"].as_str().unwrap().to_owned();
-    // `tally … --data-dir <the demo's>`, which must succeed: its stdout.
+    // `tally … --data-dir <the demo's>`, which must succeed: its stdout. Small batches, so
+    // that each partition holds several files of a date to compact.
     let tally = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .env("TALLY_INGEST__FLUSH_MESSAGES", "4")
             .args(args)
             .arg("--data-dir")
             .arg(&data)
@@ -331,6 +304,22 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
         );
         out.stdout
     };
+    let report: Value = serde_json::from_str(
+        String::from_utf8_lossy(&tally(&[
+            "demo",
+            "--events",
+            "30000",
+            "--customers",
+            "200",
+            "--format",
+            "json",
+        ]))
+        .lines()
+        .last()
+        .unwrap(),
+    )
+    .unwrap();
+    let period = report["period"].as_str().unwrap().to_owned();
     let billed: Vec<Value> = serde_json::from_slice(&tally(&[
         "billing", "--period", &period, "--format", "json",
     ]))

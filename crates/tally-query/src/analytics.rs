@@ -215,18 +215,14 @@ impl Lakehouse {
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<FeatureUse>> {
-        let usage = self.range_usage(range.from(), range.to()).await?;
-        self.over(usage, "usage", FEATURE_USE_SQL, |df| async move {
-            rows(only(df, feature)?, |r| {
-                Ok(FeatureUse {
-                    customer: r.text("customer")?,
-                    feature: r.text("feature")?,
-                    events: r.count("events")?,
-                    quantity: r.number("quantity")?,
-                    not_entitled: r.count("not_entitled")?,
-                })
+        self.usage_rows(range.from(), range.to(), FEATURE_USE_SQL, feature, |r| {
+            Ok(FeatureUse {
+                customer: r.text("customer")?,
+                feature: r.text("feature")?,
+                events: r.count("events")?,
+                quantity: r.number("quantity")?,
+                not_entitled: r.count("not_entitled")?,
             })
-            .await
         })
         .await
     }
@@ -244,17 +240,13 @@ impl Lakehouse {
         let first = on_lake(move || lake.first_date()).await?;
         let last = until - Days::new(1);
         // An empty lake is an empty range.
-        let usage = self.range_usage(first.unwrap_or(until), last).await?;
-        self.over(usage, "usage", FIRST_USE_SQL, |df| async move {
-            rows(only(df, feature)?, |r| {
-                Ok(FirstUse {
-                    customer: r.text("customer")?,
-                    feature: r.text("feature")?,
-                    first_use: r.time("first_use")?,
-                    customer_first_event: r.time("customer_first_event")?,
-                })
+        self.usage_rows(first.unwrap_or(until), last, FIRST_USE_SQL, feature, |r| {
+            Ok(FirstUse {
+                customer: r.text("customer")?,
+                feature: r.text("feature")?,
+                first_use: r.time("first_use")?,
+                customer_first_event: r.time("customer_first_event")?,
             })
-            .await
         })
         .await
     }
@@ -265,17 +257,30 @@ impl Lakehouse {
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<RegionUse>> {
-        let usage = self.range_usage(range.from(), range.to()).await?;
-        self.over(usage, "usage", REGION_USE_SQL, |df| async move {
-            rows(only(df, feature)?, |r| {
-                Ok(RegionUse {
-                    feature: r.text("feature")?,
-                    region: r.optional_text("region")?,
-                    events: r.count("events")?,
-                    quantity: r.number("quantity")?,
-                })
+        self.usage_rows(range.from(), range.to(), REGION_USE_SQL, feature, |r| {
+            Ok(RegionUse {
+                feature: r.text("feature")?,
+                region: r.optional_text("region")?,
+                events: r.count("events")?,
+                quantity: r.number("quantity")?,
             })
-            .await
+        })
+        .await
+    }
+
+    /// Runs a named query over the rollups' usage of the days `from` to `to` (registered
+    /// as `usage`), only `feature`'s rows when given, each row turned into a `T`.
+    async fn usage_rows<T>(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+        sql: &str,
+        feature: Option<&str>,
+        each: impl FnMut(&Row<'_>) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let usage = self.range_usage(from, to).await?;
+        self.over(usage, "usage", sql, |df| async move {
+            rows(only(df, feature)?, each).await
         })
         .await
     }

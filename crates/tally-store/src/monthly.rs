@@ -32,8 +32,8 @@ use arrow::array::{
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{
-    DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
-    UInt16Type, UInt64Type,
+    DataType, Field, Float64Type, Schema, SchemaRef, TimestampMicrosecondType, UInt16Type,
+    UInt64Type,
 };
 use chrono::{DateTime, Datelike, NaiveDate};
 use hashbrown::HashMap;
@@ -57,30 +57,20 @@ pub const MONTH: &str = "month";
 pub const USER_DAYS: &str = "user_days";
 
 static MONTHLY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let user = Arc::new(Field::new_list_field(DataType::Utf8, false));
+    // The rollup's columns, `month` for `hour`, and the users' days after the users.
     let day = Arc::new(Field::new_list_field(DataType::UInt32, false));
-    Arc::new(Schema::new(vec![
-        Field::new(CUSTOMER, DataType::Utf8, false),
-        Field::new(FEATURE, DataType::Utf8, false),
-        Field::new(
-            MONTH,
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-        Field::new(DECISION, DataType::Utf8, false),
-        Field::new(EVENTS, DataType::UInt64, false),
-        Field::new(QUANTITY, DataType::Float64, false),
-        Field::new(USERS, DataType::List(user), false),
-        Field::new(USER_DAYS, DataType::List(day), false),
-        Field::new(PARTITION_ID, DataType::UInt16, false),
-        Field::new(PLAN, DataType::Utf8, true),
-        Field::new(REGION, DataType::Utf8, true),
-        Field::new(
-            FIRST_TIME,
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            true,
-        ),
-    ]))
+    let mut fields = Vec::new();
+    for f in crate::rollup_schema().fields() {
+        if f.name() == HOUR {
+            fields.push(Field::new(MONTH, f.data_type().clone(), false));
+        } else {
+            fields.push(f.as_ref().clone());
+        }
+        if f.name() == USERS {
+            fields.push(Field::new(USER_DAYS, DataType::List(day.clone()), false));
+        }
+    }
+    Arc::new(Schema::new(fields))
 });
 
 /// The schema of one monthly row: a rollup row with `month` for `hour`, and the days each
