@@ -478,6 +478,54 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     pipeline.shutdown().await.unwrap();
 }
 
+/// A partition has no owner for a moment while a worker starts or hands it over: a check
+/// sent then waits for the owner instead of failing, and one nobody takes up fails with
+/// the time it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_sent_before_any_worker_owns_the_partition_is_answered_once_one_does() {
+    use tally_ingest::checks::{CheckRequest, check};
+    let h = Harness::start().await;
+    setup(&h, vec![Customer::new("acme", "small")]).await;
+    let partitions = h.config.ingest.partitions;
+    let request = CheckRequest {
+        customer: "acme".to_owned(),
+        feature: "calls".to_owned(),
+        quantity: 1.0,
+        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
+        region: None,
+        user: None,
+    };
+    let short = std::time::Duration::from_millis(300);
+    let unanswered = check(&h.nats.client, partitions, &request, short)
+        .await
+        .unwrap_err();
+    assert!(
+        unanswered.to_string().contains("no worker answered within"),
+        "{unanswered}"
+    );
+
+    let client = h.nats.client.clone();
+    let waiting = {
+        let request = request.clone();
+        tokio::spawn(async move {
+            check(
+                &client,
+                partitions,
+                &request,
+                std::time::Duration::from_secs(30),
+            )
+            .await
+        })
+    };
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let answer = waiting.await.unwrap().unwrap();
+    assert_eq!(
+        (answer.decision.as_str(), answer.has_access),
+        ("accepted", true)
+    );
+    pipeline.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_and_record_returns_the_decision_the_event_was_recorded_with() {
     use tally_ingest::record::record;

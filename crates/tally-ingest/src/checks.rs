@@ -295,17 +295,43 @@ pub async fn check(
     timeout: Duration,
 ) -> Result<CheckReply> {
     let body = serde_json::to_vec(request).map_err(|e| Error::Check(e.to_string()))?;
-    let reply = tokio::time::timeout(
-        timeout,
-        client.request(check_subject(&request.customer, partitions), body.into()),
-    )
-    .await
-    .map_err(|_| Error::Check(format!("no worker answered within {timeout:?}")))?
-    .map_err(|e| Error::nats("check", e))?;
+    let subject = check_subject(&request.customer, partitions);
+    let reply = ask_owner(client, subject, body.into(), timeout, "check").await?;
     if let Ok(answer) = serde_json::from_slice::<CheckReply>(&reply.payload) {
         return Ok(answer);
     }
     let error: CheckError = serde_json::from_slice(&reply.payload)
         .map_err(|e| Error::Check(format!("unreadable check reply: {e}")))?;
     Err(Error::Check(error.error))
+}
+
+/// Sends a request to the worker owning a partition and waits up to `timeout` for its
+/// answer. While a partition changes hands (a worker starting, stopping or taking over)
+/// nobody may be subscribed for a moment: "no responders" is retried until the deadline.
+pub(crate) async fn ask_owner(
+    client: &Client,
+    subject: String,
+    body: bytes::Bytes,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<async_nats::Message> {
+    use async_nats::client::RequestErrorKind;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let late = || Error::Check(format!("no worker answered within {timeout:?}"));
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let request = client.request(subject.clone(), body.clone());
+        match tokio::time::timeout_at(deadline, request).await {
+            Err(_) => return Err(late()),
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(late());
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            Ok(Err(e)) => return Err(Error::nats(what, e)),
+        }
+    }
 }

@@ -232,10 +232,8 @@ pub async fn record(
     timeout: Duration,
 ) -> Result<RecordReply> {
     let subject = format!("{RECORD_PREFIX}.{}", partition_of(customer, partitions));
-    let reply = tokio::time::timeout(timeout, client.request(subject, event_json.into()))
-        .await
-        .map_err(|_| Error::Check(format!("no worker answered within {timeout:?}")))?
-        .map_err(|e| Error::nats("record", e))?;
+    let reply =
+        crate::checks::ask_owner(client, subject, event_json.into(), timeout, "record").await?;
     serde_json::from_slice(&reply.payload)
         .map_err(|e| Error::Check(format!("unreadable record reply: {e}")))
 }

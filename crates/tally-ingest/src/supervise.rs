@@ -40,6 +40,9 @@ struct Unit {
     stop: CancellationToken,
     task: JoinHandle<()>,
     state: State,
+    /// Fires once the partition's checks and record requests have been subscribed to (or
+    /// the first attempt failed).
+    answering: Option<oneshot::Receiver<()>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +59,8 @@ enum State {
 /// On cancel, each partition seals its open batch, waits for it to become durable and
 /// acknowledges it; then the leases are released. A failing partition is taken over again
 /// from the lake while its lease holds; one failing while stopping (or with streams of the
-/// wrong shape) stops the rest. `ready` fires once the entitlements are loaded and the
-/// first round of leases is taken. `leases_js` should be a connection of its own: on the
+/// wrong shape) stops the rest. `ready` fires once the entitlements are loaded, the
+/// first round of leases is taken and those partitions answer checks and record requests. `leases_js` should be a connection of its own: on the
 /// worker's, renewals would queue behind its pulls, acks and publishes under load.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_worker(
@@ -129,6 +132,11 @@ pub async fn run_worker(
             Relaxed,
         );
         if let Some(r) = ready.take() {
+            for unit in units.values_mut() {
+                if let Some(answering) = unit.answering.take() {
+                    let _ = answering.await;
+                }
+            }
             let _ = r.send(());
         }
         tokio::select! {
@@ -258,7 +266,14 @@ async fn rebalance(
             Ok(Some(held)) => {
                 let fence = Arc::new(Fence::until(leases.deadline(held.sent)));
                 let stop = ctx.cancel.child_token();
-                let task = tokio::spawn(own(ctx.clone(), p, fence.clone(), stop.clone()));
+                let (answering_tx, answering) = oneshot::channel();
+                let task = tokio::spawn(own(
+                    ctx.clone(),
+                    p,
+                    fence.clone(),
+                    stop.clone(),
+                    answering_tx,
+                ));
                 tracing::info!(partition = p, "partition lease taken");
                 units.insert(
                     p,
@@ -268,6 +283,7 @@ async fn rebalance(
                         stop,
                         task,
                         state: State::Running,
+                        answering: Some(answering),
                     },
                 );
                 wanted -= 1;
@@ -283,7 +299,13 @@ async fn rebalance(
 
 /// Runs one held partition (its checks and record requests too) until `stop`, taking it
 /// over again from the lake after a failure while the fence holds.
-async fn own(ctx: Shared, partition: u16, fence: Arc<Fence>, stop: CancellationToken) {
+async fn own(
+    ctx: Shared,
+    partition: u16,
+    fence: Arc<Fence>,
+    stop: CancellationToken,
+    answering_tx: oneshot::Sender<()>,
+) {
     let _compaction = (ctx.config.compact_every_secs > 0).then(|| {
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(compact_while_held(
             ctx.lake.clone(),
@@ -295,10 +317,15 @@ async fn own(ctx: Shared, partition: u16, fence: Arc<Fence>, stop: CancellationT
     });
     let mut pause = Duration::from_millis(100);
     let mut answering = None;
+    let mut answering_tx = Some(answering_tx);
     loop {
         let run = async {
             if answering.is_none() {
-                answering = Some(answer(&ctx, partition, &stop).await?);
+                let subscribed = answer(&ctx, partition, &stop).await;
+                if let Some(tx) = answering_tx.take() {
+                    let _ = tx.send(());
+                }
+                answering = Some(subscribed?);
             }
             run_partition(
                 ctx.js.clone(),
