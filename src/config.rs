@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use tally_api::ApiConfig;
 use tally_ingest::IngestConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +28,7 @@ pub struct Config {
     /// Log filter, `tracing` env-filter syntax (`info`, `warn,tally=debug`).
     pub log: String,
     pub ingest: IngestConfig,
+    pub api: ApiConfig,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             writer_queue: 16,
             log: "warn,tally=info".to_owned(),
             ingest: IngestConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -68,6 +71,7 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         let mut problems = self.ingest.problems();
+        problems.extend(self.api.problems());
         if self.writer_concurrency == 0 {
             problems.push("writer_concurrency must be at least 1".to_owned());
         }

@@ -3,6 +3,7 @@
 //! Integration tests under `tests/` drive these same pieces.
 
 pub mod analytics;
+pub mod api;
 pub mod bench;
 pub mod billing;
 pub mod chaos;
@@ -10,7 +11,9 @@ pub mod compact;
 pub mod config;
 pub mod definitions;
 pub mod demo;
+pub mod license;
 pub mod output;
 pub mod pipeline;
+pub mod reports;
 pub mod sql;
 pub mod workload;

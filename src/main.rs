@@ -11,6 +11,7 @@ use tally::output::Format;
 use tally::pipeline::{Nats, Pipeline};
 use tally::workload::Spec;
 use tally_query::Period;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "tally", version, about, long_about = None)]
@@ -72,7 +73,8 @@ enum Command {
     ///
     /// Example: tally compact --data-dir data --format json
     Compact(tally::compact::CompactArgs),
-    /// Run Tally (the ingest worker over every partition) until interrupted.
+    /// Run Tally (the ingest worker over every partition, and the HTTP API) until
+    /// interrupted.
     ///
     /// Example: tally serve --nats-url nats://127.0.0.1:4222
     Serve,
@@ -95,6 +97,20 @@ enum Command {
     ///
     /// Example: tally check cust-00001 api-calls --quantity 100 --nats-url nats://127.0.0.1:4222
     Check(CheckCmd),
+    /// Run the HTTP API alone (no ingest worker), until Ctrl-C or SIGTERM.
+    ///
+    /// Example: TALLY_NATS_URL=nats://10.0.0.5:4222 tally api
+    Api,
+    /// Manage the API keys: create (the secret is shown once), list, revoke.
+    ///
+    /// Example: tally keys create --role billing --name "invoicing job"
+    #[command(subcommand)]
+    Keys(tally::api::KeysCmd),
+    /// License tokens: verify one offline against a published key set (no NATS, no network).
+    ///
+    /// Example: tally license verify "$(cat license.token)" --key license-keys.json --format json
+    #[command(subcommand)]
+    License(tally::license::LicenseCmd),
     /// Run the fault suite: publish a workload while the worker is killed, nats-server
     /// restarts and the lake refuses writes; then check the lake against the generator.
     ///
@@ -276,17 +292,20 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Compact(args) => tally::compact::run(&config, args).await,
-        Command::Serve => serve(config, None).await,
+        Command::Serve => serve(config, None, true).await,
         Command::Worker(cmd) => {
             let partitions = cmd
                 .partitions
                 .map(|spec| parse_partitions(&spec, config.ingest.partitions))
                 .transpose()?;
-            serve(config, partitions).await
+            serve(config, partitions, false).await
         }
         Command::Plans(cmd) => tally::definitions::run(config, Kind::Catalog, cmd).await,
         Command::Customers(cmd) => tally::definitions::run(config, Kind::Customers, cmd).await,
         Command::Check(cmd) => check(config, cmd).await,
+        Command::Api => serve_api(config).await,
+        Command::Keys(cmd) => tally::api::run_keys(&config, cmd).await,
+        Command::License(cmd) => tally::license::run(cmd),
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
         Command::Chaos(args) => {
             if config.data_dir == Config::default().data_dir {
@@ -374,10 +393,12 @@ fn nats_unavailable(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Runs the worker until Ctrl-C or SIGTERM, then drains in order.
+/// Runs the worker (and the API, `with_api`) until Ctrl-C or SIGTERM, then drains in
+/// order: the worker first, the API last, so requests can be answered while it drains.
 async fn serve(
     config: Config,
     partitions: Option<Vec<u16>>,
+    with_api: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     // Handlers first: a SIGTERM during start-up must drain, not kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -397,6 +418,14 @@ async fn serve(
             Err(e) => return Err(e),
         }
     };
+    let stop_api = CancellationToken::new();
+    let api = if with_api {
+        let api = tally::api::Api::start(&config, &nats, stop_api.clone()).await?;
+        announce(&api);
+        Some(api)
+    } else {
+        None
+    };
     tracing::info!(lake = %config.lake_dir().display(), "tally is running; Ctrl-C stops it");
     let cancel = pipeline.cancel_token();
     tokio::select! {
@@ -405,5 +434,37 @@ async fn serve(
         () = cancel.cancelled() => tracing::error!("a component failed; stopping"),
     }
     pipeline.shutdown().await?;
+    stop_api.cancel();
+    if let Some(api) = api {
+        api.stopped().await?;
+    }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Runs the API alone until Ctrl-C or SIGTERM.
+async fn serve_api(config: Config) -> anyhow::Result<std::process::ExitCode> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let nats = Nats::connect(&config).await?;
+    let stop = CancellationToken::new();
+    let api = tally::api::Api::start(&config, &nats, stop.clone()).await?;
+    announce(&api);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+    }
+    stop.cancel();
+    api.stopped().await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Tells the operator where the API is, and where the first admin key went.
+fn announce(api: &tally::api::Api) {
+    eprintln!("tally api on http://{}", api.addr);
+    if let Some((_, path)) = &api.bootstrap {
+        eprintln!(
+            "no API key existed: an admin key was made and written to {} (tally keys create makes others)",
+            path.display()
+        );
+    }
 }

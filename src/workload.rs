@@ -143,10 +143,10 @@ const INVALID_KINDS: [(&str, bool); 10] = [
     ("not_json", false),
     ("missing_field", true), // no id
     ("empty_field", true),   // empty id
-    ("missing_field", true), // no data.feature
+    ("empty_field", true),   // empty data.feature
     ("negative_quantity", true),
     ("non_finite_quantity", true),
-    ("wrong_type", true), // quantity as a string
+    ("wrong_type", true), // quantity as a word
     ("bad_time", true),
     ("unsupported_specversion", true),
     ("missing_field", true), // no subject
@@ -195,7 +195,7 @@ fn malformed(kind: usize, id: &str, customer: &str, time: &str) -> String {
         ),
         1 => good("-", customer, time, data, "1.0"),
         2 => good("", customer, time, data, "1.0"),
-        3 => good(id, customer, time, r#"{"quantity":1}"#, "1.0"),
+        3 => good(id, customer, time, r#"{"feature":"","quantity":1}"#, "1.0"),
         4 => good(
             id,
             customer,
@@ -214,7 +214,7 @@ fn malformed(kind: usize, id: &str, customer: &str, time: &str) -> String {
             id,
             customer,
             time,
-            r#"{"feature":"api-calls","quantity":"3"}"#,
+            r#"{"feature":"api-calls","quantity":"three"}"#,
             "1.0",
         ),
         7 => good(id, customer, "last tuesday", data, "1.0"),

@@ -2,7 +2,7 @@
 //! optional JetStream-only baseline measured in the same run. `tally bench quota`: the
 //! quota engine alone ([`quota`]); `check`: checks over NATS ([`check`]); `recovery`: a
 //! worker taking its partitions over ([`recovery`]); `query`: billing and adoption over a
-//! generated month ([`query`]).
+//! generated month ([`query`]); `http`: the HTTP API under load ([`http`]).
 //!
 //! Messages are generated before the clock starts. The clock runs from the first publish
 //! to the moment every partition consumer has nothing pending and nothing unacknowledged
@@ -28,6 +28,7 @@ use crate::pipeline::{Nats, Pipeline};
 use crate::workload::{self, OutMessage, Spec};
 
 pub mod check;
+pub mod http;
 pub mod query;
 pub mod quota;
 pub mod recovery;
@@ -57,6 +58,11 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench query --events 10000000 --dir /var/tmp/tally-query --format json
     Query(query::QueryBench),
+    /// The HTTP API under load from this process, with `tally serve` in another: events
+    /// ingest (`--mode ingest`) or entitlement checks (`--mode check`).
+    ///
+    /// Example: tally bench http --mode ingest --rate 1000 --batch 100 --format json
+    Http(http::HttpBench),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,6 +179,7 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
         BenchCmd::Ingest(args) => ingest(config, args).await,
         BenchCmd::Quota(args) => tokio::task::spawn_blocking(move || quota::run(args)).await?,
         BenchCmd::Check(args) => check::run(config, args).await,
+        BenchCmd::Http(args) => http::run(config, args).await,
         BenchCmd::Query(args) => query::run(args).await,
         BenchCmd::Recovery(args) => recovery::run(config, args)
             .await

@@ -160,6 +160,8 @@ pub fn run_tally(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Serve {
         // A killed worker's partitions are free again within two seconds.
         .env("TALLY_INGEST__LEASE_MS", "1500")
         .env("TALLY_LOG", "info")
+        // `tally serve` runs the API too: on a free port, so tests side by side do not collide.
+        .env("TALLY_API__LISTEN", "127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -297,4 +299,74 @@ fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
     out.sort();
+}
+
+/// The HTTP API of a harness, on a free loopback port, with the admin key it made at
+/// its first start.
+pub struct TestApi {
+    pub base: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+    pub stop: tokio_util::sync::CancellationToken,
+    pub api: tally::api::Api,
+}
+
+impl TestApi {
+    /// A request to `path` (from `/api/v1/…`) with `key`, if any, as the bearer token.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    /// Makes a key of `role`, limited to `customers`, and returns its token.
+    pub async fn key(&self, h: &Harness, role: tally_api::Role, customers: &[&str]) -> String {
+        let keys = tally_api::ApiKeys::open(&h.nats.jetstream).await.unwrap();
+        keys.create(
+            role,
+            customers.iter().map(|c| (*c).to_owned()).collect(),
+            String::new(),
+        )
+        .await
+        .unwrap()
+        .token
+    }
+}
+
+impl Harness {
+    /// Starts the API against this harness's NATS and lake.
+    pub async fn api(&self) -> TestApi {
+        let mut config = self.config.clone();
+        config.api.listen = "127.0.0.1:0".to_owned();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let api = tally::api::Api::start(&config, &self.nats, stop.clone())
+            .await
+            .unwrap();
+        let admin = match &api.bootstrap {
+            Some((token, _)) => token.clone(),
+            None => {
+                let keys = tally_api::ApiKeys::open(&self.nats.jetstream)
+                    .await
+                    .unwrap();
+                keys.create(tally_api::Role::Admin, Vec::new(), String::new())
+                    .await
+                    .unwrap()
+                    .token
+            }
+        };
+        TestApi {
+            base: format!("http://{}", api.addr),
+            admin,
+            http: reqwest::Client::new(),
+            stop,
+            api,
+        }
+    }
 }

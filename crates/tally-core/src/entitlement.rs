@@ -492,6 +492,191 @@ impl Customers {
     }
 }
 
+/// One order line from a CRM or ERP, its SKU resolved: a plan bought (a new subscription,
+/// or a change of plan) or units of an add-on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    pub customer: String,
+    /// What the order's SKU maps to.
+    pub target: SkuTarget,
+    /// Units ordered: of the add-on (times the SKU's own quantity); 1 for a plan.
+    pub quantity: u32,
+    /// Replaces the customer's seats.
+    pub seats: Option<u32>,
+    /// When a new subscription starts (`valid_from`).
+    pub starts_at: Option<DateTime<Utc>>,
+    /// When the subscription ends (`valid_until`).
+    pub ends_at: Option<DateTime<Utc>>,
+    /// The billing anchor day.
+    pub anchor_day: Option<u8>,
+}
+
+impl Order {
+    /// The customer after this order, or every problem with it, each naming the order's
+    /// field (`quantity`, `starts_at`, …).
+    ///
+    /// - A plan order on no customer creates one on that plan, starting at `starts_at`.
+    /// - On a customer whose entitlement has ended (`valid_until` ≤ `now`) it starts a new
+    ///   term: the plan, from `starts_at` (or `now`) until `ends_at`, without the ended
+    ///   term's add-ons (grants, bought separately, stay).
+    /// - On a current customer it changes the plan at once (upgrade or downgrade); it may
+    ///   move the end (`ends_at`) and the anchor day, not the start.
+    /// - An add-on order adds `quantity` × the SKU's units to the customer's add-on of that
+    ///   id; the customer must exist, and the subscription's dates are the plan order's
+    ///   to set (an add-on order may repeat them, not change them).
+    /// - `seats` replaces the customer's seats either way. Suspension is left as it is.
+    pub fn apply(
+        &self,
+        current: Option<&Customer>,
+        now: DateTime<Utc>,
+    ) -> Result<Customer, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut c = Check {
+            problems: &mut problems,
+        };
+        if self.quantity == 0 {
+            c.flag("quantity", "must be at least 1");
+        }
+        let mut customer = match (&self.target, current) {
+            (SkuTarget::Plan(plan), current) => {
+                if self.quantity > 1 {
+                    c.flag(
+                        "quantity",
+                        format!(
+                            "is {}: a plan is ordered once; order seats with `seats`",
+                            self.quantity
+                        ),
+                    );
+                }
+                let mut customer = match current {
+                    None => {
+                        let mut new = Customer::new(self.customer.clone(), plan.clone());
+                        new.valid_from = self.starts_at;
+                        new
+                    }
+                    Some(ended) if ended.valid_until.is_some_and(|until| until <= now) => {
+                        let mut renewed = ended.clone();
+                        renewed.addons.clear();
+                        renewed.valid_from = Some(self.starts_at.unwrap_or(now));
+                        renewed.valid_until = None;
+                        renewed
+                    }
+                    Some(current) => {
+                        if self.starts_at.is_some() && self.starts_at != current.valid_from {
+                            c.flag(
+                                "starts_at",
+                                format!(
+                                    "customer {:?} is subscribed already (since {}); a plan \
+                                     order changes its plan at once, and starts_at is for a \
+                                     new subscription",
+                                    current.id,
+                                    current
+                                        .valid_from
+                                        .map_or("its creation".to_owned(), |t| t.to_rfc3339())
+                                ),
+                            );
+                        }
+                        current.clone()
+                    }
+                };
+                customer.plan.clone_from(plan);
+                if let Some(ends_at) = self.ends_at {
+                    customer.valid_until = Some(ends_at);
+                }
+                if let Some(day) = self.anchor_day {
+                    customer.anchor_day = day;
+                }
+                customer
+            }
+            (SkuTarget::Addon { .. }, None) => {
+                c.flag(
+                    "customer",
+                    format!(
+                        "no customer {:?}: an add-on is bought on top of a plan; order the plan first",
+                        self.customer
+                    ),
+                );
+                return Err(problems);
+            }
+            (SkuTarget::Addon { id, quantity }, Some(current)) => {
+                let mut customer = current.clone();
+                let same = |field: &str, ordered: bool, c: &mut Check<'_>| {
+                    if ordered {
+                        c.flag(
+                            field,
+                            format!(
+                                "differs from customer {:?}'s; an add-on order cannot change \
+                                 the subscription's dates (order the plan again)",
+                                current.id
+                            ),
+                        );
+                    }
+                };
+                same(
+                    "starts_at",
+                    self.starts_at.is_some() && self.starts_at != current.valid_from,
+                    &mut c,
+                );
+                same(
+                    "ends_at",
+                    self.ends_at.is_some() && self.ends_at != current.valid_until,
+                    &mut c,
+                );
+                same(
+                    "anchor_day",
+                    self.anchor_day.is_some_and(|d| d != current.anchor_day),
+                    &mut c,
+                );
+                let units = self.quantity.checked_mul(*quantity);
+                let existing = customer.addons.iter_mut().find(|a| a.id == *id);
+                match (units, existing) {
+                    (None, _) => c.flag(
+                        "quantity",
+                        format!("{} × {quantity} units is too many", self.quantity),
+                    ),
+                    (Some(units), Some(existing)) => match existing.quantity.checked_add(units) {
+                        Some(total) => existing.quantity = total,
+                        None => c.flag(
+                            "quantity",
+                            format!("{units} more units of {id:?} is too many"),
+                        ),
+                    },
+                    (Some(units), None) => customer.addons.push(AddOnRef {
+                        id: id.clone(),
+                        quantity: units,
+                    }),
+                }
+                customer
+            }
+        };
+        if let Some(seats) = self.seats {
+            customer.seats = Some(seats);
+        }
+        // The customer's own rules, named by the order field that set what is wrong.
+        for p in customer.problems("") {
+            let field = match p.field.trim_start_matches('.') {
+                "id" => "customer".to_owned(),
+                "plan" => "sku".to_owned(),
+                "valid_from" => "starts_at".to_owned(),
+                "valid_until" if self.ends_at.is_none() => "starts_at".to_owned(),
+                "valid_until" => "ends_at".to_owned(),
+                other => other.to_owned(),
+            };
+            if !problems.iter().any(|q| q.field == field) {
+                problems.push(Problem {
+                    field,
+                    message: p.message,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(customer)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,5 +811,167 @@ mod tests {
             toml::from_str::<Customers>("[[customers]]\nid = \"a\"\nplan = \"p\"\nplna = 1\n")
                 .unwrap_err();
         assert!(err.to_string().contains("plna"), "{err}");
+    }
+
+    fn utc(t: &str) -> DateTime<Utc> {
+        t.parse().unwrap()
+    }
+
+    fn order(target: SkuTarget) -> Order {
+        Order {
+            customer: "acme".to_owned(),
+            target,
+            quantity: 1,
+            seats: None,
+            starts_at: None,
+            ends_at: None,
+            anchor_day: None,
+        }
+    }
+
+    fn plan(id: &str) -> SkuTarget {
+        SkuTarget::Plan(id.to_owned())
+    }
+
+    fn pack(per_unit: u32) -> SkuTarget {
+        SkuTarget::Addon {
+            id: "pack".to_owned(),
+            quantity: per_unit,
+        }
+    }
+
+    fn fields(problems: Vec<Problem>) -> Vec<String> {
+        problems.into_iter().map(|p| p.field).collect()
+    }
+
+    const NOW: &str = "2026-11-10T00:00:00Z";
+
+    #[test]
+    fn a_plan_order_creates_the_customer_then_changes_its_plan() {
+        let now = utc(NOW);
+        let mut first = order(plan("free"));
+        first.starts_at = Some(utc("2026-11-01T00:00:00Z"));
+        first.ends_at = Some(utc("2027-11-01T00:00:00Z"));
+        first.anchor_day = Some(15);
+        first.seats = Some(5);
+        let created = first.apply(None, now).unwrap();
+        let mut expected = Customer::new("acme", "free");
+        expected.valid_from = first.starts_at;
+        expected.valid_until = first.ends_at;
+        expected.anchor_day = 15;
+        expected.seats = Some(5);
+        assert_eq!(created, expected);
+
+        // An upgrade keeps everything else; repeating the start is allowed.
+        let mut with_pack = created.clone();
+        with_pack.addons.push(AddOnRef {
+            id: "pack".to_owned(),
+            quantity: 2,
+        });
+        let mut upgrade = order(plan("pro"));
+        upgrade.starts_at = first.starts_at;
+        let upgraded = upgrade.apply(Some(&with_pack), now).unwrap();
+        assert_eq!(upgraded.plan, "pro");
+        assert_eq!(upgraded.addons, with_pack.addons);
+        assert_eq!(upgraded.valid_until, first.ends_at);
+
+        // Moving the start of a running subscription is refused, naming the field.
+        upgrade.starts_at = Some(utc("2026-12-01T00:00:00Z"));
+        upgrade.quantity = 3;
+        assert_eq!(
+            fields(upgrade.apply(Some(&with_pack), now).unwrap_err()),
+            ["quantity", "starts_at"]
+        );
+    }
+
+    #[test]
+    fn a_plan_order_on_an_ended_customer_starts_a_new_term_without_the_old_add_ons() {
+        let mut ended = Customer::new("acme", "free");
+        ended.valid_from = Some(utc("2025-01-01T00:00:00Z"));
+        ended.valid_until = Some(utc("2026-01-01T00:00:00Z"));
+        ended.addons.push(AddOnRef {
+            id: "pack".to_owned(),
+            quantity: 2,
+        });
+        ended.status = Status::Suspended;
+        let renewed = order(plan("pro")).apply(Some(&ended), utc(NOW)).unwrap();
+        assert_eq!(renewed.plan, "pro");
+        assert_eq!(renewed.valid_from, Some(utc(NOW)));
+        assert_eq!(renewed.valid_until, None);
+        assert!(renewed.addons.is_empty());
+        // Suspension is lifted by resuming, not by an order.
+        assert_eq!(renewed.status, Status::Suspended);
+    }
+
+    #[test]
+    fn an_add_on_order_adds_units_to_an_existing_customer() {
+        let now = utc(NOW);
+        let customer = Customer::new("acme", "free");
+        let mut buy = order(pack(5));
+        buy.quantity = 2;
+        let once = buy.apply(Some(&customer), now).unwrap();
+        assert_eq!(
+            once.addons,
+            [AddOnRef {
+                id: "pack".to_owned(),
+                quantity: 10
+            }]
+        );
+        let twice = buy.apply(Some(&once), now).unwrap();
+        assert_eq!(twice.addons[0].quantity, 20);
+        assert_eq!(twice.plan, "free");
+
+        // No customer, no add-on.
+        assert_eq!(fields(buy.apply(None, now).unwrap_err()), ["customer"]);
+        // Dates are the plan's: an add-on order may repeat them, not change them.
+        buy.anchor_day = Some(1);
+        assert!(buy.apply(Some(&customer), now).is_ok());
+        buy.anchor_day = Some(9);
+        buy.ends_at = Some(utc("2027-01-01T00:00:00Z"));
+        assert_eq!(
+            fields(buy.apply(Some(&customer), now).unwrap_err()),
+            ["ends_at", "anchor_day"]
+        );
+        // Overflowing units are refused, not wrapped.
+        let mut huge = order(pack(u32::MAX));
+        huge.quantity = 2;
+        assert_eq!(
+            fields(huge.apply(Some(&customer), now).unwrap_err()),
+            ["quantity"]
+        );
+        let mut full = customer.clone();
+        full.addons.push(AddOnRef {
+            id: "pack".to_owned(),
+            quantity: u32::MAX,
+        });
+        assert_eq!(
+            fields(order(pack(1)).apply(Some(&full), now).unwrap_err()),
+            ["quantity"]
+        );
+    }
+
+    #[test]
+    fn an_order_s_flaws_are_named_by_the_order_s_fields() {
+        let now = utc(NOW);
+        let mut bad = order(plan("free"));
+        bad.customer = String::new();
+        bad.quantity = 0;
+        bad.anchor_day = Some(32);
+        bad.starts_at = Some(utc("2027-01-01T00:00:00Z"));
+        bad.ends_at = Some(utc("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            fields(bad.apply(None, now).unwrap_err()),
+            ["quantity", "customer", "anchor_day", "ends_at"]
+        );
+        let mut current = Customer::new("acme", "free");
+        current.valid_until = Some(utc("2027-01-01T00:00:00Z"));
+        current.valid_from = Some(utc("2026-12-01T00:00:00Z"));
+        // An end before the stored start, set by this order: ends_at is at fault.
+        let mut early = order(plan("free"));
+        early.ends_at = Some(utc("2026-11-15T00:00:00Z"));
+        assert_eq!(
+            fields(early.apply(Some(&current), now).unwrap_err()),
+            ["ends_at"]
+        );
     }
 }

@@ -585,12 +585,34 @@ fn parse_quantity(raw: &RawValue) -> Result<Option<f64>, Invalid> {
                     Some(FIELD),
                     format!("`{FIELD}` must be finite; got {text}"),
                 ))
+            } else if is_decimal(s.trim()) {
+                // OpenMeter's SDKs and many producers send values as numeric strings.
+                let q: f64 = s
+                    .trim()
+                    .parse()
+                    .map_err(|_| Invalid::wrong_type(FIELD, "a number"))?;
+                check_quantity(q, &text).map(Some)
             } else {
-                Err(Invalid::wrong_type(FIELD, "a number, not a string"))
+                Err(Invalid::wrong_type(FIELD, "a number or a numeric string"))
             }
         }
         _ => Err(Invalid::wrong_type(FIELD, "a number")),
     }
+}
+
+/// A JSON-number-shaped string: `-12`, `0.5`, `1e3`.
+fn is_decimal(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let (mantissa, exponent) = match digits.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e.strip_prefix(['+', '-']).unwrap_or(e))),
+        None => (digits, None),
+    };
+    let (whole, fraction) = match mantissa.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (mantissa, None),
+    };
+    let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    all_digits(whole) && fraction.is_none_or(all_digits) && exponent.is_none_or(all_digits)
 }
 
 #[derive(Default)]
@@ -767,7 +789,12 @@ fn finish<'a>(
         ),
     };
     let data = data.ok_or_else(|| Invalid::missing("data"))?;
-    let feature = required(data.feature, "data.feature")?;
+    // As OpenMeter's meters key on the event type, an event without `data.feature` counts
+    // against the feature named by its type.
+    let feature = match data.feature {
+        None => event_type.clone(),
+        feature => required(feature, "data.feature")?,
+    };
     Ok(Event {
         id,
         source,
@@ -831,6 +858,30 @@ mod tests {
             "2026-11-03T14:05:00.500+00:00"
         );
         assert_eq!(e.extra.as_deref(), Some(r#"{"plan":"x","n":[1,2]}"#));
+    }
+
+    #[test]
+    fn as_with_openmeter_the_type_names_the_feature_and_numeric_strings_count() {
+        let e = one(r#"{"specversion":"1.0","id":"e","source":"s","type":"prompt","subject":"c","data":{"tokens":"12","quantity":"12.5"}}"#)
+            .unwrap();
+        assert_eq!((e.feature.as_ref(), e.quantity), ("prompt", 12.5));
+        for (quantity, reason) in [
+            (r#""-3""#, Reason::NegativeQuantity),
+            (r#""12 tokens""#, Reason::WrongType),
+            (r#""1.""#, Reason::WrongType),
+            (r#""""#, Reason::WrongType),
+            (r#""NaN""#, Reason::NonFiniteQuantity),
+        ] {
+            let flaw = one(&format!(
+                r#"{{"specversion":"1.0","id":"e","source":"s","type":"t","subject":"c","data":{{"quantity":{quantity}}}}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(
+                (flaw.reason, flaw.field),
+                (reason, Some("data.quantity")),
+                "{quantity}"
+            );
+        }
     }
 
     #[test]
@@ -919,7 +970,8 @@ mod tests {
         assert_eq!(with("1e999"), Err((Reason::NonFiniteQuantity, q)));
         assert_eq!(with("\"NaN\""), Err((Reason::NonFiniteQuantity, q)));
         assert_eq!(with("\"-Infinity\""), Err((Reason::NonFiniteQuantity, q)));
-        assert_eq!(with("\"5\""), Err((Reason::WrongType, q)));
+        assert_eq!(with("\"5\""), Ok(5.0));
+        assert_eq!(with("\"five\""), Err((Reason::WrongType, q)));
         assert_eq!(with("true"), Err((Reason::WrongType, q)));
         assert_eq!(with("null"), Ok(1.0));
         assert_eq!(with("0"), Ok(0.0));

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_nats::Client;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tally_core::subject::partition_of;
@@ -103,9 +104,16 @@ pub async fn serve(
         move |p, reply_to, payload| {
             let (client, entitlements) = (client.clone(), entitlements.clone());
             async move {
-                let body = match answer(&entitlements, p, total, &payload) {
-                    Ok(reply) => serde_json::to_vec(&reply),
-                    Err(error) => serde_json::to_vec(&error),
+                let body = if is_listing(&payload) {
+                    match list(&entitlements, p, total, &payload) {
+                        Ok(reply) => serde_json::to_vec(&reply),
+                        Err(error) => serde_json::to_vec(&error),
+                    }
+                } else {
+                    match answer(&entitlements, p, total, &payload) {
+                        Ok(reply) => serde_json::to_vec(&reply),
+                        Err(error) => serde_json::to_vec(&error),
+                    }
                 }
                 .unwrap_or_default();
                 if let Err(e) = client.publish(reply_to, body.into()).await {
@@ -223,6 +231,81 @@ fn answer(
     })
 }
 
+/// Every feature of a customer, checked at once: `{"customer": C, "all": true}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {
+    pub customer: String,
+    /// Always `true`: what tells this request from a check of one feature.
+    pub all: bool,
+    /// When (default: now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+}
+
+/// The answer to a [`ListRequest`]: one check of quantity 1 per feature the customer's
+/// plan and add-ons name. An unknown customer has no features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub customer: String,
+    /// Whether the customer is known at all.
+    pub known: bool,
+    pub features: Vec<CheckReply>,
+}
+
+/// Whether a request asks for every feature (`"all": true`).
+fn is_listing(payload: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        all: bool,
+    }
+    serde_json::from_slice::<Probe>(payload).is_ok_and(|p| p.all)
+}
+
+fn list(
+    entitlements: &Entitlements,
+    partition: u16,
+    total: u16,
+    payload: &[u8],
+) -> std::result::Result<ListReply, CheckError> {
+    let request: ListRequest = serde_json::from_slice(payload).map_err(|e| CheckError {
+        error: format!("not a listing request: {e}"),
+        field: None,
+    })?;
+    let features = {
+        let engine = entitlements.engine(partition).ok_or_else(|| CheckError {
+            error: format!("partition {partition} is not owned here"),
+            field: None,
+        })?;
+        engine.features_of(&request.customer)
+    };
+    let mut replies = Vec::with_capacity(features.len());
+    for feature in features {
+        let one = CheckRequest {
+            customer: request.customer.clone(),
+            feature,
+            quantity: 1.0,
+            time: request.time,
+            region: None,
+            user: None,
+        };
+        let body = serde_json::to_vec(&one).map_err(|e| CheckError {
+            error: e.to_string(),
+            field: None,
+        })?;
+        replies.push(answer(entitlements, partition, total, &body)?);
+    }
+    let known = entitlements
+        .engine(partition)
+        .is_some_and(|e| e.customer(&request.customer).is_some());
+    Ok(ListReply {
+        customer: request.customer,
+        known,
+        features: replies,
+    })
+}
+
 /// Reads a request, naming the field of the first flaw.
 fn parse(payload: &[u8]) -> std::result::Result<CheckRequest, CheckError> {
     let flaw = |field: &str, error: String| CheckError {
@@ -294,15 +377,39 @@ pub async fn check(
     request: &CheckRequest,
     timeout: Duration,
 ) -> Result<CheckReply> {
+    ask(client, partitions, &request.customer, request, timeout).await
+}
+
+/// Checks every feature of a customer with the owning worker.
+pub async fn check_all(
+    client: &Client,
+    partitions: u16,
+    request: &ListRequest,
+    timeout: Duration,
+) -> Result<ListReply> {
+    ask(client, partitions, &request.customer, request, timeout).await
+}
+
+/// Sends a check request to `customer`'s partition: its answer, or the refusal.
+async fn ask<R: DeserializeOwned>(
+    client: &Client,
+    partitions: u16,
+    customer: &str,
+    request: &impl Serialize,
+    timeout: Duration,
+) -> Result<R> {
     let body = serde_json::to_vec(request).map_err(|e| Error::Check(e.to_string()))?;
-    let subject = check_subject(&request.customer, partitions);
+    let subject = check_subject(customer, partitions);
     let reply = ask_owner(client, subject, body.into(), timeout, "check").await?;
-    if let Ok(answer) = serde_json::from_slice::<CheckReply>(&reply.payload) {
+    if let Ok(answer) = serde_json::from_slice::<R>(&reply.payload) {
         return Ok(answer);
     }
     let error: CheckError = serde_json::from_slice(&reply.payload)
         .map_err(|e| Error::Check(format!("unreadable check reply: {e}")))?;
-    Err(Error::Check(error.error))
+    Err(Error::Refused {
+        message: error.error,
+        field: error.field,
+    })
 }
 
 /// Sends a request to the worker owning a partition and waits up to `timeout` for its
@@ -317,7 +424,7 @@ pub(crate) async fn ask_owner(
 ) -> Result<async_nats::Message> {
     use async_nats::client::RequestErrorKind;
     let deadline = tokio::time::Instant::now() + timeout;
-    let late = || Error::Check(format!("no worker answered within {timeout:?}"));
+    let late = || Error::Unanswered(format!("no worker answered within {timeout:?}"));
     let mut pause = Duration::from_millis(10);
     loop {
         let request = client.request(subject.clone(), body.clone());

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
+use async_nats::jetstream::consumer;
 use async_nats::jetstream::kv::{self, Store};
 use async_nats::jetstream::stream::{self, StorageType};
 use chrono::{DateTime, Utc};
@@ -24,6 +25,42 @@ use crate::{Error, Result};
 
 /// Revisions kept per key: the recent history of a definition.
 const HISTORY: i64 = 16;
+
+/// How often [`Definitions::modify_customer`] reads again after losing a race.
+const MODIFY_ATTEMPTS: usize = 32;
+
+/// The clock skew tolerated between a writer's and the server's clock in audit reads.
+const AUDIT_CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// How long an audit read waits for the next entry the server said is pending.
+const AUDIT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which audit entries [`Definitions::audit_where`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// `plan`, `addon`, `sku` or `customer`; `None`: every kind.
+    pub kind: Option<String>,
+    /// The definition's id (with `kind`: a customer id for `customer`); `None`: every id.
+    pub id: Option<String>,
+    /// Entries at or after this time.
+    pub from: Option<DateTime<Utc>>,
+    /// Entries before this time.
+    pub to: Option<DateTime<Utc>>,
+    /// The most entries returned (the oldest of those selected).
+    pub limit: usize,
+}
+
+impl Default for AuditFilter {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            id: None,
+            from: None,
+            to: None,
+            limit: usize::MAX,
+        }
+    }
+}
 
 /// What applying one definition did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -152,29 +189,216 @@ impl Definitions {
 
     /// Everything the buckets hold now.
     pub async fn load(&self) -> Result<Snapshot> {
-        let mut snapshot = Snapshot::default();
+        let catalog = self.load_catalog().await?;
+        Ok(Snapshot {
+            plans: catalog.plans,
+            addons: catalog.addons,
+            skus: catalog.skus,
+            customers: self.load_customers().await?,
+        })
+    }
+
+    /// Every plan, add-on and SKU mapping, each list sorted by key.
+    pub async fn load_catalog(&self) -> Result<Catalog> {
+        let mut catalog = Catalog::default();
         for (key, value) in entries(&self.catalog).await? {
             let bad =
                 |e: serde_json::Error| Error::Definition(format!("{CATALOG_BUCKET} {key}: {e}"));
             match key.split_once('.') {
-                Some(("plan", _)) => snapshot
+                Some(("plan", _)) => catalog
                     .plans
                     .push(serde_json::from_value(value).map_err(bad)?),
-                Some(("addon", _)) => snapshot
+                Some(("addon", _)) => catalog
                     .addons
                     .push(serde_json::from_value(value).map_err(bad)?),
-                Some(("sku", _)) => snapshot
+                Some(("sku", _)) => catalog
                     .skus
                     .push(serde_json::from_value(value).map_err(bad)?),
                 _ => tracing::warn!(key, "unexpected key in the catalogue bucket"),
             }
         }
+        Ok(catalog)
+    }
+
+    /// Every customer, sorted by key.
+    pub async fn load_customers(&self) -> Result<Vec<Customer>> {
+        let mut customers = Vec::new();
         for (key, value) in entries(&self.customers).await? {
             let customer = serde_json::from_value(value)
                 .map_err(|e| Error::Definition(format!("{CUSTOMERS_BUCKET} {key}: {e}")))?;
-            snapshot.customers.push(customer);
+            customers.push(customer);
         }
-        Ok(snapshot)
+        Ok(customers)
+    }
+
+    /// Writes one plan (audited unless unchanged).
+    pub async fn put_plan(&self, plan: &Plan, actor: &str) -> Result<Applied> {
+        self.put(&self.catalog, "plan", &plan.id, plan, actor).await
+    }
+
+    /// Writes one add-on (audited unless unchanged).
+    pub async fn put_addon(&self, addon: &AddOn, actor: &str) -> Result<Applied> {
+        self.put(&self.catalog, "addon", &addon.id, addon, actor)
+            .await
+    }
+
+    /// Writes one SKU mapping (audited unless unchanged).
+    pub async fn put_sku(&self, sku: &Sku, actor: &str) -> Result<Applied> {
+        self.put(&self.catalog, "sku", &sku.sku, sku, actor).await
+    }
+
+    /// Writes one customer whole (audited unless unchanged); the last writer wins. Use
+    /// [`modify_customer`](Self::modify_customer) to change part of a customer.
+    pub async fn put_customer(&self, customer: &Customer, actor: &str) -> Result<Applied> {
+        self.put(&self.customers, "customer", &customer.id, customer, actor)
+            .await
+    }
+
+    /// Reads customer `id` (`None` when it does not exist), lets `change` make the new
+    /// definition, and writes it (audited unless unchanged).
+    ///
+    /// The write is a compare-and-set on the revision read: when another writer changed
+    /// the customer in between, `change` runs again on the newer definition, so two
+    /// concurrent changes (two add-on orders) both take effect. An error from `change`
+    /// writes nothing and is returned as is.
+    pub async fn modify_customer<E: From<Error>>(
+        &self,
+        id: &str,
+        actor: &str,
+        mut change: impl FnMut(Option<Customer>) -> Result<Customer, E>,
+    ) -> Result<(Customer, Applied), E> {
+        let key = key_of("customer", id);
+        for _ in 0..MODIFY_ATTEMPTS {
+            let entry = self
+                .customers
+                .entry(key.as_str())
+                .await
+                .map_err(|e| Error::nats("read a definition", e))?;
+            let before = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => Some(
+                    serde_json::from_slice::<Value>(&e.value)
+                        .map_err(|e| Error::Definition(format!("stored customer {id}: {e}")))?,
+                ),
+                _ => None,
+            };
+            let current = before
+                .clone()
+                .map(serde_json::from_value::<Customer>)
+                .transpose()
+                .map_err(|e| Error::Definition(format!("stored customer {id}: {e}")))?;
+            let customer = change(current)?;
+            if customer.id != id {
+                return Err(Error::Definition(format!(
+                    "a change of customer {id} made customer {}",
+                    customer.id
+                ))
+                .into());
+            }
+            let after = serde_json::to_value(&customer)
+                .map_err(|e| Error::Definition(format!("customer {id}: {e}")))?;
+            if before.as_ref() == Some(&after) {
+                let applied = Applied {
+                    kind: "customer",
+                    id: id.to_owned(),
+                    change: Change::Unchanged,
+                    revision: None,
+                };
+                return Ok((customer, applied));
+            }
+            let body: bytes::Bytes = serde_json::to_vec(&after)
+                .map_err(|e| Error::Definition(format!("customer {id}: {e}")))?
+                .into();
+            let written = match &entry {
+                Some(e) => self
+                    .customers
+                    .update(key.as_str(), body, e.revision)
+                    .await
+                    .map(Some)
+                    .or_else(|e| match e.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                        _ => Err(Error::nats("write a definition", e)),
+                    })?,
+                None => self
+                    .customers
+                    .create(key.as_str(), body)
+                    .await
+                    .map(Some)
+                    .or_else(|e| match e.kind() {
+                        kv::CreateErrorKind::AlreadyExists => Ok(None),
+                        _ => Err(Error::nats("write a definition", e)),
+                    })?,
+            };
+            // `None`: another writer got there first; decide again on what it wrote.
+            let Some(revision) = written else {
+                continue;
+            };
+            let change = if before.is_some() {
+                Change::Updated
+            } else {
+                Change::Created
+            };
+            self.record(
+                &self.customers,
+                "customer",
+                id,
+                key,
+                revision,
+                before,
+                after,
+                actor,
+            )
+            .await?;
+            let applied = Applied {
+                kind: "customer",
+                id: id.to_owned(),
+                change,
+                revision: Some(revision),
+            };
+            return Ok((customer, applied));
+        }
+        Err(Error::Definition(format!(
+            "customer {id} changed under {MODIFY_ATTEMPTS} attempts in a row to modify it"
+        ))
+        .into())
+    }
+
+    /// One customer's definition, if it exists.
+    pub async fn customer(&self, id: &str) -> Result<Option<Customer>> {
+        self.get(&self.customers, "customer", id).await
+    }
+
+    /// One plan's definition, if it exists.
+    pub async fn plan(&self, id: &str) -> Result<Option<Plan>> {
+        self.get(&self.catalog, "plan", id).await
+    }
+
+    /// One add-on's definition, if it exists.
+    pub async fn addon(&self, id: &str) -> Result<Option<AddOn>> {
+        self.get(&self.catalog, "addon", id).await
+    }
+
+    /// One SKU mapping, if it exists.
+    pub async fn sku(&self, sku: &str) -> Result<Option<Sku>> {
+        self.get(&self.catalog, "sku", sku).await
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        store: &Store,
+        kind: &'static str,
+        id: &str,
+    ) -> Result<Option<T>> {
+        let key = key_of(kind, id);
+        let Some(bytes) = store
+            .get(key.as_str())
+            .await
+            .map_err(|e| Error::nats("read a definition", e))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Definition(format!("stored {kind} {id}: {e}")))
     }
 
     /// The audit entries, oldest first.
@@ -202,6 +426,80 @@ impl Definitions {
         Ok(out)
     }
 
+    /// The audit entries `filter` selects, oldest first, at most `filter.limit`.
+    ///
+    /// Entries are read through a consumer filtered on their subject
+    /// (`tally.audit.<kind>.<id token>`), so one customer's history is read without
+    /// scanning the others', and from the first entry stored near `filter.from`.
+    pub async fn audit_where(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        if filter.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let stream = self
+            .js
+            .get_stream(AUDIT_STREAM)
+            .await
+            .map_err(|e| Error::nats("open the audit stream", e))?;
+        let subject = format!(
+            "{AUDIT_PREFIX}.{}.{}",
+            filter.kind.as_deref().unwrap_or("*"),
+            filter.id.as_deref().map_or("*".to_owned(), customer_token)
+        );
+        let deliver_policy = match filter.from {
+            // An entry's time is taken on the writer's clock, its stored time on the
+            // server's: start early enough for their skew, then filter on the entry's.
+            Some(from) => start_time(from - AUDIT_CLOCK_SKEW)?,
+            None => consumer::DeliverPolicy::All,
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::nats("read the audit stream", e))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::nats("read the audit stream", e))?;
+        loop {
+            let message = tokio::time::timeout(AUDIT_READ_TIMEOUT, messages.try_next())
+                .await
+                .map_err(|e| Error::nats("read the audit stream", e))?
+                .map_err(|e| Error::nats("read the audit stream", e))?;
+            let Some(message) = message else {
+                break;
+            };
+            let pending = message
+                .info()
+                .map_err(|e| Error::nats("read the audit stream", e))?
+                .pending;
+            let entry: AuditEntry = serde_json::from_slice(&message.payload).map_err(|e| {
+                Error::Definition(format!("audit entry on {}: {e}", message.subject))
+            })?;
+            if filter
+                .to
+                .is_some_and(|to| entry.time >= to + AUDIT_CLOCK_SKEW)
+            {
+                break;
+            }
+            let after_from = filter.from.is_none_or(|from| entry.time >= from);
+            let before_to = filter.to.is_none_or(|to| entry.time < to);
+            if after_from && before_to {
+                out.push(entry);
+            }
+            if out.len() >= filter.limit || pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     async fn put<T: Serialize>(
         &self,
         store: &Store,
@@ -210,11 +508,7 @@ impl Definitions {
         definition: &T,
         actor: &str,
     ) -> Result<Applied> {
-        let key = if kind == "customer" {
-            kv_key(id)
-        } else {
-            format!("{kind}.{}", kv_key(id))
-        };
+        let key = key_of(kind, id);
         let after = serde_json::to_value(definition)
             .map_err(|e| Error::Definition(format!("{kind} {id}: {e}")))?;
         let before = store
@@ -243,6 +537,29 @@ impl Definitions {
         } else {
             Change::Created
         };
+        self.record(store, kind, id, key, revision, before, after, actor)
+            .await?;
+        Ok(Applied {
+            kind,
+            id: id.to_owned(),
+            change,
+            revision: Some(revision),
+        })
+    }
+
+    /// Appends one change to the audit stream, on `tally.audit.<kind>.<id token>`.
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &self,
+        store: &Store,
+        kind: &str,
+        id: &str,
+        key: String,
+        revision: u64,
+        before: Option<Value>,
+        after: Value,
+        actor: &str,
+    ) -> Result<()> {
         let entry = AuditEntry {
             actor: actor.to_owned(),
             time: Utc::now(),
@@ -263,13 +580,28 @@ impl Definitions {
             .map_err(|e| Error::nats("append to the audit stream", e))?
             .await
             .map_err(|e| Error::nats("append to the audit stream", e))?;
-        Ok(Applied {
-            kind,
-            id: id.to_owned(),
-            change,
-            revision: Some(revision),
-        })
+        Ok(())
     }
+}
+
+/// A definition's key: the customer id's key in the customers bucket, `<kind>.<id key>`
+/// in the catalogue.
+fn key_of(kind: &str, id: &str) -> String {
+    if kind == "customer" {
+        kv_key(id)
+    } else {
+        format!("{kind}.{}", kv_key(id))
+    }
+}
+
+/// A consumer's start at `time` (async-nats takes it as a `time` crate value, which this
+/// crate does not otherwise use: the policy is read from its JSON form).
+fn start_time(time: DateTime<Utc>) -> Result<consumer::DeliverPolicy> {
+    serde_json::from_value(serde_json::json!({
+        "deliver_policy": "by_start_time",
+        "opt_start_time": time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+    }))
+    .map_err(|e| Error::Definition(format!("audit start time {time}: {e}")))
 }
 
 /// Every live key of a bucket with its value, sorted by key.

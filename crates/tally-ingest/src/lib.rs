@@ -159,7 +159,17 @@ pub enum Error {
     /// A stored definition (plan, customer, …) could not be read or written.
     #[error("definition: {0}")]
     Definition(String),
-    /// A check was refused or not answered.
+    /// A check or record request was refused; `field` names the request's flawed field.
+    #[error("refused: {message}")]
+    Refused {
+        message: String,
+        field: Option<String>,
+    },
+    /// No worker answered a check or record request in time (none owns the partition,
+    /// or NATS is unavailable).
+    #[error("{0}")]
+    Unanswered(String),
+    /// A reply that could not be read.
     #[error("check: {0}")]
     Check(String),
 }

@@ -179,6 +179,31 @@ impl Engine {
         self.accounts.get(&customer_key(id)).map(|a| &*a.customer)
     }
 
+    /// The features a customer's plan and add-ons name, sorted; empty for an unknown
+    /// customer.
+    pub fn features_of(&self, id: &str) -> Vec<String> {
+        let Some(customer) = self.customer(id) else {
+            return Vec::new();
+        };
+        let mut features: Vec<String> = self
+            .plans
+            .get(&customer.plan)
+            .into_iter()
+            .flat_map(|p| p.features.keys())
+            .chain(
+                customer
+                    .addons
+                    .iter()
+                    .filter_map(|a| self.addons.get(&a.id))
+                    .flat_map(|a| a.features.keys().chain(a.extra.keys())),
+            )
+            .cloned()
+            .collect();
+        features.sort_unstable();
+        features.dedup();
+        features
+    }
+
     pub fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.get(id).map(|p| &**p)
     }

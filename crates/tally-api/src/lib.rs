@@ -1,0 +1,185 @@
+//! Tally's HTTP API: one axum server through which SDKs send events, CRMs provision
+//! orders, apps check entitlements and fetch signed licenses, and billing jobs and product
+//! managers read reports.
+//!
+//! Handlers translate HTTP to the shared mechanisms and back; they hold no business
+//! logic. Events go to JetStream (`tally-ingest`'s subjects), checks to the worker owning
+//! the customer (request-reply), definitions to the key-value buckets with their audit
+//! trail, reports to the query layer behind the [`Reports`] trait the binary implements.
+//! Every route checks the caller's API key and role ([`keys`]); every error is one
+//! problem-details shape ([`error`]).
+
+pub mod error;
+pub mod keys;
+pub mod licenses;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use serde::{Deserialize, Serialize};
+use tally_core::event::DecodeLimits;
+use tally_ingest::definitions::Definitions;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{ApiError, ApiResult, Problem};
+pub use keys::{ApiKeys, KeyRecord, Role};
+pub use licenses::LicenseKeys;
+pub use routes::queries::{Format, ReportBody, ReportError, Reports};
+pub use routes::{AUTH_HEADER, router};
+
+/// The API server's settings (`[api]` in the configuration file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the server listens on.
+    pub listen: String,
+    /// Largest request body accepted, in bytes (an events batch included).
+    pub max_body_bytes: usize,
+    /// How long a check waits for the worker owning the customer, in milliseconds.
+    pub check_timeout_ms: u64,
+    /// How long an events request waits for JetStream to acknowledge every event.
+    pub publish_timeout_ms: u64,
+    /// Lifetime of an issued license token, in seconds, unless the request asks for less.
+    pub license_ttl_secs: u64,
+    /// How long a retired signing key stays published (its tokens verifiable), in
+    /// seconds: at least the longest license lifetime.
+    pub license_key_grace_secs: u64,
+    /// How long an `Idempotency-Key` is remembered, in seconds.
+    pub idempotency_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            max_body_bytes: 4 * 1024 * 1024,
+            check_timeout_ms: 2_000,
+            publish_timeout_ms: 10_000,
+            license_ttl_secs: 30 * 24 * 3600,
+            license_key_grace_secs: 31 * 24 * 3600,
+            idempotency_secs: 24 * 3600,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Every problem with these settings, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "api.listen: {:?} is not an address such as 127.0.0.1:8080",
+                self.listen
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            problems.push("api.max_body_bytes must be at least 1024".to_owned());
+        }
+        if self.check_timeout_ms == 0 || self.publish_timeout_ms == 0 {
+            problems
+                .push("api.check_timeout_ms and api.publish_timeout_ms must be above 0".to_owned());
+        }
+        if self.idempotency_secs == 0 {
+            problems.push("api.idempotency_secs must be above 0".to_owned());
+        }
+        if self.license_ttl_secs == 0 {
+            problems.push("api.license_ttl_secs must be above 0".to_owned());
+        }
+        if self.license_key_grace_secs < self.license_ttl_secs {
+            problems.push(
+                "api.license_key_grace_secs must be at least api.license_ttl_secs, or tokens would outlive their key"
+                    .to_owned(),
+            );
+        }
+        problems
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub js: Context,
+    pub client: async_nats::Client,
+    /// The events stream's partition count (a customer's checks go to its partition).
+    pub partitions: u16,
+    /// The same limits the workers decode with: what the API accepts, they accept.
+    pub limits: DecodeLimits,
+    pub config: ApiConfig,
+    pub keys: ApiKeys,
+    pub definitions: Definitions,
+    pub licenses: LicenseKeys,
+    pub reports: Arc<dyn Reports>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Opens the buckets the API uses (creating them when missing) and starts following
+    /// the API keys until `cancel`.
+    pub async fn open(
+        js: Context,
+        partitions: u16,
+        limits: DecodeLimits,
+        config: ApiConfig,
+        reports: Arc<dyn Reports>,
+        cancel: CancellationToken,
+    ) -> Result<AppState, OpenError> {
+        let keys = ApiKeys::open(&js).await?;
+        let definitions = Definitions::open(&js).await?;
+        let licenses =
+            LicenseKeys::open(&js, Duration::from_secs(config.license_key_grace_secs)).await?;
+        tokio::spawn(keys.clone().follow(cancel));
+        Ok(AppState(Arc::new(Inner {
+            client: js.client(),
+            js,
+            partitions,
+            limits,
+            config,
+            keys,
+            definitions,
+            licenses,
+            reports,
+        })))
+    }
+}
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("api keys: {0}")]
+    Keys(#[from] keys::KeyError),
+    #[error("definitions: {0}")]
+    Definitions(#[from] tally_ingest::Error),
+    #[error("license keys: {0}")]
+    Licenses(#[from] licenses::LicenseKeyError),
+}
+
+/// Serves the API on `listener` until `shutdown`; requests in flight finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let (app, _) = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

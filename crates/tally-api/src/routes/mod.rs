@@ -1,0 +1,230 @@
+//! The routes, the caller's key, and the OpenAPI document generated from the handlers.
+
+// utoipa's `path` macro expands parameter types to qualified paths.
+#![allow(unused_qualifications)]
+
+pub(crate) mod entitlements;
+pub(crate) mod events;
+pub(crate) mod health;
+pub(crate) mod licenses;
+pub(crate) mod provisioning;
+pub mod queries;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::http::request::Parts;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{OpenApi, Server};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::keys::{KeyRecord, Role};
+
+/// The header a key travels in: `Authorization: Bearer tally_<id>_<secret>`.
+pub const AUTH_HEADER: &str = "authorization";
+
+/// The whole API: the axum router and the OpenAPI document of its routes.
+pub fn router(state: AppState) -> (Router, OpenApi) {
+    let max_body = state.config.max_body_bytes;
+    let (router, mut api) = OpenApiRouter::with_openapi(base_document())
+        .merge(events::routes())
+        .merge(entitlements::routes())
+        .merge(provisioning::routes())
+        .merge(licenses::routes())
+        .merge(queries::routes())
+        .merge(health::routes())
+        .split_for_parts();
+    api.servers = Some(vec![Server::new("/")]);
+    let document = api.clone();
+    let router = router
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move { axum::Json(document) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state);
+    (router, api)
+}
+
+fn base_document() -> OpenApi {
+    let mut api = OpenApi::builder()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("Tally")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Usage metering, entitlement enforcement and billing analytics. Every \
+                     route but /healthz, /readyz, the license keys and this document needs \
+                     `Authorization: Bearer <API key>`; errors are RFC 9457 problem details.",
+                ))
+                .build(),
+        )
+        .build();
+    let components = api.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "api_key",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("tally_<id>_<secret>")
+                .build(),
+        ),
+    );
+    api
+}
+
+/// The caller, known by a valid API key.
+#[derive(Debug, Clone)]
+pub struct Caller(pub KeyRecord);
+
+impl Caller {
+    /// Passes when the key's role is admin or one of `roles`; 403 naming them otherwise.
+    pub fn require(&self, roles: &[Role]) -> ApiResult<()> {
+        if self.0.role == Role::Admin || roles.contains(&self.0.role) {
+            return Ok(());
+        }
+        let mut names: Vec<&str> = vec!["admin"];
+        names.extend(roles.iter().map(|r| r.as_str()));
+        Err(ApiError::forbidden(format!(
+            "this route needs a key with the role {}; key {} has the role {}",
+            names.join(" or "),
+            self.0.id,
+            self.0.role
+        )))
+    }
+
+    /// [`require`](Self::require), and the key must cover `customer` (a portal key is for
+    /// one customer; an ingest key may list customers).
+    pub fn require_for(&self, roles: &[Role], customer: &str) -> ApiResult<()> {
+        self.require(roles)?;
+        if self.0.covers(customer) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "key {} may not act for customer {customer:?}",
+                self.0.id
+            )))
+        }
+    }
+
+    /// The customers the key is limited to, if any.
+    pub fn scope(&self) -> Option<&[String]> {
+        self.0.customer_scope()
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
+        let Some(value) = parts.headers.get(AUTH_HEADER) else {
+            return Err(ApiError::unauthorized(
+                "send an API key as `Authorization: Bearer tally_<id>_<secret>` (tally keys create)",
+            )
+            .field("authorization"));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <API key>`")
+                    .field("authorization")
+            })?;
+        match state.keys.authenticate(token).await {
+            Ok(Ok(record)) => Ok(Caller(record)),
+            Ok(Err(rejected)) => {
+                Err(ApiError::unauthorized(rejected.to_string()).field("authorization"))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the API keys");
+                Err(ApiError::unavailable(
+                    "the API keys cannot be read now (NATS is unavailable)",
+                ))
+            }
+        }
+    }
+}
+
+impl OptionalFromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Option<Caller>> {
+        if parts.headers.contains_key(AUTH_HEADER) {
+            <Caller as FromRequestParts<AppState>>::from_request_parts(parts, state)
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// A JSON body whose every rejection (not JSON, wrong shape, wrong content type) is a
+/// problem naming the field.
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> ApiResult<Self> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(body_error)?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Reads a JSON body, naming the field at fault by its path (`features.calls.limit`).
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let detail = format!("the body is not valid: {}", e.inner());
+        let path = e.path().to_string();
+        // serde names a missing field (not in the path) and an unknown one (already its
+        // last segment).
+        let field = match field_of(&e.inner().to_string()) {
+            Some(name) if path == "." => name,
+            Some(name) if path.rsplit('.').next() == Some(name.as_str()) => path,
+            Some(name) => format!("{path}.{name}"),
+            None => path,
+        };
+        // `?`: a syntax error, at no field.
+        if field == "." || field == "?" || field.is_empty() {
+            ApiError::invalid("bad_request", detail)
+        } else {
+            ApiError::bad_request(field, detail)
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::invalid("bad_request", format!("the body is not valid: {e}")))?;
+    Ok(value)
+}
+
+/// serde names the field itself for missing, unknown and repeated fields.
+fn field_of(message: &str) -> Option<String> {
+    ["missing field `", "unknown field `", "duplicate field `"]
+        .iter()
+        .find_map(|marker| message.split(marker).nth(1))
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_owned)
+}
+
+/// A body that could not be read: too large (413) or broken.
+pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(format!("the request body is larger than the limit: {e}"))
+    } else {
+        ApiError::invalid("bad_request", format!("cannot read the request body: {e}"))
+    }
+}
