@@ -50,15 +50,27 @@ fn access_table() -> BTreeMap<(&'static str, &'static str), Option<&'static [Rol
         (("GET", "/api/v1/skus/{sku}"), PROVISIONING),
         (("PUT", "/api/v1/skus/{sku}"), PROVISIONING),
         (("GET", "/api/v1/customers"), PROVISIONING),
-        (("GET", "/api/v1/customers/{id}"), PROVISIONING),
-        (("PUT", "/api/v1/customers/{id}"), PROVISIONING),
+        (("GET", "/api/v1/customers/{customer}"), PROVISIONING),
+        (("PUT", "/api/v1/customers/{customer}"), PROVISIONING),
         (("POST", "/api/v1/orders"), PROVISIONING),
-        (("POST", "/api/v1/customers/{id}/suspend"), PROVISIONING),
-        (("POST", "/api/v1/customers/{id}/resume"), PROVISIONING),
-        (("POST", "/api/v1/customers/{id}/cancel"), PROVISIONING),
-        (("POST", "/api/v1/customers/{id}/grants"), PROVISIONING),
         (
-            ("DELETE", "/api/v1/customers/{id}/addons/{addon}"),
+            ("POST", "/api/v1/customers/{customer}/suspend"),
+            PROVISIONING,
+        ),
+        (
+            ("POST", "/api/v1/customers/{customer}/resume"),
+            PROVISIONING,
+        ),
+        (
+            ("POST", "/api/v1/customers/{customer}/cancel"),
+            PROVISIONING,
+        ),
+        (
+            ("POST", "/api/v1/customers/{customer}/grants"),
+            PROVISIONING,
+        ),
+        (
+            ("DELETE", "/api/v1/customers/{customer}/addons/{addon}"),
             PROVISIONING,
         ),
         (("GET", "/api/v1/audit"), PROVISIONING),
@@ -456,7 +468,8 @@ async fn an_openmeter_sdk_batch_is_accepted_and_billed() {
     let key = api.key(&h, Role::Ingest, &[]).await;
     let body = r#"[
       {"specversion":"1.0","id":"5c10fade-1c9e-4d6c-8275-c52c36731d3c","source":"my-app","type":"prompt","subject":"cust-00000","time":"2026-11-03T10:15:00.123Z","datacontenttype":"application/json","data":{"feature":"ai-tokens","quantity":1234,"model":"gpt-4","type":"input"}},
-      {"specversion":"1.0","id":"5c10fade-1c9e-4d6c-8275-c52c36731d3d","source":"my-app","type":"prompt","subject":"cust-00001","time":"2026-11-03T10:16:00.456Z","datacontenttype":"application/json","data":{"feature":"ai-tokens","quantity":"766","model":"gpt-4","type":"output"}}
+      {"specversion":"1.0","id":"5c10fade-1c9e-4d6c-8275-c52c36731d3d","source":"my-app","type":"prompt","subject":"cust-00001","time":"2026-11-03T10:16:00.456Z","datacontenttype":"application/json","data":{"feature":"ai-tokens","quantity":"766","model":"gpt-4","type":"output"}},
+      {"specversion":"1.0","id":"5c10fade-1c9e-4d6c-8275-c52c36731d3e","source":"service-0","type":"api-calls","subject":"cust-00001","time":"2026-11-03T10:17:00.001Z","data":{"method":"GET","route":"/hello"}}
     ]"#;
     let (status, accepted) = post_events(
         &api,
@@ -467,26 +480,30 @@ async fn an_openmeter_sdk_batch_is_accepted_and_billed() {
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
-    h.drain(&pipeline, 2).await;
+    h.drain(&pipeline, 3).await;
     pipeline.shutdown().await.unwrap();
     let bills = tally::billing::invoices(&h.config, "2026-11".parse().unwrap(), None, false)
         .await
         .unwrap();
-    let billed: BTreeMap<String, String> = bills
+    let billed: BTreeMap<(String, String), String> = bills
         .iter()
         .flat_map(|b| {
-            b.invoice
-                .lines
-                .iter()
-                .filter(|l| l.item == "ai-tokens")
-                .map(|l| (b.invoice.customer.clone(), l.quantity.to_string()))
+            b.invoice.lines.iter().map(|l| {
+                (
+                    (b.invoice.customer.clone(), l.item.clone()),
+                    l.quantity.to_string(),
+                )
+            })
         })
         .collect();
+    let line = |c: &str, f: &str, q: &str| ((c.to_owned(), f.to_owned()), q.to_owned());
+    // The third event names no feature: it counts against its type, once.
     assert_eq!(
         billed,
         BTreeMap::from([
-            ("cust-00000".to_owned(), "1234".to_owned()),
-            ("cust-00001".to_owned(), "766".to_owned())
+            line("cust-00000", "ai-tokens", "1234"),
+            line("cust-00001", "ai-tokens", "766"),
+            line("cust-00001", "api-calls", "1"),
         ])
     );
 }

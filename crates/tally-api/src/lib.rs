@@ -112,6 +112,8 @@ pub struct Inner {
     pub keys: ApiKeys,
     pub definitions: Definitions,
     pub licenses: LicenseKeys,
+    /// `Idempotency-Key`s and their responses.
+    pub idempotency: async_nats::jetstream::kv::Store,
     pub reports: Arc<dyn Reports>,
 }
 
@@ -146,6 +148,8 @@ impl AppState {
         let definitions = Definitions::open(&js).await?;
         let licenses =
             LicenseKeys::open(&js, Duration::from_secs(config.license_key_grace_secs)).await?;
+        let idempotency =
+            routes::idempotency::open(&js, Duration::from_secs(config.idempotency_secs)).await?;
         tokio::spawn(keys.clone().follow(cancel));
         Ok(AppState(Arc::new(Inner {
             client: js.client(),
@@ -156,6 +160,7 @@ impl AppState {
             keys,
             definitions,
             licenses,
+            idempotency,
             reports,
         })))
     }
@@ -170,6 +175,8 @@ pub enum OpenError {
     Definitions(#[from] tally_ingest::Error),
     #[error("license keys: {0}")]
     Licenses(#[from] licenses::LicenseKeyError),
+    #[error("idempotency bucket: {0}")]
+    Idempotency(String),
 }
 
 /// Serves the API on `listener` until `shutdown`; requests in flight finish first.

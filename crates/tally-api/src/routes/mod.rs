@@ -6,6 +6,7 @@
 pub(crate) mod entitlements;
 pub(crate) mod events;
 pub(crate) mod health;
+pub(crate) mod idempotency;
 pub(crate) mod licenses;
 pub(crate) mod provisioning;
 pub mod queries;

@@ -10,54 +10,33 @@
 //! `POST` routes accept an `Idempotency-Key` header, as Stripe's do: see [`idempotent`].
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, Store};
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, body::Bytes};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tally_core::entitlement::{
     AddOn, Catalog, Customer, Customers, Grant, Order, Plan, Problem as Flaw, Sku, SkuTarget,
     Status,
 };
 use tally_ingest::definitions::{Applied, AuditEntry, AuditFilter, Change};
-use tokio::sync::OnceCell;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::idempotency::{idempotent, to_value};
 use super::{Caller, JsonBody, body_error, parse_json};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
 /// Who may provision (admin always may).
 const PROVISIONERS: &[Role] = &[Role::Provisioning];
-
-/// The bucket remembering `Idempotency-Key`s and the responses they got.
-pub const IDEMPOTENCY_BUCKET: &str = "tally_idempotency";
-
-/// The header a retried `POST` carries to be applied once.
-pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
-
-/// Set on a response replayed for a repeated `Idempotency-Key`.
-pub const REPLAYED_HEADER: &str = "idempotent-replayed";
-
-/// The longest `Idempotency-Key` accepted, in bytes.
-const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-/// A claimed key whose request has not finished after this long belongs to a server that
-/// stopped: another request may take it over.
-const STALE_CLAIM: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
 
 /// Audit entries returned by default, and at most.
 const AUDIT_DEFAULT_LIMIT: usize = 1_000;
@@ -80,8 +59,6 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(grant))
         .routes(routes!(remove_addon))
         .routes(routes!(audit))
-        // One idempotency bucket handle per server, opened at the first keyed request.
-        .layer(Extension(Idempotency::default()))
 }
 
 fn actor(caller: &Caller) -> String {
@@ -517,9 +494,9 @@ async fn list_customers(
 /// One customer's definition: plan, add-ons, seats, grants, validity, regions, status.
 #[utoipa::path(
     get,
-    path = "/api/v1/customers/{id}",
+    path = "/api/v1/customers/{customer}",
     tag = "provisioning",
-    params(("id" = String, Path, description = "The customer id")),
+    params(("customer" = String, Path, description = "The customer id")),
     responses(
         (status = 200, body = Object, description = "The customer"),
         (status = 401, body = Problem), (status = 403, body = Problem),
@@ -544,9 +521,9 @@ async fn get_customer(
 /// must be the path's when given.
 #[utoipa::path(
     put,
-    path = "/api/v1/customers/{id}",
+    path = "/api/v1/customers/{customer}",
     tag = "provisioning",
-    params(("id" = String, Path, description = "The customer id")),
+    params(("customer" = String, Path, description = "The customer id")),
     request_body(content = Object, content_type = "application/json", description = "The customer: `{id, plan, addons: [{id, quantity}], seats, grants, valid_from, valid_until, regions, status, anchor_day}`"),
     responses(
         (status = 200, body = Object, description = "The customer as stored (updated or unchanged)"),
@@ -668,7 +645,6 @@ pub struct OrderResult {
 )]
 async fn order(
     State(state): State<AppState>,
-    Extension(idempotency): Extension<Idempotency>,
     caller: Caller,
     headers: HeaderMap,
     uri: Uri,
@@ -734,16 +710,7 @@ async fn order(
             Ok((StatusCode::CREATED, to_value(&result)?))
         }
     };
-    idempotent(
-        &state,
-        &idempotency,
-        &caller,
-        &headers,
-        &uri,
-        &fingerprint,
-        work,
-    )
-    .await
+    idempotent(&state, &caller, &headers, &uri, &fingerprint, work).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -768,7 +735,6 @@ pub struct CancelRequest {
 #[allow(clippy::too_many_arguments)]
 async fn customer_action<F>(
     state: AppState,
-    idempotency: Idempotency,
     caller: Caller,
     headers: HeaderMap,
     uri: Uri,
@@ -795,26 +761,17 @@ where
             Ok((status, to_value(&customer)?))
         }
     };
-    idempotent(
-        &state,
-        &idempotency,
-        &caller,
-        &headers,
-        &uri,
-        &request,
-        work,
-    )
-    .await
+    idempotent(&state, &caller, &headers, &uri, &request, work).await
 }
 
 /// Suspends a customer: from now on its events are decided `expired` and checks deny
 /// access, until it is resumed. Suspending a suspended customer changes nothing.
 #[utoipa::path(
     post,
-    path = "/api/v1/customers/{id}/suspend",
+    path = "/api/v1/customers/{customer}/suspend",
     tag = "provisioning",
     params(
-        ("id" = String, Path, description = "The customer id"),
+        ("customer" = String, Path, description = "The customer id"),
         ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 bytes; a repeat returns the first response"),
     ),
     request_body(content = Option<Empty>, content_type = "application/json"),
@@ -829,7 +786,6 @@ where
 )]
 async fn suspend(
     State(state): State<AppState>,
-    Extension(idempotency): Extension<Idempotency>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -842,7 +798,6 @@ async fn suspend(
     let request = to_value(&request)?;
     customer_action(
         state,
-        idempotency,
         caller,
         headers,
         uri,
@@ -860,10 +815,10 @@ async fn suspend(
 /// Resumes a suspended customer: its events are decided against its plan again.
 #[utoipa::path(
     post,
-    path = "/api/v1/customers/{id}/resume",
+    path = "/api/v1/customers/{customer}/resume",
     tag = "provisioning",
     params(
-        ("id" = String, Path, description = "The customer id"),
+        ("customer" = String, Path, description = "The customer id"),
         ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 bytes; a repeat returns the first response"),
     ),
     request_body(content = Option<Empty>, content_type = "application/json"),
@@ -878,7 +833,6 @@ async fn suspend(
 )]
 async fn resume(
     State(state): State<AppState>,
-    Extension(idempotency): Extension<Idempotency>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -891,7 +845,6 @@ async fn resume(
     let request = to_value(&request)?;
     customer_action(
         state,
-        idempotency,
         caller,
         headers,
         uri,
@@ -911,10 +864,10 @@ async fn resume(
 /// entitlement that already ends earlier. To subscribe again, order a plan.
 #[utoipa::path(
     post,
-    path = "/api/v1/customers/{id}/cancel",
+    path = "/api/v1/customers/{customer}/cancel",
     tag = "provisioning",
     params(
-        ("id" = String, Path, description = "The customer id"),
+        ("customer" = String, Path, description = "The customer id"),
         ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 bytes; a repeat returns the first response"),
     ),
     request_body(content = Option<CancelRequest>, content_type = "application/json"),
@@ -930,7 +883,6 @@ async fn resume(
 )]
 async fn cancel(
     State(state): State<AppState>,
-    Extension(idempotency): Extension<Idempotency>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -944,7 +896,6 @@ async fn cancel(
     let request = to_value(&request)?;
     customer_action(
         state,
-        idempotency,
         caller,
         headers,
         uri,
@@ -976,10 +927,10 @@ async fn cancel(
 /// customer. Its id must be new for the customer (409 otherwise).
 #[utoipa::path(
     post,
-    path = "/api/v1/customers/{id}/grants",
+    path = "/api/v1/customers/{customer}/grants",
     tag = "provisioning",
     params(
-        ("id" = String, Path, description = "The customer id"),
+        ("customer" = String, Path, description = "The customer id"),
         ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 bytes; a repeat returns the first response"),
     ),
     request_body(content = Object, content_type = "application/json", description = "The grant: `{id, feature, amount, effective, expires, priority, recurring}`"),
@@ -994,7 +945,6 @@ async fn cancel(
 )]
 async fn grant(
     State(state): State<AppState>,
-    Extension(idempotency): Extension<Idempotency>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -1006,7 +956,6 @@ async fn grant(
     let request = to_value(&grant)?;
     customer_action(
         state,
-        idempotency,
         caller,
         headers,
         uri,
@@ -1040,10 +989,10 @@ async fn grant(
 /// Removes an add-on, all its units, from a customer.
 #[utoipa::path(
     delete,
-    path = "/api/v1/customers/{id}/addons/{addon}",
+    path = "/api/v1/customers/{customer}/addons/{addon}",
     tag = "provisioning",
     params(
-        ("id" = String, Path, description = "The customer id"),
+        ("customer" = String, Path, description = "The customer id"),
         ("addon" = String, Path, description = "The add-on id"),
     ),
     responses(
@@ -1207,231 +1156,4 @@ fn audit_filter(params: &BTreeMap<String, String>) -> ApiResult<AuditFilter> {
         to,
         limit,
     })
-}
-
-// ---------------------------------------------------------------------------------------
-// Idempotency
-
-/// The idempotency bucket, opened once per server at the first request with a key.
-#[derive(Clone, Default)]
-pub(crate) struct Idempotency(Arc<OnceCell<Store>>);
-
-impl Idempotency {
-    async fn store(&self, state: &AppState) -> ApiResult<Store> {
-        let secs = state.config.idempotency_secs;
-        self.0
-            .get_or_try_init(|| async {
-                state
-                    .js
-                    .create_or_update_key_value(kv::Config {
-                        bucket: IDEMPOTENCY_BUCKET.to_owned(),
-                        description: "Tally API Idempotency-Keys and their responses".to_owned(),
-                        max_age: Duration::from_secs(secs),
-                        history: 1,
-                        storage: async_nats::jetstream::stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, "cannot open the idempotency bucket");
-                        ApiError::unavailable("NATS is unavailable (open the idempotency bucket)")
-                    })
-            })
-            .await
-            .cloned()
-    }
-}
-
-/// What the bucket remembers of a key: the request it was used for and, once it
-/// finished, the response it got.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Remembered {
-    /// Hex SHA-256 of the method, path and body.
-    request_hash: String,
-    /// When the first request claimed the key.
-    claimed_at: DateTime<Utc>,
-    /// `None` while the first request is in progress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    status: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    body: Option<Value>,
-}
-
-fn to_value<T: Serialize>(value: &T) -> ApiResult<Value> {
-    serde_json::to_value(value).map_err(ApiError::internal)
-}
-
-fn hex_sha256(parts: &[&[u8]]) -> String {
-    let mut hash = Sha256::new();
-    for part in parts {
-        // Length-prefixed, so that no two different part lists hash alike.
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part);
-    }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The `Idempotency-Key` header, if any: 1 to 255 bytes of visible ASCII.
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
-        return Ok(None);
-    };
-    let bad = |why: &str| {
-        ApiError::bad_request(
-            IDEMPOTENCY_HEADER,
-            format!("the Idempotency-Key header {why}"),
-        )
-    };
-    let key = value.to_str().map_err(|_| bad("must be visible ASCII"))?;
-    if key.is_empty() {
-        return Err(bad("must not be empty"));
-    }
-    if key.len() > MAX_IDEMPOTENCY_KEY {
-        return Err(bad(&format!(
-            "is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY}",
-            key.len()
-        )));
-    }
-    Ok(Some(key.to_owned()))
-}
-
-fn respond(status: StatusCode, body: &Value, replayed: bool) -> Response {
-    let mut response = (status, Json(body)).into_response();
-    if replayed {
-        response
-            .headers_mut()
-            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-    }
-    response
-}
-
-/// Runs `work` once per `Idempotency-Key` (per API key): the first request claims the key
-/// (a `create` in the bucket, which fails when it exists), runs, and records its response;
-/// a repeat with the same path and request gets that response again (with
-/// `Idempotent-Replayed: true`) without running; a repeat with another request, or while
-/// the first is still running, gets 409. Only a successful response is remembered: after
-/// an error (which changed nothing) the key is released, so the request may be retried
-/// with the same key. Once claimed, the work runs to its end even if the client goes.
-/// Without the header, `work` simply runs.
-async fn idempotent<W>(
-    state: &AppState,
-    idempotency: &Idempotency,
-    caller: &Caller,
-    headers: &HeaderMap,
-    uri: &Uri,
-    request: &Value,
-    work: W,
-) -> ApiResult<Response>
-where
-    W: Future<Output = ApiResult<(StatusCode, Value)>> + Send + 'static,
-{
-    let Some(key) = idempotency_key(headers)? else {
-        let (status, body) = work.await?;
-        return Ok(respond(status, &body, false));
-    };
-    let store = idempotency.store(state).await?;
-    let bucket_key = hex_sha256(&[caller.0.id.as_bytes(), key.as_bytes()]);
-    // The request as read (defaults filled in), not its bytes: spacing and key order
-    // do not make another request.
-    let request = serde_json::to_vec(request).map_err(ApiError::internal)?;
-    let request_hash = hex_sha256(&[b"POST", uri.path().as_bytes(), &request]);
-    let claim = Remembered {
-        request_hash: request_hash.clone(),
-        claimed_at: Utc::now(),
-        status: None,
-        body: None,
-    };
-    let claim_bytes: Bytes = serde_json::to_vec(&claim)
-        .map_err(ApiError::internal)?
-        .into();
-    let unavailable = |e: &dyn std::fmt::Display| {
-        tracing::warn!(error = %e, "idempotency bucket unavailable");
-        ApiError::unavailable("NATS is unavailable (the idempotency bucket)")
-    };
-    let mut claimed = false;
-    for _ in 0..4 {
-        match store.create(bucket_key.as_str(), claim_bytes.clone()).await {
-            Ok(_) => {
-                claimed = true;
-                break;
-            }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(unavailable(&e)),
-        }
-        let Some(entry) = store
-            .entry(bucket_key.as_str())
-            .await
-            .map_err(|e| unavailable(&e))?
-            .filter(|e| e.operation == kv::Operation::Put)
-        else {
-            // Released or expired in between: claim again.
-            continue;
-        };
-        let seen: Remembered = serde_json::from_slice(&entry.value).map_err(ApiError::internal)?;
-        let conflict = |why: &str| ApiError::conflict(why.to_owned()).field(IDEMPOTENCY_HEADER);
-        if seen.request_hash != request_hash {
-            return Err(conflict(
-                "this Idempotency-Key was used for a different request (another path or body); use a new key",
-            ));
-        }
-        if let (Some(status), Some(body)) = (seen.status, &seen.body) {
-            let status = StatusCode::from_u16(status).map_err(ApiError::internal)?;
-            return Ok(respond(status, body, true));
-        }
-        if Utc::now() - seen.claimed_at < STALE_CLAIM {
-            return Err(conflict(
-                "a request with this Idempotency-Key is in progress; retry once it has finished",
-            ));
-        }
-        // The server that claimed it stopped before finishing: take the claim over.
-        match store
-            .update(bucket_key.as_str(), claim_bytes.clone(), entry.revision)
-            .await
-        {
-            Ok(_) => {
-                claimed = true;
-                break;
-            }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-            Err(e) => return Err(unavailable(&e)),
-        }
-    }
-    if !claimed {
-        return Err(
-            ApiError::conflict("this Idempotency-Key is being used concurrently; retry")
-                .field(IDEMPOTENCY_HEADER),
-        );
-    }
-    let task = tokio::spawn(async move {
-        let outcome = work.await;
-        match &outcome {
-            Ok((status, body)) => {
-                let done = Remembered {
-                    status: Some(status.as_u16()),
-                    body: Some(body.clone()),
-                    ..claim
-                };
-                let recorded = match serde_json::to_vec(&done) {
-                    Ok(bytes) => store
-                        .put(bucket_key.as_str(), bytes.into())
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = recorded {
-                    // Applied but not remembered: a retry after the claim goes stale
-                    // would apply again.
-                    tracing::error!(error = %e, "cannot record an idempotent response");
-                }
-            }
-            Err(_) => {
-                if let Err(e) = store.delete(bucket_key.as_str()).await {
-                    tracing::warn!(error = %e, "cannot release an Idempotency-Key");
-                }
-            }
-        }
-        outcome
-    });
-    let (status, body) = task.await.map_err(ApiError::internal)??;
-    Ok(respond(status, &body, false))
 }
