@@ -26,5 +26,6 @@ VOLUME /var/lib/tally
 WORKDIR /var/lib/tally
 USER tally:tally
 
+EXPOSE 8080
 ENTRYPOINT ["tally"]
 CMD ["serve"]

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use serde::Serialize;
-use tally_core::event::{Frame, Reason};
+use tally_core::event::{DecodeLimits, Frame, Reason};
 use tally_core::subject::events_subject;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -127,7 +127,13 @@ fn prepare(
     body: &[u8],
 ) -> ApiResult<Vec<Message>> {
     let limits = &state.limits;
-    let frame = Frame::decode(body, limits).map_err(|invalid| {
+    // A request may be larger than one message (`api.max_body_bytes`, checked as the
+    // body was read); its events are split into messages the workers take.
+    let request_limits = DecodeLimits {
+        max_message_bytes: state.config.max_body_bytes,
+        ..*limits
+    };
+    let frame = Frame::decode(body, &request_limits).map_err(|invalid| {
         let e = match invalid.reason {
             Reason::TooLarge | Reason::TooManyEvents => ApiError::too_large(invalid.message),
             reason => ApiError::invalid(reason.as_str(), invalid.message),
