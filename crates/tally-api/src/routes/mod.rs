@@ -200,8 +200,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> 
             Some(name) => format!("{path}.{name}"),
             None => path,
         };
-        // `?`: a syntax error, at no field.
-        if field == "." || field == "?" || field.is_empty() {
+        // Broken JSON is at no field, whatever value the parser was in.
+        let broken = e.inner().is_syntax() || e.inner().is_eof();
+        if broken || field == "." || field == "?" || field.is_empty() {
             ApiError::invalid("bad_request", detail)
         } else {
             ApiError::bad_request(field, detail)
@@ -227,5 +228,55 @@ pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiError {
         ApiError::too_large(format!("the request body is larger than the limit: {e}"))
     } else {
         ApiError::invalid("bad_request", format!("cannot read the request body: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        limit: f64,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        #[serde(default)]
+        features: std::collections::BTreeMap<String, Inner>,
+    }
+
+    fn field(body: &str) -> Option<String> {
+        parse_json::<Outer>(body.as_bytes())
+            .unwrap_err()
+            .problem()
+            .field
+    }
+
+    #[test]
+    fn a_bad_body_names_its_field_by_path_once() {
+        assert_eq!(field(r#"{"name":"x","nmae":1}"#).as_deref(), Some("nmae"));
+        assert_eq!(field(r#"{}"#).as_deref(), Some("name"));
+        assert_eq!(field(r#"{"name":3}"#).as_deref(), Some("name"));
+        assert_eq!(
+            field(r#"{"name":"x","features":{"calls":{"limit":"many"}}}"#).as_deref(),
+            Some("features.calls.limit")
+        );
+        assert_eq!(
+            field(r#"{"name":"x","features":{"calls":{"limt":1}}}"#).as_deref(),
+            Some("features.calls.limt")
+        );
+        assert_eq!(
+            field(r#"{"name":"x","features":{"calls":{}}}"#).as_deref(),
+            Some("features.calls.limit")
+        );
+        // Not JSON, or something after it: no field to name.
+        assert_eq!(field(r#"{"name":"#), None);
+        assert_eq!(field(r#"{"name":"x"} trailing"#), None);
     }
 }
