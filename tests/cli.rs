@@ -175,6 +175,13 @@ fn demo_prints_matching_totals_as_json_and_leaves_a_hive_lake() {
 async fn serve_drains_on_sigterm_and_a_restart_loses_nothing() {
     let h = common::Harness::start().await;
     let first = common::serve(&h, "600000");
+    // `tally serve` answers HTTP too.
+    let api = first
+        .1
+        .clone()
+        .expect("tally serve names its API's address");
+    let health = reqwest::get(format!("{api}/healthz")).await.unwrap();
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
     let mut spec = Spec::new(3_000, chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap());
     spec.customers = 30;
     spec.batch = 20;
@@ -344,7 +351,7 @@ fn a_command_beside_a_running_serve_shares_its_embedded_nats_server() {
         "tally serve exited before it was running"
     );
     std::thread::spawn(move || lines.for_each(drop));
-    let serve = common::Serve(child);
+    let serve = common::Serve(child, None);
     let pid_file = dir.path().join("nats/nats-server.pid");
     let server = std::fs::read_to_string(&pid_file).unwrap();
 

@@ -128,7 +128,8 @@ pub fn lake_rows(h: &Harness) -> u64 {
 }
 
 /// A `tally serve` process, killed if a failing test leaves it running.
-pub struct Serve(pub std::process::Child);
+/// A running `tally serve` or `tally worker`, and where its HTTP API listens (`serve`).
+pub struct Serve(pub std::process::Child, pub Option<String>);
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -166,15 +167,19 @@ pub fn run_tally(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Serve {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut api = None;
     let running = lines.by_ref().any(|line| {
         let line = line.unwrap_or_default();
         eprintln!("{line}");
+        if let Some(url) = line.strip_prefix("tally api on ") {
+            api = Some(url.trim().to_owned());
+        }
         line.contains("tally is running")
     });
     assert!(running, "tally serve exited before it was running");
     // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
-    Serve(child)
+    Serve(child, api)
 }
 
 /// Per partition consumer: (messages not yet delivered, delivered but unacknowledged).
