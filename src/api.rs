@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use tally_api::{ApiKeys, AppState, Role};
+use tally_ingest::checks::LocalChecks;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +28,12 @@ pub struct Api {
 
 impl Api {
     /// Opens the API's buckets, makes the first admin key when there is no key at all,
-    /// binds `api.listen` and serves until `cancel`.
+    /// binds `api.listen` and serves until `cancel`. `local_checks`: the worker running in
+    /// this process, if any.
     pub async fn start(
         config: &Config,
         nats: &Nats,
+        local_checks: Option<LocalChecks>,
         cancel: CancellationToken,
     ) -> anyhow::Result<Api> {
         // Events are accepted before any worker has run: the streams must exist.
@@ -44,6 +47,7 @@ impl Api {
             config.ingest.limits,
             config.api.clone(),
             reports,
+            local_checks,
             cancel.clone(),
         )
         .await

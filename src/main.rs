@@ -420,7 +420,13 @@ async fn serve(
     };
     let stop_api = CancellationToken::new();
     let api = if with_api {
-        let api = tally::api::Api::start(&config, &nats, stop_api.clone()).await?;
+        let api = tally::api::Api::start(
+            &config,
+            &nats,
+            pipeline.local_checks.clone(),
+            stop_api.clone(),
+        )
+        .await?;
         announce(&api);
         Some(api)
     } else {
@@ -447,7 +453,7 @@ async fn serve_api(config: Config) -> anyhow::Result<std::process::ExitCode> {
         .context("installing the SIGTERM handler")?;
     let nats = Nats::connect(&config).await?;
     let stop = CancellationToken::new();
-    let api = tally::api::Api::start(&config, &nats, stop.clone()).await?;
+    let api = tally::api::Api::start(&config, &nats, None, stop.clone()).await?;
     announce(&api);
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),

@@ -68,6 +68,8 @@ impl Nats {
 
 /// A running ingest worker and its lake writer.
 pub struct Pipeline {
+    /// Checks this worker answers in-process, for an API served beside it.
+    pub local_checks: Option<tally_ingest::checks::LocalChecks>,
     pub stats: Arc<Stats>,
     pub writer_stats: Arc<WriterStats>,
     cancel: CancellationToken,
@@ -126,12 +128,13 @@ impl Pipeline {
         ));
         // Return once the entitlements are loaded and checks are answered, or with the
         // worker's error.
-        if ready.await.is_err() {
+        let Ok(local_checks) = ready.await else {
             let failed = (&mut worker).await.context("ingest worker panicked")?;
             failed.context("starting the ingest worker")?;
             anyhow::bail!("the ingest worker stopped while starting");
-        }
+        };
         Ok(Pipeline {
+            local_checks,
             stats,
             writer_stats,
             cancel,

@@ -564,7 +564,9 @@ async fn catalogue(h: &Harness) -> Definitions {
 /// Checks over HTTP come from the owning worker, in OpenMeter's entitlement-value shape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_answer_in_openmeter_shape_from_the_owning_worker() {
-    let h = Harness::start().await;
+    let mut h = Harness::start().await;
+    // Quick to give up when no worker can be reached.
+    h.config.api.check_timeout_ms = 300;
     catalogue(&h).await;
     let api = h.api().await;
     let ready: Value = api
@@ -650,6 +652,24 @@ async fn checks_answer_in_openmeter_shape_from_the_owning_worker() {
         .await
         .unwrap();
     assert_eq!(admin.status(), StatusCode::NOT_FOUND);
+
+    // Served beside the worker (`tally serve`), the API answers the same from the worker's
+    // engine in-process, and goes on answering while NATS is away.
+    let beside = h.api_with(pipeline.local_checks.clone()).await;
+    let path = "/api/v1/customers/acme/entitlements/calls?quantity=4&time=2026-11-10T10:00:00Z";
+    let ask = |api: &TestApi| {
+        let r = api.request(Method::GET, path, Some(&portal));
+        async move {
+            let response = r.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(ask(&beside).await, (StatusCode::OK, calls.clone()));
+    h.server.stop();
+    assert_eq!(ask(&beside).await, (StatusCode::OK, calls));
+    let (status, _) = ask(&api).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    h.server.restart().unwrap();
     pipeline.shutdown().await.unwrap();
 }
 

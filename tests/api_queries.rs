@@ -840,6 +840,7 @@ async fn serve(h: &Harness, reports: LakeReports, stop: &CancellationToken) -> (
         h.config.ingest.limits,
         h.config.api.clone(),
         Arc::new(reports),
+        None,
         stop.clone(),
     )
     .await

@@ -348,10 +348,15 @@ impl TestApi {
 impl Harness {
     /// Starts the API against this harness's NATS and lake.
     pub async fn api(&self) -> TestApi {
+        self.api_with(None).await
+    }
+
+    /// Starts the API, answering checks in-process from `local` (a worker's) first.
+    pub async fn api_with(&self, local: Option<tally_ingest::checks::LocalChecks>) -> TestApi {
         let mut config = self.config.clone();
         config.api.listen = "127.0.0.1:0".to_owned();
         let stop = tokio_util::sync::CancellationToken::new();
-        let api = tally::api::Api::start(&config, &self.nats, stop.clone())
+        let api = tally::api::Api::start(&config, &self.nats, local, stop.clone())
             .await
             .unwrap();
         let admin = match &api.bootstrap {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::Context;
 use serde::{Deserialize, Serialize};
 use tally_core::event::DecodeLimits;
+use tally_ingest::checks::LocalChecks;
 use tally_ingest::definitions::Definitions;
 use tokio_util::sync::CancellationToken;
 
@@ -115,6 +116,9 @@ pub struct Inner {
     /// `Idempotency-Key`s and their responses.
     pub idempotency: async_nats::jetstream::kv::Store,
     pub reports: Arc<dyn Reports>,
+    /// The worker running in this process (`tally serve`): checks of the customers whose
+    /// partitions it owns are answered without a round trip through NATS.
+    pub local_checks: Option<LocalChecks>,
 }
 
 impl std::ops::Deref for AppState {
@@ -142,6 +146,7 @@ impl AppState {
         limits: DecodeLimits,
         config: ApiConfig,
         reports: Arc<dyn Reports>,
+        local_checks: Option<LocalChecks>,
         cancel: CancellationToken,
     ) -> Result<AppState, OpenError> {
         let keys = ApiKeys::open(&js).await?;
@@ -162,6 +167,7 @@ impl AppState {
             licenses,
             idempotency,
             reports,
+            local_checks,
         })))
     }
 }

@@ -183,7 +183,15 @@ fn answer(
     total: u16,
     payload: &[u8],
 ) -> std::result::Result<CheckReply, CheckError> {
-    let request = parse(payload)?;
+    answer_request(entitlements, partition, total, parse(payload)?)
+}
+
+fn answer_request(
+    entitlements: &Entitlements,
+    partition: u16,
+    total: u16,
+    request: CheckRequest,
+) -> std::result::Result<CheckReply, CheckError> {
     if !request.quantity.is_finite() || request.quantity < 0.0 {
         return Err(CheckError {
             error: format!(
@@ -273,6 +281,15 @@ fn list(
         error: format!("not a listing request: {e}"),
         field: None,
     })?;
+    list_request(entitlements, partition, total, request)
+}
+
+fn list_request(
+    entitlements: &Entitlements,
+    partition: u16,
+    total: u16,
+    request: ListRequest,
+) -> std::result::Result<ListReply, CheckError> {
     let features = {
         let engine = entitlements.engine(partition).ok_or_else(|| CheckError {
             error: format!("partition {partition} is not owned here"),
@@ -290,11 +307,7 @@ fn list(
             region: None,
             user: None,
         };
-        let body = serde_json::to_vec(&one).map_err(|e| CheckError {
-            error: e.to_string(),
-            field: None,
-        })?;
-        replies.push(answer(entitlements, partition, total, &body)?);
+        replies.push(answer_request(entitlements, partition, total, one)?);
     }
     let known = entitlements
         .engine(partition)
@@ -380,6 +393,75 @@ pub async fn check(
     ask(client, partitions, &request.customer, request, timeout).await
 }
 
+/// Checks answered in the process that owns the customer's partition, without a round
+/// trip through NATS: what an API server running beside the worker (`tally serve`) asks
+/// first. A partition counts as owned here from the moment its requests are subscribed
+/// to until its task ends — when NATS would route the request here too.
+#[derive(Clone)]
+pub struct LocalChecks {
+    entitlements: Arc<Entitlements>,
+    answering: Arc<[std::sync::atomic::AtomicBool]>,
+    total: u16,
+}
+
+impl std::fmt::Debug for LocalChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalChecks").finish_non_exhaustive()
+    }
+}
+
+impl LocalChecks {
+    pub(crate) fn new(entitlements: Arc<Entitlements>, total: u16) -> Self {
+        Self {
+            entitlements,
+            answering: (0..total)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+            total,
+        }
+    }
+
+    /// Marks a partition as answered here (or no longer).
+    pub(crate) fn set_answering(&self, partition: u16, answering: bool) {
+        if let Some(flag) = self.answering.get(usize::from(partition)) {
+            flag.store(answering, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn owner(&self, customer: &str) -> Option<u16> {
+        let partition = partition_of(customer, self.total);
+        self.answering
+            .get(usize::from(partition))?
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then_some(partition)
+    }
+
+    /// The answer, if this process owns the customer's partition; `None` otherwise.
+    pub fn check(&self, request: &CheckRequest) -> Option<Result<CheckReply>> {
+        let partition = self.owner(&request.customer)?;
+        Some(
+            answer_request(&self.entitlements, partition, self.total, request.clone())
+                .map_err(refused),
+        )
+    }
+
+    /// Every feature, if this process owns the customer's partition; `None` otherwise.
+    pub fn check_all(&self, request: &ListRequest) -> Option<Result<ListReply>> {
+        let partition = self.owner(&request.customer)?;
+        Some(
+            list_request(&self.entitlements, partition, self.total, request.clone())
+                .map_err(refused),
+        )
+    }
+}
+
+fn refused(error: CheckError) -> Error {
+    Error::Refused {
+        message: error.error,
+        field: error.field,
+    }
+}
+
 /// Checks every feature of a customer with the owning worker.
 pub async fn check_all(
     client: &Client,
@@ -406,10 +488,7 @@ async fn ask<R: DeserializeOwned>(
     }
     let error: CheckError = serde_json::from_slice(&reply.payload)
         .map_err(|e| Error::Check(format!("unreadable check reply: {e}")))?;
-    Err(Error::Refused {
-        message: error.error,
-        field: error.field,
-    })
+    Err(refused(error))
 }
 
 /// Sends a request to the worker owning a partition and waits up to `timeout` for its

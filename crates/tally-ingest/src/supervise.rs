@@ -26,6 +26,8 @@ struct Shared {
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: Arc<Stats>,
     entitlements: Option<Arc<Entitlements>>,
+    /// Which partitions answer checks here, for callers in this process.
+    local: Option<checks::LocalChecks>,
     /// The whole worker's stop; a fatal partition error fires it too.
     cancel: CancellationToken,
     errors: mpsc::Sender<Error>,
@@ -72,7 +74,7 @@ pub async fn run_worker(
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: Arc<Stats>,
     cancel: CancellationToken,
-    ready: oneshot::Sender<()>,
+    ready: oneshot::Sender<Option<checks::LocalChecks>>,
 ) -> Result<()> {
     topology::ensure_streams(&js, &config).await?;
     let candidates = assignment.candidates(config.partitions);
@@ -93,6 +95,9 @@ pub async fn run_worker(
     let leases = Leases::open(&leases_js, Duration::from_millis(config.lease_ms.max(300))).await?;
     tracing::info!(worker = %leases.id, lease_ms = config.lease_ms, ?assignment, "worker started");
     let (errors, mut failed) = mpsc::channel::<Error>(candidates.len().max(1));
+    let local = entitlements
+        .as_ref()
+        .map(|e| checks::LocalChecks::new(e.clone(), config.partitions));
     let ctx = Shared {
         js,
         config,
@@ -100,6 +105,7 @@ pub async fn run_worker(
         flush_tx,
         stats,
         entitlements,
+        local,
         cancel: cancel.clone(),
         errors,
     };
@@ -137,7 +143,7 @@ pub async fn run_worker(
                     let _ = answering.await;
                 }
             }
-            let _ = r.send(());
+            let _ = r.send(ctx.local.clone());
         }
         tokio::select! {
             () = cancel.cancelled() => {}
@@ -318,10 +324,20 @@ async fn own(
     let mut pause = Duration::from_millis(100);
     let mut answering = None;
     let mut answering_tx = Some(answering_tx);
+    // Callers in this process are answered here while the partition's requests are.
+    let _local = ctx
+        .local
+        .as_ref()
+        .map(|local| LocalGuard { local, partition });
     loop {
         let run = async {
             if answering.is_none() {
                 let subscribed = answer(&ctx, partition, &stop).await;
+                if subscribed.is_ok()
+                    && let Some(local) = &ctx.local
+                {
+                    local.set_answering(partition, true);
+                }
                 if let Some(tx) = answering_tx.take() {
                     let _ = tx.send(());
                 }
@@ -431,6 +447,18 @@ async fn compact_while_held(
             }
             Err(e) => tracing::warn!(partition, error = %e, "compaction panicked"),
         }
+    }
+}
+
+/// Stops answering a partition's checks in-process when its task ends.
+struct LocalGuard<'a> {
+    local: &'a checks::LocalChecks,
+    partition: u16,
+}
+
+impl Drop for LocalGuard<'_> {
+    fn drop(&mut self) {
+        self.local.set_answering(self.partition, false);
     }
 }
 

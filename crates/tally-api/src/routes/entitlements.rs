@@ -1,5 +1,6 @@
 //! Entitlement checks over HTTP, answered by the worker that owns the customer (the same
-//! request-reply as `tally check`), in OpenMeter's entitlement-value shape.
+//! request-reply as `tally check`, or in-process when that worker runs beside the API),
+//! in OpenMeter's entitlement-value shape.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -120,7 +121,14 @@ async fn list(
         all: true,
         time: params.time,
     };
-    let reply = check_all(&state.client, state.partitions, &request, timeout(&state)).await?;
+    let local = state
+        .local_checks
+        .as_ref()
+        .and_then(|l| l.check_all(&request));
+    let reply = match local {
+        Some(answer) => answer?,
+        None => check_all(&state.client, state.partitions, &request, timeout(&state)).await?,
+    };
     if !reply.known {
         return Err(ApiError::not_found(format!("no customer {customer:?}")).field("customer"));
     }
@@ -175,7 +183,11 @@ async fn one(
         region: params.region,
         user: params.user,
     };
-    let reply = check(&state.client, state.partitions, &request, timeout(&state)).await?;
+    let local = state.local_checks.as_ref().and_then(|l| l.check(&request));
+    let reply = match local {
+        Some(answer) => answer?,
+        None => check(&state.client, state.partitions, &request, timeout(&state)).await?,
+    };
     if reply.decision == "unknown_customer" {
         return Err(ApiError::not_found(format!("no customer {customer:?}")).field("customer"));
     }
