@@ -201,7 +201,21 @@ pub async fn run_keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::proc
                         );
                     }
                 }
-                _ => println!("{}", serde_json::to_string(&list)?),
+                Format::Csv => {
+                    println!("id,role,customers,name,created_at,revoked_at");
+                    for k in &list {
+                        println!(
+                            "{},{},{},{},{},{}",
+                            k.id,
+                            k.role,
+                            csv_field(&k.customers.join(" ")),
+                            csv_field(&k.name),
+                            k.created_at.to_rfc3339(),
+                            k.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                        );
+                    }
+                }
+                Format::Json => println!("{}", serde_json::to_string(&list)?),
             }
         }
         KeysCmd::Revoke(args) => {
@@ -218,4 +232,13 @@ pub async fn run_keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::proc
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
 }

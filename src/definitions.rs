@@ -18,13 +18,18 @@ use crate::pipeline::Nats;
 pub enum DefinitionsCmd {
     /// Create or update the definitions in FILE (TOML, or JSON by its `.json` extension).
     /// Every problem in the file is listed and nothing is written if there is one.
+    ///
+    /// Example: tally plans apply examples/catalog.toml (or: tally customers apply examples/customers.toml)
     Apply(ApplyArgs),
     /// List the stored definitions.
+    ///
+    /// Example: tally plans list --format json (or: tally customers list)
     List(ListArgs),
 }
 
 #[derive(Args)]
 pub struct ApplyArgs {
+    /// The definitions: a catalogue (plans, add-ons, SKUs) or customers, TOML or JSON.
     file: PathBuf,
     /// Who makes the change, for the audit stream.
     #[arg(long, env = "USER", default_value = "tally-cli")]

@@ -119,7 +119,9 @@ enum Command {
     ///
     /// Example: tally chaos --events 100000 --kills 5 --nats-restarts 2 --data-dir /tmp/chaos --format json
     Chaos(tally::chaos::ChaosArgs),
-    /// Measure the pipeline; see `tally bench ingest --help`.
+    /// Measure the pipeline: ingest, the quota engine, checks, recovery, queries, HTTP.
+    ///
+    /// Example: tally bench ingest --events 3000000 --batch 100 --format json
     #[command(subcommand)]
     Bench(tally::bench::BenchCmd),
 }
@@ -375,6 +377,25 @@ async fn check(config: Config, cmd: CheckCmd) -> anyhow::Result<std::process::Ex
                 .value
                 .as_ref()
                 .map_or(String::new(), |v| format!(", value {v}")),
+        );
+    } else if cmd.format == Format::Csv {
+        let text = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        println!("customer,feature,decision,has_access,usage,limit,remaining,resets_at,value");
+        println!(
+            "{},{},{},{},{},{},{},{},{}",
+            reply.customer,
+            reply.feature,
+            reply.decision,
+            reply.has_access,
+            reply.usage,
+            text(reply.limit),
+            text(reply.remaining),
+            reply.resets_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            reply
+                .value
+                .as_ref()
+                .map(|v| format!("\"{}\"", v.to_string().replace('"', "\"\"")))
+                .unwrap_or_default(),
         );
     } else {
         println!("{}", serde_json::to_string(&reply)?);
