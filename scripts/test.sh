@@ -7,6 +7,8 @@ cd "$root"
 TALLY_NATS_SERVER="$(scripts/install-nats.sh)"
 export TALLY_NATS_SERVER
 echo "using $("$TALLY_NATS_SERVER" -v)"
+# The portal's browser test needs a headless Chromium; without one it skips (never fails).
+scripts/install-browser.sh >/dev/null || true
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -52,6 +52,9 @@ impl Api {
         )
         .await
         .context("opening the API's buckets")?;
+        if let Some(render) = crate::metrics::render(nats.client.clone()) {
+            state.serve_metrics(render);
+        }
         let bootstrap = bootstrap_admin_key(config, &state.keys).await?;
         let listener = tokio::net::TcpListener::bind(&config.api.listen)
             .await

@@ -12,6 +12,7 @@ pub mod config;
 pub mod definitions;
 pub mod demo;
 pub mod license;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod reports;

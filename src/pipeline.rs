@@ -85,6 +85,7 @@ impl Pipeline {
         nats: &Nats,
         partitions: Option<Vec<u16>>,
     ) -> anyhow::Result<Pipeline> {
+        crate::metrics::install();
         let lake = Arc::new(Lake::new(config.lake_dir()));
         let (flush_tx, flush_rx) = mpsc::channel::<FlushRequest>(config.writer_queue);
         let cancel = CancellationToken::new();

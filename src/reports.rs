@@ -271,6 +271,43 @@ impl Reports for LakeReports {
             .chain(rest)
             .boxed())
     }
+
+    async fn usage(
+        &self,
+        customer: String,
+        from: String,
+        to: String,
+        format: Format,
+    ) -> Result<ReportBody, ReportError> {
+        let (from, to) = (parse_day("from", &from)?, parse_day("to", &to)?);
+        if to < from {
+            return Err(ReportError::bad_request(
+                "to",
+                format!("to {to} is before from {from}"),
+            ));
+        }
+        if (to - from).num_days() > 366 {
+            return Err(ReportError::bad_request(
+                "to",
+                "the range is longer than 366 days",
+            ));
+        }
+        self.sql(usage_query(&customer, from, to), format).await
+    }
+}
+
+/// The portal's daily usage of one customer over the raw events (`date` is the events
+/// table's day partition, so only the range's days are read). The customer id is bound
+/// as an escaped literal; the days were parsed as dates.
+fn usage_query(customer: &str, from: NaiveDate, to: NaiveDate) -> String {
+    let customer = customer.replace('\'', "''");
+    format!(
+        "SELECT \"date\" AS day, feature, CAST(COUNT(*) AS BIGINT) AS events, SUM(quantity) AS quantity \
+         FROM events \
+         WHERE customer = '{customer}' AND decision IN ('accepted', 'overage') \
+         AND \"date\" >= '{from}' AND \"date\" <= '{to}' \
+         GROUP BY \"date\", feature ORDER BY day, feature"
+    )
 }
 
 /// Why a query's task ended without a word.

@@ -21,6 +21,7 @@ fn access_table() -> BTreeMap<(&'static str, &'static str), Option<&'static [Rol
     BTreeMap::from([
         (("GET", "/healthz"), None),
         (("GET", "/readyz"), None),
+        (("GET", "/metrics"), None),
         (("GET", "/api/v1/license-keys"), None),
         (("POST", "/api/v1/license-keys/rotate"), Some(&[][..])),
         (("POST", "/api/v1/events"), Some(&[Ingest][..])),
@@ -74,6 +75,28 @@ fn access_table() -> BTreeMap<(&'static str, &'static str), Option<&'static [Rol
             PROVISIONING,
         ),
         (("GET", "/api/v1/audit"), PROVISIONING),
+        (
+            ("GET", "/api/v1/customers/{customer}/usage"),
+            Some(&[Billing, Portal][..]),
+        ),
+        (
+            ("POST", "/api/v1/customers/{customer}/portal-link"),
+            PROVISIONING,
+        ),
+        (
+            ("POST", "/api/v1/customers/{customer}/access-requests"),
+            Some(&[Provisioning, Portal][..]),
+        ),
+        (
+            ("GET", "/api/v1/customers/{customer}/access-requests"),
+            Some(&[Provisioning, Portal][..]),
+        ),
+        (("GET", "/api/v1/access-requests"), PROVISIONING),
+        (
+            ("POST", "/api/v1/access-requests/{id}/approve"),
+            PROVISIONING,
+        ),
+        (("POST", "/api/v1/access-requests/{id}/deny"), PROVISIONING),
     ])
 }
 

@@ -102,6 +102,9 @@ pub struct KeyRecord {
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When the key stops being accepted (a portal link's key); `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
     /// Hex SHA-256 of the secret.
     pub secret_sha256: String,
 }
@@ -153,6 +156,8 @@ pub enum Rejected {
     WrongSecret,
     #[error("the API key {0} was revoked")]
     Revoked(String),
+    #[error("the API key {0} has expired")]
+    Expired(String),
 }
 
 /// The keys bucket and the server's copy of it.
@@ -195,6 +200,17 @@ impl ApiKeys {
         customers: Vec<String>,
         name: String,
     ) -> Result<CreatedKey, KeyError> {
+        self.create_expiring(role, customers, name, None).await
+    }
+
+    /// [`create`](Self::create), for a key refused from `expires_at` on (a portal link).
+    pub async fn create_expiring(
+        &self,
+        role: Role,
+        customers: Vec<String>,
+        name: String,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<CreatedKey, KeyError> {
         match role {
             Role::Portal if customers.len() != 1 => {
                 return Err(KeyError::Invalid(
@@ -223,6 +239,7 @@ impl ApiKeys {
             name,
             created_at: Utc::now(),
             revoked_at: None,
+            expires_at,
             secret_sha256: digest(&secret),
         };
         let body = serde_json::to_vec(&record).map_err(|e| KeyError::Invalid(e.to_string()))?;
@@ -309,6 +326,9 @@ impl ApiKeys {
         }
         if record.revoked_at.is_some() {
             return Ok(Err(Rejected::Revoked(record.id)));
+        }
+        if record.expires_at.is_some_and(|at| at <= Utc::now()) {
+            return Ok(Err(Rejected::Expired(record.id)));
         }
         Ok(Ok(record))
     }

@@ -115,11 +115,19 @@ pub struct Inner {
     pub licenses: LicenseKeys,
     /// `Idempotency-Key`s and their responses.
     pub idempotency: async_nats::jetstream::kv::Store,
+    /// Customers' requests for access to a feature or for an upgrade.
+    pub access_requests: async_nats::jetstream::kv::Store,
     pub reports: Arc<dyn Reports>,
     /// The worker running in this process (`tally serve`): checks of the customers whose
     /// partitions it owns are answered without a round trip through NATS.
     pub local_checks: Option<LocalChecks>,
+    /// Renders the process's metrics for `GET /metrics` (the binary owns the recorder);
+    /// unset, the route answers 404.
+    pub metrics: std::sync::OnceLock<RenderMetrics>,
 }
+
+/// Renders the metrics in the Prometheus text format.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl std::ops::Deref for AppState {
     type Target = Inner;
@@ -155,6 +163,7 @@ impl AppState {
             LicenseKeys::open(&js, Duration::from_secs(config.license_key_grace_secs)).await?;
         let idempotency =
             routes::idempotency::open(&js, Duration::from_secs(config.idempotency_secs)).await?;
+        let access_requests = routes::access::open(&js).await?;
         tokio::spawn(keys.clone().follow(cancel));
         Ok(AppState(Arc::new(Inner {
             client: js.client(),
@@ -166,9 +175,17 @@ impl AppState {
             definitions,
             licenses,
             idempotency,
+            access_requests,
             reports,
             local_checks,
+            metrics: std::sync::OnceLock::new(),
         })))
+    }
+
+    /// Serves `render`'s output on `GET /metrics`; only the first call counts.
+    pub fn serve_metrics(&self, render: RenderMetrics) -> &Self {
+        let _ = self.metrics.set(render);
+        self
     }
 }
 
@@ -183,6 +200,8 @@ pub enum OpenError {
     Licenses(#[from] licenses::LicenseKeyError),
     #[error("idempotency bucket: {0}")]
     Idempotency(String),
+    #[error("access requests bucket: {0}")]
+    AccessRequests(String),
 }
 
 /// Serves the API on `listener` until `shutdown`; requests in flight finish first.

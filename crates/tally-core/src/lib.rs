@@ -15,6 +15,7 @@ pub mod decision;
 pub mod entitlement;
 pub mod event;
 pub mod fence;
+pub mod metrics;
 pub mod period;
 pub mod pricing;
 pub mod schema;

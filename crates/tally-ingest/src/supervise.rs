@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
+use tally_core::metrics as names;
 use tally_core::{Fence, FlushRequest};
 use tally_store::Lake;
 use tokio::sync::{mpsc, oneshot};
@@ -124,6 +125,9 @@ pub async fn run_worker(
     let tick = leases.lease / 3;
     let mut units: BTreeMap<u16, Unit> = BTreeMap::new();
     let mut ready = Some(ready);
+    // Consumer lag is sampled off this loop (which renews the leases), every few seconds.
+    let mut sampled_at: Option<std::time::Instant> = None;
+    let mut sampled: BTreeMap<u16, bool> = BTreeMap::new();
     while !cancel.is_cancelled() {
         renew(&leases, &mut units, &ctx.stats).await;
         reap(&leases, &mut units).await;
@@ -133,10 +137,21 @@ pub async fn run_worker(
             }
             Err(e) => tracing::warn!(error = %e, "cannot reach the leases; retrying"),
         }
-        ctx.stats.partitions_owned.store(
-            units.values().filter(|u| u.state == State::Running).count() as u64,
-            Relaxed,
-        );
+        let owned = units.values().filter(|u| u.state == State::Running).count();
+        ctx.stats.partitions_owned.store(owned as u64, Relaxed);
+        metrics::gauge!(names::PARTITIONS_OWNED).set(owned as f64);
+        if sampled_at.is_none_or(|at| at.elapsed() >= PENDING_SAMPLE) {
+            sampled_at = Some(std::time::Instant::now());
+            for owned in sampled.values_mut() {
+                *owned = false;
+            }
+            for (p, unit) in &units {
+                if unit.state == State::Running {
+                    sampled.insert(*p, true);
+                }
+            }
+            tokio::spawn(sample_pending(ctx.js.clone(), sampled.clone()));
+        }
         if let Some(r) = ready.take() {
             for unit in units.values_mut() {
                 if let Some(answering) = unit.answering.take() {
@@ -165,10 +180,37 @@ pub async fn run_worker(
     }
     leases.leave().await;
     ctx.stats.partitions_owned.store(0, Relaxed);
+    metrics::gauge!(names::PARTITIONS_OWNED).set(0.0);
+    for p in sampled.keys() {
+        metrics::gauge!(names::CONSUMER_PENDING, "partition" => p.to_string()).set(0.0);
+    }
     drop(ctx);
     match failed.recv().await {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// How often the lag of the partitions owned is sampled.
+const PENDING_SAMPLE: Duration = Duration::from_secs(5);
+
+/// Sets the lag gauge of each partition: sampled where `owned`, 0 where this worker no
+/// longer owns it (its new owner reports it), so that a sum over workers counts it once.
+async fn sample_pending(js: Context, partitions: BTreeMap<u16, bool>) {
+    for (p, owned) in partitions {
+        let gauge = metrics::gauge!(names::CONSUMER_PENDING, "partition" => p.to_string());
+        if !owned {
+            gauge.set(0.0);
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), topology::pending(&js, p)).await {
+            Ok(Ok(Some(n))) => gauge.set(n as f64),
+            Ok(Ok(None)) => gauge.set(0.0),
+            Ok(Err(e)) => {
+                tracing::debug!(partition = p, error = %e, "cannot sample the consumer lag")
+            }
+            Err(_) => tracing::debug!(partition = p, "sampling the consumer lag timed out"),
+        }
     }
 }
 

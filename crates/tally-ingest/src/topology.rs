@@ -178,6 +178,26 @@ async fn consumer_info(
     Ok((consumer, info))
 }
 
+/// Messages of the partition's consumer not yet acknowledged or not yet delivered (its
+/// lag), without creating the consumer: `None` when it does not exist.
+pub async fn pending(js: &Context, partition: u16) -> Result<Option<u64>> {
+    let stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("read events stream", e))?;
+    let Ok(mut consumer) = stream
+        .get_consumer::<pull::Config>(&subject::partition_consumer(partition))
+        .await
+    else {
+        return Ok(None);
+    };
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| Error::nats("read partition consumer", e))?;
+    Ok(Some(info.num_pending + info.num_ack_pending as u64))
+}
+
 /// The partition's ack floor: every message up to it is acknowledged.
 pub async fn ack_floor(js: &Context, config: &IngestConfig, partition: u16) -> Result<u64> {
     let (_, info) = consumer_info(js, config, partition).await?;

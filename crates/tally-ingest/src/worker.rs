@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
+use tally_core::metrics as names;
 use tally_core::snapshot::Snapshot;
 use tally_core::subject::{self, DEAD_LETTER_PREFIX, NOTIFY_PREFIX};
 use tally_core::{
@@ -295,6 +296,7 @@ async fn take_over(
         .counters_restored
         .fetch_add(recovered.counters, Relaxed);
     stats.takeovers.fetch_add(1, Relaxed);
+    metrics::counter!(names::TAKEOVERS).increment(1);
     tracing::info!(
         partition,
         checkpoint = recovered.checkpoint_seq,
@@ -428,6 +430,7 @@ async fn handle(
 ) -> Result<()> {
     let At { partition, seq } = at;
     stats.messages.fetch_add(1, Relaxed);
+    metrics::counter!(names::MESSAGES).increment(1);
     let payload = &message.payload;
     let limits = &config.limits;
     let mut notices = Vec::new();
@@ -451,10 +454,14 @@ async fn handle(
         // Shared counters are touched once per message, not once per event.
         stats.events_valid.fetch_add(accept.valid, Relaxed);
         stats.duplicates.fetch_add(accept.duplicates, Relaxed);
-        for (total, n) in stats.decided.iter().zip(accept.decided) {
+        for ((total, n), decision) in stats.decided.iter().zip(accept.decided).zip(Decision::ALL) {
             if n > 0 {
                 total.fetch_add(n, Relaxed);
+                metrics::counter!(names::EVENTS, "decision" => decision.as_str()).increment(n);
             }
+        }
+        if accept.duplicates > 0 {
+            metrics::counter!(names::DUPLICATES).increment(accept.duplicates);
         }
         refused
     };
@@ -462,10 +469,12 @@ async fn handle(
         let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
         open.dead_letters.push(dl);
         stats.dead_letters.fetch_add(1, Relaxed);
+        metrics::counter!(names::DEAD_LETTERS, "reason" => invalid.reason.as_str()).increment(1);
     }
     for notice in &notices {
         open.notices.push(notify(js, notice).await?);
         stats.notices.fetch_add(1, Relaxed);
+        metrics::counter!(names::NOTIFICATIONS, "kind" => notice.kind.as_str()).increment(1);
     }
     Ok(())
 }
@@ -780,6 +789,14 @@ async fn seal_rows(
         last_seq,
         batch: open.rows.finish(),
     };
+    tracing::debug!(
+        partition,
+        first_seq = sealed.first_seq,
+        last_seq,
+        rows = sealed.batch.num_rows(),
+        messages = open.messages,
+        "batch sealed"
+    );
     let (done_tx, done) = oneshot::channel();
     sink.flush_tx
         .send(FlushRequest {
@@ -879,14 +896,25 @@ impl Acks {
             tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
         }
         let now = chrono::Utc::now().timestamp_millis();
+        let to_durable = metrics::histogram!(names::STORED_TO_DURABLE_SECONDS);
         for stored in &p.stored_ms {
-            self.latency
-                .saturating_record(u64::try_from((now - stored).max(1)).unwrap_or(1));
+            let ms = u64::try_from((now - stored).max(1)).unwrap_or(1);
+            self.latency.saturating_record(ms);
+            to_durable.record(ms as f64 / 1000.0);
         }
         let stats = &self.stats;
         stats.rows_durable.fetch_add(durable.rows as u64, Relaxed);
         stats.files_written.fetch_add(durable.files as u64, Relaxed);
         stats.batches_acked.fetch_add(1, Relaxed);
+        metrics::counter!(names::ROWS_DURABLE).increment(durable.rows as u64);
+        metrics::counter!(names::BATCHES_ACKED).increment(1);
+        tracing::debug!(
+            last_seq = p.last_seq,
+            rows = durable.rows,
+            files = durable.files,
+            messages = p.stored_ms.len(),
+            "batch durable and acknowledged"
+        );
         if let Ok(mut h) = stats.stored_to_durable_ms.lock() {
             let _ = h.add(&self.latency);
         }

@@ -40,6 +40,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use tally_core::metrics as names;
 use tally_core::schema::{self, EVENTS_TABLE};
 use tally_core::{Durable, Fence, FlushRequest, SealedBatch};
 
@@ -338,9 +339,33 @@ fn write_until_done(
 ) -> std::result::Result<Durable, String> {
     let mut pause = RETRY_FIRST;
     let mut attempts = 0u32;
+    let _span = tracing::debug_span!(
+        "flush",
+        partition = sealed.partition,
+        first_seq = sealed.first_seq,
+        last_seq = sealed.last_seq,
+        rows = sealed.batch.num_rows(),
+    )
+    .entered();
     loop {
+        let started = std::time::Instant::now();
         match lake.write(sealed, fence) {
             Ok(durable) => {
+                let took = started.elapsed();
+                metrics::histogram!(names::FLUSH_SECONDS).record(took.as_secs_f64());
+                if durable.files > 0 {
+                    let per_file = metrics::histogram!(names::FLUSH_ROWS);
+                    let rows = durable.rows as f64 / durable.files as f64;
+                    for _ in 0..durable.files {
+                        per_file.record(rows);
+                    }
+                }
+                tracing::debug!(
+                    files = durable.files,
+                    bytes = durable.bytes,
+                    ms = took.as_millis() as u64,
+                    "batch durable in the lake"
+                );
                 if attempts > 0 {
                     stats.failing.store(false, Ordering::Relaxed);
                     tracing::warn!(
@@ -356,6 +381,7 @@ fn write_until_done(
             Err(e) => {
                 attempts += 1;
                 stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::LAKE_WRITE_FAILURES).increment(1);
                 stats.failing.store(true, Ordering::Relaxed);
                 if attempts == 1 || attempts.is_power_of_two() {
                     tracing::error!(partition = sealed.partition, first_seq = sealed.first_seq,

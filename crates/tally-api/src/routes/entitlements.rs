@@ -3,12 +3,13 @@
 //! in OpenMeter's entitlement-value shape.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tally_core::metrics as names;
 use tally_ingest::checks::{CheckReply, CheckRequest, ListRequest, check, check_all};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -121,14 +122,18 @@ async fn list(
         all: true,
         time: params.time,
     };
+    let started = Instant::now();
     let local = state
         .local_checks
         .as_ref()
         .and_then(|l| l.check_all(&request));
     let reply = match local {
-        Some(answer) => answer?,
-        None => check_all(&state.client, state.partitions, &request, timeout(&state)).await?,
+        Some(answer) => answer.map_err(ApiError::from),
+        None => check_all(&state.client, state.partitions, &request, timeout(&state))
+            .await
+            .map_err(ApiError::from),
     };
+    let reply = checked("list", started, reply)?;
     if !reply.known {
         return Err(ApiError::not_found(format!("no customer {customer:?}")).field("customer"));
     }
@@ -183,15 +188,28 @@ async fn one(
         region: params.region,
         user: params.user,
     };
+    let started = Instant::now();
     let local = state.local_checks.as_ref().and_then(|l| l.check(&request));
     let reply = match local {
-        Some(answer) => answer?,
-        None => check(&state.client, state.partitions, &request, timeout(&state)).await?,
+        Some(answer) => answer.map_err(ApiError::from),
+        None => check(&state.client, state.partitions, &request, timeout(&state))
+            .await
+            .map_err(ApiError::from),
     };
+    let reply = checked("one", started, reply)?;
     if reply.decision == "unknown_customer" {
         return Err(ApiError::not_found(format!("no customer {customer:?}")).field("customer"));
     }
     Ok(Json(reply.into()))
+}
+
+/// Records a check's latency, by what was asked (`one` feature or the `list`) and whether
+/// a worker answered.
+fn checked<T, E>(kind: &'static str, started: Instant, reply: Result<T, E>) -> Result<T, E> {
+    let outcome = if reply.is_ok() { "answered" } else { "failed" };
+    metrics::histogram!(names::CHECK_SECONDS, "kind" => kind, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    reply
 }
 
 fn timeout(state: &AppState) -> Duration {

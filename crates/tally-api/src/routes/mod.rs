@@ -3,11 +3,14 @@
 // utoipa's `path` macro expands parameter types to qualified paths.
 #![allow(unused_qualifications)]
 
+pub(crate) mod access;
 pub(crate) mod entitlements;
 pub(crate) mod events;
 pub(crate) mod health;
 pub(crate) mod idempotency;
 pub(crate) mod licenses;
+pub(crate) mod metrics;
+pub(crate) mod portal;
 pub(crate) mod provisioning;
 pub mod queries;
 
@@ -35,6 +38,9 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(licenses::routes())
         .merge(queries::routes())
         .merge(health::routes())
+        .merge(metrics::routes())
+        .merge(access::routes())
+        .merge(portal::routes())
         .split_for_parts();
     api.servers = Some(vec![Server::new("/")]);
     let document = api.clone();
@@ -46,6 +52,8 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
                 async move { axum::Json(document) }
             }),
         )
+        .merge(portal::pages())
+        .route_layer(axum::middleware::from_fn(metrics::track))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state);

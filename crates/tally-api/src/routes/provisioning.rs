@@ -61,7 +61,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(audit))
 }
 
-fn actor(caller: &Caller) -> String {
+pub(crate) fn actor(caller: &Caller) -> String {
     format!("key:{}", caller.0.id)
 }
 
@@ -75,7 +75,7 @@ fn status_of(applied: &Applied) -> StatusCode {
 
 /// A definition's flaws as one 400: the first names the field (its path inside the body,
 /// without the `plans[0].` of the file it was checked as), the detail lists all.
-fn flaws_error(flaws: &[Flaw], prefix: &str) -> ApiError {
+pub(crate) fn flaws_error(flaws: &[Flaw], prefix: &str) -> ApiError {
     let field = |f: &Flaw| f.field.strip_prefix(prefix).unwrap_or(&f.field).to_owned();
     let detail = flaws
         .iter()

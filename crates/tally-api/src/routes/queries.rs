@@ -30,6 +30,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
+use std::time::Instant;
+use tally_core::metrics as names;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -126,6 +128,17 @@ pub trait Reports: Send + Sync + 'static {
 
     /// Runs read-only SQL, streaming the result.
     async fn sql(&self, query: String, format: Format) -> Result<ReportBody, ReportError>;
+
+    /// `customer`'s usage per UTC day and feature from `from` to `to` (`YYYY-MM-DD`, both
+    /// included): rows `day, feature, events, quantity` of the events decided `accepted`
+    /// or `overage`, ordered by day and feature (the portal's daily chart).
+    async fn usage(
+        &self,
+        customer: String,
+        from: String,
+        to: String,
+        format: Format,
+    ) -> Result<ReportBody, ReportError>;
 }
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -134,6 +147,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(overage))
         .routes(routes!(adoption))
         .routes(routes!(sql))
+        .routes(routes!(usage))
 }
 
 /// Who may read invoices: a portal key its own customer's only.
@@ -214,11 +228,12 @@ async fn billing(
             ));
         }
     };
+    let started = Instant::now();
     let body = state
         .reports
         .billing(params.period, customer, anniversary, format)
         .await;
-    respond(body, format).await
+    observed("billing", started, respond(body, format).await)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -267,7 +282,9 @@ async fn overage(
     every_customer(&caller)?;
     let format = negotiate(&headers)?;
     let Query(params) = params.map_err(params_error)?;
-    respond(state.reports.overage(params.period, format).await, format).await
+    let started = Instant::now();
+    let body = state.reports.overage(params.period, format).await;
+    observed("overage", started, respond(body, format).await)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -331,11 +348,12 @@ async fn adoption(
         .filter(|p| !p.is_empty())
         .map(str::to_owned)
         .collect();
+    let started = Instant::now();
     let body = state
         .reports
         .adoption(params.from, params.to, params.feature, free_plans, format)
         .await;
-    respond(body, format).await
+    observed("adoption", started, respond(body, format).await)
 }
 
 /// A read-only SQL query.
@@ -402,7 +420,9 @@ async fn sql(
     let format = negotiate(&headers)?;
     let body = body.map_err(body_error)?;
     let query = sql_text(&headers, &body)?;
-    respond(state.reports.sql(query, format).await, format).await
+    let started = Instant::now();
+    let body = state.reports.sql(query, format).await;
+    observed("sql", started, respond(body, format).await)
 }
 
 /// The query of a SQL request's body.
@@ -485,6 +505,20 @@ pub(crate) fn negotiate(headers: &HeaderMap) -> ApiResult<Format> {
 
 /// The response of a report: its problem if it failed before its first chunk, else `200`
 /// and the chunks as they come.
+/// Records a report's latency (to its first rows, or its error) and its failures.
+fn observed(
+    report: &'static str,
+    started: Instant,
+    out: ApiResult<Response>,
+) -> ApiResult<Response> {
+    metrics::histogram!(names::QUERY_SECONDS, "report" => report)
+        .record(started.elapsed().as_secs_f64());
+    if out.is_err() {
+        metrics::counter!(names::QUERY_FAILURES, "report" => report).increment(1);
+    }
+    out
+}
+
 async fn respond(body: Result<ReportBody, ReportError>, format: Format) -> ApiResult<Response> {
     let mut body = body.map_err(report_error)?;
     let first = match body.next().await {
@@ -507,6 +541,61 @@ async fn respond(body: Result<ReportBody, ReportError>, format: Format) -> ApiRe
     );
     headers.insert(header::VARY, HeaderValue::from_static("accept"));
     Ok(response)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageParams {
+    /// First day, `YYYY-MM-DD` (UTC), included; default the first of the current month.
+    #[param(example = "2026-11-01")]
+    from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (UTC), included; default today.
+    #[param(example = "2026-11-30")]
+    to: Option<String>,
+}
+
+/// A customer's usage per day and feature (what the portal charts): rows `day, feature,
+/// events, quantity` of the usage decided `accepted` or `overage`, from the lake (so
+/// events still in flight to it are not counted yet). Billing keys read any customer's; a
+/// portal key its own customer's only.
+#[utoipa::path(
+    get,
+    path = "/api/v1/customers/{customer}/usage",
+    tag = "portal",
+    params(("customer" = String, Path, description = "The customer id"), UsageParams),
+    responses(
+        (status = 200, description = "The rows, in the format `Accept` asks for", content(
+            (Object = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.arrow.stream"),
+        )),
+        (status = 400, description = "A parameter is not valid; `field` names it", body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 406, description = "`Accept` names none of the three formats", body = Problem),
+        (status = 500, body = Problem),
+    ),
+    security(("api_key" = []))
+)]
+async fn usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(customer): axum::extract::Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<UsageParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    caller.require_for(BILLING_READERS, &customer)?;
+    let format = negotiate(&headers)?;
+    let Query(params) = params.map_err(params_error)?;
+    let today = chrono::Utc::now().date_naive();
+    let from = params
+        .from
+        .unwrap_or_else(|| today.format("%Y-%m-01").to_string());
+    let to = params
+        .to
+        .unwrap_or_else(|| today.format("%Y-%m-%d").to_string());
+    let body = state.reports.usage(customer, from, to, format).await;
+    respond(body, format).await
 }
 
 /// A report's failure as the API answers it.
