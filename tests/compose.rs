@@ -1,7 +1,12 @@
 //! docker-compose.yml and what it mounts, without Docker: every mounted file exists, every
 //! build context has its Dockerfile, Prometheus scrapes Tally's services on the port their
-//! API listens on, Grafana's data source is the Prometheus service, and every dashboard it
-//! provisions is valid JSON whose queries name only metrics Tally exports.
+//! API listens on, Grafana's data sources are the Prometheus service and Tally's SQL
+//! endpoint (the Infinity plugin, with the analyst key the one-shot grafana-key service
+//! writes), every dashboard it provisions is valid JSON whose Prometheus queries name only
+//! metrics Tally exports, and every SQL panel's query runs on a real API over a lake with
+//! data, with the key that service's script makes.
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -142,7 +147,12 @@ fn every_mount_and_build_context_exists() {
 fn prometheus_scrapes_every_tally_service_on_its_api_port() {
     let compose = compose();
     let all = services(&compose);
-    let tally: Vec<&(String, Value)> = all.iter().filter(|(_, s)| !s["build"].is_null()).collect();
+    // Tally's long-running services; a one-shot built from the same image (grafana-key)
+    // replaces the entrypoint and serves nothing.
+    let tally: Vec<&(String, Value)> = all
+        .iter()
+        .filter(|(_, s)| !s["build"].is_null() && s["entrypoint"].is_null())
+        .collect();
     assert!(tally.len() >= 2, "two Tally replicas");
     let (_, prometheus) = service(&all, "prom/prometheus");
     let config = yaml(&mounted_at(prometheus, "/etc/prometheus/prometheus.yml"));
@@ -255,14 +265,20 @@ fn grafana_reads_the_prometheus_service_and_dashboards_name_exported_metrics() {
         }
         files += 1;
         for ds in yaml(&path)["datasources"].as_sequence().unwrap() {
-            assert_eq!(ds["type"].as_str(), Some("prometheus"));
-            let url = ds["url"].as_str().unwrap();
-            assert_eq!(
-                url,
-                format!("http://{prometheus_name}:9090"),
-                "{}",
-                path.display()
-            );
+            match ds["type"].as_str() {
+                Some("prometheus") => {
+                    let url = ds["url"].as_str().unwrap();
+                    assert_eq!(
+                        url,
+                        format!("http://{prometheus_name}:9090"),
+                        "{}",
+                        path.display()
+                    );
+                }
+                // Checked by the_sql_data_source_reads_tally_with_the_key_grafana_key_writes.
+                Some(INFINITY) => {}
+                other => panic!("{}: a data source of type {other:?}", path.display()),
+            }
             uids.insert(ds["uid"].as_str().unwrap().to_owned());
         }
     }
@@ -318,16 +334,23 @@ fn grafana_reads_the_prometheus_service_and_dashboards_name_exported_metrics() {
                 );
             }
             for target in targets {
-                let expr = target["expr"].as_str().unwrap();
-                let used = metrics_in(expr);
-                assert!(!used.is_empty(), "{title}: {expr} names no Tally metric");
-                for name in used {
-                    assert!(exported(&name), "{title}: Tally exports no {name}");
-                }
                 for ds in [&panel["datasource"], &target["datasource"]] {
                     if let Some(uid) = ds["uid"].as_str() {
                         assert!(uids.contains(uid), "{title}: no data source {uid}");
                     }
+                }
+                if is_infinity(panel, target) {
+                    // SQL over Tally's API: run by every_sql_panel_runs_on_a_lake_with_data.
+                    sql_of(title, target);
+                    continue;
+                }
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{title}: a Prometheus target without expr"));
+                let used = metrics_in(expr);
+                assert!(!used.is_empty(), "{title}: {expr} names no Tally metric");
+                for name in used {
+                    assert!(exported(&name), "{title}: Tally exports no {name}");
                 }
             }
         }
@@ -345,4 +368,468 @@ fn expressions_are_read_for_their_metrics() {
     assert!(exported("tally_flush_seconds_bucket"));
     assert!(!exported("tally_events_total_bucket"));
     assert!(!exported("tally_nope"));
+}
+
+// ---- the SQL-backed panels (Infinity over POST /api/v1/sql) ---------------------------
+
+const INFINITY: &str = "yesoreyeram-infinity-datasource";
+
+/// Whether a target is an Infinity query (its own data source, or its panel's).
+fn is_infinity(panel: &Json, target: &Json) -> bool {
+    match target["datasource"]["type"].as_str() {
+        Some(t) => t == INFINITY,
+        None => panel["datasource"]["type"] == INFINITY,
+    }
+}
+
+/// The SQL of an Infinity target, checking the request is the one Tally's endpoint
+/// answers: a JSON POST of `{"query": …}`, parsed by the backend into a table with its
+/// columns declared.
+fn sql_of(title: &str, target: &Json) -> String {
+    for (key, want) in [
+        ("type", "json"),
+        ("source", "url"),
+        ("parser", "backend"),
+        ("format", "table"),
+    ] {
+        assert_eq!(target[key].as_str(), Some(want), "{title}: {key}");
+    }
+    let options = &target["url_options"];
+    assert_eq!(options["method"].as_str(), Some("POST"), "{title}");
+    assert_eq!(
+        options["body_content_type"].as_str(),
+        Some("application/json"),
+        "{title}"
+    );
+    assert_eq!(options["body_type"].as_str(), Some("raw"), "{title}");
+    let body: Json = serde_json::from_str(options["data"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{title}: the body is not JSON: {e}"));
+    let columns = target["columns"].as_array().unwrap();
+    assert!(!columns.is_empty(), "{title}: no columns declared");
+    body["query"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{title}: a body without query"))
+        .to_owned()
+}
+
+/// Every Infinity panel of business.json: (title, target).
+fn sql_panels() -> Vec<(String, Json)> {
+    let path = repo().join("dashboards/business.json");
+    let dashboard: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for panel in panels(&dashboard) {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if is_infinity(panel, target) {
+                out.push((panel["title"].as_str().unwrap().to_owned(), target.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The shell script a one-shot service runs (`entrypoint: [sh, -c, script]`), with the
+/// `$$` that compose turns into `$` turned.
+fn entrypoint_script(name: &str, service: &Value) -> String {
+    let entrypoint: Vec<&str> = service["entrypoint"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{name} has no entrypoint list"))
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(entrypoint.len(), 3, "{name}: {entrypoint:?}");
+    assert_eq!(&entrypoint[..2], ["sh", "-c"], "{name}");
+    let script = entrypoint[2];
+    // Compose interpolates `$x` and `${x}` itself; a shell variable must be written `$$`.
+    let unescaped = script.replace("$$", "");
+    assert!(
+        !unescaped.contains('$'),
+        "{name}: a `$` compose would interpolate:\n{script}"
+    );
+    script.replace("$$", "$")
+}
+
+#[test]
+fn the_sql_data_source_reads_tally_with_the_key_grafana_key_writes() {
+    let compose = compose();
+    let all = services(&compose);
+    let (_, grafana) = service(&all, "grafana/grafana");
+
+    // The plugin: installed by Grafana before it starts, at a pinned version.
+    let preinstall = env(grafana, "GF_PLUGINS_PREINSTALL_SYNC")
+        .or_else(|| env(grafana, "GF_PLUGINS_PREINSTALL"))
+        .or_else(|| env(grafana, "GF_INSTALL_PLUGINS"))
+        .expect("grafana installs no plugin");
+    let plugin = preinstall
+        .split(',')
+        .map(str::trim)
+        .find(|p| p.starts_with(INFINITY))
+        .unwrap_or_else(|| panic!("grafana does not install {INFINITY}: {preinstall}"));
+    let version = plugin[INFINITY.len()..].trim_start_matches(['@', ' ']);
+    assert!(
+        version.split('.').count() == 3 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
+        "{INFINITY} is not pinned: {plugin}"
+    );
+
+    // The data source: Infinity, allowed only Tally's API, with the key file as bearer.
+    let datasources = mounted_at(grafana, "/etc/grafana/provisioning/datasources");
+    let mut infinity = Vec::new();
+    for entry in std::fs::read_dir(&datasources).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+            for ds in yaml(&path)["datasources"].as_sequence().unwrap() {
+                if ds["type"].as_str() == Some(INFINITY) {
+                    infinity.push(ds.clone());
+                }
+            }
+        }
+    }
+    assert_eq!(infinity.len(), 1, "one Infinity data source");
+    let ds = &infinity[0];
+    let uid = ds["uid"].as_str().unwrap();
+    let hosts: Vec<&str> = ds["jsonData"]["allowedHosts"]
+        .as_sequence()
+        .expect("allowedHosts")
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    let host = hosts[0];
+    let authority = host.strip_prefix("http://").expect("http://host:port");
+    let (name, port) = authority.split_once(':').expect("host:port");
+    let (_, tally) = all
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{host} names no compose service"));
+    assert!(
+        !tally["build"].is_null(),
+        "{name} is not a Tally service built here"
+    );
+    let listen = env(tally, "TALLY_API__LISTEN").expect("TALLY_API__LISTEN");
+    assert_eq!(listen, format!("0.0.0.0:{port}"), "{host} vs {listen}");
+    assert_eq!(tally["command"][0].as_str(), Some("serve"), "{name}");
+
+    // The header: `Authorization: Bearer <the key file>`, the file in a volume mounted
+    // into grafana read-only.
+    let header = (1..10)
+        .find(|i| ds["jsonData"][format!("httpHeaderName{i}")].as_str() == Some("Authorization"))
+        .expect("no Authorization header");
+    let value = ds["secureJsonData"][format!("httpHeaderValue{header}")]
+        .as_str()
+        .expect("the header's value is not in secureJsonData");
+    let key_file = value
+        .strip_prefix("Bearer $__file{")
+        .and_then(|v| v.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("the header is {value:?}, not Bearer $__file{{…}}"));
+    let volume_of = |service: &Value, file: &str| -> Option<(String, String, bool)> {
+        service["volumes"]
+            .as_sequence()?
+            .iter()
+            .filter_map(|v| {
+                let mut parts = v.as_str()?.split(':');
+                let (source, target) = (parts.next()?, parts.next()?);
+                let ro = parts.next() == Some("ro");
+                file.strip_prefix(&format!("{}/", target.trim_end_matches('/')))
+                    .map(|rest| (source.to_owned(), rest.to_owned(), ro))
+            })
+            .next()
+    };
+    let (volume, file, read_only) = volume_of(grafana, key_file)
+        .unwrap_or_else(|| panic!("nothing is mounted in grafana at {key_file}"));
+    assert!(read_only, "grafana mounts {volume} writable");
+    assert!(
+        compose["volumes"].get(volume.as_str()).is_some(),
+        "{volume} is not a named volume"
+    );
+
+    // The writer: a one-shot that mounts the same volume, writes that file, and that
+    // grafana waits for.
+    let writers: Vec<&(String, Value)> = all
+        .iter()
+        .filter(|(_, s)| {
+            s["volumes"].as_sequence().into_iter().flatten().any(|v| {
+                let v = v.as_str().unwrap();
+                v.split(':').next() == Some(volume.as_str()) && !v.ends_with(":ro")
+            })
+        })
+        .collect();
+    assert_eq!(writers.len(), 1, "one service writes {volume}");
+    let (writer, one_shot) = writers[0];
+    assert_eq!(
+        grafana["depends_on"][writer.as_str()]["condition"].as_str(),
+        Some("service_completed_successfully"),
+        "grafana does not wait for {writer}"
+    );
+    assert!(!one_shot["build"].is_null(), "{writer} runs Tally's image");
+    assert_eq!(
+        one_shot["restart"].as_str().unwrap_or("no"),
+        "no",
+        "{writer} is a one-shot"
+    );
+    assert!(
+        env(one_shot, "TALLY_NATS_URL").is_some_and(|u| u.starts_with("nats://nats:")),
+        "{writer} reaches NATS"
+    );
+    let script = entrypoint_script(writer, one_shot);
+    // The writer sees the file at the path grafana reads it from.
+    assert_eq!(
+        volume_of(one_shot, key_file).map(|(v, f, _)| (v, f)),
+        Some((volume.clone(), file.clone())),
+        "{writer} mounts {volume} elsewhere"
+    );
+    for needle in [
+        "tally keys create --role analyst",
+        "tally keys list",
+        &format!("[ -s {key_file} ]"),
+    ] {
+        assert!(script.contains(needle), "{writer} does not run {needle:?}");
+    }
+
+    // Every SQL panel names this data source and Tally's SQL route on that host.
+    let panels = sql_panels();
+    assert!(panels.len() >= 5, "{} SQL panels", panels.len());
+    for (title, target) in &panels {
+        assert_eq!(target["datasource"]["uid"].as_str(), Some(uid), "{title}");
+        assert_eq!(
+            target["url"].as_str(),
+            Some(format!("{host}/api/v1/sql").as_str()),
+            "{title}"
+        );
+    }
+}
+
+/// Publishes `n` events of `quantity` each, dated `time`, as one batch message.
+async fn send(
+    h: &common::Harness,
+    customer: &str,
+    feature: &str,
+    n: usize,
+    quantity: u32,
+    time: &str,
+) {
+    let events: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"specversion":"1.0","id":"{customer}-{feature}-{i}","source":"test","type":"usage","subject":"{customer}","time":"{time}","data":{{"feature":"{feature}","quantity":{quantity}}}}}"#
+            )
+        })
+        .collect();
+    h.nats
+        .jetstream
+        .publish(
+            tally_core::subject::events_subject(customer),
+            format!("[{}]", events.join(",")).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Free: calls 50 a month, hard; export off. Pro: calls 100 a month, soft; export.
+const CATALOG: &str = r#"
+    [[plans]]
+    id = "free"
+    name = "Free"
+    [plans.features.calls]
+    kind = "metered"
+    limit = 50
+    enforcement = "hard"
+    [plans.features.export]
+    kind = "boolean"
+    enabled = false
+
+    [[plans]]
+    id = "pro"
+    name = "Pro"
+    [plans.features.calls]
+    kind = "metered"
+    limit = 100
+    enforcement = "soft"
+    [plans.features.export]
+    kind = "boolean"
+"#;
+
+const CUSTOMERS: &str = r#"
+    [[customers]]
+    id = "ana"
+    plan = "pro"
+
+    [[customers]]
+    id = "bo"
+    plan = "pro"
+
+    [[customers]]
+    id = "fred"
+    plan = "free"
+"#;
+
+/// Runs grafana-key's script against the harness: `tally` on the PATH, the key file in
+/// `keys` instead of the volume. Answers the file's content.
+fn run_grafana_key(h: &common::Harness, keys: &Path) -> String {
+    let compose = compose();
+    let all = services(&compose);
+    let (name, one_shot) = all
+        .iter()
+        .find(|(n, _)| n == "grafana-key")
+        .expect("a grafana-key service");
+    let key_dir = keys.to_str().unwrap();
+    let script = entrypoint_script(name, one_shot).replace("/keys/", &format!("{key_dir}/"));
+    let bin = Path::new(env!("CARGO_BIN_EXE_tally")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("PATH", path)
+        .env("TALLY_NATS_URL", h.server.url())
+        .env("TALLY_DATA_DIR", h.dir.path())
+        .env("TALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "grafana-key failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(keys.join("analyst.key")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sql_panel_runs_on_a_lake_with_data() {
+    use tally_core::entitlement::{Catalog, Customers};
+
+    let h = common::Harness::start().await;
+    let defs = tally_ingest::definitions::Definitions::open(&h.nats.jetstream)
+        .await
+        .unwrap();
+    let catalog: Catalog = toml::from_str(CATALOG).unwrap();
+    assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
+    defs.apply_catalog(&catalog, "test").await.unwrap();
+    let customers: Customers = toml::from_str(CUSTOMERS).unwrap();
+    defs.apply_customers(&customers, "test").await.unwrap();
+    let pipeline = tally::pipeline::Pipeline::start(&h.config, &h.nats, None)
+        .await
+        .unwrap();
+    // Dated now, so in this month and the last 30 days whenever the test runs: ana past
+    // pro's soft limit (overage), bo within it, fred refused by free's hard limit
+    // (limit_reached) and by export being off (not_entitled), nobody unknown.
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    send(&h, "ana", "calls", 30, 5, &now).await;
+    send(&h, "ana", "export", 2, 1, &now).await;
+    send(&h, "bo", "calls", 10, 4, &now).await;
+    send(&h, "fred", "calls", 12, 5, &now).await;
+    send(&h, "fred", "export", 1, 1, &now).await;
+    send(&h, "nobody", "calls", 1, 1, &now).await;
+    h.drain(&pipeline, 30 + 2 + 10 + 12 + 1 + 1).await;
+    pipeline.shutdown().await.unwrap();
+
+    // The API as the tally service runs it; its first start makes the admin key, which
+    // grafana-key waits for.
+    let api = h.api().await;
+    let keys = tempfile::tempdir().unwrap();
+    let key = run_grafana_key(&h, keys.path());
+    assert!(key.starts_with("tally_") && !key.contains('\n'), "{key:?}");
+    // A second run (a restart of the stack) keeps the key it wrote.
+    assert_eq!(run_grafana_key(&h, keys.path()), key);
+    let made = tally_api::ApiKeys::open(&h.nats.jetstream)
+        .await
+        .unwrap()
+        .list()
+        .await
+        .unwrap();
+    let analyst: Vec<_> = made
+        .iter()
+        .filter(|k| k.role == tally_api::Role::Analyst)
+        .collect();
+    assert_eq!(analyst.len(), 1, "{made:?}");
+    assert_eq!(analyst[0].name, "grafana");
+    assert!(key.starts_with(&format!("tally_{}_", analyst[0].id)));
+
+    let panels = sql_panels();
+    assert!(panels.len() >= 5, "{} SQL panels", panels.len());
+    for (title, target) in &panels {
+        let query = sql_of(title, target);
+        // What Infinity sends: the body as written, the key as the data source's header.
+        let response = api
+            .request(reqwest::Method::POST, "/api/v1/sql", Some(&key))
+            .header("content-type", "application/json")
+            .body(target["url_options"]["data"].as_str().unwrap().to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, reqwest::StatusCode::OK, "{title}: {query}\n{body}");
+        let rows: Vec<serde_json::Map<String, Json>> = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{title}: not an array of rows ({e}): {body}"));
+        assert!(!rows.is_empty(), "{title}: no rows\n{query}");
+        // Every declared column is in every row, a number where it is declared one.
+        for column in target["columns"].as_array().unwrap() {
+            let selector = column["selector"].as_str().unwrap();
+            let kind = column["type"].as_str().unwrap();
+            for row in &rows {
+                let value = row
+                    .get(selector)
+                    .unwrap_or_else(|| panic!("{title}: no column {selector} in {body}"));
+                match kind {
+                    "string" => assert!(value.is_string(), "{title}: {selector} {value}"),
+                    "number" | "timestamp_epoch" | "timestamp_epoch_s" => {
+                        assert!(value.is_number(), "{title}: {selector} {value}")
+                    }
+                    other => panic!("{title}: {selector} is declared {other}"),
+                }
+            }
+        }
+        eprintln!("{title}: {} rows: {body}", rows.len());
+    }
+
+    // What the panels show, for this lake.
+    let rows_of = |title: &str| {
+        let (_, target) = panels.iter().find(|(t, _)| t.starts_with(title)).unwrap();
+        sql_of(title, target)
+    };
+    let run = |query: String| {
+        let api = &api;
+        let key = key.clone();
+        async move {
+            let r = api
+                .request(reqwest::Method::POST, "/api/v1/sql", Some(&key))
+                .json(&serde_json::json!({ "query": query }))
+                .send()
+                .await
+                .unwrap();
+            serde_json::from_str::<Json>(&r.text().await.unwrap()).unwrap()
+        }
+    };
+    let overage = run(rows_of("Overage")).await;
+    assert!(
+        overage
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["customer"] == "ana" && r["feature"] == "calls"),
+        "{overage}"
+    );
+    let rejections = run(rows_of("Rejections")).await;
+    let reasons: BTreeSet<&str> = rejections
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from(["limit_reached", "not_entitled", "unknown_customer"]),
+        "{rejections}"
+    );
+    let top = run(rows_of("Top 10")).await;
+    assert_eq!(top[0]["customer"], "ana", "{top}");
+    // The analyst key reads SQL only.
+    let billing = api
+        .request(reqwest::Method::GET, "/api/v1/billing", Some(&key))
+        .send()
+        .await
+        .unwrap();
+    assert!(billing.status().is_client_error(), "{}", billing.status());
+
+    api.stop.cancel();
 }
