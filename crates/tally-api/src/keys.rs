@@ -292,11 +292,6 @@ impl ApiKeys {
         Ok(record)
     }
 
-    /// Whether any key that is not revoked exists.
-    pub async fn any_live(&self) -> Result<bool, KeyError> {
-        Ok(self.list().await?.iter().any(|k| k.revoked_at.is_none()))
-    }
-
     /// The record of a presented key, if the key is valid.
     pub async fn authenticate(&self, token: &str) -> Result<Result<KeyRecord, Rejected>, KeyError> {
         let Some((id, secret)) = token
