@@ -24,7 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::provisioning::{actor, flaws_error};
-use super::{Caller, JsonBody};
+use super::{Caller, JsonBody, optional_json, query_error};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
@@ -298,7 +298,7 @@ async fn approve(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<AccessRequest>> {
     caller.require(DECIDERS)?;
-    let decision: Decision = optional_body(&body.map_err(super::body_error)?)?;
+    let decision: Decision = optional_json(&body.map_err(super::body_error)?)?;
     let (pending, revision) = read_pending(&state, &id).await?;
     // What approval will do, checked before claiming the request.
     let catalog = state.definitions.load_catalog().await?;
@@ -396,7 +396,7 @@ async fn deny(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<AccessRequest>> {
     caller.require(DECIDERS)?;
-    let decision: Decision = optional_body(&body.map_err(super::body_error)?)?;
+    let decision: Decision = optional_json(&body.map_err(super::body_error)?)?;
     let (pending, revision) = read_pending(&state, &id).await?;
     let Some(reason) = decision.reason.filter(|r| !r.trim().is_empty()) else {
         return Err(ApiError::bad_request(
@@ -520,27 +520,6 @@ fn status_name(status: AccessStatus) -> &'static str {
         AccessStatus::Pending => "pending",
         AccessStatus::Approved => "approved",
         AccessStatus::Denied => "denied",
-    }
-}
-
-/// An optional JSON body: empty reads as the default.
-fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> ApiResult<T> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        Ok(T::default())
-    } else {
-        super::parse_json(bytes)
-    }
-}
-
-fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    let text = e.body_text();
-    let field = ["status", "customer"]
-        .into_iter()
-        .find(|f| text.contains(&format!("`{f}`")) || text.contains(&format!("{f}:")));
-    let detail = format!("the query string is not valid: {text}");
-    match field {
-        Some(f) => ApiError::bad_request(f, detail),
-        None => ApiError::invalid("bad_request", detail),
     }
 }
 

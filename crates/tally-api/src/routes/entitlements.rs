@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::Caller;
+use super::{Caller, query_error};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
@@ -214,20 +214,4 @@ fn checked<T, E>(kind: &'static str, started: Instant, reply: Result<T, E>) -> R
 
 fn timeout(state: &AppState) -> Duration {
     Duration::from_millis(state.config.check_timeout_ms)
-}
-
-/// A query string that does not parse, naming the parameter where serde says which.
-pub(crate) fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    let text = e.body_text();
-    let field = [
-        "quantity", "time", "region", "user", "period", "customer", "from", "to", "feature",
-        "format",
-    ]
-    .into_iter()
-    .find(|f| text.contains(&format!("`{f}`")) || text.contains(&format!("{f}:")));
-    let detail = format!("the query string is not valid: {text}");
-    match field {
-        Some(f) => ApiError::bad_request(f, detail),
-        None => ApiError::invalid("bad_request", detail),
-    }
 }

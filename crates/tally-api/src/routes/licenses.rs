@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use axum::extract::rejection::BytesRejection;
 use bytes::Bytes;
 
-use super::{Caller, body_error, parse_json};
+use super::{Caller, body_error, optional_json};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
@@ -72,11 +72,7 @@ async fn issue(
 ) -> ApiResult<(StatusCode, Json<IssuedLicense>)> {
     caller.require_for(&[Role::Provisioning, Role::Portal], &customer)?;
     let body = body.map_err(body_error)?;
-    let request: LicenseRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        LicenseRequest::default()
-    } else {
-        parse_json(&body)?
-    };
+    let request: LicenseRequest = optional_json(&body)?;
     let max = state.config.license_ttl_secs;
     let ttl = match request.ttl_secs {
         Some(0) => {

@@ -221,6 +221,36 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> 
     Ok(value)
 }
 
+/// A JSON body that may be left out: empty (or blank) reads as the default.
+pub fn optional_json<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> ApiResult<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse_json(bytes)
+    }
+}
+
+/// A query string that does not parse, naming the parameter: serde names it for a
+/// missing, unknown or repeated one (`` missing field `period` ``), and the query
+/// extractor puts it before a bad value (`quantity: invalid float literal`).
+pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    let text = e.body_text();
+    let detail = format!("the query string is not valid: {text}");
+    let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
+    let field = field_of(reason).or_else(|| {
+        let (name, _) = reason.split_once(": ")?;
+        let is_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        is_name.then(|| name.to_owned())
+    });
+    match field {
+        Some(f) => ApiError::bad_request(f, detail),
+        None => ApiError::invalid("bad_request", detail),
+    }
+}
+
 /// serde names the field itself for missing, unknown and repeated fields.
 fn field_of(message: &str) -> Option<String> {
     ["missing field `", "unknown field `", "duplicate field `"]

@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::provisioning::actor;
-use super::{Caller, body_error, parse_json};
+use super::{Caller, body_error, optional_json};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
@@ -119,11 +119,7 @@ async fn portal_link(
 ) -> ApiResult<(StatusCode, Json<PortalLink>)> {
     caller.require(&[Role::Provisioning])?;
     let body = body.map_err(body_error)?;
-    let request: PortalLinkRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        PortalLinkRequest::default()
-    } else {
-        parse_json(&body)?
-    };
+    let request: PortalLinkRequest = optional_json(&body)?;
     let ttl = request.ttl_secs.unwrap_or(LINK_TTL_SECS);
     if !(1..=LINK_MAX_TTL_SECS).contains(&ttl) {
         return Err(ApiError::bad_request(

@@ -31,7 +31,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::idempotency::{idempotent, to_value};
-use super::{Caller, JsonBody, body_error, parse_json};
+use super::{Caller, JsonBody, body_error, optional_json, parse_json};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
@@ -112,15 +112,6 @@ fn body_with_id<T: DeserializeOwned>(bytes: &[u8], id_field: &str, id: &str) -> 
     }
     let bytes = serde_json::to_vec(&value).map_err(ApiError::internal)?;
     parse_json(&bytes)
-}
-
-/// An optional body: empty (or blank) reads as `T::default()`.
-fn optional_body<T: DeserializeOwned + Default>(bytes: &[u8]) -> ApiResult<T> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        Ok(T::default())
-    } else {
-        parse_json(bytes)
-    }
 }
 
 fn no_customer(id: &str) -> ApiError {
@@ -794,7 +785,7 @@ async fn suspend(
 ) -> ApiResult<Response> {
     caller.require(PROVISIONERS)?;
     let body = body.map_err(body_error)?;
-    let request: Empty = optional_body(&body)?;
+    let request: Empty = optional_json(&body)?;
     let request = to_value(&request)?;
     customer_action(
         state,
@@ -841,7 +832,7 @@ async fn resume(
 ) -> ApiResult<Response> {
     caller.require(PROVISIONERS)?;
     let body = body.map_err(body_error)?;
-    let request: Empty = optional_body(&body)?;
+    let request: Empty = optional_json(&body)?;
     let request = to_value(&request)?;
     customer_action(
         state,
@@ -891,7 +882,7 @@ async fn cancel(
 ) -> ApiResult<Response> {
     caller.require(PROVISIONERS)?;
     let body = body.map_err(body_error)?;
-    let request: CancelRequest = optional_body(&body)?;
+    let request: CancelRequest = optional_json(&body)?;
     let at = request.at;
     let request = to_value(&request)?;
     customer_action(

@@ -36,7 +36,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{Caller, body_error, parse_json};
+use super::{Caller, body_error, parse_json, query_error};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
@@ -203,7 +203,7 @@ async fn billing(
 ) -> ApiResult<Response> {
     caller.require(BILLING_READERS)?;
     let format = negotiate(&headers)?;
-    let Query(params) = params.map_err(params_error)?;
+    let Query(params) = params.map_err(query_error)?;
     let customer = match (caller.scope(), params.customer) {
         (_, Some(customer)) => {
             caller.require_for(BILLING_READERS, &customer)?;
@@ -281,7 +281,7 @@ async fn overage(
     caller.require(&[Role::Billing])?;
     every_customer(&caller)?;
     let format = negotiate(&headers)?;
-    let Query(params) = params.map_err(params_error)?;
+    let Query(params) = params.map_err(query_error)?;
     let started = Instant::now();
     let body = state.reports.overage(params.period, format).await;
     observed("overage", started, respond(body, format).await)
@@ -339,7 +339,7 @@ async fn adoption(
     caller.require(&[Role::Analyst])?;
     every_customer(&caller)?;
     let format = negotiate(&headers)?;
-    let Query(params) = params.map_err(params_error)?;
+    let Query(params) = params.map_err(query_error)?;
     let free_plans = params
         .free_plans
         .iter()
@@ -586,7 +586,7 @@ async fn usage(
 ) -> ApiResult<Response> {
     caller.require_for(BILLING_READERS, &customer)?;
     let format = negotiate(&headers)?;
-    let Query(params) = params.map_err(params_error)?;
+    let Query(params) = params.map_err(query_error)?;
     let today = chrono::Utc::now().date_naive();
     let from = params
         .from
@@ -609,20 +609,5 @@ fn report_error(e: ReportError) -> ApiError {
             ApiError::invalid("memory_limit", message).field("query")
         }
         ReportError::Internal(cause) => ApiError::internal(cause),
-    }
-}
-
-/// A query string that does not deserialize: serde names the missing, unknown or repeated
-/// parameter (the values are all read as text, so there is no other failure).
-fn params_error(e: QueryRejection) -> ApiError {
-    let text = e.body_text();
-    let detail = format!("the query string is not valid: {text}");
-    let field = ["missing field `", "unknown field `", "duplicate field `"]
-        .iter()
-        .find_map(|marker| text.split(marker).nth(1))
-        .and_then(|rest| rest.split('`').next());
-    match field {
-        Some(f) => ApiError::bad_request(f, detail),
-        None => ApiError::invalid("bad_request", detail),
     }
 }
