@@ -9,7 +9,7 @@ use std::process::Command;
 use common::Harness;
 use serde_json::{Value, json};
 use tally::pipeline::Pipeline;
-use tally_core::entitlement::{Catalog, Customers};
+use tally_core::entitlement::Customers;
 use tally_core::subject;
 use tally_ingest::definitions::Definitions;
 
@@ -381,12 +381,7 @@ async fn lake() -> Harness {
 /// their order), and checks each decision.
 async fn decide(catalog: &str, customers: &str, events: &[Case]) -> (Harness, Definitions) {
     let h = Harness::start().await;
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
-    let catalog: Catalog = toml::from_str(catalog).unwrap();
-    assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
-    defs.apply_catalog(&catalog, "test").await.unwrap();
-    let customers: Customers = toml::from_str(customers).unwrap();
-    defs.apply_customers(&customers, "test").await.unwrap();
+    let defs = h.define(catalog, customers).await;
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
     for (id, customer, feature, quantity, time, region, user, _) in events {
         let mut data = json!({"feature": feature, "quantity": quantity});

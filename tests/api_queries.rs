@@ -19,10 +19,7 @@ use serde_json::Value;
 use tally::pipeline::Pipeline;
 use tally::reports::LakeReports;
 use tally_api::{AppState, Format, Problem, ReportError, Reports, Role};
-use tally_core::entitlement::{Catalog, Customers};
 use tally_core::pricing::Decimal;
-use tally_core::subject;
-use tally_ingest::definitions::Definitions;
 use tokio_util::sync::CancellationToken;
 
 const ARROW: &str = "application/vnd.apache.arrow.stream";
@@ -75,99 +72,24 @@ const CUSTOMERS: &str = r#"
     plan = "free"
 "#;
 
-/// Publishes `n` events of `quantity` each as one batch message.
-async fn send(
-    h: &Harness,
-    customer: &str,
-    feature: &str,
-    n: usize,
-    quantity: u32,
-    time: &str,
-    user: Option<&str>,
-) {
-    let prefix = format!("{customer}-{feature}-{time}");
-    let user = user.map_or(String::new(), |u| format!(r#","user":"{u}""#));
-    let events: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                r#"{{"specversion":"1.0","id":"{prefix}-{i}","source":"test","type":"usage","subject":"{customer}","time":"{time}","data":{{"feature":"{feature}","quantity":{quantity}{user}}}}}"#
-            )
-        })
-        .collect();
-    h.nats
-        .jetstream
-        .publish(
-            subject::events_subject(customer),
-            format!("[{}]", events.join(",")).into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
-
 /// A November of three customers decided into the lake: ana past pro's soft limit, bo
 /// within it, fred refused by free's hard limit and by export being off.
 async fn lake() -> Harness {
     let h = Harness::start().await;
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
-    let catalog: Catalog = toml::from_str(CATALOG).unwrap();
-    assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
-    defs.apply_catalog(&catalog, "test").await.unwrap();
-    let customers: Customers = toml::from_str(CUSTOMERS).unwrap();
-    defs.apply_customers(&customers, "test").await.unwrap();
+    h.define(CATALOG, CUSTOMERS).await;
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
-    send(
-        &h,
-        "ana",
-        "calls",
-        30,
-        5,
-        "2026-11-05T10:00:00Z",
-        Some("u1"),
-    )
-    .await;
-    send(
-        &h,
-        "ana",
-        "export",
-        1,
-        1,
-        "2026-11-06T10:00:00Z",
-        Some("u1"),
-    )
-    .await;
-    send(
-        &h,
-        "ana",
-        "export",
-        1,
-        1,
-        "2026-11-07T10:00:00Z",
-        Some("u2"),
-    )
-    .await;
-    send(&h, "bo", "calls", 10, 4, "2026-11-05T11:00:00Z", None).await;
-    send(
-        &h,
-        "fred",
-        "calls",
-        12,
-        5,
-        "2026-11-08T10:00:00Z",
-        Some("f1"),
-    )
-    .await;
-    send(
-        &h,
-        "fred",
-        "export",
-        1,
-        1,
-        "2026-11-09T10:00:00Z",
-        Some("f1"),
-    )
-    .await;
+    h.send("ana", "calls", 30, 5, "2026-11-05T10:00:00Z", Some("u1"))
+        .await;
+    h.send("ana", "export", 1, 1, "2026-11-06T10:00:00Z", Some("u1"))
+        .await;
+    h.send("ana", "export", 1, 1, "2026-11-07T10:00:00Z", Some("u2"))
+        .await;
+    h.send("bo", "calls", 10, 4, "2026-11-05T11:00:00Z", None)
+        .await;
+    h.send("fred", "calls", 12, 5, "2026-11-08T10:00:00Z", Some("f1"))
+        .await;
+    h.send("fred", "export", 1, 1, "2026-11-09T10:00:00Z", Some("f1"))
+        .await;
     h.drain(&pipeline, 30 + 2 + 10 + 12 + 1).await;
     pipeline.shutdown().await.unwrap();
     h

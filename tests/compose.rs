@@ -597,34 +597,6 @@ fn the_sql_data_source_reads_tally_with_the_key_grafana_key_writes() {
     }
 }
 
-/// Publishes `n` events of `quantity` each, dated `time`, as one batch message.
-async fn send(
-    h: &common::Harness,
-    customer: &str,
-    feature: &str,
-    n: usize,
-    quantity: u32,
-    time: &str,
-) {
-    let events: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                r#"{{"specversion":"1.0","id":"{customer}-{feature}-{i}","source":"test","type":"usage","subject":"{customer}","time":"{time}","data":{{"feature":"{feature}","quantity":{quantity}}}}}"#
-            )
-        })
-        .collect();
-    h.nats
-        .jetstream
-        .publish(
-            tally_core::subject::events_subject(customer),
-            format!("[{}]", events.join(",")).into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
-
 /// Free: calls 50 a month, hard; export off. Pro: calls 100 a month, soft; export.
 const CATALOG: &str = r#"
     [[plans]]
@@ -695,17 +667,8 @@ fn run_grafana_key(h: &common::Harness, keys: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sql_panel_runs_on_a_lake_with_data() {
-    use tally_core::entitlement::{Catalog, Customers};
-
     let h = common::Harness::start().await;
-    let defs = tally_ingest::definitions::Definitions::open(&h.nats.jetstream)
-        .await
-        .unwrap();
-    let catalog: Catalog = toml::from_str(CATALOG).unwrap();
-    assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
-    defs.apply_catalog(&catalog, "test").await.unwrap();
-    let customers: Customers = toml::from_str(CUSTOMERS).unwrap();
-    defs.apply_customers(&customers, "test").await.unwrap();
+    h.define(CATALOG, CUSTOMERS).await;
     let pipeline = tally::pipeline::Pipeline::start(&h.config, &h.nats, None)
         .await
         .unwrap();
@@ -713,12 +676,12 @@ async fn every_sql_panel_runs_on_a_lake_with_data() {
     // pro's soft limit (overage), bo within it, fred refused by free's hard limit
     // (limit_reached) and by export being off (not_entitled), nobody unknown.
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
-    send(&h, "ana", "calls", 30, 5, &now).await;
-    send(&h, "ana", "export", 2, 1, &now).await;
-    send(&h, "bo", "calls", 10, 4, &now).await;
-    send(&h, "fred", "calls", 12, 5, &now).await;
-    send(&h, "fred", "export", 1, 1, &now).await;
-    send(&h, "nobody", "calls", 1, 1, &now).await;
+    h.send("ana", "calls", 30, 5, &now, None).await;
+    h.send("ana", "export", 2, 1, &now, None).await;
+    h.send("bo", "calls", 10, 4, &now, None).await;
+    h.send("fred", "calls", 12, 5, &now, None).await;
+    h.send("fred", "export", 1, 1, &now, None).await;
+    h.send("nobody", "calls", 1, 1, &now, None).await;
     h.drain(&pipeline, 30 + 2 + 10 + 12 + 1 + 1).await;
     pipeline.shutdown().await.unwrap();
 

@@ -57,6 +57,56 @@ impl Harness {
             .unwrap();
     }
 
+    /// Applies a catalogue and customers written in TOML (checked first) to the buckets.
+    pub async fn define(
+        &self,
+        catalog: &str,
+        customers: &str,
+    ) -> tally_ingest::definitions::Definitions {
+        use tally_core::entitlement::{Catalog, Customers};
+        let defs = tally_ingest::definitions::Definitions::open(&self.nats.jetstream)
+            .await
+            .unwrap();
+        let catalog: Catalog = toml::from_str(catalog).unwrap();
+        assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
+        defs.apply_catalog(&catalog, "test").await.unwrap();
+        let customers: Customers = toml::from_str(customers).unwrap();
+        defs.apply_customers(&customers, "test").await.unwrap();
+        defs
+    }
+
+    /// Publishes `n` events of `quantity` each of one customer's feature, dated `time`
+    /// (and by `user`, if given), as one batch message; ids are unique per customer,
+    /// feature and time.
+    pub async fn send(
+        &self,
+        customer: &str,
+        feature: &str,
+        n: usize,
+        quantity: u32,
+        time: &str,
+        user: Option<&str>,
+    ) {
+        let user = user.map_or(String::new(), |u| format!(r#","user":"{u}""#));
+        let events: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"specversion":"1.0","id":"{customer}-{feature}-{time}-{i}","source":"test","type":"usage","subject":"{customer}","time":"{time}","data":{{"feature":"{feature}","quantity":{quantity}{user}}}}}"#
+                )
+            })
+            .collect();
+        self.nats
+            .jetstream
+            .publish(
+                tally_core::subject::events_subject(customer),
+                format!("[{}]", events.join(",")).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     pub fn lake_events(&self) -> PathBuf {
         self.config.lake_dir().join("events")
     }
