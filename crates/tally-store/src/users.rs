@@ -15,7 +15,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{TimestampMicrosecondType, UInt32Type};
 use chrono::{DateTime, Datelike, Days, NaiveDate};
 use hashbrown::HashMap;
@@ -175,6 +175,12 @@ fn poisoned() -> Error {
 }
 
 /// One partition's counts.
+///
+/// Users are a customer's own, so the fold goes customer by customer: every row of the
+/// partition's sources is read, the rows are ordered by customer, and each customer's
+/// (user, feature) pairs are gathered in a small table that stays in cache and is
+/// emptied for the next customer. Counts go to dense arrays by feature and day, week or
+/// month of the range.
 fn fold(
     months: &[Month],
     sources: &[(usize, Source)],
@@ -182,117 +188,271 @@ fn fold(
     to: NaiveDate,
     only: Option<&str>,
 ) -> Result<Counts> {
-    let mut names: HashMap<Box<str>, u32> = HashMap::new();
-    let mut strings: Vec<Box<str>> = Vec::new();
-    let mut intern = |s: &str| -> u32 {
-        if let Some(&id) = names.get(s) {
-            return id;
-        }
-        let id = strings.len() as u32;
-        strings.push(s.into());
-        names.insert(s.into(), id);
-        id
-    };
-    // (customer, feature, user) → (month, days seen in the range) per month.
-    let mut seen: HashMap<(u32, u32, u32), Vec<(usize, u32)>> = HashMap::new();
-    let mut mark = |key: (u32, u32, u32), month: usize, days: u32| {
-        let entry = seen.entry(key).or_default();
-        match entry.iter_mut().find(|(m, _)| *m == month) {
-            Some((_, d)) => *d |= days,
-            None => entry.push((month, days)),
-        }
-    };
+    let mut batches: Vec<(usize, bool, RecordBatch)> = Vec::new();
     for (i, source) in sources {
-        let month = months[*i];
-        let first = month.first_day().max(from);
-        let last = (month.next().first_day() - Days::new(1)).min(to);
-        // The range's days of this month, as bits.
-        let in_range = (first.day0()..=last.day0()).fold(0u32, |m, d| m | 1 << d);
-        match source {
-            Source::Monthly(path) => {
-                for batch in read(path, &[CUSTOMER, FEATURE, DECISION, USERS, USER_DAYS])? {
-                    let (customer, feature, decision) = (
-                        batch.column(0).as_string::<i32>(),
-                        batch.column(1).as_string::<i32>(),
-                        batch.column(2).as_string::<i32>(),
-                    );
-                    let users = batch.column(3).as_list::<i32>();
-                    let days = batch.column(4).as_list::<i32>();
-                    let user_names = users.values().as_string::<i32>();
-                    let user_days = days.values().as_primitive::<UInt32Type>();
-                    let offsets = users.value_offsets();
-                    for r in 0..batch.num_rows() {
-                        if !used(decision.value(r)) || only.is_some_and(|f| f != feature.value(r)) {
-                            continue;
-                        }
-                        let (c, f) = (intern(customer.value(r)), intern(feature.value(r)));
-                        for u in offsets[r] as usize..offsets[r + 1] as usize {
-                            let d = user_days.value(u) & in_range;
-                            if d != 0 {
-                                mark((c, f, intern(user_names.value(u))), *i, d);
-                            }
+        let (path, monthly, last) = match source {
+            Source::Monthly(path) => (path, true, USER_DAYS),
+            Source::Hourly(path) => (path, false, HOUR),
+        };
+        for batch in read(path, &[CUSTOMER, FEATURE, DECISION, USERS, last])? {
+            batches.push((*i, monthly, batch));
+        }
+    }
+    let views: Vec<Rows<'_>> = batches
+        .iter()
+        .map(|(i, monthly, batch)| Rows::of(*i, *monthly, batch))
+        .collect();
+    // Every used row of the range, by customer.
+    let mut rows: Vec<(&str, u32, u32)> = Vec::new();
+    for (b, v) in views.iter().enumerate() {
+        for r in 0..v.customer.len() {
+            if used(v.decision.value(r)) && only.is_none_or(|f| f == v.feature.value(r)) {
+                rows.push((v.customer.value(r), b as u32, r as u32));
+            }
+        }
+    }
+    rows.sort_unstable();
+
+    let range = Range::new(months, from, to);
+    let mut features: HashMap<&str, usize> = HashMap::new();
+    let mut counts = Dense::default();
+    let mut seen: HashMap<(&str, usize), Seen> = HashMap::new();
+    let mut more: Vec<Vec<(usize, u32)>> = Vec::new();
+    let mut weeks: Vec<u64> = vec![0; range.weeks.div_ceil(64)];
+    for group in rows.chunk_by(|a, b| a.0 == b.0) {
+        seen.clear();
+        more.clear();
+        for &(_, b, r) in group {
+            let v = &views[b as usize];
+            let r = r as usize;
+            let name = v.feature.value(r);
+            let next = features.len();
+            let f = *features.entry(name).or_insert(next);
+            let i = v.month;
+            let (start, end) = (v.offsets[r] as usize, v.offsets[r + 1] as usize);
+            match v.days {
+                UserDays::Monthly(days) => {
+                    for u in start..end {
+                        let d = days.value(u) & range.in_month[i];
+                        if d != 0 {
+                            mark(&mut seen, &mut more, (v.users.value(u), f), i, d);
                         }
                     }
                 }
-            }
-            Source::Hourly(path) => {
-                for batch in read(path, &[CUSTOMER, FEATURE, DECISION, USERS, HOUR])? {
-                    let (customer, feature, decision) = (
-                        batch.column(0).as_string::<i32>(),
-                        batch.column(1).as_string::<i32>(),
-                        batch.column(2).as_string::<i32>(),
-                    );
-                    let users = batch.column(3).as_list::<i32>();
-                    let user_names = users.values().as_string::<i32>();
-                    let offsets = users.value_offsets();
-                    let hours = batch.column(4).as_primitive::<TimestampMicrosecondType>();
-                    for r in 0..batch.num_rows() {
-                        if !used(decision.value(r)) || only.is_some_and(|f| f != feature.value(r)) {
-                            continue;
-                        }
-                        let Some(day) =
-                            DateTime::from_timestamp_micros(hours.value(r)).map(|t| t.date_naive())
-                        else {
-                            continue;
-                        };
-                        if day < first || day > last {
-                            continue;
-                        }
-                        let (c, f) = (intern(customer.value(r)), intern(feature.value(r)));
-                        for u in offsets[r] as usize..offsets[r + 1] as usize {
-                            mark((c, f, intern(user_names.value(u))), *i, 1 << day.day0());
-                        }
+                UserDays::Hourly(hours) => {
+                    let Some(day) =
+                        DateTime::from_timestamp_micros(hours.value(r)).map(|t| t.date_naive())
+                    else {
+                        continue;
+                    };
+                    if range.months[i] != Month::of(day).first_day()
+                        || range.in_month[i] & 1 << day.day0() == 0
+                    {
+                        continue;
                     }
+                    for u in start..end {
+                        mark(
+                            &mut seen,
+                            &mut more,
+                            (v.users.value(u), f),
+                            i,
+                            1 << day.day0(),
+                        );
+                    }
+                }
+            }
+        }
+        for (&(_, f), s) in &seen {
+            let extra = s.more.map_or(&[][..], |k| more[k].as_slice());
+            for &(i, days) in std::iter::once(&(s.month, s.days)).chain(extra) {
+                counts.add(f, Grain::Month, i, 1);
+                let offset = range.month_offset[i];
+                let mut bits = days;
+                while bits != 0 {
+                    let day = (offset + i64::from(bits.trailing_zeros())) as usize;
+                    bits &= bits - 1;
+                    counts.add(f, Grain::Day, day, 1);
+                    let week = (day + range.monday_offset) / 7;
+                    weeks[week / 64] |= 1 << (week % 64);
+                }
+            }
+            for (w, word) in weeks.iter_mut().enumerate() {
+                let mut bits = std::mem::take(word);
+                while bits != 0 {
+                    counts.add(f, Grain::Week, w * 64 + bits.trailing_zeros() as usize, 1);
+                    bits &= bits - 1;
                 }
             }
         }
     }
-    let mut counts: HashMap<(u32, Grain, NaiveDate), u64> = HashMap::new();
-    let mut weeks: Vec<NaiveDate> = Vec::new();
-    for ((_, f, _), by_month) in seen {
-        weeks.clear();
-        for (i, days) in by_month {
-            let start = months[i].first_day();
-            *counts.entry((f, Grain::Month, start)).or_default() += 1;
-            let mut bits = days;
-            while bits != 0 {
-                let d = start + Days::new(u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-                *counts.entry((f, Grain::Day, d)).or_default() += 1;
-                let week = Grain::Week.bucket_of(d);
-                if !weeks.contains(&week) {
-                    weeks.push(week);
+    let mut out = Counts::new();
+    for (name, f) in features {
+        for (grain, by_index) in counts.of(f) {
+            for (index, &n) in by_index.iter().enumerate() {
+                if n > 0 {
+                    out.insert((name.to_owned(), grain, range.bucket(grain, index)), n);
                 }
             }
         }
-        for &w in &weeks {
-            *counts.entry((f, Grain::Week, w)).or_default() += 1;
+    }
+    Ok(out)
+}
+
+/// Adds `days` of month `i` to what a (user, feature) of the customer was seen on.
+fn mark<'a>(
+    seen: &mut HashMap<(&'a str, usize), Seen>,
+    more: &mut Vec<Vec<(usize, u32)>>,
+    key: (&'a str, usize),
+    i: usize,
+    days: u32,
+) {
+    let s = seen.entry(key).or_insert(Seen {
+        month: i,
+        days: 0,
+        more: None,
+    });
+    if s.month == i {
+        s.days |= days;
+        return;
+    }
+    let extra = match s.more {
+        Some(k) => &mut more[k],
+        None => {
+            s.more = Some(more.len());
+            more.push(Vec::new());
+            more.last_mut().expect("just pushed")
+        }
+    };
+    match extra.iter_mut().find(|(m, _)| *m == i) {
+        Some((_, d)) => *d |= days,
+        None => extra.push((i, days)),
+    }
+}
+
+/// A (customer, feature, user)'s days: those of `month`, and of any other month of the
+/// range in `more` (an index into the fold's side list; a range of one month has none).
+struct Seen {
+    month: usize,
+    days: u32,
+    more: Option<usize>,
+}
+
+/// The days of a rollup row's users: each user's day mask (monthly), or the row's hour
+/// (hourly: every user was seen that day).
+enum UserDays<'a> {
+    Monthly(&'a arrow::array::UInt32Array),
+    Hourly(&'a arrow::array::TimestampMicrosecondArray),
+}
+
+/// A rollup batch's columns, typed.
+struct Rows<'a> {
+    month: usize,
+    customer: &'a arrow::array::StringArray,
+    feature: &'a arrow::array::StringArray,
+    decision: &'a arrow::array::StringArray,
+    users: &'a arrow::array::StringArray,
+    offsets: &'a [i32],
+    days: UserDays<'a>,
+}
+
+impl<'a> Rows<'a> {
+    fn of(month: usize, monthly: bool, batch: &'a RecordBatch) -> Rows<'a> {
+        let users = batch.column(3).as_list::<i32>();
+        Rows {
+            month,
+            customer: batch.column(0).as_string::<i32>(),
+            feature: batch.column(1).as_string::<i32>(),
+            decision: batch.column(2).as_string::<i32>(),
+            users: users.values().as_string::<i32>(),
+            offsets: users.value_offsets(),
+            days: if monthly {
+                UserDays::Monthly(
+                    batch
+                        .column(4)
+                        .as_list::<i32>()
+                        .values()
+                        .as_primitive::<UInt32Type>(),
+                )
+            } else {
+                UserDays::Hourly(batch.column(4).as_primitive::<TimestampMicrosecondType>())
+            },
         }
     }
-    Ok(counts
-        .into_iter()
-        .map(|((f, g, b), n)| ((strings[f as usize].to_string(), g, b), n))
-        .collect())
+}
+
+/// The range's days, weeks and months as indices from its start.
+struct Range {
+    from: NaiveDate,
+    /// Per month of the range: the range's days of it, as bits (bit `d - 1` for day `d`).
+    in_month: Vec<u32>,
+    /// Per month: the index of its first day from the range's first (negative for a
+    /// month that starts before the range; its days before the range are not in
+    /// `in_month`).
+    month_offset: Vec<i64>,
+    /// Days from the Monday of the range's first week to the range's first day.
+    monday_offset: usize,
+    weeks: usize,
+    months: Vec<NaiveDate>,
+}
+
+impl Range {
+    fn new(months: &[Month], from: NaiveDate, to: NaiveDate) -> Range {
+        let mut in_month = Vec::with_capacity(months.len());
+        let mut month_offset = Vec::with_capacity(months.len());
+        for m in months {
+            let first = m.first_day().max(from);
+            let last = (m.next().first_day() - Days::new(1)).min(to);
+            in_month.push((first.day0()..=last.day0()).fold(0u32, |bits, d| bits | 1 << d));
+            month_offset.push((m.first_day() - from).num_days());
+        }
+        let monday_offset = from.weekday().num_days_from_monday() as usize;
+        let days = (to - from).num_days().max(0) as usize + 1;
+        Range {
+            from,
+            in_month,
+            month_offset,
+            monday_offset,
+            weeks: (days + monday_offset).div_ceil(7),
+            months: months.iter().map(|m| m.first_day()).collect(),
+        }
+    }
+
+    /// The first day of the bucket at `index` of `grain`.
+    fn bucket(&self, grain: Grain, index: usize) -> NaiveDate {
+        match grain {
+            Grain::Day => self.from + Days::new(index as u64),
+            Grain::Week => {
+                self.from - Days::new(self.monday_offset as u64) + Days::new(7 * index as u64)
+            }
+            Grain::Month => self.months[index],
+        }
+    }
+}
+
+/// Counts by feature (the fold's own numbers) and index of day, week or month.
+#[derive(Default)]
+struct Dense {
+    by_feature: Vec<[Vec<u64>; 3]>,
+}
+
+impl Dense {
+    fn add(&mut self, feature: usize, grain: Grain, index: usize, n: u64) {
+        if self.by_feature.len() <= feature {
+            self.by_feature.resize_with(feature + 1, Default::default);
+        }
+        let counts = &mut self.by_feature[feature][grain as usize];
+        if counts.len() <= index {
+            counts.resize(index + 1, 0);
+        }
+        counts[index] += n;
+    }
+
+    fn of(&self, feature: usize) -> impl Iterator<Item = (Grain, &[u64])> {
+        [Grain::Day, Grain::Week, Grain::Month]
+            .into_iter()
+            .zip(self.by_feature.get(feature).into_iter().flatten())
+            .map(|(g, c)| (g, c.as_slice()))
+    }
 }
 
 fn used(decision: &str) -> bool {
