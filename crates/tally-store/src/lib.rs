@@ -131,7 +131,13 @@ pub(crate) fn publish(tmp: &Path, path: &Path, fence: &Fence, partition: u16) ->
 pub struct Lake {
     root: PathBuf,
     props: WriterProperties,
+    /// For the monthly rollups: row groups small enough that a query of some decisions
+    /// skips the others' by their statistics (the rows are sorted by decision).
+    monthly_props: WriterProperties,
 }
+
+/// Rows per row group of a monthly rollup file.
+const MONTHLY_ROW_GROUP_ROWS: usize = 16_384;
 
 impl Lake {
     /// A lake rooted at `root` (created on first write).
@@ -139,22 +145,26 @@ impl Lake {
         // Event ids are unique: a dictionary for them is pure cost, and so are statistics
         // on ids and free-form data that no query prunes on.
         let unique = |name: &str| parquet::schema::types::ColumnPath::from(name);
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
-            .set_column_dictionary_enabled(unique(schema::EVENT_ID), false)
-            .set_column_statistics_enabled(
-                unique(schema::EVENT_ID),
-                parquet::file::properties::EnabledStatistics::None,
-            )
-            .set_column_dictionary_enabled(unique(schema::DATA), false)
-            .set_column_statistics_enabled(
-                unique(schema::DATA),
-                parquet::file::properties::EnabledStatistics::None,
-            )
-            .build();
+        let props = || {
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+                .set_column_dictionary_enabled(unique(schema::EVENT_ID), false)
+                .set_column_statistics_enabled(
+                    unique(schema::EVENT_ID),
+                    parquet::file::properties::EnabledStatistics::None,
+                )
+                .set_column_dictionary_enabled(unique(schema::DATA), false)
+                .set_column_statistics_enabled(
+                    unique(schema::DATA),
+                    parquet::file::properties::EnabledStatistics::None,
+                )
+        };
         Self {
             root: root.into(),
-            props,
+            props: props().build(),
+            monthly_props: props()
+                .set_max_row_group_row_count(Some(MONTHLY_ROW_GROUP_ROWS))
+                .build(),
         }
     }
 
@@ -220,11 +230,24 @@ impl Lake {
         rows: &RecordBatch,
         fence: &Fence,
     ) -> Result<u64> {
+        self.write_file_with(&self.props, dir, name, meta, rows, fence)
+    }
+
+    /// [`write_file`](Self::write_file) with other writer properties.
+    pub(crate) fn write_file_with(
+        &self,
+        props: &WriterProperties,
+        dir: &Path,
+        name: &str,
+        meta: &FileMeta,
+        rows: &RecordBatch,
+        fence: &Fence,
+    ) -> Result<u64> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = dir.join(format!(".{name}.tmp"));
         let path = dir.join(name);
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut writer = ArrowWriter::try_new(file, rows.schema(), Some(self.props.clone()))?;
+        let mut writer = ArrowWriter::try_new(file, rows.schema(), Some(props.clone()))?;
         writer.write(rows)?;
         for (key, value) in [
             (META_PARTITION, meta.partition.to_string()),

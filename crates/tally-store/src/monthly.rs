@@ -319,12 +319,14 @@ impl Summer {
         let name = |id: u32| strings.get(id as usize).map(|s| &**s);
         let mut rows: Vec<_> = groups.into_iter().collect();
         rows.sort_unstable_by(|a, b| {
+            // Decision first: billing reads two decisions of six, and skips the row groups
+            // of the others by their statistics.
             let k = |r: &GroupKey| {
                 (
+                    name(r.3),
                     name(r.0),
                     name(r.1),
                     r.2,
-                    name(r.3),
                     r.4,
                     name(r.5),
                     name(r.6),
@@ -534,7 +536,7 @@ impl Lake {
                 "p{partition:03}-{:012}-{:012}.parquet",
                 meta.first_seq, meta.last_seq
             );
-            self.write_file(&dir, &name, &meta, &rows, fence)?;
+            self.write_file_with(&self.monthly_props, &dir, &name, &meta, &rows, fence)?;
             written += 1;
         }
         Ok(written)
