@@ -14,4 +14,4 @@ if ! "$venv/bin/python" -c "import duckdb, sys; sys.exit(duckdb.__version__ != '
   "$venv/bin/pip" install --quiet --disable-pip-version-check "duckdb==$DUCKDB_VERSION" >&2
 fi
 cargo build --release --bin tally
-exec target/release/tally bench query --duckdb "$venv/bin/python" "$@"
+exec "${CARGO_TARGET_DIR:-$root/target}/release/tally" bench query --duckdb "$venv/bin/python" "$@"
