@@ -181,6 +181,10 @@ fn poisoned() -> Error {
 /// (user, feature) pairs are gathered in a small table that stays in cache and is
 /// emptied for the next customer. Counts go to dense arrays by feature and day, week or
 /// month of the range.
+///
+/// The partition's rollup rows of the range are held at once (the order by customer
+/// needs them all): a month's monthly file per month compacted, and the hourly rollups of
+/// the files none covers, which hold about a row per event until the month is compacted.
 fn fold(
     months: &[Month],
     sources: &[(usize, Source)],
