@@ -345,8 +345,9 @@ async fn rebalance(
     }
 }
 
-/// Runs one held partition (its checks and record requests too) until `stop`, taking it
-/// over again from the lake after a failure while the fence holds.
+/// Runs one held partition (its checks, record requests and compaction rounds too) until
+/// `stop`, taking it over again from the lake after a failure while the fence holds.
+/// Returns once its last compaction round has ended.
 async fn own(
     ctx: Shared,
     partition: u16,
@@ -354,15 +355,36 @@ async fn own(
     stop: CancellationToken,
     answering_tx: oneshot::Sender<()>,
 ) {
-    let _compaction = (ctx.config.compact_every_secs > 0).then(|| {
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(compact_while_held(
+    let compaction = (ctx.config.compact_every_secs > 0).then(|| {
+        let stop = stop.child_token();
+        let task = tokio::spawn(compact_while_held(
             ctx.lake.clone(),
             ctx.config.clone(),
             partition,
             fence.clone(),
             stop.clone(),
-        )))
+        ));
+        (stop, tokio_util::task::AbortOnDropHandle::new(task))
     });
+    run_held(&ctx, partition, &fence, &stop, answering_tx).await;
+    // A round under way holds the lake's compaction lock on a blocking thread, which an
+    // abort would not stop: it ends while the lease is still held, and so before the
+    // worker's shutdown returns.
+    if let Some((stop, task)) = compaction {
+        stop.cancel();
+        let _ = task.await;
+    }
+}
+
+/// The body of [`own`]: the partition's consumer and its answers, restarted after a
+/// failure while the fence holds, until `stop`.
+async fn run_held(
+    ctx: &Shared,
+    partition: u16,
+    fence: &Arc<Fence>,
+    stop: &CancellationToken,
+    answering_tx: oneshot::Sender<()>,
+) {
     let mut pause = Duration::from_millis(100);
     let mut answering = None;
     let mut answering_tx = Some(answering_tx);
@@ -374,7 +396,7 @@ async fn own(
     loop {
         let run = async {
             if answering.is_none() {
-                let subscribed = answer(&ctx, partition, &stop).await;
+                let subscribed = answer(ctx, partition, stop).await;
                 if subscribed.is_ok()
                     && let Some(local) = &ctx.local
                 {
