@@ -46,6 +46,7 @@ use tally_store::{ROLLUPS_TABLE, rollup_schema};
 use crate::store::LakeStore;
 
 const BILLING_SQL: &str = include_str!("../queries/billing.sql");
+const BILLING_LINES_SQL: &str = include_str!("../queries/billing_lines.sql");
 const LATE_SQL: &str = include_str!("../queries/late.sql");
 
 #[derive(Debug, thiserror::Error)]
@@ -184,13 +185,33 @@ impl Lakehouse {
         self.billing_from(Source::Rollups, scope, customer).await
     }
 
-    /// [`billing`](Self::billing) computed from `source`: the same answer either way.
+    /// [`billing`](Self::billing) computed from `source`: the same answer either way. A
+    /// calendar month read from monthly rollups alone merges their billing lines
+    /// ([`tally_store::lines`]) instead of grouping their rows.
     pub async fn billing_from(
         &self,
         source: Source,
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
+        if source == Source::Rollups
+            && let Scope::Month(month) = scope
+        {
+            let (lake, month) = (tally_store::Lake::new(&self.root), *month);
+            // A closed month read from its monthly files alone: their lines, merged.
+            if let Some(files) = on_lake(move || lake.month_sources(month)).await?.lines {
+                let who = customer.map(str::to_owned);
+                let lines =
+                    on_lake(move || tally_store::merge_lines(&files, who.as_deref())).await?;
+                let period = ScalarValue::from(scope.name());
+                let lines = self.ctx.read_batch(lines)?;
+                return self
+                    .over(lines, "billed_lines", BILLING_LINES_SQL, |df| async move {
+                        Ok(df.with_param_values(vec![period])?.collect().await?)
+                    })
+                    .await;
+            }
+        }
         self.scoped(BILLING_SQL, source, scope, customer).await
     }
 
@@ -737,6 +758,10 @@ mod tests {
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.monthly.len(), 1);
         assert!(!sources.hourly.is_empty());
+        assert_eq!(
+            sources.lines, None,
+            "billing reads monthly and hourly rows both"
+        );
         assert_eq!(answers(dir.path()).await, before);
 
         // Events of November that arrive after its monthly rollup are read from their own
@@ -756,6 +781,11 @@ mod tests {
         assert_eq!(done.removed, 2 * done.merged + 2, "{done:?}");
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!((sources.monthly.len(), sources.hourly.len()), (1, 0));
+        // Billing merges the month's lines; those of the superseded monthly file are gone
+        // with it.
+        assert_eq!(sources.lines.map(|l| l.len()), Some(1));
+        let lines_dir = lake.lines_dir().join("month=2026-11");
+        assert_eq!(std::fs::read_dir(lines_dir).unwrap().count(), 1);
         assert_eq!(answers(dir.path()).await, late);
     }
 

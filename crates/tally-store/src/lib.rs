@@ -19,6 +19,9 @@
 //! of a crash, not part of the lake, removed when its partition is taken over.
 //! [`Durable`] counts the events files only.
 //!
+//! Once a month is closed, compaction ([`compact`]) writes per partition its
+//! [`monthly`] rollup and, just before it, its billing [`lines`].
+//!
 //! Beside the events, each partition's checkpoints ([`checkpoint`]); [`tail`] reads back
 //! what a partition holds past one.
 //!
@@ -49,12 +52,14 @@ use tokio_util::sync::CancellationToken;
 
 pub mod checkpoint;
 pub mod compact;
+pub mod lines;
 pub mod monthly;
 pub mod rollup;
 pub mod tail;
 pub mod users;
 
 pub use compact::{CompactOptions, Compacted, footer_rows, parse_name, visible};
+pub use lines::{BILLING_TABLE, lines_schema, merge_lines};
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use tail::{PartitionFile, Tail};

@@ -409,6 +409,9 @@ impl Summer {
 pub struct MonthSources {
     pub monthly: Vec<PathBuf>,
     pub hourly: Vec<PathBuf>,
+    /// The billing lines of each monthly file ([`crate::lines`]), when the month is read
+    /// from monthly files alone and each has its lines: billing then merges these.
+    pub lines: Option<Vec<PathBuf>>,
 }
 
 impl Lake {
@@ -463,7 +466,7 @@ impl Lake {
             .collect();
         let covered =
             |p: u16, a: u64, b: u64| monthly.iter().any(|m| m.1 == p && m.2 <= a && b <= m.3);
-        let hourly = shown
+        let hourly: Vec<PathBuf> = shown
             .into_iter()
             .filter(|(_, p, a, b)| !covered(*p, *a, *b))
             .filter_map(|(path, ..)| {
@@ -471,9 +474,20 @@ impl Lake {
                 Some(self.rollups_dir().join(relative))
             })
             .collect();
+        let monthly: Vec<PathBuf> = monthly.into_iter().map(|m| m.0).collect();
+        let lines = hourly
+            .is_empty()
+            .then(|| {
+                monthly
+                    .iter()
+                    .map(|m| self.lines_of_monthly(m).filter(|l| l.exists()))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
         Ok(MonthSources {
-            monthly: monthly.into_iter().map(|m| m.0).collect(),
+            monthly,
             hourly,
+            lines,
         })
     }
 
@@ -525,6 +539,7 @@ impl Lake {
                 }
             }
             let rows = summer.finish()?;
+            let lines = crate::lines::lines_of(&rows)?;
             let meta = FileMeta {
                 partition,
                 first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
@@ -536,6 +551,9 @@ impl Lake {
                 "p{partition:03}-{:012}-{:012}.parquet",
                 meta.first_seq, meta.last_seq
             );
+            // The lines first: a visible monthly file has its lines.
+            let lines_dir = self.lines_dir().join(month.dir_name());
+            self.write_file_with(&self.monthly_props, &lines_dir, &name, &meta, &lines, fence)?;
             self.write_file_with(&self.monthly_props, &dir, &name, &meta, &rows, fence)?;
             written += 1;
         }
@@ -565,6 +583,15 @@ impl Lake {
                     .map_err(io_err(&by.path))?;
                 if now.duration_since(age).unwrap_or_default() >= retain {
                     fs::remove_file(&gone.path).map_err(io_err(&gone.path))?;
+                    // Its lines after it: a monthly file on disk keeps its lines.
+                    if let Some(lines) = self.lines_of_monthly(&gone.path) {
+                        match fs::remove_file(&lines) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                return Err(io_err(&lines)(e));
+                            }
+                            _ => {}
+                        }
+                    }
                     removed += 1;
                 }
             }
