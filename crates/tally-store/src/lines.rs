@@ -287,10 +287,7 @@ impl Ord for Head<'_> {
 /// The lines of `files` (of [`lines_schema`], each sorted) merged into one sorted batch,
 /// a line found in several files summed; with `customer`, that customer's lines only.
 pub fn merge_lines(files: &[PathBuf], customer: Option<&str>) -> Result<RecordBatch> {
-    let cursors = files
-        .iter()
-        .map(|f| Cursor::read(f, customer))
-        .collect::<Result<Vec<_>>>()?;
+    let cursors = read_all(files, customer)?;
     let mut out = LinesBuilder::with_capacity(cursors.iter().map(Cursor::len).sum());
     let mut heap: BinaryHeap<Head<'_>> = cursors
         .iter()
@@ -326,6 +323,32 @@ pub fn merge_lines(files: &[PathBuf], customer: Option<&str>) -> Result<RecordBa
         out.push(k, s);
     }
     out.finish()
+}
+
+/// The files read on a thread per core, in the order given.
+fn read_all(files: &[PathBuf], customer: Option<&str>) -> Result<Vec<Cursor>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = files.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let readers: Vec<_> = files
+            .chunks(per_thread)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|f| Cursor::read(f, customer))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut cursors = Vec::with_capacity(files.len());
+        for reader in readers {
+            let read = reader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            cursors.extend(read?);
+        }
+        Ok(cursors)
+    })
 }
 
 impl Lake {
