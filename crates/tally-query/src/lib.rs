@@ -857,7 +857,21 @@ mod tests {
         // with it.
         assert_eq!(sources.lines.map(|l| l.len()), Some(1));
         let lines_dir = lake.lines_dir().join("month=2026-11");
-        assert_eq!(std::fs::read_dir(lines_dir).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&lines_dir).unwrap().count(), 1);
+        assert_eq!(answers(dir.path()).await, late);
+
+        // A monthly file without its lines (written before they existed) is billed by the
+        // query, and the next compaction writes its lines.
+        std::fs::remove_dir_all(&lines_dir).unwrap();
+        let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
+        assert_eq!(sources.lines, None);
+        assert_eq!(answers(dir.path()).await, late);
+        let done = lake
+            .compact(5, 180, &Fence::open(), &options, december)
+            .unwrap();
+        assert_eq!((done.monthly, done.written), (0, 0), "{done:?}");
+        let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
+        assert_eq!(sources.lines.map(|l| l.len()), Some(1));
         assert_eq!(answers(dir.path()).await, late);
     }
 

@@ -37,6 +37,7 @@ use arrow::datatypes::{
 };
 use chrono::{DateTime, Datelike, NaiveDate};
 use hashbrown::HashMap;
+use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::Fence;
 
@@ -525,6 +526,10 @@ impl Lake {
                     .any(|m| m.first_seq <= f.first_seq && f.last_seq <= m.last_seq)
             });
             if all_covered {
+                // Monthly files written before billing lines existed get theirs.
+                for m in &current {
+                    self.backfill_lines(partition, m, fence)?;
+                }
                 continue;
             }
             let mut summer = Summer::default();
@@ -558,6 +563,49 @@ impl Lake {
             written += 1;
         }
         Ok(written)
+    }
+
+    /// Writes the billing lines of a visible monthly file that has none (one written
+    /// before they existed), from the file's own rows.
+    fn backfill_lines(&self, partition: u16, monthly: &PartitionFile, fence: &Fence) -> Result<()> {
+        let Some(lines) = self.lines_of_monthly(&monthly.path) else {
+            return Ok(());
+        };
+        let (Some(dir), Some(name)) = (lines.parent(), lines.file_name().and_then(|n| n.to_str()))
+        else {
+            return Ok(());
+        };
+        if lines.exists() {
+            return Ok(());
+        }
+        let file = File::open(&monthly.path).map_err(io_err(&monthly.path))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+        // The columns the lines are made of, not the users.
+        let wanted = [CUSTOMER, PLAN, FEATURE, DECISION, EVENTS, QUANTITY];
+        let roots: Vec<usize> = wanted
+            .iter()
+            .map(|c| builder.schema().index_of(c).map_err(|_| Error::Schema(c)))
+            .collect::<Result<_>>()?;
+        let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+        let batches = builder
+            .with_projection(mask)
+            .build()?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let schema = batches
+            .first()
+            .map(RecordBatch::schema)
+            .ok_or(Error::Schema(CUSTOMER))?;
+        let rows = arrow::compute::concat_batches(&schema, &batches)?;
+        let meta = FileMeta {
+            partition,
+            first_seq: monthly.first_seq,
+            last_seq: monthly.last_seq,
+            files: 1,
+            compacted: None,
+        };
+        let lines = crate::lines::lines_of(&rows)?;
+        self.write_file_with(&self.monthly_props, dir, name, &meta, &lines, fence)?;
+        Ok(())
     }
 
     /// Removes monthly files superseded by a wider one older than `retain`.
