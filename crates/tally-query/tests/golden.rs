@@ -211,10 +211,16 @@ async fn every_named_query_answers_as_worked_out_by_hand() {
         .compact(0, 16, &Fence::open(), &CompactOptions::default(), december)
         .unwrap();
     assert_eq!((done.written, done.monthly), (1, 2), "{done:?}");
+    // November is read from its monthly rollup alone: billing merges its lines.
+    let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
+    assert!(
+        sources.hourly.is_empty() && sources.lines.is_some(),
+        "{sources:?}"
+    );
     assert_eq!(
         answers(dir.path(), Source::Rollups).await,
         expected,
-        "from the monthly rollups"
+        "from the monthly rollups and their billing lines"
     );
     assert_eq!(
         answers(dir.path(), Source::Events).await,
