@@ -29,8 +29,8 @@ def main() -> None:
         SELECT customer, plan, feature, '{period}' AS period,
                COUNT(*) AS events,
                SUM(quantity) AS quantity,
-               SUM(CASE WHEN decision = 'accepted' THEN quantity ELSE 0 END) AS accepted,
-               SUM(CASE WHEN decision = 'overage' THEN quantity ELSE 0 END) AS overage
+               SUM(quantity * CAST(decision = 'accepted' AS DOUBLE)) AS accepted,
+               SUM(quantity * CAST(decision = 'overage' AS DOUBLE)) AS overage
         FROM read_parquet('{files}')
         WHERE decision IN ('accepted', 'overage')
         GROUP BY customer, plan, feature
