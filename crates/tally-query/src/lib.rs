@@ -558,13 +558,18 @@ fn listing(root: &Path, table: &str, schema: SchemaRef) -> Result<ListingTable> 
 
 /// `schema` with its strings read as string views: a view is a fixed 16 bytes that
 /// holds a short string whole, and DataFusion groups by views much faster than by
-/// offset-and-bytes strings (the raw billing scan of 100,000,000 events: 4.5 s → 3.0 s).
+/// offset-and-bytes strings (the raw billing scan of 100,000,000 events: 4.45 s → 3.33 s).
 fn viewed(schema: &SchemaRef) -> SchemaRef {
+    retyped(schema, &DataType::Utf8, &DataType::Utf8View)
+}
+
+/// `schema` with each column of type `from` of type `to`.
+fn retyped(schema: &SchemaRef, from: &DataType, to: &DataType) -> SchemaRef {
     let fields: Vec<Field> = schema
         .fields()
         .iter()
         .map(|f| match f.data_type() {
-            DataType::Utf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
+            t if t == from => f.as_ref().clone().with_data_type(to.clone()),
             _ => f.as_ref().clone(),
         })
         .collect();
@@ -574,35 +579,23 @@ fn viewed(schema: &SchemaRef) -> SchemaRef {
 /// `batches` with their string views as plain strings, the type every named query
 /// answers with whatever it read.
 fn plain_strings(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    let (view, plain) = (DataType::Utf8View, DataType::Utf8);
     batches
         .into_iter()
         .map(|b| {
-            let schema = b.schema();
-            if !schema
-                .fields()
-                .iter()
-                .any(|f| f.data_type() == &DataType::Utf8View)
-            {
+            if !b.schema().fields().iter().any(|f| f.data_type() == &view) {
                 return Ok(b);
             }
             let columns = b
                 .columns()
                 .iter()
                 .map(|c| match c.data_type() {
-                    DataType::Utf8View => cast(c, &DataType::Utf8),
+                    t if t == &view => cast(c, &plain),
                     _ => Ok(c.clone()),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(DataFusionError::from)?;
-            let fields: Vec<Field> = schema
-                .fields()
-                .iter()
-                .map(|f| match f.data_type() {
-                    DataType::Utf8View => f.as_ref().clone().with_data_type(DataType::Utf8),
-                    _ => f.as_ref().clone(),
-                })
-                .collect();
-            let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+            let schema = retyped(&b.schema(), &view, &plain);
             Ok(RecordBatch::try_new(schema, columns).map_err(DataFusionError::from)?)
         })
         .collect()
