@@ -196,12 +196,13 @@ impl Lakehouse {
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
+        let mut listed = None;
         if source == Source::Rollups
             && let Scope::Month(month) = scope
         {
-            let (lake, month) = (tally_store::Lake::new(&self.root), *month);
+            let sources = self.month_sources(*month).await?;
             // A closed month read from its monthly files alone: their lines, merged.
-            if let Some(files) = on_lake(move || lake.month_sources(month)).await?.lines {
+            if let Some(files) = sources.lines {
                 let who = customer.map(str::to_owned);
                 let lines =
                     on_lake(move || tally_store::merge_lines(&files, who.as_deref())).await?;
@@ -213,8 +214,10 @@ impl Lakehouse {
                     })
                     .await;
             }
+            listed = Some(sources);
         }
-        self.scoped(BILLING_SQL, source, scope, customer).await
+        self.scoped(BILLING_SQL, source, scope, customer, listed)
+            .await
     }
 
     /// Usage over `scope` decided `late` (not billed), from the rollups: `customer, plan,
@@ -224,20 +227,21 @@ impl Lakehouse {
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        self.scoped(LATE_SQL, Source::Rollups, scope, customer)
+        self.scoped(LATE_SQL, Source::Rollups, scope, customer, None)
             .await
     }
 
     /// Runs a named query over the usage `scope` covers, registered for it alone as
     /// `billed_events` ([`Self::over`]): rows with
     /// `customer, plan, feature, decision, quantity` and `events` (how many events a row
-    /// stands for).
+    /// stands for). `listed`: the month's sources, where the caller has listed them.
     async fn scoped(
         &self,
         sql: &str,
         source: Source,
         scope: &Scope<'_>,
         customer: Option<&str>,
+        listed: Option<tally_store::MonthSources>,
     ) -> Result<Vec<RecordBatch>> {
         let (from, to) = scope.dates();
         let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
@@ -248,7 +252,10 @@ impl Lakehouse {
             Source::Events => (schema::EVENTS_TABLE, schema::EVENT_TIME),
         };
         let mut events = match (source, scope) {
-            (Source::Rollups, Scope::Month(month)) => self.month_usage(*month).await?,
+            (Source::Rollups, Scope::Month(month)) => match listed {
+                Some(sources) => self.month_frame(&sources)?,
+                None => self.month_usage(*month).await?,
+            },
             // Every event is read: as string views, which it groups fastest.
             (Source::Events, _) => self
                 .ctx
@@ -350,8 +357,20 @@ impl Lakehouse {
     /// partitions, and the hourly rollups of the events files they do not cover
     /// ([`tally_store::Lake::month_sources`]), as rows of [`USAGE_COLUMNS`].
     async fn month_usage(&self, month: Period) -> Result<datafusion::dataframe::DataFrame> {
+        self.month_frame(&self.month_sources(month).await?)
+    }
+
+    /// What a query of `month` reads ([`tally_store::Lake::month_sources`]).
+    async fn month_sources(&self, month: Period) -> Result<tally_store::MonthSources> {
         let lake = tally_store::Lake::new(&self.root);
-        let sources = on_lake(move || lake.month_sources(month)).await?;
+        on_lake(move || lake.month_sources(month)).await
+    }
+
+    /// The rows of [`USAGE_COLUMNS`] of a month's listed sources.
+    fn month_frame(
+        &self,
+        sources: &tally_store::MonthSources,
+    ) -> Result<datafusion::dataframe::DataFrame> {
         let monthly = self.files(&sources.monthly, tally_store::monthly_schema())?;
         let hourly = self.files(&sources.hourly, rollup_schema())?;
         let pick = |df: datafusion::dataframe::DataFrame| df.select_columns(&USAGE_COLUMNS);
