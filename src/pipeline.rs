@@ -116,9 +116,16 @@ impl Pipeline {
             .connect(&nats.url)
             .await
             .with_context(|| format!("connecting to NATS at {} for the leases", nats.url))?;
+        let responder = tally_ingest::checks::Responder::start(
+            &nats.url,
+            async_nats::ConnectOptions::new().name("tally-checks"),
+        )
+        .await
+        .with_context(|| format!("connecting to NATS at {} for the checks", nats.url))?;
         let mut worker = tokio::spawn(run_worker(
             nats.jetstream.clone(),
             async_nats::jetstream::new(leases),
+            responder,
             config.ingest.clone(),
             assignment,
             lake,

@@ -88,18 +88,70 @@ pub struct CheckError {
     pub field: Option<String>,
 }
 
-/// Subscribes to the checks of the owned partitions (the server has the subscriptions
-/// when this returns) and answers them until `cancel`.
-pub async fn serve(
+/// A thread that answers checks, with a NATS connection and a single-threaded runtime of
+/// its own.
+///
+/// A check is then read from the socket, decided and answered on one thread: no message
+/// crosses from one runtime thread to another on its way (on a small machine those
+/// wake-ups are most of a check's latency), and a busy ingest runtime does not delay it.
+/// The thread stops when this is dropped.
+#[derive(Debug)]
+pub struct Responder {
     client: Client,
+    runtime: tokio::runtime::Handle,
+    /// Dropping it ends the thread's runtime.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Responder {
+    /// Starts the thread and connects to NATS from it.
+    pub async fn start(url: &str, options: async_nats::ConnectOptions) -> Result<Responder> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::nats("start the checks' runtime", e))?;
+        std::thread::Builder::new()
+            .name("tally-checks".to_owned())
+            .spawn(move || {
+                let _ = handle_tx.send(runtime.handle().clone());
+                // The runtime runs its tasks while this waits for the stop.
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(|e| Error::nats("start the checks' thread", e))?;
+        let runtime = handle_rx
+            .await
+            .map_err(|e| Error::nats("start the checks' thread", e))?;
+        // Connected from the thread, so that the connection's tasks run there.
+        let url = url.to_owned();
+        let client = runtime
+            .spawn(async move { options.connect(url).await })
+            .await
+            .map_err(|e| Error::nats("connect for the checks", e))?
+            .map_err(|e| Error::nats("connect for the checks", e))?;
+        Ok(Responder {
+            client,
+            runtime,
+            _stop: stop,
+        })
+    }
+}
+
+/// Subscribes to the checks of the owned partitions (the server has the subscriptions
+/// when this returns) and answers them on `responder`'s thread until `cancel`.
+pub async fn serve(
+    responder: &Responder,
     entitlements: Arc<Entitlements>,
     partitions: Vec<u16>,
     total: u16,
     cancel: CancellationToken,
 ) -> Result<tokio::task::JoinSet<()>> {
+    let client = responder.client.clone();
     let subscriptions = subscribe(&client, CHECK_PREFIX, QUEUE, &partitions).await?;
     Ok(answer_each(
         subscriptions,
+        &responder.runtime,
         cancel,
         move |p, reply_to, payload| {
             let (client, entitlements) = (client.clone(), entitlements.clone());
@@ -125,9 +177,10 @@ pub async fn serve(
 }
 
 /// Runs `handle(partition, reply subject, body)` for each request with a reply subject,
-/// one task per subscription, until `cancel`.
+/// one task per subscription on `runtime`, until `cancel`.
 pub(crate) fn answer_each<F, Fut>(
     subscriptions: Vec<(u16, async_nats::Subscriber)>,
+    runtime: &tokio::runtime::Handle,
     cancel: CancellationToken,
     handle: F,
 ) -> tokio::task::JoinSet<()>
@@ -138,18 +191,21 @@ where
     let mut tasks = tokio::task::JoinSet::new();
     for (p, mut requests) in subscriptions {
         let (cancel, handle) = (cancel.clone(), handle.clone());
-        tasks.spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    () = cancel.cancelled() => break,
-                    r = requests.next() => r,
-                };
-                let Some(request) = request else { break };
-                if let Some(reply_to) = request.reply {
-                    handle(p, reply_to, request.payload).await;
+        tasks.spawn_on(
+            async move {
+                loop {
+                    let request = tokio::select! {
+                        () = cancel.cancelled() => break,
+                        r = requests.next() => r,
+                    };
+                    let Some(request) = request else { break };
+                    if let Some(reply_to) = request.reply {
+                        handle(p, reply_to, request.payload).await;
+                    }
                 }
-            }
-        });
+            },
+            runtime,
+        );
     }
     tasks
 }

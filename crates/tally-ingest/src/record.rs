@@ -111,6 +111,7 @@ pub async fn serve(
         crate::checks::subscribe(&js.client(), RECORD_PREFIX, QUEUE, &partitions).await?;
     Ok(crate::checks::answer_each(
         subscriptions,
+        &tokio::runtime::Handle::current(),
         cancel,
         move |p, reply_to, payload| {
             // Each request waits for its own decision: answer them side by side.

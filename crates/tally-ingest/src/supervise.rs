@@ -29,6 +29,8 @@ struct Shared {
     entitlements: Option<Arc<Entitlements>>,
     /// Which partitions answer checks here, for callers in this process.
     local: Option<checks::LocalChecks>,
+    /// The thread that answers checks over NATS.
+    responder: Arc<checks::Responder>,
     /// The whole worker's stop; a fatal partition error fires it too.
     cancel: CancellationToken,
     errors: mpsc::Sender<Error>,
@@ -63,12 +65,14 @@ enum State {
 /// acknowledges it; then the leases are released. A failing partition is taken over again
 /// from the lake while its lease holds; one failing while stopping (or with streams of the
 /// wrong shape) stops the rest. `ready` fires once the entitlements are loaded, the
-/// first round of leases is taken and those partitions answer checks and record requests. `leases_js` should be a connection of its own: on the
-/// worker's, renewals would queue behind its pulls, acks and publishes under load.
+/// first round of leases is taken and those partitions answer checks and record requests.
+/// `leases_js` should be a connection of its own: on the worker's, renewals would queue
+/// behind its pulls, acks and publishes under load. Checks are answered on `responder`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_worker(
     js: Context,
     leases_js: Context,
+    responder: checks::Responder,
     config: IngestConfig,
     assignment: Assignment,
     lake: Arc<Lake>,
@@ -107,6 +111,7 @@ pub async fn run_worker(
         stats,
         entitlements,
         local,
+        responder: Arc::new(responder),
         cancel: cancel.clone(),
         errors,
     };
@@ -537,7 +542,7 @@ async fn answer(
     };
     let total = ctx.config.partitions;
     let checks = checks::serve(
-        ctx.js.client(),
+        &ctx.responder,
         e.clone(),
         vec![partition],
         total,
