@@ -260,7 +260,71 @@ struct Seats {
     period: UsagePeriod,
     start: i64,
     end: i64,
-    users: HashSet<u64, foldhash::fast::FixedState>,
+    users: Users,
+}
+
+/// How many users a seat set holds beside its other fields.
+const INLINE_USERS: usize = 32;
+
+/// The user keys of a seat set: the first [`INLINE_USERS`] in the seat set's own
+/// allocation, the rest in a hash set. A decision for a customer with seats then reads
+/// the seat set's few cache lines, side by side, instead of following a hash table's
+/// control bytes to its buckets (two misses in a row for a customer out of cache).
+#[derive(Debug, Clone, Default)]
+struct Users {
+    len: usize,
+    inline: [u64; INLINE_USERS],
+    more: HashSet<u64, foldhash::fast::FixedState>,
+}
+
+impl Users {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn contains(&self, user: u64) -> bool {
+        self.inline[..self.len.min(INLINE_USERS)].contains(&user)
+            || (self.len > INLINE_USERS && self.more.contains(&user))
+    }
+
+    fn insert(&mut self, user: u64) {
+        if self.contains(user) {
+            return;
+        }
+        match self.inline.get_mut(self.len) {
+            Some(free) => *free = user,
+            None => {
+                self.more.insert(user);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.more.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.inline[..self.len.min(INLINE_USERS)]
+            .iter()
+            .chain(&self.more)
+            .copied()
+    }
+}
+
+impl FromIterator<u64> for Users {
+    fn from_iter<I: IntoIterator<Item = u64>>(users: I) -> Users {
+        let mut set = Users::default();
+        for user in users {
+            set.insert(user);
+        }
+        set
+    }
 }
 
 impl Seats {
@@ -270,7 +334,7 @@ impl Seats {
             period,
             start: i64::MIN,
             end: i64::MIN,
-            users: HashSet::default(),
+            users: Users::default(),
         }
     }
 
@@ -279,7 +343,7 @@ impl Seats {
         if t >= self.end {
             return self.limit > 0;
         }
-        self.users.contains(&user) || self.users.len() < self.limit as usize
+        self.users.len() < self.limit as usize || self.users.contains(user)
     }
 
     fn export(&self) -> snapshot::Seats {
@@ -287,7 +351,7 @@ impl Seats {
             period: self.period,
             start: self.start,
             end: self.end,
-            users: self.users.iter().copied().collect(),
+            users: self.users.iter().collect(),
         }
     }
 
@@ -861,5 +925,30 @@ mod tests {
     fn a_counter_is_one_cache_line() {
         assert_eq!(size_of::<Slot>(), 64);
         assert_eq!(align_of::<Slot>(), 64);
+    }
+
+    #[test]
+    fn a_seat_set_holds_each_user_once_inline_and_beyond() {
+        let mut users = Users::default();
+        for round in 0..2 {
+            for u in 0..(INLINE_USERS as u64 + 8) {
+                users.insert(u * 7919);
+                assert!(users.contains(u * 7919), "round {round}, user {u}");
+            }
+        }
+        assert_eq!(users.len(), INLINE_USERS + 8);
+        assert!(!users.contains(1));
+        let mut all: Vec<u64> = users.iter().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..(INLINE_USERS as u64 + 8))
+                .map(|u| u * 7919)
+                .collect::<Vec<_>>()
+        );
+        let copy: Users = users.iter().collect();
+        assert_eq!(copy.len(), users.len());
+        users.clear();
+        assert!(users.is_empty() && !users.contains(7919) && users.iter().next().is_none());
     }
 }
