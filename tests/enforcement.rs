@@ -478,6 +478,74 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     pipeline.shutdown().await.unwrap();
 }
 
+/// Checks are answered on a thread of their own: with every thread of the runtime the
+/// worker ingests on blocked, a check sent over another connection is answered before the
+/// block ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_are_answered_while_the_ingest_runtime_is_blocked() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tally_ingest::checks::{CheckRequest, check};
+    let h = Harness::start().await;
+    setup(&h, vec![Customer::new("acme", "small")]).await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let partitions = h.config.ingest.partitions;
+    let request = CheckRequest {
+        customer: "acme".to_owned(),
+        feature: "calls".to_owned(),
+        quantity: 1.0,
+        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
+        region: None,
+        user: None,
+    };
+    // Both of the runtime's threads sleep in a task of their own (a thread runs one task
+    // at a time, so two asleep at once are on both threads); the worker, its partitions
+    // and its connection run on this runtime.
+    let block = std::time::Duration::from_secs(5);
+    let (asleep, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let blockers: Vec<_> = (0..2)
+        .map(|_| {
+            let (asleep, done) = (asleep.clone(), done.clone());
+            tokio::spawn(async move {
+                asleep.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(block);
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    // This test's body runs on a thread of its own, outside the runtime's two.
+    while asleep.load(Ordering::SeqCst) < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let url = h.server.url();
+    let (answer, done_when_answered) = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let answer = check(&client, partitions, &request, block - block / 5).await;
+            (answer, done.load(Ordering::SeqCst))
+        })
+    })
+    .join()
+    .unwrap();
+    let answer = answer.unwrap();
+    assert_eq!(
+        (answer.decision.as_str(), answer.has_access),
+        ("accepted", true)
+    );
+    assert_eq!(
+        done_when_answered, 0,
+        "answered only once the runtime was free"
+    );
+    for b in blockers {
+        b.await.unwrap();
+    }
+    pipeline.shutdown().await.unwrap();
+}
+
 /// A partition has no owner for a moment while a worker starts or hands it over: a check
 /// sent then waits for the owner instead of failing, and one nobody takes up fails with
 /// the time it waited.

@@ -108,21 +108,30 @@ impl Responder {
     pub async fn start(url: &str, options: async_nats::ConnectOptions) -> Result<Responder> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::nats("start the checks' runtime", e))?;
+        // The runtime is built, run and dropped on the thread (a runtime may not be
+        // dropped on an async thread).
         std::thread::Builder::new()
             .name("tally-checks".to_owned())
             .spawn(move || {
-                let _ = handle_tx.send(runtime.handle().clone());
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let runtime = match runtime {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
                 // The runtime runs its tasks while this waits for the stop.
                 let _ = runtime.block_on(stopped);
             })
             .map_err(|e| Error::nats("start the checks' thread", e))?;
         let runtime = handle_rx
             .await
-            .map_err(|e| Error::nats("start the checks' thread", e))?;
+            .map_err(|e| Error::nats("start the checks' thread", e))?
+            .map_err(|e| Error::nats("start the checks' runtime", e))?;
         // Connected from the thread, so that the connection's tasks run there.
         let url = url.to_owned();
         let client = runtime
