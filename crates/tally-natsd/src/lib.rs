@@ -161,7 +161,8 @@ impl NatsServer {
         fs::write(
             &config,
             format!(
-                "listen: \"{addr}\"\nmax_payload: {max}\npid_file: \"{pid}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
+                "{OWNER}{owner}\nlisten: \"{addr}\"\nmax_payload: {max}\npid_file: \"{pid}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
+                owner = std::process::id(),
                 addr = self.addr,
                 max = self.options.max_payload,
                 pid = pid_file.display(),
@@ -228,18 +229,29 @@ fn server_on(data_dir: &Path) -> Option<u32> {
     (cmdline.contains("nats-server") && cmdline.contains(&*config.to_string_lossy())).then_some(pid)
 }
 
-/// Whether the process that started nats-server `pid` still runs it: its parent is a live
-/// `tally` process. A server whose `tally` was killed has been adopted by another process.
-fn owner_alive(pid: u32) -> bool {
+/// The line of a server's config that names the process that started it.
+const OWNER: &str = "# started by process ";
+
+/// Whether the process that started nats-server `pid` on `data_dir` still runs it: the
+/// server's parent is the process its config names. A server whose starter died has been
+/// adopted by another process (init or a subreaper).
+fn owner_alive(data_dir: &Path, pid: u32) -> bool {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // After the command name in parentheses: state, then the parent's pid.
-    let parent = stat
+    let Some(parent) = stat
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|p| p.parse::<u32>().ok());
-    parent.is_some_and(|ppid| {
-        fs::read_to_string(format!("/proc/{ppid}/comm")).is_ok_and(|comm| comm.trim() == "tally")
-    })
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let config = fs::read_to_string(data_dir.join("nats-server.conf")).unwrap_or_default();
+    match config.lines().find_map(|l| l.strip_prefix(OWNER)) {
+        Some(owner) => owner.trim().parse::<u32>() == Ok(parent),
+        // A config written before the starter was named in it: a `tally` parent.
+        None => fs::read_to_string(format!("/proc/{parent}/comm"))
+            .is_ok_and(|comm| comm.trim() == "tally"),
+    }
 }
 
 /// The client URL of the nats-server that a running `tally` process started on this data
@@ -247,7 +259,7 @@ fn owner_alive(pid: u32) -> bool {
 /// instead of starting another server on the same store.
 pub fn running(data_dir: &Path) -> Option<String> {
     let pid = server_on(data_dir)?;
-    if !owner_alive(pid) {
+    if !owner_alive(data_dir, pid) {
         return None;
     }
     let config = fs::read_to_string(data_dir.join("nats-server.conf")).ok()?;
@@ -266,7 +278,7 @@ pub fn stop_leftover(data_dir: &Path) {
     let Some(pid) = server_on(data_dir) else {
         return;
     };
-    if owner_alive(pid) {
+    if owner_alive(data_dir, pid) {
         return;
     }
     tracing::warn!(pid, dir = %data_dir.display(),
@@ -329,6 +341,21 @@ mod tests {
         assert!(!dir.exists(), "temporary directory left behind");
     }
 
+    /// A server this process started is found and left running, whatever the process is
+    /// called (this test binary is not `tally`).
+    #[test]
+    fn a_server_whose_starter_runs_is_found_and_left_running() {
+        let server = NatsServer::start_temp().unwrap();
+        let dir = server.data_dir().to_owned();
+        assert_eq!(running(&dir), Some(server.url()));
+        stop_leftover(&dir);
+        assert!(
+            TcpStream::connect(server.addr).is_ok(),
+            "stopped while its starter runs"
+        );
+        assert_eq!(server_on(&dir), server.pid());
+    }
+
     /// A server whose owner died without stopping it (no drop: SIGKILL) is stopped by the
     /// next start on the same data directory, so two never share a JetStream store.
     #[test]
@@ -338,6 +365,16 @@ mod tests {
         let pid = fs::read_to_string(dir.path().join("nats-server.pid")).unwrap();
         let pid = pid.trim().to_owned();
         std::mem::forget(orphan);
+        // As if the process that started it had died: its config names another.
+        let config = dir.path().join("nats-server.conf");
+        let text = fs::read_to_string(&config).unwrap();
+        let named = format!("{OWNER}{}", std::process::id());
+        assert!(text.contains(&named), "{text}");
+        fs::write(
+            &config,
+            text.replace(&named, &format!("{OWNER}{}", u32::MAX)),
+        )
+        .unwrap();
         let cmdline = |pid: &str| fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         assert!(String::from_utf8_lossy(&cmdline(&pid)).contains("nats-server"));
         let mut next = NatsServer::start(ServerOptions::new(dir.path())).unwrap();
