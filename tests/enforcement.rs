@@ -478,6 +478,48 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     pipeline.shutdown().await.unwrap();
 }
 
+/// A burst of notices larger than the worker's publish slots goes through: a partition
+/// awaits the notices it holds instead of waiting for a slot that only the seal of its own
+/// batch would free (nothing is sealed by age here while the burst is handled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_notices_beyond_the_publish_slots_goes_through() {
+    let mut h = Harness::start().await;
+    h.config.ingest.publishes_in_flight = 4;
+    h.config.ingest.flush_age_ms = 60_000;
+    let customers = (0..12)
+        .map(|i| Customer::new(format!("c{i}"), "small"))
+        .collect();
+    setup(&h, customers).await;
+    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    // Each customer's event uses the whole limit of 10 calls: 80 % and 100 % reached, two
+    // notices each, 24 in all, against 4 slots.
+    for i in 0..12 {
+        publish(
+            &h,
+            &format!("e{i}"),
+            &format!("c{i}"),
+            "calls",
+            10.0,
+            r#""time":"2026-11-10T10:00:00Z","#,
+        )
+        .await;
+    }
+    common::until("24 notices published", || async {
+        notifications(&h).await.len() == 24
+    })
+    .await;
+    let notices = notifications(&h).await;
+    for i in 0..12 {
+        let subject = format!("tally.notify.threshold.c{i}");
+        let theirs = notices.iter().filter(|(s, _)| *s == subject).count();
+        assert_eq!(theirs, 2, "c{i}: {notices:?}");
+    }
+    pipeline.shutdown().await.unwrap();
+    let decided = decisions(&h).await;
+    assert_eq!(decided.len(), 12);
+    assert!(decided.values().all(|d| d == "accepted"), "{decided:?}");
+}
+
 /// Checks are answered on a thread of their own: with every thread of the runtime the
 /// worker ingests on blocked, a check sent over another connection is answered before the
 /// block ends.

@@ -83,6 +83,11 @@ pub struct IngestConfig {
     pub compact_every_secs: u64,
     /// Rows a compacted file holds at most.
     pub compact_target_rows: u64,
+    /// Notices and dead letters a worker has published and not yet seen acknowledged by
+    /// JetStream, at most. Each partition holds its share (half for each kind) until its
+    /// batch is acknowledged and awaits them sooner once it holds more, so that a burst of
+    /// notices never waits on a publish slot that only its own batch would free.
+    pub publishes_in_flight: usize,
 }
 
 impl Default for IngestConfig {
@@ -107,6 +112,7 @@ impl Default for IngestConfig {
             lease_ms: 15_000,
             compact_every_secs: 300,
             compact_target_rows: 1_000_000,
+            publishes_in_flight: 4_096,
         }
     }
 }

@@ -81,6 +81,11 @@ pub async fn run_worker(
     cancel: CancellationToken,
     ready: oneshot::Sender<Option<checks::LocalChecks>>,
 ) -> Result<()> {
+    // A context of the worker's own, so that its publishes have their own slots (see
+    // `IngestConfig::publishes_in_flight`), apart from any publisher sharing the client.
+    let js = async_nats::jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(config.publishes_in_flight.max(1))
+        .build(js.client());
     topology::ensure_streams(&js, &config).await?;
     let candidates = assignment.candidates(config.partitions);
     let entitlements = if config.enforce {

@@ -465,16 +465,49 @@ async fn handle(
         }
         refused
     };
+    let share = held_publishes(config);
     for (index, original, invalid) in refused {
+        if open.dead_letters.len() >= share.max(1) {
+            await_acks(&mut open.dead_letters, "dead letter ack").await?;
+        }
         let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
         open.dead_letters.push(dl);
+        if open.dead_letters.len() > share {
+            await_acks(&mut open.dead_letters, "dead letter ack").await?;
+        }
         stats.dead_letters.fetch_add(1, Relaxed);
         metrics::counter!(names::DEAD_LETTERS, "reason" => invalid.reason.as_str()).increment(1);
     }
     for notice in &notices {
+        if open.notices.len() >= share.max(1) {
+            await_acks(&mut open.notices, "notification ack").await?;
+        }
         open.notices.push(notify(js, notice).await?);
+        if open.notices.len() > share {
+            await_acks(&mut open.notices, "notification ack").await?;
+        }
         stats.notices.fetch_add(1, Relaxed);
         metrics::counter!(names::NOTIFICATIONS, "kind" => notice.kind.as_str()).increment(1);
+    }
+    Ok(())
+}
+
+/// How many notices, and as many dead letters, a partition holds unacknowledged between
+/// messages (0: each is awaited as soon as it is published).
+///
+/// A publish takes a slot of the worker's context (`publishes_in_flight` of them) that
+/// only awaiting its ack gives back. Held until the batch is sealed, a burst of notices
+/// could take every slot and then wait for one that only the seal would free. A partition
+/// awaits what it holds before it would hold more than this share, and the shares of all
+/// partitions add up to no more than the slots, so a publish always finds one.
+fn held_publishes(config: &IngestConfig) -> usize {
+    config.publishes_in_flight / (2 * usize::from(config.partitions.max(1)))
+}
+
+/// Awaits the acks of publishes held so far.
+async fn await_acks(held: &mut Vec<PublishAckFuture>, what: &'static str) -> Result<()> {
+    for published in held.drain(..) {
+        published.await.map_err(|e| Error::nats(what, e))?;
     }
     Ok(())
 }
