@@ -467,25 +467,19 @@ async fn handle(
     };
     let share = held_publishes(config);
     for (index, original, invalid) in refused {
-        if open.dead_letters.len() >= share.max(1) {
-            await_acks(&mut open.dead_letters, "dead letter ack").await?;
-        }
-        let dl = dead_letter(js, partition, seq, index, message, original, &invalid).await?;
-        open.dead_letters.push(dl);
-        if open.dead_letters.len() > share {
-            await_acks(&mut open.dead_letters, "dead letter ack").await?;
-        }
+        let dl = dead_letter(js, partition, seq, index, message, original, &invalid);
+        hold(&mut open.dead_letters, share, "dead letter ack", dl).await?;
         stats.dead_letters.fetch_add(1, Relaxed);
         metrics::counter!(names::DEAD_LETTERS, "reason" => invalid.reason.as_str()).increment(1);
     }
     for notice in &notices {
-        if open.notices.len() >= share.max(1) {
-            await_acks(&mut open.notices, "notification ack").await?;
-        }
-        open.notices.push(notify(js, notice).await?);
-        if open.notices.len() > share {
-            await_acks(&mut open.notices, "notification ack").await?;
-        }
+        hold(
+            &mut open.notices,
+            share,
+            "notification ack",
+            notify(js, notice),
+        )
+        .await?;
         stats.notices.fetch_add(1, Relaxed);
         metrics::counter!(names::NOTIFICATIONS, "kind" => notice.kind.as_str()).increment(1);
     }
@@ -502,6 +496,24 @@ async fn handle(
 /// partitions add up to no more than the slots, so a publish always finds one.
 fn held_publishes(config: &IngestConfig) -> usize {
     config.publishes_in_flight / (2 * usize::from(config.partitions.max(1)))
+}
+
+/// Runs `publish` and holds its ack in `held`, awaiting the acks held so far first when
+/// `held` is at its `share` ([`held_publishes`]), and at once when the share is 0.
+async fn hold(
+    held: &mut Vec<PublishAckFuture>,
+    share: usize,
+    what: &'static str,
+    publish: impl Future<Output = Result<PublishAckFuture>>,
+) -> Result<()> {
+    if held.len() >= share.max(1) {
+        await_acks(held, what).await?;
+    }
+    held.push(publish.await?);
+    if held.len() > share {
+        await_acks(held, what).await?;
+    }
+    Ok(())
 }
 
 /// Awaits the acks of publishes held so far.
