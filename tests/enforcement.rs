@@ -105,6 +105,18 @@ async fn by_event(h: &Harness, column: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// A check of `acme`'s `feature` for `quantity`, on 2026-11-10 at noon.
+fn ask(feature: &str, quantity: f64) -> tally_ingest::checks::CheckRequest {
+    tally_ingest::checks::CheckRequest {
+        customer: "acme".to_owned(),
+        feature: feature.to_owned(),
+        quantity,
+        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
+        region: None,
+        user: None,
+    }
+}
+
 /// Every notification: (subject, body).
 async fn notifications(h: &Harness) -> Vec<(String, serde_json::Value)> {
     let stream = h.nats.jetstream.get_stream(NOTIFY_STREAM).await.unwrap();
@@ -355,14 +367,6 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     setup(&h, vec![Customer::new("acme", "small")]).await;
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let partitions = h.config.ingest.partitions;
-    let ask = |feature: &str, quantity: f64| CheckRequest {
-        customer: "acme".to_owned(),
-        feature: feature.to_owned(),
-        quantity,
-        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
-        region: None,
-        user: None,
-    };
     let timeout = std::time::Duration::from_secs(5);
     let client = &h.nats.client;
 
@@ -527,19 +531,12 @@ async fn a_burst_of_notices_beyond_the_publish_slots_goes_through() {
 async fn checks_are_answered_while_the_ingest_runtime_is_blocked() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tally_ingest::checks::{CheckRequest, check};
+    use tally_ingest::checks::check;
     let h = Harness::start().await;
     setup(&h, vec![Customer::new("acme", "small")]).await;
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let partitions = h.config.ingest.partitions;
-    let request = CheckRequest {
-        customer: "acme".to_owned(),
-        feature: "calls".to_owned(),
-        quantity: 1.0,
-        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
-        region: None,
-        user: None,
-    };
+    let request = ask("calls", 1.0);
     // Both of the runtime's threads sleep in a task of their own (a thread runs one task
     // at a time, so two asleep at once are on both threads); the worker, its partitions
     // and its connection run on this runtime.
@@ -556,7 +553,12 @@ async fn checks_are_answered_while_the_ingest_runtime_is_blocked() {
         })
         .collect();
     // This test's body runs on a thread of its own, outside the runtime's two.
+    let deadline = std::time::Instant::now() + block / 2;
     while asleep.load(Ordering::SeqCst) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runtime's threads never both slept"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let url = h.server.url();
@@ -593,18 +595,11 @@ async fn checks_are_answered_while_the_ingest_runtime_is_blocked() {
 /// the time it waited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_sent_before_any_worker_owns_the_partition_is_answered_once_one_does() {
-    use tally_ingest::checks::{CheckRequest, check};
+    use tally_ingest::checks::check;
     let h = Harness::start().await;
     setup(&h, vec![Customer::new("acme", "small")]).await;
     let partitions = h.config.ingest.partitions;
-    let request = CheckRequest {
-        customer: "acme".to_owned(),
-        feature: "calls".to_owned(),
-        quantity: 1.0,
-        time: Some("2026-11-10T12:00:00Z".parse().unwrap()),
-        region: None,
-        user: None,
-    };
+    let request = ask("calls", 1.0);
     let short = std::time::Duration::from_millis(300);
     let unanswered = check(&h.nats.client, partitions, &request, short)
         .await
