@@ -234,38 +234,45 @@ pub fn run(args: QuotaBench) -> anyhow::Result<std::process::ExitCode> {
             (start, arena.len())
         })
         .collect();
+    let events: Vec<Usage<'_>> = ring
+        .iter()
+        .zip(&spans)
+        .map(|(&(_, f, u, q), &(from, to))| Usage {
+            customer: &arena[from..to],
+            feature: &features[f as usize],
+            quantity: q,
+            time: START,
+            region: None,
+            user: Some(&users[u as usize]),
+        })
+        .collect();
 
     let mut counts = [0u64; Decision::ALL.len()];
     let mut notices = Vec::new();
     let step = (MONTH_US / args.decisions.max(1) as i64).max(1);
     let per_message = args.per_message.max(1);
-    let mut message: Vec<Usage<'_>> = Vec::with_capacity(per_message);
     let start = Instant::now();
-    let mut i = 0u64;
+    let (mut i, mut k) = (0u64, 0usize);
     while i < args.decisions {
-        let k = (i / per_message as u64 % ring.len() as u64) as usize;
-        let (from, to) = spans[k];
-        let customer = &arena[from..to];
-        message.clear();
-        for j in 0..per_message.min((args.decisions - i) as usize) {
-            // The message's events: its customer, features and users drawn further on.
-            let (_, f, u, q) = ring[(k + j) % ring.len()];
-            message.push(Usage {
+        // A message: the customer of event `k`, with the features and users of the
+        // events drawn from there on; each message starts one event further on.
+        let customer = events[k].customer;
+        let n = per_message.min((args.decisions - i) as usize);
+        let mut e = k;
+        for j in 0..n as u64 {
+            let usage = Usage {
                 customer,
-                feature: &features[f as usize],
-                quantity: q,
-                time: START + (i + j as u64) as i64 * step,
-                region: None,
-                user: Some(&users[u as usize]),
-            });
-        }
-        // As the worker does: one `decide` per event, under one lock per message.
-        for usage in &message {
-            let d = engine.decide(usage, &mut notices);
+                time: START + (i + j) as i64 * step,
+                ..events[e]
+            };
+            // As the worker does: one `decide` per event, under one lock per message.
+            let d = engine.decide(&usage, &mut notices);
             counts[d as usize] += 1;
+            e = if e + 1 == events.len() { 0 } else { e + 1 };
         }
         notices.clear();
-        i += message.len() as u64;
+        i += n as u64;
+        k = if k + 1 == events.len() { 0 } else { k + 1 };
     }
     let seconds = start.elapsed().as_secs_f64();
 
