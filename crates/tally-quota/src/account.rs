@@ -93,6 +93,8 @@ impl Shared {
 
 /// A customer's features and seats, from the plan and the add-ons.
 pub(crate) struct Compiled {
+    /// The customer's plan, when it exists.
+    plan: Option<Arc<Plan>>,
     /// Each feature's definition and the customer's limit.
     features: BTreeMap<String, (Arc<Def>, f64)>,
     seats: Option<u32>,
@@ -104,13 +106,14 @@ impl Compiled {
     /// unit bought. A plan that does not exist entitles to nothing.
     pub(crate) fn new(
         customer: &Customer,
-        plan: Option<&Plan>,
+        plan: Option<Arc<Plan>>,
         addons: &[(Arc<AddOn>, u32)],
         shared: &mut Shared,
     ) -> Compiled {
         let off = shared.off.clone();
         let Some(plan) = plan else {
             return Compiled {
+                plan: None,
                 features: BTreeMap::new(),
                 seats: None,
                 off,
@@ -140,6 +143,7 @@ impl Compiled {
             }
         }
         Compiled {
+            plan: Some(plan),
             features,
             seats,
             off,
@@ -410,6 +414,10 @@ pub(crate) struct Account {
     grants: Box<[GrantState]>,
     /// The feature number of each slot, sorted (searched for feature numbers past 63).
     keys: Box<[u32]>,
+    /// The customer's plan, shared with its other customers: naming the plan of a decision
+    /// then reads nothing of the customer's own definition, which is out of cache for most
+    /// customers. `None`: the plan does not exist.
+    plan: Option<Arc<Plan>>,
     pub(crate) customer: Arc<Customer>,
 }
 
@@ -499,6 +507,7 @@ impl Account {
             slots: slots.into(),
             seats,
             grants: grants.into(),
+            plan: compiled.plan,
             customer,
         }
     }
@@ -614,8 +623,14 @@ impl Account {
             seats: state.seats.map(Seats::import),
             grants: grants.into(),
             keys: keys.into(),
+            plan: None,
             customer,
         }
+    }
+
+    /// The id of the customer's plan.
+    pub(crate) fn plan_id(&self) -> &str {
+        self.plan.as_ref().map_or(&self.customer.plan, |p| &p.id)
     }
 
     /// The index of a feature's slot, and the feature's number.

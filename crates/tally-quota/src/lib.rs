@@ -237,7 +237,7 @@ impl Engine {
         };
         let slot = self.features.get(usage.feature).copied();
         let decision = account.decide(usage, slot, self.feature_names.as_slice(), Some(notices));
-        (decision, Some(account.customer.plan.as_str()))
+        (decision, Some(account.plan_id()))
     }
 
     /// Records an event decided before (as the lake stored it with `decision`), as it was
@@ -333,7 +333,7 @@ impl Engine {
             .iter()
             .filter_map(|r| self.addons.get(&r.id).map(|a| (a.clone(), r.quantity)))
             .collect();
-        let compiled = Compiled::new(&customer, plan.as_deref(), &addons, &mut self.shared);
+        let compiled = Compiled::new(&customer, plan, &addons, &mut self.shared);
         let features = &mut self.features;
         let names = &mut self.feature_names;
         Account::build(
