@@ -573,33 +573,42 @@ fn chromium() -> Option<String> {
 }
 
 /// Loads `url` in a fresh headless Chromium, lets its scripts run (and their requests
-/// finish), and returns the DOM as rendered.
+/// finish), and returns the DOM as rendered. A browser that exits with an error (it has,
+/// once, while the rest of the suite loaded the machine, with nothing in its output but
+/// its usual complaints about D-Bus) is started again, up to three times in all, each
+/// with a fresh profile: the page's own failures show in the DOM the test then checks.
 async fn rendered(browser: &str, url: &str) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), output)
-        .await
-        .expect("chromium did not finish in 60 s")
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        let profile = tempfile::tempdir().unwrap();
+        let output = tokio::process::Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(60), output)
+            .await
+            .expect("chromium did not finish in 60 s")
+            .unwrap();
+        if output.status.success() {
+            return String::from_utf8(output.stdout).unwrap();
+        }
+        failures.push(format!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    panic!("chromium failed three times:\n{}", failures.join("\n"));
 }
 
 /// The value of `attr` on the element with `marker` in its opening tag.
