@@ -20,6 +20,7 @@ pub mod output;
 pub mod sql;
 mod store;
 
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{JoinType, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
+use futures::TryStreamExt;
 use tally_core::schema::{self, lake_schema};
 use tally_store::{ROLLUPS_TABLE, rollup_schema};
 
@@ -49,6 +51,7 @@ use crate::store::LakeStore;
 
 const BILLING_SQL: &str = include_str!("../queries/billing.sql");
 const BILLING_LINES_SQL: &str = include_str!("../queries/billing_lines.sql");
+const BILLING_MERGE_SQL: &str = include_str!("../queries/billing_merge.sql");
 const LATE_SQL: &str = include_str!("../queries/late.sql");
 
 #[derive(Debug, thiserror::Error)]
@@ -216,8 +219,13 @@ impl Lakehouse {
             }
             listed = Some(sources);
         }
-        self.scoped(BILLING_SQL, source, scope, customer, listed)
-            .await
+        match source {
+            Source::Events => self.billing_from_events(scope, customer).await,
+            Source::Rollups => {
+                self.scoped(BILLING_SQL, source, scope, customer, listed)
+                    .await
+            }
+        }
     }
 
     /// Usage over `scope` decided `late` (not billed), from the rollups: `customer, plan,
@@ -243,15 +251,110 @@ impl Lakehouse {
         customer: Option<&str>,
         listed: Option<tally_store::MonthSources>,
     ) -> Result<Vec<RecordBatch>> {
+        let events = self.usage(source, scope, customer, listed).await?;
+        let period = ScalarValue::from(scope.name());
+        self.over(events, "billed_events", sql, |df| async move {
+            plain_strings(df.with_param_values(vec![period])?.collect().await?)
+        })
+        .await
+    }
+
+    /// Billing from every event in `scope`, aggregated apart for each worker partition's
+    /// files and then merged (`billing_merge.sql`). Customers are hashed to partitions, so
+    /// each aggregation holds about one partition's share of the lines, and its hash table
+    /// stays in cache (BENCHMARKS.md). The merge adds up a line that two partitions share
+    /// (when the partition count changed within the period), so the answer is the same.
+    async fn billing_from_events(
+        &self,
+        scope: &Scope<'_>,
+        customer: Option<&str>,
+    ) -> Result<Vec<RecordBatch>> {
+        let files = self.events_files(scope).await?;
+        if files.len() < 2 {
+            return self
+                .scoped(BILLING_SQL, Source::Events, scope, customer, None)
+                .await;
+        }
+        let mut parts = Vec::with_capacity(files.len());
+        for paths in files.values() {
+            let events = self.files(paths, viewed(&lake_schema()))?;
+            parts.push(self.narrowed(events, Source::Events, scope, customer)?);
+        }
+        let period = ScalarValue::from(scope.name());
+        self.over_parts(
+            parts,
+            "billed_events",
+            BILLING_SQL,
+            "billed_parts",
+            BILLING_MERGE_SQL,
+            |df| async move { plain_strings(df.with_param_values(vec![period])?.collect().await?) },
+        )
+        .await
+    }
+
+    /// The events files of the dates `scope` covers, by partition, as the lake lists them
+    /// (one listing, through the store that leaves out superseded files).
+    async fn events_files(&self, scope: &Scope<'_>) -> Result<BTreeMap<u16, Vec<PathBuf>>> {
+        let (from, to) = scope.dates();
+        let dir = self.root.join(schema::EVENTS_TABLE);
+        let absolute = std::path::absolute(&dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let prefix = datafusion::object_store::path::Path::from_absolute_path(&absolute)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let store = self
+            .ctx
+            .runtime_env()
+            .object_store(ObjectStoreUrl::local_filesystem())?;
+        let listed: Vec<_> = store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let mut files: BTreeMap<u16, Vec<PathBuf>> = BTreeMap::new();
+        for object in listed {
+            // `<events>/date=YYYY-MM-DD/p<partition>-<first>-<last>.parquet`
+            let names: Vec<_> = object.location.parts().collect();
+            let [.., date, name] = names.as_slice() else {
+                continue;
+            };
+            let day = date
+                .as_ref()
+                .strip_prefix("date=")
+                .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+            let Some((partition, _, _)) = tally_store::parse_name(name.as_ref()) else {
+                continue;
+            };
+            if day.is_some_and(|d| from <= d && d < to) {
+                files
+                    .entry(partition)
+                    .or_default()
+                    .push(absolute.join(date.as_ref()).join(name.as_ref()));
+            }
+        }
+        Ok(files)
+    }
+
+    /// The usage `scope` covers from `source`, as rows with
+    /// `customer, plan, feature, decision, quantity` and `events` (how many events a row
+    /// stands for).
+    async fn usage(
+        &self,
+        source: Source,
+        scope: &Scope<'_>,
+        customer: Option<&str>,
+        listed: Option<tally_store::MonthSources>,
+    ) -> Result<datafusion::dataframe::DataFrame> {
         let (from, to) = scope.dates();
         let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
         // The date bounds prune the hive partitions; the times below are exact (a billing
         // period starts at midnight UTC, so an hour of the rollups is inside it or not).
-        let (table, time) = match source {
-            Source::Rollups => (ROLLUPS_TABLE, tally_store::rollup::HOUR),
-            Source::Events => (schema::EVENTS_TABLE, schema::EVENT_TIME),
+        let table = match source {
+            Source::Rollups => ROLLUPS_TABLE,
+            Source::Events => schema::EVENTS_TABLE,
         };
-        let mut events = match (source, scope) {
+        let events = match (source, scope) {
             (Source::Rollups, Scope::Month(month)) => match listed {
                 Some(sources) => self.month_frame(&sources)?,
                 None => self.month_usage(*month).await?,
@@ -274,6 +377,22 @@ impl Lakehouse {
                     .gt_eq(day(from))
                     .and(col(schema::DATE).lt(day(to))),
             )?,
+        };
+        self.narrowed(events, source, scope, customer)
+    }
+
+    /// `events` of `source` narrowed to `scope` and `customer`, with `events` (how many
+    /// events a row stands for).
+    fn narrowed(
+        &self,
+        mut events: datafusion::dataframe::DataFrame,
+        source: Source,
+        scope: &Scope<'_>,
+        customer: Option<&str>,
+    ) -> Result<datafusion::dataframe::DataFrame> {
+        let time = match source {
+            Source::Rollups => tally_store::rollup::HOUR,
+            Source::Events => schema::EVENT_TIME,
         };
         if source == Source::Events {
             events = events.with_column(
@@ -300,11 +419,7 @@ impl Lakehouse {
                         .and(col(time).lt(col("period_end"))),
                 )?;
         }
-        let period = ScalarValue::from(scope.name());
-        self.over(events, "billed_events", sql, |df| async move {
-            plain_strings(df.with_param_values(vec![period])?.collect().await?)
-        })
-        .await
+        Ok(events)
     }
 }
 
@@ -443,6 +558,45 @@ impl Lakehouse {
         }
         .await;
         self.ctx.deregister_table(&name)?;
+        result
+    }
+
+    /// Runs `sql` over each of `parts` in place of `table`, and `merge` over all of their
+    /// answers together in place of `merged`, as one query; then reads it with `read`.
+    pub(crate) async fn over_parts<T, F, Fut>(
+        &self,
+        parts: Vec<datafusion::dataframe::DataFrame>,
+        table: &str,
+        sql: &str,
+        merged: &str,
+        merge: &str,
+        read: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(datafusion::dataframe::DataFrame) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let run = RUN.fetch_add(1, Ordering::Relaxed);
+        let mut names = Vec::with_capacity(parts.len());
+        let result = async {
+            for (i, part) in parts.into_iter().enumerate() {
+                let name = format!("{table}_part_{run}_{i}");
+                self.ctx.register_table(&name, part.into_view())?;
+                names.push(name);
+            }
+            let union = names
+                .iter()
+                .map(|name| format!("({})", replace_table(sql, table, name)))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let query = replace_table(merge, merged, &format!("({union}) AS {merged}"));
+            read(self.ctx.sql(&query).await?).await
+        }
+        .await;
+        for name in &names {
+            self.ctx.deregister_table(name)?;
+        }
         result
     }
 
