@@ -266,7 +266,8 @@ async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
 }
 
 /// Waits until every partition's consumer has nothing pending and nothing unacknowledged
-/// (acks come only after the lake holds a batch). A worker that exits is started again.
+/// (acks come only after the lake holds a batch). A worker that exits meanwhile fails the
+/// run, with the end of its log.
 async fn drained(nats: &Nats, partitions: u16, worker: &mut Worker) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let stream = loop {
@@ -282,8 +283,9 @@ async fn drained(nats: &Nats, partitions: u16, worker: &mut Worker) -> anyhow::R
     loop {
         if let Some(status) = worker.child.try_wait()? {
             bail!(
-                "the worker exited with {status}; see {}",
-                worker.log.display()
+                "the worker exited with {status}; the end of {}:\n{}",
+                worker.log.display(),
+                worker.log_tail()
             );
         }
         let mut idle = true;
@@ -367,6 +369,13 @@ impl Worker {
         Ok(Worker { child, log })
     }
 
+    /// The last lines of the worker's log, for an error that names it.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
     /// `VmHWM` of the running worker, in KiB.
     fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -397,8 +406,9 @@ impl Worker {
         let exit = self.child.wait()?;
         if !exit.success() {
             bail!(
-                "the worker exited with {exit} on SIGTERM; see {}",
-                self.log.display()
+                "the worker exited with {exit} on SIGTERM; the end of {}:\n{}",
+                self.log.display(),
+                self.log_tail()
             );
         }
         Ok(())
