@@ -549,16 +549,10 @@ impl Lakehouse {
         F: FnOnce(datafusion::dataframe::DataFrame) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        static RUN: AtomicU64 = AtomicU64::new(0);
-        let name = format!("{table}_{}", RUN.fetch_add(1, Ordering::Relaxed));
-        self.ctx.register_table(&name, df.into_view())?;
-        let result = async {
-            let query = self.ctx.sql(&replace_table(sql, table, &name)).await?;
-            read(query).await
-        }
-        .await;
-        self.ctx.deregister_table(&name)?;
-        result
+        self.registered(table, vec![df], |names| async move {
+            read(self.ctx.sql(&replace_table(sql, table, &names[0])).await?).await
+        })
+        .await
     }
 
     /// Runs `sql` over each of `parts` in place of `table`, and `merge` over all of their
@@ -576,15 +570,7 @@ impl Lakehouse {
         F: FnOnce(datafusion::dataframe::DataFrame) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        static RUN: AtomicU64 = AtomicU64::new(0);
-        let run = RUN.fetch_add(1, Ordering::Relaxed);
-        let mut names = Vec::with_capacity(parts.len());
-        let result = async {
-            for (i, part) in parts.into_iter().enumerate() {
-                let name = format!("{table}_part_{run}_{i}");
-                self.ctx.register_table(&name, part.into_view())?;
-                names.push(name);
-            }
+        self.registered(table, parts, |names| async move {
             let union = names
                 .iter()
                 .map(|name| format!("({})", replace_table(sql, table, name)))
@@ -592,8 +578,38 @@ impl Lakehouse {
                 .join(" UNION ALL ");
             let query = replace_table(merge, merged, &format!("({union}) AS {merged}"));
             read(self.ctx.sql(&query).await?).await
+        })
+        .await
+    }
+
+    /// Registers each of `frames` for one run under a name of its own made from `table`
+    /// (so that runs do not meet), runs `run` with the names, and deregisters them.
+    async fn registered<T, F, Fut>(
+        &self,
+        table: &str,
+        frames: Vec<datafusion::dataframe::DataFrame>,
+        run: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let run_id = RUN.fetch_add(1, Ordering::Relaxed);
+        let mut names = Vec::with_capacity(frames.len());
+        let mut result = Ok(());
+        for (i, frame) in frames.into_iter().enumerate() {
+            let name = format!("{table}_{run_id}_{i}");
+            if let Err(e) = self.ctx.register_table(&name, frame.into_view()) {
+                result = Err(e);
+                break;
+            }
+            names.push(name);
         }
-        .await;
+        let result = match result {
+            Ok(()) => run(names.clone()).await,
+            Err(e) => Err(e.into()),
+        };
         for name in &names {
             self.ctx.deregister_table(name)?;
         }
