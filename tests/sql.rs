@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt16Array,
-    UInt64Array,
+    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt8Array,
+    UInt16Array, UInt64Array,
 };
 use tally_core::schema::lake_schema;
-use tally_core::{Fence, SealedBatch};
+use tally_core::{Decision, Fence, SealedBatch};
 use tally_store::Lake;
 
 /// A data directory whose lake holds 60 events of 2026-11-01: event `i` of customer
@@ -44,6 +44,7 @@ fn data_dir() -> tempfile::TempDir {
             Arc::new(UInt64Array::from_iter_values(i.iter().map(|i| i + 1))),
             Arc::new(UInt16Array::from(vec![0; n])),
             text(&|_| "pro".to_owned()),
+            Arc::new(UInt8Array::from(vec![Decision::Accepted.code(); n])),
         ],
     )
     .unwrap();

@@ -2,10 +2,12 @@
 
 use std::fmt;
 
-/// What Tally decided about one usage event. Stored in the lake as its snake_case name.
+/// What Tally decided about one usage event. Stored in the lake as its snake_case name and
+/// as its [code](Decision::code).
 ///
 /// Only `accepted` and `overage` are billable. Rejections are kept in the lake for audit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum Decision {
     /// Within the entitlement; counted and billed.
     Accepted,
@@ -57,6 +59,22 @@ impl Decision {
         }
     }
 
+    /// The decision's number in the lake's `decision_code` column: its place in
+    /// [`Decision::ALL`]. Stored in files, so a decision keeps its number for good: a new
+    /// decision is added at the end. The billable decisions are exactly the codes below
+    /// [`Decision::BILLABLE_CODES`].
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The decision stored as `code` in the lake.
+    pub fn from_code(code: u8) -> Option<Decision> {
+        Decision::ALL.get(usize::from(code)).copied()
+    }
+
+    /// Codes below this are the billable decisions (`accepted` 0, `overage` 1).
+    pub const BILLABLE_CODES: u8 = 2;
+
     /// The decision stored under `name` in the lake.
     pub fn parse(name: &str) -> Option<Decision> {
         Decision::ALL.into_iter().find(|d| d.as_str() == name)
@@ -82,6 +100,20 @@ mod tests {
     fn only_accepted_and_overage_bill() {
         let billable: Vec<_> = Decision::ALL.iter().filter(|d| d.is_billable()).collect();
         assert_eq!(billable, [&Decision::Accepted, &Decision::Overage]);
+    }
+
+    #[test]
+    fn codes_are_places_in_all_and_the_billable_ones_come_first() {
+        for (i, d) in Decision::ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(d.code()), i);
+            assert_eq!(Decision::from_code(d.code()), Some(d));
+            assert_eq!(d.is_billable(), d.code() < Decision::BILLABLE_CODES);
+        }
+        // Stored in files: these numbers never change.
+        assert_eq!(Decision::Accepted.code(), 0);
+        assert_eq!(Decision::Overage.code(), 1);
+        assert_eq!(Decision::Late.code(), 8);
+        assert_eq!(Decision::from_code(9), None);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 
 use std::sync::{Arc, LazyLock};
 
+use arrow::array::{StringArray, UInt8Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::Decision;
 
 pub const EVENT_ID: &str = "event_id";
 pub const CUSTOMER: &str = "customer";
@@ -26,6 +29,11 @@ pub const PARTITION_ID: &str = "partition_id";
 /// unknown customer). Billing rates each event with its plan's prices. Last, and
 /// nullable, so that files written before it read as null.
 pub const PLAN: &str = "plan";
+/// The decision as its number ([`Decision::code`](crate::Decision::code)): billing
+/// filters and splits on it, which costs a query a fraction of comparing the names.
+/// Nullable, so that files written before it read as null; readers then fall back to
+/// `decision`.
+pub const DECISION_CODE: &str = "decision_code";
 
 /// The hive partition column of the events table.
 pub const DATE: &str = "date";
@@ -53,12 +61,22 @@ static LAKE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(STREAM_SEQ, DataType::UInt64, false),
         Field::new(PARTITION_ID, DataType::UInt16, false),
         Field::new(PLAN, DataType::Utf8, true),
+        Field::new(DECISION_CODE, DataType::UInt8, true),
     ]))
 });
 
 /// The schema of one event row in the lake.
 pub fn lake_schema() -> SchemaRef {
     LAKE_SCHEMA.clone()
+}
+
+/// The `decision_code` column of a `decision` column: each name's
+/// [code](crate::Decision::code), null for a name no decision has.
+pub fn decision_codes(names: &StringArray) -> UInt8Array {
+    names
+        .iter()
+        .map(|name| name.and_then(Decision::parse).map(Decision::code))
+        .collect()
 }
 
 /// A JSON description of a schema's columns (`name`, `type`, `nullable`), the format of

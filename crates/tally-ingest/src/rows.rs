@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, ArrowPrimitiveType, Float64Builder, PrimitiveArray, PrimitiveBuilder, RecordBatch,
-    StringBuilder, TimestampMicrosecondBuilder, UInt16Builder, UInt64Builder,
+    StringBuilder, TimestampMicrosecondBuilder, UInt8Builder, UInt16Builder, UInt64Builder,
 };
 use tally_core::schema::lake_schema;
 use tally_core::{Decision, Event};
@@ -26,6 +26,7 @@ pub struct Rows {
     stream_seq: UInt64Builder,
     partition_id: UInt16Builder,
     plan: StringBuilder,
+    decision_code: UInt8Builder,
     len: usize,
 }
 
@@ -47,6 +48,7 @@ impl Default for Rows {
             stream_seq: UInt64Builder::new(),
             partition_id: UInt16Builder::new(),
             plan: StringBuilder::new(),
+            decision_code: UInt8Builder::new(),
             len: 0,
         }
     }
@@ -89,6 +91,7 @@ impl Rows {
         self.stream_seq.append_value(stream_seq);
         self.partition_id.append_value(partition);
         self.plan.append_option(plan);
+        self.decision_code.append_value(decision.code());
         self.len += 1;
     }
 
@@ -120,6 +123,7 @@ impl Rows {
             Arc::new(take(&mut self.stream_seq, rows)),
             Arc::new(take(&mut self.partition_id, rows)),
             text(&mut self.plan),
+            Arc::new(take(&mut self.decision_code, rows)),
         ];
         self.len = 0;
         // The columns are built in schema order from the schema's own types.

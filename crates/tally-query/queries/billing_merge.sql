@@ -9,8 +9,8 @@ SELECT
     period,
     CAST(SUM(events) AS BIGINT) AS events,
     SUM(quantity) AS quantity,
-    SUM(accepted) AS accepted,
-    SUM(overage) AS overage
+    COALESCE(SUM(accepted), 0) AS accepted,
+    COALESCE(SUM(overage), 0) AS overage
 FROM billed_parts
 GROUP BY customer, plan, feature, period
 ORDER BY customer, plan, feature

@@ -420,7 +420,7 @@ mod tests {
     use datafusion::arrow::array::{
         Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array, UInt64Array,
     };
-    use tally_core::schema::lake_schema;
+    use tally_core::schema::{decision_codes, lake_schema};
     use tally_core::{Fence, SealedBatch};
     use tally_store::Lake;
 
@@ -452,6 +452,7 @@ mod tests {
         let ts = |v: Vec<i64>| -> ArrayRef {
             Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
         };
+        let decisions = StringArray::from_iter_values(events.iter().map(|e| e.7));
         let batch = RecordBatch::try_new(
             lake_schema(),
             vec![
@@ -467,11 +468,12 @@ mod tests {
                 text(&|_| Some("src")),
                 text(&|_| Some("usage")),
                 text(&|_| None),
-                text(&|e| Some(e.7)),
+                Arc::new(decisions.clone()),
                 ts(micros),
                 Arc::new(UInt64Array::from_iter_values(1..=n as u64)),
                 Arc::new(UInt16Array::from(vec![0; n])),
                 text(&|e| e.1),
+                Arc::new(decision_codes(&decisions)),
             ],
         )
         .unwrap();

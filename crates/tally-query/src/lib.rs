@@ -41,9 +41,12 @@ use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::functions::expr_fn::coalesce;
+use datafusion::logical_expr::{Expr, case};
 use datafusion::prelude::{JoinType, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use futures::TryStreamExt;
+use tally_core::Decision;
 use tally_core::schema::{self, lake_schema};
 use tally_store::{ROLLUPS_TABLE, rollup_schema};
 
@@ -221,10 +224,7 @@ impl Lakehouse {
         }
         match source {
             Source::Events => self.billing_from_events(scope, customer).await,
-            Source::Rollups => {
-                self.scoped(BILLING_SQL, source, scope, customer, listed)
-                    .await
-            }
+            Source::Rollups => self.scoped(BILLING_SQL, scope, customer, listed).await,
         }
     }
 
@@ -235,23 +235,22 @@ impl Lakehouse {
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        self.scoped(LATE_SQL, Source::Rollups, scope, customer, None)
-            .await
+        self.scoped(LATE_SQL, scope, customer, None).await
     }
 
-    /// Runs a named query over the usage `scope` covers, registered for it alone as
-    /// `billed_events` ([`Self::over`]): rows with
-    /// `customer, plan, feature, decision, quantity` and `events` (how many events a row
-    /// stands for). `listed`: the month's sources, where the caller has listed them.
+    /// Runs a named query over the rollups' usage `scope` covers, registered for it alone
+    /// as `billed_events` ([`Self::over`]): rows with
+    /// `customer, plan, feature, decision, decision_code, quantity` and `events` (how many
+    /// events a row stands for). `listed`: the month's sources, where the caller has
+    /// listed them.
     async fn scoped(
         &self,
         sql: &str,
-        source: Source,
         scope: &Scope<'_>,
         customer: Option<&str>,
         listed: Option<tally_store::MonthSources>,
     ) -> Result<Vec<RecordBatch>> {
-        let events = self.usage(source, scope, customer, listed).await?;
+        let events = self.usage(scope, customer, listed).await?;
         let period = ScalarValue::from(scope.name());
         self.over(events, "billed_events", sql, |df| async move {
             plain_strings(df.with_param_values(vec![period])?.collect().await?)
@@ -264,20 +263,41 @@ impl Lakehouse {
     /// each aggregation holds about one partition's share of the lines, and its hash table
     /// stays in cache (BENCHMARKS.md). The merge adds up a line that two partitions share
     /// (when the partition count changed within the period), so the answer is the same.
+    ///
+    /// Every event is read with its strings as string views, which DataFusion groups
+    /// fastest. A partition whose files all carry `decision_code` is read as it is; one
+    /// with a file from before the column gets each row's code from its decision's name
+    /// where the file has none, which costs reading the names.
     async fn billing_from_events(
         &self,
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        let files = self.events_files(scope).await?;
-        if files.len() < 2 {
-            return self
-                .scoped(BILLING_SQL, Source::Events, scope, customer, None)
-                .await;
+        let mut files: Vec<Vec<PathBuf>> = self.events_files(scope).await?.into_values().collect();
+        if files.is_empty() {
+            // No events: one empty part, for the answer's columns.
+            files.push(Vec::new());
         }
+        let coded = {
+            let files = files.clone();
+            on_lake(move || {
+                files
+                    .iter()
+                    .map(|paths| all_coded(paths))
+                    .collect::<tally_store::Result<Vec<bool>>>()
+            })
+            .await?
+        };
         let mut parts = Vec::with_capacity(files.len());
-        for paths in files.values() {
-            let events = self.files(paths, viewed(&lake_schema()))?;
+        for (paths, coded) in files.iter().zip(coded) {
+            let mut events = self.files(paths, viewed(&lake_schema()))?;
+            if !coded {
+                let by_name = code_of(col(schema::DECISION));
+                events = events.with_column(
+                    schema::DECISION_CODE,
+                    coalesce(vec![col(schema::DECISION_CODE), by_name]),
+                )?;
+            }
             parts.push(self.narrowed(events, Source::Events, scope, customer)?);
         }
         let period = ScalarValue::from(scope.name());
@@ -336,12 +356,11 @@ impl Lakehouse {
         Ok(files)
     }
 
-    /// The usage `scope` covers from `source`, as rows with
-    /// `customer, plan, feature, decision, quantity` and `events` (how many events a row
-    /// stands for).
+    /// The usage `scope` covers from the rollups, as rows with
+    /// `customer, plan, feature, decision, decision_code, quantity` and `events` (how many
+    /// events a row stands for).
     async fn usage(
         &self,
-        source: Source,
         scope: &Scope<'_>,
         customer: Option<&str>,
         listed: Option<tally_store::MonthSources>,
@@ -350,35 +369,18 @@ impl Lakehouse {
         let day = |d: NaiveDate| lit(d.format("%Y-%m-%d").to_string());
         // The date bounds prune the hive partitions; the times below are exact (a billing
         // period starts at midnight UTC, so an hour of the rollups is inside it or not).
-        let table = match source {
-            Source::Rollups => ROLLUPS_TABLE,
-            Source::Events => schema::EVENTS_TABLE,
-        };
-        let events = match (source, scope) {
-            (Source::Rollups, Scope::Month(month)) => match listed {
-                Some(sources) => self.month_frame(&sources)?,
-                None => self.month_usage(*month).await?,
-            },
-            // Every event is read: as string views, which it groups fastest.
-            (Source::Events, _) => self
-                .ctx
-                .read_table(Arc::new(listing(
-                    &self.root,
-                    table,
-                    viewed(&lake_schema()),
-                )?))?
-                .filter(
-                    col(schema::DATE)
-                        .gt_eq(day(from))
-                        .and(col(schema::DATE).lt(day(to))),
-                )?,
-            _ => self.ctx.table(table).await?.filter(
+        let rows = match (scope, listed) {
+            (Scope::Month(_), Some(sources)) => self.month_frame(&sources)?,
+            (Scope::Month(month), None) => self.month_usage(*month).await?,
+            (Scope::Periods { .. }, _) => self.ctx.table(ROLLUPS_TABLE).await?.filter(
                 col(schema::DATE)
                     .gt_eq(day(from))
                     .and(col(schema::DATE).lt(day(to))),
             )?,
         };
-        self.narrowed(events, source, scope, customer)
+        // Rollups keep the decision by name.
+        let rows = rows.with_column(schema::DECISION_CODE, code_of(col(schema::DECISION)))?;
+        self.narrowed(rows, Source::Rollups, scope, customer)
     }
 
     /// `events` of `source` narrowed to `scope` and `customer`, with `events` (how many
@@ -421,6 +423,28 @@ impl Lakehouse {
         }
         Ok(events)
     }
+}
+
+/// The code of the decision named `name` ([`Decision::code`]; null for a name no decision
+/// has).
+fn code_of(name: Expr) -> Expr {
+    let mut codes = case(name);
+    for d in Decision::ALL {
+        codes.when(lit(d.as_str()), lit(d.code()));
+    }
+    codes
+        .otherwise(lit(ScalarValue::UInt8(None)))
+        .expect("a CASE with branches")
+}
+
+/// Whether every one of `paths` has the `decision_code` column, from their footers.
+fn all_coded(paths: &[PathBuf]) -> tally_store::Result<bool> {
+    for path in paths {
+        if !tally_store::has_column(path, schema::DECISION_CODE)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Runs blocking lake I/O (listing, reading files) off the async threads.
@@ -830,6 +854,7 @@ mod tests {
     };
     use datafusion::arrow::compute::concat_batches;
     use datafusion::arrow::datatypes::UInt64Type;
+    use tally_core::schema::decision_codes;
     use tally_core::{Fence, SealedBatch};
     use tally_store::Lake;
 
@@ -850,6 +875,8 @@ mod tests {
         let ts = |v: Vec<i64>| -> ArrayRef {
             Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
         };
+        let decisions = pick(&["accepted", "overage", "denied"], |i| i / 2);
+        let codes = decision_codes(decisions.as_string::<i32>());
         let batch = RecordBatch::try_new(
             lake_schema(),
             vec![
@@ -872,11 +899,12 @@ mod tests {
                 pick(&["src"], |i| i),
                 pick(&["type"], |i| i),
                 Arc::new(StringArray::from(vec![None::<&str>; n])),
-                pick(&["accepted", "overage", "denied"], |i| i / 2),
+                decisions,
                 ts(vec![0; n]),
                 Arc::new(UInt64Array::from(seq.clone())),
                 Arc::new(UInt16Array::from(vec![5; n])),
                 pick(&["free", "pro"], |i| i / 7),
+                Arc::new(codes),
             ],
         )
         .unwrap();

@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arrow::array::{
-    ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt16Array,
-    UInt64Array,
+    Array, ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    UInt16Array, UInt64Array,
 };
 use chrono::{NaiveDate, NaiveDateTime};
-use tally_core::schema::lake_schema;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tally_core::schema::{self, decision_codes, lake_schema};
 use tally_core::{Fence, SealedBatch};
 use tally_query::analytics::{DateRange, Window};
 use tally_query::{Lakehouse, Period, Scope, Source};
@@ -76,6 +77,7 @@ fn sealed_in(partition: u16, from: usize, to: usize) -> SealedBatch {
     let times = |v: Vec<i64>| -> ArrayRef {
         Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
     };
+    let decisions = StringArray::from_iter_values(rows.iter().map(|r| r.6));
     let batch = RecordBatch::try_new(
         lake_schema(),
         vec![
@@ -91,11 +93,12 @@ fn sealed_in(partition: u16, from: usize, to: usize) -> SealedBatch {
             text(|_| Some("app")),
             text(|_| Some("usage")),
             text(|_| None),
-            text(|r| Some(r.6)),
+            Arc::new(decisions.clone()),
             times(rows.iter().map(|r| micros(r.3) + 1_000_000).collect()),
             Arc::new(UInt64Array::from_iter_values(from as u64 + 1..=to as u64)),
             Arc::new(UInt16Array::from(vec![partition; n])),
             text(|r| r.7),
+            Arc::new(decision_codes(&decisions)),
         ],
     )
     .unwrap();
@@ -115,6 +118,16 @@ fn table(batches: &[RecordBatch]) -> String {
 
 fn lines<T: std::fmt::Debug>(rows: &[T]) -> String {
     rows.iter().map(|r| format!("{r:?}\n")).collect()
+}
+
+/// The answers worked out by hand.
+fn golden() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/november.txt")
+}
+
+/// The billing sections of [`answers`] (those before `# late`).
+fn billing(answers: &str) -> String {
+    answers[..answers.find("# late").unwrap()].to_owned()
 }
 
 /// Every named query's answer for November 2026, as text.
@@ -196,7 +209,7 @@ async fn every_named_query_answers_as_worked_out_by_hand() {
     for (from, to) in [(0, 6), (6, 12), (12, 16)] {
         lake.write(&sealed(from, to), &Fence::open()).unwrap();
     }
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/november.txt");
+    let golden = golden();
     let from_events = answers(dir.path(), Source::Events).await;
     if std::env::var_os("TALLY_BLESS").is_some() {
         std::fs::write(&golden, &from_events).unwrap();
@@ -247,17 +260,88 @@ async fn billing_is_the_same_with_the_rows_spread_over_partitions() {
             .unwrap();
     }
     assert_eq!(lake.partitions().unwrap().len(), 3);
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/november.txt");
-    let expected = std::fs::read_to_string(&golden).unwrap();
-    let billing = |answers: &str| answers[..answers.find("# late").unwrap()].to_owned();
+    let expected = billing(&std::fs::read_to_string(golden()).unwrap());
     assert_eq!(
         billing(&answers(dir.path(), Source::Events).await),
-        billing(&expected),
+        expected,
         "from the raw events"
     );
     assert_eq!(
         billing(&answers(dir.path(), Source::Rollups).await),
-        billing(&expected),
+        expected,
         "from the hourly rollups"
     );
+}
+
+/// Files written before the lake had `decision_code` read it as null. Billing falls back to
+/// the decision's name for their rows, so a lake of old and new files bills as worked out
+/// by hand; compaction writes the codes into the files it merges.
+#[tokio::test]
+async fn files_from_before_decision_codes_bill_by_the_decision_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::new(dir.path());
+    let without_codes = |sealed: SealedBatch| {
+        let schema = sealed.batch.schema();
+        let old: Vec<usize> = (0..schema.fields().len())
+            .filter(|&i| schema.field(i).name() != schema::DECISION_CODE)
+            .collect();
+        SealedBatch {
+            batch: sealed.batch.project(&old).unwrap(),
+            ..sealed
+        }
+    };
+    // Partition 0: two old files of 2026-11-02; partition 1: new files; partition 2: old.
+    for sealed in [
+        without_codes(sealed_in(0, 0, 1)),
+        without_codes(sealed_in(0, 1, 2)),
+        sealed_in(1, 2, 12),
+        without_codes(sealed_in(2, 12, 16)),
+    ] {
+        lake.write(&sealed, &Fence::open()).unwrap();
+    }
+    // Per file of a partition: the nulls in its codes, `None` where it has no such column.
+    let codes = |partition: u16| -> Vec<Option<usize>> {
+        let files = lake.partition_files(partition).unwrap();
+        files
+            .iter()
+            .map(|f| {
+                let file = std::fs::File::open(&f.path).unwrap();
+                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                let batches: Vec<_> = reader.map(Result::unwrap).collect();
+                batches[0].column_by_name(schema::DECISION_CODE).map(|_| {
+                    batches
+                        .iter()
+                        .map(|b| b[schema::DECISION_CODE].null_count())
+                        .sum()
+                })
+            })
+            .collect()
+    };
+    assert_eq!(codes(0), [None, None]);
+    assert!(codes(1).iter().all(|c| *c == Some(0)), "{:?}", codes(1));
+
+    let expected = billing(&std::fs::read_to_string(golden()).unwrap());
+    assert_eq!(
+        billing(&answers(dir.path(), Source::Events).await),
+        expected,
+        "from the raw events"
+    );
+
+    let december = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
+    let options = CompactOptions::default();
+    let done = lake
+        .compact(0, 2, &Fence::open(), &options, december)
+        .unwrap();
+    assert_eq!((done.merged, done.written), (2, 1), "{done:?}");
+    assert_eq!(codes(0), [Some(0)], "the merged file has every row's code");
+    for source in [Source::Events, Source::Rollups] {
+        assert_eq!(
+            billing(&answers(dir.path(), source).await),
+            expected,
+            "from {source:?}, compacted"
+        );
+    }
 }

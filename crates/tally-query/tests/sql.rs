@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-    UInt16Array, UInt64Array,
+    UInt8Array, UInt16Array, UInt64Array,
 };
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
@@ -16,7 +16,7 @@ use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::catalog::{MemTable, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use futures::StreamExt;
 use tally_core::schema::lake_schema;
-use tally_core::{Fence, SealedBatch};
+use tally_core::{Decision, Fence, SealedBatch};
 use tally_query::output::{OutputFormat, write_stream};
 use tally_query::sql::{self, Refusal, SqlError};
 use tally_query::{Lakehouse, LakehouseOptions};
@@ -55,6 +55,10 @@ fn write_lake(root: &Path) {
             Arc::new(UInt64Array::from_iter_values(i.iter().map(|i| i + 1))),
             Arc::new(UInt16Array::from(vec![5; n as usize])),
             strings(&|_| Some("pro".to_owned())),
+            Arc::new(UInt8Array::from(vec![
+                Decision::Accepted.code();
+                n as usize
+            ])),
         ],
     )
     .unwrap();

@@ -36,10 +36,11 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arrow::array::AsArray;
-use arrow::array::{RecordBatch, new_null_array};
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::compute::concat_batches;
 use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -451,6 +452,15 @@ fn by_customer(rows: &RecordBatch) -> Result<RecordBatch> {
     )?)
 }
 
+/// The codes of a batch's `decision` names (null for a name no decision has).
+fn decision_codes(rows: &RecordBatch) -> Result<ArrayRef> {
+    let names = rows
+        .column_by_name(schema::DECISION)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or(Error::Schema(schema::DECISION))?;
+    Ok(Arc::new(schema::decision_codes(names)))
+}
+
 /// The end of the date a `date=YYYY-MM-DD` directory holds.
 fn date_of(dir: &Path) -> Option<SystemTime> {
     let name = dir.file_name()?.to_str()?;
@@ -466,8 +476,16 @@ pub fn footer_rows(path: &Path) -> Result<u64> {
     Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
 }
 
-/// A file's rows in the lake's schema: a column the file predates (such as `plan`) reads
-/// as null.
+/// Whether a Parquet file has a column named `name`, from its footer.
+pub fn has_column(path: &Path, name: &str) -> Result<bool> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let reader = SerializedFileReader::new(file)?;
+    let schema = reader.metadata().file_metadata().schema_descr();
+    Ok(schema.columns().iter().any(|c| c.name() == name))
+}
+
+/// A file's rows in the lake's schema: a column the file predates reads as null (such as
+/// `plan`), or as what the file's other columns say (`decision_code`, from `decision`).
 pub(crate) fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
     let file = File::open(path).map_err(io_err(path))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
@@ -480,6 +498,7 @@ pub(crate) fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
             .iter()
             .map(|f| match batch.column_by_name(f.name()) {
                 Some(c) => Ok(c.clone()),
+                None if f.name() == schema::DECISION_CODE => decision_codes(&batch),
                 None if f.is_nullable() => Ok(new_null_array(f.data_type(), batch.num_rows())),
                 None => Err(Error::MissingColumn(f.name().clone())),
             })

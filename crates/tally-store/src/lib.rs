@@ -58,7 +58,7 @@ pub mod rollup;
 pub mod tail;
 pub mod users;
 
-pub use compact::{CompactOptions, Compacted, footer_rows, parse_name, visible};
+pub use compact::{CompactOptions, Compacted, footer_rows, has_column, parse_name, visible};
 pub use lines::{BILLING_TABLE, lines_schema, merge_lines};
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
@@ -430,9 +430,11 @@ fn write_until_done(
 pub(crate) mod tests {
     use super::*;
     use arrow::array::{
-        Array, Float64Array, StringArray, TimestampMicrosecondArray, UInt16Array, UInt64Array,
+        Array, Float64Array, StringArray, TimestampMicrosecondArray, UInt8Array, UInt16Array,
+        UInt64Array,
     };
     use std::sync::Arc as StdArc;
+    use tally_core::Decision;
 
     /// Rows of customer `acme` at these times, with stream sequences 1, 2, ….
     pub(crate) fn batch(times: &[i64]) -> RecordBatch {
@@ -462,6 +464,7 @@ pub(crate) mod tests {
                 StdArc::new(UInt64Array::from((1..=n as u64).collect::<Vec<_>>())),
                 StdArc::new(UInt16Array::from(vec![3; n])),
                 s("pro"),
+                StdArc::new(UInt8Array::from(vec![Decision::Accepted.code(); n])),
             ],
         )
         .unwrap()

@@ -42,12 +42,13 @@ static LINES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(CUSTOMER, DataType::Utf8, false),
         Field::new(PLAN, DataType::Utf8, true),
         Field::new(FEATURE, DataType::Utf8, false),
-        // Nullable, as the sums of billing's query are: its answers have one schema
+        // Nullable or not as the sums of billing's query are (a quantity decided
+        // `accepted` or `overage` is 0 where there is none): its answers have one schema
         // whichever way they were made.
         Field::new(EVENTS, DataType::UInt64, true),
         Field::new(QUANTITY, DataType::Float64, true),
-        Field::new(ACCEPTED, DataType::Float64, true),
-        Field::new(OVERAGE, DataType::Float64, true),
+        Field::new(ACCEPTED, DataType::Float64, false),
+        Field::new(OVERAGE, DataType::Float64, false),
     ]))
 });
 
