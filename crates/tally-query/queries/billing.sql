@@ -7,8 +7,9 @@
 -- schema). Each event is counted under the plan that decided it, so a plan change inside
 -- the period gives one line per plan.
 -- Every row is grouped and the billable ones are picked out by each sum's FILTER rather
--- than by a WHERE: the same lines, without copying the rows a WHERE keeps (a fifth of
--- the time over raw events). A group with no billable row is no line.
+-- than by a WHERE: the same lines, without the copy of the kept rows that a WHERE makes
+-- DataFusion do (the faster form over raw events, BENCHMARKS.md). A group with no
+-- billable row is no line.
 SELECT customer, plan, feature, period, events, quantity, accepted, overage
 FROM (
     SELECT
