@@ -86,7 +86,7 @@ use tally_query::analytics::{DateRange, Grain, Window, WindowUsage};
 use tally_query::{Lakehouse, Period};
 
 use crate::config::Config;
-use crate::output::Format;
+use crate::output::{ReportFormat, sections_to_arrow};
 use crate::pipeline::Nats;
 
 /// The plan id of the free tier unless `--free-plan` names others.
@@ -97,8 +97,8 @@ pub struct OverageArgs {
     /// The month, YYYY-MM.
     #[arg(long)]
     pub period: String,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
 }
 
 #[derive(Debug, Args)]
@@ -115,8 +115,8 @@ pub struct AdoptionArgs {
     /// A plan whose customers are the free tier (repeat for several).
     #[arg(long = "free-plan", default_values_t = [FREE_PLAN.to_owned()])]
     pub free_plans: Vec<String>,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
 }
 
 /// `tally overage`: computes the report and prints it.
@@ -1094,35 +1094,42 @@ fn adoption_sections(r: &AdoptionReport, with_series: bool) -> Vec<Section> {
     sections
 }
 
-/// Prints the overage report: tables, one JSON object, or CSV (one table per part, each
-/// with a header whose first column is `section`, separated by a blank line).
-pub fn write_overage(out: &mut dyn Write, r: &OverageReport, format: Format) -> anyhow::Result<()> {
+/// Prints the overage report: tables, one JSON object, CSV (one table per part, each
+/// with a header whose first column is `section`, separated by a blank line), or Arrow
+/// ([`sections_to_arrow`]: one table of every part's rows).
+pub fn write_overage(
+    out: &mut dyn Write,
+    r: &OverageReport,
+    format: ReportFormat,
+) -> anyhow::Result<()> {
     match format {
-        Format::Json => {
+        ReportFormat::Json => {
             serde_json::to_writer(&mut *out, r)?;
             writeln!(out)?;
         }
-        Format::Csv => write_csv(out, &overage_sections(r))?,
-        Format::Table => write_tables(out, &overage_sections(r))?,
+        ReportFormat::Csv => write_csv(out, &overage_sections(r))?,
+        ReportFormat::Table => write_tables(out, &overage_sections(r))?,
+        ReportFormat::Arrow => out.write_all(&sections_to_arrow(r)?)?,
     }
     Ok(())
 }
 
 /// Prints the adoption report: tables (without the per-day, week and month series of
-/// distinct users, which JSON and CSV carry), one JSON object, or CSV as
-/// [`write_overage`] writes it.
+/// distinct users, which JSON, CSV and Arrow carry), one JSON object, or CSV and Arrow as
+/// [`write_overage`] writes them.
 pub fn write_adoption(
     out: &mut dyn Write,
     r: &AdoptionReport,
-    format: Format,
+    format: ReportFormat,
 ) -> anyhow::Result<()> {
     match format {
-        Format::Json => {
+        ReportFormat::Json => {
             serde_json::to_writer(&mut *out, r)?;
             writeln!(out)?;
         }
-        Format::Csv => write_csv(out, &adoption_sections(r, true))?,
-        Format::Table => write_tables(out, &adoption_sections(r, false))?,
+        ReportFormat::Csv => write_csv(out, &adoption_sections(r, true))?,
+        ReportFormat::Table => write_tables(out, &adoption_sections(r, false))?,
+        ReportFormat::Arrow => out.write_all(&sections_to_arrow(r)?)?,
     }
     Ok(())
 }

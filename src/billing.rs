@@ -24,7 +24,7 @@ use tally_core::pricing::{self, Invoice, Line, LineKind, Usage};
 use tally_query::{Lakehouse, Period, Scope};
 
 use crate::config::Config;
-use crate::output::Format;
+use crate::output::{ReportFormat, csv_to_arrow};
 
 /// A customer's invoice for its period, and the usage of the period decided `late`.
 #[derive(Debug, Clone, PartialEq)]
@@ -307,10 +307,10 @@ pub fn write(
     out: &mut dyn Write,
     bills: &[Bill],
     period: Period,
-    format: Format,
+    format: ReportFormat,
 ) -> anyhow::Result<()> {
     match format {
-        Format::Json => {
+        ReportFormat::Json => {
             let json: Vec<InvoiceJson<'_>> = bills
                 .iter()
                 .map(|bill| {
@@ -332,7 +332,14 @@ pub fn write(
             serde_json::to_writer(&mut *out, &json)?;
             writeln!(out)?;
         }
-        Format::Csv => {
+        // The CSV rows as a table: `events` an int64 and every other column text, so that
+        // amounts stay exact.
+        ReportFormat::Arrow => {
+            let mut csv = Vec::new();
+            write(&mut csv, bills, period, ReportFormat::Csv)?;
+            out.write_all(&csv_to_arrow(&csv)?)?;
+        }
+        ReportFormat::Csv => {
             writeln!(
                 out,
                 "customer,period,currency,kind,plan,item,events,quantity,included,charged,unit_price,amount"
@@ -373,7 +380,7 @@ pub fn write(
                 }
             }
         }
-        Format::Table => {
+        ReportFormat::Table => {
             for bill in bills {
                 let i = &bill.invoice;
                 let currency = i.currency.as_deref();

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use tally::config::{Config, parse_partitions};
 use tally::definitions::Kind;
 use tally::demo::{self, DemoArgs};
-use tally::output::Format;
+use tally::output::{Format, ReportFormat};
 use tally::pipeline::{Nats, Pipeline};
 use tally::workload::Spec;
 use tally_query::Period;
@@ -171,8 +171,8 @@ struct BillingCmd {
     /// day, instead of the calendar month.
     #[arg(long)]
     anniversary: bool,
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    format: Format,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    format: ReportFormat,
 }
 
 #[derive(Args)]

@@ -5,12 +5,8 @@
 //!   ([`billing::invoices`], [`analytics::overage`], [`analytics::adoption`]) and written
 //!   by its writers into memory, then sent as one chunk: they are small (a line per
 //!   customer × plan × feature), and whole they can still fail with a proper status.
-//!   JSON and CSV are byte for byte what the CLI prints. Arrow: billing's CSV rows (one
-//!   per invoice line) as a table, `events` an int64 and every other column text, so
-//!   amounts stay exact; overage and adoption, one table of the rows of every part of the
-//!   JSON report, a `section` column naming the part, the report's own scalars (`period`;
-//!   `from`, `to`) next, then the parts' columns in name order, typed as the JSON has
-//!   them.
+//!   JSON, CSV and Arrow are byte for byte what the CLI prints with `--format`
+//!   ([`crate::output::csv_to_arrow`], [`crate::output::sections_to_arrow`]).
 //! - **SQL** streams: [`tally_query::sql::run`] under this server's memory and time
 //!   limits (by default 512 MiB and 60 s, as `tally sql`), each record batch encoded by
 //!   [`tally_query::output::write_stream`] as it arrives and handed over a channel of two
@@ -37,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
@@ -45,8 +41,6 @@ use chrono::NaiveDate;
 use datafusion::error::DataFusionError;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use futures::{Stream, StreamExt};
-use serde::Serialize;
-use serde_json::Value;
 use tally_api::{Format, ReportBody, ReportError, Reports};
 use tally_query::analytics::DateRange;
 use tally_query::output::{OutputFormat, write_stream};
@@ -57,7 +51,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
 
 use crate::config::Config;
-use crate::output::Format as CliFormat;
+use crate::output::ReportFormat;
 use crate::{analytics, billing};
 
 /// Reports over the configured lake.
@@ -142,18 +136,7 @@ impl Reports for LakeReports {
             let bills = billing::invoices(&config, period, customer.as_deref(), anniversary)
                 .await
                 .map_err(internal)?;
-            let mut out = Vec::new();
-            match format {
-                Format::Json => billing::write(&mut out, &bills, period, CliFormat::Json),
-                Format::Csv => billing::write(&mut out, &bills, period, CliFormat::Csv),
-                Format::Arrow => {
-                    let mut csv = Vec::new();
-                    billing::write(&mut csv, &bills, period, CliFormat::Csv).map_err(internal)?;
-                    return csv_to_arrow(&csv);
-                }
-            }
-            .map_err(internal)?;
-            Ok(out)
+            render(format, |out, f| billing::write(out, &bills, period, f))
         })
         .await
     }
@@ -165,9 +148,7 @@ impl Reports for LakeReports {
             let report = analytics::overage(&config, period)
                 .await
                 .map_err(internal)?;
-            render(&report, format, |out, f| {
-                analytics::write_overage(out, &report, f)
-            })
+            render(format, |out, f| analytics::write_overage(out, &report, f))
         })
         .await
     }
@@ -194,9 +175,7 @@ impl Reports for LakeReports {
             let report = analytics::adoption(&config, range, feature.as_deref(), &free)
                 .await
                 .map_err(internal)?;
-            render(&report, format, |out, f| {
-                analytics::write_adoption(out, &report, f)
-            })
+            render(format, |out, f| analytics::write_adoption(out, &report, f))
         })
         .await
     }
@@ -367,116 +346,18 @@ fn the_query_is_at_fault(e: &DataFusionError) -> bool {
     }
 }
 
-/// A report the CLI writes as JSON or CSV, in `format`.
-fn render<R: Serialize>(
-    report: &R,
+/// A report the CLI writes, in the API's `format`.
+fn render(
     format: Format,
-    write: impl Fn(&mut dyn Write, CliFormat) -> anyhow::Result<()>,
+    write: impl Fn(&mut dyn Write, ReportFormat) -> anyhow::Result<()>,
 ) -> Result<Vec<u8>, ReportError> {
-    let mut out = Vec::new();
-    match format {
-        Format::Json => write(&mut out, CliFormat::Json).map_err(internal)?,
-        Format::Csv => write(&mut out, CliFormat::Csv).map_err(internal)?,
-        Format::Arrow => return sections_to_arrow(report),
-    }
-    Ok(out)
-}
-
-/// A CSV table (the billing lines) as an Arrow IPC stream: `events` as int64, every
-/// other column as text (empty: null).
-fn csv_to_arrow(csv: &[u8]) -> Result<Vec<u8>, ReportError> {
-    let header = csv.split(|b| *b == b'\n').next().unwrap_or_default();
-    let fields: Vec<Field> = String::from_utf8_lossy(header)
-        .trim_end()
-        .split(',')
-        .map(|name| {
-            let kind = if name == "events" {
-                DataType::Int64
-            } else {
-                DataType::Utf8
-            };
-            Field::new(name, kind, true)
-        })
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
-        .with_header(true)
-        .build(std::io::Cursor::new(csv))
-        .map_err(internal)?;
-    let mut out = Vec::new();
-    let mut writer =
-        arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).map_err(internal)?;
-    for batch in reader {
-        writer.write(&batch.map_err(internal)?).map_err(internal)?;
-    }
-    writer.finish().map_err(internal)?;
-    drop(writer);
-    Ok(out)
-}
-
-/// A report of parts (the JSON object's arrays of rows) as one Arrow table: `section`
-/// (the part's name), the object's scalars, then every part's columns in name order,
-/// typed as inferred from the JSON; null where a part has no such column.
-fn sections_to_arrow<R: Serialize>(report: &R) -> Result<Vec<u8>, ReportError> {
-    let Value::Object(report) = serde_json::to_value(report).map_err(internal)? else {
-        return Err(internal("the report is not a JSON object"));
+    let format = match format {
+        Format::Json => ReportFormat::Json,
+        Format::Csv => ReportFormat::Csv,
+        Format::Arrow => ReportFormat::Arrow,
     };
-    let scalars: Vec<(&String, &Value)> = report.iter().filter(|(_, v)| !v.is_array()).collect();
-    let mut heading = serde_json::Map::new();
-    heading.insert("section".to_owned(), Value::from(""));
-    for (name, value) in &scalars {
-        heading.insert((*name).clone(), (*value).clone());
-    }
-    let mut rows = Vec::new();
-    for (section, value) in &report {
-        let Value::Array(items) = value else { continue };
-        for item in items {
-            let mut row = heading.clone();
-            row.insert("section".to_owned(), Value::from(section.as_str()));
-            if let Value::Object(fields) = item {
-                row.extend(fields.clone());
-            }
-            rows.push(Value::Object(row));
-        }
-    }
-    let heading = Value::Object(heading);
-    let inferred =
-        arrow::json::reader::infer_json_schema_from_iterator(rows.iter().chain([&heading]).map(Ok))
-            .map_err(internal)?;
-    // `section` and the scalars first, then the rest in name order.
-    let first: Vec<&str> = std::iter::once("section")
-        .chain(scalars.iter().map(|(name, _)| name.as_str()))
-        .collect();
-    let mut fields: Vec<Arc<Field>> = first
-        .iter()
-        .filter_map(|name| inferred.field_with_name(name).ok())
-        .map(|f| Arc::new(f.clone()))
-        .collect();
-    let mut rest: Vec<Arc<Field>> = inferred
-        .fields()
-        .iter()
-        .filter(|f| !first.contains(&f.name().as_str()))
-        .cloned()
-        .collect();
-    rest.sort_by(|a, b| a.name().cmp(b.name()));
-    fields.extend(rest);
-    let schema: SchemaRef = Arc::new(Schema::new(fields));
-
-    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
-        .with_coerce_primitive(true)
-        .build_decoder()
-        .map_err(internal)?;
     let mut out = Vec::new();
-    let mut writer =
-        arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema).map_err(internal)?;
-    for chunk in rows.chunks(8192) {
-        decoder.serialize(chunk).map_err(internal)?;
-        if let Some(batch) = decoder.flush().map_err(internal)? {
-            writer.write(&batch).map_err(internal)?;
-        }
-    }
-    writer.finish().map_err(internal)?;
-    drop(writer);
+    write(&mut out, format).map_err(internal)?;
     Ok(out)
 }
 

@@ -1,5 +1,5 @@
 //! The report routes over real HTTP: billing, overage and adoption answer what the CLI
-//! prints for the same lake (JSON and CSV byte for byte, Arrow row for row), SQL streams
+//! prints for the same lake (JSON, CSV and Arrow byte for byte), SQL streams
 //! and refuses what is not a query, `Accept` picks the format, the roles and a portal
 //! key's customer bound who reads what, and the SQL limits answer with a clear status
 //! while the server goes on.
@@ -234,7 +234,8 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         String::from_utf8_lossy(&csv_cli)
     );
 
-    // Arrow: the CSV's rows; each customer's amounts add up to its JSON total.
+    // Arrow: byte for byte as the CLI's; the CSV's rows; each customer's amounts add up
+    // to its JSON total.
     let arrow = ok(
         get(
             &api,
@@ -246,6 +247,10 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         ARROW,
     )
     .await;
+    assert_eq!(
+        arrow,
+        cli(&h, &["billing", "--period", "2026-11", "--format", "arrow"])
+    );
     let arrow = batches(&arrow);
     let csv_rows = String::from_utf8(csv).unwrap().lines().count() - 1;
     assert_eq!(rows(&arrow), csv_rows);
@@ -336,19 +341,22 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         csv,
         cli(&h, &["overage", "--period", "2026-11", "--format", "csv"])
     );
-    let arrow = batches(
-        &ok(
-            get(
-                &api,
-                "/api/v1/overage?period=2026-11",
-                Some(&billing),
-                Some(ARROW),
-            )
-            .await,
-            ARROW,
+    let arrow = ok(
+        get(
+            &api,
+            "/api/v1/overage?period=2026-11",
+            Some(&billing),
+            Some(ARROW),
         )
         .await,
+        ARROW,
+    )
+    .await;
+    assert_eq!(
+        arrow,
+        cli(&h, &["overage", "--period", "2026-11", "--format", "arrow"])
     );
+    let arrow = batches(&arrow);
     let sections = texts(&arrow, "section");
     for part in parts {
         let n = sections
@@ -400,19 +408,22 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
     )
     .await;
     assert_eq!(csv, cli(&h, &[&args[..], &["--format", "csv"]].concat()));
-    let arrow = batches(
-        &ok(
-            get(
-                &api,
-                &format!("/api/v1/adoption?{range}"),
-                Some(&analyst),
-                Some(ARROW),
-            )
-            .await,
-            ARROW,
+    let arrow = ok(
+        get(
+            &api,
+            &format!("/api/v1/adoption?{range}"),
+            Some(&analyst),
+            Some(ARROW),
         )
         .await,
+        ARROW,
+    )
+    .await;
+    assert_eq!(
+        arrow,
+        cli(&h, &[&args[..], &["--format", "arrow"]].concat())
     );
+    let arrow = batches(&arrow);
     let rows_in_json: usize = report
         .as_object()
         .unwrap()
