@@ -45,7 +45,8 @@ enum Command {
     ///
     /// Example: tally billing --period 2026-11 --format csv
     Billing(BillingCmd),
-    /// Run one read-only SQL query over the lake (tables `events` and `rollups`).
+    /// Run one read-only SQL query over the lake (tables `events`, `rollups`, `decisions`) and
+    /// the definitions (`plans`, `prices`, `customers`, `customer_addons`).
     ///
     /// Only queries run: DDL, DML, COPY, SET, several statements and table functions that
     /// read files are refused. The query is bounded by --memory-limit-mib and

@@ -186,7 +186,7 @@ impl Reports for LakeReports {
             time_limit: self.time_limit,
             ..LakehouseOptions::default()
         };
-        let lake_dir = self.config.lake_dir();
+        let config = self.config.clone();
         // Waiting for a turn ends with this request if its client goes away.
         let slot = self
             .sql_slots
@@ -212,9 +212,12 @@ impl Reports for LakeReports {
             };
             runtime.block_on(async move {
                 let work = async {
-                    let lake = Lakehouse::open_with(&lake_dir, options)
+                    let lake = Lakehouse::open_with(&config.lake_dir(), options)
                         .await
                         .map_err(|e| ReportError::Internal(format!("opening the lake: {e}")))?;
+                    crate::sql::with_definitions(&config, &lake, &query)
+                        .await
+                        .map_err(|e| ReportError::Internal(format!("{e:#}")))?;
                     let stream = sql::run(&lake, &query).await.map_err(sql_error)?;
                     send_stream(stream, format, tx.clone()).await
                 };

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use arrow::record_batch::RecordBatch;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
+use tally_query::catalog::DEFINITION_TABLES;
 use tally_query::output::{OutputFormat, write_stream};
 use tally_query::sql::{self, SqlError};
 use tally_query::{Lakehouse, LakehouseOptions};
@@ -30,7 +32,9 @@ pub enum SqlFormat {
 
 #[derive(Debug, Args)]
 pub struct SqlArgs {
-    /// One query (SELECT or WITH … SELECT) over the tables `events` and `rollups`.
+    /// One query (SELECT or WITH … SELECT) over the lake's tables `events` and `rollups`,
+    /// `decisions`, and the definitions' `plans`, `prices`, `customers` and
+    /// `customer_addons` (read from NATS when the query names one).
     pub query: String,
     #[arg(long, value_enum, default_value_t = SqlFormat::Table)]
     pub format: SqlFormat,
@@ -55,6 +59,7 @@ pub async fn run(config: &Config, args: SqlArgs) -> anyhow::Result<ExitCode> {
         ..LakehouseOptions::default()
     };
     let lake = Lakehouse::open_with(&config.lake_dir(), options).await?;
+    with_definitions(config, &lake, &args.query).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = match args.format {
@@ -87,6 +92,26 @@ pub async fn run(config: &Config, args: SqlArgs) -> anyhow::Result<ExitCode> {
             Err(e.into())
         }
     }
+}
+
+/// Registers the definitions' tables in `lake` if `query` names one of them: they are
+/// read from NATS, which a query over the lake alone does not need.
+pub(crate) async fn with_definitions(
+    config: &Config,
+    lake: &Lakehouse,
+    query: &str,
+) -> anyhow::Result<()> {
+    let named = sql::tables_named(lake, query);
+    if !DEFINITION_TABLES.iter().any(|t| named.contains(*t)) {
+        return Ok(());
+    }
+    let defs = crate::analytics::definitions(config)
+        .await
+        .context("reading the definitions the query's tables hold")?;
+    let plans: Vec<_> = defs.plans.into_values().collect();
+    let customers: Vec<_> = defs.customers.into_values().collect();
+    lake.register_definitions(&plans, &customers)?;
+    Ok(())
 }
 
 /// The whole result, for the table format.

@@ -97,9 +97,20 @@ async fn send(h: &Harness, customer: &str, feature: &str, n: usize, quantity: u3
 }
 
 fn billing(h: &Harness, period: &str, extra: &[&str]) -> Vec<Value> {
+    json_rows(
+        h,
+        &[
+            &["billing", "--period", period, "--format", "json"][..],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
+/// The rows a `tally` command prints as a JSON array, against the harness's server.
+fn json_rows(h: &Harness, args: &[&str]) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["billing", "--period", period, "--format", "json"])
-        .args(extra)
+        .args(args)
         .args(["--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
         .output()
@@ -459,4 +470,124 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
     );
     assert!(checked >= 150, "{checked} invoices");
     assert!(charged > Decimal::ZERO);
+}
+
+/// `tally sql` over the definitions: the plans, every price model's rows (tiers one row
+/// each, money exact), the customers and their add-ons, joined as a product manager
+/// would; and `decisions` beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_reads_plans_prices_customers_and_decisions() {
+    let h = Harness::start().await;
+    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let catalog: Catalog = toml::from_str(CATALOG).unwrap();
+    defs.apply_catalog(&catalog, "test").await.unwrap();
+    let mut ana = Customer::new("ana", "starter");
+    ana.addons = vec![AddOnRef {
+        id: "support".to_owned(),
+        quantity: 2,
+    }];
+    ana.regions = vec!["eu".to_owned(), "us".to_owned()];
+    ana.valid_from = Some("2026-11-01T00:00:00Z".parse().unwrap());
+    defs.apply_customers(
+        &Customers {
+            customers: vec![ana, Customer::new("cy", "scale")],
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let sql = |query: &str| json_rows(&h, &["sql", query, "--format", "json"]);
+    let row = |r: &Value, columns: &[&str]| -> String {
+        columns
+            .iter()
+            .map(|c| match &r[*c] {
+                Value::Null => "-".to_owned(),
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+
+    let plans = sql(
+        "SELECT plan, name, currency, CAST(flat_fee AS VARCHAR) AS flat_fee,
+                CAST(minimum AS VARCHAR) AS minimum
+         FROM plans ORDER BY plan",
+    );
+    let columns = ["plan", "name", "currency", "flat_fee", "minimum"];
+    let plans: Vec<String> = plans.iter().map(|r| row(r, &columns)).collect();
+    assert_eq!(plans, ["scale Scale EUR 50 0", "starter Starter EUR 10 30"]);
+
+    // Money at the most decimal places of its column: 0.005 makes unit prices three.
+    let prices = sql(
+        "SELECT plan, feature, model, tier, CAST(included AS VARCHAR) AS included,
+                CAST(up_to AS VARCHAR) AS up_to, CAST(unit_price AS VARCHAR) AS unit_price,
+                CAST(flat_price AS VARCHAR) AS flat_price,
+                CAST(package_size AS VARCHAR) AS package_size,
+                CAST(package_price AS VARCHAR) AS package_price,
+                CAST(overage_unit_price AS VARCHAR) AS overage_unit_price
+         FROM prices ORDER BY plan, feature, tier",
+    );
+    let columns = [
+        "plan",
+        "feature",
+        "model",
+        "tier",
+        "included",
+        "up_to",
+        "unit_price",
+        "flat_price",
+        "package_size",
+        "package_price",
+        "overage_unit_price",
+    ];
+    let prices: Vec<String> = prices.iter().map(|r| row(r, &columns)).collect();
+    assert_eq!(
+        prices,
+        [
+            "scale calls graduated 1 0 500 0.040 0 - - 0.10",
+            "scale calls graduated 2 0 - 0.020 0 - - 0.10",
+            "scale mb volume 1 0 1000 0.010 0 - - -",
+            "scale mb volume 2 0 - 0.005 2 - - -",
+            "starter calls per_unit - 100 - 0.050 - - - -",
+            "starter mb package - 0 - - - 100 1.00 -",
+        ]
+    );
+
+    let customers = sql(
+        "SELECT c.customer, p.name AS plan_name, c.status, array_to_string(c.regions, '+') AS regions,
+                CAST(c.valid_from AS VARCHAR) AS valid_from, c.anchor_day, a.addon, a.quantity
+         FROM customers c JOIN plans p ON c.plan = p.plan
+         LEFT JOIN customer_addons a ON a.customer = c.customer
+         ORDER BY c.customer",
+    );
+    let columns = [
+        "customer",
+        "plan_name",
+        "status",
+        "regions",
+        "valid_from",
+        "anchor_day",
+        "addon",
+        "quantity",
+    ];
+    let customers: Vec<String> = customers.iter().map(|r| row(r, &columns)).collect();
+    assert_eq!(
+        customers,
+        [
+            "ana Starter active eu+us 2026-11-01T00:00:00Z 1 support 2",
+            "cy Scale active  - 1 - -",
+        ]
+    );
+
+    let decisions = sql("SELECT decision, code, billable FROM decisions ORDER BY code");
+    let decisions: Vec<String> = decisions
+        .iter()
+        .map(|r| row(r, &["decision", "code", "billable"]))
+        .collect();
+    assert_eq!(decisions.len(), 9);
+    assert_eq!(
+        decisions[..3],
+        ["accepted 0 true", "overage 1 true", "limit_reached 2 false"]
+    );
 }

@@ -178,3 +178,47 @@ fn sql_stops_a_query_at_its_time_limit() {
     // The process ends with the query, not when the work it started would.
     assert!(elapsed < Duration::from_secs(8), "{elapsed:?}");
 }
+
+/// A query over the lake alone needs no NATS; one that names a definitions' table reads
+/// them from NATS, and says so when it cannot.
+#[test]
+fn sql_reads_nats_only_for_the_definitions_tables() {
+    let data = data_dir();
+    let unreachable = ["--nats-url", "nats://127.0.0.1:9"];
+    let csv = |query: &str| -> String {
+        let output = tally_sql(
+            data.path(),
+            &[&[query, "--format", "csv"][..], &unreachable].concat(),
+        );
+        assert!(
+            output.status.success(),
+            "{query}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(csv(BY_CUSTOMER).lines().count(), 4);
+    // The lake's decisions beside its events, no NATS either.
+    assert_eq!(
+        csv("SELECT d.decision, d.billable, COUNT(*) AS events
+             FROM events e JOIN decisions d ON e.decision_code = d.code
+             GROUP BY d.decision, d.billable"),
+        "decision,billable,events\naccepted,true,60\n"
+    );
+
+    let output = tally_sql(
+        data.path(),
+        &[
+            &["SELECT * FROM plans", "--format", "csv"][..],
+            &unreachable,
+        ]
+        .concat(),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("reading the definitions the query's tables hold"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+}

@@ -16,6 +16,7 @@
 //! JSON, CSV or Arrow IPC.
 
 pub mod analytics;
+pub mod catalog;
 pub mod output;
 pub mod sql;
 mod store;
@@ -166,11 +167,15 @@ impl Lakehouse {
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         register(&ctx, root, schema::EVENTS_TABLE, lake_schema())?;
         register(&ctx, root, ROLLUPS_TABLE, rollup_schema())?;
-        Ok(Self {
+        let house = Self {
             ctx,
             options,
             root: root.to_owned(),
-        })
+        };
+        house.register_batch("decisions", catalog::decisions()?)?;
+        // The definitions' tables, empty until the caller registers the definitions.
+        house.register_definitions(&[], &[])?;
+        Ok(house)
     }
 
     pub fn options(&self) -> &LakehouseOptions {

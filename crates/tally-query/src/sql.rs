@@ -32,6 +32,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
+use datafusion::execution::SessionState;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
@@ -173,22 +174,7 @@ pub async fn run(lake: &Lakehouse, sql: &str) -> Result<SendableRecordBatchStrea
     let time_limit = options.time_limit;
     let ctx = lake.context();
     let state = ctx.state();
-
-    // Parse every statement the text holds, to refuse more than one by name.
-    let config = state.config().options();
-    let dialect = dialect_from_str(config.sql_parser.dialect)
-        .ok_or_else(|| SqlError::Syntax("the session's SQL dialect is unknown".to_owned()))?;
-    let mut statements = DFParserBuilder::new(sql)
-        .with_dialect(dialect.as_ref())
-        .with_recursion_limit(config.sql_parser.recursion_limit.get())
-        .build()
-        .and_then(|mut parser| parser.parse_statements())
-        .map_err(|e| SqlError::Syntax(e.strip_backtrace()))?;
-    let statement = match statements.len() {
-        0 => return Err(SqlError::Refused(Refusal::Empty)),
-        1 => statements.pop_front().expect("one statement"),
-        n => return Err(SqlError::Refused(Refusal::MultipleStatements(n))),
-    };
+    let statement = parse(&state, sql)?;
 
     // Only a query, calling only allowed table functions, over registered tables.
     let functions = check_statement(&statement).map_err(SqlError::Refused)?;
@@ -246,6 +232,37 @@ pub async fn run(lake: &Lakehouse, sql: &str) -> Result<SendableRecordBatchStrea
         memory_limit,
         time_limit,
     }))
+}
+
+/// The one statement `sql` holds; more than one is refused by name.
+fn parse(state: &SessionState, sql: &str) -> Result<DfStatement, SqlError> {
+    let config = state.config().options();
+    let dialect = dialect_from_str(config.sql_parser.dialect)
+        .ok_or_else(|| SqlError::Syntax("the session's SQL dialect is unknown".to_owned()))?;
+    let mut statements = DFParserBuilder::new(sql)
+        .with_dialect(dialect.as_ref())
+        .with_recursion_limit(config.sql_parser.recursion_limit.get())
+        .build()
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| SqlError::Syntax(e.strip_backtrace()))?;
+    match statements.len() {
+        0 => Err(SqlError::Refused(Refusal::Empty)),
+        1 => Ok(statements.pop_front().expect("one statement")),
+        n => Err(SqlError::Refused(Refusal::MultipleStatements(n))),
+    }
+}
+
+/// The names of the tables `sql` names (none where it does not parse: [`run`] then says
+/// why), for a caller to register what the query reads before running it.
+pub fn tables_named(lake: &Lakehouse, sql: &str) -> BTreeSet<String> {
+    let state = lake.context().state();
+    let Ok(statement) = parse(&state, sql) else {
+        return BTreeSet::new();
+    };
+    state
+        .resolve_table_references(&statement)
+        .map(|references| references.iter().map(|r| r.table().to_owned()).collect())
+        .unwrap_or_default()
 }
 
 /// The names of the tables a query may read, sorted.

@@ -287,7 +287,10 @@ async fn every_kind_of_statement_that_is_not_a_query_is_refused() {
                 let message = e.to_string();
                 assert_eq!(
                     message,
-                    format!("unknown table {table}; the tables are: events, rollups"),
+                    format!(
+                        "unknown table {table}; the tables are: customer_addons, customers, \
+                         decisions, events, plans, prices, rollups"
+                    ),
                     "{query}"
                 );
             }

@@ -360,7 +360,8 @@ async fn adoption(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SqlRequest {
-    /// One query (`SELECT …` or `WITH … SELECT …`) over the tables `events` and `rollups`.
+    /// One query (`SELECT …` or `WITH … SELECT …`) over the tables `events`, `rollups`,
+    /// `decisions`, `plans`, `prices`, `customers` and `customer_addons`.
     #[schema(example = "SELECT customer, SUM(quantity) AS quantity FROM events GROUP BY customer")]
     pub query: String,
 }
