@@ -265,8 +265,8 @@ impl Lakehouse {
 
     /// Billing from every event in `scope`, aggregated apart for each worker partition's
     /// files and then merged (`billing_merge.sql`). Customers are hashed to partitions, so
-    /// each aggregation holds about one partition's share of the lines, and its hash table
-    /// stays in cache (BENCHMARKS.md). The merge adds up a line that two partitions share
+    /// each aggregation holds about one partition's share of the lines in a hash table a
+    /// sixteenth the size (BENCHMARKS.md). The merge adds up a line that two partitions share
     /// (when the partition count changed within the period), so the answer is the same.
     ///
     /// Every event is read with its strings as string views, which DataFusion groups
