@@ -163,6 +163,24 @@ fn batches(arrow: &[u8]) -> Vec<RecordBatch> {
         .collect()
 }
 
+/// A report route's Arrow answer, checked byte for byte against what the CLI prints for
+/// `args` with `--format arrow`, as record batches.
+async fn arrow_as_cli(
+    h: &Harness,
+    api: &TestApi,
+    path: &str,
+    key: &str,
+    args: &[&str],
+) -> Vec<RecordBatch> {
+    let arrow = ok(get(api, path, Some(key), Some(ARROW)).await, ARROW).await;
+    assert_eq!(
+        arrow,
+        cli(h, &[args, &["--format", "arrow"]].concat()),
+        "{path}"
+    );
+    batches(&arrow)
+}
+
 fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
@@ -236,22 +254,14 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
 
     // Arrow: byte for byte as the CLI's; the CSV's rows; each customer's amounts add up
     // to its JSON total.
-    let arrow = ok(
-        get(
-            &api,
-            "/api/v1/billing?period=2026-11",
-            Some(&billing),
-            Some(ARROW),
-        )
-        .await,
-        ARROW,
+    let arrow = arrow_as_cli(
+        &h,
+        &api,
+        "/api/v1/billing?period=2026-11",
+        &billing,
+        &["billing", "--period", "2026-11"],
     )
     .await;
-    assert_eq!(
-        arrow,
-        cli(&h, &["billing", "--period", "2026-11", "--format", "arrow"])
-    );
-    let arrow = batches(&arrow);
     let csv_rows = String::from_utf8(csv).unwrap().lines().count() - 1;
     assert_eq!(rows(&arrow), csv_rows);
     let events: i64 = arrow
@@ -341,22 +351,14 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         csv,
         cli(&h, &["overage", "--period", "2026-11", "--format", "csv"])
     );
-    let arrow = ok(
-        get(
-            &api,
-            "/api/v1/overage?period=2026-11",
-            Some(&billing),
-            Some(ARROW),
-        )
-        .await,
-        ARROW,
+    let arrow = arrow_as_cli(
+        &h,
+        &api,
+        "/api/v1/overage?period=2026-11",
+        &billing,
+        &["overage", "--period", "2026-11"],
     )
     .await;
-    assert_eq!(
-        arrow,
-        cli(&h, &["overage", "--period", "2026-11", "--format", "arrow"])
-    );
-    let arrow = batches(&arrow);
     let sections = texts(&arrow, "section");
     for part in parts {
         let n = sections
@@ -408,22 +410,14 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
     )
     .await;
     assert_eq!(csv, cli(&h, &[&args[..], &["--format", "csv"]].concat()));
-    let arrow = ok(
-        get(
-            &api,
-            &format!("/api/v1/adoption?{range}"),
-            Some(&analyst),
-            Some(ARROW),
-        )
-        .await,
-        ARROW,
+    let arrow = arrow_as_cli(
+        &h,
+        &api,
+        &format!("/api/v1/adoption?{range}"),
+        &analyst,
+        &args,
     )
     .await;
-    assert_eq!(
-        arrow,
-        cli(&h, &[&args[..], &["--format", "arrow"]].concat())
-    );
-    let arrow = batches(&arrow);
     let rows_in_json: usize = report
         .as_object()
         .unwrap()
