@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it: formatting, clippy with warnings as errors, and every
-# test (unit, schema, Parquet, end-to-end against real nats-server processes).
+# test (unit, schema, Parquet, end-to-end against real nats-server processes), twice: on
+# today's clock and on a moved one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,10 +10,20 @@ export TALLY_NATS_SERVER
 echo "using $("$TALLY_NATS_SERVER" -v)"
 # The portal's browser test needs a headless Chromium; without one it skips (never fails).
 scripts/install-browser.sh >/dev/null || true
+scripts/install-faketime.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
+  run=(cargo nextest run --workspace --no-fail-fast)
 else
-  cargo test --workspace --no-fail-fast
+  run=(cargo test --workspace --no-fail-fast)
 fi
+"${run[@]}"
+# Once more with the clock moved to 00:30 UTC on the first day of a month about a year
+# ahead: no test may pass only on today's date, or only in the middle of a month. Each
+# test binary runs under faketime (cargo's target runner); the build is the same.
+moved="$(date -u -d "$(date -u +%Y-%m-01) +13 months" +%Y-%m-01) 00:30:00"
+offset=$(($(date -u -d "$moved" +%s) - $(date -u +%s)))
+echo "the suite again with the clock at $moved UTC (+${offset} s)"
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$root/scripts/moved-clock.sh" \
+  MOVED_CLOCK="+$offset" "${run[@]}"

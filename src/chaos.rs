@@ -362,6 +362,9 @@ impl Worker {
             .arg(dir)
             .env("TALLY_INGEST__LEASE_MS", LEASE_MS)
             .env("TALLY_LOG", "warn")
+            // Workers overlap while one takes over from another, and other programs may
+            // hold the default port: each worker's API on a free port.
+            .env("TALLY_API__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(File::create(&log)?)
             .spawn()

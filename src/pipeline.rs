@@ -49,10 +49,7 @@ impl Nats {
                 (server.url(), Some(server))
             }
         };
-        let client = async_nats::ConnectOptions::new()
-            .name("tally")
-            .retry_on_initial_connect()
-            .connection_timeout(std::time::Duration::from_secs(5))
+        let client = connect_options("tally")
             .connect(&url)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -64,6 +61,16 @@ impl Nats {
             server,
         })
     }
+}
+
+/// How every connection of a Tally process is made. A process started while its server is
+/// down (a worker restarted during a NATS restart) waits for it instead of failing: the
+/// first connection is retried as a dropped one would be.
+pub fn connect_options(name: &str) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(std::time::Duration::from_secs(5))
 }
 
 /// A running ingest worker and its lake writer.
@@ -111,17 +118,14 @@ impl Pipeline {
         )
         .await?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let leases = async_nats::ConnectOptions::new()
-            .name("tally-leases")
+        let leases = connect_options("tally-leases")
             .connect(&nats.url)
             .await
             .with_context(|| format!("connecting to NATS at {} for the leases", nats.url))?;
-        let responder = tally_ingest::checks::Responder::start(
-            &nats.url,
-            async_nats::ConnectOptions::new().name("tally-checks"),
-        )
-        .await
-        .with_context(|| format!("connecting to NATS at {} for the checks", nats.url))?;
+        let responder =
+            tally_ingest::checks::Responder::start(&nats.url, connect_options("tally-checks"))
+                .await
+                .with_context(|| format!("connecting to NATS at {} for the checks", nats.url))?;
         let mut worker = tokio::spawn(run_worker(
             nats.jetstream.clone(),
             async_nats::jetstream::new(leases),

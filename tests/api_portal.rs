@@ -593,6 +593,9 @@ async fn rendered(browser: &str, url: &str) -> String {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(url)
+            // The browser keeps the real clock in the suite's moved-clock run: Chromium
+            // does not start under libfaketime, and its clock is not Tally's.
+            .env_remove("LD_PRELOAD")
             .kill_on_drop(true)
             .output();
         let output = tokio::time::timeout(Duration::from_secs(60), output)

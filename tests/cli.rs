@@ -335,7 +335,11 @@ fn a_command_beside_a_running_serve_shares_its_embedded_nats_server() {
     let dir = tempfile::tempdir().unwrap();
     let tally = || {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
-        c.arg("--data-dir").arg(dir.path()).env("TALLY_LOG", "info");
+        c.arg("--data-dir")
+            .arg(dir.path())
+            .env("TALLY_LOG", "info")
+            // The API on a free port: a `tally serve` of another test may hold the default.
+            .env("TALLY_API__LISTEN", "127.0.0.1:0");
         c
     };
     let mut child = tally()
@@ -344,11 +348,17 @@ fn a_command_beside_a_running_serve_shares_its_embedded_nats_server() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let running = lines.by_ref().any(|l| {
+        let l = l.unwrap_or_default();
+        let running = l.contains("tally is running");
+        log.push(l);
+        running
+    });
     assert!(
-        lines
-            .by_ref()
-            .any(|l| l.unwrap_or_default().contains("tally is running")),
-        "tally serve exited before it was running"
+        running,
+        "tally serve exited before it was running:\n{}",
+        log.join("\n")
     );
     std::thread::spawn(move || lines.for_each(drop));
     let serve = common::Serve(child, None);

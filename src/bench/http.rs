@@ -105,22 +105,21 @@ pub async fn run(mut config: Config, args: HttpBench) -> anyhow::Result<std::pro
         .await?
         .token;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
     let server_dir = temp.path().join("server");
+    // The API binds a free port itself and names it on its first line of output: a port
+    // picked here and handed over could be taken by another process meanwhile.
     let mut server = std::process::Command::new(std::env::current_exe()?)
         .arg("serve")
         .args(["--nats-url", &nats.url, "--data-dir"])
         .arg(&server_dir)
-        .env("TALLY_API__LISTEN", format!("127.0.0.1:{port}"))
+        .env("TALLY_API__LISTEN", "127.0.0.1:0")
         .env("TALLY_LOG", "error")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .context("starting tally serve")?;
-    let base = format!("http://127.0.0.1:{port}");
+    let base = api_url(&mut server)?;
     let load = async {
         wait_ready(&base).await?;
         let offer = Offer {
@@ -189,6 +188,27 @@ pub async fn run(mut config: Config, args: HttpBench) -> anyhow::Result<std::pro
 }
 
 /// Waits until the server is ready (NATS reachable, every partition owned).
+/// The URL a starting `tally serve` names (`tally api on …`); its output is drained after.
+fn api_url(server: &mut std::process::Child) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let stderr = server.stderr.take().context("tally serve's output")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(url) = line.strip_prefix("tally api on ") {
+            let url = url.trim().to_owned();
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok(url);
+        }
+        seen.push(line);
+    }
+    anyhow::bail!(
+        "tally serve exited before its API listened: {}",
+        seen.join("\n")
+    )
+}
+
 async fn wait_ready(base: &str) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(120);

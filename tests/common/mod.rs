@@ -29,6 +29,14 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Harness {
+        // `TEST_LOG=info` (any tracing filter) shows what the pipeline logs (not `TALLY_…`:
+        // the binary reads those as configuration).
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let server = tokio::task::spawn_blocking(NatsServer::start_temp)
             .await
             .unwrap()

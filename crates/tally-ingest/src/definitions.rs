@@ -29,9 +29,6 @@ const HISTORY: i64 = 16;
 /// How often [`Definitions::modify_customer`] reads again after losing a race.
 const MODIFY_ATTEMPTS: usize = 32;
 
-/// The clock skew tolerated between a writer's and the server's clock in audit reads.
-const AUDIT_CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
-
 /// How long an audit read waits for the next entry the server said is pending.
 const AUDIT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,6 +83,8 @@ pub struct Applied {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub actor: String,
+    /// When the audit stream stored the change: read back from the server, so the audit is
+    /// ordered and filtered on one clock, whatever the writer's clock said.
     pub time: DateTime<Utc>,
     pub kind: String,
     pub id: String,
@@ -419,8 +418,9 @@ impl Definitions {
             let Ok(message) = stream.get_raw_message(seq).await else {
                 continue;
             };
-            let entry = serde_json::from_slice(&message.payload)
+            let mut entry: AuditEntry = serde_json::from_slice(&message.payload)
                 .map_err(|e| Error::Definition(format!("audit entry {seq}: {e}")))?;
+            entry.time = message.time;
             out.push(entry);
         }
         Ok(out)
@@ -446,9 +446,8 @@ impl Definitions {
             filter.id.as_deref().map_or("*".to_owned(), customer_token)
         );
         let deliver_policy = match filter.from {
-            // An entry's time is taken on the writer's clock, its stored time on the
-            // server's: start early enough for their skew, then filter on the entry's.
-            Some(from) => start_time(from - AUDIT_CLOCK_SKEW)?,
+            // An entry's time is the time it was stored, so the server seeks to it exactly.
+            Some(from) => start_time(from)?,
             None => consumer::DeliverPolicy::All,
         };
         let consumer = stream
@@ -475,17 +474,15 @@ impl Definitions {
             let Some(message) = message else {
                 break;
             };
-            let pending = message
+            let info = message
                 .info()
-                .map_err(|e| Error::nats("read the audit stream", e))?
-                .pending;
-            let entry: AuditEntry = serde_json::from_slice(&message.payload).map_err(|e| {
+                .map_err(|e| Error::nats("read the audit stream", e))?;
+            let (pending, stored) = (info.pending, info.published);
+            let mut entry: AuditEntry = serde_json::from_slice(&message.payload).map_err(|e| {
                 Error::Definition(format!("audit entry on {}: {e}", message.subject))
             })?;
-            if filter
-                .to
-                .is_some_and(|to| entry.time >= to + AUDIT_CLOCK_SKEW)
-            {
+            entry.time = stored;
+            if filter.to.is_some_and(|to| entry.time >= to) {
                 break;
             }
             let after_from = filter.from.is_none_or(|from| entry.time >= from);

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::Context;
 use async_nats::jetstream::kv::{Entry, Operation, Store};
+use async_nats::jetstream::response::Response;
 use futures::StreamExt;
 use tally_core::entitlement::{AddOn, Customer, Plan};
 use tally_core::subject::{CATALOG_BUCKET, CUSTOMERS_BUCKET, id_from_kv_key, partition_of};
@@ -31,8 +32,10 @@ use tokio_util::sync::CancellationToken;
 use crate::definitions::Definitions;
 use crate::{Error, Result};
 
-/// How far the worker's clock may run ahead of nats-server's before a message stored just
-/// before a synchronisation is taken for one stored after it (which only costs a sync).
+/// How far the clocks of the servers leading the buckets' streams and the events stream may
+/// disagree (in a cluster they are different hosts) before a message stored just before a
+/// synchronisation is taken for one stored after it (which only costs a sync). Every time
+/// compared is a server's: the worker's own clock never enters.
 const CLOCK_MARGIN_US: i64 = 5_000;
 /// How long a sync waits for the watches before deciding with what it has.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,11 +124,12 @@ impl Entitlements {
             this.last_revision(&this.catalog),
             this.last_revision(&this.customers)
         );
-        this.catalog.started_at.store(c?, Ordering::Release);
-        this.customers.started_at.store(k?, Ordering::Release);
+        this.catalog.started_at.store(c?.0, Ordering::Release);
+        this.customers.started_at.store(k?.0, Ordering::Release);
         tokio::spawn(follow(this.clone(), catalog, cancel.clone()));
         tokio::spawn(follow(this.clone(), customers, cancel));
-        this.sync_for(chrono::Utc::now().timestamp_micros()).await?;
+        // Everything written so far, whenever it was stored.
+        this.sync_for(i64::MAX).await?;
         Ok(this)
     }
 
@@ -175,13 +179,15 @@ impl Entitlements {
         if stored_us <= self.synced_until.load(Ordering::Acquire) {
             return Ok(());
         }
-        let started = chrono::Utc::now().timestamp_micros();
         // Both buckets' last revisions, asked at once.
         let (catalog, customers) = tokio::join!(
             self.last_revision(&self.catalog),
             self.last_revision(&self.customers)
         );
-        for (followed, last) in [(&self.catalog, catalog?), (&self.customers, customers?)] {
+        let (catalog, customers) = (catalog?, customers?);
+        // Every change stored before the servers answered has one of these revisions.
+        let asked_at = catalog.1.min(customers.1);
+        for (followed, (last, _)) in [(&self.catalog, catalog), (&self.customers, customers)] {
             let mut applied = followed.applied.subscribe();
             let caught_up = tokio::time::timeout(SYNC_TIMEOUT, applied.wait_for(|r| *r >= last));
             if !matches!(caught_up.await, Ok(Ok(_))) {
@@ -194,7 +200,7 @@ impl Entitlements {
             }
         }
         self.synced_until
-            .store(started - CLOCK_MARGIN_US, Ordering::Release);
+            .store(asked_at - CLOCK_MARGIN_US, Ordering::Release);
         Ok(())
     }
 
@@ -224,17 +230,27 @@ impl Entitlements {
         }
     }
 
-    async fn last_revision(&self, followed: &Followed) -> Result<u64> {
-        let stream = self
+    async fn last_revision(&self, followed: &Followed) -> Result<(u64, i64)> {
+        /// The part of JetStream's stream info read here: `ts` is the server's time when it
+        /// answered (nats-server 2.10+), on the clock that stamps stored messages.
+        #[derive(serde::Deserialize)]
+        struct InfoAt {
+            state: LastSeq,
+            ts: chrono::DateTime<chrono::Utc>,
+        }
+        #[derive(serde::Deserialize)]
+        struct LastSeq {
+            last_seq: u64,
+        }
+        let response: Response<InfoAt> = self
             .js
-            .get_stream_no_info(&followed.stream)
+            .request(format!("STREAM.INFO.{}", followed.stream), &())
             .await
             .map_err(|e| Error::nats("read a definitions bucket", e))?;
-        let info = stream
-            .get_info()
-            .await
-            .map_err(|e| Error::nats("read a definitions bucket", e))?;
-        Ok(info.state.last_sequence)
+        match response {
+            Response::Ok(info) => Ok((info.state.last_seq, info.ts.timestamp_micros())),
+            Response::Err { error } => Err(Error::nats("read a definitions bucket", error)),
+        }
     }
 
     /// Applies one bucket entry to the engine; for a customer of this process, returns

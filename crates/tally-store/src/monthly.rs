@@ -560,6 +560,7 @@ impl Lake {
             let lines_dir = self.lines_dir().join(month.dir_name());
             self.write_file_with(&self.monthly_props, &lines_dir, &name, &meta, &lines, fence)?;
             self.write_file_with(&self.monthly_props, &dir, &name, &meta, &rows, fence)?;
+            crate::stamp(&dir.join(&name), now)?;
             written += 1;
         }
         Ok(written)

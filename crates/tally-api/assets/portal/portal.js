@@ -191,13 +191,15 @@ function renderRequests(list) {
 }
 
 async function refresh() {
-  const today = new Date().toISOString().slice(0, 10);
-  const from = today.slice(0, 8) + "01";
   const [entitlements, license, requests] = await Promise.all([
     api("GET", customerPath("/entitlements")),
     api("POST", customerPath("/license"), {}),
     api("GET", customerPath("/access-requests")),
   ]);
+  // Today as the server counts it (the license was issued just now): a customer's computer
+  // with a wrong clock still sees this month's chart.
+  const today = new Date(license.license.issued_at).toISOString().slice(0, 10);
+  const from = today.slice(0, 8) + "01";
   $("plan").textContent = license.license.plan;
   $("plan").setAttribute("data-plan", license.license.plan);
   const blob = new Blob([license.token + "\n"], { type: "text/plain" });
