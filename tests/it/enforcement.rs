@@ -1,11 +1,10 @@
 //! Enforcement through a real nats-server: each decision recorded in the lake, upgrade
 //! prompts on the notification stream, and live entitlement changes.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeMap;
 
-use common::Harness;
+use crate::common::Harness;
 use tally::pipeline::Pipeline;
 use tally_core::entitlement::{
     Catalog, Customer, Customers, Enforcement, Entitlement, Metered, Plan, Status,

@@ -1,14 +1,13 @@
 //! End to end through a real nats-server: publish, ingest, lake, billing.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeMap;
 use std::fs::File;
 
+use crate::common::{Harness, parquet_files, until};
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, TimestampMicrosecondType};
 use chrono::{DateTime, NaiveDate};
-use common::{Harness, parquet_files, until};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally::pipeline::Pipeline;
 use tally::workload::{self, Spec};

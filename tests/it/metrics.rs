@@ -2,12 +2,11 @@
 //! owned and consumer lag, as Prometheus scrapes them. One test in this binary: the
 //! recorder is global to the process, so its counters are this test's alone.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeMap;
 
+use crate::common::Harness;
 use chrono::{DateTime, NaiveDate};
-use common::Harness;
 use reqwest::Method;
 use tally::pipeline::Pipeline;
 use tally::workload::{self, Spec};

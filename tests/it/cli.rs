@@ -1,8 +1,7 @@
 //! The `tally` commands as a user or a script runs them: real processes, real
 //! nats-servers.
 
-mod common;
-
+use crate::common;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

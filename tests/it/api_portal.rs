@@ -3,12 +3,10 @@
 //! the per-day usage route, portal links that expire, and the page itself driven by a
 //! headless Chromium when one is installed.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Harness, TestApi, until};
+use crate::common::{Harness, TestApi, until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tally::pipeline::Pipeline;

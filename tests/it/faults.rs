@@ -2,12 +2,11 @@
 //! under it, and a lake that refuses writes for a while. Nothing acknowledged to a
 //! publisher is lost or stored twice.
 
-mod common;
-
+use crate::common;
 use std::time::{Duration, Instant};
 
+use crate::common::Harness;
 use chrono::NaiveDate;
-use common::Harness;
 use tally::pipeline::Pipeline;
 use tally::workload::{self, OutMessage, Spec, Totals};
 

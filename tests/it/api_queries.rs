@@ -4,16 +4,14 @@
 //! key's customer bound who reads what, and the SQL limits answer with a clear status
 //! while the server goes on.
 
-mod common;
-
 use std::io::Cursor;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{Harness, TestApi};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
-use common::{Harness, TestApi};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
 use tally::pipeline::Pipeline;

@@ -2,14 +2,13 @@
 //! partition, a killed worker's partitions are taken over by the others, and workers that
 //! share the partitions hand some over when another joins.
 
-mod common;
-
+use crate::common;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::time::{Duration, Instant};
 
+use crate::common::{Harness, Serve};
 use chrono::NaiveDate;
-use common::{Harness, Serve};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use tally::workload::{self, OutMessage, Spec, Totals};
 use tally_ingest::ownership::{LEASES_BUCKET, lease_key, worker_pid};

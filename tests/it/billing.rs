@@ -3,16 +3,15 @@
 //! Every price model, a soft limit's overage price, a plan change inside the period,
 //! fees, an add-on, a minimum and late usage; every amount below is worked out by hand.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
 use chrono::Datelike;
 
+use crate::common::Harness;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Float64Type;
-use common::Harness;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 use tally::config::Config;

@@ -6,8 +6,7 @@
 //! metrics Tally exports, and every SQL panel's query runs on a real API over a lake with
 //! data, with the key that service's script makes.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

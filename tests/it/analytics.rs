@@ -2,11 +2,9 @@
 //! a real worker into the lake, the reports read through the CLI and checked against
 //! figures worked out by hand.
 
-mod common;
-
 use std::process::Command;
 
-use common::Harness;
+use crate::common::Harness;
 use serde_json::{Value, json};
 use tally::pipeline::Pipeline;
 use tally_core::entitlement::Customers;

@@ -1,12 +1,10 @@
 //! Every kind of malformed input, sent through a real nats-server: each gets its own
 //! reason in a dead letter, and the good events beside it still land in the lake.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use common::{Harness, parquet_files};
+use crate::common::{Harness, parquet_files};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally::pipeline::Pipeline;
 use tally::workload::{self, OutMessage};

@@ -3,9 +3,8 @@
 //! its field, orders provisioned once per Idempotency-Key, suspensions and cancellations
 //! applied live by the workers, and the routes closed to every other role.
 
-mod common;
-
-use common::{Harness, TestApi};
+use crate::common;
+use crate::common::{Harness, TestApi};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};

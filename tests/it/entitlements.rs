@@ -1,12 +1,10 @@
 //! Entitlement definitions in NATS key-value buckets: applied from the demo files, read
 //! back whole, audited once per change, and a bad file refused with every problem named.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::Harness;
+use crate::common::Harness;
 use tally::definitions::read_file;
 use tally_core::entitlement::{Catalog, Customers, Entitlement, Status};
 use tally_ingest::definitions::{Change, Definitions};

@@ -1,11 +1,10 @@
 //! The HTTP API against a real nats-server, over a real socket: who may call what, event
 //! ingest and its refusals, NATS going away, checks, and signed licenses.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeMap;
 
-use common::{Harness, TestApi, until};
+use crate::common::{Harness, TestApi, until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tally::pipeline::Pipeline;

@@ -1,0 +1,23 @@
+//! The end-to-end suite, one test binary (DataFusion and the rest link once): a module
+//! per area, sharing the harness in `common` (a real nats-server on a free port in its own
+//! temporary directory, stopped on drop, and Tally's pipeline wired as the binary wires it).
+
+mod common;
+
+mod analytics;
+mod api;
+mod api_portal;
+mod api_provisioning;
+mod api_queries;
+mod bad_input;
+mod billing;
+mod chaos;
+mod cli;
+mod compose;
+mod enforcement;
+mod entitlements;
+mod faults;
+mod metrics;
+mod ownership;
+mod pipeline;
+mod sql;
