@@ -85,12 +85,19 @@ async fn metrics_show_decisions_dead_letters_and_partitions_owned() {
         response.text().await.unwrap()
     };
     let partitions = f64::from(h.config.ingest.partitions);
-    // The lag gauges are sampled every few seconds.
-    common::until("consumer lag sampled for every partition", || async {
-        let text = scrape().await;
-        samples(&text, names::CONSUMER_PENDING).len() == usize::from(h.config.ingest.partitions)
-            && value(&text, names::PARTITIONS_OWNED, None) == Some(partitions)
-    })
+    // The lag gauges are sampled every few seconds: a sample taken while the events were
+    // being published still shows them pending, and the next one, after the drain, must
+    // show every partition's lag gone.
+    common::until(
+        "consumer lag sampled as nothing pending for every partition",
+        || async {
+            let text = scrape().await;
+            let lags = samples(&text, names::CONSUMER_PENDING);
+            lags.len() == usize::from(h.config.ingest.partitions)
+                && lags.iter().all(|(_, pending)| *pending == 0.0)
+                && value(&text, names::PARTITIONS_OWNED, None) == Some(partitions)
+        },
+    )
     .await;
     let text = scrape().await;
 
