@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -15,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::output::Format;
 use crate::pipeline::Nats;
-use crate::reports::LakeReports;
 
 /// A running API server.
 pub struct Api {
@@ -40,7 +38,7 @@ impl Api {
         tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest)
             .await
             .context("creating the events streams")?;
-        let reports = Arc::new(LakeReports::new(config.clone()));
+        let reports = tally_reports::LakeReports::new(config.lake_dir());
         let state = AppState::open(
             nats.jetstream.clone(),
             config.ingest.partitions,

@@ -269,14 +269,21 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
 /// The month's invoices, overage report and adoption, as a billing job and a product
 /// manager would ask for them.
 struct Analyses {
-    bills: Vec<crate::billing::Bill>,
-    overage: crate::analytics::OverageReport,
-    adoption: crate::analytics::AdoptionReport,
+    bills: Vec<tally_reports::Bill>,
+    overage: tally_reports::OverageReport,
+    adoption: tally_reports::AdoptionReport,
 }
 
 async fn analyse(config: &Config, spec: &Spec, period: Period) -> anyhow::Result<Analyses> {
-    let bills = crate::billing::invoices(config, period, None, false).await?;
-    let overage = crate::analytics::overage(config, period).await?;
+    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let defs = crate::reports::definitions(config).await?;
+    let request = tally_reports::InvoiceRequest {
+        period,
+        customer: None,
+        anniversary: false,
+    };
+    let bills = tally_reports::invoices(&lake, &defs, &request).await?.bills;
+    let overage = tally_reports::overage(&lake, &defs, period).await?;
     let last = spec
         .until
         .date_naive()
@@ -284,8 +291,8 @@ async fn analyse(config: &Config, spec: &Spec, period: Period) -> anyhow::Result
         .max(period.first_day());
     let range = tally_query::analytics::DateRange::new(period.first_day(), last)
         .context("the demo month")?;
-    let free = std::iter::once("free".to_owned()).collect();
-    let adoption = crate::analytics::adoption(config, range, None, &free).await?;
+    let request = tally_reports::AdoptionRequest::new(range);
+    let adoption = tally_reports::adoption(&lake, &defs, &request).await?;
     Ok(Analyses {
         bills,
         overage,
@@ -296,7 +303,7 @@ async fn analyse(config: &Config, spec: &Spec, period: Period) -> anyhow::Result
 impl Analyses {
     fn print(&self, top: usize) -> anyhow::Result<()> {
         use std::fmt::Write as _;
-        let mut bills: Vec<&crate::billing::Bill> = self.bills.iter().collect();
+        let mut bills: Vec<&tally_reports::Bill> = self.bills.iter().collect();
         bills.sort_by_key(|b| std::cmp::Reverse(b.invoice.total));
         let revenue: tally_core::pricing::Decimal = bills.iter().map(|b| b.invoice.total).sum();
         println!();
@@ -317,8 +324,8 @@ impl Analyses {
             );
         }
         let o = &self.overage;
-        let mut over: Vec<&crate::analytics::OverLine> = o.over.iter().collect();
-        let added = |l: &crate::analytics::OverLine| -> tally_core::pricing::Decimal {
+        let mut over: Vec<&tally_reports::OverLine> = o.over.iter().collect();
+        let added = |l: &tally_reports::OverLine| -> tally_core::pricing::Decimal {
             l.added
                 .as_deref()
                 .and_then(|a| a.parse().ok())

@@ -2,10 +2,8 @@
 //! the workload generator, and output formatting. `main.rs` holds only the command line.
 //! Integration tests under `tests/` drive these same pieces.
 
-pub mod analytics;
 pub mod api;
 pub mod bench;
-pub mod billing;
 pub mod chaos;
 pub mod compact;
 pub mod config;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use tally::config::{Config, parse_partitions};
 use tally::definitions::Kind;
 use tally::demo::{self, DemoArgs};
-use tally::output::{Format, ReportFormat};
+use tally::output::Format;
 use tally::pipeline::{Nats, Pipeline};
 use tally::workload::Spec;
 use tally_query::Period;
@@ -44,7 +44,7 @@ enum Command {
     /// lake.
     ///
     /// Example: tally billing --period 2026-11 --format csv
-    Billing(BillingCmd),
+    Billing(tally::reports::BillingArgs),
     /// Run one read-only SQL query over the lake (tables `events`, `rollups`, `decisions`) and
     /// the definitions (`plans`, `prices`, `customers`, `customer_addons`).
     ///
@@ -60,13 +60,13 @@ enum Command {
     /// the lake.
     ///
     /// Example: tally overage --period 2026-11 --format json
-    Overage(tally::analytics::OverageArgs),
+    Overage(tally::reports::OverageArgs),
     /// Adoption per feature over a range of days: active and activated customers, events,
     /// quantity, first uses, free-tier customers who never used an advanced feature, use by
     /// region, distinct users per day, week and month.
     ///
     /// Example: tally adoption --from 2026-11-01 --to 2026-11-30 --feature exports
-    Adoption(tally::analytics::AdoptionArgs),
+    Adoption(tally::reports::AdoptionArgs),
     /// Merge the lake's small Parquet files into large ones (the workers also do it every
     /// ingest.compact_every_secs). Only what checkpoints have settled is merged; no query
     /// sees a row twice or misses one meanwhile, and the replaced files are removed once
@@ -158,22 +158,6 @@ struct DemoCmd {
     top: usize,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-}
-
-#[derive(Args)]
-struct BillingCmd {
-    /// The month to bill, YYYY-MM.
-    #[arg(long)]
-    period: String,
-    /// Only this customer.
-    #[arg(long)]
-    customer: Option<String>,
-    /// Bill each customer's own billing month that starts in the period, on its anchor
-    /// day, instead of the calendar month.
-    #[arg(long)]
-    anniversary: bool,
-    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
-    format: ReportFormat,
 }
 
 #[derive(Args)]
@@ -277,21 +261,17 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 std::process::ExitCode::from(2)
             })
         }
-        Command::Billing(cmd) => {
-            let period: Period = cmd.period.parse()?;
-            let bills =
-                tally::billing::invoices(&config, period, cmd.customer.as_deref(), cmd.anniversary)
-                    .await?;
-            tally::billing::write(&mut std::io::stdout().lock(), &bills, period, cmd.format)?;
+        Command::Billing(args) => {
+            tally::reports::billing(&config, args).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Sql(args) => tally::sql::run(&config, args).await,
         Command::Overage(args) => {
-            tally::analytics::run_overage(&config, args).await?;
+            tally::reports::overage(&config, args).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Adoption(args) => {
-            tally::analytics::run_adoption(&config, args).await?;
+            tally::reports::adoption(&config, args).await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Compact(args) => tally::compact::run(&config, args).await,

@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use arrow::record_batch::RecordBatch;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use tally_query::catalog::DEFINITION_TABLES;
 use tally_query::output::{OutputFormat, write_stream};
 use tally_query::sql::{self, SqlError};
 use tally_query::{Lakehouse, LakehouseOptions};
@@ -96,21 +95,13 @@ pub async fn run(config: &Config, args: SqlArgs) -> anyhow::Result<ExitCode> {
 
 /// Registers the definitions' tables in `lake` if `query` names one of them: they are
 /// read from NATS, which a query over the lake alone does not need.
-pub(crate) async fn with_definitions(
-    config: &Config,
-    lake: &Lakehouse,
-    query: &str,
-) -> anyhow::Result<()> {
-    let named = sql::tables_named(lake, query);
-    if !DEFINITION_TABLES.iter().any(|t| named.contains(*t)) {
-        return Ok(());
+async fn with_definitions(config: &Config, lake: &Lakehouse, query: &str) -> anyhow::Result<()> {
+    if tally_reports::needs_definitions(lake, query) {
+        crate::reports::definitions(config)
+            .await
+            .context("reading the definitions the query's tables hold")?
+            .register(lake)?;
     }
-    let defs = crate::analytics::definitions(config)
-        .await
-        .context("reading the definitions the query's tables hold")?;
-    let plans: Vec<_> = defs.plans.into_values().collect();
-    let customers: Vec<_> = defs.customers.into_values().collect();
-    lake.register_definitions(&plans, &customers)?;
     Ok(())
 }
 

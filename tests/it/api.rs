@@ -512,10 +512,20 @@ async fn an_openmeter_sdk_batch_is_accepted_and_billed() {
     let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
     h.drain(&pipeline, 3).await;
     pipeline.shutdown().await.unwrap();
-    let bills = tally::billing::invoices(&h.config, "2026-11".parse().unwrap(), None, false)
+    let lake = tally_query::Lakehouse::open(&h.config.lake_dir())
+        .await
+        .unwrap();
+    let defs = tally::reports::definitions(&h.config).await.unwrap();
+    let request = tally_reports::InvoiceRequest {
+        period: "2026-11".parse().unwrap(),
+        customer: None,
+        anniversary: false,
+    };
+    let bills = tally_reports::invoices(&lake, &defs, &request)
         .await
         .unwrap();
     let billed: BTreeMap<(String, String), String> = bills
+        .bills
         .iter()
         .flat_map(|b| {
             b.invoice.lines.iter().map(|l| {

@@ -6,7 +6,6 @@
 
 use std::io::Cursor;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{Harness, TestApi};
@@ -15,9 +14,9 @@ use arrow::datatypes::Int64Type;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
 use tally::pipeline::Pipeline;
-use tally::reports::LakeReports;
-use tally_api::{AppState, Format, Problem, ReportError, Reports, Role};
+use tally_api::{AppState, Problem, Role};
 use tally_core::pricing::Decimal;
+use tally_reports::{Format, LakeReports, ReportError};
 use tokio_util::sync::CancellationToken;
 
 const ARROW: &str = "application/vnd.apache.arrow.stream";
@@ -764,7 +763,7 @@ async fn serve(h: &Harness, reports: LakeReports, stop: &CancellationToken) -> (
         h.config.ingest.partitions,
         h.config.ingest.limits,
         h.config.api.clone(),
-        Arc::new(reports),
+        reports,
         None,
         stop.clone(),
     )
@@ -796,7 +795,7 @@ async fn sql_limits_answer_with_a_clear_status_and_the_server_goes_on() {
     };
 
     // Past the time limit before any row: 504, promptly.
-    let timed = LakeReports::new(h.config.clone()).with_limits(
+    let timed = LakeReports::new(h.config.lake_dir()).with_limits(
         LakeReports::DEFAULT_SQL_MEMORY_LIMIT,
         Duration::from_secs(1),
     );
@@ -856,8 +855,11 @@ async fn sql_limits_answer_with_a_clear_status_and_the_server_goes_on() {
     // Past the memory limit: 400, the query at fault; the next query runs.
     let big = "SELECT COUNT(DISTINCT value) AS n FROM range(3000000)";
     let small =
-        LakeReports::new(h.config.clone()).with_limits(1024 * 1024, Duration::from_secs(60));
-    match small.sql(big.to_owned(), Format::Json).await {
+        LakeReports::new(h.config.lake_dir()).with_limits(1024 * 1024, Duration::from_secs(60));
+    let buckets = tally_ingest::definitions::Definitions::open(&h.nats.jetstream)
+        .await
+        .unwrap();
+    match small.sql(big.to_owned(), Format::Json, buckets).await {
         Err(ReportError::TooMuchMemory(message)) => {
             assert!(
                 message.starts_with("memory limit of 1 MiB exceeded"),

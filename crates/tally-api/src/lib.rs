@@ -5,7 +5,7 @@
 //! Handlers translate HTTP to the shared mechanisms and back; they hold no business
 //! logic. Events go to JetStream (`tally-ingest`'s subjects), checks to the worker owning
 //! the customer (request-reply), definitions to the key-value buckets with their audit
-//! trail, reports to the query layer behind the [`Reports`] trait the binary implements.
+//! trail, reports to `tally-reports`, which renders them as the CLI does.
 //! Every route checks the caller's API key and role ([`keys`]); every error is one
 //! problem-details shape ([`error`]).
 
@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 pub use error::{ApiError, ApiResult, Problem};
 pub use keys::{ApiKeys, KeyRecord, Role};
 pub use licenses::LicenseKeys;
-pub use routes::queries::{Format, ReportBody, ReportError, Reports};
 pub use routes::{AUTH_HEADER, router};
 
 /// The API server's settings (`[api]` in the configuration file).
@@ -117,7 +116,7 @@ pub struct Inner {
     pub idempotency: async_nats::jetstream::kv::Store,
     /// Customers' requests for access to a feature or for an upgrade.
     pub access_requests: async_nats::jetstream::kv::Store,
-    pub reports: Arc<dyn Reports>,
+    pub reports: tally_reports::LakeReports,
     /// The worker running in this process (`tally serve`): checks of the customers whose
     /// partitions it owns are answered without a round trip through NATS.
     pub local_checks: Option<LocalChecks>,
@@ -153,7 +152,7 @@ impl AppState {
         partitions: u16,
         limits: DecodeLimits,
         config: ApiConfig,
-        reports: Arc<dyn Reports>,
+        reports: tally_reports::LakeReports,
         local_checks: Option<LocalChecks>,
         cancel: CancellationToken,
     ) -> Result<AppState, OpenError> {

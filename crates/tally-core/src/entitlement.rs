@@ -250,6 +250,100 @@ pub struct Grant {
     pub recurring: Option<UsagePeriod>,
 }
 
+/// A customer's entitlement to one feature: what its plan grants, as the add-ons it holds
+/// change it. This is the one rule of what a customer may do, shared by the quota engine
+/// (which enforces it) and the reports (which measure usage against it):
+///
+/// - an add-on that defines the feature replaces the plan's entitlement (the last such
+///   add-on held wins);
+/// - each held add-on's `extra` for a metered feature raises its limit (and its
+///   allowance) by the extra times the units held; extra for a feature that is not
+///   metered adds nothing;
+/// - a plan that does not exist entitles to nothing (the caller passes no plan).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Effective<'a> {
+    pub entitlement: &'a Entitlement,
+    /// What the add-ons add to a metered feature's limit and allowance (0 otherwise).
+    pub extra: f64,
+}
+
+impl<'a> Effective<'a> {
+    /// `feature` on `plan` with the add-ons held (each with its units); `None`: neither
+    /// the plan nor an add-on has it.
+    pub fn of(plan: &'a Plan, addons: &[(&'a AddOn, u32)], feature: &str) -> Option<Self> {
+        let mut entitlement = plan.features.get(feature);
+        for (addon, _) in addons {
+            if let Some(e) = addon.features.get(feature) {
+                entitlement = Some(e);
+            }
+        }
+        entitlement.map(|e| Self::with_extra(e, addons, feature))
+    }
+
+    /// Every feature the plan or a held add-on has, by name.
+    pub fn all(plan: &'a Plan, addons: &[(&'a AddOn, u32)]) -> BTreeMap<&'a str, Self> {
+        let mut features: BTreeMap<&'a str, &'a Entitlement> = plan
+            .features
+            .iter()
+            .map(|(name, e)| (name.as_str(), e))
+            .collect();
+        for (addon, _) in addons {
+            features.extend(addon.features.iter().map(|(name, e)| (name.as_str(), e)));
+        }
+        features
+            .into_iter()
+            .map(|(name, e)| (name, Self::with_extra(e, addons, name)))
+            .collect()
+    }
+
+    fn with_extra(entitlement: &'a Entitlement, addons: &[(&AddOn, u32)], feature: &str) -> Self {
+        let extra = match entitlement {
+            Entitlement::Metered(_) => addons
+                .iter()
+                .filter_map(|(a, units)| a.extra.get(feature).map(|x| x * f64::from(*units)))
+                .sum(),
+            _ => 0.0,
+        };
+        Self { entitlement, extra }
+    }
+
+    pub fn metered(&self) -> Option<&'a Metered> {
+        match self.entitlement {
+            Entitlement::Metered(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Whether it lets the customer use the feature at all (not a disabled boolean).
+    pub fn entitles(&self) -> bool {
+        !matches!(self.entitlement, Entitlement::Boolean { enabled: false })
+    }
+
+    /// A metered feature's limit per usage period with the extra; `None`: unlimited, or
+    /// not metered.
+    pub fn limit(&self) -> Option<f64> {
+        self.metered()?.limit.map(|l| l + self.extra)
+    }
+
+    /// A metered feature's allowance per usage period: `included`, else `limit`, with the
+    /// extra; `None`: neither, or not metered.
+    pub fn allowance(&self) -> Option<f64> {
+        let m = self.metered()?;
+        m.included.or(m.limit).map(|q| q + self.extra)
+    }
+
+    /// The customer's seats: its own, else the plan's, plus each held add-on's per unit.
+    pub fn seats(customer: &Customer, plan: &Plan, addons: &[(&AddOn, u32)]) -> Option<u32> {
+        let mut seats = customer.seats.or(plan.seats);
+        for (addon, units) in addons {
+            if let (Some(s), Some(more)) = (seats.as_mut(), addon.seats) {
+                *s = s.saturating_add(more.saturating_mul(*units));
+            }
+        }
+        seats
+    }
+}
+
 /// A file of definitions, as `tally plans apply` reads it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -130,17 +130,34 @@ pub enum SqlError {
 }
 
 impl SqlError {
-    /// Whether the query itself is at fault (refused, malformed, or over a limit), rather
-    /// than the lake or the output.
+    /// Whether the query itself is at fault (refused, malformed, over a limit, or failing
+    /// in its own expressions), rather than the lake or the output.
     pub fn is_bad_query(&self) -> bool {
-        matches!(
-            self,
+        match self {
             SqlError::Refused(_)
-                | SqlError::Syntax(_)
-                | SqlError::UnknownTable { .. }
-                | SqlError::MemoryLimit { .. }
-                | SqlError::TimeLimit { .. }
-        )
+            | SqlError::Syntax(_)
+            | SqlError::UnknownTable { .. }
+            | SqlError::MemoryLimit { .. }
+            | SqlError::TimeLimit { .. } => true,
+            SqlError::Query(e) => query_at_fault(e),
+            _ => false,
+        }
+    }
+}
+
+/// Planning errors (an unknown column, a type error) and errors of the query's own
+/// expressions (a division by zero, a cast) are the query's; reading the lake is not.
+fn query_at_fault(e: &DataFusionError) -> bool {
+    match e.find_root() {
+        DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::SQL(..)
+        | DataFusionError::NotImplemented(_)
+        | DataFusionError::Execution(_) => true,
+        DataFusionError::ArrowError(e, _) => {
+            !matches!(**e, ArrowError::IoError(..) | ArrowError::ExternalError(_))
+        }
+        _ => false,
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use hashbrown::HashSet;
 use tally_core::Decision;
 use tally_core::entitlement::{
-    AddOn, Customer, Enforcement, Entitlement, Grant, Plan, Status, UsagePeriod,
+    AddOn, Customer, Effective, Enforcement, Entitlement, Grant, Plan, Status, UsagePeriod,
 };
 use tally_core::period::bounds;
 use tally_core::snapshot;
@@ -57,16 +57,11 @@ impl Shared {
         self.off.clone()
     }
 
-    /// The shared definition of an entitlement, and its limit (`f64::INFINITY`:
-    /// unlimited or not metered).
-    fn def(&mut self, entitlement: &Entitlement) -> (Arc<Def>, f64) {
-        let limit = match entitlement {
-            Entitlement::Metered(m) => m.limit.unwrap_or(f64::INFINITY),
-            _ => f64::INFINITY,
-        };
+    /// The shared definition of an entitlement.
+    fn def(&mut self, entitlement: &Entitlement) -> Arc<Def> {
         let key = serde_json::to_string(entitlement).unwrap_or_default();
         if let Some(d) = self.defs.get(&key) {
-            return (d.clone(), limit);
+            return d.clone();
         }
         let def = Arc::new(match entitlement {
             Entitlement::Boolean { enabled: true } => Def::On,
@@ -87,7 +82,7 @@ impl Shared {
             }
         });
         self.defs.insert(key, def.clone());
-        (def, limit)
+        def
     }
 }
 
@@ -102,8 +97,7 @@ pub(crate) struct Compiled {
 }
 
 impl Compiled {
-    /// Add-on features replace the plan's; add-on quantities raise metered limits, per
-    /// unit bought. A plan that does not exist entitles to nothing.
+    /// The customer's features by [`Effective`], the rule the reports share.
     pub(crate) fn new(
         customer: &Customer,
         plan: Option<Arc<Plan>>,
@@ -119,29 +113,16 @@ impl Compiled {
                 off,
             };
         };
-        let mut features: BTreeMap<String, (Arc<Def>, f64)> = plan
-            .features
-            .iter()
-            .map(|(name, e)| (name.clone(), shared.def(e)))
+        let held: Vec<(&AddOn, u32)> = addons.iter().map(|(a, units)| (&**a, *units)).collect();
+        let features = Effective::all(&plan, &held)
+            .into_iter()
+            .map(|(name, e)| {
+                // Unlimited, or not metered: no limit.
+                let limit = e.limit().unwrap_or(f64::INFINITY);
+                (name.to_owned(), (shared.def(e.entitlement), limit))
+            })
             .collect();
-        for (addon, _) in addons {
-            for (name, e) in &addon.features {
-                features.insert(name.clone(), shared.def(e));
-            }
-        }
-        let mut seats = customer.seats.or(plan.seats);
-        for (addon, units) in addons {
-            for (name, extra) in &addon.extra {
-                if let Some((def, limit)) = features.get_mut(name)
-                    && matches!(**def, Def::Metered(_))
-                {
-                    *limit += extra * f64::from(*units);
-                }
-            }
-            if let (Some(s), Some(more)) = (seats.as_mut(), addon.seats) {
-                *s = s.saturating_add(more.saturating_mul(*units));
-            }
-        }
+        let seats = Effective::seats(customer, &plan, &held);
         Compiled {
             plan: Some(plan),
             features,

@@ -27,7 +27,6 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use std::time::Instant;
@@ -36,109 +35,31 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use tally_query::Period;
+use tally_query::analytics::DateRange;
+use tally_reports::{
+    AdoptionReport, AdoptionRequest, Definitions, Format, InvoiceJson, InvoiceRequest,
+    OverageReport, ReportBody, ReportError,
+};
+
 use super::{Caller, body_error, parse_json, query_error};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
-/// What a report is sent as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Json,
-    Csv,
-    Arrow,
+/// The media types a report is asked for in `Accept` and sent as.
+pub mod media {
+    pub const JSON: &str = "application/json";
+    pub const CSV: &str = "text/csv";
+    pub const ARROW: &str = "application/vnd.apache.arrow.stream";
 }
 
-impl Format {
-    /// The media type asked for in `Accept` and sent as `Content-Type`.
-    pub const JSON: &'static str = "application/json";
-    pub const CSV: &'static str = "text/csv";
-    pub const ARROW: &'static str = "application/vnd.apache.arrow.stream";
-
-    /// The response's `Content-Type`.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Json => Self::JSON,
-            Format::Csv => "text/csv; charset=utf-8",
-            Format::Arrow => Self::ARROW,
-        }
+/// The response's `Content-Type`.
+fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Csv => "text/csv; charset=utf-8",
+        Format::Arrow => media::ARROW,
+        Format::Json | Format::Table => media::JSON,
     }
-}
-
-/// Why a report could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ReportError {
-    /// The request is malformed; `field` names the parameter.
-    #[error("{message}")]
-    BadRequest { field: String, message: String },
-    /// The query ran past its time limit.
-    #[error("{0}")]
-    Timeout(String),
-    /// The query needed more memory than its limit.
-    #[error("{0}")]
-    TooMuchMemory(String),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl ReportError {
-    /// A bad request naming `field`.
-    pub fn bad_request(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ReportError::BadRequest {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// A report's body, in chunks as it is produced.
-pub type ReportBody = BoxStream<'static, Result<Bytes, ReportError>>;
-
-/// The query layer, as the binary wires it: the API crate knows nothing of DataFusion.
-///
-/// Each method answers once the report's first chunk is ready (or it failed before it),
-/// so that an `Err` can still become the response's status; an error inside the stream
-/// comes after data was sent.
-#[async_trait::async_trait]
-pub trait Reports: Send + Sync + 'static {
-    /// Every invoice of `period` (`YYYY-MM`, as sent: the implementation parses it), only
-    /// `customer`'s when given; with `anniversary`, each customer's own billing month that
-    /// starts in the period instead of the calendar month (`tally billing`).
-    async fn billing(
-        &self,
-        period: String,
-        customer: Option<String>,
-        anniversary: bool,
-        format: Format,
-    ) -> Result<ReportBody, ReportError>;
-
-    /// The overage report of a month, `YYYY-MM` (`tally overage`).
-    async fn overage(&self, period: String, format: Format) -> Result<ReportBody, ReportError>;
-
-    /// Adoption from `from` to `to` (`YYYY-MM-DD`, UTC, both included), only `feature`'s
-    /// when given; `free_plans` names the free tier's plans, empty for the default
-    /// (`tally adoption`).
-    async fn adoption(
-        &self,
-        from: String,
-        to: String,
-        feature: Option<String>,
-        free_plans: Vec<String>,
-        format: Format,
-    ) -> Result<ReportBody, ReportError>;
-
-    /// Runs read-only SQL, streaming the result.
-    async fn sql(&self, query: String, format: Format) -> Result<ReportBody, ReportError>;
-
-    /// `customer`'s usage per UTC day and feature from `from` to `to` (`YYYY-MM-DD`, both
-    /// included): rows `day, feature, events, quantity` of the events decided `accepted`
-    /// or `overage`, ordered by day and feature (the portal's daily chart).
-    async fn usage(
-        &self,
-        customer: String,
-        from: String,
-        to: String,
-        format: Format,
-    ) -> Result<ReportBody, ReportError>;
 }
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -183,7 +104,7 @@ pub struct BillingParams {
     params(BillingParams),
     responses(
         (status = 200, description = "The invoices, in the format `Accept` asks for", content(
-            (Object = "application/json"),
+            (Vec<InvoiceJson> = "application/json"),
             (String = "text/csv"),
             (Vec<u8> = "application/vnd.apache.arrow.stream"),
         )),
@@ -228,11 +149,16 @@ async fn billing(
             ));
         }
     };
+    let request = InvoiceRequest {
+        period: parse_period(&params.period)?,
+        customer,
+        anniversary,
+    };
     let started = Instant::now();
-    let body = state
-        .reports
-        .billing(params.period, customer, anniversary, format)
-        .await;
+    let body = match definitions(&state).await {
+        Ok(defs) => state.reports.billing(defs, request, format).await,
+        Err(e) => Err(e),
+    };
     observed("billing", started, respond(body, format).await)
 }
 
@@ -251,8 +177,9 @@ pub struct OverageParams {
 /// JSON: one object, as `tally overage --format json` prints it. CSV: one table per part,
 /// each with a header whose first column is `section`, separated by a blank line. Arrow:
 /// one table of every part's rows, `section` naming the part, then `period`, then the
-/// parts' columns (in name order) typed as in the JSON, null where a part has no such
-/// column.
+/// parts' columns (in name order), null where a part has no such column. The schema is
+/// declared, the same for any rows: counts int64, quantities float64, days date32,
+/// instants timestamps (UTC), money as exact decimal strings.
 #[utoipa::path(
     get,
     path = "/api/v1/overage",
@@ -260,7 +187,7 @@ pub struct OverageParams {
     params(OverageParams),
     responses(
         (status = 200, description = "The report, in the format `Accept` asks for", content(
-            (Object = "application/json"),
+            (OverageReport = "application/json"),
             (String = "text/csv"),
             (Vec<u8> = "application/vnd.apache.arrow.stream"),
         )),
@@ -282,8 +209,12 @@ async fn overage(
     every_customer(&caller)?;
     let format = negotiate(&headers)?;
     let Query(params) = params.map_err(query_error)?;
+    let period = parse_period(&params.period)?;
     let started = Instant::now();
-    let body = state.reports.overage(params.period, format).await;
+    let body = match definitions(&state).await {
+        Ok(defs) => state.reports.overage(defs, period, format).await,
+        Err(e) => Err(e),
+    };
     observed("overage", started, respond(body, format).await)
 }
 
@@ -310,7 +241,7 @@ pub struct AdoptionParams {
 /// JSON: one object, as `tally adoption --format json` prints it. CSV: as
 /// `tally adoption --format csv` (one table per part, first column `section`). Arrow: one
 /// table of every part's rows, `section` naming the part, then `from` and `to`, then the
-/// parts' columns (in name order), typed as in the JSON.
+/// parts' columns (in name order), with a declared schema as the overage report's.
 #[utoipa::path(
     get,
     path = "/api/v1/adoption",
@@ -318,7 +249,7 @@ pub struct AdoptionParams {
     params(AdoptionParams),
     responses(
         (status = 200, description = "The report, in the format `Accept` asks for", content(
-            (Object = "application/json"),
+            (AdoptionReport = "application/json"),
             (String = "text/csv"),
             (Vec<u8> = "application/vnd.apache.arrow.stream"),
         )),
@@ -340,7 +271,15 @@ async fn adoption(
     every_customer(&caller)?;
     let format = negotiate(&headers)?;
     let Query(params) = params.map_err(query_error)?;
-    let free_plans = params
+    let (from, to) = (
+        parse_day("from", &params.from)?,
+        parse_day("to", &params.to)?,
+    );
+    let range = DateRange::new(from, to)
+        .ok_or_else(|| ApiError::bad_request("to", format!("to {to} is before from {from}")))?;
+    let mut request = AdoptionRequest::new(range);
+    request.feature = params.feature;
+    let free_plans: std::collections::BTreeSet<String> = params
         .free_plans
         .iter()
         .flat_map(|p| p.split(','))
@@ -348,11 +287,14 @@ async fn adoption(
         .filter(|p| !p.is_empty())
         .map(str::to_owned)
         .collect();
+    if !free_plans.is_empty() {
+        request.free_plans = free_plans;
+    }
     let started = Instant::now();
-    let body = state
-        .reports
-        .adoption(params.from, params.to, params.feature, free_plans, format)
-        .await;
+    let body = match definitions(&state).await {
+        Ok(defs) => state.reports.adoption(defs, request, format).await,
+        Err(e) => Err(e),
+    };
     observed("adoption", started, respond(body, format).await)
 }
 
@@ -422,7 +364,10 @@ async fn sql(
     let body = body.map_err(body_error)?;
     let query = sql_text(&headers, &body)?;
     let started = Instant::now();
-    let body = state.reports.sql(query, format).await;
+    let body = state
+        .reports
+        .sql(query, format, state.definitions.clone())
+        .await;
     observed("sql", started, respond(body, format).await)
 }
 
@@ -439,7 +384,7 @@ fn sql_text(headers: &HeaderMap, body: &[u8]) -> ApiResult<String> {
                 .trim()
                 .to_ascii_lowercase()
         })
-        .unwrap_or_else(|| Format::JSON.to_owned());
+        .unwrap_or_else(|| media::JSON.to_owned());
     match essence.as_str() {
         "application/json" => parse_json::<SqlRequest>(body).map(|r| r.query),
         "text/plain" | "application/sql" => String::from_utf8(body.to_vec())
@@ -484,9 +429,9 @@ pub(crate) fn negotiate(headers: &HeaderMap) -> ApiResult<Format> {
             .find_map(|q| q.trim().parse::<f32>().ok())
             .unwrap_or(1.0);
         let format = match media.as_str() {
-            Format::JSON | "application/*" | "*/*" => Format::Json,
-            Format::CSV | "text/*" => Format::Csv,
-            Format::ARROW => Format::Arrow,
+            media::JSON | "application/*" | "*/*" => Format::Json,
+            media::CSV | "text/*" => Format::Csv,
+            media::ARROW => Format::Arrow,
             _ => continue,
         };
         if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
@@ -497,9 +442,9 @@ pub(crate) fn negotiate(headers: &HeaderMap) -> ApiResult<Format> {
         ApiError::not_acceptable(format!(
             "Accept {:?} names no format this route sends: ask for {}, {} or {}",
             values.join(", "),
-            Format::JSON,
-            Format::CSV,
-            Format::ARROW
+            media::JSON,
+            media::CSV,
+            media::ARROW
         ))
     })
 }
@@ -538,7 +483,7 @@ async fn respond(body: Result<ReportBody, ReportError>, format: Format) -> ApiRe
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
+        HeaderValue::from_static(content_type(format)),
     );
     headers.insert(header::VARY, HeaderValue::from_static("accept"));
     Ok(response)
@@ -595,7 +540,8 @@ async fn usage(
     let to = params
         .to
         .unwrap_or_else(|| today.format("%Y-%m-%d").to_string());
-    let body = state.reports.usage(customer, from, to, format).await;
+    let (from, to) = (parse_day("from", &from)?, parse_day("to", &to)?);
+    let body = state.reports.usage(&customer, from, to, format).await;
     respond(body, format).await
 }
 
@@ -611,4 +557,28 @@ fn report_error(e: ReportError) -> ApiError {
         }
         ReportError::Internal(cause) => ApiError::internal(cause),
     }
+}
+
+/// The definitions as they are now, read through the API's own connection.
+async fn definitions(state: &AppState) -> Result<Definitions, ReportError> {
+    Definitions::load(&state.definitions)
+        .await
+        .map_err(|e| ReportError::Internal(format!("reading the definitions: {e}")))
+}
+
+/// A month parameter, `YYYY-MM`.
+fn parse_period(period: &str) -> ApiResult<Period> {
+    period
+        .parse()
+        .map_err(|e| ApiError::bad_request("period", format!("{e}, such as 2026-11")))
+}
+
+/// A day parameter, `YYYY-MM-DD`.
+fn parse_day(field: &str, day: &str) -> ApiResult<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| {
+        ApiError::bad_request(
+            field,
+            format!("bad {field} {day:?}: expected a day, YYYY-MM-DD, such as 2026-11-01"),
+        )
+    })
 }
