@@ -17,6 +17,7 @@ mod compose;
 mod enforcement;
 mod entitlements;
 mod faults;
+mod golden;
 mod metrics;
 mod ownership;
 mod pipeline;

@@ -301,7 +301,7 @@ impl<'a> Effective<'a> {
             Entitlement::Metered(_) => addons
                 .iter()
                 .filter_map(|(a, units)| a.extra.get(feature).map(|x| x * f64::from(*units)))
-                .sum(),
+                .fold(0.0, |sum, x| sum + x),
             _ => 0.0,
         };
         Self { entitlement, extra }

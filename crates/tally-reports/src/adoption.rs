@@ -199,7 +199,8 @@ pub fn adoption_of(
             activation_rate: (!entitled.is_empty())
                 .then(|| activated as f64 / entitled.len() as f64),
             events: active.iter().map(|u| u.events).sum(),
-            quantity: active.iter().map(|u| u.quantity).sum(),
+            // A sum of no floats is -0.0: start from 0.
+            quantity: active.iter().fold(0.0, |sum, u| sum + u.quantity),
             first_uses: hours.len() as u64,
             median_hours_to_first_use: median(&mut hours),
             dau_avg,
