@@ -25,7 +25,7 @@ use tally_query::{BillingTotals, Lakehouse, Period, Scope};
 use tally_quota::{Engine, Usage};
 
 use crate::config::Config;
-use crate::pipeline::{Nats, Pipeline};
+use crate::pipeline::{self, Nats, Pipeline};
 use crate::workload::{self, Spec};
 
 /// Marks a directory as the demo's own, so a second run may clear it.
@@ -174,7 +174,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     let period = Period::of(spec.start);
     let nats = Nats::connect(&config).await?;
     let (catalog, customers) = load_definitions(&nats, spec, "tally-demo").await?;
-    let pipeline = Pipeline::start(&config, &nats, None).await?;
+    let pipeline = pipeline::start(&config, &nats, None).await?;
 
     let generating = Instant::now();
     let (messages, totals) = workload::generate(spec);

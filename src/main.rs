@@ -8,7 +8,7 @@ use tally::config::{Config, parse_partitions};
 use tally::definitions::Kind;
 use tally::demo::{self, DemoArgs};
 use tally::output::Format;
-use tally::pipeline::{Nats, Pipeline};
+use tally::pipeline::{self, Nats};
 use tally::workload::Spec;
 use tally_query::Period;
 use tokio_util::sync::CancellationToken;
@@ -410,7 +410,7 @@ async fn serve(
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let mut pause = std::time::Duration::from_millis(250);
     let pipeline = loop {
-        match Pipeline::start(&config, &nats, partitions.clone()).await {
+        match pipeline::start(&config, &nats, partitions.clone()).await {
             Ok(p) => break p,
             Err(e) if nats_unavailable(&e) && std::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot start yet");

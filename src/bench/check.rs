@@ -23,7 +23,7 @@ use tally_ingest::checks::{CheckRequest, check};
 
 use super::BenchFormat;
 use crate::config::Config;
-use crate::pipeline::{Nats, Pipeline};
+use crate::pipeline::{self, Nats};
 use crate::workload::{self, PowerLaw, Spec};
 
 #[derive(Args)]
@@ -64,7 +64,7 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
     let nats = Nats::connect(&config).await?;
     crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     config.ingest.enforce = true;
-    let pipeline = Pipeline::start(&config, &nats, None).await?;
+    let pipeline = pipeline::start(&config, &nats, None).await?;
 
     let offer = Offer {
         url: nats.url.clone(),

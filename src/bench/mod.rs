@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::demo::wait_drained;
-use crate::pipeline::{Nats, Pipeline};
+use crate::pipeline::{self, Nats};
 use crate::workload::{self, OutMessage, Spec};
 
 pub mod check;
@@ -226,7 +226,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     if config.ingest.enforce {
         crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     }
-    let pipeline = Pipeline::start(&config, &nats, None).await?;
+    let pipeline = pipeline::start(&config, &nats, None).await?;
     let mark = CpuMark::now(&nats);
     let start = Instant::now();
     match args.rate {

@@ -24,7 +24,7 @@ use tally_ingest::Stats;
 use super::BenchFormat;
 use crate::config::Config;
 use crate::demo::{entitle_unlimited, wait_drained};
-use crate::pipeline::{Nats, Pipeline};
+use crate::pipeline::{self, Nats};
 use crate::workload::{self, OutMessage};
 
 #[derive(Args)]
@@ -67,7 +67,7 @@ pub async fn run(mut config: Config, args: RecoveryBench) -> anyhow::Result<Reco
     let messages = messages(args.customers, features);
     let rows = u64::from(args.customers) * features.len() as u64;
 
-    let pipeline = Pipeline::start(&config, &nats, None).await?;
+    let pipeline = pipeline::start(&config, &nats, None).await?;
     workload::publish(
         &nats.jetstream,
         &messages,
@@ -129,7 +129,7 @@ async fn time_take_over(
     partitions: u64,
 ) -> anyhow::Result<(Duration, std::sync::Arc<Stats>)> {
     let started = Instant::now();
-    let pipeline = Pipeline::start(config, nats, None).await?;
+    let pipeline = pipeline::start(config, nats, None).await?;
     while Stats::get(&pipeline.stats.takeovers) < partitions {
         anyhow::ensure!(!pipeline.is_finished(), "the worker stopped while starting");
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::common::Harness;
 use serde_json::{Value, json};
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally_core::entitlement::Customers;
 use tally_core::subject;
 use tally_ingest::definitions::Definitions;
@@ -380,7 +380,7 @@ async fn lake() -> Harness {
 async fn decide(catalog: &str, customers: &str, events: &[Case]) -> (Harness, Definitions) {
     let h = Harness::start().await;
     let defs = h.define(catalog, customers).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     for (id, customer, feature, quantity, time, region, user, _) in events {
         let mut data = json!({"feature": feature, "quantity": quantity});
         if let Some(r) = region {

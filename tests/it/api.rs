@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::common::{Harness, TestApi, until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally_api::Role;
 use tally_core::entitlement::{Catalog, Customer, Customers, Entitlement, Metered, Plan};
 use tally_ingest::definitions::Definitions;
@@ -426,7 +426,7 @@ async fn events_are_stored_once_and_a_bad_one_refuses_its_batch_whole() {
     // two messages (under 1,500 bytes each); the batch sent again added none.
     let mut stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 7);
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     h.drain(&pipeline, 31).await;
     let (ids, rows, quantity) = common::read_lake(&h);
     assert_eq!((ids.len(), rows, quantity), (31, 31, 61.0));
@@ -481,7 +481,7 @@ async fn nats_down_is_503_and_the_same_request_later_counts_once() {
         status == StatusCode::ACCEPTED
     })
     .await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     h.drain(&pipeline, 10).await;
     let (ids, rows, _) = common::read_lake(&h);
     assert_eq!((ids.len(), rows), (10, 10));
@@ -509,7 +509,7 @@ async fn an_openmeter_sdk_batch_is_accepted_and_billed() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     h.drain(&pipeline, 3).await;
     pipeline.shutdown().await.unwrap();
     let lake = tally_query::Lakehouse::open(&h.config.lake_dir())
@@ -612,7 +612,7 @@ async fn checks_answer_in_openmeter_shape_from_the_owning_worker() {
         .await
         .unwrap();
     assert_eq!(ready["status"], "not_ready", "{ready}");
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let response = api
         .request(Method::GET, "/readyz", None)
         .send()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::common::{Harness, TestApi, until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally_api::Role;
 use tally_core::entitlement::{AddOn, Catalog, Customer, Customers, Entitlement, Metered, Plan};
 
@@ -116,7 +116,7 @@ async fn calls_limit(api: &TestApi, key: &str) -> Option<f64> {
 async fn access_requests_are_asked_listed_approved_and_denied_once() {
     let h = Harness::start().await;
     catalogue(&h).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let api = h.api().await;
     let portal = api.key(&h, Role::Portal, &["acme"]).await;
     let globex = api.key(&h, Role::Portal, &["globex"]).await;
@@ -398,7 +398,7 @@ async fn send_calls(api: &TestApi, h: &Harness, customer: &str, quantities: &[f6
 async fn usage_per_day_is_the_customers_own_and_portal_links_expire() {
     let h = Harness::start().await;
     catalogue(&h).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let api = h.api().await;
     send_calls(&api, &h, "acme", &[2.0, 3.0]).await;
     send_calls(&api, &h, "globex", &[7.0]).await;
@@ -634,7 +634,7 @@ async fn the_portal_page_in_a_real_browser() {
     };
     let h = Harness::start().await;
     catalogue(&h).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let api = h.api().await;
     send_calls(&api, &h, "acme", &[2.0, 4.0]).await;
     h.drain(&pipeline, 2).await;

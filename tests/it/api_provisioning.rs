@@ -8,7 +8,7 @@ use crate::common::{Harness, TestApi};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally_api::Role;
 
 /// A response: status, JSON body (`Null` when empty), headers and the raw bytes.
@@ -722,7 +722,7 @@ async fn await_decision(api: &TestApi, customer: &str, feature: &str, expected: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspensions_grants_and_cancellations_apply_live() {
     let h = Harness::start().await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let api = h.api().await;
     let key = api.key(&h, Role::Provisioning, &[]).await;
     catalogue(&api, &key).await;

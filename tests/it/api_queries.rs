@@ -13,7 +13,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::Value;
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally_api::{AppState, Problem, Role};
 use tally_core::pricing::Decimal;
 use tally_reports::{Format, LakeReports, ReportError};
@@ -74,7 +74,7 @@ const CUSTOMERS: &str = r#"
 async fn lake() -> Harness {
     let h = Harness::start().await;
     h.define(CATALOG, CUSTOMERS).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     h.send("ana", "calls", 30, 5, "2026-11-05T10:00:00Z", Some("u1"))
         .await;
     h.send("ana", "export", 1, 1, "2026-11-06T10:00:00Z", Some("u1"))

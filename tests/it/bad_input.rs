@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::common::{Harness, parquet_files};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally::workload::{self, OutMessage};
 use tally_core::subject::events_subject;
 
@@ -30,7 +30,7 @@ fn event(id: &str, customer: &str, quantity: &str) -> String {
 async fn each_malformed_kind_is_dead_lettered_with_its_reason() {
     let mut h = Harness::start().await;
     h.config.ingest.limits.max_batch_events = 100;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
 
     // At run time: a build cache shared between checkouts must not point at another's files.
     let examples =

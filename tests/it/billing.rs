@@ -15,8 +15,8 @@ use arrow::datatypes::Float64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 use tally::config::Config;
+use tally::pipeline;
 use tally::pipeline::Nats;
-use tally::pipeline::Pipeline;
 use tally_core::entitlement::{AddOnRef, Catalog, Customer, Customers};
 use tally_core::pricing::{self, Decimal, Usage};
 use tally_core::subject;
@@ -167,7 +167,7 @@ async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_l
     )
     .await
     .unwrap();
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
 
     // ana, starter: calls 250, mb 350.
     send(&h, "ana", "calls", 5, 50, "2026-11-05T10:00:00Z").await;

@@ -668,7 +668,7 @@ fn run_grafana_key(h: &common::Harness, keys: &Path) -> String {
 async fn every_sql_panel_runs_on_a_lake_with_data() {
     let h = common::Harness::start().await;
     h.define(CATALOG, CUSTOMERS).await;
-    let pipeline = tally::pipeline::Pipeline::start(&h.config, &h.nats, None)
+    let pipeline = tally::pipeline::start(&h.config, &h.nats, None)
         .await
         .unwrap();
     // Dated now, so in this month and the last 30 days whenever the test runs: ana past

@@ -5,7 +5,7 @@ use crate::common;
 use std::collections::BTreeMap;
 
 use crate::common::Harness;
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally_core::entitlement::{
     Catalog, Customer, Customers, Enforcement, Entitlement, Metered, Plan, Status,
 };
@@ -141,7 +141,7 @@ async fn every_decision_is_recorded_with_its_event_and_prompts_are_sent_once() {
     let mut paused = Customer::new("paused", "small");
     paused.status = Status::Suspended;
     setup(&h, vec![acme, old, paused]).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
 
     let at = |t: &str, region: &str, user: &str| {
         format!(r#""time":"{t}","data":{{"region":"{region}","user":"{user}","#)
@@ -272,7 +272,7 @@ async fn an_upgrade_applies_to_the_first_event_after_the_write_is_acknowledged()
     // The worker's watch applies each change 300 ms late: the event published right after
     // the write reaches the worker first, which must wait for the change.
     h.config.ingest.definitions_apply_delay_ms = 300;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let time = r#""time":"2026-11-10T10:00:00Z","#;
 
     // Each change is written once the worker has decided every event before it; the next
@@ -364,7 +364,7 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     use tally_ingest::checks::{CheckRequest, check, check_subject};
     let h = Harness::start().await;
     setup(&h, vec![Customer::new("acme", "small")]).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let partitions = h.config.ingest.partitions;
     let timeout = std::time::Duration::from_secs(5);
     let client = &h.nats.client;
@@ -493,7 +493,7 @@ async fn a_burst_of_notices_beyond_the_publish_slots_goes_through() {
         .map(|i| Customer::new(format!("c{i}"), "small"))
         .collect();
     setup(&h, customers).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     // Each customer's event uses the whole limit of 10 calls: 80 % and 100 % reached, two
     // notices each, 24 in all, against 4 slots.
     for i in 0..12 {
@@ -533,7 +533,7 @@ async fn checks_are_answered_while_the_ingest_runtime_is_blocked() {
     use tally_ingest::checks::check;
     let h = Harness::start().await;
     setup(&h, vec![Customer::new("acme", "small")]).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let partitions = h.config.ingest.partitions;
     let request = ask("calls", 1.0);
     // Both of the runtime's threads sleep in a task of their own (a thread runs one task
@@ -621,7 +621,7 @@ async fn a_check_sent_before_any_worker_owns_the_partition_is_answered_once_one_
             .await
         })
     };
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let answer = waiting.await.unwrap().unwrap();
     assert_eq!(
         (answer.decision.as_str(), answer.has_access),
@@ -635,7 +635,7 @@ async fn reserve_and_record_returns_the_decision_the_event_was_recorded_with() {
     use tally_ingest::record::record;
     let h = Harness::start().await;
     setup(&h, vec![Customer::new("acme", "small")]).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let partitions = h.config.ingest.partitions;
     let timeout = std::time::Duration::from_secs(10);
     let event = |id: &str, quantity: f64| {

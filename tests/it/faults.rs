@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::Harness;
 use chrono::NaiveDate;
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally::workload::{self, OutMessage, Spec, Totals};
 
 fn phase(seed: u64) -> (Vec<OutMessage>, Totals) {
@@ -43,7 +43,7 @@ async fn ingest_rides_out_a_nats_restart_and_an_unwritable_lake() {
     h.entitle_everyone(50).await;
     let mut config = h.config.clone();
     config.ingest.flush_age_ms = 50;
-    let pipeline = Pipeline::start(&config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&config, &h.nats, None).await.unwrap();
     let (a, ta) = phase(1);
     let (b, tb) = phase(2);
     let (c, tc) = phase(3);

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use crate::common::Harness;
 use chrono::{DateTime, NaiveDate};
 use reqwest::Method;
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally::workload::{self, Spec};
 use tally_core::decision::Decision;
 use tally_core::metrics as names;
@@ -55,7 +55,7 @@ fn value(text: &str, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
 async fn metrics_show_decisions_dead_letters_and_partitions_owned() {
     let h = Harness::start().await;
     h.entitle_everyone(50).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let api = h.api().await;
     let mut spec = Spec::new(5_000, NaiveDate::from_ymd_opt(2026, 8, 1).unwrap());
     spec.customers = 50;

@@ -9,7 +9,7 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, TimestampMicrosecondType};
 use chrono::{DateTime, NaiveDate};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use tally::pipeline::Pipeline;
+use tally::pipeline;
 use tally::workload::{self, Spec};
 use tally_core::schema::lake_schema;
 use tally_query::{Lakehouse, Period, Scope};
@@ -19,7 +19,7 @@ use tally_query::{Lakehouse, Period, Scope};
 async fn arrow_batches_land_exactly_once() {
     let h = Harness::start().await;
     h.entitle_everyone(100).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let mut spec = Spec::new(30_000, NaiveDate::from_ymd_opt(2026, 8, 1).unwrap());
     spec.customers = 100;
     spec.batch = 100;
@@ -57,7 +57,7 @@ async fn arrow_batches_land_exactly_once() {
 async fn every_valid_event_lands_once_and_bills_exactly() {
     let h = Harness::start().await;
     h.entitle_everyone(300).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
 
     let month = NaiveDate::from_ymd_opt(2026, 10, 1).unwrap();
     let mut spec = Spec::new(200_000, month);
@@ -178,7 +178,7 @@ async fn workers_compact_closed_dates_and_nothing_changes() {
     h.config.ingest.flush_messages = 40;
     h.config.ingest.partitions = 4;
     h.entitle_everyone(50).await;
-    let pipeline = Pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let month = NaiveDate::from_ymd_opt(2026, 7, 1).unwrap();
     let mut spec = Spec::new(40_000, month);
     spec.customers = 50;

@@ -5,14 +5,17 @@
 //! events to the dead-letter stream, and appends the rest as Arrow rows. A batch is sealed
 //! on rows, messages, bytes or age and sent down a bounded channel to the lake; the
 //! messages it covers are acknowledged (ack-all, confirmed by the server) only after the
-//! lake answers that the file holding them is durable. This crate does not know the lake:
-//! the binary wires the channel to `tally-store`.
+//! lake answers that the file holding them is durable. The lake is `tally-store`'s: a
+//! [`Pipeline`] runs the worker with its lake writer, and take-over reads the lake's
+//! checkpoint and the rows stored after it to resume each partition where the last durable
+//! file ended.
 
 pub mod checks;
 pub mod dedup;
 pub mod definitions;
 pub mod entitlements;
 pub mod ownership;
+mod pipeline;
 pub mod record;
 mod recovery;
 pub mod rows;
@@ -27,6 +30,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tally_core::{Decision, DecodeLimits};
 
+pub use pipeline::{LakeWriter, Pipeline, connect_options};
 pub use supervise::run_worker;
 pub use worker::run_partition;
 
@@ -178,6 +182,9 @@ pub enum Error {
     /// A reply that could not be read.
     #[error("check: {0}")]
     Check(String),
+    /// The worker or the lake writer stopped unexpectedly.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl Error {

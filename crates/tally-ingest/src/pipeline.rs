@@ -1,0 +1,147 @@
+//! A running worker and its lake writer: NATS → ingest worker → bounded channel → lake.
+//!
+//! The worker decides and seals batches; the writer ([`tally_store::run_writer`]) makes
+//! each durable as a Parquet file, and only then are its messages acknowledged. Shutdown
+//! is ordered: cancel stops the pulls, each partition seals and sends its open batch, the
+//! writer makes it durable, the batch is acknowledged, and only then does the writer
+//! stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_nats::jetstream::Context;
+use tally_core::FlushRequest;
+use tally_store::{Lake, WriterStats, run_writer};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::checks::{LocalChecks, Responder};
+use crate::ownership::Assignment;
+use crate::{Error, IngestConfig, Result, Stats, run_worker};
+
+/// How every connection of a Tally process is made. A process started while its server is
+/// down (a worker restarted during a NATS restart) waits for it instead of failing: the
+/// first connection is retried as a dropped one would be.
+pub fn connect_options(name: &str) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(std::time::Duration::from_secs(5))
+}
+
+/// Where the worker's batches go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LakeWriter {
+    /// The lake's root directory.
+    pub dir: PathBuf,
+    /// Sealed batches waiting for the writer, across all partitions.
+    pub queue: usize,
+    /// Parquet files encoded (and fsynced) at once.
+    pub concurrency: usize,
+}
+
+/// A running ingest worker and its lake writer.
+pub struct Pipeline {
+    /// Checks this worker answers in-process, for an API served beside it.
+    pub local_checks: Option<LocalChecks>,
+    pub stats: Arc<Stats>,
+    pub writer_stats: Arc<WriterStats>,
+    cancel: CancellationToken,
+    worker: JoinHandle<Result<()>>,
+    writer: JoinHandle<()>,
+}
+
+impl Pipeline {
+    /// Starts a worker over exactly `partitions`, or over a fair share of all of them
+    /// among the live workers when `None` (all of them when it is the only one). `js` is
+    /// the process's connection to the server at `url`; the leases and the checks get
+    /// connections of their own.
+    pub async fn start(
+        url: &str,
+        js: &Context,
+        ingest: &IngestConfig,
+        lake: LakeWriter,
+        partitions: Option<Vec<u16>>,
+    ) -> Result<Pipeline> {
+        let (flush_tx, flush_rx) = mpsc::channel::<FlushRequest>(lake.queue);
+        let cancel = CancellationToken::new();
+        let writer_stats = Arc::new(WriterStats::default());
+        let store = Arc::new(Lake::new(lake.dir));
+        let writer = tokio::spawn(run_writer(
+            store.clone(),
+            flush_rx,
+            lake.concurrency,
+            writer_stats.clone(),
+            cancel.clone(),
+        ));
+        let stats = Arc::new(Stats::default());
+        let assignment = match partitions {
+            Some(list) => Assignment::Fixed(list),
+            None => Assignment::Shared,
+        };
+        // Create the streams before returning, so publishers can start at once.
+        crate::topology::ensure_streams(js, ingest).await?;
+        crate::topology::ensure_consumers(js, ingest, &assignment.candidates(ingest.partitions))
+            .await?;
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let leases = connect_options("tally-leases")
+            .connect(url)
+            .await
+            .map_err(|e| Error::nats("connecting for the leases", e))?;
+        let responder = Responder::start(url, connect_options("tally-checks")).await?;
+        let mut worker = tokio::spawn(run_worker(
+            js.clone(),
+            async_nats::jetstream::new(leases),
+            responder,
+            ingest.clone(),
+            assignment,
+            store,
+            flush_tx,
+            stats.clone(),
+            cancel.clone(),
+            ready_tx,
+        ));
+        // Return once the entitlements are loaded and checks are answered, or with the
+        // worker's error.
+        let Ok(local_checks) = ready.await else {
+            return Err(match (&mut worker).await {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => Error::Stopped("the ingest worker stopped while starting".into()),
+                Err(e) => Error::Stopped(format!("the ingest worker panicked: {e}")),
+            });
+        };
+        Ok(Pipeline {
+            local_checks,
+            stats,
+            writer_stats,
+            cancel,
+            worker,
+            writer,
+        })
+    }
+
+    /// The token that stops this pipeline; cancelled too when a partition fails.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Whether the worker stopped by itself (it failed).
+    pub fn is_finished(&self) -> bool {
+        self.worker.is_finished()
+    }
+
+    /// Drains and stops: every open batch is made durable and acknowledged first.
+    pub async fn shutdown(self) -> Result<()> {
+        self.cancel.cancel();
+        let worker = self
+            .worker
+            .await
+            .map_err(|e| Error::Stopped(format!("the ingest worker panicked: {e}")))?;
+        // The worker dropped its channel senders; the writer finishes what it holds.
+        self.writer
+            .await
+            .map_err(|e| Error::Stopped(format!("the lake writer panicked: {e}")))?;
+        worker
+    }
+}
