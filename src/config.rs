@@ -25,8 +25,10 @@ pub struct Config {
     pub writer_concurrency: usize,
     /// Sealed batches waiting for the lake writer, across all partitions.
     pub writer_queue: usize,
-    /// Log filter, `tracing` env-filter syntax (`info`, `warn,tally=debug`).
-    pub log: String,
+    /// Log filter, `tracing` env-filter syntax (`info`, `warn,tally=debug`). Unset: the
+    /// command's own (`warn,tally=info` for `serve`, `worker` and `api`, warnings only for
+    /// the others), raised by `-v` (see `main.rs`).
+    pub log: Option<String>,
     pub ingest: IngestConfig,
     pub api: ApiConfig,
 }
@@ -39,7 +41,7 @@ impl Default for Config {
             nats_server: None,
             writer_concurrency: 8,
             writer_queue: 16,
-            log: "warn,tally=info".to_owned(),
+            log: None,
             ingest: IngestConfig::default(),
             api: ApiConfig::default(),
         }
@@ -75,7 +77,9 @@ impl Config {
         if self.writer_concurrency == 0 {
             problems.push("writer_concurrency must be at least 1".to_owned());
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+        if let Some(log) = &self.log
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(log)
+        {
             problems.push(format!("log: {e}"));
         }
         if self.writer_queue == 0 {
@@ -143,8 +147,16 @@ mod tests {
             jail.set_env("TALLY_INGEST__FLUSH_AGE_MS", "250");
             jail.set_env("TALLY_DATA_DIR", "/tmp/x");
             let c = Config::load(None).unwrap();
+            assert_eq!(c.log, None, "unset: each command picks its own");
             assert_eq!(c.ingest.flush_age_ms, 250);
             assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+            jail.set_env("TALLY_LOG", "warn,tally=debug");
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.log.as_deref(), Some("warn,tally=debug"));
+            jail.set_env("TALLY_LOG", "tally=nonsense[");
+            let err = format!("{:#}", Config::load(None).unwrap_err());
+            assert!(err.contains("log:"), "{err}");
+            jail.set_env("TALLY_LOG", "warn");
             jail.set_env("TALLY_INGEST__PARTITIONS", "0");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("partitions"), "{err}");

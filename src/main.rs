@@ -1,9 +1,10 @@
 //! `tally`: usage metering, entitlement enforcement and billing analytics.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use tally::config::{Config, parse_partitions};
 use tally::definitions::Kind;
 use tally::demo::{self, DemoArgs};
@@ -25,6 +26,10 @@ struct Cli {
     /// NATS server URL; unset starts a local nats-server.
     #[arg(long, global = true)]
     nats_url: Option<String>,
+    /// Log what Tally does (`-v`), or in detail (`-vv`). `serve`, `worker` and `api` log
+    /// it anyway, the other commands only warnings; a `log` setting (`TALLY_LOG`) wins.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -216,7 +221,13 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let mut config = Config::load(cli.config.as_deref())?;
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(log_filter(
+            &config,
+            &cli.command,
+            cli.verbose,
+        )))
+        // Colours for a person at a terminal, not for a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     if let Some(dir) = cli.data_dir {
@@ -308,6 +319,22 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
     }
+}
+
+/// The log filter: the configured `log` when set; else what Tally does (INFO) for the
+/// long-running commands, whose operators read it, and for any command run with `-v`;
+/// only warnings for the commands a person runs to get an answer; detail with `-vv`.
+fn log_filter(config: &Config, command: &Command, verbose: u8) -> String {
+    if let Some(log) = &config.log {
+        return log.clone();
+    }
+    let long_running = matches!(command, Command::Serve | Command::Worker(_) | Command::Api);
+    match (verbose, long_running) {
+        (0, false) => "warn",
+        (0 | 1, _) => "warn,tally=info",
+        _ => "warn,tally=debug",
+    }
+    .to_owned()
 }
 
 impl DemoCmd {

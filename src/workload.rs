@@ -263,6 +263,14 @@ pub fn regions(n: u32) -> &'static [&'static str] {
 }
 
 pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
+    generate_with_progress(spec, |_| {})
+}
+
+/// [`generate`], telling `progress` how many events are made so far every few thousand.
+pub fn generate_with_progress(
+    spec: &Spec,
+    mut progress: impl FnMut(u64),
+) -> (Vec<OutMessage>, Totals) {
     let mut rng = SmallRng::seed_from_u64(spec.seed);
     let customers: Vec<String> = (0..spec.customers.max(1)).map(customer_id).collect();
     // Customer sizes follow a power law: a few large customers, a long tail.
@@ -327,6 +335,9 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
     };
 
     for i in 0..n {
+        if i % 4096 == 0 {
+            progress(i);
+        }
         let c = pick(&mut rng, &customer_weights);
         let customer = &customers[c];
         let t = start
@@ -414,6 +425,7 @@ pub fn generate(spec: &Spec) -> (Vec<OutMessage>, Totals) {
             emit(&mut out, c, events);
         }
     }
+    progress(n);
     (out, totals)
 }
 
