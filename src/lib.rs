@@ -1,18 +1,10 @@
-//! The `tally` binary's library half: configuration, the wiring of ingest to the lake,
-//! the workload generator, and output formatting. `main.rs` holds only the command line.
-//! Integration tests under `tests/` drive these same pieces.
+//! The `tally` binary's commands. `main.rs` parses the command line and dispatches;
+//! the process's parts are `tally-node`'s, the demo, chaos and benches
+//! `tally-workbench`'s, and the reports `tally-reports`'. Their modules are re-exported
+//! here under the names the integration tests use.
 
-pub mod api;
-pub mod bench;
-pub mod chaos;
-pub mod compact;
-pub mod config;
-pub mod definitions;
-pub mod demo;
-pub mod license;
-pub mod metrics;
-pub mod output;
-pub mod pipeline;
-pub mod reports;
-pub mod sql;
-pub mod workload;
+pub mod commands;
+
+pub use commands::{compact, definitions, license, reports, sql};
+pub use tally_node::{api, config, metrics, output, pipeline};
+pub use tally_workbench::{bench, chaos, demo, workload};

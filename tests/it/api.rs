@@ -515,7 +515,7 @@ async fn an_openmeter_sdk_batch_is_accepted_and_billed() {
     let lake = tally_query::Lakehouse::open(&h.config.lake_dir())
         .await
         .unwrap();
-    let defs = tally::reports::definitions(&h.config).await.unwrap();
+    let defs = tally_node::definitions(&h.config).await.unwrap();
     let request = tally_reports::InvoiceRequest {
         period: "2026-11".parse().unwrap(),
         customer: None,

@@ -626,6 +626,43 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         }
         assert!(op["responses"]["406"].is_object(), "{path}");
     }
+    // Each report's JSON body is described field by field.
+    let schema = |path: &str| {
+        doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+            .clone()
+    };
+    assert_eq!(
+        schema("/api/v1/billing")["items"]["$ref"],
+        "#/components/schemas/Invoice"
+    );
+    assert_eq!(
+        schema("/api/v1/overage")["$ref"],
+        "#/components/schemas/OverageReport"
+    );
+    assert_eq!(
+        schema("/api/v1/adoption")["$ref"],
+        "#/components/schemas/AdoptionReport"
+    );
+    let components = &doc["components"]["schemas"];
+    let fields = |name: &str| -> Vec<String> {
+        components[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name}: {}", components[name]))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    for (name, field) in [
+        ("Invoice", "total"),
+        ("Invoice", "lines"),
+        ("InvoiceLine", "amount"),
+        ("OverageReport", "upgrades"),
+        ("OverLine", "over_percent"),
+        ("AdoptionReport", "free_tier"),
+        ("FeatureAdoption", "activation_rate"),
+    ] {
+        assert!(fields(name).iter().any(|f| f == field), "{name}.{field}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

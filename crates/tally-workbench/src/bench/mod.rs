@@ -22,10 +22,10 @@ use futures::StreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::config::Config;
 use crate::demo::wait_drained;
-use crate::pipeline::{self, Nats};
 use crate::workload::{self, OutMessage, Spec};
+use tally_node::config::Config;
+use tally_node::pipeline::{self, Nats};
 
 pub mod check;
 pub mod http;

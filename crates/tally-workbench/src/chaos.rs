@@ -34,10 +34,10 @@ use tally_core::subject;
 use tally_natsd::{NatsServer, ServerOptions};
 use tally_query::{Lakehouse, Period, Scope};
 
-use crate::config::Config;
-use crate::output::Format;
-use crate::pipeline::Nats;
 use crate::workload::{self, OutMessage, Spec};
+use tally_node::config::Config;
+use tally_node::output::Format;
+use tally_node::pipeline::Nats;
 
 /// Publishing is cut into this many slices; faults fall between them.
 const SLICES: usize = 100;

@@ -11,8 +11,8 @@ use serde::Serialize;
 use tally_core::Fence;
 use tally_store::{CompactOptions, Compacted, Lake};
 
-use crate::config::{Config, parse_partitions};
-use crate::output::Format;
+use tally_node::config::{Config, parse_partitions};
+use tally_node::output::Format;
 
 #[derive(Debug, Args)]
 pub struct CompactArgs {

@@ -22,9 +22,9 @@ use serde::Serialize;
 use tally_ingest::checks::{CheckRequest, check};
 
 use super::BenchFormat;
-use crate::config::Config;
-use crate::pipeline::{self, Nats};
 use crate::workload::{self, PowerLaw, Spec};
+use tally_node::config::Config;
+use tally_node::pipeline::{self, Nats};
 
 #[derive(Args)]
 pub struct CheckBench {

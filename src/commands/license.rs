@@ -10,7 +10,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use clap::{Args, Subcommand, ValueEnum as _};
 use tally_license::{KeySet, License};
 
-use crate::output::Format;
+use tally_node::output::Format;
 
 /// Exit status of a token that was read but refused (unknown key, altered, expired, …).
 const REFUSED: u8 = 2;

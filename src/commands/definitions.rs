@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use tally_core::entitlement::{Catalog, Customers, Entitlement, Problem};
 use tally_ingest::definitions::{Applied, Change, Definitions};
 
-use crate::config::Config;
-use crate::output::Format;
-use crate::pipeline::Nats;
+use tally_node::config::Config;
+use tally_node::output::Format;
+use tally_node::pipeline::Nats;
 
 #[derive(Subcommand)]
 pub enum DefinitionsCmd {

@@ -577,7 +577,7 @@ fn duckdb(
     runs: usize,
     tally: &BillingTotals,
 ) -> anyhow::Result<Duck> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/duckdb_billing.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/duckdb_billing.py");
     let out = std::process::Command::new(python)
         .arg(&script)
         .arg(lake)

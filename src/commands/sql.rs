@@ -14,8 +14,8 @@ use tally_query::output::{OutputFormat, write_stream};
 use tally_query::sql::{self, SqlError};
 use tally_query::{Lakehouse, LakehouseOptions};
 
-use crate::config::Config;
-use crate::output::{Format, write_batches};
+use tally_node::config::Config;
+use tally_node::output::{Format, write_batches};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SqlFormat {
@@ -97,7 +97,7 @@ pub async fn run(config: &Config, args: SqlArgs) -> anyhow::Result<ExitCode> {
 /// read from NATS, which a query over the lake alone does not need.
 async fn with_definitions(config: &Config, lake: &Lakehouse, query: &str) -> anyhow::Result<()> {
     if tally_reports::needs_definitions(lake, query) {
-        crate::reports::definitions(config)
+        tally_node::definitions(config)
             .await
             .context("reading the definitions the query's tables hold")?
             .register(lake)?;

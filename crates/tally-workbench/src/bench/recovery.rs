@@ -22,10 +22,10 @@ use serde::Serialize;
 use tally_ingest::Stats;
 
 use super::BenchFormat;
-use crate::config::Config;
 use crate::demo::{entitle_unlimited, wait_drained};
-use crate::pipeline::{self, Nats};
 use crate::workload::{self, OutMessage};
+use tally_node::config::Config;
+use tally_node::pipeline::{self, Nats};
 
 #[derive(Args)]
 pub struct RecoveryBench {

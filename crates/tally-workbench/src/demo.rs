@@ -27,9 +27,9 @@ use tally_ingest::definitions::Definitions;
 use tally_query::{BillingTotals, Lakehouse, Period, Scope};
 use tally_quota::{Engine, Usage};
 
-use crate::config::Config;
-use crate::pipeline::{self, Nats, Pipeline};
 use crate::workload::{self, Spec};
+use tally_node::config::Config;
+use tally_node::pipeline::{self, Nats, Pipeline};
 
 /// What `tally demo` runs.
 #[derive(Debug, Clone)]
@@ -371,7 +371,7 @@ async fn analyse(
     progress: &ProgressBar,
 ) -> anyhow::Result<Analyses> {
     let lake = Lakehouse::open(&config.lake_dir()).await?;
-    let defs = crate::reports::definitions(config).await?;
+    let defs = tally_node::definitions(config).await?;
     progress.set_message("invoices (tally billing)");
     let request = tally_reports::InvoiceRequest {
         period,
@@ -690,8 +690,8 @@ fn overage_charges(
 /// every fiftieth suspended, every thirtieth fenced to its home region. Every hundredth
 /// has no definition at all (its events are decided `unknown_customer`).
 pub fn definitions(spec: &Spec) -> anyhow::Result<(Catalog, Customers)> {
-    let catalog: Catalog =
-        toml::from_str(include_str!("../examples/catalog.toml")).context("the demo catalogue")?;
+    let catalog: Catalog = toml::from_str(include_str!("../../../examples/catalog.toml"))
+        .context("the demo catalogue")?;
     let regions = workload::regions(spec.regions);
     let customers = (0..spec.customers.max(1))
         .filter(|i| i % 100 != 99)

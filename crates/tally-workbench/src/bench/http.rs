@@ -27,9 +27,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::BenchFormat;
-use crate::config::Config;
-use crate::pipeline::Nats;
 use crate::workload::{self, PowerLaw, Spec};
+use tally_node::config::Config;
+use tally_node::pipeline::Nats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]

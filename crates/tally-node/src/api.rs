@@ -1,0 +1,112 @@
+//! The HTTP API as the binary runs it (`tally api`, and inside `tally serve`), and
+//! `tally keys`, which manages the API keys.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use tally_api::{ApiKeys, AppState, Role};
+use tally_ingest::checks::LocalChecks;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::Nats;
+
+/// A running API server.
+pub struct Api {
+    /// Where it listens (the configured address, with the port chosen when it was 0).
+    pub addr: SocketAddr,
+    /// The admin key made at the first start, and the file it was written to.
+    pub bootstrap: Option<(String, PathBuf)>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Api {
+    /// Opens the API's buckets, makes the first admin key when there is no key at all,
+    /// binds `api.listen` and serves until `cancel`. `local_checks`: the worker running in
+    /// this process, if any.
+    pub async fn start(
+        config: &Config,
+        nats: &Nats,
+        local_checks: Option<LocalChecks>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Api> {
+        // Events are accepted before any worker has run: the streams must exist.
+        tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest)
+            .await
+            .context("creating the events streams")?;
+        let reports = tally_reports::LakeReports::new(config.lake_dir());
+        let state = AppState::open(
+            nats.jetstream.clone(),
+            config.ingest.partitions,
+            config.ingest.limits,
+            config.api.clone(),
+            reports,
+            local_checks,
+            cancel.clone(),
+        )
+        .await
+        .context("opening the API's buckets")?;
+        if let Some(render) = crate::metrics::render(nats.client.clone()) {
+            state.serve_metrics(render);
+        }
+        let bootstrap = bootstrap_admin_key(config, &state.keys).await?;
+        let listener = tokio::net::TcpListener::bind(&config.api.listen)
+            .await
+            .with_context(|| format!("listening on {} (api.listen)", config.api.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "api listening");
+        let task = tokio::spawn(tally_api::serve(listener, state, cancel));
+        Ok(Api {
+            addr,
+            bootstrap,
+            task,
+        })
+    }
+
+    /// Waits for the server to finish (after its cancel token fired).
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.task
+            .await
+            .context("api server panicked")?
+            .context("api server failed")
+    }
+}
+
+/// With no API key at all (a fresh installation), makes an admin key and writes it to
+/// `<data_dir>/api-admin.key`, readable by its owner only.
+async fn bootstrap_admin_key(
+    config: &Config,
+    keys: &ApiKeys,
+) -> anyhow::Result<Option<(String, PathBuf)>> {
+    if !keys.list().await?.is_empty() {
+        return Ok(None);
+    }
+    let created = keys
+        .create(
+            Role::Admin,
+            Vec::new(),
+            "made at the first start".to_owned(),
+        )
+        .await?;
+    let path = config.data_dir.join("api-admin.key");
+    std::fs::create_dir_all(&config.data_dir)?;
+    write_private(&path, &format!("{}\n", created.token))
+        .with_context(|| format!("writing the first admin key to {}", path.display()))?;
+    tracing::warn!(path = %path.display(), id = %created.record.id, "no API key existed: made an admin key");
+    Ok(Some((created.token, path)))
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}

@@ -1,0 +1,16 @@
+//! One module per subcommand of `tally` (`serve` also runs `worker` and `api`;
+//! `reports` is what the three reports share).
+
+pub mod adoption;
+pub mod billing;
+pub mod chaos;
+pub mod check;
+pub mod compact;
+pub mod definitions;
+pub mod demo;
+pub mod keys;
+pub mod license;
+pub mod overage;
+pub mod reports;
+pub mod serve;
+pub mod sql;
