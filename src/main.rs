@@ -106,6 +106,12 @@ enum Command {
     /// Example: tally keys create --role billing --name "invoicing job"
     #[command(subcommand)]
     Keys(tally::commands::keys::KeysCmd),
+    /// NATS credentials for a deployment: `tally nats init --dir DIR` makes them and the
+    /// nats-server configuration that enforces them.
+    ///
+    /// Example: tally nats init --dir /etc/tally/nats
+    #[command(subcommand)]
+    Nats(tally::commands::nats::NatsCmd),
     /// License tokens: verify one offline against a published key set (no NATS, no network).
     ///
     /// Example: tally license verify "$(cat license.token)" --key license-keys.json --format json
@@ -213,6 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Api => serve::api(config).await,
         Command::Keys(cmd) => tally::commands::keys::run(&config, cmd).await,
         Command::License(cmd) => tally::license::run(cmd),
+        Command::Nats(cmd) => tally::commands::nats::run(&config, cmd),
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
         Command::Chaos(args) => tally::commands::chaos::run(config, args).await,
     }

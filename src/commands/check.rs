@@ -5,6 +5,7 @@ use clap::Args;
 use tally_node::config::Config;
 use tally_node::output::Format;
 use tally_node::pipeline::Nats;
+use tally_node::pipeline::Service;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -22,7 +23,7 @@ pub struct CheckArgs {
 
 pub async fn run(config: Config, cmd: CheckArgs) -> anyhow::Result<std::process::ExitCode> {
     use tally_ingest::checks::{CheckRequest, check};
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, Service::Admin).await?;
     let request = CheckRequest {
         customer: cmd.customer,
         feature: cmd.feature,

@@ -3,6 +3,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use tally_node::pipeline::Service;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -86,7 +87,7 @@ pub async fn run(
                 report_problems(&args.file, &problems);
                 return Ok(std::process::ExitCode::from(2));
             }
-            let nats = Nats::connect(&config).await?;
+            let nats = Nats::connect(&config, Service::Admin).await?;
             let definitions = Definitions::open(&nats.jetstream).await?;
             let mut applied = Vec::new();
             if let Some(c) = &catalog {
@@ -99,7 +100,7 @@ pub async fn run(
             Ok(std::process::ExitCode::SUCCESS)
         }
         DefinitionsCmd::List(args) => {
-            let nats = Nats::connect(&config).await?;
+            let nats = Nats::connect(&config, Service::Admin).await?;
             let snapshot = Definitions::open(&nats.jetstream).await?.load().await?;
             let out = &mut std::io::stdout().lock();
             match (kind, args.format) {

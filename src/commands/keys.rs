@@ -5,13 +5,14 @@ use tally_api::{ApiKeys, Role};
 use tally_node::config::Config;
 use tally_node::output::Format;
 use tally_node::pipeline::Nats;
+use tally_node::pipeline::Service;
 
 /// Manage the API keys (stored in NATS, hashed).
 #[derive(Debug, Subcommand)]
 pub enum KeysCmd {
-    /// Make a key; its secret is printed once.
+    /// Make a key; its secret is printed once, with what an application needs to connect.
     ///
-    /// Example: tally keys create --role portal --customer acme --name "acme's portal"
+    /// Example: tally keys create --role sdk --customer acme --name "acme's app"
     Create(CreateArgs),
     /// List the keys (never their secrets).
     ///
@@ -25,10 +26,11 @@ pub enum KeysCmd {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// admin, provisioning, billing, analyst, ingest or portal.
+    /// admin, provisioning, billing, analyst, ingest, sdk, notifications or portal.
     #[arg(long)]
     pub role: Role,
-    /// A customer the key is limited to (portal: exactly one; ingest: any number).
+    /// A customer the key is limited to (portal: exactly one; ingest, sdk,
+    /// notifications: any number, none meaning all).
     #[arg(long = "customer")]
     pub customers: Vec<String>,
     /// What the key is for.
@@ -52,11 +54,18 @@ pub struct RevokeArgs {
 
 /// Runs a `tally keys` command against the configured NATS.
 pub async fn run(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::process::ExitCode> {
-    let nats = Nats::connect(config).await?;
+    let nats = Nats::connect(config, Service::Admin).await?;
     let keys = ApiKeys::open(&nats.jetstream).await?;
     match cmd {
         KeysCmd::Create(args) => {
             let created = keys.create(args.role, args.customers, args.name).await?;
+            let connect = tally_api::callout::key_access(created.record.role).map(|_| {
+                serde_json::json!({
+                    "nats_url": nats.url,
+                    "partitions": config.ingest.partitions,
+                    "inbox_prefix": tally_core::access::inbox_prefix(&created.record.id),
+                })
+            });
             match args.format {
                 Format::Table => {
                     println!("{}", created.token);
@@ -64,8 +73,25 @@ pub async fn run(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::process::
                         "key {} ({}) made; the line above is its secret, shown this once",
                         created.record.id, created.record.role
                     );
+                    if connect.is_some() {
+                        eprintln!(
+                            "an application connects to NATS at {} with the key as its token \
+                             (tally_sdk::NatsTarget::with_key(url, key), Options {{ partitions: {}, .. }}; \
+                             other clients: token = the key, inbox prefix {}), or to the HTTP API \
+                             with `Authorization: Bearer <key>`",
+                            nats.url,
+                            config.ingest.partitions,
+                            tally_core::access::inbox_prefix(&created.record.id)
+                        );
+                    }
                 }
-                _ => println!("{}", serde_json::to_string(&created)?),
+                _ => {
+                    let mut json = serde_json::to_value(&created)?;
+                    if let Some(connect) = connect {
+                        json["connect"] = connect;
+                    }
+                    println!("{json}");
+                }
             }
         }
         KeysCmd::List(args) => {

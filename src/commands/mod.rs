@@ -10,6 +10,7 @@ pub mod definitions;
 pub mod demo;
 pub mod keys;
 pub mod license;
+pub mod nats;
 pub mod overage;
 pub mod reports;
 pub mod serve;

@@ -54,7 +54,7 @@ pub async fn run(
     // Handlers first: a SIGTERM during start-up must drain, not kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, pipeline::Service::Worker).await?;
     let pipeline = starting("worker", || {
         pipeline::start(&config, &nats, partitions.clone())
     })
@@ -90,7 +90,7 @@ pub async fn run(
 pub async fn api(config: Config) -> anyhow::Result<std::process::ExitCode> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, pipeline::Service::Api).await?;
     let stop = CancellationToken::new();
     let api = starting("api", || {
         tally_node::api::Api::start(&config, &nats, None, stop.clone())

@@ -443,6 +443,7 @@ fn tally_text(h: &Harness, args: &[&str], format: &str) -> String {
             "--data-dir",
         ])
         .arg(h.dir.path())
+        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
         .output()
         .unwrap();
     assert!(

@@ -23,14 +23,14 @@ fn access_table() -> BTreeMap<(&'static str, &'static str), Option<&'static [Rol
         (("GET", "/metrics"), None),
         (("GET", "/api/v1/license-keys"), None),
         (("POST", "/api/v1/license-keys/rotate"), Some(&[][..])),
-        (("POST", "/api/v1/events"), Some(&[Ingest][..])),
+        (("POST", "/api/v1/events"), Some(&[Ingest, Sdk][..])),
         (
             ("GET", "/api/v1/customers/{customer}/entitlements"),
-            Some(&[Provisioning, Billing, Portal][..]),
+            Some(&[Provisioning, Billing, Sdk, Portal][..]),
         ),
         (
             ("GET", "/api/v1/customers/{customer}/entitlements/{feature}"),
-            Some(&[Provisioning, Billing, Portal][..]),
+            Some(&[Provisioning, Billing, Sdk, Portal][..]),
         ),
         (
             ("POST", "/api/v1/customers/{customer}/license"),
@@ -860,6 +860,7 @@ async fn keys_made_listed_and_revoked_from_the_shell() {
             .args(["--nats-url", &h.server.url()])
             .arg("--data-dir")
             .arg(h.dir.path())
+            .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
             .output()
             .unwrap();
         assert!(

@@ -98,6 +98,7 @@ fn cli(h: &Harness, args: &[&str]) -> Vec<u8> {
         .args(args)
         .args(["--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
+        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
         .env("TALLY_LOG", "warn")
         .output()
         .unwrap();

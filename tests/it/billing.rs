@@ -6,6 +6,7 @@
 use crate::common;
 use std::collections::BTreeMap;
 use std::process::Command;
+use tally_node::pipeline::Service;
 
 use chrono::Datelike;
 
@@ -114,6 +115,7 @@ fn json_rows(h: &Harness, args: &[&str]) -> Vec<Value> {
         .args(args)
         .args(["--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
+        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
         .output()
         .unwrap();
     assert!(
@@ -430,7 +432,7 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
         data_dir: data.clone(),
         ..Config::default()
     };
-    let nats = Nats::connect(&config).await.unwrap();
+    let nats = Nats::connect(&config, Service::Admin).await.unwrap();
     let defs = Definitions::open(&nats.jetstream)
         .await
         .unwrap()

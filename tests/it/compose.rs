@@ -493,7 +493,9 @@ fn the_sql_data_source_reads_tally_with_the_key_grafana_key_writes() {
         .collect();
     assert_eq!(hosts.len(), 1, "{hosts:?}");
     let host = hosts[0];
-    let authority = host.strip_prefix("http://").expect("http://host:port");
+    let authority = host
+        .strip_prefix("https://")
+        .expect("https://host:port: Tally's API serves TLS");
     let (name, port) = authority.split_once(':').expect("host:port");
     let (_, tally) = all
         .iter()
@@ -505,6 +507,10 @@ fn the_sql_data_source_reads_tally_with_the_key_grafana_key_writes() {
     );
     let listen = env(tally, "TALLY_API__LISTEN").expect("TALLY_API__LISTEN");
     assert_eq!(listen, format!("0.0.0.0:{port}"), "{host} vs {listen}");
+    assert!(
+        env(tally, "TALLY_API__TLS_CERT").is_some(),
+        "{name} serves no TLS for {host}"
+    );
     assert_eq!(tally["command"][0].as_str(), Some("serve"), "{name}");
 
     // The header: `Authorization: Bearer <the key file>`, the file in a volume mounted
@@ -565,8 +571,12 @@ fn the_sql_data_source_reads_tally_with_the_key_grafana_key_writes() {
         "{writer} is a one-shot"
     );
     assert!(
-        env(one_shot, "TALLY_NATS_URL").is_some_and(|u| u.starts_with("nats://nats:")),
-        "{writer} reaches NATS"
+        env(one_shot, "TALLY_NATS_URL").is_some_and(|u| u.starts_with("tls://nats:")),
+        "{writer} reaches NATS over TLS"
+    );
+    assert!(
+        env(one_shot, "TALLY_NATS_CREDENTIALS").is_some(),
+        "{writer} has no NATS credential"
     );
     let script = entrypoint_script(writer, one_shot);
     // The writer sees the file at the path grafana reads it from.
@@ -651,6 +661,7 @@ fn run_grafana_key(h: &common::Harness, keys: &Path) -> String {
         .args(["-c", &script])
         .env("PATH", path)
         .env("TALLY_NATS_URL", h.server.url())
+        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
         .env("TALLY_DATA_DIR", h.dir.path())
         .env("TALLY_LOG", "warn")
         .output()
@@ -794,4 +805,122 @@ async fn every_sql_panel_runs_on_a_lake_with_data() {
     assert!(billing.status().is_client_error(), "{}", billing.status());
 
     api.stop.cancel();
+}
+
+/// The compose file's nats-server configuration, with the authorization `tally nats init`
+/// writes, refuses anonymous clients, clients that do not trust its CA and plain
+/// connections; Tally's services get in with their nkeys over TLS, each with its own
+/// permissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_nats_configuration_refuses_anonymous_and_plain_clients() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth");
+    // What nats-init runs, with the hosts a test reaches.
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["nats", "init", "--dir"])
+        .arg(&auth)
+        .args(["--tls-host", "127.0.0.1", "--tls-host", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&auth), 0o700);
+    for secret in [
+        "worker.nk",
+        "api.nk",
+        "admin.nk",
+        "callout.nk",
+        "server-key.pem",
+    ] {
+        assert_eq!(mode(&auth.join(secret)), 0o600, "{secret}");
+    }
+    // The compose configuration, with this machine's paths and a free port.
+    let config = std::fs::read_to_string(repo().join("deploy/nats/nats-server.conf")).unwrap();
+    assert!(config.contains("include \"auth/auth.conf\""), "{config}");
+    let config = config
+        .replace("port: 4222", "port: -1")
+        .replace("http_port: 8222\n", "")
+        .replace(
+            "/data/jetstream",
+            &dir.path().join("js").display().to_string(),
+        )
+        .replace("/etc/nats/auth/", &format!("{}/", auth.display()))
+        + &format!("ports_file_dir: \"{}\"\n", dir.path().display());
+    let conf = dir.path().join("nats-server.conf");
+    std::fs::write(&conf, config).unwrap();
+    let binary = tally_natsd::find_binary().expect("nats-server (scripts/install-nats.sh)");
+    let mut server = Command::new(binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let port = loop {
+        let ports = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().ends_with(".ports"));
+        if let Some(text) = ports.and_then(|p| std::fs::read_to_string(p.path()).ok()) {
+            let ports: Json = serde_json::from_str(&text).unwrap_or_default();
+            if let Some(url) = ports["nats"][0].as_str() {
+                break url.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+            }
+        }
+        assert!(server.try_wait().unwrap().is_none(), "nats-server exited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let url = format!("tls://127.0.0.1:{port}");
+    let ca = auth.join("ca.pem");
+    let seed = |name: &str| std::fs::read_to_string(auth.join(name)).unwrap();
+    let attempts = [
+        (
+            "anonymous",
+            async_nats::ConnectOptions::new().add_root_certificates(ca.clone()),
+        ),
+        (
+            "a client that does not trust the CA",
+            async_nats::ConnectOptions::with_nkey(seed("worker.nk")).require_tls(true),
+        ),
+    ];
+    for (who, options) in attempts {
+        assert!(!gets_in(options, &url).await, "{who} got in");
+    }
+    let plain = async_nats::ConnectOptions::with_nkey(seed("worker.nk"));
+    assert!(
+        !gets_in(plain, &format!("nats://127.0.0.1:{port}")).await,
+        "a plain connection got in"
+    );
+    let worker = async_nats::ConnectOptions::with_nkey(seed("worker.nk"))
+        .add_root_certificates(ca.clone())
+        .require_tls(true)
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    // A round trip the worker's grant allows: JetStream's account information.
+    let account = async_nats::jetstream::new(worker).query_account().await;
+    assert!(account.is_ok(), "{account:?}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Whether a client gets in: connected, and its first request answered by the server
+/// ("no responders" is an answer). A client whose authorization is still pending may see
+/// its connect return (the server's PING comes first) before the server refuses it.
+async fn gets_in(options: async_nats::ConnectOptions, url: &str) -> bool {
+    let Ok(client) = options.connect(url).await else {
+        return false;
+    };
+    let asked = tokio::time::timeout(
+        std::time::Duration::from_secs(8),
+        client.request("tally.probe", "".into()),
+    )
+    .await;
+    matches!(asked, Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders)
 }

@@ -445,7 +445,7 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     let bad = raw(subject.clone(), r#"{"customer":"acme"}"#).await;
     assert_eq!(bad["field"], "feature", "{bad}");
     let other = (0..partitions)
-        .map(|p| format!("tally.check.{p}"))
+        .map(|p| format!("tally.check.{p}.acme"))
         .find(|s| *s != subject)
         .unwrap();
     let wrong = raw(other, r#"{"customer":"acme","feature":"calls"}"#).await;
@@ -453,6 +453,22 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
     assert!(
         wrong["error"].as_str().unwrap().contains(&subject),
         "{wrong}"
+    );
+
+    // A request about another customer than its subject names is refused: NATS
+    // permissions limit an application's key by the subject.
+    let smuggled = raw(
+        subject.clone(),
+        r#"{"customer":"globex","feature":"calls"}"#,
+    )
+    .await;
+    assert_eq!(smuggled["field"], "customer", "{smuggled}");
+    assert!(
+        smuggled["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the customer this request was sent for"),
+        "{smuggled}"
     );
 
     // `tally check` asks the same way.
@@ -468,6 +484,7 @@ async fn checks_are_answered_by_the_owning_worker_and_record_nothing() {
         ])
         .arg("--data-dir")
         .arg(h.dir.path())
+        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
         .output()
         .unwrap();
     assert!(
@@ -561,13 +578,21 @@ async fn checks_are_answered_while_the_ingest_runtime_is_blocked() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let url = h.server.url();
+    let seed = h
+        .server
+        .credentials()
+        .seed(tally_natsd::Service::Admin)
+        .unwrap();
     let (answer, done_when_answered) = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let client = async_nats::connect(url).await.unwrap();
+            let client = async_nats::ConnectOptions::with_nkey(seed)
+                .connect(url)
+                .await
+                .unwrap();
             let answer = check(&client, partitions, &request, block - block / 5).await;
             (answer, done.load(Ordering::SeqCst))
         })

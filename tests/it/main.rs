@@ -21,4 +21,5 @@ mod golden;
 mod metrics;
 mod ownership;
 mod pipeline;
+mod security;
 mod sql;

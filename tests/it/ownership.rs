@@ -5,6 +5,7 @@
 use crate::common;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::common::{Harness, Serve};
@@ -51,9 +52,12 @@ async fn owners(h: &Harness) -> BTreeMap<u16, String> {
     owners
 }
 
-/// Every lake file's partition and stream-sequence range, from its metadata.
-fn ranges(h: &Harness) -> HashMap<u16, Vec<(u64, u64)>> {
-    let mut ranges: HashMap<u16, Vec<(u64, u64)>> = HashMap::new();
+/// Every visible lake file's stream-sequence range, from its metadata, by partition and
+/// date directory. A compaction merges one date's files of a partition: a batch that was
+/// split across dates may then be one range in one date and part of a wider one in
+/// another, so ranges are compared within a directory.
+fn ranges(h: &Harness) -> HashMap<(u16, PathBuf), Vec<(u64, u64)>> {
+    let mut ranges: HashMap<(u16, PathBuf), Vec<(u64, u64)>> = HashMap::new();
     for path in common::parquet_files(&h.lake_events()) {
         let reader = SerializedFileReader::new(File::open(&path).unwrap()).unwrap();
         let meta = reader.metadata().file_metadata();
@@ -69,7 +73,8 @@ fn ranges(h: &Harness) -> HashMap<u16, Vec<(u64, u64)>> {
         };
         let range = (get("tally.first_seq"), get("tally.last_seq"));
         let partition = u16::try_from(get("tally.partition")).unwrap();
-        let held = ranges.entry(partition).or_default();
+        let dir = path.parent().unwrap().to_owned();
+        let held = ranges.entry((partition, dir)).or_default();
         // A batch split across dates is one range in several files.
         if !held.contains(&range) {
             held.push(range);
@@ -81,12 +86,13 @@ fn ranges(h: &Harness) -> HashMap<u16, Vec<(u64, u64)>> {
 /// One writer per partition leaves sequence ranges that never overlap: two workers
 /// pulling from one consumer would each seal ranges spanning the other's messages.
 fn assert_one_writer_per_partition(h: &Harness) {
-    for (partition, mut list) in ranges(h) {
+    for ((partition, dir), mut list) in ranges(h) {
         list.sort_unstable();
         for pair in list.windows(2) {
             assert!(
                 pair[0].1 < pair[1].0,
-                "partition {partition}: files cover overlapping sequences {pair:?}"
+                "partition {partition} in {}: files cover overlapping sequences {pair:?}",
+                dir.display()
             );
         }
     }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 /// The bucket of API keys.
-pub const KEYS_BUCKET: &str = "tally_api_keys";
+pub use tally_core::subject::KEYS_BUCKET;
 const PREFIX: &str = "tally_";
 
 /// What a key may do.
@@ -41,17 +41,25 @@ pub enum Role {
     Analyst,
     /// Sending events only, optionally for listed customers only.
     Ingest,
+    /// An application embedding the SDK: sends events, checks entitlements and records
+    /// usage, over HTTP or NATS, optionally for listed customers only.
+    Sdk,
+    /// Receives notifications (upgrade prompts) over NATS, optionally of listed customers
+    /// only.
+    Notifications,
     /// One customer, read-only: its entitlements, usage and license.
     Portal,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 8] = [
         Role::Admin,
         Role::Provisioning,
         Role::Billing,
         Role::Analyst,
         Role::Ingest,
+        Role::Sdk,
+        Role::Notifications,
         Role::Portal,
     ];
 
@@ -62,6 +70,8 @@ impl Role {
             Role::Billing => "billing",
             Role::Analyst => "analyst",
             Role::Ingest => "ingest",
+            Role::Sdk => "sdk",
+            Role::Notifications => "notifications",
             Role::Portal => "portal",
         }
     }
@@ -92,8 +102,8 @@ impl std::str::FromStr for Role {
 pub struct KeyRecord {
     pub id: String,
     pub role: Role,
-    /// The customers the key is limited to (`portal`: exactly one; `ingest`: any number,
-    /// none meaning all).
+    /// The customers the key is limited to (`portal`: exactly one; `ingest`, `sdk`,
+    /// `notifications`: any number, none meaning all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub customers: Vec<String>,
     /// What the key is for, in words.
@@ -160,6 +170,19 @@ pub enum Rejected {
     Expired(String),
 }
 
+impl Rejected {
+    /// A short name for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejected::Malformed => "malformed",
+            Rejected::Unknown(_) => "unknown",
+            Rejected::WrongSecret => "wrong_secret",
+            Rejected::Revoked(_) => "revoked",
+            Rejected::Expired(_) => "expired",
+        }
+    }
+}
+
 /// The keys bucket and the server's copy of it.
 #[derive(Clone)]
 pub struct ApiKeys {
@@ -192,8 +215,8 @@ impl ApiKeys {
         })
     }
 
-    /// Creates a key. A `portal` key needs exactly one customer; only `portal` and
-    /// `ingest` keys may be limited to customers.
+    /// Creates a key. A `portal` key needs exactly one customer; only `portal`, `ingest`,
+    /// `sdk` and `notifications` keys may be limited to customers.
     pub async fn create(
         &self,
         role: Role,
@@ -217,10 +240,10 @@ impl ApiKeys {
                     "a portal key is for exactly one customer (--customer C)".to_owned(),
                 ));
             }
-            Role::Portal | Role::Ingest => {}
+            Role::Portal | Role::Ingest | Role::Sdk | Role::Notifications => {}
             _ if !customers.is_empty() => {
                 return Err(KeyError::Invalid(format!(
-                    "only portal and ingest keys are limited to customers, not {role} keys"
+                    "only portal, ingest, sdk and notifications keys are limited to customers, not {role} keys"
                 )));
             }
             _ => {}

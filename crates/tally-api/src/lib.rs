@@ -9,6 +9,7 @@
 //! Every route checks the caller's API key and role ([`keys`]); every error is one
 //! problem-details shape ([`error`]).
 
+pub mod callout;
 pub mod error;
 pub mod keys;
 pub mod licenses;
@@ -48,6 +49,9 @@ pub struct ApiConfig {
     pub license_key_grace_secs: u64,
     /// How long an `Idempotency-Key` is remembered, in seconds.
     pub idempotency_secs: u64,
+    /// How long a NATS connection made with an API key lasts before the server asks Tally
+    /// about the key again, in seconds (1-60): the most a revoked key keeps NATS.
+    pub nats_session_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -60,6 +64,7 @@ impl Default for ApiConfig {
             license_ttl_secs: 30 * 24 * 3600,
             license_key_grace_secs: 31 * 24 * 3600,
             idempotency_secs: 24 * 3600,
+            nats_session_secs: 50,
         }
     }
 }
@@ -80,6 +85,12 @@ impl ApiConfig {
         if self.check_timeout_ms == 0 || self.publish_timeout_ms == 0 {
             problems
                 .push("api.check_timeout_ms and api.publish_timeout_ms must be above 0".to_owned());
+        }
+        if !(1..=60).contains(&self.nats_session_secs) {
+            problems.push(format!(
+                "api.nats_session_secs must be 1-60 (a revoked key loses NATS within it), not {}",
+                self.nats_session_secs
+            ));
         }
         if self.idempotency_secs == 0 {
             problems.push("api.idempotency_secs must be above 0".to_owned());

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tally_license::{KeySet, KeyStatus, License, PublishedKey, SigningKey};
 
 /// The bucket of license signing keys.
-pub const LICENSE_KEYS_BUCKET: &str = "tally_license_keys";
+pub use tally_core::subject::LICENSE_KEYS_BUCKET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LicenseKeyError {

@@ -9,6 +9,7 @@
 //! [`period`]; a partition's checkpoint of counters in [`snapshot`]; the deadline past
 //! which a worker may no longer write a partition in [`fence`].
 
+pub mod access;
 pub mod batch;
 pub mod columnar;
 pub mod decision;

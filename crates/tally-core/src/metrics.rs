@@ -49,6 +49,9 @@ pub const QUERY_FAILURES: &str = "tally_query_failures_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 /// Histogram: seconds to answer an HTTP request, by `route`.
 pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_seconds";
+/// Counter: API keys refused, by `reason` (malformed, unknown, wrong_secret, revoked,
+/// expired, missing) and `transport` (http, nats).
+pub const AUTH_FAILURES: &str = "tally_auth_failures_total";
 
 /// Every metric name above.
 pub const ALL: &[&str] = &[
@@ -72,6 +75,7 @@ pub const ALL: &[&str] = &[
     QUERY_FAILURES,
     HTTP_REQUESTS,
     HTTP_REQUEST_SECONDS,
+    AUTH_FAILURES,
 ];
 
 /// The histograms (exported with `_bucket`, `_sum`, `_count` series).

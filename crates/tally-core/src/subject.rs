@@ -140,6 +140,35 @@ pub fn partition_of(customer: &str, partitions: u16) -> u16 {
     (hash % u32::from(partitions.max(1))) as u16
 }
 
+/// Checks are requests on `tally.check.<partition>.<customer-token>`.
+pub const CHECK_PREFIX: &str = "tally.check";
+/// Reserve-and-record requests go to `tally.record.<partition>.<customer-token>`.
+pub const RECORD_PREFIX: &str = "tally.record";
+
+/// The subject of a check (`prefix` [`CHECK_PREFIX`]) or a reserve-and-record request
+/// ([`RECORD_PREFIX`]) for a customer: its partition, then its token, so that NATS
+/// permissions can limit an application's key to its customers' requests.
+pub fn request_subject(prefix: &str, customer: &str, partitions: u16) -> String {
+    format!(
+        "{prefix}.{}.{}",
+        partition_of(customer, partitions),
+        customer_token(customer)
+    )
+}
+
+/// The key-value bucket of partition leases.
+pub const LEASES_BUCKET: &str = "tally_leases";
+/// The key-value bucket of live workers.
+pub const WORKERS_BUCKET: &str = "tally_workers";
+/// The key-value bucket of API keys (digests of their secrets).
+pub const KEYS_BUCKET: &str = "tally_api_keys";
+/// The key-value bucket of license signing keys.
+pub const LICENSE_KEYS_BUCKET: &str = "tally_license_keys";
+/// The key-value bucket of idempotency keys of the HTTP API.
+pub const IDEMPOTENCY_BUCKET: &str = "tally_idempotency";
+/// The key-value bucket of customers' access requests.
+pub const ACCESS_REQUESTS_BUCKET: &str = "tally_access_requests";
+
 /// The stream of notifications (upgrade prompts).
 pub const NOTIFY_STREAM: &str = "TALLY_NOTIFY";
 /// Notifications are published to `tally.notify.<kind>.<customer-token>`.

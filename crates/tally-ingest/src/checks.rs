@@ -1,9 +1,11 @@
 //! Entitlement checks over NATS request-reply: "may customer C use feature F (quantity q)
 //! now?", answered by the worker that owns C's partition, without recording anything.
 //!
-//! A request goes to `tally.check.<partition>` (the customer's partition, see
-//! [`partition_of`]); every process owning that partition listens in the queue group
-//! `tally-check`, so one of them answers. The body is a JSON [`CheckRequest`]; the reply a
+//! A request goes to `tally.check.<partition>.<customer-token>` (the customer's partition,
+//! see [`partition_of`], and its subject token, so that NATS permissions can limit an
+//! application to its own customers); every process owning that partition listens in the
+//! queue group `tally-check`, so one of them answers. A request whose body names another
+//! customer than its subject is refused. The body is a JSON [`CheckRequest`]; the reply a
 //! JSON [`CheckReply`], with `error` naming the field when the request is malformed. A
 //! check reads the engine as it stands: a definition change is seen once the worker's
 //! watch has applied it (normally within a millisecond), without the synchronisation
@@ -18,20 +20,19 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tally_core::subject::partition_of;
+use tally_core::subject::{partition_of, request_subject, token_matches};
 use tally_quota::Usage;
 use tokio_util::sync::CancellationToken;
 
 use crate::entitlements::Entitlements;
 use crate::{Error, Result};
 
-/// Checks for a partition are requested on `tally.check.<partition>`.
-pub const CHECK_PREFIX: &str = "tally.check";
+pub use tally_core::subject::CHECK_PREFIX;
 const QUEUE: &str = "tally-check";
 
 /// The subject a check for this customer goes to.
 pub fn check_subject(customer: &str, partitions: u16) -> String {
-    format!("{CHECK_PREFIX}.{}", partition_of(customer, partitions))
+    request_subject(CHECK_PREFIX, customer, partitions)
 }
 
 /// "May `customer` use `feature` now?"
@@ -162,16 +163,16 @@ pub async fn serve(
         subscriptions,
         &responder.runtime,
         cancel,
-        move |p, reply_to, payload| {
+        move |p, token, reply_to, payload| {
             let (client, entitlements) = (client.clone(), entitlements.clone());
             async move {
                 let body = if is_listing(&payload) {
-                    match list(&entitlements, p, total, &payload) {
+                    match list(&entitlements, p, total, &token, &payload) {
                         Ok(reply) => serde_json::to_vec(&reply),
                         Err(error) => serde_json::to_vec(&error),
                     }
                 } else {
-                    match answer(&entitlements, p, total, &payload) {
+                    match answer(&entitlements, p, total, &token, &payload) {
                         Ok(reply) => serde_json::to_vec(&reply),
                         Err(error) => serde_json::to_vec(&error),
                     }
@@ -185,8 +186,8 @@ pub async fn serve(
     ))
 }
 
-/// Runs `handle(partition, reply subject, body)` for each request with a reply subject,
-/// one task per subscription on `runtime`, until `cancel`.
+/// Runs `handle(partition, customer token, reply subject, body)` for each request with a
+/// reply subject, one task per subscription on `runtime`, until `cancel`.
 pub(crate) fn answer_each<F, Fut>(
     subscriptions: Vec<(u16, async_nats::Subscriber)>,
     runtime: &tokio::runtime::Handle,
@@ -194,7 +195,7 @@ pub(crate) fn answer_each<F, Fut>(
     handle: F,
 ) -> tokio::task::JoinSet<()>
 where
-    F: Fn(u16, async_nats::Subject, bytes::Bytes) -> Fut + Clone + Send + 'static,
+    F: Fn(u16, String, async_nats::Subject, bytes::Bytes) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
     let mut tasks = tokio::task::JoinSet::new();
@@ -209,7 +210,12 @@ where
                     };
                     let Some(request) = request else { break };
                     if let Some(reply_to) = request.reply {
-                        handle(p, reply_to, request.payload).await;
+                        let token = request
+                            .subject
+                            .rsplit_once('.')
+                            .map(|(_, token)| token.to_owned())
+                            .unwrap_or_default();
+                        handle(p, token, reply_to, request.payload).await;
                     }
                 }
             },
@@ -219,7 +225,7 @@ where
     tasks
 }
 
-/// Subscribes to `<prefix>.<partition>` in a queue group for each partition, and returns
+/// Subscribes to `<prefix>.<partition>.*` in a queue group for each partition, and returns
 /// once the server has the subscriptions, so that a request sent next is answered.
 pub(crate) async fn subscribe(
     client: &Client,
@@ -230,7 +236,7 @@ pub(crate) async fn subscribe(
     let mut subscriptions = Vec::new();
     for &p in partitions {
         let requests = client
-            .queue_subscribe(format!("{prefix}.{p}"), queue.to_owned())
+            .queue_subscribe(format!("{prefix}.{p}.*"), queue.to_owned())
             .await
             .map_err(|e| Error::nats("subscribe to requests", e))?;
         subscriptions.push((p, requests));
@@ -246,9 +252,27 @@ fn answer(
     entitlements: &Entitlements,
     partition: u16,
     total: u16,
+    token: &str,
     payload: &[u8],
 ) -> std::result::Result<CheckReply, CheckError> {
-    answer_request(entitlements, partition, total, parse(payload)?)
+    let request = parse(payload)?;
+    sent_for(token, &request.customer)?;
+    answer_request(entitlements, partition, total, request)
+}
+
+/// Refuses a request whose customer is not the one its subject names (the one NATS let
+/// the sender ask about).
+pub(crate) fn sent_for(token: &str, customer: &str) -> std::result::Result<(), CheckError> {
+    if token_matches(token, customer) {
+        Ok(())
+    } else {
+        Err(CheckError {
+            error: format!(
+                "customer {customer:?} is not the customer this request was sent for (subject token {token:?})"
+            ),
+            field: Some("customer".to_owned()),
+        })
+    }
 }
 
 fn answer_request(
@@ -270,8 +294,9 @@ fn answer_request(
     if owner != partition {
         return Err(CheckError {
             error: format!(
-                "customer {:?} belongs to partition {owner}; ask on {CHECK_PREFIX}.{owner}",
-                request.customer
+                "customer {:?} belongs to partition {owner}; ask on {}",
+                request.customer,
+                request_subject(CHECK_PREFIX, &request.customer, total)
             ),
             field: Some("customer".to_owned()),
         });
@@ -340,12 +365,14 @@ fn list(
     entitlements: &Entitlements,
     partition: u16,
     total: u16,
+    token: &str,
     payload: &[u8],
 ) -> std::result::Result<ListReply, CheckError> {
     let request: ListRequest = serde_json::from_slice(payload).map_err(|e| CheckError {
         error: format!("not a listing request: {e}"),
         field: None,
     })?;
+    sent_for(token, &request.customer)?;
     list_request(entitlements, partition, total, request)
 }
 

@@ -13,6 +13,7 @@
 pub mod checks;
 pub mod dedup;
 pub mod definitions;
+mod endpoint;
 pub mod entitlements;
 pub mod ownership;
 mod pipeline;
@@ -30,8 +31,10 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tally_core::{Decision, DecodeLimits};
 
-pub use pipeline::{LakeWriter, Pipeline, connect_options};
+pub use endpoint::NatsEndpoint;
+pub use pipeline::{LakeWriter, Pipeline};
 pub use supervise::run_worker;
+pub use tally_natsd::Service;
 pub use worker::run_partition;
 
 /// Ingest settings. Defaults suit a laptop and the two-core reference machine.
@@ -160,6 +163,9 @@ pub enum Error {
         what: &'static str,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// This process's NATS credentials are missing or unreadable.
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
     /// The streams exist with a shape this configuration cannot use.
     #[error("jetstream topology: {0}")]
     Topology(String),

@@ -41,8 +41,7 @@ use futures::TryStreamExt;
 
 use crate::{Error, Result};
 
-pub const LEASES_BUCKET: &str = "tally_leases";
-pub const WORKERS_BUCKET: &str = "tally_workers";
+pub use tally_core::subject::{LEASES_BUCKET, WORKERS_BUCKET};
 
 /// The key of a partition's lease.
 pub fn lease_key(partition: u16) -> String {

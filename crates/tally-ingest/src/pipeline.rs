@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_nats::jetstream::Context;
 use tally_core::FlushRequest;
 use tally_store::{Lake, WriterStats, run_writer};
 use tokio::sync::mpsc;
@@ -18,17 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checks::{LocalChecks, Responder};
 use crate::ownership::Assignment;
-use crate::{Error, IngestConfig, Result, Stats, run_worker};
-
-/// How every connection of a Tally process is made. A process started while its server is
-/// down (a worker restarted during a NATS restart) waits for it instead of failing: the
-/// first connection is retried as a dropped one would be.
-pub fn connect_options(name: &str) -> async_nats::ConnectOptions {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .connection_timeout(std::time::Duration::from_secs(5))
-}
+use crate::{Error, IngestConfig, NatsEndpoint, Result, Service, Stats, run_worker};
 
 /// Where the worker's batches go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,8 +47,7 @@ impl Pipeline {
     /// the process's connection to the server at `url`; the leases and the checks get
     /// connections of their own.
     pub async fn start(
-        url: &str,
-        js: &Context,
+        nats: &NatsEndpoint,
         ingest: &IngestConfig,
         lake: LakeWriter,
         partitions: Option<Vec<u16>>,
@@ -80,16 +68,16 @@ impl Pipeline {
             Some(list) => Assignment::Fixed(list),
             None => Assignment::Shared,
         };
+        let js = async_nats::jetstream::new(nats.connect(Service::Worker, "tally-worker").await?);
+        let js = &js;
         // Create the streams before returning, so publishers can start at once.
         crate::topology::ensure_streams(js, ingest).await?;
         crate::topology::ensure_consumers(js, ingest, &assignment.candidates(ingest.partitions))
             .await?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let leases = connect_options("tally-leases")
-            .connect(url)
-            .await
-            .map_err(|e| Error::nats("connecting for the leases", e))?;
-        let responder = Responder::start(url, connect_options("tally-checks")).await?;
+        let leases = nats.connect(Service::Worker, "tally-leases").await?;
+        let responder =
+            Responder::start(&nats.url, nats.options(Service::Worker, "tally-checks")?).await?;
         let mut worker = tokio::spawn(run_worker(
             js.clone(),
             async_nats::jetstream::new(leases),

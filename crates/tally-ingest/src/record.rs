@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::Context;
 use async_nats::{Client, HeaderMap};
 use serde::{Deserialize, Serialize};
-use tally_core::subject::{events_subject, partition_of};
+use tally_core::subject::{events_subject, partition_of, request_subject};
 use tally_core::{Decision, DecodeLimits, Frame};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,7 @@ use crate::entitlements::Entitlements;
 use crate::{Error, Result};
 
 /// Events to record are requested on `tally.record.<partition>`.
-pub const RECORD_PREFIX: &str = "tally.record";
+pub use tally_core::subject::RECORD_PREFIX;
 const QUEUE: &str = "tally-record";
 /// How long a request waits for its event to be decided.
 const DECIDE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,12 +113,12 @@ pub async fn serve(
         subscriptions,
         &tokio::runtime::Handle::current(),
         cancel,
-        move |p, reply_to, payload| {
+        move |p, token, reply_to, payload| {
             // Each request waits for its own decision: answer them side by side.
             let (js, entitlements) = (js.clone(), entitlements.clone());
             tokio::spawn(async move {
                 let waiters = &entitlements.waiters;
-                let reply = record_one(&js, waiters, p, total, &limits, &payload).await;
+                let reply = record_one(&js, waiters, p, total, &token, &limits, &payload).await;
                 let body = serde_json::to_vec(&reply).unwrap_or_default();
                 if let Err(e) = js.client().publish(reply_to, body.into()).await {
                     tracing::warn!(partition = p, error = %e, "cannot answer a record request");
@@ -134,6 +134,7 @@ async fn record_one(
     waiters: &Waiters,
     partition: u16,
     total: u16,
+    token: &str,
     limits: &DecodeLimits,
     payload: &bytes::Bytes,
 ) -> RecordReply {
@@ -164,13 +165,17 @@ async fn record_one(
     if let Err(invalid) = limits.check_time(event.time, chrono::Utc::now().timestamp_micros()) {
         return refuse(id, invalid.message, invalid.field);
     }
+    if let Err(e) = crate::checks::sent_for(token, &event.subject) {
+        return refuse(id, e.error, Some("subject"));
+    }
     let owner = partition_of(&event.subject, total);
     if owner != partition {
         return refuse(
             id,
             format!(
-                "customer {:?} belongs to partition {owner}; send to {RECORD_PREFIX}.{owner}",
-                event.subject
+                "customer {:?} belongs to partition {owner}; send to {}",
+                event.subject,
+                request_subject(RECORD_PREFIX, &event.subject, total)
             ),
             Some("subject"),
         );
@@ -232,7 +237,7 @@ pub async fn record(
     event_json: Vec<u8>,
     timeout: Duration,
 ) -> Result<RecordReply> {
-    let subject = format!("{RECORD_PREFIX}.{}", partition_of(customer, partitions));
+    let subject = request_subject(RECORD_PREFIX, customer, partitions);
     let reply =
         crate::checks::ask_owner(client, subject, event_json.into(), timeout, "record").await?;
     serde_json::from_slice(&reply.payload)

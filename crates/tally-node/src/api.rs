@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use std::time::Duration;
+
+use tally_api::callout::Callout;
 use tally_api::{ApiKeys, AppState, Role};
+use tally_ingest::Service;
 use tally_ingest::checks::LocalChecks;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,13 +37,20 @@ impl Api {
         local_checks: Option<LocalChecks>,
         cancel: CancellationToken,
     ) -> anyhow::Result<Api> {
+        // The API's own connection, with the API's permissions.
+        let client = nats
+            .endpoint
+            .connect(Service::Api, "tally-api")
+            .await
+            .context("connecting the API to NATS")?;
+        let jetstream = async_nats::jetstream::new(client.clone());
         // Events are accepted before any worker has run: the streams must exist.
-        tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest)
+        tally_ingest::topology::ensure_streams(&jetstream, &config.ingest)
             .await
             .context("creating the events streams")?;
         let reports = tally_reports::LakeReports::new(config.lake_dir());
         let state = AppState::open(
-            nats.jetstream.clone(),
+            jetstream,
             config.ingest.partitions,
             config.ingest.limits,
             config.api.clone(),
@@ -53,6 +64,22 @@ impl Api {
             state.serve_metrics(render);
         }
         let bootstrap = bootstrap_admin_key(config, &state.keys).await?;
+        // NATS clients with an API key are authorized here.
+        let issuer = tally_natsd::Credentials::open(&nats.endpoint.credentials)
+            .callout_key()
+            .context("reading the auth callout's key")?;
+        let callout = Callout::new(
+            state.keys.clone(),
+            issuer,
+            Duration::from_secs(config.api.nats_session_secs),
+        );
+        callout
+            .serve(client.clone(), cancel.clone())
+            .await
+            .map_err(|e| tally_ingest::Error::Nats {
+                what: "subscribing to the auth callout",
+                source: e,
+            })?;
         let listener = tokio::net::TcpListener::bind(&config.api.listen)
             .await
             .with_context(|| format!("listening on {} (api.listen)", config.api.listen))?;

@@ -16,6 +16,12 @@ use tally_ingest::IngestConfig;
 pub struct Config {
     /// NATS server to use. Unset: start a local nats-server under `data_dir/nats`.
     pub nats_url: Option<String>,
+    /// The NATS credentials directory (`worker.nk`, `api.nk`, `admin.nk`, `callout.nk`;
+    /// each process reads only its own). Unset: `data_dir/nats/credentials`, made at the
+    /// embedded server's first start (`tally nats init` makes one for a deployment).
+    pub nats_credentials: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for NATS over TLS (`tls://` URLs).
+    pub nats_ca: Option<PathBuf>,
     /// Where the lake (and the embedded nats-server's store) live.
     pub data_dir: PathBuf,
     /// Path of the nats-server binary for the embedded default (searched when unset).
@@ -37,6 +43,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: None,
+            nats_credentials: None,
+            nats_ca: None,
             data_dir: PathBuf::from("data"),
             nats_server: None,
             writer_concurrency: 8,
@@ -98,6 +106,13 @@ impl Config {
 
     pub fn nats_dir(&self) -> PathBuf {
         self.data_dir.join("nats")
+    }
+
+    /// The NATS credentials directory.
+    pub fn nats_credentials_dir(&self) -> PathBuf {
+        self.nats_credentials
+            .clone()
+            .unwrap_or_else(|| self.nats_dir().join("credentials"))
     }
 }
 

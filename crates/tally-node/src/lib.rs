@@ -19,7 +19,7 @@ use anyhow::Context as _;
 /// The definitions as they are now, from NATS (the embedded server of the data directory
 /// when no URL is set), for the reports.
 pub async fn definitions(config: &config::Config) -> anyhow::Result<tally_reports::Definitions> {
-    let nats = pipeline::Nats::connect(config).await?;
+    let nats = pipeline::Nats::connect(config, pipeline::Service::Admin).await?;
     let buckets = tally_ingest::definitions::Definitions::open(&nats.jetstream).await?;
     tally_reports::Definitions::load(&buckets)
         .await

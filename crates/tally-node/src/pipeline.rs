@@ -1,10 +1,14 @@
 //! The process's NATS connection (to `nats_url`, or to the embedded nats-server it starts)
 //! and the worker started on the configured lake ([`tally_ingest::Pipeline`]). The
 //! embedded server goes down only after the worker drained.
+//!
+//! Every connection is made as one of Tally's services with its own credential
+//! ([`tally_ingest::NatsEndpoint`]); the embedded server makes the credentials at its
+//! first start and enforces them.
 
 use anyhow::Context as _;
 use tally_ingest::LakeWriter;
-pub use tally_ingest::{Pipeline, connect_options};
+pub use tally_ingest::{NatsEndpoint, Pipeline, Service};
 use tally_natsd::{NatsServer, ServerOptions};
 
 use crate::config::Config;
@@ -13,6 +17,8 @@ use crate::config::Config;
 pub struct Nats {
     /// Where the server listens (the embedded one's loopback address, or `nats_url`).
     pub url: String,
+    /// The server and this process's credentials, for its other connections.
+    pub endpoint: NatsEndpoint,
     pub client: async_nats::Client,
     pub jetstream: async_nats::jetstream::Context,
     /// The embedded server, stopped when this is dropped.
@@ -20,8 +26,8 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Connects to `config.nats_url`, or starts the embedded nats-server first.
-    pub async fn connect(config: &Config) -> anyhow::Result<Nats> {
+    /// Connects as `service` to `config.nats_url`, or starts the embedded nats-server first.
+    pub async fn connect(config: &Config, service: Service) -> anyhow::Result<Nats> {
         let running = || tally_natsd::running(&config.nats_dir());
         let (url, server) = match &config.nats_url {
             Some(url) => (url.clone(), None),
@@ -33,6 +39,7 @@ impl Nats {
             None => {
                 let mut options = ServerOptions::new(config.nats_dir());
                 options.binary = config.nats_server.clone();
+                options.credentials = config.nats_credentials_dir();
                 let server = tokio::task::spawn_blocking(move || NatsServer::start(options))
                     .await?
                     .context("starting the embedded nats-server")?;
@@ -40,13 +47,19 @@ impl Nats {
                 (server.url(), Some(server))
             }
         };
-        let client = connect_options("tally")
-            .connect(&url)
+        let endpoint = NatsEndpoint {
+            url: url.clone(),
+            credentials: config.nats_credentials_dir(),
+            ca: config.nats_ca.clone(),
+        };
+        let client = endpoint
+            .connect(service, &format!("tally-{}", service.name()))
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
         let jetstream = async_nats::jetstream::new(client.clone());
         Ok(Nats {
             url,
+            endpoint,
             client,
             jetstream,
             server,
@@ -67,5 +80,5 @@ pub async fn start(
         queue: config.writer_queue,
         concurrency: config.writer_concurrency,
     };
-    Ok(Pipeline::start(&nats.url, &nats.jetstream, &config.ingest, lake, partitions).await?)
+    Ok(Pipeline::start(&nats.endpoint, &config.ingest, lake, partitions).await?)
 }

@@ -5,14 +5,16 @@
 //! `tally customers apply examples/customers.toml`):
 //!
 //! ```sh
-//! cargo run -p tally-sdk --example quickstart                  # the nats-server `tally serve` runs on ./data
-//! cargo run -p tally-sdk --example quickstart -- --nats nats://127.0.0.1:4222
-//! cargo run -p tally-sdk --example quickstart -- --http http://127.0.0.1:8080 --key $(cat data/api-admin.key)
+//! KEY=$(tally keys create --role sdk --customer cust-00001)
+//! cargo run -p tally-sdk --example quickstart -- --key $KEY      # the nats-server `tally serve` runs on ./data
+//! cargo run -p tally-sdk --example quickstart -- --nats nats://127.0.0.1:4222 --key $KEY
+//! cargo run -p tally-sdk --example quickstart -- --http http://127.0.0.1:8080 --key $KEY
 //! ```
 //!
-//! With neither `--nats` nor `--http`, it uses the embedded nats-server of the `tally serve`
-//! running on `--data-dir` (default `data`): that server listens on a free port, which
-//! `tally serve` logs ("embedded nats-server started").
+//! The key is an API key of the `sdk` role: NATS lets it publish and check for its
+//! customers only. With neither `--nats` nor `--http`, it uses the embedded nats-server of
+//! the `tally serve` running on `--data-dir` (default `data`): that server listens on a
+//! free port, which `tally serve` logs ("embedded nats-server started").
 //!
 //! Options: `--customer` (default `cust-00001`), `--feature` (`api-calls`), `--quantity`
 //! (`3`), `--partitions` (NATS; `16`, as `tally serve`), `--license TOKEN --keys FILE`
@@ -21,7 +23,7 @@
 use std::error::Error;
 use std::path::PathBuf;
 
-use tally_sdk::{Client, KeySet, Options, verify_license};
+use tally_sdk::{Client, KeySet, NatsTarget, Options, verify_license};
 
 #[derive(Default)]
 struct Args {
@@ -37,7 +39,7 @@ struct Args {
     data_dir: PathBuf,
 }
 
-const USAGE: &str = "usage: quickstart [--nats URL | --http URL --key KEY | --data-dir DIR] [--customer C] \
+const USAGE: &str = "usage: quickstart --key KEY [--nats URL | --http URL | --data-dir DIR] [--customer C] \
                      [--feature F] [--quantity Q] [--partitions P] [--license TOKEN --keys FILE]";
 
 fn args() -> Result<Args, Box<dyn Error>> {
@@ -84,15 +86,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
         partitions: args.partitions,
         ..Options::default()
     };
+    let key = args
+        .key
+        .clone()
+        .ok_or(format!("an API key is needed (--key)\n{USAGE}"))?;
     let tally = match (&args.nats, &args.http) {
-        (Some(url), None) => Client::nats(url.as_str(), options).await?,
-        (None, Some(url)) => {
-            let key = args
-                .key
-                .as_deref()
-                .ok_or(format!("--http needs --key\n{USAGE}"))?;
-            Client::http(url, key, options).await?
-        }
+        (Some(url), None) => Client::nats(NatsTarget::with_key(url, key), options).await?,
+        (None, Some(url)) => Client::http(url, &key, options).await?,
         (None, None) => {
             let url = tally_natsd::running(&args.data_dir.join("nats")).ok_or_else(|| {
                 format!(
@@ -101,7 +101,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 )
             })?;
             println!("using the nats-server of `tally serve`: {url}");
-            Client::nats(url, options).await?
+            Client::nats(NatsTarget::with_key(url, key), options).await?
         }
         _ => return Err(USAGE.into()),
     };

@@ -2,7 +2,9 @@
 //! feature, and verify a signed license offline.
 //!
 //! A [`Client`] talks to Tally over NATS ([`Client::nats`]: events published to JetStream
-//! on `tally.events.<customer-token>`, checks by request-reply on `tally.check.<partition>`)
+//! on `tally.events.<customer-token>`, checks by request-reply on
+//! `tally.check.<partition>.<customer-token>`, authenticated by an API key of the `sdk`
+//! role, which NATS limits to the key's customers)
 //! or over the HTTP API ([`Client::http`]: `POST /api/v1/events` and
 //! `GET /api/v1/customers/{c}/entitlements/{f}`). Either way:
 //!
@@ -20,10 +22,13 @@
 //! - [`verify_license`] checks a license token against a [`KeySet`] with no network.
 //!
 //! ```no_run
-//! use tally_sdk::{Client, Options};
+//! use tally_sdk::{Client, NatsTarget, Options};
 //!
 //! # async fn run() -> Result<(), tally_sdk::Error> {
-//! let tally = Client::nats("nats://127.0.0.1:4222", Options::default()).await?;
+//! // `tally keys create --role sdk --customer cust-00001` prints the key and the URLs.
+//! let key = std::env::var("TALLY_KEY").unwrap_or_default();
+//! let target = NatsTarget::with_key("nats://127.0.0.1:4222", key);
+//! let tally = Client::nats(target, Options::default()).await?;
 //! tally.record("cust-00001", "api-calls", 3.0).await?;
 //! let answer = tally.check("cust-00001", "api-calls").await?;
 //! if !answer.has_access {
@@ -149,25 +154,79 @@ impl Options {
     }
 }
 
-/// Where [`Client::nats`] connects: a URL, or a connection the app already has.
-#[derive(Debug)]
+/// Where [`Client::nats`] connects: servers and an API key, or a connection the app
+/// already has.
+#[derive(Clone)]
 pub enum NatsTarget {
-    /// `nats://host:port` (comma-separated for several servers).
-    Url(String),
-    /// An existing connection.
+    /// Servers and the API key the connection authenticates with.
+    Key {
+        /// `nats://host:port`, or `tls://host:port` for TLS (comma-separated for several
+        /// servers).
+        url: String,
+        /// A Tally API key (`tally_<id>_<secret>`) of the `sdk` role (or `ingest` to send
+        /// events only).
+        api_key: String,
+        /// A CA certificate (PEM file) to trust for the servers' TLS certificates, beside
+        /// the system's roots.
+        ca: Option<std::path::PathBuf>,
+    },
+    /// An existing connection, made with [`connect_options`] (its inbox prefix is the
+    /// one the key may read).
     Client(async_nats::Client),
 }
 
-impl From<&str> for NatsTarget {
-    fn from(url: &str) -> Self {
-        Self::Url(url.to_owned())
+impl NatsTarget {
+    /// Servers at `url`, authenticated with `api_key`.
+    pub fn with_key(url: impl Into<String>, api_key: impl Into<String>) -> Self {
+        Self::Key {
+            url: url.into(),
+            api_key: api_key.into(),
+            ca: None,
+        }
+    }
+
+    /// Trusts the CA certificate in this PEM file for the servers' TLS certificates.
+    pub fn trusting(self, ca: impl Into<std::path::PathBuf>) -> Self {
+        match self {
+            Self::Key { url, api_key, .. } => Self::Key {
+                url,
+                api_key,
+                ca: Some(ca.into()),
+            },
+            client => client,
+        }
     }
 }
 
-impl From<String> for NatsTarget {
-    fn from(url: String) -> Self {
-        Self::Url(url)
+impl std::fmt::Debug for NatsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Never the key's secret.
+            Self::Key { url, ca, .. } => f
+                .debug_struct("Key")
+                .field("url", url)
+                .field("ca", ca)
+                .finish_non_exhaustive(),
+            Self::Client(_) => f.write_str("Client"),
+        }
     }
+}
+
+/// How to connect to Tally's NATS with an API key: the key as the connection's token (the
+/// server asks Tally, which answers with the key's permissions) and the inbox prefix the
+/// key may subscribe to, `_INBOX.<key id>`.
+pub fn connect_options(api_key: &str) -> Result<async_nats::ConnectOptions> {
+    let id = api_key
+        .strip_prefix("tally_")
+        .and_then(|rest| rest.split_once('_'))
+        .map(|(id, _)| id)
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            Error::Options("the API key is not of the form tally_<id>_<secret>".to_owned())
+        })?;
+    Ok(async_nats::ConnectOptions::with_token(api_key.to_owned())
+        .custom_inbox_prefix(tally_core::access::inbox_prefix(id))
+        .name("tally-sdk"))
 }
 
 impl From<async_nats::Client> for NatsTarget {
@@ -217,9 +276,15 @@ impl Client {
         options.validate()?;
         let client = match target.into() {
             NatsTarget::Client(client) => client,
-            NatsTarget::Url(url) => async_nats::connect(url.as_str())
-                .await
-                .map_err(|e| Error::Unavailable(format!("cannot connect to NATS at {url}: {e}")))?,
+            NatsTarget::Key { url, api_key, ca } => {
+                let mut connect = connect_options(&api_key)?;
+                if let Some(ca) = ca {
+                    connect = connect.require_tls(true).add_root_certificates(ca);
+                }
+                connect.connect(url.as_str()).await.map_err(|e| {
+                    Error::Unavailable(format!("cannot connect to NATS at {url}: {e}"))
+                })?
+            }
         };
         let mut js = async_nats::jetstream::new(client.clone());
         js.set_timeout(options.request_timeout);

@@ -6,14 +6,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use tally_core::event::DecodeLimits;
-use tally_core::subject::{events_subject, partition_of};
+use tally_core::subject::{events_subject, partition_of, request_subject};
 
 use crate::check::{CheckAnswer, EntitlementValue, NatsReply, NatsRequest, unknown_customer};
 use crate::error::{Error, Result};
 use crate::event::Stamped;
 
-/// Checks for a partition are requested on `tally.check.<partition>`.
-pub const CHECK_PREFIX: &str = "tally.check";
+/// Checks are requested on `tally.check.<partition>.<customer-token>`.
+pub use tally_core::subject::CHECK_PREFIX;
 
 /// A client holds one, behind an `Arc`: its size does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -168,7 +168,7 @@ impl Nats {
         timeout: Duration,
     ) -> Result<CheckAnswer> {
         let partition = partition_of(customer, self.partitions);
-        let subject = format!("{CHECK_PREFIX}.{partition}");
+        let subject = request_subject(CHECK_PREFIX, customer, self.partitions);
         let body = serde_json::to_vec(&NatsRequest {
             customer,
             feature,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tally_natsd::NatsServer;
+use tally_natsd::{NatsServer, Service};
 use tally_sdk::{Client, Error, Event, Options, batch_message_id};
 
 /// A stored message: subject, `Nats-Msg-Id`, and the ids of the events it carries.
@@ -73,7 +73,7 @@ fn id_counts(stored: &[Stored]) -> HashMap<String, usize> {
 
 async fn setup() -> (NatsServer, async_nats::Client) {
     let server = NatsServer::start_temp().expect("nats-server (scripts/install-nats.sh)");
-    let nats = async_nats::connect(server.url()).await.unwrap();
+    let nats = server.connect(Service::Admin).await.unwrap();
     events_stream(&nats).await;
     (server, nats)
 }
@@ -99,8 +99,10 @@ fn fast_retries() -> Options {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_become_one_message_per_customer_with_their_ids() {
-    let (_server, nats) = setup().await;
-    let client = Client::nats(server_url(&nats), manual()).await.unwrap();
+    let (server, nats) = setup().await;
+    let client = Client::nats(server.connect(Service::Admin).await.unwrap(), manual())
+        .await
+        .unwrap();
     let mut ids: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (customer, n) in [("cust-a", 3), ("acme corp", 1), ("cust-b", 2)] {
         for i in 0..n {
@@ -139,7 +141,14 @@ async fn records_become_one_message_per_customer_with_their_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_across_a_nats_restart_sends_the_same_ids() {
     let (mut server, _nats) = setup().await;
-    let client = Arc::new(Client::nats(server.url(), fast_retries()).await.unwrap());
+    let client = Arc::new(
+        Client::nats(
+            server.connect(Service::Admin).await.unwrap(),
+            fast_retries(),
+        )
+        .await
+        .unwrap(),
+    );
     client.record("cust-0", "api-calls", 1.0).await.unwrap();
     client.flush().await.unwrap();
 
@@ -165,7 +174,7 @@ async fn a_retry_across_a_nats_restart_sends_the_same_ids() {
         .unwrap()
         .unwrap();
 
-    let nats = async_nats::connect(server.url()).await.unwrap();
+    let nats = server.connect(Service::Admin).await.unwrap();
     let stored = stored(&nats).await;
     let counts = id_counts(&stored);
     for id in &ids {
@@ -192,8 +201,10 @@ async fn a_retry_across_a_nats_restart_sends_the_same_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_and_drop_deliver_everything_buffered() {
-    let (_server, nats) = setup().await;
-    let client = Client::nats(server_url(&nats), manual()).await.unwrap();
+    let (server, nats) = setup().await;
+    let client = Client::nats(server.connect(Service::Admin).await.unwrap(), manual())
+        .await
+        .unwrap();
     let mut ids = Vec::new();
     for i in 0..50 {
         ids.push(
@@ -212,7 +223,9 @@ async fn shutdown_and_drop_deliver_everything_buffered() {
     ));
 
     // Dropped without shutdown: the background task still sends while the runtime runs.
-    let client = Client::nats(server_url(&nats), manual()).await.unwrap();
+    let client = Client::nats(server.connect(Service::Admin).await.unwrap(), manual())
+        .await
+        .unwrap();
     let dropped = client.record("cust-d", "api-calls", 1.0).await.unwrap();
     drop(client);
     let mut found = false;
@@ -234,7 +247,11 @@ async fn a_full_buffer_makes_record_wait() {
         batch_size: 1,
         ..fast_retries()
     };
-    let client = Arc::new(Client::nats(server.url(), options).await.unwrap());
+    let client = Arc::new(
+        Client::nats(server.connect(Service::Admin).await.unwrap(), options)
+            .await
+            .unwrap(),
+    );
     server.stop();
     // The first event is taken by the sender (stuck retrying); the buffer then fills.
     let mut ids = Vec::new();
@@ -268,7 +285,7 @@ async fn a_full_buffer_makes_record_wait() {
             .unwrap(),
     );
     client.shutdown().await.unwrap();
-    let nats = async_nats::connect(server.url()).await.unwrap();
+    let nats = server.connect(Service::Admin).await.unwrap();
     let counts = id_counts(&stored(&nats).await);
     for id in &ids {
         assert_eq!(counts.get(id), Some(&1), "{id}");
@@ -279,7 +296,7 @@ async fn a_full_buffer_makes_record_wait() {
 async fn checks_are_answered_from_the_cache_within_the_ttl() {
     let (_server, nats) = setup().await;
     let requests = Arc::new(AtomicUsize::new(0));
-    let mut subscription = nats.subscribe("tally.check.*").await.unwrap();
+    let mut subscription = nats.subscribe("tally.check.*.*").await.unwrap();
     nats.flush().await.unwrap();
     let responder = tokio::spawn({
         let (nats, requests) = (nats.clone(), requests.clone());
@@ -348,7 +365,7 @@ async fn a_check_goes_to_the_customers_partition_and_no_worker_is_unavailable() 
     let (_server, nats) = setup().await;
     let partitions = 8;
     let expected = format!(
-        "tally.check.{}",
+        "tally.check.{}.*",
         tally_core::subject::partition_of("cust-42", partitions)
     );
     let mut subscription = nats.subscribe(expected.clone()).await.unwrap();
@@ -377,7 +394,7 @@ async fn a_check_goes_to_the_customers_partition_and_no_worker_is_unavailable() 
         .map(|i| format!("c-{i}"))
         .find(|c| {
             format!(
-                "tally.check.{}",
+                "tally.check.{}.*",
                 tally_core::subject::partition_of(c, partitions)
             ) != expected
         })
@@ -426,11 +443,6 @@ fn licenses_verify_offline_round_trip() {
         verify_license(&token, &other_keys),
         Err(VerifyError::UnknownKey { .. })
     ));
-}
-
-fn server_url(nats: &async_nats::Client) -> String {
-    let info = nats.server_info();
-    format!("nats://127.0.0.1:{}", info.port)
 }
 
 fn uuid_version(id: &str) -> usize {

@@ -22,6 +22,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tally_node::pipeline::Service;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
@@ -124,7 +125,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         .await?
         .context("starting nats-server")?;
     config.nats_url = Some(server.url());
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, Service::Admin).await?;
     crate::demo::entitle_unlimited(&nats, args.customers, "tally-chaos").await?;
     tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
 

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tally_node::pipeline::Service;
 
 use anyhow::{Context as _, bail};
 use chrono::{Datelike, NaiveDate, Utc};
@@ -209,7 +210,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
         print_intro(spec, &config);
     }
     let progress = Progress::new(args.quiet);
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, Service::Admin).await?;
     let (catalog, customers) = load_definitions(&nats, spec, "tally-demo").await?;
     let pipeline = pipeline::start(&config, &nats, None).await?;
 

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use tally_node::pipeline::Service;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Float64Type;
@@ -21,6 +22,8 @@ use tally::pipeline::{Nats, Pipeline};
 use tally_natsd::NatsServer;
 
 pub struct Harness {
+    /// Set by a test that provokes permissions violations on purpose.
+    pub expect_violations: bool,
     pub server: NatsServer,
     pub dir: tempfile::TempDir,
     pub config: Config,
@@ -29,6 +32,16 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Harness {
+        Self::start_with(false).await
+    }
+
+    /// [`start`](Self::start) with a nats-server that serves TLS only, its CA trusted by
+    /// Tally's connections.
+    pub async fn start_tls() -> Harness {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Harness {
         // `TEST_LOG=info` (any tracing filter) shows what the pipeline logs (not `TALLY_…`:
         // the binary reads those as configuration).
         if let Ok(filter) = std::env::var("TEST_LOG") {
@@ -37,18 +50,26 @@ impl Harness {
                 .with_test_writer()
                 .try_init();
         }
-        let server = tokio::task::spawn_blocking(NatsServer::start_temp)
+        let start = if tls {
+            NatsServer::start_temp_tls
+        } else {
+            NatsServer::start_temp
+        };
+        let server = tokio::task::spawn_blocking(start)
             .await
             .unwrap()
             .expect("nats-server must be installed: run scripts/install-nats.sh");
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             nats_url: Some(server.url()),
+            nats_credentials: Some(server.credentials().dir().to_owned()),
+            nats_ca: server.ca(),
             data_dir: dir.path().to_owned(),
             ..Config::default()
         };
-        let nats = Nats::connect(&config).await.unwrap();
+        let nats = Nats::connect(&config, Service::Admin).await.unwrap();
         Harness {
+            expect_violations: false,
             server,
             dir,
             config,
@@ -173,13 +194,16 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
 }
 
+/// The rows of the visible lake files. Polled while workers run: a file listed and then
+/// removed before it is read (a taken-over partition's incomplete batch, a compaction's
+/// input) counts nothing, and the next poll sees the lake as it then is.
 pub fn lake_rows(h: &Harness) -> u64 {
     parquet_files(&h.lake_events())
         .into_iter()
-        .map(|p| {
+        .filter_map(|p| File::open(p).ok())
+        .map(|file| {
             use parquet::file::reader::FileReader;
-            let r =
-                parquet::file::reader::SerializedFileReader::new(File::open(p).unwrap()).unwrap();
+            let r = parquet::file::reader::SerializedFileReader::new(file).unwrap();
             r.metadata().file_metadata().num_rows() as u64
         })
         .sum()
@@ -188,6 +212,42 @@ pub fn lake_rows(h: &Harness) -> u64 {
 /// A `tally serve` process, killed if a failing test leaves it running.
 /// A running `tally serve` or `tally worker`, and where its HTTP API listens (`serve`).
 pub struct Serve(pub std::process::Child, pub Option<String>);
+
+impl Harness {
+    /// The permissions violations nats-server logged: a Tally service that needed more than
+    /// its grant (or a test that tried what it may not).
+    pub fn permission_violations(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.server.data_dir().join("nats-server.log"))
+            .unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("Violation"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Every test holds Tally's services to their least-privilege grants: nothing the pipeline,
+/// the API or the CLI did may have been refused by nats-server.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if self.expect_violations {
+            return;
+        }
+        let violations = self.permission_violations();
+        if std::thread::panicking() {
+            // Often the reason: say it beside the failure.
+            for v in &violations {
+                eprintln!("nats-server refused a Tally service: {v}");
+            }
+            return;
+        }
+        assert!(
+            violations.is_empty(),
+            "nats-server refused a Tally service:\n{}",
+            violations.join("\n")
+        );
+    }
+}
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -214,6 +274,7 @@ pub fn run_tally(h: &Harness, args: &[&str], env: &[(&str, &str)]) -> Serve {
         .args(args)
         .args(["--nats-url", &h.server.url(), "--data-dir"])
         .arg(h.dir.path())
+        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
         .envs(env.iter().copied())
         .env("TALLY_INGEST__ACK_WAIT_SECS", "2")
         // A killed worker's partitions are free again within two seconds.

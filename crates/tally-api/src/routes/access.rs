@@ -29,7 +29,7 @@ use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
 /// The bucket of access requests.
-pub const ACCESS_REQUESTS_BUCKET: &str = "tally_access_requests";
+pub use tally_core::subject::ACCESS_REQUESTS_BUCKET;
 
 /// Who decides requests (admin always may).
 const DECIDERS: &[Role] = &[Role::Provisioning];

@@ -20,7 +20,7 @@ use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
 /// Who may read a customer's entitlements (a portal key: its own customer's only).
-pub(crate) const READERS: &[Role] = &[Role::Provisioning, Role::Billing, Role::Portal];
+pub(crate) const READERS: &[Role] = &[Role::Provisioning, Role::Billing, Role::Sdk, Role::Portal];
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -75,7 +75,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    caller.require(&[Role::Ingest])?;
+    caller.require(&[Role::Ingest, Role::Sdk])?;
     let shape = shape(&headers)?;
     let body = body.map_err(body_error)?;
     let messages = prepare(&state, &caller, shape, &body)?;

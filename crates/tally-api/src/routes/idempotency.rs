@@ -24,7 +24,7 @@ use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 
 /// The bucket remembering `Idempotency-Key`s and the responses they got.
-pub const IDEMPOTENCY_BUCKET: &str = "tally_idempotency";
+pub use tally_core::subject::IDEMPOTENCY_BUCKET;
 
 /// The header a retried `POST` carries to be applied once.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";

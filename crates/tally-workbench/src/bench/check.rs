@@ -13,6 +13,7 @@
 //! would send them together in.
 
 use std::time::{Duration, Instant};
+use tally_node::pipeline::Service;
 
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -35,6 +36,10 @@ pub struct CheckBench {
     seconds: u64,
     #[arg(long, default_value_t = 1_000)]
     customers: u32,
+    /// As across hosts: nats-server with TLS only, the checks asked through a connection
+    /// authenticated with an `sdk` API key, as an application asks them.
+    #[arg(long)]
+    secure: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -61,13 +66,25 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
     }
     let mut spec = Spec::new(0, chrono::Utc::now().date_naive());
     spec.customers = args.customers;
-    let nats = Nats::connect(&config).await?;
+    let mut secure = match args.secure {
+        true => Some(super::secure::Secure::start(&mut config, temp.path()).await?),
+        false => None,
+    };
+    let nats = Nats::connect(&config, Service::Admin).await?;
+    let connect = match secure.as_mut() {
+        Some(secure) => {
+            secure.serve(&config, &nats).await?;
+            secure.connect_options()?
+        }
+        None => super::secure::operator_options(&config)?,
+    };
     crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     config.ingest.enforce = true;
     let pipeline = pipeline::start(&config, &nats, None).await?;
 
     let offer = Offer {
         url: nats.url.clone(),
+        connect,
         partitions: config.ingest.partitions,
         rate: args.rate.max(1),
         total: args.rate * args.seconds,
@@ -77,6 +94,9 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
     let (latency, failures) = tokio::task::spawn_blocking(move || offer.run()).await??;
     let seconds = start.elapsed().as_secs_f64();
     pipeline.shutdown().await?;
+    if let Some(secure) = secure {
+        secure.stop().await?;
+    }
 
     let report = CheckReport {
         offered_per_sec: args.rate,
@@ -110,6 +130,7 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
 /// The load generator's part: what to offer, and where.
 struct Offer {
     url: String,
+    connect: async_nats::ConnectOptions,
     partitions: u16,
     rate: u64,
     total: u64,
@@ -123,7 +144,7 @@ impl Offer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let client = runtime.block_on(async_nats::connect(&self.url))?;
+        let client = runtime.block_on(self.connect.connect(&self.url))?;
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
         let handle = runtime.handle().clone();
         // The runtime runs the connection and the requests on a thread of its own while

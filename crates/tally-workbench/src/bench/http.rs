@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tally_node::pipeline::Service;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
@@ -93,7 +94,7 @@ pub async fn run(mut config: Config, args: HttpBench) -> anyhow::Result<std::pro
     }
     let mut spec = Spec::new(0, chrono::Utc::now().date_naive());
     spec.customers = args.customers;
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, Service::Admin).await?;
     crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     let keys = tally_api::ApiKeys::open(&nats.jetstream).await?;
     let role = match args.mode {

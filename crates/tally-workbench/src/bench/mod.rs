@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tally_node::pipeline::Service;
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -32,6 +33,7 @@ pub mod http;
 pub mod query;
 pub mod quota;
 pub mod recovery;
+pub mod secure;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -101,6 +103,11 @@ pub struct IngestBench {
     /// sustainable load rather than at saturation (where it is the backlog's age).
     #[arg(long)]
     rate: Option<u64>,
+    /// As across hosts: nats-server with TLS only, and the events sent through a
+    /// connection authenticated with an `sdk` API key (the auth callout, per-key
+    /// permissions), as an application sends them.
+    #[arg(long)]
+    secure: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -108,6 +115,8 @@ pub struct IngestBench {
 #[derive(Debug, Serialize)]
 pub struct IngestReport {
     pub encoding: &'static str,
+    /// Whether the events came over TLS with an API key (`--secure`).
+    pub secure: bool,
     /// Whether every event was decided against entitlements.
     pub enforce: bool,
     pub events: u64,
@@ -205,13 +214,17 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     spec.customers = args.customers;
     spec.arrow = args.arrow;
     let (messages, totals) = workload::generate(&spec);
+    let mut secure = match args.secure {
+        true => Some(secure::Secure::start(&mut config, temp.path()).await?),
+        false => None,
+    };
 
     let (baseline, baseline_cpu) = if args.baseline {
         // The embedded case gives each run a fresh server of its own, so that neither
         // inherits the other's streams (memory, duplicate-window maps) or file deletions.
         let mut own = config.clone();
         own.data_dir = config.data_dir.join("baseline");
-        let nats = Nats::connect(&own).await?;
+        let nats = Nats::connect(&own, Service::Admin).await?;
         let mark = CpuMark::now(&nats);
         let seconds = baseline(&nats, &own, &messages).await?;
         let cpu = mark.per_event(CpuMark::now(&nats), totals.events_valid);
@@ -220,7 +233,15 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     } else {
         (None, None)
     };
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, Service::Admin).await?;
+    let load = match secure.as_mut() {
+        Some(secure) => {
+            secure.serve(&config, &nats).await?;
+            secure.connect_options()?
+        }
+        None => secure::operator_options(&config)?,
+    };
+    let load = async_nats::jetstream::new(load.connect(nats.url.as_str()).await?);
 
     config.ingest.enforce = !args.no_enforce;
     if config.ingest.enforce {
@@ -231,15 +252,9 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     let start = Instant::now();
     match args.rate {
         None => {
-            workload::publish(
-                &nats.jetstream,
-                &messages,
-                workload::MAX_ACKS_IN_FLIGHT,
-                |_| {},
-            )
-            .await?;
+            workload::publish(&load, &messages, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await?;
         }
-        Some(rate) => publish_paced(&nats, &messages, rate).await?,
+        Some(rate) => publish_paced(&load, &messages, rate).await?,
     }
     wait_drained(
         &nats,
@@ -261,10 +276,14 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
         .map_err(|_| anyhow::anyhow!("latency histogram poisoned"))?
         .clone();
     pipeline.shutdown().await?;
+    if let Some(secure) = secure {
+        secure.stop().await?;
+    }
 
     let events_per_sec = totals.events_valid as f64 / seconds;
     let report = IngestReport {
         encoding: if args.arrow { "arrow" } else { "json" },
+        secure: args.secure,
         enforce: config.ingest.enforce,
         events: totals.events_valid,
         messages: messages.len() as u64,
@@ -319,7 +338,11 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
 }
 
 /// Publishes in 10 ms slices so that the offered load stays at `rate` events/s.
-async fn publish_paced(nats: &Nats, messages: &[OutMessage], rate: u64) -> anyhow::Result<()> {
+async fn publish_paced(
+    js: &async_nats::jetstream::Context,
+    messages: &[OutMessage],
+    rate: u64,
+) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     let mut sent = 0u64;
     let per_slice = (rate / 100).max(1);
@@ -330,7 +353,7 @@ async fn publish_paced(nats: &Nats, messages: &[OutMessage], rate: u64) -> anyho
         let last = i + 1 == messages.len();
         if slice_events >= per_slice || last {
             let slice = &messages[slice_start..=i];
-            workload::publish(&nats.jetstream, slice, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await?;
+            workload::publish(js, slice, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await?;
             sent += slice_events;
             (slice_start, slice_events) = (i + 1, 0);
             let due = start + Duration::from_secs_f64(sent as f64 / rate as f64);

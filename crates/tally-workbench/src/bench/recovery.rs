@@ -15,6 +15,7 @@
 //! Both include loading the customers' definitions from the key-value buckets.
 
 use std::time::{Duration, Instant};
+use tally_node::pipeline::Service;
 
 use clap::Args;
 use indicatif::ProgressBar;
@@ -61,7 +62,7 @@ pub async fn run(mut config: Config, args: RecoveryBench) -> anyhow::Result<Reco
     config.data_dir = temp.path().to_owned();
     config.nats_url = None;
     config.ingest.enforce = true;
-    let nats = Nats::connect(&config).await?;
+    let nats = Nats::connect(&config, Service::Admin).await?;
     entitle_unlimited(&nats, args.customers, "tally-bench").await?;
     let features = workload::features(args.features);
     let messages = messages(args.customers, features);
