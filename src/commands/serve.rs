@@ -108,7 +108,7 @@ pub async fn api(config: Config) -> anyhow::Result<std::process::ExitCode> {
 
 /// Tells the operator where the API is, and where the first admin key went.
 fn announce(api: &tally_node::api::Api) {
-    eprintln!("tally api on http://{}", api.addr);
+    eprintln!("tally api on {}", api.url());
     if let Some((_, path)) = &api.bootstrap {
         eprintln!(
             "no API key existed: an admin key was made and written to {} (tally keys create makes others)",

@@ -8,7 +8,7 @@ use std::io::Cursor;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{Harness, TestApi};
+use crate::common::{self, Harness, TestApi};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use reqwest::{Method, Response, StatusCode};
@@ -823,7 +823,7 @@ async fn serve(h: &Harness, reports: LakeReports, stop: &CancellationToken) -> (
 async fn sql_limits_answer_with_a_clear_status_and_the_server_goes_on() {
     let h = Harness::start().await;
     let stop = CancellationToken::new();
-    let http = reqwest::Client::new();
+    let http = common::http();
     let post = |base: &str, key: &str, query: &str, accept: &str| {
         http.post(format!("{base}/api/v1/sql"))
             .bearer_auth(key)

@@ -179,7 +179,11 @@ async fn serve_drains_on_sigterm_and_a_restart_loses_nothing() {
         .1
         .clone()
         .expect("tally serve names its API's address");
-    let health = reqwest::get(format!("{api}/healthz")).await.unwrap();
+    let health = common::http()
+        .get(format!("{api}/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), reqwest::StatusCode::OK);
     let mut spec = Spec::new(3_000, chrono::NaiveDate::from_ymd_opt(2026, 9, 1).unwrap());
     spec.customers = 30;

@@ -9,6 +9,7 @@ mod api;
 mod api_portal;
 mod api_provisioning;
 mod api_queries;
+mod api_tls;
 mod bad_input;
 mod billing;
 mod chaos;

@@ -411,7 +411,7 @@ async fn the_embedded_default_is_closed_and_keeps_its_secrets() {
     secrets.extend([key.clone(), secret.to_owned(), "ab".repeat(32)]);
 
     // Over HTTP: a wrong secret, a forbidden route, the metrics.
-    let http = reqwest::Client::new();
+    let http = crate::common::http();
     for (token, path) in [
         (wrong.as_str(), "/api/v1/customers/acme/entitlements"),
         (key.as_str(), "/api/v1/audit"),

@@ -7,14 +7,17 @@
 //! the customer (request-reply), definitions to the key-value buckets with their audit
 //! trail, reports to `tally-reports`, which renders them as the CLI does.
 //! Every route checks the caller's API key and role ([`keys`]); every error is one
-//! problem-details shape ([`error`]).
+//! problem-details shape ([`error`]). With a certificate configured the server speaks
+//! HTTPS only ([`tls`]).
 
 pub mod callout;
 pub mod error;
 pub mod keys;
 pub mod licenses;
 mod routes;
+pub mod tls;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +39,11 @@ pub use routes::{AUTH_HEADER, router};
 pub struct ApiConfig {
     /// Address the server listens on.
     pub listen: String,
+    /// The server's TLS certificate chain, a PEM file (its own certificate first). With
+    /// `tls_key`, the API serves HTTPS only; with neither, plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert`, a PEM file (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
     /// Largest request body accepted, in bytes (an events batch included).
     pub max_body_bytes: usize,
     /// How long a check waits for the worker owning the customer, in milliseconds.
@@ -58,6 +66,8 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".to_owned(),
+            tls_cert: None,
+            tls_key: None,
             max_body_bytes: 4 * 1024 * 1024,
             check_timeout_ms: 2_000,
             publish_timeout_ms: 10_000,
@@ -78,6 +88,9 @@ impl ApiConfig {
                 "api.listen: {:?} is not an address such as 127.0.0.1:8080",
                 self.listen
             ));
+        }
+        if let Err(e) = self.tls() {
+            problems.push(e.to_string());
         }
         if self.max_body_bytes < 1024 {
             problems.push("api.max_body_bytes must be at least 1024".to_owned());
@@ -105,6 +118,16 @@ impl ApiConfig {
             );
         }
         problems
+    }
+
+    /// The TLS configuration made from `tls_cert` and `tls_key` (the files are read
+    /// now), or `None` for plain HTTP.
+    pub fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, tls::TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => tls::server_config(cert, key).map(Some),
+            _ => Err(tls::TlsError::Incomplete),
+        }
     }
 }
 
@@ -222,6 +245,20 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (app, _) = router(state);
     axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// [`serve`] over TLS (HTTPS only): each connection is served once its handshake
+/// succeeded ([`tls::TlsListener`]).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let (app, _) = router(state);
+    axum::serve(tls::TlsListener::new(listener, tls)?, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

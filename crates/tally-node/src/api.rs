@@ -22,6 +22,8 @@ use crate::pipeline::Nats;
 pub struct Api {
     /// Where it listens (the configured address, with the port chosen when it was 0).
     pub addr: SocketAddr,
+    /// Whether it serves HTTPS (`api.tls_cert` and `api.tls_key`).
+    pub tls: bool,
     /// The admin key made at the first start, and the file it was written to.
     pub bootstrap: Option<(String, PathBuf)>,
     task: JoinHandle<std::io::Result<()>>,
@@ -29,8 +31,8 @@ pub struct Api {
 
 impl Api {
     /// Opens the API's buckets, makes the first admin key when there is no key at all,
-    /// binds `api.listen` and serves until `cancel`. `local_checks`: the worker running in
-    /// this process, if any.
+    /// binds `api.listen` and serves until `cancel`, over HTTPS when a certificate is
+    /// configured. `local_checks`: the worker running in this process, if any.
     pub async fn start(
         config: &Config,
         nats: &Nats,
@@ -80,17 +82,32 @@ impl Api {
                 what: "subscribing to the auth callout",
                 source: e,
             })?;
+        let tls = config
+            .api
+            .tls()
+            .context("loading the API's TLS certificate")?;
         let listener = tokio::net::TcpListener::bind(&config.api.listen)
             .await
             .with_context(|| format!("listening on {} (api.listen)", config.api.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, "api listening");
-        let task = tokio::spawn(tally_api::serve(listener, state, cancel));
+        let serves_tls = tls.is_some();
+        tracing::info!(%addr, tls = serves_tls, "api listening");
+        let task = match tls {
+            Some(tls) => tokio::spawn(tally_api::serve_tls(listener, tls, state, cancel)),
+            None => tokio::spawn(tally_api::serve(listener, state, cancel)),
+        };
         Ok(Api {
             addr,
+            tls: serves_tls,
             bootstrap,
             task,
         })
+    }
+
+    /// The API's base URL: `https://` or `http://` and [`Api::addr`].
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Waits for the server to finish (after its cancel token fired).

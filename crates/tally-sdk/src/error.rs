@@ -118,3 +118,23 @@ impl fmt::Debug for FailureHandler {
         f.write_str("FailureHandler(..)")
     }
 }
+
+/// An error and its causes, `outer: cause: …`: a `reqwest` error names why a connection
+/// failed (a certificate no trusted CA signed, a refused connection) only among its
+/// sources.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut last = text.clone();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let words = cause.to_string();
+        // Wrappers often repeat their inner error's words.
+        if !last.contains(&words) {
+            text.push_str(": ");
+            text.push_str(&words);
+        }
+        last = words;
+        source = cause.source();
+    }
+    text
+}

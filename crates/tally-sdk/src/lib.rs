@@ -6,7 +6,8 @@
 //! `tally.check.<partition>.<customer-token>`, authenticated by an API key of the `sdk`
 //! role, which NATS limits to the key's customers)
 //! or over the HTTP API ([`Client::http`]: `POST /api/v1/events` and
-//! `GET /api/v1/customers/{c}/entitlements/{f}`). Either way:
+//! `GET /api/v1/customers/{c}/entitlements/{f}`, over HTTPS too, trusting a private CA
+//! given as [`Options::http_ca`]). Either way:
 //!
 //! - [`Client::record`] checks the event as the server would, gives it a UUID v7 id and
 //!   puts it in a bounded buffer. A background task sends the buffer every
@@ -49,6 +50,7 @@ mod check;
 mod error;
 mod event;
 mod flusher;
+mod tls;
 mod transport;
 
 use std::sync::Arc;
@@ -62,6 +64,7 @@ pub use check::CheckAnswer;
 pub use error::{Error, Failure, FailureHandler, FailureKind, Result};
 pub use event::Event;
 pub use tally_license::{KeySet, KeyStatus, License, PublishedKey, VerifyError, verify};
+pub use tls::{CaCertificate, http_client};
 pub use transport::{CHECK_PREFIX, batch_message_id};
 
 use flusher::{Command, Counters, Flusher, Policy};
@@ -99,6 +102,9 @@ pub struct Options {
     /// It runs on the background task: keep it short, and never wait in it on anything
     /// the client itself is waiting for (a lock held across `flush`).
     pub on_failure: Option<FailureHandler>,
+    /// A CA certificate that [`Client::http`] trusts beside the system's roots, for an API
+    /// served over HTTPS with a certificate a private CA signed (default none).
+    pub http_ca: Option<CaCertificate>,
 }
 
 impl Default for Options {
@@ -115,6 +121,7 @@ impl Default for Options {
             check_cache_ttl: Duration::from_secs(1),
             partitions: 16,
             on_failure: None,
+            http_ca: None,
         }
     }
 }
@@ -296,15 +303,16 @@ impl Client {
         Ok(Self::start(transport, options))
     }
 
-    /// A client of the HTTP API at `base_url` (`http://127.0.0.1:8080`), with an API key
-    /// of the `ingest` role to record and a reader's (`provisioning`, `billing`, `portal`)
-    /// to check. Only `http://` URLs: this build of `reqwest` has no TLS.
+    /// A client of the HTTP API at `base_url` (`http://127.0.0.1:8080`, or `https://…`
+    /// trusting the system's roots and [`Options::http_ca`]), with an API key of the
+    /// `ingest` role to record and a reader's (`provisioning`, `billing`, `portal`) to
+    /// check.
     pub async fn http(base_url: &str, api_key: &str, options: Options) -> Result<Client> {
         options.validate()?;
         let base = reqwest::Url::parse(base_url)
             .map_err(|e| Error::Options(format!("base URL {base_url:?}: {e}")))?;
         transport::endpoint(&base, &[])?;
-        let client = reqwest::Client::builder()
+        let client = http_client(options.http_ca.as_ref())?
             .build()
             .map_err(|e| Error::Options(format!("HTTP client: {e}")))?;
         let transport = Transport::Http(Http {
@@ -454,17 +462,30 @@ pub fn verify_license(token: &str, keys: &KeySet) -> Result<License, VerifyError
 /// Fetches the published license keys once from `GET /api/v1/license-keys` (no API key
 /// needed); keep them, or ship a copy with the app, and verify offline.
 pub async fn fetch_license_keys(base_url: &str) -> Result<KeySet> {
+    fetch_license_keys_trusting(base_url, None).await
+}
+
+/// [`fetch_license_keys`] from an API served over HTTPS with a certificate `ca` signed.
+pub async fn fetch_license_keys_trusting(
+    base_url: &str,
+    ca: Option<&CaCertificate>,
+) -> Result<KeySet> {
     let base = reqwest::Url::parse(base_url)
         .map_err(|e| Error::Options(format!("base URL {base_url:?}: {e}")))?;
     let url = transport::endpoint(&base, &["api", "v1", "license-keys"])?;
-    let response = reqwest::get(url)
+    let http = http_client(ca)?
+        .build()
+        .map_err(|e| Error::Options(format!("HTTP client: {e}")))?;
+    let response = http
+        .get(url)
+        .send()
         .await
-        .map_err(|e| Error::Unavailable(format!("license keys: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("license keys: {}", error::with_causes(&e))))?;
     let status = response.status();
     let text = response
         .text()
         .await
-        .map_err(|e| Error::Unavailable(format!("license keys: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("license keys: {}", error::with_causes(&e))))?;
     if !status.is_success() {
         return Err(Error::Refused {
             status: status.as_u16(),

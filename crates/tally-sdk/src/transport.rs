@@ -9,7 +9,7 @@ use tally_core::event::DecodeLimits;
 use tally_core::subject::{events_subject, partition_of, request_subject};
 
 use crate::check::{CheckAnswer, EntitlementValue, NatsReply, NatsRequest, unknown_customer};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, with_causes};
 use crate::event::Stamped;
 
 /// Checks are requested on `tally.check.<partition>.<customer-token>`.
@@ -273,7 +273,10 @@ impl Http {
             .await;
         let response = match sent {
             Ok(r) => r,
-            Err(e) => return Ok(Posted::Transient(format!("POST /api/v1/events: {e}"))),
+            Err(e) => {
+                let cause = with_causes(&e);
+                return Ok(Posted::Transient(format!("POST /api/v1/events: {cause}")));
+            }
         };
         let status = response.status();
         if status.is_success() {
@@ -311,12 +314,12 @@ impl Http {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| Error::Unavailable(format!("entitlement check: {e}")))?;
+            .map_err(|e| Error::Unavailable(format!("entitlement check: {}", with_causes(&e))))?;
         let status = response.status();
         let body = response
             .text()
             .await
-            .map_err(|e| Error::Unavailable(format!("entitlement check: {e}")))?;
+            .map_err(|e| Error::Unavailable(format!("entitlement check: {}", with_causes(&e))))?;
         if status.is_success() {
             return serde_json::from_str::<EntitlementValue>(&body)
                 .map(CheckAnswer::from)

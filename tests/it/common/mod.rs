@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -425,6 +427,12 @@ fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) {
     out.sort();
 }
 
+/// An HTTP client for the API (plain HTTP, or HTTPS trusting the system's roots); every
+/// client is built this way: `reqwest` links no TLS crypto provider of its own.
+pub fn http() -> reqwest::Client {
+    tally_sdk::http_client(None).unwrap().build().unwrap()
+}
+
 /// The HTTP API of a harness, on a free loopback port, with the admin key it made at
 /// its first start.
 pub struct TestApi {
@@ -472,7 +480,26 @@ impl Harness {
 
     /// Starts the API, answering checks in-process from `local` (a worker's) first.
     pub async fn api_with(&self, local: Option<tally_ingest::checks::LocalChecks>) -> TestApi {
+        self.start_api(self.config.clone(), local, http()).await
+    }
+
+    /// Starts the API serving HTTPS with `certs`' server certificate; its client trusts
+    /// their CA.
+    pub async fn api_tls(&self, certs: &tls::TestCerts) -> TestApi {
         let mut config = self.config.clone();
+        config.api.tls_cert = Some(certs.cert.clone());
+        config.api.tls_key = Some(certs.key.clone());
+        let ca = tally_sdk::CaCertificate::file(&certs.ca);
+        let http = tally_sdk::http_client(Some(&ca)).unwrap().build().unwrap();
+        self.start_api(config, None, http).await
+    }
+
+    async fn start_api(
+        &self,
+        mut config: Config,
+        local: Option<tally_ingest::checks::LocalChecks>,
+        http: reqwest::Client,
+    ) -> TestApi {
         config.api.listen = "127.0.0.1:0".to_owned();
         let stop = tokio_util::sync::CancellationToken::new();
         let api = tally::api::Api::start(&config, &self.nats, local, stop.clone())
@@ -491,9 +518,9 @@ impl Harness {
             }
         };
         TestApi {
-            base: format!("http://{}", api.addr),
+            base: api.url(),
             admin,
-            http: reqwest::Client::new(),
+            http,
             stop,
             api,
         }

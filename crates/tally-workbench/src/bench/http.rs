@@ -65,6 +65,10 @@ pub struct HttpBench {
     customers: u32,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
+    /// A CA certificate (PEM file) to trust, when the API serves HTTPS
+    /// (`TALLY_API__TLS_CERT`, `TALLY_API__TLS_KEY`) with a certificate a private CA signed.
+    #[arg(long, value_name = "PEM")]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,10 +125,12 @@ pub async fn run(mut config: Config, args: HttpBench) -> anyhow::Result<std::pro
         .spawn()
         .context("starting tally serve")?;
     let base = api_url(&mut server)?;
+    let ca = args.ca_cert.map(tally_sdk::CaCertificate::File);
     let load = async {
-        wait_ready(&base).await?;
+        wait_ready(&base, ca.as_ref()).await?;
         let offer = Offer {
             base: base.clone(),
+            ca,
             key,
             mode: args.mode,
             rate: args.rate,
@@ -210,8 +216,8 @@ fn api_url(server: &mut std::process::Child) -> anyhow::Result<String> {
     )
 }
 
-async fn wait_ready(base: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+async fn wait_ready(base: &str, ca: Option<&tally_sdk::CaCertificate>) -> anyhow::Result<()> {
+    let http = tally_sdk::http_client(ca)?.build()?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(r) = http.get(format!("{base}/readyz")).send().await
@@ -230,6 +236,7 @@ async fn wait_ready(base: &str) -> anyhow::Result<()> {
 /// The load generator: what to send, and how fast.
 struct Offer {
     base: String,
+    ca: Option<tally_sdk::CaCertificate>,
     key: String,
     mode: HttpMode,
     rate: Option<u64>,
@@ -321,7 +328,7 @@ impl Offer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let http = reqwest::Client::builder()
+        let http = tally_sdk::http_client(self.ca.as_ref())?
             .pool_max_idle_per_host(1024)
             .build()?;
         let seed = rand::random::<u64>();
@@ -442,6 +449,7 @@ impl Offer {
     fn clone_settings(&self) -> Offer {
         Offer {
             base: self.base.clone(),
+            ca: self.ca.clone(),
             key: self.key.clone(),
             mode: self.mode,
             rate: self.rate,
