@@ -6,6 +6,7 @@ mod common;
 
 mod analytics;
 mod api;
+mod api_limits;
 mod api_portal;
 mod api_provisioning;
 mod api_queries;

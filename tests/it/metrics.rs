@@ -14,7 +14,7 @@ use tally_core::decision::Decision;
 use tally_core::metrics as names;
 
 /// Every sample of `name` in a Prometheus text exposition: its labels and value.
-fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+pub(crate) fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
     let mut out = Vec::new();
     for line in text.lines() {
         if line.starts_with('#') {

@@ -26,6 +26,9 @@ pub struct Problem {
     /// The index of the event at fault in a batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
+    /// The key's limit a 429 is about: `requests` or `bytes` (per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 /// An error a handler returns; becomes a problem-details response.
@@ -37,6 +40,7 @@ pub struct ApiError {
     field: Option<String>,
     index: Option<usize>,
     retry_after: Option<u32>,
+    limit: Option<&'static str>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -50,6 +54,7 @@ impl ApiError {
             field: None,
             index: None,
             retry_after: None,
+            limit: None,
         }
     }
 
@@ -97,6 +102,19 @@ impl ApiError {
 
     pub fn not_acceptable(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_ACCEPTABLE, "not_acceptable", detail).field("accept")
+    }
+
+    /// 429 with `Retry-After` (whole seconds): the key is over its `limit` (`requests` or
+    /// `bytes`); the same request passes after that long if the key sends nothing else.
+    pub fn rate_limited(
+        limit: &'static str,
+        retry_after_secs: u32,
+        detail: impl Into<String>,
+    ) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail);
+        e.retry_after = Some(retry_after_secs.max(1));
+        e.limit = Some(limit);
+        e
     }
 
     /// 503 with `Retry-After`: NATS (or the worker owning a partition) is not reachable
@@ -150,6 +168,7 @@ impl ApiError {
             detail: self.detail.clone(),
             field: self.field.clone(),
             index: self.index,
+            limit: self.limit.map(str::to_owned),
         }
     }
 }

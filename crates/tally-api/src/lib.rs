@@ -14,6 +14,7 @@ pub mod callout;
 pub mod error;
 pub mod keys;
 pub mod licenses;
+pub mod limits;
 mod routes;
 pub mod tls;
 
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::{ApiError, ApiResult, Problem};
 pub use keys::{ApiKeys, KeyRecord, Role};
 pub use licenses::LicenseKeys;
+pub use limits::KeyLimits;
 pub use routes::{AUTH_HEADER, router};
 
 /// The API server's settings (`[api]` in the configuration file).
@@ -60,6 +62,13 @@ pub struct ApiConfig {
     /// How long a NATS connection made with an API key lasts before the server asks Tally
     /// about the key again, in seconds (1-60): the most a revoked key keeps NATS.
     pub nats_session_secs: u64,
+    /// Requests per second each API key may make, and how many at once ([`limits`]).
+    pub key_requests_per_sec: u32,
+    pub key_requests_burst: u32,
+    /// Request-body bytes per second each API key may send, and how many at once: at
+    /// least `max_body_bytes`.
+    pub key_bytes_per_sec: u64,
+    pub key_bytes_burst: u64,
 }
 
 impl Default for ApiConfig {
@@ -75,6 +84,11 @@ impl Default for ApiConfig {
             license_key_grace_secs: 31 * 24 * 3600,
             idempotency_secs: 24 * 3600,
             nats_session_secs: 50,
+            key_requests_per_sec: 1_000,
+            key_requests_burst: 2_000,
+            // The default largest body (4 MiB) 8 times a second, 16 at once.
+            key_bytes_per_sec: 32 * 1024 * 1024,
+            key_bytes_burst: 64 * 1024 * 1024,
         }
     }
 }
@@ -107,6 +121,20 @@ impl ApiConfig {
         }
         if self.idempotency_secs == 0 {
             problems.push("api.idempotency_secs must be above 0".to_owned());
+        }
+        if self.key_requests_per_sec == 0 || self.key_requests_burst == 0 {
+            problems.push(
+                "api.key_requests_per_sec and api.key_requests_burst must be above 0".to_owned(),
+            );
+        }
+        if self.key_bytes_per_sec == 0 {
+            problems.push("api.key_bytes_per_sec must be above 0".to_owned());
+        }
+        if self.key_bytes_burst < self.max_body_bytes as u64 {
+            problems.push(
+                "api.key_bytes_burst must be at least api.max_body_bytes, or a body the server accepts could never pass"
+                    .to_owned(),
+            );
         }
         if self.license_ttl_secs == 0 {
             problems.push("api.license_ttl_secs must be above 0".to_owned());
@@ -144,6 +172,8 @@ pub struct Inner {
     pub limits: DecodeLimits,
     pub config: ApiConfig,
     pub keys: ApiKeys,
+    /// Each key's requests and body bytes per second.
+    pub key_limits: KeyLimits,
     pub definitions: Definitions,
     pub licenses: LicenseKeys,
     /// `Idempotency-Key`s and their responses.
@@ -203,6 +233,7 @@ impl AppState {
             js,
             partitions,
             limits,
+            key_limits: KeyLimits::new(&config),
             config,
             keys,
             definitions,
@@ -261,4 +292,29 @@ pub async fn serve_tls(
     axum::serve(tls::TlsListener::new(listener, tls)?, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_limits_are_checked_against_the_body_limit() {
+        assert_eq!(ApiConfig::default().problems(), Vec::<String>::new());
+        let config = ApiConfig {
+            key_requests_per_sec: 0,
+            key_bytes_per_sec: 0,
+            key_bytes_burst: 4096,
+            max_body_bytes: 8192,
+            ..ApiConfig::default()
+        };
+        let problems = config.problems().join("\n");
+        for key in [
+            "api.key_requests_per_sec",
+            "api.key_bytes_per_sec",
+            "api.key_bytes_burst must be at least api.max_body_bytes",
+        ] {
+            assert!(problems.contains(key), "{key}: {problems}");
+        }
+    }
 }

@@ -5,7 +5,9 @@
 //! Labels are bounded: `decision` (the nine [`Decision`](crate::decision::Decision)s),
 //! `reason` (the decoder's reasons), `kind` (notice kinds), `partition` (the stream's
 //! partition count), `report` (billing, overage, adoption, sql), `route` (the router's
-//! templates) and `status`. Nothing is labelled by customer or feature.
+//! templates), `status`, and for the API's keys `reason` (the six [`AUTH_FAILURES`]
+//! reasons) and `limit` (`requests`, `bytes`). Nothing is labelled by customer, feature or
+//! key.
 
 /// Counter: valid, first-seen events by `decision`, counted once per message.
 pub const EVENTS: &str = "tally_events_total";
@@ -49,9 +51,12 @@ pub const QUERY_FAILURES: &str = "tally_query_failures_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 /// Histogram: seconds to answer an HTTP request, by `route`.
 pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_seconds";
-/// Counter: API keys refused, by `reason` (malformed, unknown, wrong_secret, revoked,
-/// expired, missing) and `transport` (http, nats).
+/// Counter: API keys refused, by `reason` (`missing`, `malformed`, `unknown`,
+/// `wrong_secret`, `revoked`, `expired`) and `transport` (`http`, `nats`).
 pub const AUTH_FAILURES: &str = "tally_auth_failures_total";
+/// Counter: requests refused (429) for being over their key's `limit` (`requests` or
+/// `bytes` per second).
+pub const RATE_LIMITED: &str = "tally_rate_limited_total";
 
 /// Every metric name above.
 pub const ALL: &[&str] = &[
@@ -76,6 +81,7 @@ pub const ALL: &[&str] = &[
     HTTP_REQUESTS,
     HTTP_REQUEST_SECONDS,
     AUTH_FAILURES,
+    RATE_LIMITED,
 ];
 
 /// The histograms (exported with `_bucket`, `_sum`, `_count` series).

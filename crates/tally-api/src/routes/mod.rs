@@ -16,14 +16,17 @@ pub mod queries;
 
 use axum::Router;
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::http::header;
 use axum::http::request::Parts;
+use tally_core::metrics as names;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{OpenApi, Server};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::keys::{KeyRecord, Role};
+use crate::keys::{KeyRecord, Rejected, Role};
+use crate::limits::{BodyMeter, Limit};
 
 /// The header a key travels in: `Authorization: Bearer tally_<id>_<secret>`.
 pub const AUTH_HEADER: &str = "authorization";
@@ -43,6 +46,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(portal::routes())
         .split_for_parts();
     api.servers = Some(vec![Server::new("/")]);
+    document_rate_limits(&mut api);
     let document = api.clone();
     let router = router
         .route(
@@ -53,6 +57,9 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
             }),
         )
         .merge(portal::pages())
+        .route_layer(axum::middleware::from_fn(
+            crate::limits::meter_undeclared_body,
+        ))
         .route_layer(axum::middleware::from_fn(metrics::track))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -69,7 +76,9 @@ fn base_document() -> OpenApi {
                 .description(Some(
                     "Usage metering, entitlement enforcement and billing analytics. Every \
                      route but /healthz, /readyz, the license keys and this document needs \
-                     `Authorization: Bearer <API key>`; errors are RFC 9457 problem details.",
+                     `Authorization: Bearer <API key>`; errors are RFC 9457 problem details. \
+                     Each key may make so many requests and send so many body bytes per \
+                     second (`api.key_*`); over either it gets 429 with `Retry-After`.",
                 ))
                 .build(),
         )
@@ -85,6 +94,48 @@ fn base_document() -> OpenApi {
         ),
     );
     api
+}
+
+/// Every route that takes a key may answer 429 (the key over its limits): one shared
+/// response, listed on each of them.
+fn document_rate_limits(api: &mut OpenApi) {
+    use utoipa::openapi::header::Header;
+    use utoipa::openapi::{Content, Object, Ref, Response, Type};
+    const NAME: &str = "RateLimited";
+    let mut retry_after = Header::new(Object::with_type(Type::Integer));
+    retry_after.description = Some("Whole seconds until the same request would pass".to_owned());
+    let response = Response::builder()
+        .description(
+            "The key is over its requests or body bytes per second (`limit` says which); \
+             retry after `Retry-After` seconds",
+        )
+        .header("Retry-After", retry_after)
+        .content(
+            "application/problem+json",
+            Content::new(Some(Ref::from_schema_name("Problem"))),
+        )
+        .build();
+    api.components
+        .get_or_insert_with(Default::default)
+        .responses
+        .insert(NAME.to_owned(), response.into());
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                operation
+                    .responses
+                    .responses
+                    .insert("429".to_owned(), Ref::from_response_name(NAME).into());
+            }
+        }
+    }
 }
 
 /// The caller, known by a valid API key.
@@ -131,34 +182,103 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Caller> {
-        let Some(value) = parts.headers.get(AUTH_HEADER) else {
-            return Err(ApiError::unauthorized(
-                "send an API key as `Authorization: Bearer tally_<id>_<secret>` (tally keys create)",
-            )
-            .field("authorization"));
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer <API key>`")
-                    .field("authorization")
-            })?;
-        match state.keys.authenticate(token).await {
-            Ok(Ok(record)) => Ok(Caller(record)),
-            Ok(Err(rejected)) => {
-                Err(ApiError::unauthorized(rejected.to_string()).field("authorization"))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the API keys");
-                Err(ApiError::unavailable(
-                    "the API keys cannot be read now (NATS is unavailable)",
-                ))
-            }
+        let record = authenticate(parts, state).await?;
+        admit(parts, state, &record)?;
+        Ok(Caller(record))
+    }
+}
+
+/// The record of the key the request presents, if it is valid; each refusal is counted
+/// by its reason.
+async fn authenticate(parts: &Parts, state: &AppState) -> ApiResult<KeyRecord> {
+    let refused = |reason: &'static str, detail: String| {
+        ::metrics::counter!(names::AUTH_FAILURES, "reason" => reason, "transport" => "http")
+            .increment(1);
+        ApiError::unauthorized(detail).field("authorization")
+    };
+    let Some(value) = parts.headers.get(AUTH_HEADER) else {
+        return Err(refused(
+            "missing",
+            "send an API key as `Authorization: Bearer tally_<id>_<secret>` (tally keys create)"
+                .to_owned(),
+        ));
+    };
+    let Some(token) = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+    else {
+        return Err(refused(
+            "malformed",
+            "the Authorization header must be `Bearer <API key>`".to_owned(),
+        ));
+    };
+    match state.keys.authenticate(token).await {
+        Ok(Ok(record)) => Ok(record),
+        Ok(Err(rejected)) => {
+            let reason = match rejected {
+                Rejected::Malformed => "malformed",
+                Rejected::Unknown(_) => "unknown",
+                Rejected::WrongSecret => "wrong_secret",
+                Rejected::Revoked(_) => "revoked",
+                Rejected::Expired(_) => "expired",
+            };
+            Err(refused(reason, rejected.to_string()))
+        }
+        // Not a failed authentication: the key could not be judged.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the API keys");
+            Err(ApiError::unavailable(
+                "the API keys cannot be read now (NATS is unavailable)",
+            ))
         }
     }
+}
+
+/// Charges the request to its key's limits (one request, and the body bytes its
+/// `Content-Length` declares, or as they are read without one); 429 naming the limit
+/// when it is over one, before the body is read.
+fn admit(parts: &Parts, state: &AppState, record: &KeyRecord) -> ApiResult<()> {
+    // No length and a body: the middleware meters it as it is read.
+    let meter = parts.extensions.get::<BodyMeter>();
+    let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+        Some(v) => Some(v.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(0)),
+        None if meter.is_some() => None,
+        None => Some(0),
+    };
+    if let Err(refused) = state.key_limits.admit(&record.id, declared) {
+        let limit = refused.limit.as_str();
+        ::metrics::counter!(names::RATE_LIMITED, "limit" => limit).increment(1);
+        tracing::debug!(key = %record.id, limit, "over the key's limit");
+        let secs = refused.retry_after_secs();
+        let over = match refused.limit {
+            Limit::Requests => format!(
+                "{} requests per second (burst {})",
+                refused.per_sec, refused.burst
+            ),
+            Limit::Bytes => format!(
+                "{} request-body bytes per second (burst {}); this body is {}",
+                refused.per_sec,
+                refused.burst,
+                declared.map_or("of undeclared length".to_owned(), |n| format!("{n} bytes"))
+            ),
+        };
+        return Err(ApiError::rate_limited(
+            limit,
+            secs,
+            format!(
+                "key {} is over its limit of {over}; retry after {secs} s",
+                record.id
+            ),
+        ));
+    }
+    if declared.is_none()
+        && let Some(meter) = meter
+    {
+        meter.bind(&state.key_limits, &record.id);
+    }
+    Ok(())
 }
 
 impl OptionalFromRequestParts<AppState> for Caller {
