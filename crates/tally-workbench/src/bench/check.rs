@@ -40,6 +40,9 @@ pub struct CheckBench {
     /// authenticated with an `sdk` API key, as an application asks them.
     #[arg(long)]
     secure: bool,
+    /// `--secure` without TLS: the load authenticated with an `sdk` API key, in plain.
+    #[arg(long, conflicts_with = "secure")]
+    authenticated: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -66,9 +69,9 @@ pub async fn run(mut config: Config, args: CheckBench) -> anyhow::Result<std::pr
     }
     let mut spec = Spec::new(0, chrono::Utc::now().date_naive());
     spec.customers = args.customers;
-    let mut secure = match args.secure {
-        true => Some(super::secure::Secure::start(&mut config, temp.path()).await?),
-        false => None,
+    let mut secure = match (args.secure, args.authenticated) {
+        (false, false) => None,
+        (tls, _) => Some(super::secure::Secure::start(&mut config, temp.path(), tls).await?),
     };
     let nats = Nats::connect(&config, Service::Admin).await?;
     let connect = match secure.as_mut() {

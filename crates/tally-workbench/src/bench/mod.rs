@@ -108,6 +108,9 @@ pub struct IngestBench {
     /// permissions), as an application sends them.
     #[arg(long)]
     secure: bool,
+    /// `--secure` without TLS: the load authenticated with an `sdk` API key, in plain.
+    #[arg(long, conflicts_with = "secure")]
+    authenticated: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -117,6 +120,8 @@ pub struct IngestReport {
     pub encoding: &'static str,
     /// Whether the events came over TLS with an API key (`--secure`).
     pub secure: bool,
+    /// Whether they came with an API key (`--secure` or `--authenticated`).
+    pub authenticated: bool,
     /// Whether every event was decided against entitlements.
     pub enforce: bool,
     pub events: u64,
@@ -214,9 +219,9 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     spec.customers = args.customers;
     spec.arrow = args.arrow;
     let (messages, totals) = workload::generate(&spec);
-    let mut secure = match args.secure {
-        true => Some(secure::Secure::start(&mut config, temp.path()).await?),
-        false => None,
+    let mut secure = match (args.secure, args.authenticated) {
+        (false, false) => None,
+        (tls, _) => Some(secure::Secure::start(&mut config, temp.path(), tls).await?),
     };
 
     let (baseline, baseline_cpu) = if args.baseline {
@@ -284,6 +289,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     let report = IngestReport {
         encoding: if args.arrow { "arrow" } else { "json" },
         secure: args.secure,
+        authenticated: args.secure || args.authenticated,
         enforce: config.ingest.enforce,
         events: totals.events_valid,
         messages: messages.len() as u64,

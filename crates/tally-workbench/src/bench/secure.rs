@@ -1,8 +1,9 @@
 //! `--secure`: the benchmarks as a deployment across hosts runs them. nats-server serves
 //! TLS only (a CA and certificate made for the run), the API answers the auth callout, and
 //! the load comes through a connection authenticated with an `sdk` API key, as an
-//! application's would, its every publish checked against the key's permissions. Without
-//! it, the load comes from the operator's service credential over loopback.
+//! application's would, its every publish checked against the key's permissions.
+//! `--authenticated`: the same without TLS. Without either, the load comes from the
+//! operator's service credential over loopback.
 
 use std::time::Duration;
 
@@ -22,26 +23,35 @@ pub struct Secure {
     stop: CancellationToken,
     /// The `sdk` key the load is sent with.
     pub key: String,
-    /// The CA the load's connection trusts.
-    pub ca: std::path::PathBuf,
+    /// The CA the load's connection trusts, with TLS.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl Secure {
-    /// Starts the server under `dir` and points `config` at it.
-    pub async fn start(config: &mut Config, dir: &std::path::Path) -> anyhow::Result<Secure> {
-        let made = tally_natsd::tls::make(&dir.join("tls"), &["127.0.0.1".to_owned()])?;
+    /// Starts the server under `dir` (serving TLS only, with `tls`) and points `config`
+    /// at it.
+    pub async fn start(
+        config: &mut Config,
+        dir: &std::path::Path,
+        tls: bool,
+    ) -> anyhow::Result<Secure> {
         let mut options = ServerOptions::new(dir.join("nats"));
         options.binary = config.nats_server.clone();
-        options.tls = Some(Tls {
-            cert: made.cert,
-            key: made.key,
-        });
+        let mut ca = None;
+        if tls {
+            let made = tally_natsd::tls::make(&dir.join("tls"), &["127.0.0.1".to_owned()])?;
+            options.tls = Some(Tls {
+                cert: made.cert,
+                key: made.key,
+            });
+            ca = Some(made.ca);
+        }
         let server = tokio::task::spawn_blocking(move || NatsServer::start(options))
             .await?
             .context("starting nats-server with TLS")?;
         config.nats_url = Some(server.url());
         config.nats_credentials = Some(server.credentials().dir().to_owned());
-        config.nats_ca = Some(made.ca.clone());
+        config.nats_ca = ca.clone();
         config.api.listen = "127.0.0.1:0".to_owned();
         config.api.nats_session_secs = 60;
         Ok(Secure {
@@ -49,7 +59,7 @@ impl Secure {
             api: None,
             stop: CancellationToken::new(),
             key: String::new(),
-            ca: made.ca,
+            ca,
         })
     }
 
@@ -64,12 +74,14 @@ impl Secure {
         Ok(())
     }
 
-    /// How the load connects: with the key, over TLS.
+    /// How the load connects: with the key (over TLS, when the server serves it).
     pub fn connect_options(&self) -> anyhow::Result<async_nats::ConnectOptions> {
-        Ok(tally_sdk::connect_options(&self.key)?
-            .require_tls(true)
-            .add_root_certificates(self.ca.clone())
-            .connection_timeout(Duration::from_secs(5)))
+        let mut options =
+            tally_sdk::connect_options(&self.key)?.connection_timeout(Duration::from_secs(5));
+        if let Some(ca) = &self.ca {
+            options = options.require_tls(true).add_root_certificates(ca.clone());
+        }
+        Ok(options)
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
