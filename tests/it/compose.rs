@@ -845,7 +845,7 @@ async fn the_compose_nats_configuration_refuses_anonymous_and_plain_clients() {
     assert!(config.contains("include \"auth/auth.conf\""), "{config}");
     let config = config
         .replace("port: 4222", "port: -1")
-        .replace("http_port: 8222\n", "")
+        .replace("http: \"127.0.0.1:8222\"\n", "")
         .replace(
             "/data/jetstream",
             &dir.path().join("js").display().to_string(),

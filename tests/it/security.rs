@@ -466,3 +466,50 @@ async fn the_embedded_default_is_closed_and_keeps_its_secrets() {
         );
     }
 }
+
+/// A `notifications` key for acme receives acme's notices, and nats-server refuses it
+/// everyone else's and any publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifications_key_reads_its_customers_notices_only() {
+    use futures::StreamExt;
+    let (h, pipeline, api) = deployment(50).await;
+    let key = api.key(&h, Role::Notifications, &["acme"]).await;
+    let mut keyed = Keyed::connect(&h, &key).await.unwrap();
+    let mut mine = keyed.client.subscribe("tally.notify.*.acme").await.unwrap();
+    keyed.client.flush().await.unwrap();
+    // A notice as the worker publishes it, sent here by the operator, again until the
+    // subscription (on another connection) is in place.
+    let notice = r#"{"kind":"threshold_crossed","customer":"acme"}"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        h.nats
+            .client
+            .publish("tally.notify.threshold_crossed.acme", notice.into())
+            .await
+            .unwrap();
+        if let Ok(got) = tokio::time::timeout(Duration::from_millis(200), mine.next()).await {
+            break got.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acme's notice did not arrive; the server said {:?}",
+            keyed.errors.try_recv()
+        );
+    };
+    assert_eq!(got.payload.as_ref(), notice.as_bytes());
+    let _others = keyed
+        .client
+        .subscribe("tally.notify.*.globex")
+        .await
+        .unwrap();
+    keyed.refused("tally.notify.*.globex").await;
+    let _all = keyed.client.subscribe("tally.notify.>").await.unwrap();
+    keyed.refused("tally.notify.>").await;
+    keyed
+        .client
+        .publish("tally.notify.threshold_crossed.acme", "forged".into())
+        .await
+        .unwrap();
+    keyed.refused("tally.notify.threshold_crossed.acme").await;
+    pipeline.shutdown().await.unwrap();
+}
