@@ -134,7 +134,7 @@ impl Callout {
             }
         }
         let claims = json!({
-            "iat": Utc::now().timestamp(),
+            "iat": request.server_now.unwrap_or(Utc::now().timestamp()),
             "iss": self.issuer.public_key(),
             "sub": request.user_nkey,
             "aud": request.server_id,
@@ -153,13 +153,16 @@ impl Callout {
         })?;
         let permissions = for_key(access, &record.id, &record.customers);
         let now = Utc::now();
-        let mut expires = now.timestamp() + self.session.as_secs().max(1) as i64;
+        // The session, and the key's time left, counted from the server's clock.
+        let mut session = self.session.as_secs().max(1) as i64;
         if let Some(at) = record.expires_at {
-            expires = expires.min(at.timestamp().max(now.timestamp() + 1));
+            session = session.min((at - now).num_seconds().max(1));
         }
+        let issued = request.server_now.unwrap_or(now.timestamp());
+        let expires = issued + session;
         tracing::debug!(key = %record.id, role = %record.role, client = %request.client, "NATS connection authorized");
         let claims = json!({
-            "iat": now.timestamp(),
+            "iat": issued,
             "exp": expires,
             "iss": self.issuer.public_key(),
             "sub": request.user_nkey,
@@ -210,6 +213,9 @@ fn encode(mut claims: Value, key: &KeyPair) -> Option<String> {
 
 /// What Tally reads of an authorization request.
 struct Request {
+    /// The server's clock when it asked (`iat`): the user's expiry is set by it, so a clock
+    /// apart from Tally's neither shortens nor stretches the session.
+    server_now: Option<i64>,
     server_id: String,
     user_nkey: String,
     token: Option<String>,
@@ -224,6 +230,8 @@ impl Request {
         #[derive(Deserialize)]
         struct Claims {
             iss: String,
+            /// When the server made the request, by its clock.
+            iat: Option<i64>,
             nats: Nats,
         }
         #[derive(Deserialize)]
@@ -262,6 +270,7 @@ impl Request {
         server.verify(signed.as_bytes(), &signature).ok()?;
         let info = claims.nats.client_info;
         Some(Request {
+            server_now: claims.iat,
             server_id: claims.nats.server_id.id,
             user_nkey: claims.nats.user_nkey,
             token: claims.nats.connect_opts.auth_token,
