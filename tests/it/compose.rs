@@ -890,11 +890,11 @@ async fn the_compose_nats_configuration_refuses_anonymous_and_plain_clients() {
         ),
     ];
     for (who, options) in attempts {
-        assert!(!gets_in(options, &url).await, "{who} got in");
+        assert!(!tally_natsd::lets_in(options, &url).await, "{who} got in");
     }
     let plain = async_nats::ConnectOptions::with_nkey(seed("worker.nk"));
     assert!(
-        !gets_in(plain, &format!("nats://127.0.0.1:{port}")).await,
+        !tally_natsd::lets_in(plain, &format!("nats://127.0.0.1:{port}")).await,
         "a plain connection got in"
     );
     let worker = async_nats::ConnectOptions::with_nkey(seed("worker.nk"))
@@ -908,19 +908,4 @@ async fn the_compose_nats_configuration_refuses_anonymous_and_plain_clients() {
     assert!(account.is_ok(), "{account:?}");
     server.kill().unwrap();
     server.wait().unwrap();
-}
-
-/// Whether a client gets in: connected, and its first request answered by the server
-/// ("no responders" is an answer). A client whose authorization is still pending may see
-/// its connect return (the server's PING comes first) before the server refuses it.
-async fn gets_in(options: async_nats::ConnectOptions, url: &str) -> bool {
-    let Ok(client) = options.connect(url).await else {
-        return false;
-    };
-    let asked = tokio::time::timeout(
-        std::time::Duration::from_secs(8),
-        client.request("tally.probe", "".into()),
-    )
-    .await;
-    matches!(asked, Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders)
 }

@@ -302,6 +302,22 @@ impl NatsServer {
     }
 }
 
+/// Whether a server lets a client in: connected, and its first request answered ("no
+/// responders" is an answer). A connect can return before the server refuses a client
+/// whose authorization is pending (the server's PING may come first), so a connect alone
+/// proves nothing.
+pub async fn lets_in(options: async_nats::ConnectOptions, url: &str) -> bool {
+    let Ok(client) = options.connect(url).await else {
+        return false;
+    };
+    let asked = tokio::time::timeout(
+        Duration::from_secs(8),
+        client.request("tally.probe", "".into()),
+    )
+    .await;
+    matches!(asked, Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders)
+}
+
 /// Why a connection as a service could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
