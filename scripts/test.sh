@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it: formatting, clippy with warnings as errors, and every
-# test (unit, schema, Parquet, end-to-end against real nats-server processes), twice: on
-# today's clock and on a moved one.
+# test (unit, schema, Parquet, end-to-end against real nats-server and s3s-fs processes),
+# twice: on today's clock and on a moved one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 TALLY_NATS_SERVER="$(scripts/install-nats.sh)"
 export TALLY_NATS_SERVER
 echo "using $("$TALLY_NATS_SERVER" -v)"
+# The S3-compatible server the lake's object-store tests run against (built from crates.io
+# the first time: a few minutes).
+TALLY_S3_SERVER="$(scripts/install-s3.sh)"
+export TALLY_S3_SERVER
+echo "using $("$TALLY_S3_SERVER" --version)"
+# deltalake and polars in .venv, for the test that reads the lake with another engine.
+scripts/install-lake-readers.sh >/dev/null
 # The portal's browser test needs a headless Chromium; without one it skips (never fails).
 scripts/install-browser.sh >/dev/null || true
 scripts/install-faketime.sh

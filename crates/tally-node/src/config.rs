@@ -67,10 +67,11 @@ impl Config {
             figment = figment.merge(Toml::file(file));
         }
         let config: Config = figment
-            // TALLY_CONFIG names the file; TALLY_VENV belongs to the install script.
+            // TALLY_CONFIG names the file; TALLY_VENV and TALLY_S3_SERVER belong to the
+            // install scripts and the test harness (scripts/test.sh exports the latter).
             .merge(
                 Env::prefixed("TALLY_")
-                    .ignore(&["CONFIG", "VENV"])
+                    .ignore(&["CONFIG", "VENV", "S3_SERVER"])
                     .split("__"),
             )
             .extract()
@@ -161,6 +162,9 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("TALLY_INGEST__FLUSH_AGE_MS", "250");
             jail.set_env("TALLY_DATA_DIR", "/tmp/x");
+            // The scripts' own variables are not configuration.
+            jail.set_env("TALLY_VENV", "/tmp/venv");
+            jail.set_env("TALLY_S3_SERVER", "/tmp/s3s-fs");
             let c = Config::load(None).unwrap();
             assert_eq!(c.log, None, "unset: each command picks its own");
             assert_eq!(c.ingest.flush_age_ms, 250);
