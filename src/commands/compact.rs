@@ -131,6 +131,9 @@ pub fn compact(
             .compact(p, settled, &Fence::open(), options, SystemTime::now())
             .with_context(|| format!("compacting partition {p}"))?;
     }
+    done.removed += lake
+        .vacuum(options.retain, SystemTime::now())
+        .context("removing files no snapshot needs")?;
     report.merged = done.merged;
     report.written = done.written;
     report.rows = done.rows;

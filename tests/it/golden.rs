@@ -102,6 +102,7 @@ fn decide_into(dir: &Path, catalog: &Catalog, customers: &Customers, root: &Path
         partition: 0,
         first_seq: 1,
         last_seq: n,
+        after_seq: None,
         batch: rows.finish(),
     };
     Lake::new(root).write(&sealed, &Fence::open()).unwrap();

@@ -269,11 +269,13 @@ fn compacted(path: &std::path::Path) -> Option<usize> {
         .ok()
 }
 
-/// Parquet files on disk under a directory, superseded ones included.
+/// Parquet files on disk under a table's directory, superseded ones included (its log's
+/// checkpoints left out).
 fn walk(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| !p.ends_with("_delta_log"))
         .map(|p| {
             if p.is_dir() {
                 walk(&p)

@@ -52,6 +52,7 @@ fn data_dir() -> tempfile::TempDir {
         partition: 0,
         first_seq: 1,
         last_seq: n as u64,
+        after_seq: None,
         batch,
     };
     Lake::new(dir.path().join("lake"))

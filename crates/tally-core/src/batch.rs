@@ -21,6 +21,12 @@ pub struct SealedBatch {
     pub partition: u16,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// The last sequence of the partition's batch before this one with rows (or where the
+    /// worker took the partition over): the lake commits this batch only once the
+    /// partition's version in its log is that, so batches land in order and a worker that
+    /// lost the partition cannot commit over its successor. `None`: after whatever the log
+    /// holds (for tools and tests that write alone).
+    pub after_seq: Option<u64>,
     pub batch: RecordBatch,
 }
 

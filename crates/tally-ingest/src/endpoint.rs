@@ -35,6 +35,7 @@ impl NatsEndpoint {
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5));
         if let Some(ca) = &self.ca {
+            tally_natsd::tls::install_provider();
             options = options.require_tls(true).add_root_certificates(ca.clone());
         }
         Ok(options)

@@ -62,6 +62,8 @@ pub(crate) struct Recovered {
     pub counters: u64,
     pub replayed: u64,
     pub notices: Vec<Notice>,
+    /// The last sequence the lake's log holds of the partition: the next batch follows it.
+    pub version: u64,
 }
 
 /// Rebuilds a partition's counters and seen ids. Blocking: reads the lake.
@@ -123,17 +125,11 @@ pub(crate) fn recover(
             }
         }
     }
+    recovered.version = tail.version;
     recovered.committed = Committed {
         upto: checkpoint.last_seq,
         covered: tail.covered,
     };
-    if tail.removed > 0 {
-        tracing::warn!(
-            partition,
-            batches = tail.removed,
-            "incomplete batches removed from the lake"
-        );
-    }
     Ok(recovered)
 }
 

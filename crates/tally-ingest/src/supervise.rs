@@ -494,14 +494,13 @@ async fn compact_while_held(
             let Some(settled) = lake.settled_seq(partition)? else {
                 return Ok(None);
             };
-            lake.compact(
-                partition,
-                settled,
-                &fence,
-                &options,
-                std::time::SystemTime::now(),
-            )
-            .map(Some)
+            let now = std::time::SystemTime::now();
+            let mut done = lake.compact(partition, settled, &fence, &options, now)?;
+            // The owner of partition 0 also removes the files no snapshot needs any more.
+            if partition == 0 {
+                done.removed += lake.vacuum(options.retain, now)?;
+            }
+            Ok::<_, tally_store::Error>(Some(done))
         })
         .await;
         match round {

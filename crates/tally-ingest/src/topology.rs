@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::Context;
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::stream::{
-    self, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform,
+    self, ConsumerErrorKind, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform,
 };
 use tally_core::subject::{
     self, DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX,
@@ -108,13 +108,22 @@ pub async fn ensure_consumer(
         .get_stream(EVENTS_STREAM)
         .await
         .map_err(|e| Error::nats("open events stream", e))?;
-    stream
-        .get_or_create_consumer(
-            &subject::partition_consumer(partition),
-            consumer_config(config, partition, DeliverPolicy::All),
-        )
-        .await
-        .map_err(|e| Error::nats("create partition consumer", e))
+    // A JetStream API request is answered within its timeout (5 s) unless the server is
+    // overloaded (many streams being written at once); this one is idempotent, so a
+    // timed-out request is made again before the start fails.
+    let mut timeouts = 0;
+    loop {
+        let created = stream
+            .get_or_create_consumer(
+                &subject::partition_consumer(partition),
+                consumer_config(config, partition, DeliverPolicy::All),
+            )
+            .await;
+        match created {
+            Err(e) if e.kind() == ConsumerErrorKind::TimedOut && timeouts < 3 => timeouts += 1,
+            created => return created.map_err(|e| Error::nats("create partition consumer", e)),
+        }
+    }
 }
 
 /// Re-creates a partition's consumer so that delivery restarts right after its ack floor.

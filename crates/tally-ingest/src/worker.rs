@@ -138,10 +138,13 @@ pub async fn run_partition(
         ack_tx: &ack_tx,
         sealed: 0,
         acked: &acked,
+        after_seq: 0,
     };
     let result = async {
         let (recovered, dedup) =
             take_over(&js, partition, lake, entitlements.clone(), config, &stats).await?;
+        let mut sink = sink;
+        sink.after_seq = recovered.version;
         let mut part = Partition {
             number: partition,
             dedup,
@@ -171,6 +174,9 @@ struct Sink<'a> {
     ack_tx: &'a mpsc::Sender<Pending>,
     sealed: u64,
     acked: &'a AtomicU64,
+    /// The last sequence of the partition the lake holds or was last handed with rows:
+    /// the next sealed batch follows it.
+    after_seq: u64,
 }
 
 impl Sink<'_> {
@@ -832,8 +838,12 @@ async fn seal_rows(
         partition,
         first_seq: open.first_seq,
         last_seq,
+        after_seq: Some(sink.after_seq),
         batch: open.rows.finish(),
     };
+    if sealed.batch.num_rows() > 0 {
+        sink.after_seq = last_seq;
+    }
     tracing::debug!(
         partition,
         first_seq = sealed.first_seq,

@@ -193,6 +193,7 @@ impl NatsServer {
         let seed = self.credentials().seed(service)?;
         let mut options = async_nats::ConnectOptions::with_nkey(seed);
         if let Some(tls) = &self.options.tls {
+            tls::install_provider();
             options = options
                 .require_tls(true)
                 .add_root_certificates(tls.cert.clone());
@@ -307,6 +308,7 @@ impl NatsServer {
 /// whose authorization is pending (the server's PING may come first), so a connect alone
 /// proves nothing.
 pub async fn lets_in(options: async_nats::ConnectOptions, url: &str) -> bool {
+    tls::install_provider();
     let Ok(client) = options.connect(url).await else {
         return false;
     };

@@ -9,6 +9,15 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 
 use crate::{Error, Result};
 
+/// Makes ring the process's rustls provider, unless one is installed already. async-nats
+/// builds its TLS configuration with the process's provider, and rustls has none when it
+/// links two (the lake's object-store client links aws-lc-rs beside Tally's ring): every
+/// NATS connection over TLS goes through a function that calls this first.
+pub fn install_provider() {
+    // An error only says a provider is installed already, which is all this wants.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The files [`make`] writes: the CA's certificate (what clients trust) and the server's
 /// certificate and key. The CA's key is not kept: nothing else is ever signed with it.
 #[derive(Debug, Clone, PartialEq, Eq)]

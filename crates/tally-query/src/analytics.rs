@@ -236,7 +236,7 @@ impl Lakehouse {
         until: NaiveDate,
         feature: Option<&str>,
     ) -> Result<Vec<FirstUse>> {
-        let lake = tally_store::Lake::new(&self.root);
+        let lake = self.lake.clone();
         let first = on_lake(move || lake.first_date()).await?;
         let last = until - Days::new(1);
         // An empty lake is an empty range.
@@ -293,7 +293,7 @@ impl Lakehouse {
         range: DateRange,
         feature: Option<&str>,
     ) -> Result<Vec<ActiveUsers>> {
-        let lake = tally_store::Lake::new(&self.root);
+        let lake = self.lake.clone();
         let feature = feature.map(str::to_owned);
         let (from, to) = (range.from(), range.to());
         on_lake(move || lake.active_users(from, to, feature.as_deref())).await
@@ -481,6 +481,7 @@ mod tests {
             partition: 0,
             first_seq: 1,
             last_seq: n as u64,
+            after_seq: None,
             batch,
         };
         Lake::new(dir.path())

@@ -1,22 +1,14 @@
-//! The lake as the query engine lists it: the files that are part of the lake, and only
-//! those.
+//! The lake as the query engine lists it: the files of each table's newest snapshot, and
+//! only those.
 //!
-//! Two kinds of file sit in the lake's directories without being part of it, and a plain
-//! directory listing would count both:
-//!
-//! - an events file superseded by a compacted file of the same partition and directory
-//!   whose sequence range holds its own (it stays on disk for a while after the merge, for
-//!   queries planned before; [`tally_store::visible`] decides);
-//! - a rollup whose events file is not (yet, or any more) part of the lake: one written a
-//!   moment before its events file, an orphan of a crash, the rollup of a superseded file.
-//!
-//! [`LakeStore`] is the local filesystem with those files left out of every listing, so a
-//! query sees each event once, whatever compaction and ingest do meanwhile. For the rollups
-//! it lists the events files first: a rollup is renamed into place before its events file,
-//! so any events file that listing shows has its rollup on disk when the rollups are listed
-//! next, and a rollup is kept exactly when its events file was shown.
+//! The events and rollups tables are Delta tables: their directories also hold files a
+//! flush uploaded but has not committed yet (or never will: a crash, a worker that lost
+//! its partition) and files a compaction replaced, kept a while for queries planned
+//! before. A plain directory listing would count both. [`LakeStore`] answers every
+//! listing under a table's directory from the table's newest snapshot instead (no
+//! directory is listed at all), so a query sees each event once, whatever compaction and
+//! ingest do meanwhile, and reads exactly what any other Delta reader would.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -28,124 +20,95 @@ use datafusion::object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
-use tally_store::{parse_name, visible};
+use tally_store::Lake;
 
-/// The local filesystem, listing the lake rooted at `root` as its readers must see it.
+/// The local filesystem, listing the lake's tables as their snapshots say.
 #[derive(Debug, Clone)]
 pub(crate) struct LakeStore {
     inner: Arc<LocalFileSystem>,
-    events: Path,
-    rollups: Path,
-}
-
-/// Where a listed file lies: `<table>/<directory>/<name>`.
-enum Place {
-    Events(String),
-    Rollups(String),
-    Elsewhere,
+    lake: Lake,
+    tables: Vec<(&'static str, Path)>,
 }
 
 impl LakeStore {
-    pub(crate) fn new(root: &std::path::Path) -> std::io::Result<LakeStore> {
+    pub(crate) fn new(root: &std::path::Path, lake: Lake) -> std::io::Result<LakeStore> {
         let root = std::path::absolute(root)?;
         let table =
             |name: &str| Path::from_absolute_path(root.join(name)).map_err(std::io::Error::other);
         Ok(LakeStore {
             inner: Arc::new(LocalFileSystem::new()),
-            events: table(tally_core::schema::EVENTS_TABLE)?,
-            rollups: table(tally_store::ROLLUPS_TABLE)?,
+            lake,
+            tables: vec![
+                (
+                    tally_core::schema::EVENTS_TABLE,
+                    table(tally_core::schema::EVENTS_TABLE)?,
+                ),
+                (
+                    tally_store::ROLLUPS_TABLE,
+                    table(tally_store::ROLLUPS_TABLE)?,
+                ),
+            ],
         })
     }
 
-    fn place(&self, location: &Path) -> Place {
-        let relative = |table: &Path| {
-            let parts: Vec<String> = location
-                .prefix_match(table)?
-                .map(|p| p.as_ref().to_owned())
-                .collect();
-            Some(parts.join("/"))
-        };
-        if let Some(r) = relative(&self.events) {
-            Place::Events(r)
-        } else if let Some(r) = relative(&self.rollups) {
-            Place::Rollups(r)
-        } else {
-            Place::Elsewhere
-        }
-    }
-
-    /// The events prefix whose listing decides the rollups a listing of `prefix` may
-    /// include, if it may include any.
-    fn events_scope(&self, prefix: Option<&Path>) -> Option<Path> {
-        let Some(prefix) = prefix else {
-            return Some(self.events.clone());
-        };
-        if let Some(parts) = prefix.prefix_match(&self.rollups) {
-            return Some(parts.fold(self.events.clone(), |p, part| p.join(part)));
-        }
-        // A prefix above the rollups directory.
-        self.rollups
-            .prefix_match(prefix)
-            .map(|_| self.events.clone())
-    }
-
-    /// The relative names (`<directory>/<name>`) of the events files among `objects` that
-    /// are part of the lake.
-    fn visible_events(&self, objects: &[ObjectMeta]) -> HashSet<String> {
-        let files: Vec<(String, (String, u16, u64, u64))> = objects
+    /// The table whose directory holds `prefix`, or that `prefix` is above.
+    fn tables_under(&self, prefix: Option<&Path>) -> Vec<(&'static str, Path)> {
+        self.tables
             .iter()
-            .filter_map(|o| {
-                let Place::Events(relative) = self.place(&o.location) else {
-                    return None;
-                };
-                let (dir, name) = relative.rsplit_once('/')?;
-                let (partition, first, last) = parse_name(name)?;
-                Some((relative.clone(), (dir.to_owned(), partition, first, last)))
+            .filter(|(_, dir)| match prefix {
+                None => true,
+                Some(p) => p.prefix_match(dir).is_some() || dir.prefix_match(p).is_some(),
             })
-            .collect();
-        let keys: Vec<_> = files.iter().map(|f| f.1.clone()).collect();
-        files
-            .into_iter()
-            .zip(visible(&keys))
-            .filter_map(|(f, shown)| shown.then_some(f.0))
+            .cloned()
             .collect()
     }
 
-    /// Leaves out of `objects` what is not part of the lake. `shown` is the visible events
-    /// files of a listing taken before `objects` was, for the rollups among them.
-    fn keep(&self, objects: Vec<ObjectMeta>, shown: Option<&HashSet<String>>) -> Vec<ObjectMeta> {
-        let events = self.visible_events(&objects);
-        objects
-            .into_iter()
-            .filter(|o| match self.place(&o.location) {
-                Place::Events(r) => events.contains(&r) || !lake_file(&r),
-                Place::Rollups(r) => shown.is_some_and(|s| s.contains(&r)) || !lake_file(&r),
-                Place::Elsewhere => true,
-            })
-            .collect()
+    fn in_a_table(&self, prefix: &Path) -> bool {
+        self.tables
+            .iter()
+            .any(|(_, dir)| prefix.prefix_match(dir).is_some())
     }
 
-    async fn shown_before(&self, prefix: Option<&Path>) -> Result<Option<HashSet<String>>> {
-        let Some(scope) = self.events_scope(prefix) else {
-            return Ok(None);
-        };
-        let events: Vec<ObjectMeta> = self.inner.list(Some(&scope)).try_collect().await?;
-        Ok(Some(self.visible_events(&events)))
+    /// The snapshot files of the tables at or under `prefix`, as object metadata.
+    async fn snapshot(&self, prefix: Option<&Path>) -> Result<Vec<ObjectMeta>> {
+        let mut objects = Vec::new();
+        for (name, dir) in self.tables_under(prefix) {
+            let files = self.lake.table_files(name).await.map_err(|e| {
+                datafusion::object_store::Error::Generic {
+                    store: "LakeStore",
+                    source: Box::new(e),
+                }
+            })?;
+            for f in files {
+                let location = f.path.split('/').fold(dir.clone(), |p, part| p.join(part));
+                if prefix.is_some_and(|p| location.prefix_match(p).is_none()) {
+                    continue;
+                }
+                objects.push(ObjectMeta {
+                    location,
+                    last_modified: chrono::DateTime::from_timestamp_millis(f.modified_ms)
+                        .unwrap_or_default(),
+                    size: f.size,
+                    e_tag: None,
+                    version: None,
+                });
+            }
+        }
+        Ok(objects)
     }
 
     async fn listed(&self, prefix: Option<Path>) -> Result<Vec<ObjectMeta>> {
-        let shown = self.shown_before(prefix.as_ref()).await?;
-        let objects: Vec<ObjectMeta> = self.inner.list(prefix.as_ref()).try_collect().await?;
-        Ok(self.keep(objects, shown.as_ref()))
+        let mut objects = self.snapshot(prefix.as_ref()).await?;
+        if prefix.as_ref().is_none_or(|p| !self.in_a_table(p)) {
+            let outside: Vec<ObjectMeta> = self.inner.list(prefix.as_ref()).try_collect().await?;
+            objects.extend(
+                outside
+                    .into_iter()
+                    .filter(|o| !self.in_a_table(&o.location)),
+            );
+        }
+        Ok(objects)
     }
-}
-
-/// Whether a relative name is a lake file's (`<directory>/p…-…-….parquet`).
-fn lake_file(relative: &str) -> bool {
-    relative
-        .rsplit_once('/')
-        .and_then(|(_, name)| parse_name(name))
-        .is_some()
 }
 
 impl fmt::Display for LakeStore {
@@ -193,11 +156,26 @@ impl ObjectStore for LakeStore {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        let shown = self.shown_before(prefix).await?;
-        let listed = self.inner.list_with_delimiter(prefix).await?;
+        let Some(base) = prefix.filter(|p| self.in_a_table(p)) else {
+            return self.inner.list_with_delimiter(prefix).await;
+        };
+        let depth = base.parts().count();
+        let mut common_prefixes = Vec::new();
+        let mut objects = Vec::new();
+        for o in self.snapshot(Some(base)).await? {
+            let parts: Vec<_> = o.location.parts().collect();
+            if parts.len() == depth + 1 {
+                objects.push(o);
+            } else if parts.len() > depth + 1 {
+                let dir: Path = parts[..=depth].iter().cloned().collect();
+                if !common_prefixes.contains(&dir) {
+                    common_prefixes.push(dir);
+                }
+            }
+        }
         Ok(ListResult {
-            common_prefixes: listed.common_prefixes,
-            objects: self.keep(listed.objects, shown.as_ref()),
+            common_prefixes,
+            objects,
         })
     }
 

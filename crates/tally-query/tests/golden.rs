@@ -106,6 +106,7 @@ fn sealed_in(partition: u16, from: usize, to: usize) -> SealedBatch {
         partition,
         first_seq: from as u64 + 1,
         last_seq: to as u64,
+        after_seq: None,
         batch,
     }
 }

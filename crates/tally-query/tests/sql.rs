@@ -66,6 +66,7 @@ fn write_lake(root: &Path) {
         partition: 5,
         first_seq: 1,
         last_seq: n,
+        after_seq: None,
         batch,
     };
     Lake::new(root).write(&sealed, &Fence::open()).unwrap();

@@ -231,6 +231,7 @@ pub fn connect_options(api_key: &str) -> Result<async_nats::ConnectOptions> {
         .ok_or_else(|| {
             Error::Options("the API key is not of the form tally_<id>_<secret>".to_owned())
         })?;
+    tls::install_provider();
     Ok(async_nats::ConnectOptions::with_token(api_key.to_owned())
         .custom_inbox_prefix(tally_core::access::inbox_prefix(id))
         .name("tally-sdk"))

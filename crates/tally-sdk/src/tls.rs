@@ -77,6 +77,14 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
 }
 
 /// A `reqwest` client builder ready for Tally's API over `http://` or `https://`:
+/// Makes ring the process's rustls provider, unless one is installed already: async-nats
+/// builds its TLS configuration with the process's provider, and rustls has none when an
+/// application links a second one (aws-lc-rs, which many HTTP clients turn on).
+pub(crate) fn install_provider() {
+    // An error only says a provider is installed already, which is all this wants.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// TLS 1.2 or 1.3 with rustls on ring, trusting the system's roots and `ca`. The SDK's
 /// HTTP transport uses it; so can anything else that talks to the API (set timeouts or
 /// pools on it, but not `reqwest`'s own TLS options, which this configuration replaces).

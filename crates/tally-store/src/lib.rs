@@ -1,23 +1,19 @@
-//! Tally's lake: sealed Arrow batches become Parquet files that appear atomically.
+//! Tally's lake: sealed Arrow batches become Parquet files committed to Delta Lake tables.
 //!
-//! Layout (hive style, readable by any Parquet engine):
+//! Layout (hive style; the tables readable by any Delta engine):
 //!
 //! ```text
-//! <root>/events/date=YYYY-MM-DD/p<partition>-<first_seq>-<last_seq>.parquet
-//! <root>/rollups/date=YYYY-MM-DD/p<partition>-<first_seq>-<last_seq>.parquet
+//! <root>/events/_delta_log/…, events/date=YYYY-MM-DD/p<partition>-<first>-<last>-<token>.parquet
+//! <root>/rollups/_delta_log/…, rollups/date=YYYY-MM-DD/… (the same names)
 //! ```
 //!
 //! `date` is the UTC date of the event time. One sealed batch becomes one file per date it
-//! touches. Each file is written under a `.tmp` name, fsynced, renamed, and its directory
-//! fsynced, so a reader sees a whole file or none. The name and the file's key-value
-//! metadata (`tally.partition`, `tally.first_seq`, `tally.last_seq`) record which stream
-//! sequences it holds.
-//!
-//! Each events file has a [`rollup`](mod@rollup) of the same date and name (its rows per
-//! customer × feature × hour × decision), made visible before the events file: an events
-//! file's presence implies its rollup's, and a rollup without its events file is an orphan
-//! of a crash, not part of the lake, removed when its partition is taken over.
-//! [`Durable`] counts the events files only.
+//! touches, and each events file has a [`rollup`](mod@rollup) of the same date and name.
+//! [`Lake::write`] uploads them all, then commits the events files to the events table and
+//! the rollups to the rollups table, each commit with the partition's transaction version
+//! (see [`table`]): a reader sees a flush whole or not at all. The name and the file's
+//! key-value metadata (`tally.partition`, `tally.first_seq`, `tally.last_seq`) record which
+//! stream sequences it holds. [`Durable`] counts the events files only.
 //!
 //! Once a month is closed, compaction ([`compact`]) writes per partition its
 //! [`monthly`] rollup and, just before it, its billing [`lines`].
@@ -55,6 +51,7 @@ pub mod compact;
 pub mod lines;
 pub mod monthly;
 pub mod rollup;
+pub mod table;
 pub mod tail;
 pub mod users;
 
@@ -62,6 +59,7 @@ pub use compact::{CompactOptions, Compacted, footer_rows, has_column, parse_name
 pub use lines::{BILLING_TABLE, lines_schema, merge_lines};
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
+pub use table::{Expect, Location, S3Location, Storage, TableFile};
 pub use tail::{PartitionFile, Tail};
 pub use users::{ActiveUsers, Grain};
 
@@ -104,6 +102,24 @@ pub enum Error {
     /// The partition's lease may have passed to another worker: nothing was made visible.
     #[error("partition {0} is no longer owned by this worker; nothing written")]
     Fenced(u16),
+    #[error("lake storage: {0}")]
+    Storage(String),
+    #[error("lake table: {0}")]
+    Table(String),
+    /// A commit's precondition failed: the partition's version in the log is not the one
+    /// the commit follows.
+    #[error(
+        "table {table}: partition {partition} is at sequence {found} in the log, not {expected}; \
+         another worker committed it"
+    )]
+    Unexpected {
+        table: &'static str,
+        partition: u16,
+        expected: u64,
+        found: u64,
+    },
+    #[error("table {table}: a concurrent commit conflicts: {reason}")]
+    Conflict { table: &'static str, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -143,22 +159,64 @@ pub(crate) fn publish(tmp: &Path, path: &Path, fence: &Fence, partition: u16) ->
     fs::rename(tmp, path).map_err(io_err(path))
 }
 
-/// The lake on the local filesystem.
+/// The lake: its tables on local disk or object storage, and (on local disk, beside
+/// them) the partitions' checkpoints, the monthly rollups and the billing lines.
 #[derive(Debug, Clone)]
 pub struct Lake {
     root: PathBuf,
+    storage: Storage,
+    tables: Arc<Tables>,
     props: WriterProperties,
     /// For the monthly rollups: row groups small enough that a query of some decisions
     /// skips the others' by their statistics (the rows are sorted by decision).
     monthly_props: WriterProperties,
 }
 
+/// The lake's Delta tables.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    pub events: table::Table,
+    pub rollups: table::Table,
+}
+
 /// Rows per row group of a monthly rollup file.
 const MONTHLY_ROW_GROUP_ROWS: usize = 16_384;
 
 impl Lake {
-    /// A lake rooted at `root` (created on first write).
+    /// The lake in the local directory `root` (created on first write).
+    ///
+    /// # Panics
+    /// If `root` is relative and the current directory cannot be read.
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        Self::open(&Location::Local(root)).expect("the lake's directory has an absolute path")
+    }
+
+    /// The lake at `location`.
+    pub fn open(location: &Location) -> Result<Self> {
+        let storage = Storage::open(location)?;
+        let root = match location {
+            Location::Local(dir) => std::path::absolute(dir).map_err(io_err(dir))?,
+            // Until the monthly rollups, billing lines and checkpoints move into the
+            // object store, an S3 lake keeps them in the working directory's `lake/`.
+            Location::S3(_) => PathBuf::from("lake"),
+        };
+        let tables = Tables {
+            events: table::Table::new(
+                &storage,
+                EVENTS_TABLE,
+                schema::lake_schema(),
+                schema::DATE,
+                deltalake::kernel::DataType::DATE,
+            )?,
+            rollups: table::Table::new(
+                &storage,
+                ROLLUPS_TABLE,
+                rollup_schema(),
+                schema::DATE,
+                deltalake::kernel::DataType::DATE,
+            )?,
+        };
         // Event ids are unique: a dictionary for them is pure cost, and so are statistics
         // on ids and free-form data that no query prunes on.
         let unique = |name: &str| parquet::schema::types::ColumnPath::from(name);
@@ -176,13 +234,19 @@ impl Lake {
                     parquet::file::properties::EnabledStatistics::None,
                 )
         };
-        Self {
-            root: root.into(),
+        Ok(Self {
+            root,
+            storage,
+            tables: Arc::new(tables),
             props: props().build(),
             monthly_props: props()
                 .set_max_row_group_row_count(Some(MONTHLY_ROW_GROUP_ROWS))
                 .build(),
-        }
+        })
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     pub fn root(&self) -> &Path {
@@ -199,58 +263,78 @@ impl Lake {
         self.root.join(ROLLUPS_TABLE)
     }
 
-    /// Writes a sealed batch durably: one file per event date, each visible atomically,
-    /// each after its rollup.
+    /// Writes a sealed batch durably: its rows as one events file per event date, each
+    /// with its rollup, committed to the events table and then to the rollups table, each
+    /// in one commit that carries the partition's transaction version and lands only after
+    /// the partition's previous batch (`sealed.after_seq`), while `fence` holds.
     pub fn write(&self, sealed: &SealedBatch, fence: &Fence) -> Result<Durable> {
         let mut durable = Durable::default();
         if sealed.batch.num_rows() == 0 {
             return Ok(durable);
         }
         let days = split_by_day(&sealed.batch)?;
-        let files = days.len();
+        let meta = FileMeta {
+            partition: sealed.partition,
+            first_seq: sealed.first_seq,
+            last_seq: sealed.last_seq,
+            files: days.len(),
+            compacted: None,
+        };
+        // A name of its own for each attempt: a file that a failed attempt, or a worker
+        // that lost the partition, left uncommitted is never overwritten or reused.
+        let token = file_token();
+        let (mut events, mut rollups) = (Vec::new(), Vec::new());
         for (day, rows) in days {
-            let date = DateTime::from_timestamp(day * 86_400, 0)
-                .map(|d| d.format("%Y-%m-%d").to_string())
-                .unwrap_or_else(|| "invalid".to_owned());
-            let part = format!("{}={date}", schema::DATE);
-            let name = format!(
-                "p{:03}-{:012}-{:012}.parquet",
-                sealed.partition, sealed.first_seq, sealed.last_seq
+            let date = date_of_day(day);
+            let path = format!(
+                "{}={date}/{}",
+                schema::DATE,
+                file_name(sealed.partition, sealed.first_seq, sealed.last_seq, &token)
             );
-            // The rollup is durable before the events file can be visible (see `rollup`).
             let summary = rollup(&rows)?;
-            let meta = FileMeta {
-                partition: sealed.partition,
-                first_seq: sealed.first_seq,
-                last_seq: sealed.last_seq,
-                files,
-                compacted: None,
-            };
-            let rollups = self.rollups_dir().join(&part);
-            self.write_file(&rollups, &name, &meta, &summary, fence)?;
-            let dir = self.events_dir().join(&part);
-            let bytes = self.write_file(&dir, &name, &meta, &rows, fence)?;
+            let bytes = encode(&self.props, &meta, &rows)?;
             durable.rows += rows.num_rows();
             durable.files += 1;
-            durable.bytes += bytes;
+            durable.bytes += bytes.len() as u64;
+            events.push(Upload {
+                path: path.clone(),
+                value: date.clone(),
+                stats: stats(&rows),
+                bytes,
+            });
+            rollups.push(Upload {
+                path,
+                value: date,
+                stats: stats(&summary),
+                bytes: encode(&self.props, &meta, &summary)?,
+            });
         }
+        table::block_on(async {
+            let tables = &self.tables;
+            futures::future::try_join(
+                self.upload(&tables.events, &events),
+                self.upload(&tables.rollups, &rollups),
+            )
+            .await?;
+            commit_flush(&tables.events, &events, sealed, fence).await?;
+            commit_flush(&tables.rollups, &rollups, sealed, fence).await
+        })?;
         Ok(durable)
     }
 
-    /// Writes `rows` as `dir/name`: a temporary file, fsynced, renamed into place while
-    /// the fence holds, the directory fsynced. Returns the file's size.
-    pub(crate) fn write_file(
-        &self,
-        dir: &Path,
-        name: &str,
-        meta: &FileMeta,
-        rows: &RecordBatch,
-        fence: &Fence,
-    ) -> Result<u64> {
-        self.write_file_with(&self.props, dir, name, meta, rows, fence)
+    /// Puts each of `files` into `table`'s directory (not yet part of the table).
+    async fn upload(&self, table: &table::Table, files: &[Upload]) -> Result<()> {
+        futures::future::try_join_all(files.iter().map(|f| async move {
+            let key = format!("{}/{}", table.name, f.path);
+            self.storage.create(&key, f.bytes.clone()).await
+        }))
+        .await?;
+        Ok(())
     }
 
-    /// [`write_file`](Self::write_file) with other writer properties.
+    /// Writes `rows` as `dir/name` on local disk (the monthly rollups and billing lines):
+    /// a temporary file, fsynced, renamed into place while the fence holds, the directory
+    /// fsynced. Returns the file's size.
     pub(crate) fn write_file_with(
         &self,
         props: &WriterProperties,
@@ -318,6 +402,155 @@ fn split_by_day(batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
             Ok((day, filter_record_batch(batch, &mask)?))
         })
         .collect()
+}
+
+/// A file written to a table's directory, to be committed.
+pub(crate) struct Upload {
+    /// Relative to the table's root.
+    pub path: String,
+    /// Its partition value.
+    pub value: String,
+    pub stats: Option<String>,
+    pub bytes: bytes::Bytes,
+}
+
+impl Upload {
+    pub(crate) fn add(&self, table: &table::Table) -> deltalake::kernel::Action {
+        table.add(
+            self.path.clone(),
+            &self.value,
+            self.bytes.len() as u64,
+            self.stats.clone(),
+        )
+    }
+}
+
+/// How long a flush waits for the partition's previous batch to be committed before it
+/// gives up (the partition is then taken over from the log).
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(10);
+
+/// Commits a flush's `files` to `table`: after the partition's previous batch, with the
+/// batch's last sequence as the partition's transaction version.
+async fn commit_flush(
+    table: &table::Table,
+    files: &[Upload],
+    sealed: &SealedBatch,
+    fence: &Fence,
+) -> Result<()> {
+    let partition = sealed.partition;
+    let after_seq = match sealed.after_seq {
+        Some(seq) => seq,
+        None => table.version_of(partition).await?,
+    };
+    let expect = [Expect {
+        partition,
+        after_seq,
+    }];
+    let waiting = std::time::Instant::now();
+    loop {
+        let adds = files.iter().map(|f| f.add(table)).collect();
+        match table
+            .commit(
+                adds,
+                &[(partition, sealed.last_seq)],
+                &expect,
+                Some((fence, partition)),
+                table::append(),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // An earlier attempt of this flush committed it (its answer was lost).
+            Err(Error::Unexpected { found, .. }) if found == sealed.last_seq => return Ok(()),
+            // The partition's previous batch is still on its way.
+            Err(Error::Unexpected { found, .. })
+                if found < after_seq && waiting.elapsed() < PREDECESSOR_WAIT =>
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Encodes `rows` as a Parquet file with the lake's `tally.*` metadata.
+pub(crate) fn encode(
+    props: &WriterProperties,
+    meta: &FileMeta,
+    rows: &RecordBatch,
+) -> Result<bytes::Bytes> {
+    let mut writer = ArrowWriter::try_new(Vec::new(), rows.schema(), Some(props.clone()))?;
+    writer.write(rows)?;
+    for (key, value) in [
+        (META_PARTITION, meta.partition.to_string()),
+        (META_FIRST_SEQ, meta.first_seq.to_string()),
+        (META_LAST_SEQ, meta.last_seq.to_string()),
+        (META_FILES, meta.files.to_string()),
+    ] {
+        writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
+    }
+    if let Some(inputs) = meta.compacted {
+        writer.append_key_value_metadata(KeyValue::new(
+            META_COMPACTED.to_owned(),
+            inputs.to_string(),
+        ));
+    }
+    Ok(writer.into_inner()?.into())
+}
+
+/// A lake file's name: `p<partition>-<first_seq>-<last_seq>-<token>.parquet`.
+pub(crate) fn file_name(partition: u16, first_seq: u64, last_seq: u64, token: &str) -> String {
+    format!("p{partition:03}-{first_seq:012}-{last_seq:012}-{token}.parquet")
+}
+
+/// Eight hex digits that make a written file's name its own.
+pub(crate) fn file_token() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..8].to_owned()
+}
+
+/// `YYYY-MM-DD` of a day since the epoch.
+pub(crate) fn date_of_day(day: i64) -> String {
+    DateTime::from_timestamp(day * 86_400, 0)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "invalid".to_owned())
+}
+
+/// Delta statistics of a file's rows: the row count and the range of its times and
+/// sequences, which engines use to skip files.
+pub(crate) fn stats(rows: &RecordBatch) -> Option<String> {
+    use arrow::compute::{max, min};
+    use arrow::datatypes::UInt64Type;
+    let mut lo = serde_json::Map::new();
+    let mut hi = serde_json::Map::new();
+    let micros = |us: i64| {
+        DateTime::from_timestamp_micros(us).map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+    };
+    for name in [schema::EVENT_TIME, rollup::FIRST_TIME] {
+        if let Some(times) = rows
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            && let (Some(a), Some(b)) = (min(times).and_then(micros), max(times).and_then(micros))
+        {
+            lo.insert(name.to_owned(), a.into());
+            hi.insert(name.to_owned(), b.into());
+        }
+    }
+    if let Some(seqs) = rows
+        .column_by_name(schema::STREAM_SEQ)
+        .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+        && let (Some(a), Some(b)) = (min(seqs), max(seqs))
+    {
+        lo.insert(schema::STREAM_SEQ.to_owned(), a.into());
+        hi.insert(schema::STREAM_SEQ.to_owned(), b.into());
+    }
+    let stats = serde_json::json!({
+        "numRecords": rows.num_rows(),
+        "minValues": lo,
+        "maxValues": hi,
+        "nullCount": {},
+    });
+    Some(stats.to_string())
 }
 
 /// What the lake writer has been through, for the operator.
@@ -416,8 +649,9 @@ fn write_until_done(
                 }
                 return Ok(durable);
             }
-            // Another worker may own the partition now: retrying cannot help.
-            Err(e @ Error::Fenced(_)) => return Err(e.to_string()),
+            // Another worker may own the partition now, or committed past this batch:
+            // retrying cannot help; the partition is taken over from the log.
+            Err(e @ (Error::Fenced(_) | Error::Unexpected { .. })) => return Err(e.to_string()),
             Err(e) => {
                 attempts += 1;
                 stats.write_failures.fetch_add(1, Ordering::Relaxed);
@@ -493,6 +727,7 @@ pub(crate) mod tests {
             partition: 3,
             first_seq: 10,
             last_seq: 12,
+            after_seq: None,
             batch: batch(&[d0 + 5, d0 + day + 1, d0 + 7]),
         };
         let durable = lake.write(&sealed, &Fence::open()).unwrap();
@@ -504,15 +739,18 @@ pub(crate) mod tests {
                 bytes: durable.bytes
             }
         );
-        let a = dir
-            .path()
-            .join("events/date=2026-11-01/p003-000000000010-000000000012.parquet");
-        let b = dir
-            .path()
-            .join("events/date=2026-11-02/p003-000000000010-000000000012.parquet");
+        let files = lake.partition_files(3).unwrap();
+        let names: Vec<(&str, u64, u64)> = files
+            .iter()
+            .map(|f| (f.file.value.as_str(), f.first_seq, f.last_seq))
+            .collect();
+        assert_eq!(names, [("2026-11-01", 10, 12), ("2026-11-02", 10, 12)]);
+        let (a, b) = (&files[0].path, &files[1].path);
+        assert!(a.starts_with(dir.path().join("events/date=2026-11-01")));
+        assert!(b.starts_with(dir.path().join("events/date=2026-11-02")));
         assert!(a.exists() && b.exists());
         let reader =
-            parquet::file::reader::SerializedFileReader::new(File::open(&a).unwrap()).unwrap();
+            parquet::file::reader::SerializedFileReader::new(File::open(a).unwrap()).unwrap();
         use parquet::file::reader::FileReader;
         let meta = reader.metadata().file_metadata();
         assert_eq!(meta.num_rows(), 2);
@@ -548,6 +786,7 @@ pub(crate) mod tests {
             partition: 0,
             first_seq: 1,
             last_seq: 1,
+            after_seq: None,
             batch: RecordBatch::new_empty(schema::lake_schema()),
         };
         assert_eq!(
@@ -568,11 +807,12 @@ pub(crate) mod tests {
             partition: 0,
             first_seq: 1,
             last_seq: 1,
+            after_seq: None,
             batch: batch(&[0]),
         };
         assert!(matches!(
             lake.write(&sealed, &Fence::open()),
-            Err(Error::Io { .. })
+            Err(Error::Storage(_) | Error::Table(_))
         ));
     }
 
@@ -584,14 +824,22 @@ pub(crate) mod tests {
             partition: 4,
             first_seq: 1,
             last_seq: 2,
+            after_seq: None,
             batch: batch(&[0, 1]),
         };
         let fence = Fence::open();
         fence.revoke();
         assert!(matches!(lake.write(&sealed, &fence), Err(Error::Fenced(4))));
         assert!(lake.partition_files(4).unwrap().is_empty());
-        // Nothing half-written is left behind either.
-        let left: Vec<_> = walk(dir.path());
+        assert_eq!(lake.version_of(4).unwrap(), 0);
+        // What it uploaded goes once older than the retention.
+        let retain = Duration::from_secs(60);
+        let later = std::time::SystemTime::now() + retain * 2;
+        assert_eq!(lake.vacuum(retain, later).unwrap(), 2);
+        let left: Vec<_> = walk(dir.path())
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect();
         assert!(left.is_empty(), "{left:?}");
     }
 
@@ -629,6 +877,7 @@ pub(crate) mod tests {
             partition: 3,
             first_seq: 10,
             last_seq: 14,
+            after_seq: None,
             batch: batch(&[d0 + 5, d0 + MICROS_PER_DAY + 1, d0 + 7, d0 + hour, d0 + 8]),
         };
         let durable = lake.write(&sealed, &Fence::open()).unwrap();
@@ -644,11 +893,15 @@ pub(crate) mod tests {
         };
         let names = relative(&rollups, &lake.rollups_dir());
         assert_eq!(names, relative(&events, &lake.events_dir()));
+        let dates: Vec<_> = names
+            .iter()
+            .map(|n| n.parent().unwrap().to_owned())
+            .collect();
         assert_eq!(
-            names,
+            dates,
             [
-                PathBuf::from("date=2026-11-01/p003-000000000010-000000000014.parquet"),
-                PathBuf::from("date=2026-11-02/p003-000000000010-000000000014.parquet"),
+                PathBuf::from("date=2026-11-01"),
+                PathBuf::from("date=2026-11-02")
             ]
         );
         // Each rollup sums its own day's rows and carries its events file's metadata.
@@ -680,11 +933,12 @@ pub(crate) mod tests {
             partition: 1,
             first_seq: 1,
             last_seq: 1,
+            after_seq: None,
             batch: batch(&[0]),
         };
         assert!(matches!(
             lake.write(&sealed, &Fence::open()),
-            Err(Error::Io { .. })
+            Err(Error::Storage(_) | Error::Table(_))
         ));
         assert!(lake.partition_files(1).unwrap().is_empty());
     }
@@ -697,6 +951,7 @@ pub(crate) mod tests {
             partition: 4,
             first_seq: 1,
             last_seq: 2,
+            after_seq: None,
             batch: batch(&[0, MICROS_PER_DAY]),
         };
         let fence = Fence::open();
@@ -704,7 +959,6 @@ pub(crate) mod tests {
         assert!(matches!(lake.write(&sealed, &fence), Err(Error::Fenced(4))));
         assert!(lake.partition_rollup_files(4).unwrap().is_empty());
         assert!(lake.partition_files(4).unwrap().is_empty());
-        assert!(walk(dir.path()).is_empty());
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -46,6 +46,7 @@ use crate::rollup::{
     CUSTOMER, DECISION, EVENTS, FEATURE, FIRST_TIME, HOUR, PARTITION_ID, PLAN, QUANTITY, REGION,
     USERS,
 };
+use crate::table::block_on;
 use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err};
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
@@ -423,37 +424,30 @@ impl Lake {
 
     /// The earliest date the lake has events of (`None`: none).
     pub fn first_date(&self) -> Result<Option<NaiveDate>> {
-        Ok(date_dirs(&self.events_dir())?
+        Ok(block_on(self.tables.events.files())?
             .iter()
-            .filter_map(|d| d.file_name()?.to_str()?.strip_prefix("date=")?.parse().ok())
+            .filter_map(|f| f.value.parse().ok())
             .min())
     }
 
-    /// The files a query of `month`'s usage reads (see the module). The events files are
-    /// listed before the monthly ones: a monthly file covers settled files only, which
-    /// were on disk (or superseded by a file that was) when the events were listed.
+    /// The files a query of `month`'s usage reads (see the module). The events table's
+    /// snapshot is read before the monthly files are listed: a monthly file covers
+    /// settled files only, which were in the table when its snapshot was read.
     pub fn month_sources(&self, month: Month) -> Result<MonthSources> {
         let (first, next) = (month.first_day(), month.next().first_day());
-        let mut events = Vec::new();
-        for dir in date_dirs(&self.events_dir())? {
-            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            let Some(date) = name.strip_prefix("date=").and_then(|d| d.parse().ok()) else {
-                continue;
-            };
-            if (first..next).contains(&date) {
-                events.extend(lake_files(&dir)?);
-            }
-        }
-        let keys: Vec<_> = events
-            .iter()
-            .map(|(path, p, a, b)| (path.parent().map(Path::to_owned), *p, *a, *b))
-            .collect();
-        let shown: Vec<_> = events
+        let shown: Vec<(PathBuf, u16, u64, u64)> = self
+            .snapshot_files(&self.tables.events, None)?
             .into_iter()
-            .zip(visible(&keys))
-            .filter_map(|(f, s)| s.then_some(f))
+            .filter(|f| {
+                f.file
+                    .value
+                    .parse::<NaiveDate>()
+                    .is_ok_and(|d| (first..next).contains(&d))
+            })
+            .filter_map(|f| {
+                let (p, a, b) = parse_name(f.path.file_name()?.to_str()?)?;
+                Some((f.path, p, a, b))
+            })
             .collect();
         let monthly_all = lake_files(&self.monthly_dir().join(month.dir_name()))?;
         let keys: Vec<_> = monthly_all
@@ -695,6 +689,15 @@ fn files_of_dir(dir: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
         .into_iter()
         .filter(|f| f.1 == partition)
         .map(|(path, _, first_seq, last_seq)| PartitionFile {
+            file: crate::TableFile {
+                path: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                value: String::new(),
+                size: 0,
+                modified_ms: 0,
+            },
             path,
             first_seq,
             last_seq,

@@ -6,13 +6,9 @@
 //! ```
 //!
 //! Each events file has one rollup file of the same date and name, with the same `tally.*`
-//! metadata. [`Lake::write`](crate::Lake::write) makes the rollup visible (rename, directory
-//! fsync) before it renames the events file into place, so **an events file's presence
-//! implies its rollup's**. A rollup whose events file is absent is not part of the lake:
-//! its events file is about to appear, or it is an orphan (a crash, a failed write or a
-//! fence that closed between the two renames), which the take-over of its partition
-//! ([`Lake::tail`](crate::Lake::tail)) removes. Until then a reader listing `rollups/` sees
-//! it; the events file of the same name says whether it counts.
+//! metadata, committed to the rollups table right after the events file to the events
+//! table. Events a crash left committed without their rollups get them at the take-over of
+//! their partition ([`Lake::tail`](crate::Lake::tail)).
 //!
 //! [`rollup`] runs for every file on the ingest path, so it reads the columns in one pass
 //! and keys its groups on borrowed string slices: no allocation per row.

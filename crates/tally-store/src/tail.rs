@@ -1,13 +1,10 @@
 //! What the lake holds of one partition past a checkpoint: the rows a worker replays when
 //! it takes the partition over, and the stream sequences they cover.
 //!
-//! Reading the tail is also when the partition's leftovers of a crash go: the files of an
-//! incomplete sealed batch, then every rollup of the partition whose events file is absent
-//! (an orphan, see [`rollup`](mod@crate::rollup)), those of the batches just removed
-//! included.
+//! The take-over also completes a flush a crash interrupted between its two commits: it
+//! writes and commits the rollups of the partition's events files that have none.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{AsArray, RecordBatch, UInt32Array};
@@ -16,15 +13,19 @@ use arrow::datatypes::UInt64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::schema;
 
-use crate::compact::{parse_name, visible, visible_files};
-use crate::{Error, Lake, META_FILES, Result, io_err, sync_dir};
+use crate::compact::parse_name;
+use crate::table::{self, Expect, Table, TableFile, block_on};
+use crate::{Error, FileMeta, Lake, META_FILES, Result, Upload, io_err, rollup};
 
-/// A lake file of one partition, as its name describes it.
+/// A file of one partition in a table's snapshot, as its name describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionFile {
+    /// Where it is on local disk.
     pub path: PathBuf,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// As the table knows it: its path relative to the table, partition value and size.
+    pub file: TableFile,
 }
 
 /// The lake's rows of a partition past a stream sequence.
@@ -35,213 +36,189 @@ pub struct Tail {
     /// The sequence ranges of the sealed batches read: every message in them is accounted
     /// for (rows here, a dead letter or a duplicate dropped) and must not be handled again.
     pub covered: Vec<(u64, u64)>,
-    /// Sealed batches found incomplete (a crash between the files of a batch that spans
-    /// dates) and removed: their messages were never acknowledged and come again.
-    pub removed: usize,
-    /// Rollup files removed because their events file was absent: orphans of a crash
-    /// between the two renames, or of a batch removed as incomplete.
-    pub removed_rollups: usize,
+    /// The partition's version in the events table's log: the last sequence committed.
+    /// The worker's next batch follows it.
+    pub version: u64,
+    /// Rollup files written for batches whose events were committed but whose rollups
+    /// were not (a crash between the two commits).
+    pub repaired_rollups: usize,
 }
 
 impl Lake {
-    /// Every events file of a partition that is part of the lake (not superseded by a
-    /// compacted file, see [`compact`](mod@crate::compact)), by first sequence.
-    pub fn partition_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
-        Ok(visible_files(files_of(&self.events_dir(), partition)?))
+    /// A partition's files in `table`'s newest snapshot, by first sequence.
+    pub(crate) fn snapshot_files(
+        &self,
+        table: &Table,
+        partition: Option<u16>,
+    ) -> Result<Vec<PartitionFile>> {
+        let listed = block_on(table.files())?;
+        Ok(self.partition_files_of(table, listed, partition))
     }
 
-    /// Rows in every events file of the lake (superseded ones aside), from the files'
-    /// footers.
+    pub(crate) fn partition_files_of(
+        &self,
+        table: &Table,
+        listed: Vec<TableFile>,
+        partition: Option<u16>,
+    ) -> Vec<PartitionFile> {
+        let dir = self.root.join(table.name);
+        let mut files: Vec<PartitionFile> = listed
+            .into_iter()
+            .filter_map(|file| {
+                let name = file.path.rsplit('/').next()?;
+                let (p, first_seq, last_seq) = parse_name(name)?;
+                if partition.is_some_and(|want| want != p) {
+                    return None;
+                }
+                Some(PartitionFile {
+                    path: dir.join(&file.path),
+                    first_seq,
+                    last_seq,
+                    file,
+                })
+            })
+            .collect();
+        files.sort_by(|a, b| (a.first_seq, &a.path).cmp(&(b.first_seq, &b.path)));
+        files
+    }
+
+    /// Every events file of a partition in the events table, by first sequence.
+    pub fn partition_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
+        self.snapshot_files(&self.tables.events, Some(partition))
+    }
+
+    /// Every rollup file of a partition in the rollups table, by first sequence.
+    pub fn partition_rollup_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
+        self.snapshot_files(&self.tables.rollups, Some(partition))
+    }
+
+    /// Rows in the events table, from its log's statistics or, where a file has none,
+    /// its footer.
     pub fn rows(&self) -> Result<u64> {
         use parquet::file::reader::{FileReader, SerializedFileReader};
-        let root = self.events_dir();
-        let dates = match fs::read_dir(&root) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err(&root)(e)),
-        };
         let mut rows = 0;
-        for date in dates {
-            let dir = date.map_err(io_err(&root))?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            let mut files = Vec::new();
-            for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-                let path = entry.map_err(io_err(&dir))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if let Some((p, first, last)) = parse_name(name) {
-                    files.push(((), p, first, last, path));
-                }
-            }
-            let keys: Vec<_> = files.iter().map(|f| (f.0, f.1, f.2, f.3)).collect();
-            for (f, shown) in files.iter().zip(visible(&keys)) {
-                if !shown {
-                    continue;
-                }
-                let path = &f.4;
-                let file = File::open(path).map_err(io_err(path))?;
-                let footer = SerializedFileReader::new(file)?;
-                rows += u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0);
-            }
+        for f in self.snapshot_files(&self.tables.events, None)? {
+            let file = File::open(&f.path).map_err(io_err(&f.path))?;
+            let footer = SerializedFileReader::new(file)?;
+            rows += u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0);
         }
         Ok(rows)
     }
 
-    /// Every rollup file of a partition, by first sequence (orphans included).
-    pub fn partition_rollup_files(&self, partition: u16) -> Result<Vec<PartitionFile>> {
-        files_of(&self.rollups_dir(), partition)
+    /// The files of the table named `table` (`events` or `rollups`) in its newest
+    /// snapshot, read on the caller's runtime.
+    pub async fn table_files(&self, table: &str) -> Result<Vec<TableFile>> {
+        let table = match table {
+            t if t == self.tables.events.name => &self.tables.events,
+            t if t == self.tables.rollups.name => &self.tables.rollups,
+            other => return Err(Error::Table(format!("the lake has no table {other}"))),
+        };
+        table.files().await
     }
 
-    /// The partition's rows with a stream sequence past `after_seq`, in stream order.
-    /// Removes the files of incomplete sealed batches and the partition's orphaned rollups
-    /// past `after_seq`: call it only while no write of the partition is under way (at
-    /// take-over, before pulling).
-    pub fn tail(&self, partition: u16, after_seq: u64) -> Result<Tail> {
-        let files = self.partition_files(partition)?;
-        let mut present: HashSet<PathBuf> = files_of(&self.events_dir(), partition)?
+    /// Where on local disk the files of the table named `table` in its newest snapshot are.
+    pub fn table_paths(&self, table: &str) -> Result<Vec<PathBuf>> {
+        let dir = self.root.join(table);
+        Ok(block_on(self.table_files(table))?
             .into_iter()
-            .map(|f| f.path)
-            .collect();
-        // A compacted file merges complete batches only: a batch across dates whose file
-        // of one date was merged into it is complete.
-        let compacted: Vec<(u64, u64)> = files.iter().map(|f| (f.first_seq, f.last_seq)).collect();
-        let merged = |(first, last): (u64, u64)| {
-            compacted
-                .iter()
-                .any(|&(a, b)| a <= first && last <= b && (a, b) != (first, last))
+            .map(|f| dir.join(f.path))
+            .collect())
+    }
+
+    /// The partition's last committed sequence in the events table (0: none).
+    pub fn version_of(&self, partition: u16) -> Result<u64> {
+        block_on(self.tables.events.version_of(partition))
+    }
+
+    /// The partition's rows with a stream sequence past `after_seq`, in stream order, and
+    /// its version in the log. First completes the rollups of batches whose events were
+    /// committed without them: call it only while no write of the partition is under way
+    /// (at take-over, before pulling).
+    pub fn tail(&self, partition: u16, after_seq: u64) -> Result<Tail> {
+        let version = self.version_of(partition)?;
+        let repaired_rollups = self.repair_rollups(partition, version)?;
+        let files = self.partition_files(partition)?;
+        let mut tail = Tail {
+            version,
+            repaired_rollups,
+            ..Tail::default()
         };
-        let mut batches: BTreeMap<(u64, u64), Vec<PartitionFile>> = BTreeMap::new();
-        for f in files {
-            if f.last_seq > after_seq {
-                batches
-                    .entry((f.first_seq, f.last_seq))
-                    .or_default()
-                    .push(f);
-            }
+        for f in files.iter().filter(|f| f.last_seq > after_seq) {
+            let (rows, _) = read(&f.path)?;
+            tail.rows.push(rows);
+            tail.covered.push((f.first_seq, f.last_seq));
         }
-        let mut tail = Tail::default();
-        let mut emptied = BTreeSet::new();
-        for (range, files) in batches {
-            let mut parts = Vec::with_capacity(files.len());
-            let mut expected = 1;
-            for f in &files {
-                let (rows, n) = read(&f.path)?;
-                expected = n;
-                parts.push(rows);
-            }
-            if files.len() < expected && !merged(range) {
-                tracing::warn!(
-                    partition,
-                    first_seq = range.0,
-                    last_seq = range.1,
-                    found = files.len(),
-                    expected,
-                    "removing an incomplete sealed batch; its messages were not acknowledged and come again"
-                );
-                for f in &files {
-                    fs::remove_file(&f.path).map_err(io_err(&f.path))?;
-                    present.remove(&f.path);
-                    emptied.extend(f.path.parent().map(Path::to_owned));
-                }
-                tail.removed += 1;
-                continue;
-            }
-            tail.rows.extend(parts);
-            tail.covered.push(range);
-        }
+        tail.covered.sort_unstable();
+        tail.covered.dedup();
         // One stream order over every file read: a compacted file's range may hold
         // another file's (of another date).
         if !tail.rows.is_empty() {
             let rows = in_stream_order(std::mem::take(&mut tail.rows))?;
             tail.rows.push(past(rows, after_seq)?);
         }
-        // An events file may be without its rollup at no moment, a crash included: the
-        // removals above are made durable before any rollup of theirs goes.
-        for dir in &emptied {
-            sync_dir(dir)?;
-        }
-        tail.removed_rollups = self.remove_orphan_rollups(partition, after_seq, &present)?;
         Ok(tail)
     }
 
-    /// Removes the partition's rollups past `after_seq` whose events file is absent.
-    /// `events` lists the partition's events files; one not in it is looked for again
-    /// before its rollup goes. (At or below `after_seq`, ingest leaves no orphan: every
-    /// batch there is durable. Those a compaction leaves are its own to remove.)
-    fn remove_orphan_rollups(
-        &self,
-        partition: u16,
-        after_seq: u64,
-        events: &HashSet<PathBuf>,
-    ) -> Result<usize> {
-        let (rollups, events_dir) = (self.rollups_dir(), self.events_dir());
-        let mut removed = 0;
-        for f in files_of(&rollups, partition)? {
-            let Ok(relative) = f.path.strip_prefix(&rollups) else {
-                continue;
-            };
-            if f.last_seq <= after_seq {
-                continue;
-            }
-            let raw = events_dir.join(relative);
-            if events.contains(&raw) || raw.try_exists().map_err(io_err(&raw))? {
-                continue;
-            }
-            fs::remove_file(&f.path).map_err(io_err(&f.path))?;
-            removed += 1;
+    /// Commits the rollups of the partition's events files past the rollups table's
+    /// version for it, up to `version` (the events table's), computed from those files:
+    /// the events of a batch are committed before its rollups, so a crash between the two
+    /// leaves the rollups behind, never ahead. Returns the rollup files written.
+    fn repair_rollups(&self, partition: u16, version: u64) -> Result<usize> {
+        let rollups = &self.tables.rollups;
+        let behind = block_on(rollups.version_of(partition))?;
+        if behind >= version {
+            return Ok(0);
         }
-        if removed > 0 {
-            tracing::warn!(
+        let missing: Vec<PartitionFile> = self
+            .partition_files(partition)?
+            .into_iter()
+            .filter(|f| f.last_seq > behind)
+            .collect();
+        let mut uploads = Vec::with_capacity(missing.len());
+        for f in &missing {
+            let (rows, files) = read(&f.path)?;
+            let summary = rollup(&rows)?;
+            let meta = FileMeta {
                 partition,
-                rollups = removed,
-                "removed rollups whose events file is absent (left by a crash)"
-            );
-        }
-        Ok(removed)
-    }
-}
-
-/// The files of one partition under a table's directory (`<dir>/date=…/p<partition>-…`),
-/// superseded ones included.
-pub(crate) fn files_of(root: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
-    let dates = match fs::read_dir(root) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(root)(e)),
-    };
-    let prefix = format!("p{partition:03}-");
-    let mut files = Vec::new();
-    for date in dates {
-        let dir = date.map_err(io_err(root))?.path();
-        if !dir.is_dir() {
-            continue;
-        }
-        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = entry.map_err(io_err(&dir))?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let Some(range) = name
-                .strip_prefix(&prefix)
-                .and_then(|n| n.strip_suffix(".parquet"))
-            else {
-                continue;
+                first_seq: f.first_seq,
+                last_seq: f.last_seq,
+                files,
+                compacted: None,
             };
-            if let Some((first, last)) = range.split_once('-')
-                && let (Ok(first_seq), Ok(last_seq)) = (first.parse(), last.parse())
-            {
-                files.push(PartitionFile {
-                    path,
-                    first_seq,
-                    last_seq,
-                });
-            }
+            uploads.push(Upload {
+                path: f.file.path.clone(),
+                value: f.file.value.clone(),
+                stats: crate::stats(&summary),
+                bytes: crate::encode(&self.props, &meta, &summary)?,
+            });
         }
+        block_on(async {
+            for u in &uploads {
+                let key = format!("{}/{}", rollups.name, u.path);
+                self.storage.put(&key, u.bytes.clone()).await?;
+            }
+            rollups
+                .commit(
+                    uploads.iter().map(|u| u.add(rollups)).collect(),
+                    &[(partition, version)],
+                    &[Expect {
+                        partition,
+                        after_seq: behind,
+                    }],
+                    None,
+                    table::append(),
+                )
+                .await
+        })?;
+        tracing::warn!(
+            partition,
+            files = uploads.len(),
+            "wrote the rollups of batches committed without them (left by a crash)"
+        );
+        Ok(uploads.len())
     }
-    files.sort_by(|a, b| (a.first_seq, &a.path).cmp(&(b.first_seq, &b.path)));
-    Ok(files)
 }
 
-/// A file's rows and the number of files its sealed batch was written as.
 fn read(path: &Path) -> Result<(RecordBatch, usize)> {
     let file = File::open(path).map_err(io_err(path))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
@@ -315,6 +292,7 @@ mod tests {
             partition: 2,
             first_seq,
             last_seq,
+            after_seq: None,
             batch: RecordBatch::try_new(batch.schema(), columns).unwrap(),
         }
     }
@@ -350,81 +328,131 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_missing_one_of_its_files_is_removed_as_never_written() {
+    fn a_batch_across_dates_lands_in_one_commit_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
         let day = 20_758 * MICROS_PER_DAY;
-        lake.write(
-            &sealed(1, 2, &[day, day + MICROS_PER_DAY], &[1, 2]),
-            &Fence::open(),
-        )
-        .unwrap();
-        lake.write(&sealed(3, 3, &[day], &[3]), &Fence::open())
-            .unwrap();
-        let files = lake.partition_files(2).unwrap();
-        fs::remove_file(&files[0].path).unwrap();
+        let fence = Fence::open();
+        fence.revoke();
+        let across = sealed(1, 2, &[day, day + MICROS_PER_DAY], &[1, 2]);
+        assert!(matches!(lake.write(&across, &fence), Err(Error::Fenced(2))));
+        // Its files were uploaded, but neither table holds any of them.
+        assert!(lake.partition_files(2).unwrap().is_empty());
+        assert!(lake.partition_rollup_files(2).unwrap().is_empty());
+        assert_eq!(lake.version_of(2).unwrap(), 0);
+        assert_eq!(parquet_files(&lake.events_dir()).len(), 2);
 
+        lake.write(&across, &Fence::open()).unwrap();
         let tail = lake.tail(2, 0).unwrap();
-        assert_eq!(tail.removed, 1);
-        assert_eq!(tail.covered, [(3, 3)]);
-        assert_eq!(all_seqs(&tail), [3]);
-        assert_eq!(lake.partition_files(2).unwrap().len(), 1);
-        // Both rollups of the removed batch went with it; the complete batch keeps its own.
-        assert_eq!(tail.removed_rollups, 2);
-        let rollups = lake.partition_rollup_files(2).unwrap();
-        assert_eq!(
-            rollups
-                .iter()
-                .map(|f| (f.first_seq, f.last_seq))
-                .collect::<Vec<_>>(),
-            [(3, 3)]
-        );
+        assert_eq!(tail.covered, [(1, 2)]);
+        assert_eq!(all_seqs(&tail), [1, 2]);
+        assert_eq!(tail.version, 2);
+        // The files no commit took go once they are older than the retention.
+        let now = std::time::SystemTime::now();
+        let retain = std::time::Duration::from_secs(60);
+        assert_eq!(lake.vacuum(retain, now).unwrap(), 0);
+        assert_eq!(lake.vacuum(retain, now + retain * 2).unwrap(), 4);
+        assert_eq!(parquet_files(&lake.events_dir()).len(), 2);
+        assert_eq!(all_seqs(&lake.tail(2, 0).unwrap()), [1, 2]);
     }
 
     #[test]
-    fn a_rollup_without_its_events_file_is_removed_at_take_over() {
+    fn a_batch_after_its_successor_or_a_stale_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::new(dir.path());
         let day = 20_758 * MICROS_PER_DAY;
-        for s in [
-            sealed(1, 2, &[day, day], &[1, 2]),
-            sealed(3, 4, &[day, day], &[3, 4]),
-        ] {
-            lake.write(&s, &Fence::open()).unwrap();
-        }
-        // Another partition's orphan is not this take-over's business.
-        let other = SealedBatch {
-            partition: 9,
-            ..sealed(1, 1, &[day], &[1])
-        };
-        lake.write(&other, &Fence::open()).unwrap();
-        fs::remove_file(&lake.partition_files(9).unwrap()[0].path).unwrap();
-        // A crash between the two renames of batch 1–2: its rollup is visible, its events
-        // file is not.
-        let events = lake.partition_files(2).unwrap();
-        let rollups = lake.partition_rollup_files(2).unwrap();
-        assert_eq!(rollups.len(), 2);
-        assert_eq!(
-            rollups[0].path.file_name(),
-            events[0].path.file_name(),
-            "a rollup is named as its events file"
-        );
-        fs::remove_file(&events[0].path).unwrap();
+        let mut first = sealed(1, 2, &[day, day], &[1, 2]);
+        first.after_seq = Some(0);
+        lake.write(&first, &Fence::open()).unwrap();
+        // Written again (its answer was lost): it does not land twice.
+        lake.write(&first, &Fence::open()).unwrap();
+        assert_eq!(lake.partition_files(2).unwrap().len(), 1);
+        // A writer that took over at 0 and seals 1–3 finds 2 in the log: refused.
+        let mut stale = sealed(1, 3, &[day, day, day], &[1, 2, 3]);
+        stale.after_seq = Some(0);
+        assert!(matches!(
+            lake.write(&stale, &Fence::open()),
+            Err(Error::Unexpected {
+                expected: 0,
+                found: 2,
+                ..
+            })
+        ));
+        let mut next = sealed(3, 4, &[day, day], &[3, 4]);
+        next.after_seq = Some(2);
+        lake.write(&next, &Fence::open()).unwrap();
+        assert_eq!(lake.version_of(2).unwrap(), 4);
+        assert_eq!(all_seqs(&lake.tail(2, 0).unwrap()), [1, 2, 3, 4]);
+    }
 
-        // At or below the checkpoint's sequence a rollup is not the take-over's to judge
-        // (only a compaction leaves orphans there); past it, the orphan goes.
-        let tail = lake.tail(2, 2).unwrap();
-        assert_eq!((tail.removed, tail.removed_rollups), (0, 0));
+    #[test]
+    fn rollups_a_crash_left_behind_are_written_at_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let day = 20_758 * MICROS_PER_DAY;
+        lake.write(&sealed(1, 2, &[day, day], &[1, 2]), &Fence::open())
+            .unwrap();
+        // A crash between the events commit and the rollups commit of batch 3–4.
+        let behind = sealed(3, 4, &[day, day + MICROS_PER_DAY], &[3, 4]);
+        let mut uploads = Vec::new();
+        for (day, rows) in crate::split_by_day(&behind.batch).unwrap() {
+            let meta = FileMeta {
+                partition: 2,
+                first_seq: 3,
+                last_seq: 4,
+                files: 2,
+                compacted: None,
+            };
+            uploads.push(Upload {
+                path: format!(
+                    "date={}/{}",
+                    crate::date_of_day(day),
+                    crate::file_name(2, 3, 4, "t")
+                ),
+                value: crate::date_of_day(day),
+                stats: None,
+                bytes: crate::encode(&lake.props, &meta, &rows).unwrap(),
+            });
+        }
+        let events = &lake.tables.events;
+        block_on(async {
+            for u in &uploads {
+                lake.storage
+                    .create(&format!("events/{}", u.path), u.bytes.clone())
+                    .await
+                    .unwrap();
+            }
+            crate::commit_flush(events, &uploads, &behind, &Fence::open()).await
+        })
+        .unwrap();
+        assert_eq!(lake.partition_rollup_files(2).unwrap().len(), 1);
+
         let tail = lake.tail(2, 0).unwrap();
-        assert_eq!((tail.removed, tail.removed_rollups), (0, 1));
-        assert_eq!(tail.covered, [(3, 4)]);
-        assert!(!rollups[0].path.exists());
-        assert!(
-            rollups[1].path.exists(),
-            "a rollup with its events file stays"
+        assert_eq!(tail.repaired_rollups, 2);
+        let rollups = lake.partition_rollup_files(2).unwrap();
+        let events = lake.partition_files(2).unwrap();
+        assert_eq!(
+            rollups.iter().map(|f| &f.file.path).collect::<Vec<_>>(),
+            events.iter().map(|f| &f.file.path).collect::<Vec<_>>(),
+            "each events file has the rollup of its own path"
         );
-        assert_eq!(lake.partition_rollup_files(9).unwrap().len(), 1);
-        // Nothing is left to remove the next time.
-        assert_eq!(lake.tail(2, 0).unwrap().removed_rollups, 0);
+        assert_eq!(block_on(lake.tables.rollups.version_of(2)).unwrap(), 4);
+        // Nothing is left to repair the next time.
+        assert_eq!(lake.tail(2, 0).unwrap().repaired_rollups, 0);
+    }
+
+    /// The Parquet files in a table's directory (its log aside).
+    fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() && name != "_delta_log" {
+                files.extend(parquet_files(&path));
+            } else if name.ends_with(".parquet") {
+                files.push(path);
+            }
+        }
+        files
     }
 }

@@ -392,24 +392,17 @@ pub async fn until<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut()
 /// superseded by a compacted one (still on disk for a while) is left out, as every reader
 /// of the lake leaves it out (`tally_store::visible`).
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    // A table of the lake: the files of its newest snapshot.
+    if let (Some(root), Some(table)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str()))
+        && dir.join("_delta_log").is_dir()
+    {
+        let mut files = tally_store::Lake::new(root).table_paths(table).unwrap();
+        files.sort();
+        return files;
+    }
     let mut out = Vec::new();
     collect_parquet(dir, &mut out);
-    let keys: Vec<_> = out
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            // A file whose name is not a lake file's is a group of its own: always shown.
-            let (partition, first, last) =
-                tally_store::parse_name(name).unwrap_or((u16::MAX, i as u64, i as u64));
-            (p.parent().map(Path::to_owned), partition, first, last)
-        })
-        .collect();
-    let shown = tally_store::visible(&keys);
-    out.into_iter()
-        .zip(shown)
-        .filter_map(|(p, s)| s.then_some(p))
-        .collect()
+    out
 }
 
 fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) {

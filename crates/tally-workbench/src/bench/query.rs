@@ -516,6 +516,7 @@ fn partition(
                 partition: p,
                 first_seq,
                 last_seq: seq,
+                after_seq: None,
                 batch,
             },
             &Fence::open(),
