@@ -73,6 +73,12 @@ enum Command {
     ///
     /// Example: tally compact --data-dir data --format json
     Compact(tally::compact::CompactArgs),
+    /// Work on the lake itself: `tally lake migrate` turns a lake of the directory layout
+    /// into Delta tables.
+    ///
+    /// Example: tally lake migrate --data-dir data
+    #[command(subcommand)]
+    Lake(tally::commands::lake::LakeCmd),
     /// Run Tally (the ingest worker over every partition, and the HTTP API) until
     /// interrupted.
     ///
@@ -218,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Check(cmd) => tally::commands::check::run(config, cmd).await,
         Command::Api => serve::api(config).await,
         Command::Keys(cmd) => tally::commands::keys::run(&config, cmd).await,
+        Command::Lake(cmd) => tally::commands::lake::run(&config, cmd).await,
         Command::License(cmd) => tally::license::run(cmd),
         Command::Nats(cmd) => tally::commands::nats::run(&config, cmd),
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,

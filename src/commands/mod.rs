@@ -9,6 +9,7 @@ pub mod compact;
 pub mod definitions;
 pub mod demo;
 pub mod keys;
+pub mod lake;
 pub mod license;
 pub mod nats;
 pub mod overage;

@@ -20,6 +20,7 @@ mod enforcement;
 mod entitlements;
 mod faults;
 mod golden;
+mod lake;
 mod metrics;
 mod ownership;
 mod pipeline;

@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 pub mod checkpoint;
 pub mod compact;
 pub mod lines;
+pub mod migrate;
 pub mod monthly;
 pub mod rollup;
 pub mod table;
@@ -57,6 +58,7 @@ pub mod users;
 
 pub use compact::{CompactOptions, Compacted, footer_rows, has_column, parse_name, visible};
 pub use lines::{BILLING_TABLE, lines_schema, merge_lines};
+pub use migrate::Migrated;
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use table::{Expect, Location, S3Location, Storage, TableFile};
