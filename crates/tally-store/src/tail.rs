@@ -385,6 +385,83 @@ mod tests {
         assert_eq!(all_seqs(&lake.tail(2, 0).unwrap()), [1, 2, 3, 4]);
     }
 
+    /// Rows of the events table's files, read through the store.
+    fn rows_in_store(lake: &Lake) -> u64 {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        block_on(lake.table_files("events"))
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let bytes = block_on(lake.storage.get(&format!("events/{}", f.path))).unwrap();
+                let footer = SerializedFileReader::new(bytes).unwrap();
+                u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn on_s3_each_flush_lands_once_through_a_server_restart_and_a_stale_writer_is_refused() {
+        let mut server = tally_s3d::S3Server::start_temp().unwrap();
+        let location = table::Location::S3(table::S3Location {
+            bucket: server.bucket().to_owned(),
+            prefix: "lake".to_owned(),
+            endpoint: Some(server.endpoint()),
+            region: server.region().to_owned(),
+            access_key_id: server.access_key().to_owned(),
+            secret_access_key: server.secret_key().to_owned(),
+        });
+        let day = 20_758 * MICROS_PER_DAY;
+        let batch = |first: u64, last: u64, after: u64| {
+            let seqs: Vec<u64> = (first..=last).collect();
+            let mut b = sealed(first, last, &vec![day; seqs.len()], &seqs);
+            b.after_seq = Some(after);
+            b
+        };
+        let worker = Lake::open(&location).unwrap();
+        worker.write(&batch(1, 10, 0), &Fence::open()).unwrap();
+        worker.write(&batch(11, 20, 10), &Fence::open()).unwrap();
+        // Its answer lost, the flush is written again: it does not land twice.
+        worker.write(&batch(11, 20, 10), &Fence::open()).unwrap();
+        assert_eq!(worker.version_of(2).unwrap(), 20);
+
+        // Another worker takes the partition over from the log and writes on; the first,
+        // which has not noticed, is refused.
+        let successor = Lake::open(&location).unwrap();
+        assert_eq!(successor.version_of(2).unwrap(), 20);
+        successor.write(&batch(21, 30, 20), &Fence::open()).unwrap();
+        assert!(matches!(
+            worker.write(&batch(21, 25, 20), &Fence::open()),
+            Err(Error::Unexpected {
+                expected: 20,
+                found: 30,
+                ..
+            })
+        ));
+
+        // The store goes away: the flush fails and lands once it is back.
+        server.stop();
+        assert!(successor.write(&batch(31, 40, 30), &Fence::open()).is_err());
+        server.restart().unwrap();
+        successor.write(&batch(31, 40, 30), &Fence::open()).unwrap();
+
+        // A reader that was not there sees each flush once, in both tables.
+        let reader = Lake::open(&location).unwrap();
+        assert_eq!(reader.version_of(2).unwrap(), 40);
+        assert_eq!(rows_in_store(&reader), 40);
+        assert_eq!(block_on(reader.table_files("events")).unwrap().len(), 4);
+        assert_eq!(block_on(reader.table_files("rollups")).unwrap().len(), 4);
+        // What the repeated flush and the refused writer uploaded (an events file and a
+        // rollup each) is in no table, and goes once older than the retention.
+        let retain = std::time::Duration::from_secs(60);
+        assert_eq!(
+            reader.vacuum(retain, std::time::SystemTime::now()).unwrap(),
+            0
+        );
+        let later = std::time::SystemTime::now() + retain * 2;
+        assert_eq!(reader.vacuum(retain, later).unwrap(), 4);
+        assert_eq!(rows_in_store(&reader), 40);
+    }
+
     #[test]
     fn rollups_a_crash_left_behind_are_written_at_take_over() {
         let dir = tempfile::tempdir().unwrap();
