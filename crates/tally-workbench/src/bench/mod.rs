@@ -2,7 +2,8 @@
 //! optional JetStream-only baseline measured in the same run. `tally bench quota`: the
 //! quota engine alone ([`quota`]); `check`: checks over NATS ([`check`]); `recovery`: a
 //! worker taking its partitions over ([`recovery`]); `query`: billing and adoption over a
-//! generated month ([`query`]); `http`: the HTTP API under load ([`http`]).
+//! generated month ([`query`]); `http`: the HTTP API under load ([`http`]); `lake`: the
+//! Delta log's commit rate with every partition flushing ([`lake`]).
 //!
 //! Messages are generated before the clock starts. The clock runs from the first publish
 //! to the moment every partition consumer has nothing pending and nothing unacknowledged
@@ -30,6 +31,7 @@ use tally_node::pipeline::{self, Nats};
 
 pub mod check;
 pub mod http;
+pub mod lake;
 pub mod query;
 pub mod quota;
 pub mod recovery;
@@ -65,6 +67,12 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench http --mode ingest --rate 1000 --batch 100 --format json
     Http(http::HttpBench),
+    /// The lake alone: every partition flushing at once into the Delta tables, on local
+    /// disk or the S3-compatible test server (`--s3`): flushes (commits) per second and
+    /// each flush's latency.
+    ///
+    /// Example: tally bench lake --partitions 16 --rows 1000 --seconds 20 --format json
+    Lake(lake::LakeBench),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -195,6 +203,7 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
         BenchCmd::Check(args) => check::run(config, args).await,
         BenchCmd::Http(args) => http::run(config, args).await,
         BenchCmd::Query(args) => query::run(args).await,
+        BenchCmd::Lake(args) => tokio::task::spawn_blocking(move || lake::run(args)).await?,
         BenchCmd::Recovery(args) => recovery::run(config, args)
             .await
             .map(|_| std::process::ExitCode::SUCCESS),
