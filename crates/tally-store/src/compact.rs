@@ -235,7 +235,7 @@ impl Lake {
             if file.last_seq > up_to_seq {
                 continue;
             }
-            let rows = footer_rows(&file.path)?;
+            let rows = self.file_rows(&file)?;
             by_date
                 .entry(file.file.value.clone())
                 .or_default()
@@ -274,7 +274,7 @@ impl Lake {
         };
         let mut batches = Vec::new();
         for c in run {
-            batches.extend(read_rows(&c.file.path)?);
+            batches.extend(read_rows(self.fetch(&c.file.key)?)?);
         }
         let rows = by_customer(&concat_batches(&lake_schema(), &batches)?)?;
         let summary = rollup(&rows)?;
@@ -372,7 +372,7 @@ impl Lake {
                         && r.last_seq <= e.last_seq
                 })
                 .collect();
-            let rows = concat_batches(&lake_schema(), &read_rows(&e.path)?)?;
+            let rows = concat_batches(&lake_schema(), &read_rows(self.fetch(&e.key)?)?)?;
             let summary = rollup(&rows)?;
             let meta = FileMeta {
                 partition,
@@ -540,8 +540,7 @@ pub fn has_column(path: &Path, name: &str) -> Result<bool> {
 
 /// A file's rows in the lake's schema: a column the file predates reads as null (such as
 /// `plan`), or as what the file's other columns say (`decision_code`, from `decision`).
-pub(crate) fn read_rows(path: &Path) -> Result<Vec<RecordBatch>> {
-    let file = File::open(path).map_err(io_err(path))?;
+pub(crate) fn read_rows(file: bytes::Bytes) -> Result<Vec<RecordBatch>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     let target = lake_schema();
     let mut out = Vec::new();
@@ -592,7 +591,7 @@ mod tests {
             .partition_files(2)
             .unwrap()
             .iter()
-            .flat_map(|f| read_rows(&f.path).unwrap())
+            .flat_map(|f| read_rows(lake.fetch(&f.key).unwrap()).unwrap())
             .flat_map(|b| seqs(&b).unwrap())
             .collect();
         seqs.sort_unstable();

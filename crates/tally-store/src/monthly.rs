@@ -121,14 +121,9 @@ impl Month {
     }
 
     /// The month of a `date=YYYY-MM-DD` directory.
-    fn of_dir(dir: &Path) -> Option<Month> {
-        let date: NaiveDate = dir
-            .file_name()?
-            .to_str()?
-            .strip_prefix("date=")?
-            .parse()
-            .ok()?;
-        Some(Month::of(date))
+    /// The month of a `date` partition value (`2026-11-30`).
+    fn of_date_value(value: &str) -> Option<Month> {
+        Some(Month::of(value.parse::<NaiveDate>().ok()?))
     }
 
     fn dir_name(self) -> String {
@@ -501,7 +496,7 @@ impl Lake {
             if f.last_seq > up_to_seq {
                 continue;
             }
-            if let Some(m) = f.path.parent().and_then(Month::of_dir) {
+            if let Some(m) = Month::of_date_value(&f.file.value) {
                 months.entry(m).or_default().push(f);
             }
         }
@@ -528,12 +523,10 @@ impl Lake {
             }
             let mut summer = Summer::default();
             for f in &files {
-                let rollup = match f.path.strip_prefix(self.events_dir()) {
-                    Ok(relative) => self.rollups_dir().join(relative),
-                    Err(_) => continue,
-                };
-                let file = File::open(&rollup).map_err(io_err(&rollup))?;
-                for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+                let rollup = format!("{}/{}", crate::ROLLUPS_TABLE, f.file.path);
+                for batch in
+                    ParquetRecordBatchReaderBuilder::try_new(self.fetch(&rollup)?)?.build()?
+                {
                     summer.add(&batch?)?;
                 }
             }
@@ -697,6 +690,12 @@ fn files_of_dir(dir: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
                 value: String::new(),
                 size: 0,
                 modified_ms: 0,
+                rows: None,
+            },
+            // `monthly/month=…/p….parquet`: the last three parts of its path.
+            key: {
+                let parts: Vec<_> = path.iter().map(|p| p.to_string_lossy()).collect();
+                parts[parts.len().saturating_sub(3)..].join("/")
             },
             path,
             first_seq,

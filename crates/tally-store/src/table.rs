@@ -360,6 +360,8 @@ pub struct TableFile {
     pub value: String,
     pub size: u64,
     pub modified_ms: i64,
+    /// Its rows, where the log's statistics say (`numRecords`).
+    pub rows: Option<u64>,
 }
 
 impl TableFile {
@@ -374,8 +376,19 @@ impl TableFile {
                 .unwrap_or_default(),
             size: u64::try_from(add.size).unwrap_or(0),
             modified_ms: add.modification_time,
+            rows: add.stats.as_deref().and_then(num_records),
         }
     }
+}
+
+/// `numRecords` of an add action's statistics.
+fn num_records(stats: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Stats {
+        #[serde(rename = "numRecords")]
+        num_records: Option<u64>,
+    }
+    serde_json::from_str::<Stats>(stats).ok()?.num_records
 }
 
 /// One Delta table of the lake.
@@ -606,6 +619,7 @@ impl Table {
                     .unwrap_or_default(),
                 size: u64::try_from(f.size()).unwrap_or(0),
                 modified_ms: f.modification_time(),
+                rows: f.stats().as_deref().and_then(num_records),
             })
             .collect()
     }

@@ -4,8 +4,7 @@
 //! The take-over also completes a flush a crash interrupted between its two commits: it
 //! writes and commits the rollups of the partition's events files that have none.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use arrow::array::{AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
@@ -15,13 +14,15 @@ use tally_core::schema;
 
 use crate::compact::parse_name;
 use crate::table::{self, Expect, Table, TableFile, block_on};
-use crate::{Error, FileMeta, Lake, META_FILES, Result, Upload, io_err, rollup};
+use crate::{Error, FileMeta, Lake, META_FILES, Result, Upload, rollup};
 
 /// A file of one partition in a table's snapshot, as its name describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionFile {
-    /// Where it is on local disk.
+    /// Where it is on local disk (a lake on local disk; read through [`Lake::fetch`]).
     pub path: PathBuf,
+    /// Its key in the lake's store: `<table>/date=…/p….parquet`.
+    pub key: String,
     pub first_seq: u64,
     pub last_seq: u64,
     /// As the table knows it: its path relative to the table, partition value and size.
@@ -72,6 +73,7 @@ impl Lake {
                 }
                 Some(PartitionFile {
                     path: dir.join(&file.path),
+                    key: format!("{}/{}", table.name, file.path),
                     first_seq,
                     last_seq,
                     file,
@@ -95,14 +97,26 @@ impl Lake {
     /// Rows in the events table, from its log's statistics or, where a file has none,
     /// its footer.
     pub fn rows(&self) -> Result<u64> {
-        use parquet::file::reader::{FileReader, SerializedFileReader};
         let mut rows = 0;
         for f in self.snapshot_files(&self.tables.events, None)? {
-            let file = File::open(&f.path).map_err(io_err(&f.path))?;
-            let footer = SerializedFileReader::new(file)?;
-            rows += u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0);
+            rows += self.file_rows(&f)?;
         }
         Ok(rows)
+    }
+
+    /// A file's rows: from the log's statistics, or its footer where they are missing.
+    pub(crate) fn file_rows(&self, f: &PartitionFile) -> Result<u64> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        if let Some(rows) = f.file.rows {
+            return Ok(rows);
+        }
+        let footer = SerializedFileReader::new(self.fetch(&f.key)?)?;
+        Ok(u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0))
+    }
+
+    /// The bytes of the object at `key` (relative to the lake) from the lake's store.
+    pub fn fetch(&self, key: &str) -> Result<bytes::Bytes> {
+        block_on(self.storage.get(key))
     }
 
     /// The files of the table named `table` (`events` or `rollups`) in its newest
@@ -144,7 +158,7 @@ impl Lake {
             ..Tail::default()
         };
         for f in files.iter().filter(|f| f.last_seq > after_seq) {
-            let (rows, _) = read(&f.path)?;
+            let (rows, _) = read(self.fetch(&f.key)?)?;
             tail.rows.push(rows);
             tail.covered.push((f.first_seq, f.last_seq));
         }
@@ -176,7 +190,7 @@ impl Lake {
             .collect();
         let mut uploads = Vec::with_capacity(missing.len());
         for f in &missing {
-            let (rows, files) = read(&f.path)?;
+            let (rows, files) = read(self.fetch(&f.key)?)?;
             let summary = rollup(&rows)?;
             let meta = FileMeta {
                 partition,
@@ -219,8 +233,7 @@ impl Lake {
     }
 }
 
-fn read(path: &Path) -> Result<(RecordBatch, usize)> {
-    let file = File::open(path).map_err(io_err(path))?;
+fn read(file: bytes::Bytes) -> Result<(RecordBatch, usize)> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let files = builder
         .metadata()
@@ -276,6 +289,7 @@ fn empty() -> RecordBatch {
 #[cfg(test)]
 mod tests {
     use arrow::array::UInt64Array;
+    use std::path::Path;
     use std::sync::Arc;
     use tally_core::{Fence, SealedBatch};
 
@@ -450,6 +464,10 @@ mod tests {
         assert_eq!(rows_in_store(&reader), 40);
         assert_eq!(block_on(reader.table_files("events")).unwrap().len(), 4);
         assert_eq!(block_on(reader.table_files("rollups")).unwrap().len(), 4);
+        // A take-over reads the partition's rows from the store.
+        let tail = reader.tail(2, 15).unwrap();
+        assert_eq!(all_seqs(&tail), (16..=40).collect::<Vec<_>>());
+        assert_eq!(tail.version, 40);
         // What the repeated flush and the refused writer uploaded (an events file and a
         // rollup each) is in no table, and goes once older than the retention.
         let retain = std::time::Duration::from_secs(60);
