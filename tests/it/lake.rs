@@ -53,16 +53,9 @@ fn python() -> PathBuf {
     python
 }
 
-/// `tally … --data-dir <data>`, which must succeed: its stdout.
-fn tally(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .env("TALLY_INGEST__FLUSH_MESSAGES", "10")
-        .env("TALLY_LOG", "warn")
-        .args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .unwrap();
+/// Runs `command`, which must succeed: its stdout.
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -71,21 +64,28 @@ fn tally(data: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `tally … --data-dir <data>`, which must succeed: its stdout.
+fn tally(data: &Path, args: &[&str]) -> String {
+    stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .env("TALLY_INGEST__FLUSH_MESSAGES", "10")
+            .env("TALLY_LOG", "warn")
+            .args(args)
+            .arg("--data-dir")
+            .arg(data),
+    )
+}
+
 /// One read by the other engine: `(engine, version, rows, distinct events)`.
 fn read_once(table: &Path, engine: &str) -> Read {
     let script = format!("{READ}\nread(sys.argv[1], sys.argv[2])\n");
-    let out = Command::new(python())
-        .args(["-c", &script])
-        .arg(table)
-        .arg(engine)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(python())
+            .args(["-c", &script])
+            .arg(table)
+            .arg(engine),
     );
-    parse(String::from_utf8(out.stdout).unwrap().trim())
+    parse(out.trim())
 }
 
 type Read = (String, u64, u64, u64);

@@ -25,7 +25,7 @@
 //! async shell that serves a worker's bounded channel of [`FlushRequest`]s.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -349,31 +349,15 @@ impl Lake {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = dir.join(format!(".{name}.tmp"));
         let path = dir.join(name);
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut writer = ArrowWriter::try_new(file, rows.schema(), Some(props.clone()))?;
-        writer.write(rows)?;
-        for (key, value) in [
-            (META_PARTITION, meta.partition.to_string()),
-            (META_FIRST_SEQ, meta.first_seq.to_string()),
-            (META_LAST_SEQ, meta.last_seq.to_string()),
-            (META_FILES, meta.files.to_string()),
-        ] {
-            writer.append_key_value_metadata(KeyValue::new(key.to_owned(), value));
-        }
-        if let Some(inputs) = meta.compacted {
-            writer.append_key_value_metadata(KeyValue::new(
-                META_COMPACTED.to_owned(),
-                inputs.to_string(),
-            ));
-        }
-        let file = writer.into_inner()?;
+        let encoded = encode(props, meta, rows)?;
+        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(&encoded).map_err(io_err(&tmp))?;
         file.sync_all().map_err(io_err(&tmp))?;
-        let bytes = file.metadata().map_err(io_err(&tmp))?.len();
         drop(file);
         publish(&tmp, &path, fence, meta.partition)?;
         // The rename is durable only once the directory entry is.
         sync_dir(dir)?;
-        Ok(bytes)
+        Ok(encoded.len() as u64)
     }
 }
 
