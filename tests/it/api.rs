@@ -512,7 +512,7 @@ async fn an_openmeter_sdk_batch_is_accepted_and_billed() {
     let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     h.drain(&pipeline, 3).await;
     pipeline.shutdown().await.unwrap();
-    let lake = tally_query::Lakehouse::open(&h.config.lake_dir())
+    let lake = tally_query::Lakehouse::open(&h.config.lake())
         .await
         .unwrap();
     let defs = tally_node::definitions(&h.config).await.unwrap();
@@ -704,6 +704,11 @@ async fn checks_answer_in_openmeter_shape_from_the_owning_worker() {
     let (status, _) = ask(&api).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     h.server.restart().unwrap();
+    // Once NATS is back, the worker takes its partitions up again and answers through it.
+    until("the worker answers checks through NATS again", || async {
+        ask(&api).await.0 == StatusCode::OK
+    })
+    .await;
     pipeline.shutdown().await.unwrap();
 }
 

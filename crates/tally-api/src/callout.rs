@@ -153,11 +153,15 @@ impl Callout {
         })?;
         let permissions = for_key(access, &record.id, &record.customers);
         let now = Utc::now();
-        // The session, and the key's time left, counted from the server's clock.
-        let mut session = self.session.as_secs().max(1) as i64;
+        // The session, and the key's time left, counted from the server's clock. In whole
+        // seconds rounded up: a JWT's times are whole seconds and the server's `iat` is
+        // rounded down, so a key with 1.9 s left would otherwise get a user that has
+        // expired before the server reads it.
+        let mut left_ms = i64::try_from(self.session.as_millis()).unwrap_or(i64::MAX);
         if let Some(at) = record.expires_at {
-            session = session.min((at - now).num_seconds().max(1));
+            left_ms = left_ms.min((at - now).num_milliseconds());
         }
+        let session = (left_ms.max(1) + 999) / 1000;
         let issued = request.server_now.unwrap_or(now.timestamp());
         let expires = issued + session;
         tracing::debug!(key = %record.id, role = %record.role, client = %request.client, "NATS connection authorized");

@@ -438,6 +438,13 @@ async fn run_held(
             tracing::warn!(partition, error = %e, "partition stopped after its lease ended");
             return;
         }
+        if ctx.cancel.is_cancelled() && matches!(e, Error::Nats { .. }) {
+            // Stopping while NATS is away or slow (just restarted, overloaded): what the
+            // partition has not acknowledged is delivered again at the next start, and
+            // the lake's log drops what it already holds. Nothing is lost.
+            tracing::warn!(partition, error = %e, "partition stopped without reaching NATS");
+            return;
+        }
         if ctx.cancel.is_cancelled() || matches!(e, Error::Topology(_)) {
             tracing::error!(partition, error = %e, "partition worker failed");
             ctx.cancel.cancel();
