@@ -46,7 +46,7 @@ pub struct Report {
 
 /// Compacts `config`'s lake once.
 pub async fn run(config: &Config, args: CompactArgs) -> anyhow::Result<ExitCode> {
-    let lake = Lake::new(config.lake_dir());
+    let lake = Lake::open(&config.lake())?;
     let only = args
         .partitions
         .as_deref()
@@ -109,7 +109,7 @@ pub fn compact(
         anyhow::bail!(
             "another compaction is running on {} (a worker's, or another tally compact); \
              try again when it ends",
-            lake.root().display()
+            lake.storage().url()
         );
     };
     let partitions = match only {

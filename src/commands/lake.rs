@@ -39,11 +39,12 @@ pub async fn run(config: &Config, cmd: LakeCmd) -> anyhow::Result<ExitCode> {
             match args.format {
                 Format::Json => println!("{}", serde_json::to_string(&done)?),
                 _ => println!(
-                    "{} events files ({} rows) and {} rollup files committed for {} partitions; \
-                     {} files left out",
+                    "{} events files ({} rows), {} rollup files and {} monthly rollups committed \
+                     for {} partitions; {} files left out",
                     done.events_files,
                     done.events_rows,
                     done.rollup_files,
+                    done.monthly_files,
                     done.partitions.len(),
                     done.left_out
                 ),

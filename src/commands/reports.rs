@@ -34,7 +34,7 @@ impl From<ReportFormat> for tally_reports::Format {
 }
 
 pub(crate) async fn open(config: &Config) -> anyhow::Result<(Lakehouse, Definitions)> {
-    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let lake = Lakehouse::open(&config.lake()).await?;
     Ok((lake, tally_node::definitions(config).await?))
 }
 

@@ -71,7 +71,7 @@ pub async fn run(
     } else {
         None
     };
-    tracing::info!(lake = %config.lake_dir().display(), "tally is running; Ctrl-C stops it");
+    tracing::info!(lake = %tally_store::Storage::open(&config.lake())?.url(), "tally is running; Ctrl-C stops it");
     let cancel = pipeline.cancel_token();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; draining"),

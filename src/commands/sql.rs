@@ -57,7 +57,7 @@ pub async fn run(config: &Config, args: SqlArgs) -> anyhow::Result<ExitCode> {
         time_limit: Duration::from_secs(args.timeout_secs),
         ..LakehouseOptions::default()
     };
-    let lake = Lakehouse::open_with(&config.lake_dir(), options).await?;
+    let lake = Lakehouse::open_with(&config.lake(), options).await?;
     with_definitions(config, &lake, &args.query).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -833,7 +833,7 @@ async fn sql_limits_answer_with_a_clear_status_and_the_server_goes_on() {
     };
 
     // Past the time limit before any row: 504, promptly.
-    let timed = LakeReports::new(h.config.lake_dir()).with_limits(
+    let timed = LakeReports::new(h.config.lake()).with_limits(
         LakeReports::DEFAULT_SQL_MEMORY_LIMIT,
         Duration::from_secs(1),
     );
@@ -892,8 +892,7 @@ async fn sql_limits_answer_with_a_clear_status_and_the_server_goes_on() {
 
     // Past the memory limit: 400, the query at fault; the next query runs.
     let big = "SELECT COUNT(DISTINCT value) AS n FROM range(3000000)";
-    let small =
-        LakeReports::new(h.config.lake_dir()).with_limits(1024 * 1024, Duration::from_secs(60));
+    let small = LakeReports::new(h.config.lake()).with_limits(1024 * 1024, Duration::from_secs(60));
     let buckets = tally_ingest::definitions::Definitions::open(&h.nats.jetstream)
         .await
         .unwrap();

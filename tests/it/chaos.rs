@@ -3,8 +3,10 @@
 //! for a while; then the lake must hold every acknowledged event exactly once, and the
 //! billing must equal the generator's.
 //!
-//! The short form runs in CI. `TALLY_CHAOS_LONG=1` runs the full form: 1,000,000 events,
-//! 10 kills, 2 nats-server restarts, 3 s of an unwritable lake.
+//! It runs with the lake on local disk, and in a bucket of the S3 server (stopped and
+//! started again mid-run in place of the unwritable directory). The short form runs in CI.
+//! `TALLY_CHAOS_LONG=1` runs the full form: 1,000,000 events, 10 kills, 2 nats-server
+//! restarts, 3 s of an unwritable lake.
 
 use std::process::Command;
 
@@ -12,6 +14,21 @@ use serde_json::Value;
 
 #[test]
 fn every_acknowledged_event_lands_once_through_kills_restarts_and_an_unwritable_lake() {
+    chaos(&[]);
+}
+
+/// The same with the lake in a bucket of the S3 server, which is stopped and started again
+/// mid-run in place of the unwritable directory.
+#[test]
+fn on_s3_every_acknowledged_event_lands_once_through_kills_and_restarts() {
+    let report = chaos(&["--s3"]);
+    assert_eq!(report["lake"], "s3");
+    assert_eq!(report["s3_restarts"], 1, "the S3 server was restarted");
+}
+
+/// Runs `tally chaos` with `extra` arguments and checks that the lake is exact; returns its
+/// report.
+fn chaos(extra: &[&str]) -> Value {
     let long = std::env::var_os("TALLY_CHAOS_LONG").is_some_and(|v| v != "0");
     let (events, rate, kills, restarts, unwritable) = if long {
         ("1000000", "50000", 10, 2, "3")
@@ -24,6 +41,7 @@ fn every_acknowledged_event_lands_once_through_kills_restarts_and_an_unwritable_
         .args(["--kills", &kills.to_string()])
         .args(["--nats-restarts", &restarts.to_string()])
         .args(["--unwritable-secs", unwritable, "--customers", "200"])
+        .args(extra)
         .args(["--format", "json", "--data-dir"])
         .arg(dir.path().join("chaos"))
         .env("TALLY_LOG", "warn")
@@ -59,4 +77,5 @@ fn every_acknowledged_event_lands_once_through_kills_restarts_and_an_unwritable_
     assert_eq!(report["billing_matches"], Value::Bool(true));
     assert_eq!(report["exact"], Value::Bool(true));
     assert!(output.status.success(), "tally chaos exits 0 when exact");
+    report
 }

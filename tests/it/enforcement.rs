@@ -72,7 +72,7 @@ async fn decisions(h: &Harness) -> BTreeMap<String, String> {
 
 /// A column of every event in the lake, by event id (null as "").
 async fn by_event(h: &Harness, column: &str) -> BTreeMap<String, String> {
-    let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let lake = Lakehouse::open(&h.config.lake()).await.unwrap();
     let batches = lake
         .context()
         .sql(&format!(

@@ -160,7 +160,9 @@ async fn reports_equal_the_golden_files_of_each_scenario() {
         };
         let lake_dir = tempfile::tempdir().unwrap();
         decide_into(&dir, &catalog, &then, lake_dir.path());
-        let lake = Lakehouse::open(lake_dir.path()).await.unwrap();
+        let lake = Lakehouse::open(&tally_store::Location::Local(lake_dir.path().into()))
+            .await
+            .unwrap();
         let defs = Definitions::of_catalog(catalog, now.customers);
 
         let invoices = InvoiceRequest {

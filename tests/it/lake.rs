@@ -264,7 +264,9 @@ async fn a_directory_lake_migrates_to_tables_with_every_event_once_and_the_same_
         (lake.version_of(0).unwrap(), lake.version_of(1).unwrap()),
         (1573, 2003)
     );
-    let house = tally_query::Lakehouse::open(&lake_dir).await.unwrap();
+    let house = tally_query::Lakehouse::open(&tally_store::Location::Local(lake_dir.clone()))
+        .await
+        .unwrap();
     let month = chrono::NaiveDate::from_ymd_opt(2026, 12, 1).unwrap();
     let billed = tally_query::BillingTotals::of(
         &house

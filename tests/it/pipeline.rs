@@ -37,7 +37,7 @@ async fn arrow_batches_land_exactly_once() {
     assert_eq!(rows, totals.events_valid);
     assert_eq!(ids.len() as u64, totals.events_valid);
     assert_eq!(quantity, totals.quantity);
-    let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let lake = Lakehouse::open(&h.config.lake()).await.unwrap();
     let billed = tally_query::BillingTotals::of(
         &lake
             .billing(&Scope::Month(Period::of(spec.start)), None)
@@ -132,7 +132,7 @@ async fn every_valid_event_lands_once_and_bills_exactly() {
     assert_eq!(by_reason, totals.invalid_by_reason);
 
     // Billing through DataFusion equals the generator's own per-line totals.
-    let lake = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let lake = Lakehouse::open(&h.config.lake()).await.unwrap();
     let billing = lake
         .billing(&Scope::Month(Period::of(month)), None)
         .await
@@ -240,7 +240,7 @@ async fn workers_compact_closed_dates_and_nothing_changes() {
         (totals.events_valid, totals.events_valid)
     );
     assert_eq!(quantity, totals.quantity);
-    let house = Lakehouse::open(&h.config.lake_dir()).await.unwrap();
+    let house = Lakehouse::open(&h.config.lake()).await.unwrap();
     let billed = tally_query::BillingTotals::of(
         &house
             .billing(&Scope::Month(Period::of(month)), None)

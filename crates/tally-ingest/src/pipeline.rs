@@ -6,7 +6,6 @@
 //! writer makes it durable, the batch is acknowledged, and only then does the writer
 //! stop.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tally_core::FlushRequest;
@@ -22,8 +21,8 @@ use crate::{Error, IngestConfig, NatsEndpoint, Result, Service, Stats, run_worke
 /// Where the worker's batches go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LakeWriter {
-    /// The lake's root directory.
-    pub dir: PathBuf,
+    /// Where the lake is.
+    pub location: tally_store::Location,
     /// Sealed batches waiting for the writer, across all partitions.
     pub queue: usize,
     /// Parquet files encoded (and fsynced) at once.
@@ -55,7 +54,7 @@ impl Pipeline {
         let (flush_tx, flush_rx) = mpsc::channel::<FlushRequest>(lake.queue);
         let cancel = CancellationToken::new();
         let writer_stats = Arc::new(WriterStats::default());
-        let store = Arc::new(Lake::new(lake.dir));
+        let store = Arc::new(Lake::open(&lake.location).map_err(|e| Error::Store(e.to_string()))?);
         let writer = tokio::spawn(run_writer(
             store.clone(),
             flush_rx,

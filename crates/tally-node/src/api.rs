@@ -50,7 +50,7 @@ impl Api {
         tally_ingest::topology::ensure_streams(&jetstream, &config.ingest)
             .await
             .context("creating the events streams")?;
-        let reports = tally_reports::LakeReports::new(config.lake_dir());
+        let reports = tally_reports::LakeReports::new(config.lake());
         let state = AppState::open(
             jetstream,
             config.ingest.partitions,

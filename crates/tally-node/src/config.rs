@@ -22,8 +22,12 @@ pub struct Config {
     pub nats_credentials: Option<PathBuf>,
     /// A CA certificate (PEM) to trust for NATS over TLS (`tls://` URLs).
     pub nats_ca: Option<PathBuf>,
-    /// Where the lake (and the embedded nats-server's store) live.
+    /// Where the embedded nats-server's store and (unless `lake_s3` is set) the lake live.
     pub data_dir: PathBuf,
+    /// The lake in an S3-compatible bucket (with conditional writes) instead of under
+    /// `data_dir`: `bucket`, `prefix`, `endpoint`, `region`, `access_key_id`,
+    /// `secret_access_key` (`TALLY_LAKE_S3__BUCKET=…` and so on in the environment).
+    pub lake_s3: Option<tally_store::S3Location>,
     /// Path of the nats-server binary for the embedded default (searched when unset).
     pub nats_server: Option<PathBuf>,
     /// Parquet files encoded (and fsynced) at once. Above the core count on purpose: much
@@ -46,6 +50,7 @@ impl Default for Config {
             nats_credentials: None,
             nats_ca: None,
             data_dir: PathBuf::from("data"),
+            lake_s3: None,
             nats_server: None,
             writer_concurrency: 8,
             writer_queue: 16,
@@ -94,6 +99,24 @@ impl Config {
         if self.writer_queue == 0 {
             problems.push("writer_queue must be at least 1".to_owned());
         }
+        if let Some(s3) = &self.lake_s3 {
+            for (field, value) in [
+                ("bucket", &s3.bucket),
+                ("access_key_id", &s3.access_key_id),
+                ("secret_access_key", &s3.secret_access_key),
+            ] {
+                if value.trim().is_empty() {
+                    problems.push(format!("lake_s3.{field} must not be empty"));
+                }
+            }
+            if let Some(endpoint) = &s3.endpoint
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                problems.push(format!(
+                    "lake_s3.endpoint must be an http:// or https:// URL, not {endpoint:?}"
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -101,8 +124,17 @@ impl Config {
         }
     }
 
+    /// The lake's directory when it is on local disk (`data_dir/lake`).
     pub fn lake_dir(&self) -> PathBuf {
         self.data_dir.join("lake")
+    }
+
+    /// Where the lake is: the bucket of `lake_s3`, or `data_dir/lake`.
+    pub fn lake(&self) -> tally_store::Location {
+        match &self.lake_s3 {
+            Some(s3) => tally_store::Location::S3(s3.clone()),
+            None => tally_store::Location::Local(self.lake_dir()),
+        }
     }
 
     pub fn nats_dir(&self) -> PathBuf {

@@ -76,7 +76,7 @@ pub async fn start(
 ) -> anyhow::Result<Pipeline> {
     crate::metrics::install();
     let lake = LakeWriter {
-        dir: config.lake_dir(),
+        location: config.lake(),
         queue: config.writer_queue,
         concurrency: config.writer_concurrency,
     };

@@ -487,7 +487,9 @@ mod tests {
         Lake::new(dir.path())
             .write(&sealed, &Fence::open())
             .unwrap();
-        let house = Lakehouse::open(dir.path()).await.unwrap();
+        let house = Lakehouse::open(&tally_store::Location::Local(dir.path().into()))
+            .await
+            .unwrap();
         (dir, house)
     }
 

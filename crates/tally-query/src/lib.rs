@@ -23,7 +23,7 @@ mod store;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -46,10 +46,9 @@ use datafusion::functions::expr_fn::coalesce;
 use datafusion::logical_expr::{Expr, case};
 use datafusion::prelude::{JoinType, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
-use futures::TryStreamExt;
 use tally_core::Decision;
 use tally_core::schema::{self, lake_schema};
-use tally_store::{ROLLUPS_TABLE, rollup_schema};
+use tally_store::{Location, ROLLUPS_TABLE, rollup_schema};
 
 use crate::store::LakeStore;
 
@@ -118,20 +117,19 @@ impl Default for LakehouseOptions {
 pub struct Lakehouse {
     ctx: SessionContext,
     options: LakehouseOptions,
-    root: PathBuf,
     /// One handle for every query: it keeps the tables' snapshots and updates them.
     lake: tally_store::Lake,
 }
 
 impl Lakehouse {
-    /// Opens the lake rooted at `root` (its `events/` and `rollups/` directories are
+    /// Opens the lake at `location` (on local disk or object storage; its tables are
     /// created if missing), with the default [`LakehouseOptions`].
-    pub async fn open(root: &Path) -> Result<Self> {
-        Self::open_with(root, LakehouseOptions::default()).await
+    pub async fn open(location: &Location) -> Result<Self> {
+        Self::open_with(location, LakehouseOptions::default()).await
     }
 
-    /// Opens the lake rooted at `root` in a session bounded by `options`.
-    pub async fn open_with(root: &Path, options: LakehouseOptions) -> Result<Self> {
+    /// Opens the lake at `location` in a session bounded by `options`.
+    pub async fn open_with(location: &Location, options: LakehouseOptions) -> Result<Self> {
         let mut disk =
             DiskManagerBuilder::default().with_max_temp_directory_size(options.spill_limit);
         if let Some(dir) = &options.spill_dir {
@@ -154,13 +152,17 @@ impl Lakehouse {
             .with_disk_manager_builder(disk)
             .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
             .build_arc()?;
-        let lake = tally_store::Lake::new(root);
-        let store = LakeStore::new(root, lake.clone()).map_err(|source| Error::Io {
-            path: root.display().to_string(),
-            source,
-        })?;
-        let file = ObjectStoreUrl::local_filesystem();
-        runtime.register_object_store(file.as_ref(), Arc::new(store));
+        let lake = {
+            let location = location.clone();
+            on_lake(move || tally_store::Lake::open(&location)).await?
+        };
+        let url = lake.storage().url();
+        let store_url = ObjectStoreUrl::parse(format!(
+            "{}://{}",
+            url.scheme(),
+            url.host_str().unwrap_or("")
+        ))?;
+        runtime.register_object_store(store_url.as_ref(), Arc::new(LakeStore::new(lake.clone())));
         // DataFusion's own settings come from `DATAFUSION_*` variables where set. Batches
         // of 32,768 rows rather than 8,192: the billing scan is 20 % faster.
         let mut config = SessionConfig::from_env()?;
@@ -168,14 +170,9 @@ impl Lakehouse {
             config = config.with_batch_size(32_768);
         }
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        register(&ctx, root, schema::EVENTS_TABLE, lake_schema())?;
-        register(&ctx, root, ROLLUPS_TABLE, rollup_schema())?;
-        let house = Self {
-            ctx,
-            options,
-            root: root.to_owned(),
-            lake,
-        };
+        register(&ctx, &lake, schema::EVENTS_TABLE, lake_schema())?;
+        register(&ctx, &lake, ROLLUPS_TABLE, rollup_schema())?;
+        let house = Self { ctx, options, lake };
         house.register_batch("decisions", catalog::decisions()?)?;
         // The definitions' tables, empty until the caller registers the definitions.
         house.register_definitions(&[], &[])?;
@@ -218,9 +215,8 @@ impl Lakehouse {
             let sources = self.month_sources(*month).await?;
             // A closed month read from its monthly files alone: their lines, merged.
             if let Some(files) = sources.lines {
-                let who = customer.map(str::to_owned);
-                let lines =
-                    on_lake(move || tally_store::merge_lines(&files, who.as_deref())).await?;
+                let (who, lake) = (customer.map(str::to_owned), self.lake.clone());
+                let lines = on_lake(move || lake.merge_lines(&files, who.as_deref())).await?;
                 let period = ScalarValue::from(scope.name());
                 let lines = self.ctx.read_batch(lines)?;
                 return self
@@ -282,17 +278,17 @@ impl Lakehouse {
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        let mut files: Vec<Vec<PathBuf>> = self.events_files(scope).await?.into_values().collect();
+        let mut files: Vec<Vec<String>> = self.events_files(scope).await?.into_values().collect();
         if files.is_empty() {
             // No events: one empty part, for the answer's columns.
             files.push(Vec::new());
         }
         let coded = {
-            let files = files.clone();
+            let (files, lake) = (files.clone(), self.lake.clone());
             on_lake(move || {
                 files
                     .iter()
-                    .map(|paths| all_coded(paths))
+                    .map(|keys| all_coded(&lake, keys))
                     .collect::<tally_store::Result<Vec<bool>>>()
             })
             .await?
@@ -321,46 +317,31 @@ impl Lakehouse {
         .await
     }
 
-    /// The events files of the dates `scope` covers, by partition, as the lake lists them
-    /// (one listing, through the store that leaves out superseded files).
-    async fn events_files(&self, scope: &Scope<'_>) -> Result<BTreeMap<u16, Vec<PathBuf>>> {
+    /// The keys of the events files of the dates `scope` covers, by partition, from the
+    /// events table's newest snapshot.
+    async fn events_files(&self, scope: &Scope<'_>) -> Result<BTreeMap<u16, Vec<String>>> {
         let (from, to) = scope.dates();
-        let dir = self.root.join(schema::EVENTS_TABLE);
-        let absolute = std::path::absolute(&dir).map_err(|source| Error::Io {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let prefix = datafusion::object_store::path::Path::from_absolute_path(&absolute)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let store = self
-            .ctx
-            .runtime_env()
-            .object_store(ObjectStoreUrl::local_filesystem())?;
-        let listed: Vec<_> = store
-            .list(Some(&prefix))
-            .try_collect()
+        let listed = self
+            .lake
+            .table_files(schema::EVENTS_TABLE)
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let mut files: BTreeMap<u16, Vec<PathBuf>> = BTreeMap::new();
-        for object in listed {
-            // `<events>/date=YYYY-MM-DD/p<partition>-<first>-<last>.parquet`
-            let names: Vec<_> = object.location.parts().collect();
-            let [.., date, name] = names.as_slice() else {
-                continue;
-            };
-            let day = date
-                .as_ref()
-                .strip_prefix("date=")
-                .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
-            let Some((partition, _, _)) = tally_store::parse_name(name.as_ref()) else {
+        let mut files: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for f in listed {
+            let day = NaiveDate::parse_from_str(&f.value, "%Y-%m-%d").ok();
+            let Some((partition, _, _)) = tally_store::parse_name(f.file_name()) else {
                 continue;
             };
             if day.is_some_and(|d| from <= d && d < to) {
-                files
-                    .entry(partition)
-                    .or_default()
-                    .push(absolute.join(date.as_ref()).join(name.as_ref()));
+                files.entry(partition).or_default().push(format!(
+                    "{}/{}",
+                    schema::EVENTS_TABLE,
+                    f.path
+                ));
             }
+        }
+        for keys in files.values_mut() {
+            keys.sort();
         }
         Ok(files)
     }
@@ -446,10 +427,11 @@ fn code_of(name: Expr) -> Expr {
         .expect("a CASE with branches")
 }
 
-/// Whether every one of `paths` has the `decision_code` column, from their footers.
-fn all_coded(paths: &[PathBuf]) -> tally_store::Result<bool> {
-    for path in paths {
-        if !tally_store::has_column(path, schema::DECISION_CODE)? {
+/// Whether every one of the files at `keys` has the `decision_code` column, from their
+/// footers.
+fn all_coded(lake: &tally_store::Lake, keys: &[String]) -> tally_store::Result<bool> {
+    for key in keys {
+        if !lake.has_column(key, schema::DECISION_CODE)? {
             return Ok(false);
         }
     }
@@ -652,15 +634,21 @@ impl Lakehouse {
     /// A table of exactly these Parquet files (none: an empty table of `schema`).
     fn files(
         &self,
-        paths: &[PathBuf],
+        keys: &[String],
         schema: SchemaRef,
     ) -> Result<datafusion::dataframe::DataFrame> {
-        if paths.is_empty() {
+        if keys.is_empty() {
             return Ok(self.ctx.read_batch(RecordBatch::new_empty(schema))?);
         }
-        let urls = paths
+        let root = self.lake.storage().url();
+        let urls = keys
             .iter()
-            .map(|p| ListingTableUrl::parse(p.display().to_string()))
+            .map(|k| {
+                let url = root
+                    .join(k)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                ListingTableUrl::parse(url.as_str())
+            })
             .collect::<datafusion::error::Result<Vec<_>>>()?;
         let options =
             ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
@@ -756,19 +744,23 @@ fn periods_batch(periods: &[(String, i64, i64)]) -> Result<RecordBatch> {
 
 /// Registers `<root>/<table>/` as the table `table`: Parquet files under hive `date`
 /// partitions, with `schema` given explicitly.
-fn register(ctx: &SessionContext, root: &Path, table: &str, schema: SchemaRef) -> Result<()> {
-    ctx.register_table(table, Arc::new(listing(root, table, schema)?))?;
+fn register(
+    ctx: &SessionContext,
+    lake: &tally_store::Lake,
+    table: &str,
+    schema: SchemaRef,
+) -> Result<()> {
+    ctx.register_table(table, Arc::new(listing(lake, table, schema)?))?;
     Ok(())
 }
 
-/// The lake's `table` (a directory of `date=` partitions) read as `schema`.
-fn listing(root: &Path, table: &str, schema: SchemaRef) -> Result<ListingTable> {
-    let dir = root.join(table);
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+/// The lake's `table` (partitioned by `date`) read as `schema`.
+fn listing(lake: &tally_store::Lake, table: &str, schema: SchemaRef) -> Result<ListingTable> {
+    let url = lake
+        .storage()
+        .table_url(table)
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    let url = ListingTableUrl::parse(url.as_str())?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
         .with_table_partition_cols(vec![(schema::DATE.to_owned(), DataType::Utf8)]);
@@ -947,7 +939,9 @@ mod tests {
         for seqs in [1..=40, 41..=90, 91..=150] {
             lake.write(&sealed(seqs), &Fence::open()).unwrap();
         }
-        let house = Lakehouse::open(dir.path()).await.unwrap();
+        let house = Lakehouse::open(&Location::Local(dir.path().into()))
+            .await
+            .unwrap();
         for (rollups, events) in [
             (
                 "SELECT customer, feature, decision, CAST(SUM(events) AS BIGINT) AS events,
@@ -991,8 +985,10 @@ mod tests {
     }
 
     /// What the lake answers: billing from either table, and sums of both tables.
-    async fn answers(root: &Path) -> Vec<RecordBatch> {
-        let house = Lakehouse::open(root).await.unwrap();
+    async fn answers(root: &std::path::Path) -> Vec<RecordBatch> {
+        let house = Lakehouse::open(&Location::Local(root.into()))
+            .await
+            .unwrap();
         let month = Scope::Month("2026-11".parse().unwrap());
         let mut out = Vec::new();
         for source in [Source::Rollups, Source::Events] {
@@ -1069,21 +1065,25 @@ mod tests {
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!((sources.monthly.len(), sources.hourly.len()), (1, 0));
         assert_eq!(answers(dir.path()).await, late);
-        // Past `retain` again: this run's inputs and the superseded monthly file go. Billing
-        // merges the month's lines; those of the superseded monthly file are gone with it.
+        // Past `retain` again: this run's inputs go, and the monthly file and lines the
+        // wider ones replaced. Billing merges the month's lines.
         let t2 = later(t1);
         let swept = lake.compact(5, 180, &Fence::open(), &options, t2).unwrap();
-        assert_eq!(swept.removed, 1, "{swept:?}");
-        assert_eq!(lake.vacuum(options.retain, t2).unwrap(), 2 * done.merged);
+        assert_eq!((swept.monthly, swept.written), (0, 0), "{swept:?}");
+        assert_eq!(
+            lake.vacuum(options.retain, t2).unwrap(),
+            2 * done.merged + 2
+        );
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
-        assert_eq!(sources.lines.map(|l| l.len()), Some(1));
-        let lines_dir = lake.lines_dir().join("month=2026-11");
+        assert_eq!(sources.lines.as_ref().map(Vec::len), Some(1));
+        let lines_dir = dir.path().join("billing/period=2026-11");
         assert_eq!(std::fs::read_dir(&lines_dir).unwrap().count(), 1);
         assert_eq!(answers(dir.path()).await, late);
 
-        // A monthly file without its lines (written before they existed) is billed by the
-        // query, and the next compaction writes its lines.
-        std::fs::remove_dir_all(&lines_dir).unwrap();
+        // A monthly file without its lines (one written before they existed) is billed by
+        // the query, and the next compaction writes its lines.
+        std::fs::remove_dir_all(dir.path().join("billing")).unwrap();
+        let lake = Lake::new(dir.path());
         let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
         assert_eq!(sources.lines, None);
         assert_eq!(answers(dir.path()).await, late);
@@ -1127,7 +1127,9 @@ mod tests {
                 merged
             }
         });
-        let house = Lakehouse::open(dir.path()).await.unwrap();
+        let house = Lakehouse::open(&Location::Local(dir.path().into()))
+            .await
+            .unwrap();
         let mut queries = 0;
         loop {
             let finished = compactor.is_finished();

@@ -1,7 +1,7 @@
 //! The lake as the query engine lists it: the files of each table's newest snapshot, and
 //! only those.
 //!
-//! The events and rollups tables are Delta tables: their directories also hold files a
+//! The events and rollups tables are Delta tables: their directories (key prefixes) hold files a
 //! flush uploaded but has not committed yet (or never will: a crash, a worker that lost
 //! its partition) and files a compaction replaced, kept a while for queries planned
 //! before. A plain directory listing would count both. [`LakeStore`] answers every
@@ -13,7 +13,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::object_store::local::LocalFileSystem;
 use datafusion::object_store::path::Path;
 use datafusion::object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
@@ -22,33 +21,27 @@ use datafusion::object_store::{
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use tally_store::Lake;
 
-/// The local filesystem, listing the lake's tables as their snapshots say.
+/// The lake's store (the local filesystem or an S3 bucket), listing the lake's tables as
+/// their snapshots say.
 #[derive(Debug, Clone)]
 pub(crate) struct LakeStore {
-    inner: Arc<LocalFileSystem>,
+    inner: Arc<dyn ObjectStore>,
     lake: Lake,
     tables: Vec<(&'static str, Path)>,
 }
 
 impl LakeStore {
-    pub(crate) fn new(root: &std::path::Path, lake: Lake) -> std::io::Result<LakeStore> {
-        let root = std::path::absolute(root)?;
-        let table =
-            |name: &str| Path::from_absolute_path(root.join(name)).map_err(std::io::Error::other);
-        Ok(LakeStore {
-            inner: Arc::new(LocalFileSystem::new()),
+    pub(crate) fn new(lake: Lake) -> LakeStore {
+        let storage = lake.storage();
+        let tables = [tally_core::schema::EVENTS_TABLE, tally_store::ROLLUPS_TABLE]
+            .into_iter()
+            .map(|name| (name, storage.key(name)))
+            .collect();
+        LakeStore {
+            inner: storage.root_store(),
             lake,
-            tables: vec![
-                (
-                    tally_core::schema::EVENTS_TABLE,
-                    table(tally_core::schema::EVENTS_TABLE)?,
-                ),
-                (
-                    tally_store::ROLLUPS_TABLE,
-                    table(tally_store::ROLLUPS_TABLE)?,
-                ),
-            ],
-        })
+            tables,
+        }
     }
 
     /// The table whose directory holds `prefix`, or that `prefix` is above.

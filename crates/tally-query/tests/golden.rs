@@ -21,7 +21,7 @@ use tally_core::schema::{self, decision_codes, lake_schema};
 use tally_core::{Fence, SealedBatch};
 use tally_query::analytics::{DateRange, Window};
 use tally_query::{Lakehouse, Period, Scope, Source};
-use tally_store::{CompactOptions, Lake};
+use tally_store::{CompactOptions, Lake, Location, S3Location};
 
 /// (customer, feature, quantity, time, region, user, decision, plan)
 type Row = (
@@ -146,7 +146,12 @@ async fn billed_by_hand(root: &Path, sources: &[Source], when: &str) {
 
 /// Every named query's answer for November 2026, as text.
 async fn answers(root: &Path, source: Source) -> String {
-    let house = Lakehouse::open(root).await.unwrap();
+    answers_at(&Location::Local(root.into()), source).await
+}
+
+/// [`answers`] of the lake at `location`.
+async fn answers_at(location: &Location, source: Source) -> String {
+    let house = Lakehouse::open(location).await.unwrap();
     let november: Period = "2026-11".parse().unwrap();
     let month = Scope::Month(november);
     let range = DateRange::new(
@@ -219,19 +224,58 @@ async fn answers(root: &Path, source: Source) -> String {
 #[tokio::test]
 async fn every_named_query_answers_as_worked_out_by_hand() {
     let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::new(dir.path());
-    for (from, to) in [(0, 6), (6, 12), (12, 16)] {
-        lake.write(&sealed(from, to), &Fence::open()).unwrap();
+    named_queries_answer_as_worked_out_by_hand(&Location::Local(dir.path().into())).await;
+}
+
+/// The same with the lake in a bucket of a real S3-compatible server: the tables, the
+/// monthly rollups and billing lines, and every query read through the object store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_every_named_query_answers_as_worked_out_by_hand() {
+    let server = tokio::task::spawn_blocking(tally_s3d::S3Server::start_temp)
+        .await
+        .unwrap()
+        .expect("s3s-fs (scripts/install-s3.sh) starts");
+    let location = Location::S3(S3Location {
+        bucket: server.bucket().to_owned(),
+        prefix: "lake".to_owned(),
+        endpoint: Some(server.endpoint()),
+        region: server.region().to_owned(),
+        access_key_id: server.access_key().to_owned(),
+        secret_access_key: server.secret_key().to_owned(),
+    });
+    named_queries_answer_as_worked_out_by_hand(&location).await;
+    // Nothing of the lake was written to local disk: every table is in the bucket.
+    let bucket = server.root().join(server.bucket()).join("lake");
+    for table in ["events", "rollups", "monthly", "billing"] {
+        assert!(
+            bucket.join(table).join("_delta_log").is_dir(),
+            "{table} is a Delta table in the bucket"
+        );
     }
+}
+
+async fn named_queries_answer_as_worked_out_by_hand(location: &Location) {
+    let lake = {
+        let location = location.clone();
+        tokio::task::spawn_blocking(move || {
+            let lake = Lake::open(&location).unwrap();
+            for (from, to) in [(0, 6), (6, 12), (12, 16)] {
+                lake.write(&sealed(from, to), &Fence::open()).unwrap();
+            }
+            lake
+        })
+        .await
+        .unwrap()
+    };
     let golden = golden();
-    let from_events = answers(dir.path(), Source::Events).await;
+    let from_events = answers_at(location, Source::Events).await;
     if std::env::var_os("TALLY_BLESS").is_some() {
         std::fs::write(&golden, &from_events).unwrap();
     }
     let expected = std::fs::read_to_string(&golden).unwrap();
     assert_eq!(from_events, expected, "from the raw events");
     assert_eq!(
-        answers(dir.path(), Source::Rollups).await,
+        answers_at(location, Source::Rollups).await,
         expected,
         "from the hourly rollups"
     );
@@ -239,23 +283,30 @@ async fn every_named_query_answers_as_worked_out_by_hand() {
     // Compacted on 2026-12-02, October and November closed: dates merged, the monthly
     // rollups written.
     let december = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
-    let done = lake
-        .compact(0, 16, &Fence::open(), &CompactOptions::default(), december)
-        .unwrap();
+    let (done, sources) = tokio::task::spawn_blocking(move || {
+        let done = lake
+            .compact(0, 16, &Fence::open(), &CompactOptions::default(), december)
+            .unwrap();
+        (
+            done,
+            lake.month_sources("2026-11".parse().unwrap()).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
     assert_eq!((done.written, done.monthly), (1, 2), "{done:?}");
     // November is read from its monthly rollup alone: billing merges its lines.
-    let sources = lake.month_sources("2026-11".parse().unwrap()).unwrap();
     assert!(
         sources.hourly.is_empty() && sources.lines.is_some(),
         "{sources:?}"
     );
     assert_eq!(
-        answers(dir.path(), Source::Rollups).await,
+        answers_at(location, Source::Rollups).await,
         expected,
         "from the monthly rollups and their billing lines"
     );
     assert_eq!(
-        answers(dir.path(), Source::Events).await,
+        answers_at(location, Source::Events).await,
         expected,
         "after compaction"
     );
@@ -309,8 +360,7 @@ async fn files_from_before_decision_codes_bill_by_the_decision_names() {
         files
             .iter()
             .map(|f| {
-                let file = std::fs::File::open(&f.path).unwrap();
-                let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                let reader = ParquetRecordBatchReaderBuilder::try_new(lake.fetch(&f.key).unwrap())
                     .unwrap()
                     .build()
                     .unwrap();

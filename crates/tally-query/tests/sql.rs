@@ -75,7 +75,9 @@ fn write_lake(root: &Path) {
 async fn lake(options: LakehouseOptions) -> (tempfile::TempDir, Lakehouse) {
     let dir = tempfile::tempdir().unwrap();
     write_lake(dir.path());
-    let house = Lakehouse::open_with(dir.path(), options).await.unwrap();
+    let house = Lakehouse::open_with(&tally_store::Location::Local(dir.path().into()), options)
+        .await
+        .unwrap();
     (dir, house)
 }
 

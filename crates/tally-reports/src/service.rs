@@ -27,7 +27,6 @@
 
 use std::io::Write;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
@@ -83,7 +82,7 @@ pub type ReportBody = BoxStream<'static, Result<Bytes, ReportError>>;
 /// Reports over a lake.
 #[derive(Debug, Clone)]
 pub struct LakeReports {
-    lake_dir: PathBuf,
+    lake: tally_store::Location,
     /// Memory one SQL query may hold.
     memory_limit: usize,
     /// Wall-clock limit of one SQL query.
@@ -101,8 +100,8 @@ impl LakeReports {
     /// SQL queries that run at once; more wait for their turn.
     pub const SQL_QUERIES_AT_ONCE: usize = 2;
 
-    /// Reports over the lake at `lake_dir`.
-    pub fn new(lake_dir: impl Into<PathBuf>) -> Self {
+    /// Reports over the lake at `lake`.
+    pub fn new(lake: tally_store::Location) -> Self {
         let runtime = match QueryRuntime::start() {
             Ok(runtime) => Some(Arc::new(runtime)),
             Err(e) => {
@@ -111,7 +110,7 @@ impl LakeReports {
             }
         };
         Self {
-            lake_dir: lake_dir.into(),
+            lake,
             memory_limit: Self::DEFAULT_SQL_MEMORY_LIMIT,
             time_limit: Self::DEFAULT_SQL_TIME_LIMIT,
             runtime,
@@ -183,9 +182,9 @@ impl LakeReports {
         R: Report,
         F: Future<Output = crate::Result<R>> + Send,
     {
-        let dir = self.lake_dir.clone();
+        let location = self.lake.clone();
         let work = async move {
-            let lake = Lakehouse::open(&dir).await.map_err(internal)?;
+            let lake = Lakehouse::open(&location).await.map_err(internal)?;
             let report = report(lake).await.map_err(internal)?;
             to_bytes(&report, format).map_err(internal)
         };
@@ -220,7 +219,7 @@ impl LakeReports {
             time_limit: self.time_limit,
             ..LakehouseOptions::default()
         };
-        let dir = self.lake_dir.clone();
+        let location = self.lake.clone();
         // Waiting for a turn ends with this request if its client goes away.
         let slot = self
             .sql_slots
@@ -246,7 +245,7 @@ impl LakeReports {
             };
             runtime.block_on(async move {
                 let work = async {
-                    let lake = Lakehouse::open_with(&dir, options)
+                    let lake = Lakehouse::open_with(&location, options)
                         .await
                         .map_err(|e| ReportError::Internal(format!("opening the lake: {e}")))?;
                     if let Some(definitions) = &definitions

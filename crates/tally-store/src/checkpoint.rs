@@ -1,93 +1,93 @@
-//! Checkpoints: a partition's counters and seen event ids (a [`Snapshot`]), one file each.
+//! Checkpoints: a partition's counters and seen event ids (a [`Snapshot`]), one object
+//! each in the lake's store (local disk or S3), beside its tables.
 //!
 //! ```text
-//! <root>/checkpoints/p<partition>/<last_seq>.ckpt
+//! <lake>/checkpoints/p<partition>/<last_seq>.ckpt
 //! ```
 //!
-//! The file is `TALLYCK1`, the snapshot in postcard, and the XXH3-64 of that payload; it
-//! appears atomically like a lake file. The newest two are kept: a torn or corrupt newest
-//! one (which the atomic rename should make impossible) falls back to the one before.
+//! The object is `TALLYCK1`, the snapshot in postcard, and the XXH3-64 of that payload; a
+//! put makes it appear whole (on local disk: written aside, fsynced and renamed). The
+//! newest two are kept: a corrupt newest one falls back to the one before.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::PathBuf;
-
+use bytes::Bytes;
 use tally_core::Fence;
 use tally_core::snapshot::Snapshot;
 
-use crate::{Error, Lake, Result, io_err, publish, sync_dir};
+use crate::table::block_on;
+use crate::{Error, Lake, Result};
 
 const MAGIC: &[u8; 8] = b"TALLYCK1";
 const KEEP: usize = 2;
+const CHECKPOINTS: &str = "checkpoints";
 
 impl Lake {
-    fn checkpoints_dir(&self, partition: u16) -> PathBuf {
-        self.root
-            .join("checkpoints")
-            .join(format!("p{partition:03}"))
+    fn checkpoints_dir(partition: u16) -> String {
+        format!("{CHECKPOINTS}/p{partition:03}")
     }
 
     /// Writes a partition's checkpoint durably and drops all but the newest two, if the
     /// partition's fence still holds. Returns its size in bytes.
     pub fn write_checkpoint(&self, snapshot: &Snapshot, fence: &Fence) -> Result<u64> {
-        let dir = self.checkpoints_dir(snapshot.partition);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let dir = Self::checkpoints_dir(snapshot.partition);
         let payload =
             postcard::to_stdvec(snapshot).map_err(|e| Error::Checkpoint(e.to_string()))?;
-        let name = format!("{:020}.ckpt", snapshot.last_seq);
-        let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(&name));
-        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-        file.write_all(MAGIC)
-            .and_then(|()| file.write_all(&payload))
-            .and_then(|()| file.write_all(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes()))
-            .and_then(|()| file.sync_all())
-            .map_err(io_err(&tmp))?;
-        drop(file);
-        publish(&tmp, &path, fence, snapshot.partition)?;
-        sync_dir(&dir)?;
-        for old in self
-            .checkpoint_files(snapshot.partition)?
-            .into_iter()
-            .skip(KEEP)
-        {
-            fs::remove_file(&old).map_err(io_err(&old))?;
+        let mut bytes = Vec::with_capacity(MAGIC.len() + payload.len() + 8);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+        let size = bytes.len() as u64;
+        if !fence.holds() {
+            return Err(Error::Fenced(snapshot.partition));
         }
-        Ok((MAGIC.len() + payload.len() + 8) as u64)
+        let key = format!("{dir}/{:020}.ckpt", snapshot.last_seq);
+        block_on(async {
+            self.storage.put(&key, Bytes::from(bytes)).await?;
+            for old in self
+                .checkpoint_keys(snapshot.partition)
+                .await?
+                .into_iter()
+                .skip(KEEP)
+            {
+                self.storage.delete(&old).await?;
+            }
+            Ok(size)
+        })
     }
 
     /// The newest readable checkpoint of a partition.
     pub fn latest_checkpoint(&self, partition: u16) -> Result<Option<Snapshot>> {
-        for path in self.checkpoint_files(partition)? {
-            let bytes = fs::read(&path).map_err(io_err(&path))?;
-            match decode(&bytes) {
-                Some(snapshot) if snapshot.partition == partition => return Ok(Some(snapshot)),
-                _ => {
-                    tracing::error!(path = %path.display(), "unreadable checkpoint; trying an older one")
+        block_on(async {
+            for key in self.checkpoint_keys(partition).await? {
+                // None: removed by a newer checkpoint's writer since the listing.
+                let Some(bytes) = self.storage.get_if_exists(&key).await? else {
+                    continue;
+                };
+                match decode(&bytes) {
+                    Some(snapshot) if snapshot.partition == partition => {
+                        return Ok(Some(snapshot));
+                    }
+                    _ => tracing::error!(%key, "unreadable checkpoint; trying an older one"),
                 }
             }
-        }
-        Ok(None)
+            Ok(None)
+        })
     }
 
-    /// A partition's checkpoint files, newest first.
-    pub(crate) fn checkpoint_files(&self, partition: u16) -> Result<Vec<PathBuf>> {
-        let dir = self.checkpoints_dir(partition);
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "ckpt"))
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    /// The keys of a partition's checkpoints (relative to the lake), newest first.
+    pub(crate) async fn checkpoint_keys(&self, partition: u16) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = self
+            .storage
+            .list(&Self::checkpoints_dir(partition))
+            .await?
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|k| {
+                k.ends_with(".ckpt") && !k.rsplit('/').next().is_some_and(|n| n.starts_with('.'))
             })
             .collect();
-        // Zero-padded sequence numbers: the names sort as the sequences do.
-        files.sort_unstable_by(|a, b| b.cmp(a));
-        Ok(files)
+        // Zero-padded sequence numbers: the keys sort as the sequences do.
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(keys)
     }
 }
 
@@ -154,7 +154,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(lake.latest_checkpoint(7).unwrap(), Some(snapshot(12_000)));
-        assert_eq!(lake.checkpoint_files(7).unwrap().len(), 2);
+        assert_eq!(block_on(lake.checkpoint_keys(7)).unwrap().len(), 2);
         assert_eq!(lake.latest_checkpoint(8).unwrap(), None);
     }
 
@@ -166,11 +166,13 @@ mod tests {
             .unwrap();
         lake.write_checkpoint(&snapshot(20), &Fence::open())
             .unwrap();
-        let newest = lake.checkpoint_files(7).unwrap()[0].clone();
-        let mut bytes = fs::read(&newest).unwrap();
+        let newest = dir
+            .path()
+            .join(&block_on(lake.checkpoint_keys(7)).unwrap()[0]);
+        let mut bytes = std::fs::read(&newest).unwrap();
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0xff;
-        fs::write(&newest, bytes).unwrap();
+        std::fs::write(&newest, bytes).unwrap();
         assert_eq!(lake.latest_checkpoint(7).unwrap(), Some(snapshot(10)));
     }
 }

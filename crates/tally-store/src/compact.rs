@@ -17,9 +17,10 @@
 //! is durable, and a take-over skips every message at or below the checkpoint it restores,
 //! so nothing is ever written again at or below that sequence: a compaction never races
 //! ingest, and every batch it merges is complete. (A take-over that falls back to an older
-//! checkpoint reads the compacted files past it like any other, see [`Lake::tail`].) One
-//! compaction runs at a time per lake ([`Lake::lock_compaction`]), so two never merge
-//! overlapping sets.
+//! checkpoint reads the compacted files past it like any other, see [`Lake::tail`].) A
+//! compaction's commit removes its inputs and lands only while they are all still in the
+//! table, so of two compactions that merge overlapping sets one is refused; on local disk
+//! one compaction runs at a time per lake ([`Lake::lock_compaction`]), so none is wasted.
 //!
 //! **When.** A date closed for [`CompactOptions::closed_after`] is merged whole, into files
 //! of at most [`CompactOptions::target_rows`] rows. On a date still open, only runs of at
@@ -30,7 +31,6 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -39,7 +39,6 @@ use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::compute::concat_batches;
 use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::file::reader::{FileReader, SerializedFileReader};
 use tally_core::Fence;
 use tally_core::schema::{self, lake_schema};
 
@@ -90,27 +89,6 @@ pub fn visible<K: Ord>(files: &[(K, u16, u64, u64)]) -> Vec<bool> {
     shown
 }
 
-/// The visible ones of a partition's files (see [`visible`]).
-pub(crate) fn visible_files(files: Vec<PartitionFile>) -> Vec<PartitionFile> {
-    let keys: Vec<_> = files
-        .iter()
-        .map(|f| {
-            (
-                f.path.parent().map(Path::to_owned),
-                0,
-                f.first_seq,
-                f.last_seq,
-            )
-        })
-        .collect();
-    let shown = visible(&keys);
-    files
-        .into_iter()
-        .zip(shown)
-        .filter_map(|(f, s)| s.then_some(f))
-        .collect()
-}
-
 /// What a compaction run may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompactOptions {
@@ -148,7 +126,7 @@ pub struct Compacted {
     pub rows: u64,
     /// Monthly rollups written (see [`monthly`](mod@crate::monthly)).
     pub monthly: usize,
-    /// Superseded monthly rollups removed, and rollups replaced by a reconciliation.
+    /// Rollups replaced by a reconciliation.
     pub removed: usize,
 }
 
@@ -165,7 +143,7 @@ impl std::ops::AddAssign for Compacted {
 /// The lake's compaction lock, held while it lives.
 #[derive(Debug)]
 pub struct CompactionLock {
-    _file: File,
+    _file: Option<File>,
 }
 
 /// An events file the run may merge.
@@ -175,11 +153,14 @@ struct Candidate {
 }
 
 impl Lake {
-    /// Takes the lake's compaction lock (a lock file under the root, released when the
-    /// returned guard drops or the process ends), or `None` while another holds it.
+    /// Takes the lake's compaction lock (a lock file in the lake's directory, released
+    /// when the returned guard drops or the process ends), or `None` while another holds
+    /// it. A lake on object storage has no lock: its commits refuse the loser of a race.
     pub fn lock_compaction(&self) -> Result<Option<CompactionLock>> {
-        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
-        let path = self.root.join(".compact.lock");
+        let Some(dir) = self.local_dir() else {
+            return Ok(Some(CompactionLock { _file: None }));
+        };
+        let path = dir.join(".compact.lock");
         let file = File::options()
             .create(true)
             .truncate(false)
@@ -187,7 +168,7 @@ impl Lake {
             .open(&path)
             .map_err(io_err(&path))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(CompactionLock { _file: file })),
+            Ok(()) => Ok(Some(CompactionLock { _file: Some(file) })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
             Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
         }
@@ -198,10 +179,10 @@ impl Lake {
     /// durable, so its name says so even if its content were unreadable). `None` without
     /// checkpoints.
     pub fn settled_seq(&self, partition: u16) -> Result<Option<u64>> {
-        let files = self.checkpoint_files(partition)?;
-        Ok(files
+        let keys = block_on(self.checkpoint_keys(partition))?;
+        Ok(keys
             .iter()
-            .filter_map(|p| p.file_stem()?.to_str()?.parse().ok())
+            .filter_map(|k| k.rsplit('/').next()?.strip_suffix(".ckpt")?.parse().ok())
             .max())
     }
 
@@ -253,7 +234,6 @@ impl Lake {
         done.removed += self.reconcile_rollups(partition, up_to_seq, fence, now)?;
         done.monthly +=
             self.compact_months(partition, up_to_seq, fence, options.closed_after, now)?;
-        done.removed += self.remove_superseded_months(partition, options.retain, now)?;
         Ok(done)
     }
 
@@ -403,7 +383,7 @@ impl Lake {
         Ok(replaced)
     }
 
-    /// Removes from the events and rollups tables' directories every file no snapshot
+    /// Removes from the tables' directories every file no snapshot
     /// needs any more: one removed from the table more than `retain` ago (a query planned
     /// before still reads it meanwhile), and one never committed (a failed flush's) older
     /// than `retain`. Returns the files removed.
@@ -422,7 +402,13 @@ impl Lake {
             .map(|f| f.path)
             .collect();
         let mut removed = 0;
-        for table in [&self.tables.events, &self.tables.rollups] {
+        let tables = &self.tables;
+        for table in [
+            &tables.events,
+            &tables.rollups,
+            &tables.monthly,
+            &tables.billing,
+        ] {
             let (live, tombstones) = block_on(table.files_and_tombstones())?;
             let prefix = format!("{}/", table.name);
             for (relative, object) in block_on(self.storage.list(table.name))? {
@@ -523,19 +509,20 @@ fn date_end(date: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(end).ok()?))
 }
 
-/// A Parquet file's rows, from its footer.
-pub fn footer_rows(path: &Path) -> Result<u64> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let reader = SerializedFileReader::new(file)?;
-    Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
-}
+impl Lake {
+    /// The rows of the Parquet file at `key` (relative to the lake), from its footer.
+    pub fn footer_rows(&self, key: &str) -> Result<u64> {
+        let footer = block_on(self.storage.footer(key))?;
+        Ok(u64::try_from(footer.file_metadata().num_rows()).unwrap_or(0))
+    }
 
-/// Whether a Parquet file has a column named `name`, from its footer.
-pub fn has_column(path: &Path, name: &str) -> Result<bool> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let reader = SerializedFileReader::new(file)?;
-    let schema = reader.metadata().file_metadata().schema_descr();
-    Ok(schema.columns().iter().any(|c| c.name() == name))
+    /// Whether the Parquet file at `key` (relative to the lake) has a column named `name`,
+    /// from its footer.
+    pub fn has_column(&self, key: &str, name: &str) -> Result<bool> {
+        let footer = block_on(self.storage.footer(key))?;
+        let schema = footer.file_metadata().schema_descr();
+        Ok(schema.columns().iter().any(|c| c.name() == name))
+    }
 }
 
 /// A file's rows in the lake's schema: a column the file predates reads as null (such as

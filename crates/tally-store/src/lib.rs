@@ -24,8 +24,7 @@
 //! [`Lake::write`] is blocking and runs off the async threads; [`run_writer`] is the thin
 //! async shell that serves a worker's bounded channel of [`FlushRequest`]s.
 
-use std::fs::{self, File};
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,10 +55,10 @@ pub mod table;
 pub mod tail;
 pub mod users;
 
-pub use compact::{CompactOptions, Compacted, footer_rows, has_column, parse_name, visible};
-pub use lines::{BILLING_TABLE, lines_schema, merge_lines};
+pub use compact::{CompactOptions, Compacted, parse_name, visible};
+pub use lines::{BILLING_TABLE, lines_schema};
 pub use migrate::Migrated;
-pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, monthly_schema};
+pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, PERIOD, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
 pub use table::{Expect, Location, S3Location, Storage, TableFile};
 pub use tail::{PartitionFile, Tail};
@@ -133,39 +132,12 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
-/// Makes a rename in `dir` durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
-/// Sets a compacted file's modification time to the compaction's `now`. Retention measures
-/// how long a superseding file has existed from its modification time, and only compaction
-/// writes superseding files, so stamping them with the clock a run was given keeps every
-/// age on that one clock (a test's injected time and the files it wrote never disagree).
-pub(crate) fn stamp(path: &Path, now: std::time::SystemTime) -> Result<()> {
-    File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(now))
-        .map_err(io_err(path))
-}
-
-/// Makes a written file visible under its name, if the partition's fence still holds.
-pub(crate) fn publish(tmp: &Path, path: &Path, fence: &Fence, partition: u16) -> Result<()> {
-    if !fence.holds() {
-        let _ = fs::remove_file(tmp);
-        return Err(Error::Fenced(partition));
-    }
-    fs::rename(tmp, path).map_err(io_err(path))
-}
-
-/// The lake: its tables on local disk or object storage, and (on local disk, beside
-/// them) the partitions' checkpoints, the monthly rollups and the billing lines.
+/// The lake: its tables (events, hourly rollups, monthly rollups, billing lines) and the
+/// partitions' checkpoints, on local disk or object storage.
 #[derive(Debug, Clone)]
 pub struct Lake {
-    root: PathBuf,
+    /// The lake's directory, for a lake on local disk.
+    dir: Option<PathBuf>,
     storage: Storage,
     tables: Arc<Tables>,
     props: WriterProperties,
@@ -179,6 +151,8 @@ pub struct Lake {
 pub(crate) struct Tables {
     pub events: table::Table,
     pub rollups: table::Table,
+    pub monthly: table::Table,
+    pub billing: table::Table,
 }
 
 /// Rows per row group of a monthly rollup file.
@@ -197,11 +171,9 @@ impl Lake {
     /// The lake at `location`.
     pub fn open(location: &Location) -> Result<Self> {
         let storage = Storage::open(location)?;
-        let root = match location {
-            Location::Local(dir) => std::path::absolute(dir).map_err(io_err(dir))?,
-            // Until the monthly rollups, billing lines and checkpoints move into the
-            // object store, an S3 lake keeps them in the working directory's `lake/`.
-            Location::S3(_) => PathBuf::from("lake"),
+        let dir = match location {
+            Location::Local(dir) => Some(std::path::absolute(dir).map_err(io_err(dir))?),
+            Location::S3(_) => None,
         };
         let tables = Tables {
             events: table::Table::new(
@@ -217,6 +189,20 @@ impl Lake {
                 rollup_schema(),
                 schema::DATE,
                 deltalake::kernel::DataType::DATE,
+            )?,
+            monthly: table::Table::new(
+                &storage,
+                MONTHLY_TABLE,
+                monthly_schema(),
+                PERIOD,
+                deltalake::kernel::DataType::STRING,
+            )?,
+            billing: table::Table::new(
+                &storage,
+                BILLING_TABLE,
+                lines_schema(),
+                PERIOD,
+                deltalake::kernel::DataType::STRING,
             )?,
         };
         // Event ids are unique: a dictionary for them is pure cost, and so are statistics
@@ -237,7 +223,7 @@ impl Lake {
                 )
         };
         Ok(Self {
-            root,
+            dir,
             storage,
             tables: Arc::new(tables),
             props: props().build(),
@@ -251,18 +237,9 @@ impl Lake {
         &self.storage
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// The events table's directory.
-    pub fn events_dir(&self) -> PathBuf {
-        self.root.join(EVENTS_TABLE)
-    }
-
-    /// The rollups table's directory.
-    pub fn rollups_dir(&self) -> PathBuf {
-        self.root.join(ROLLUPS_TABLE)
+    /// The lake's directory, for a lake on local disk.
+    pub fn local_dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Writes a sealed batch durably: its rows as one events file per event date, each
@@ -332,32 +309,6 @@ impl Lake {
         }))
         .await?;
         Ok(())
-    }
-
-    /// Writes `rows` as `dir/name` on local disk (the monthly rollups and billing lines):
-    /// a temporary file, fsynced, renamed into place while the fence holds, the directory
-    /// fsynced. Returns the file's size.
-    pub(crate) fn write_file_with(
-        &self,
-        props: &WriterProperties,
-        dir: &Path,
-        name: &str,
-        meta: &FileMeta,
-        rows: &RecordBatch,
-        fence: &Fence,
-    ) -> Result<u64> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let path = dir.join(name);
-        let encoded = encode(props, meta, rows)?;
-        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-        file.write_all(&encoded).map_err(io_err(&tmp))?;
-        file.sync_all().map_err(io_err(&tmp))?;
-        drop(file);
-        publish(&tmp, &path, fence, meta.partition)?;
-        // The rename is durable only once the directory entry is.
-        sync_dir(dir)?;
-        Ok(encoded.len() as u64)
     }
 }
 
@@ -665,6 +616,7 @@ pub(crate) mod tests {
         Array, Float64Array, StringArray, TimestampMicrosecondArray, UInt8Array, UInt16Array,
         UInt64Array,
     };
+    use std::fs::{self, File};
     use std::sync::Arc as StdArc;
     use tally_core::Decision;
 
@@ -731,7 +683,10 @@ pub(crate) mod tests {
             .map(|f| (f.file.value.as_str(), f.first_seq, f.last_seq))
             .collect();
         assert_eq!(names, [("2026-11-01", 10, 12), ("2026-11-02", 10, 12)]);
-        let (a, b) = (&files[0].path, &files[1].path);
+        let (a, b) = (
+            &dir.path().join(&files[0].key),
+            &dir.path().join(&files[1].key),
+        );
         assert!(a.starts_with(dir.path().join("events/date=2026-11-01")));
         assert!(b.starts_with(dir.path().join("events/date=2026-11-02")));
         assert!(a.exists() && b.exists());
@@ -779,8 +734,8 @@ pub(crate) mod tests {
             lake.write(&sealed, &Fence::open()).unwrap(),
             Durable::default()
         );
-        assert!(!lake.events_dir().exists());
-        assert!(!lake.rollups_dir().exists());
+        assert!(!dir.path().join(EVENTS_TABLE).exists());
+        assert!(!dir.path().join(ROLLUPS_TABLE).exists());
     }
 
     #[test]
@@ -871,14 +826,11 @@ pub(crate) mod tests {
         assert_eq!((durable.rows, durable.files), (5, 2));
         let events = lake.partition_files(3).unwrap();
         let rollups = lake.partition_rollup_files(3).unwrap();
-        let relative = |files: &[PartitionFile], root: &Path| -> Vec<PathBuf> {
-            files
-                .iter()
-                .map(|f| f.path.strip_prefix(root).unwrap().to_owned())
-                .collect()
+        let relative = |files: &[PartitionFile]| -> Vec<PathBuf> {
+            files.iter().map(|f| PathBuf::from(&f.file.path)).collect()
         };
-        let names = relative(&rollups, &lake.rollups_dir());
-        assert_eq!(names, relative(&events, &lake.events_dir()));
+        let names = relative(&rollups);
+        assert_eq!(names, relative(&events));
         let dates: Vec<_> = names
             .iter()
             .map(|n| n.parent().unwrap().to_owned())
@@ -893,8 +845,8 @@ pub(crate) mod tests {
         // Each rollup sums its own day's rows and carries its events file's metadata.
         let mut per_hour: Vec<u64> = Vec::new();
         for (e, r) in events.iter().zip(&rollups) {
-            let (rows, events_kv) = read_file(&e.path);
-            let (summary, rollup_kv) = read_file(&r.path);
+            let (rows, events_kv) = read_file(&dir.path().join(&e.key));
+            let (summary, rollup_kv) = read_file(&dir.path().join(&r.key));
             assert_eq!(summary.schema().fields(), rollup_schema().fields());
             assert_eq!(rollup_kv, events_kv);
             assert!(rollup_kv.contains(&(META_FILES.into(), "2".into())));

@@ -2,20 +2,19 @@
 //! feature, in the order billing prints it, written beside each monthly rollup.
 //!
 //! ```text
-//! <root>/billing/month=YYYY-MM/p<partition>-<first_seq>-<last_seq>.parquet
+//! <lake>/billing/period=YYYY-MM/p<partition>-<first_seq>-<last_seq>-<token>.parquet
 //! ```
 //!
-//! A lines file has the name of the monthly file it was made from and is written just
-//! before it, so a visible monthly file has its lines on disk (as a rollup is written
-//! before its events file); it is removed with it. Billing of a month read from monthly
+//! The lines are a Delta table partitioned by month (`period`). A lines file has the name
+//! of the monthly file it was made from and is committed just before it, so a monthly
+//! file in its table has its lines in theirs (as a rollup is committed with its events
+//! file); a compaction replaces both. Billing of a month read from monthly
 //! files alone merges the lines files of those monthly files ([`merge_lines`]): each is
 //! sorted, and a merge keeps the order while it sums a line that two files share (a
 //! customer whose events went to two partitions), so nothing is grouped or sorted again.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -28,7 +27,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::Decision;
 
 use crate::rollup::{CUSTOMER, DECISION, EVENTS, FEATURE, PLAN, QUANTITY};
-use crate::{Error, Lake, Result, io_err};
+use crate::{Error, Lake, Result};
 
 /// The billing lines' directory under the lake root.
 pub const BILLING_TABLE: &str = "billing";
@@ -197,9 +196,8 @@ struct Cursor {
 }
 
 impl Cursor {
-    fn read(path: &Path, customer: Option<&str>) -> Result<Cursor> {
-        let file = File::open(path).map_err(io_err(path))?;
-        let batches = ParquetRecordBatchReaderBuilder::try_new(file)?
+    fn read(bytes: bytes::Bytes, customer: Option<&str>) -> Result<Cursor> {
+        let batches = ParquetRecordBatchReaderBuilder::try_new(bytes)?
             .with_batch_size(64 * 1024)
             .build()?
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -285,10 +283,43 @@ impl Ord for Head<'_> {
     }
 }
 
-/// The lines of `files` (of [`lines_schema`], each sorted) merged into one sorted batch,
-/// a line found in several files summed; with `customer`, that customer's lines only.
-pub fn merge_lines(files: &[PathBuf], customer: Option<&str>) -> Result<RecordBatch> {
-    let cursors = read_all(files, customer)?;
+impl Lake {
+    /// The lines of `files` (keys of the lake's billing table, each sorted) merged into
+    /// one sorted batch, a line found in several files summed; with `customer`, that
+    /// customer's lines only.
+    pub fn merge_lines(&self, files: &[String], customer: Option<&str>) -> Result<RecordBatch> {
+        merge(&self.read_lines(files, customer)?)
+    }
+
+    /// The files read on a thread per core, in the order given.
+    fn read_lines(&self, files: &[String], customer: Option<&str>) -> Result<Vec<Cursor>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = files.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let readers: Vec<_> = files
+                .chunks(per_thread)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|f| Cursor::read(self.fetch(f)?, customer))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut cursors = Vec::with_capacity(files.len());
+            for reader in readers {
+                let read = reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                cursors.extend(read?);
+            }
+            Ok(cursors)
+        })
+    }
+}
+
+/// The lines of `cursors` merged into one sorted batch, a shared line summed.
+fn merge(cursors: &[Cursor]) -> Result<RecordBatch> {
     let mut out = LinesBuilder::with_capacity(cursors.iter().map(Cursor::len).sum());
     let mut heap: BinaryHeap<Head<'_>> = cursors
         .iter()
@@ -324,45 +355,6 @@ pub fn merge_lines(files: &[PathBuf], customer: Option<&str>) -> Result<RecordBa
         out.push(k, s);
     }
     out.finish()
-}
-
-/// The files read on a thread per core, in the order given.
-fn read_all(files: &[PathBuf], customer: Option<&str>) -> Result<Vec<Cursor>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = files.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let readers: Vec<_> = files
-            .chunks(per_thread)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|f| Cursor::read(f, customer))
-                        .collect::<Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        let mut cursors = Vec::with_capacity(files.len());
-        for reader in readers {
-            let read = reader
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            cursors.extend(read?);
-        }
-        Ok(cursors)
-    })
-}
-
-impl Lake {
-    /// The billing lines' directory.
-    pub fn lines_dir(&self) -> PathBuf {
-        self.root.join(BILLING_TABLE)
-    }
-
-    /// The lines file made from the monthly file at `monthly` (which may be missing).
-    pub(crate) fn lines_of_monthly(&self, monthly: &Path) -> Option<PathBuf> {
-        let relative = monthly.strip_prefix(self.monthly_dir()).ok()?;
-        Some(self.lines_dir().join(relative))
-    }
 }
 
 #[cfg(test)]
@@ -460,10 +452,10 @@ mod tests {
                 compacted: None,
             };
             let lines = lines_of(&monthly(rows)).unwrap();
-            let fence = tally_core::Fence::open();
-            lake.write_file_with(&lake.monthly_props, dir.path(), name, &meta, &lines, &fence)
-                .unwrap();
-            dir.path().join(name)
+            let key = format!("{BILLING_TABLE}/{name}");
+            let bytes = crate::encode(&lake.monthly_props, &meta, &lines).unwrap();
+            crate::table::block_on(lake.storage().put(&key, bytes)).unwrap();
+            key
         };
         let files = [
             write(
@@ -484,7 +476,7 @@ mod tests {
             write("p002-1-1.parquet", &[]),
         ];
         assert_eq!(
-            rows(&merge_lines(&files, None).unwrap()),
+            rows(&lake.merge_lines(&files, None).unwrap()),
             [
                 line("a", Some("free"), "api", 1, 1.0, 1.0, 0.0),
                 line("b", Some("pro"), "api", 1, 3.0, 3.0, 0.0),
@@ -493,10 +485,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            rows(&merge_lines(&files, Some("b")).unwrap()),
+            rows(&lake.merge_lines(&files, Some("b")).unwrap()),
             [line("b", Some("pro"), "api", 1, 3.0, 3.0, 0.0)]
         );
-        assert!(rows(&merge_lines(&files, Some("nobody")).unwrap()).is_empty());
-        assert!(rows(&merge_lines(&[], None).unwrap()).is_empty());
+        assert!(rows(&lake.merge_lines(&files, Some("nobody")).unwrap()).is_empty());
+        assert!(rows(&lake.merge_lines(&[], None).unwrap()).is_empty());
     }
 }

@@ -2,8 +2,11 @@
 //! feature × decision × plan, the level billing reads for a closed month.
 //!
 //! ```text
-//! <root>/monthly/month=YYYY-MM/p<partition>-<first_seq>-<last_seq>.parquet
+//! <lake>/monthly/period=YYYY-MM/p<partition>-<first_seq>-<last_seq>-<token>.parquet
 //! ```
+//!
+//! The monthly rollups are a Delta table partitioned by month (`period`), as are the
+//! billing lines made from them ([`crate::lines`]).
 //!
 //! Hourly rollups hold about one row per event once customers × features × hours outnumber
 //! the events (10,000 customers × 50 features do at any rate below a billion events a
@@ -16,13 +19,11 @@
 //! files. It *covers* every events file of its partition dated in its month whose range
 //! lies inside its own; a later file (an event arriving after the month closed) is not
 //! covered, and its rows are read from its own rollup until a later compaction writes a
-//! wider monthly file, which supersedes this one as compacted events files supersede theirs
-//! ([`visible`](crate::visible)). [`Lake::month_sources`] lists what a query reads for a
-//! month: the monthly files, and the rollups of the events files no monthly file covers.
+//! wider monthly file and commits it in place of this one (one commit: readers see either).
+//! [`Lake::month_sources`] lists what a query reads for a month: the monthly files, and
+//! the rollups of the events files no monthly file covers.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
@@ -41,13 +42,12 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::Fence;
 
-use crate::compact::{parse_name, visible, visible_files};
 use crate::rollup::{
     CUSTOMER, DECISION, EVENTS, FEATURE, FIRST_TIME, HOUR, PARTITION_ID, PLAN, QUANTITY, REGION,
     USERS,
 };
-use crate::table::block_on;
-use crate::{Error, FileMeta, Lake, PartitionFile, Result, io_err};
+use crate::table::{Expect, Table, block_on};
+use crate::{Error, FileMeta, Lake, PartitionFile, Result, Upload};
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 
@@ -55,6 +55,9 @@ const MICROS_PER_DAY: i64 = 86_400_000_000;
 pub const MONTHLY_TABLE: &str = "monthly";
 /// The first instant of the row's calendar month (UTC).
 pub const MONTH: &str = "month";
+/// The partition column of the monthly tables (monthly rollups, billing lines): the
+/// month, `YYYY-MM`, as billing names its periods.
+pub const PERIOD: &str = "period";
 /// Beside each of `users`, the days of the month it was seen on: bit `d - 1` for day `d`.
 pub const USER_DAYS: &str = "user_days";
 
@@ -126,8 +129,9 @@ impl Month {
         Some(Month::of(value.parse::<NaiveDate>().ok()?))
     }
 
+    /// The directory of the month's files in a monthly table.
     fn dir_name(self) -> String {
-        format!("{MONTH}={self}")
+        format!("{PERIOD}={self}")
     }
 
     fn micros(date: NaiveDate) -> i64 {
@@ -400,23 +404,19 @@ impl Summer {
     }
 }
 
-/// What a query reads for one month: the monthly files, and the hourly rollups of the
+/// What a query reads for one month, as keys relative to the lake
+/// (`monthly/period=2026-11/p…parquet`): the monthly files, and the hourly rollups of the
 /// events files dated in the month that no monthly file covers.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MonthSources {
-    pub monthly: Vec<PathBuf>,
-    pub hourly: Vec<PathBuf>,
+    pub monthly: Vec<String>,
+    pub hourly: Vec<String>,
     /// The billing lines of each monthly file ([`crate::lines`]), when the month is read
     /// from monthly files alone and each has its lines: billing then merges these.
-    pub lines: Option<Vec<PathBuf>>,
+    pub lines: Option<Vec<String>>,
 }
 
 impl Lake {
-    /// The monthly table's directory.
-    pub fn monthly_dir(&self) -> PathBuf {
-        self.root.join(MONTHLY_TABLE)
-    }
-
     /// The earliest date the lake has events of (`None`: none).
     pub fn first_date(&self) -> Result<Option<NaiveDate>> {
         Ok(block_on(self.tables.events.files())?
@@ -426,11 +426,11 @@ impl Lake {
     }
 
     /// The files a query of `month`'s usage reads (see the module). The events table's
-    /// snapshot is read before the monthly files are listed: a monthly file covers
-    /// settled files only, which were in the table when its snapshot was read.
+    /// snapshot is read before the monthly table's: a monthly file covers settled files
+    /// only, which were in the events table when its snapshot was read.
     pub fn month_sources(&self, month: Month) -> Result<MonthSources> {
         let (first, next) = (month.first_day(), month.next().first_day());
-        let shown: Vec<(PathBuf, u16, u64, u64)> = self
+        let shown: Vec<PartitionFile> = self
             .snapshot_files(&self.tables.events, None)?
             .into_iter()
             .filter(|f| {
@@ -439,50 +439,57 @@ impl Lake {
                     .parse::<NaiveDate>()
                     .is_ok_and(|d| (first..next).contains(&d))
             })
-            .filter_map(|f| {
-                let (p, a, b) = parse_name(f.path.file_name()?.to_str()?)?;
-                Some((f.path, p, a, b))
-            })
             .collect();
-        let monthly_all = lake_files(&self.monthly_dir().join(month.dir_name()))?;
-        let keys: Vec<_> = monthly_all
+        let monthly = self.month_files(&self.tables.monthly, month, None)?;
+        let covered = |f: &PartitionFile| {
+            monthly.iter().any(|m| {
+                m.partition == f.partition && m.first_seq <= f.first_seq && f.last_seq <= m.last_seq
+            })
+        };
+        let hourly: Vec<String> = shown
             .iter()
-            .map(|(_, p, a, b)| ((), *p, *a, *b))
+            .filter(|f| !covered(f))
+            .map(|f| format!("{}/{}", crate::ROLLUPS_TABLE, f.file.path))
             .collect();
-        let monthly: Vec<_> = monthly_all
-            .into_iter()
-            .zip(visible(&keys))
-            .filter_map(|(f, s)| s.then_some(f))
-            .collect();
-        let covered =
-            |p: u16, a: u64, b: u64| monthly.iter().any(|m| m.1 == p && m.2 <= a && b <= m.3);
-        let hourly: Vec<PathBuf> = shown
-            .into_iter()
-            .filter(|(_, p, a, b)| !covered(*p, *a, *b))
-            .filter_map(|(path, ..)| {
-                let relative = path.strip_prefix(self.events_dir()).ok()?;
-                Some(self.rollups_dir().join(relative))
-            })
-            .collect();
-        let monthly: Vec<PathBuf> = monthly.into_iter().map(|m| m.0).collect();
-        let lines = hourly
-            .is_empty()
-            .then(|| {
-                monthly
-                    .iter()
-                    .map(|m| self.lines_of_monthly(m).filter(|l| l.exists()))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .flatten();
+        let lines = if hourly.is_empty() {
+            let made = self.month_files(&self.tables.billing, month, None)?;
+            monthly
+                .iter()
+                .map(|m| {
+                    made.iter()
+                        .find(|l| l.file.file_name() == m.file.file_name())
+                        .map(|l| l.key.clone())
+                })
+                .collect::<Option<Vec<_>>>()
+        } else {
+            None
+        };
         Ok(MonthSources {
-            monthly,
+            monthly: monthly.into_iter().map(|m| m.key).collect(),
             hourly,
             lines,
         })
     }
 
-    /// Writes the monthly rollup of each closed month of a partition that its visible
-    /// monthly file does not yet cover entirely. Returns the files written.
+    /// The files of a monthly table (`monthly` or `billing`) in `month`, of one partition
+    /// or all.
+    fn month_files(
+        &self,
+        table: &Table,
+        month: Month,
+        partition: Option<u16>,
+    ) -> Result<Vec<PartitionFile>> {
+        let value = month.to_string();
+        Ok(self
+            .snapshot_files(table, partition)?
+            .into_iter()
+            .filter(|f| f.file.value == value)
+            .collect())
+    }
+
+    /// Writes and commits the monthly rollup of each closed month of a partition that its
+    /// monthly file does not yet cover entirely, in place of that file. Returns the files
+    /// written.
     pub(crate) fn compact_months(
         &self,
         partition: u16,
@@ -507,8 +514,7 @@ impl Lake {
             if now.duration_since(end).map_or(true, |d| d < closed_after) {
                 continue;
             }
-            let dir = self.monthly_dir().join(month.dir_name());
-            let current: Vec<PartitionFile> = visible_files(files_of_dir(&dir, partition)?);
+            let current = self.month_files(&self.tables.monthly, month, Some(partition))?;
             let all_covered = files.iter().all(|f| {
                 current
                     .iter()
@@ -517,7 +523,7 @@ impl Lake {
             if all_covered {
                 // Monthly files written before billing lines existed get theirs.
                 for m in &current {
-                    self.backfill_lines(partition, m, fence)?;
+                    self.backfill_lines(partition, month, m, fence, now)?;
                 }
                 continue;
             }
@@ -539,35 +545,103 @@ impl Lake {
                 files: 1,
                 compacted: Some(files.len()),
             };
-            let name = format!(
-                "p{partition:03}-{:012}-{:012}.parquet",
-                meta.first_seq, meta.last_seq
+            let name = crate::file_name(
+                partition,
+                meta.first_seq,
+                meta.last_seq,
+                &crate::file_token(),
             );
-            // The lines first: a visible monthly file has its lines.
-            let lines_dir = self.lines_dir().join(month.dir_name());
-            self.write_file_with(&self.monthly_props, &lines_dir, &name, &meta, &lines, fence)?;
-            self.write_file_with(&self.monthly_props, &dir, &name, &meta, &rows, fence)?;
-            crate::stamp(&dir.join(&name), now)?;
+            // The lines first: a monthly file in the table has its lines in theirs.
+            let replaced = self.month_files(&self.tables.billing, month, Some(partition))?;
+            self.replace_month(
+                &self.tables.billing,
+                month,
+                &name,
+                &meta,
+                &lines,
+                &replaced,
+                fence,
+                now,
+            )?;
+            self.replace_month(
+                &self.tables.monthly,
+                month,
+                &name,
+                &meta,
+                &rows,
+                &current,
+                fence,
+                now,
+            )?;
             written += 1;
         }
         Ok(written)
     }
 
-    /// Writes the billing lines of a visible monthly file that has none (one written
-    /// before they existed), from the file's own rows.
-    fn backfill_lines(&self, partition: u16, monthly: &PartitionFile, fence: &Fence) -> Result<()> {
-        let Some(lines) = self.lines_of_monthly(&monthly.path) else {
-            return Ok(());
+    /// Uploads `rows` as `name` in `month` of a monthly table and commits it in place of
+    /// `replaced` (the partition's files of the month), in one commit: readers see the old
+    /// files or the new one. The partition's transaction version in the table counts its
+    /// commits, and each commit expects the count it read, so of two compactions of the
+    /// same partition (one a worker that lost it) only one lands.
+    #[allow(clippy::too_many_arguments)]
+    fn replace_month(
+        &self,
+        table: &Table,
+        month: Month,
+        name: &str,
+        meta: &FileMeta,
+        rows: &RecordBatch,
+        replaced: &[PartitionFile],
+        fence: &Fence,
+        now: SystemTime,
+    ) -> Result<()> {
+        let partition = meta.partition;
+        let upload = Upload {
+            path: format!("{}/{name}", month.dir_name()),
+            value: month.to_string(),
+            stats: crate::stats(rows),
+            bytes: crate::encode(&self.monthly_props, meta, rows)?,
         };
-        let (Some(dir), Some(name)) = (lines.parent(), lines.file_name().and_then(|n| n.to_str()))
-        else {
-            return Ok(());
-        };
-        if lines.exists() {
+        block_on(async {
+            let count = table.version_of(partition).await?;
+            let key = format!("{}/{}", table.name, upload.path);
+            self.storage.create(&key, upload.bytes.clone()).await?;
+            let mut actions = vec![upload.add(table)];
+            actions.extend(replaced.iter().map(|f| table.remove(&f.file, now)));
+            table
+                .commit(
+                    actions,
+                    &[(partition, count + 1)],
+                    &[Expect {
+                        partition,
+                        after_seq: count,
+                    }],
+                    Some((fence, partition)),
+                    crate::table::optimize(),
+                )
+                .await
+        })?;
+        Ok(())
+    }
+
+    /// Writes the billing lines of a monthly file that has none (one written before they
+    /// existed, or whose lines' commit a crash cut off), from the file's own rows.
+    fn backfill_lines(
+        &self,
+        partition: u16,
+        month: Month,
+        monthly: &PartitionFile,
+        fence: &Fence,
+        now: SystemTime,
+    ) -> Result<()> {
+        let made = self.month_files(&self.tables.billing, month, Some(partition))?;
+        if made
+            .iter()
+            .any(|l| l.file.file_name() == monthly.file.file_name())
+        {
             return Ok(());
         }
-        let file = File::open(&monthly.path).map_err(io_err(&monthly.path))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(self.fetch(&monthly.key)?)?;
         // The columns the lines are made of, not the users.
         let wanted = [CUSTOMER, PLAN, FEATURE, DECISION, EVENTS, QUANTITY];
         let roots: Vec<usize> = wanted
@@ -592,114 +666,15 @@ impl Lake {
             compacted: None,
         };
         let lines = crate::lines::lines_of(&rows)?;
-        self.write_file_with(&self.monthly_props, dir, name, &meta, &lines, fence)?;
-        Ok(())
+        self.replace_month(
+            &self.tables.billing,
+            month,
+            monthly.file.file_name(),
+            &meta,
+            &lines,
+            &made,
+            fence,
+            now,
+        )
     }
-
-    /// Removes monthly files superseded by a wider one older than `retain`.
-    pub(crate) fn remove_superseded_months(
-        &self,
-        partition: u16,
-        retain: Duration,
-        now: SystemTime,
-    ) -> Result<usize> {
-        let mut removed = 0;
-        for dir in date_dirs(&self.monthly_dir())? {
-            let all = files_of_dir(&dir, partition)?;
-            let shown = visible_files(all.clone());
-            for gone in all.iter().filter(|f| !shown.contains(f)) {
-                let Some(by) = shown
-                    .iter()
-                    .find(|v| v.first_seq <= gone.first_seq && gone.last_seq <= v.last_seq)
-                else {
-                    continue;
-                };
-                let age = fs::metadata(&by.path)
-                    .and_then(|m| m.modified())
-                    .map_err(io_err(&by.path))?;
-                if now.duration_since(age).unwrap_or_default() >= retain {
-                    fs::remove_file(&gone.path).map_err(io_err(&gone.path))?;
-                    // Its lines after it: a monthly file on disk keeps its lines.
-                    if let Some(lines) = self.lines_of_monthly(&gone.path) {
-                        match fs::remove_file(&lines) {
-                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                                return Err(io_err(&lines)(e));
-                            }
-                            _ => {}
-                        }
-                    }
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
-    }
-}
-
-/// The subdirectories of a table's directory.
-fn date_dirs(root: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match fs::read_dir(root) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(root)(e)),
-    };
-    let mut dirs = Vec::new();
-    for e in entries {
-        let path = e.map_err(io_err(root))?.path();
-        if path.is_dir() {
-            dirs.push(path);
-        }
-    }
-    dirs.sort();
-    Ok(dirs)
-}
-
-/// The lake files of one directory: (path, partition, first, last).
-fn lake_files(dir: &Path) -> Result<Vec<(PathBuf, u16, u64, u64)>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    let mut files = Vec::new();
-    for e in entries {
-        let path = e.map_err(io_err(dir))?.path();
-        if let Some((p, a, b)) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(parse_name)
-        {
-            files.push((path, p, a, b));
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// One partition's files of one directory.
-fn files_of_dir(dir: &Path, partition: u16) -> Result<Vec<PartitionFile>> {
-    Ok(lake_files(dir)?
-        .into_iter()
-        .filter(|f| f.1 == partition)
-        .map(|(path, _, first_seq, last_seq)| PartitionFile {
-            file: crate::TableFile {
-                path: path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                value: String::new(),
-                size: 0,
-                modified_ms: 0,
-                rows: None,
-            },
-            // `monthly/month=…/p….parquet`: the last three parts of its path.
-            key: {
-                let parts: Vec<_> = path.iter().map(|p| p.to_string_lossy()).collect();
-                parts[parts.len().saturating_sub(3)..].join("/")
-            },
-            path,
-            first_seq,
-            last_seq,
-        })
-        .collect())
 }

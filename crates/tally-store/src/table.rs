@@ -60,6 +60,7 @@ pub const CHECKPOINT_INTERVAL: u32 = 100;
 
 /// An S3-compatible bucket holding the lake under `prefix`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct S3Location {
     pub bucket: String,
     /// The key prefix of the lake in the bucket ("" for the bucket's root).
@@ -206,6 +207,46 @@ impl Storage {
         let key = self.key(relative);
         let got = self.root.get(&key).await.map_err(store_err)?;
         got.bytes().await.map_err(store_err)
+    }
+
+    /// The object at `relative`, or `None` where there is none.
+    pub async fn get_if_exists(&self, relative: &str) -> Result<Option<Bytes>> {
+        match self.root.get(&self.key(relative)).await {
+            Ok(got) => Ok(Some(got.bytes().await.map_err(store_err)?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    /// The Parquet metadata of the file at `relative`, read from its end alone (one
+    /// ranged read; two when the metadata is longer than the first guess).
+    pub async fn footer(&self, relative: &str) -> Result<parquet::file::metadata::ParquetMetaData> {
+        use parquet::file::metadata::{FooterTail, ParquetMetaDataReader};
+        const GUESS: u64 = 64 * 1024;
+        let key = self.key(relative);
+        let size = self.root.head(&key).await.map_err(store_err)?.size;
+        let bad = || Error::Storage(format!("{relative}: not a Parquet file"));
+        let start = size.saturating_sub(GUESS);
+        let mut tail = self
+            .root
+            .get_range(&key, start..size)
+            .await
+            .map_err(store_err)?;
+        let at = tail.len().checked_sub(8).ok_or_else(bad)?;
+        let footer = FooterTail::try_from(&tail[at..])?;
+        let length = u64::try_from(footer.metadata_length()).unwrap_or(u64::MAX);
+        let from = size.checked_sub(8 + length).ok_or_else(bad)?;
+        if from < start {
+            tail = self
+                .root
+                .get_range(&key, from..size)
+                .await
+                .map_err(store_err)?;
+        } else {
+            tail = tail.slice(usize::try_from(from - start).unwrap_or(0)..);
+        }
+        let metadata = tail.slice(..tail.len() - 8);
+        Ok(ParquetMetaDataReader::decode_metadata(&metadata)?)
     }
 
     /// Writes `bytes` as `relative`, durably, failing if it exists.
@@ -365,6 +406,11 @@ pub struct TableFile {
 }
 
 impl TableFile {
+    /// The last part of its path: `p003-…parquet`.
+    pub fn file_name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+
     fn of_add(add: &Add, partition_by: &str) -> Self {
         TableFile {
             path: decoded(&add.path),

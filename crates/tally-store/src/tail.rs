@@ -19,10 +19,9 @@ use crate::{Error, FileMeta, Lake, META_FILES, Result, Upload, rollup};
 /// A file of one partition in a table's snapshot, as its name describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionFile {
-    /// Where it is on local disk (a lake on local disk; read through [`Lake::fetch`]).
-    pub path: PathBuf,
     /// Its key in the lake's store: `<table>/date=…/p….parquet`.
     pub key: String,
+    pub partition: u16,
     pub first_seq: u64,
     pub last_seq: u64,
     /// As the table knows it: its path relative to the table, partition value and size.
@@ -62,7 +61,6 @@ impl Lake {
         listed: Vec<TableFile>,
         partition: Option<u16>,
     ) -> Vec<PartitionFile> {
-        let dir = self.root.join(table.name);
         let mut files: Vec<PartitionFile> = listed
             .into_iter()
             .filter_map(|file| {
@@ -72,15 +70,15 @@ impl Lake {
                     return None;
                 }
                 Some(PartitionFile {
-                    path: dir.join(&file.path),
                     key: format!("{}/{}", table.name, file.path),
+                    partition: p,
                     first_seq,
                     last_seq,
                     file,
                 })
             })
             .collect();
-        files.sort_by(|a, b| (a.first_seq, &a.path).cmp(&(b.first_seq, &b.path)));
+        files.sort_by(|a, b| (a.first_seq, &a.key).cmp(&(b.first_seq, &b.key)));
         files
     }
 
@@ -106,12 +104,10 @@ impl Lake {
 
     /// A file's rows: from the log's statistics, or its footer where they are missing.
     pub(crate) fn file_rows(&self, f: &PartitionFile) -> Result<u64> {
-        use parquet::file::reader::{FileReader, SerializedFileReader};
-        if let Some(rows) = f.file.rows {
-            return Ok(rows);
+        match f.file.rows {
+            Some(rows) => Ok(rows),
+            None => self.footer_rows(&f.key),
         }
-        let footer = SerializedFileReader::new(self.fetch(&f.key)?)?;
-        Ok(u64::try_from(footer.metadata().file_metadata().num_rows()).unwrap_or(0))
     }
 
     /// The bytes of the object at `key` (relative to the lake) from the lake's store.
@@ -130,9 +126,12 @@ impl Lake {
         table.files().await
     }
 
-    /// Where on local disk the files of the table named `table` in its newest snapshot are.
+    /// Where on local disk the files of the table named `table` in its newest snapshot are
+    /// (none for a lake on object storage).
     pub fn table_paths(&self, table: &str) -> Result<Vec<PathBuf>> {
-        let dir = self.root.join(table);
+        let Some(dir) = self.local_dir().map(|d| d.join(table)) else {
+            return Ok(Vec::new());
+        };
         Ok(block_on(self.table_files(table))?
             .into_iter()
             .map(|f| dir.join(f.path))
@@ -354,7 +353,10 @@ mod tests {
         assert!(lake.partition_files(2).unwrap().is_empty());
         assert!(lake.partition_rollup_files(2).unwrap().is_empty());
         assert_eq!(lake.version_of(2).unwrap(), 0);
-        assert_eq!(parquet_files(&lake.events_dir()).len(), 2);
+        assert_eq!(
+            parquet_files(&dir.path().join(schema::EVENTS_TABLE)).len(),
+            2
+        );
 
         lake.write(&across, &Fence::open()).unwrap();
         let tail = lake.tail(2, 0).unwrap();
@@ -366,7 +368,10 @@ mod tests {
         let retain = std::time::Duration::from_secs(60);
         assert_eq!(lake.vacuum(retain, now).unwrap(), 0);
         assert_eq!(lake.vacuum(retain, now + retain * 2).unwrap(), 4);
-        assert_eq!(parquet_files(&lake.events_dir()).len(), 2);
+        assert_eq!(
+            parquet_files(&dir.path().join(schema::EVENTS_TABLE)).len(),
+            2
+        );
         assert_eq!(all_seqs(&lake.tail(2, 0).unwrap()), [1, 2]);
     }
 

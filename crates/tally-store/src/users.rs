@@ -11,8 +11,6 @@
 //! count: a week or month the range cuts holds only the range's days.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -25,7 +23,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::compact::parse_name;
 use crate::monthly::{Month, USER_DAYS};
 use crate::rollup::{CUSTOMER, DECISION, FEATURE, HOUR, USERS};
-use crate::{Error, Lake, Result, io_err};
+use crate::{Error, Lake, Result};
 
 /// The calendar unit of a distinct-users count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,9 +85,10 @@ pub struct ActiveUsers {
 
 /// A rollup file to read, and the month it belongs to.
 #[derive(Debug)]
+/// A file a fold reads, by its key in the lake.
 enum Source {
-    Monthly(PathBuf),
-    Hourly(PathBuf),
+    Monthly(String),
+    Hourly(String),
 }
 
 /// Counts per (feature, grain, bucket).
@@ -120,12 +119,8 @@ impl Lake {
                 .map(Source::Monthly)
                 .chain(sources.hourly.into_iter().map(Source::Hourly));
             for source in files {
-                let (Source::Monthly(path) | Source::Hourly(path)) = &source;
-                let Some((p, _, _)) = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(parse_name)
-                else {
+                let (Source::Monthly(key) | Source::Hourly(key)) = &source;
+                let Some((p, _, _)) = key.rsplit('/').next().and_then(parse_name) else {
                     continue;
                 };
                 partitions.entry(p).or_default().push((i, source));
@@ -143,7 +138,7 @@ impl Lake {
                             let Some(sources) = next else {
                                 return Ok(());
                             };
-                            let counts = fold(&months, &sources, from, to, feature)?;
+                            let counts = fold(self, &months, &sources, from, to, feature)?;
                             let mut total = total.lock().map_err(|_| poisoned())?;
                             for (k, n) in counts {
                                 *total.entry(k).or_default() += n;
@@ -186,6 +181,7 @@ fn poisoned() -> Error {
 /// needs them all): a month's monthly file per month compacted, and the hourly rollups of
 /// the files none covers, which hold about a row per event until the month is compacted.
 fn fold(
+    lake: &Lake,
     months: &[Month],
     sources: &[(usize, Source)],
     from: NaiveDate,
@@ -194,11 +190,14 @@ fn fold(
 ) -> Result<Counts> {
     let mut batches: Vec<(usize, bool, RecordBatch)> = Vec::new();
     for (i, source) in sources {
-        let (path, monthly, last) = match source {
-            Source::Monthly(path) => (path, true, USER_DAYS),
-            Source::Hourly(path) => (path, false, HOUR),
+        let (key, monthly, last) = match source {
+            Source::Monthly(key) => (key, true, USER_DAYS),
+            Source::Hourly(key) => (key, false, HOUR),
         };
-        for batch in read(path, &[CUSTOMER, FEATURE, DECISION, USERS, last])? {
+        for batch in read(
+            lake.fetch(key)?,
+            &[CUSTOMER, FEATURE, DECISION, USERS, last],
+        )? {
             batches.push((*i, monthly, batch));
         }
     }
@@ -464,8 +463,7 @@ fn used(decision: &str) -> bool {
 }
 
 /// A Parquet file's `columns`, in that order.
-fn read(path: &Path, columns: &[&str]) -> Result<Vec<RecordBatch>> {
-    let file = File::open(path).map_err(io_err(path))?;
+fn read(file: bytes::Bytes, columns: &[&str]) -> Result<Vec<RecordBatch>> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let schema = builder.schema().clone();
     let mut roots = Vec::with_capacity(columns.len());

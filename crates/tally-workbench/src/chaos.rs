@@ -10,6 +10,10 @@
 //!   was not acknowledged with the same message ids, as an SDK does);
 //! - makes the lake's events directory unwritable for `--unwritable-secs` once.
 //!
+//! With `--s3` the lake is in a bucket of an S3-compatible server (`s3s-fs`, started here
+//! on a loopback port) instead of under the data directory, and the server is stopped for
+//! `--unwritable-secs` and started again instead (same port, same objects).
+//!
 //! Publishing is paced (`--rate`) and cut into slices; the faults fall between slices, at
 //! moments drawn from `--seed`, while the worker is busy with what was published before. When everything is acknowledged
 //! and drained, the worker is stopped and the lake is checked against the generator: each
@@ -56,9 +60,14 @@ pub struct ChaosArgs {
     /// Times nats-server is killed and started again while events flow.
     #[arg(long, default_value_t = 2)]
     pub nats_restarts: u32,
-    /// For how long, once, the lake refuses writes (0: never).
+    /// For how long, once, the lake refuses writes (0: never); with `--s3`, how long the
+    /// S3 server is stopped.
     #[arg(long, default_value_t = 3)]
     pub unwritable_secs: u64,
+    /// The lake in a bucket of an S3-compatible server (s3s-fs, started here; see
+    /// `scripts/install-s3.sh`) instead of the data directory.
+    #[arg(long)]
+    pub s3: bool,
     /// Events published per second at most, so that the faults are spread over the run.
     #[arg(long, default_value_t = 50_000)]
     pub rate: u64,
@@ -94,6 +103,10 @@ pub struct ChaosReport {
     pub kills: u32,
     pub nats_restarts: u32,
     pub unwritable_secs: u64,
+    /// Where the lake was: `local` or `s3`.
+    pub lake: &'static str,
+    /// Times the S3 server was stopped and started again (with `--s3`).
+    pub s3_restarts: u32,
     /// Slices of publishing that had to be sent again after an error.
     pub publish_retries: u64,
     /// The last worker's peak resident memory (`VmHWM`), in MiB, where `/proc` tells.
@@ -125,6 +138,16 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         .await?
         .context("starting nats-server")?;
     config.nats_url = Some(server.url());
+    let s3 = if args.s3 {
+        let s3_dir = dir.join("s3");
+        let (s3, location) =
+            tokio::task::spawn_blocking(move || crate::start_s3(&s3_dir)).await??;
+        config.lake_s3 = Some(location);
+        Some(std::sync::Arc::new(std::sync::Mutex::new(s3)))
+    } else {
+        None
+    };
+    let lake_env = lake_env(&config);
     let nats = Nats::connect(&config, Service::Admin).await?;
     crate::demo::entitle_unlimited(&nats, args.customers, "tally-chaos").await?;
     tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
@@ -141,7 +164,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     let faults = schedule(&args);
 
     let exe = std::env::current_exe().context("locating the tally binary")?;
-    let mut worker = Worker::start(&exe, &server.url(), &dir, 0)?;
+    let mut worker = Worker::start(&exe, &server.url(), &dir, &lake_env, 0)?;
     let lake_events = config.lake_dir().join(tally_core::schema::EVENTS_TABLE);
     let mut report = ChaosReport {
         sent: 0,
@@ -156,6 +179,8 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         kills: 0,
         nats_restarts: 0,
         unwritable_secs: args.unwritable_secs,
+        lake: if s3.is_some() { "s3" } else { "local" },
+        s3_restarts: 0,
         publish_retries: 0,
         worker_peak_rss_mib: None,
         seconds: 0.0,
@@ -173,7 +198,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                 Fault::KillWorker => {
                     worker.kill()?;
                     report.kills += 1;
-                    worker = Worker::start(&exe, &server.url(), &dir, report.kills)?;
+                    worker = Worker::start(&exe, &server.url(), &dir, &lake_env, report.kills)?;
                     tracing::warn!(kills = report.kills, "worker killed and started again");
                 }
                 Fault::RestartNats => {
@@ -184,7 +209,11 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                     tracing::warn!(restarts = report.nats_restarts, "nats-server restarted");
                 }
                 Fault::Unwritable => {
-                    restore = Some(make_unwritable(&lake_events, args.unwritable_secs)?);
+                    restore = Some(match &s3 {
+                        Some(s3) => stop_s3(s3.clone(), args.unwritable_secs),
+                        None => make_unwritable(&lake_events, args.unwritable_secs)?,
+                    });
+                    report.s3_restarts += u32::from(s3.is_some());
                     tracing::warn!(secs = args.unwritable_secs, "the lake refuses writes");
                 }
             }
@@ -200,7 +229,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     report.worker_peak_rss_mib = worker.peak_rss_kib().map(|k| k / 1024);
     worker.stop()?;
 
-    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let lake = Lakehouse::open(&config.lake()).await?;
     let (rows, distinct) = count(&lake).await?;
     report.in_lake = rows;
     report.distinct_in_lake = distinct;
@@ -349,6 +378,42 @@ fn make_unwritable(
     }))
 }
 
+/// Stops the S3 server now and starts it again (same port, same objects) after `secs`.
+fn stop_s3(
+    s3: std::sync::Arc<std::sync::Mutex<tally_s3d::S3Server>>,
+    secs: u64,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::task::spawn_blocking(move || {
+        let mut server = s3
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the S3 server's lock is poisoned"))?;
+        server.stop();
+        std::thread::sleep(Duration::from_secs(secs));
+        server.restart().context("starting the S3 server again")?;
+        tracing::warn!("the S3 server is back");
+        Ok(())
+    })
+}
+
+/// The environment that points a worker at `config`'s lake (its bucket, for a lake on S3).
+fn lake_env(config: &Config) -> Vec<(String, String)> {
+    let Some(s3) = &config.lake_s3 else {
+        return Vec::new();
+    };
+    let var = |k: &str, v: &str| (format!("TALLY_LAKE_S3__{k}"), v.to_owned());
+    let mut env = vec![
+        var("BUCKET", &s3.bucket),
+        var("PREFIX", &s3.prefix),
+        var("REGION", &s3.region),
+        var("ACCESS_KEY_ID", &s3.access_key_id),
+        var("SECRET_ACCESS_KEY", &s3.secret_access_key),
+    ];
+    if let Some(endpoint) = &s3.endpoint {
+        env.push(var("ENDPOINT", endpoint));
+    }
+    env
+}
+
 /// A `tally serve` child process, its log in the data directory.
 struct Worker {
     child: Child,
@@ -356,11 +421,18 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(exe: &Path, url: &str, dir: &Path, n: u32) -> anyhow::Result<Worker> {
+    fn start(
+        exe: &Path,
+        url: &str,
+        dir: &Path,
+        lake: &[(String, String)],
+        n: u32,
+    ) -> anyhow::Result<Worker> {
         let log = dir.join(format!("worker-{n}.log"));
         let child = Command::new(exe)
             .args(["serve", "--nats-url", url, "--data-dir"])
             .arg(dir)
+            .envs(lake.iter().map(|(k, v)| (k, v)))
             .env("TALLY_INGEST__LEASE_MS", LEASE_MS)
             .env("TALLY_LOG", "warn")
             // Workers overlap while one takes over from another, and other programs may
@@ -447,12 +519,14 @@ pub fn print_table(r: &ChaosReport) {
             "dead letters (malformed generated)",
             format!("{} ({})", r.dead_letters, r.events_invalid),
         ),
+        ("lake", r.lake.to_owned()),
         ("worker kills survived", r.kills.to_string()),
         ("nats-server restarts survived", r.nats_restarts.to_string()),
         (
             "seconds the lake refused writes",
             r.unwritable_secs.to_string(),
         ),
+        ("S3 server restarts survived", r.s3_restarts.to_string()),
         ("publish slices sent again", r.publish_retries.to_string()),
         (
             "last worker's peak memory (MiB)",

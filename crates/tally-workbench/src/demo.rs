@@ -266,7 +266,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
 
     wait_drained(
         &nats,
-        &tally_store::Lake::new(config.lake_dir()),
+        &tally_store::Lake::open(&config.lake())?,
         config.ingest.partitions,
         &pipeline.stats,
         totals.events_valid,
@@ -290,7 +290,7 @@ pub async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<DemoRepor
     };
     drop(nats);
 
-    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let lake = Lakehouse::open(&config.lake()).await?;
     let billing = lake.billing(&Scope::Month(period), None).await?;
     let billed = BillingTotals::of(&billing);
     let decisions = count_decisions(&lake).await?;
@@ -371,7 +371,7 @@ async fn analyse(
     period: Period,
     progress: &ProgressBar,
 ) -> anyhow::Result<Analyses> {
-    let lake = Lakehouse::open(&config.lake_dir()).await?;
+    let lake = Lakehouse::open(&config.lake()).await?;
     let defs = tally_node::definitions(config).await?;
     progress.set_message("invoices (tally billing)");
     let request = tally_reports::InvoiceRequest {

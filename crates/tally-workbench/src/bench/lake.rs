@@ -10,12 +10,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
 use tally_core::{Decision, DecodeLimits, Fence, Frame, SealedBatch};
 use tally_ingest::rows::Rows;
-use tally_store::{Lake, Location, S3Location};
+use tally_store::{Lake, Location};
 
 use super::BenchFormat;
 use crate::workload::{self, Spec};
@@ -57,21 +56,11 @@ pub fn run(args: LakeBench) -> anyhow::Result<std::process::ExitCode> {
     let dir = tempfile::Builder::new()
         .prefix("tally-bench-lake-")
         .tempdir()?;
-    let server = if args.s3 {
-        Some(tally_s3d::S3Server::start_temp().context("starting s3s-fs")?)
+    let (_server, location) = if args.s3 {
+        let (server, s3) = crate::start_s3(&dir.path().join("s3"))?;
+        (Some(server), Location::S3(s3))
     } else {
-        None
-    };
-    let location = match &server {
-        Some(s) => Location::S3(S3Location {
-            bucket: s.bucket().to_owned(),
-            prefix: "lake".to_owned(),
-            endpoint: Some(s.endpoint()),
-            region: s.region().to_owned(),
-            access_key_id: s.access_key().to_owned(),
-            secret_access_key: s.secret_key().to_owned(),
-        }),
-        None => Location::Local(dir.path().join("lake")),
+        (None, Location::Local(dir.path().join("lake")))
     };
     let lake = Lake::open(&location)?;
     let rows = Arc::new(rows_of(args.rows)?);

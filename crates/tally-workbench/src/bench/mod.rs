@@ -119,6 +119,10 @@ pub struct IngestBench {
     /// `--secure` without TLS: the load authenticated with an `sdk` API key, in plain.
     #[arg(long, conflicts_with = "secure")]
     authenticated: bool,
+    /// The lake in a bucket of a local S3-compatible server (s3s-fs on loopback, started
+    /// here) instead of on local disk.
+    #[arg(long)]
+    s3: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -126,6 +130,8 @@ pub struct IngestBench {
 #[derive(Debug, Serialize)]
 pub struct IngestReport {
     pub encoding: &'static str,
+    /// Where the lake was: `local` or `s3` (s3s-fs on loopback).
+    pub lake: &'static str,
     /// Whether the events came over TLS with an API key (`--secure`).
     pub secure: bool,
     /// Whether they came with an API key (`--secure` or `--authenticated`).
@@ -228,6 +234,15 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     spec.customers = args.customers;
     spec.arrow = args.arrow;
     let (messages, totals) = workload::generate(&spec);
+    let _s3 = if args.s3 {
+        let dir = temp.path().join("s3");
+        let (server, location) =
+            tokio::task::spawn_blocking(move || crate::start_s3(&dir)).await??;
+        config.lake_s3 = Some(location);
+        Some(server)
+    } else {
+        None
+    };
     let mut secure = match (args.secure, args.authenticated) {
         (false, false) => None,
         (tls, _) => Some(secure::Secure::start(&mut config, temp.path(), tls).await?),
@@ -272,7 +287,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     }
     wait_drained(
         &nats,
-        &tally_store::Lake::new(config.lake_dir()),
+        &tally_store::Lake::open(&config.lake())?,
         config.ingest.partitions,
         &pipeline.stats,
         totals.events_valid,
@@ -297,6 +312,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     let events_per_sec = totals.events_valid as f64 / seconds;
     let report = IngestReport {
         encoding: if args.arrow { "arrow" } else { "json" },
+        lake: if args.s3 { "s3" } else { "local" },
         secure: args.secure,
         authenticated: args.secure || args.authenticated,
         enforce: config.ingest.enforce,

@@ -186,7 +186,7 @@ pub async fn run(args: QueryBench) -> anyhow::Result<std::process::ExitCode> {
         std::fs::write(&marker, serde_json::to_vec(&spec)?)?;
     }
 
-    let house = Lakehouse::open(&lake_dir).await?;
+    let house = Lakehouse::open(&tally_store::Location::Local(lake_dir.clone())).await?;
     let scope = Scope::Month(month);
     let (billing_rollup_s, from_rollups) = timed(args.runs, || async {
         house.billing_from(Source::Rollups, &scope, None).await
@@ -236,13 +236,14 @@ pub async fn run(args: QueryBench) -> anyhow::Result<std::process::ExitCode> {
         None => (None, None),
     };
 
-    let monthly = Lake::new(&lake_dir).month_sources(month)?;
-    let monthly_rows = footer_rows(&monthly.monthly)?;
+    let lake = Lake::new(&lake_dir);
+    let monthly = lake.month_sources(month)?;
+    let monthly_rows = footer_rows(&lake, &monthly.monthly)?;
     let lines = monthly
         .lines
         .as_deref()
         .context("the month is compacted whole, yet its monthly files have no billing lines")?;
-    let lines_rows = footer_rows(lines)?;
+    let lines_rows = footer_rows(&lake, lines)?;
     let (lake_bytes, events_files) = disk(&lake_dir.join(tally_core::schema::EVENTS_TABLE))?;
     // Billing merges the monthly files' billing lines, and its time follows their number.
     // At 1,000,000,000 events they are at most every customer × feature, one plan each.
@@ -602,10 +603,10 @@ fn duckdb(
     Ok(duck)
 }
 
-fn footer_rows(paths: &[PathBuf]) -> anyhow::Result<u64> {
+fn footer_rows(lake: &Lake, keys: &[String]) -> anyhow::Result<u64> {
     let mut rows = 0;
-    for p in paths {
-        rows += tally_store::footer_rows(p)?;
+    for key in keys {
+        rows += lake.footer_rows(key)?;
     }
     Ok(rows)
 }

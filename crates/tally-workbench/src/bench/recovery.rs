@@ -79,7 +79,7 @@ pub async fn run(mut config: Config, args: RecoveryBench) -> anyhow::Result<Reco
     drop(messages);
     wait_drained(
         &nats,
-        &tally_store::Lake::new(config.lake_dir()),
+        &tally_store::Lake::open(&config.lake())?,
         config.ingest.partitions,
         &pipeline.stats,
         rows,
