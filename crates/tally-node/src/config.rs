@@ -220,4 +220,52 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's test jail fixes the closure's type
+    fn the_lake_is_local_unless_a_bucket_is_named_and_its_settings_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TALLY_DATA_DIR", "/tmp/x");
+            let c = Config::load(None).unwrap();
+            assert_eq!(
+                c.lake(),
+                tally_store::Location::Local(PathBuf::from("/tmp/x/lake"))
+            );
+            jail.create_file(
+                "tally.toml",
+                "[lake_s3]\nbucket = \"usage\"\nprefix = \"prod/lake\"\n\
+                 endpoint = \"http://127.0.0.1:9000\"\naccess_key_id = \"k\"\n",
+            )?;
+            jail.set_env("TALLY_LAKE_S3__SECRET_ACCESS_KEY", "s3cr3t");
+            let c = Config::load(Some(Path::new("tally.toml"))).unwrap();
+            let tally_store::Location::S3(s3) = c.lake() else {
+                panic!("a bucket is named: {:?}", c.lake());
+            };
+            assert_eq!(
+                (s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()),
+                ("usage", "prod/lake", "us-east-1")
+            );
+            assert_eq!(s3.secret_access_key, "s3cr3t");
+            assert!(
+                !format!("{c:?}").contains("s3cr3t"),
+                "the secret is not printed"
+            );
+            jail.set_env("TALLY_LAKE_S3__ENDPOINT", "127.0.0.1:9000");
+            jail.set_env("TALLY_LAKE_S3__SECRET_ACCESS_KEY", " ");
+            let err = Config::load(Some(Path::new("tally.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("lake_s3.endpoint"), "{err}");
+            assert!(err.contains("lake_s3.secret_access_key"), "{err}");
+            jail.set_env("TALLY_LAKE_S3__ENDPOINT", "http://127.0.0.1:9000");
+            jail.set_env("TALLY_LAKE_S3__SECRET_ACCESS_KEY", "s3cr3t");
+            jail.set_env("TALLY_LAKE_S3__BUKKET", "typo");
+            let err = format!(
+                "{:#}",
+                Config::load(Some(Path::new("tally.toml"))).unwrap_err()
+            );
+            assert!(err.contains("bukket"), "{err}");
+            Ok(())
+        });
+    }
 }
