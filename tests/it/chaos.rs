@@ -1,6 +1,6 @@
 //! The fault suite against real processes: `tally chaos` publishes while the worker is
-//! killed with SIGKILL, nats-server is killed and restarted, and the lake refuses writes
-//! for a while; then the lake must hold every acknowledged event exactly once, and the
+//! killed with SIGKILL, nats-server is killed and restarted, a worker is paused past its
+//! leases while another takes over, and the lake refuses writes for a while; then the lake must hold every acknowledged event exactly once, and the
 //! billing must equal the generator's.
 //!
 //! It runs with the lake on local disk, and in a bucket of the S3 server (stopped and
@@ -59,6 +59,7 @@ fn chaos(extra: &[&str]) -> Value {
 
     assert_eq!(n("kills"), kills, "every kill happened");
     assert_eq!(n("nats_restarts"), restarts, "every restart happened");
+    assert_eq!(n("pauses"), 1, "a worker was paused past its leases");
     assert_eq!(
         n("acked"),
         n("sent"),

@@ -8,6 +8,10 @@
 //!   the partitions over once the dead one's leases expire);
 //! - kills and restarts nats-server `--nats-restarts` times (the publisher retries what
 //!   was not acknowledged with the same message ids, as an SDK does);
+//! - `--pauses` times, starts a second worker and pauses the first (SIGSTOP) for three
+//!   leases, so that the second takes its partitions over, then resumes it: the flushes it
+//!   had under way when it stopped are refused by the lake's log (its lease is gone, or its
+//!   successor committed past them), and the two share the partitions from then on;
 //! - makes the lake's events directory unwritable for `--unwritable-secs` once.
 //!
 //! With `--s3` the lake is in a bucket of an S3-compatible server (`s3s-fs`, started here
@@ -47,7 +51,7 @@ use tally_node::pipeline::Nats;
 /// Publishing is cut into this many slices; faults fall between them.
 const SLICES: usize = 100;
 /// The worker's lease: a killed worker's partitions are free again this soon.
-const LEASE_MS: &str = "1500";
+const LEASE_MS: u64 = 1500;
 
 #[derive(Args, Debug, Clone)]
 pub struct ChaosArgs {
@@ -60,6 +64,10 @@ pub struct ChaosArgs {
     /// Times nats-server is killed and started again while events flow.
     #[arg(long, default_value_t = 2)]
     pub nats_restarts: u32,
+    /// Times a worker is paused (SIGSTOP) past its leases while another takes its
+    /// partitions over, then resumed.
+    #[arg(long, default_value_t = 1)]
+    pub pauses: u32,
     /// For how long, once, the lake refuses writes (0: never); with `--s3`, how long the
     /// S3 server is stopped.
     #[arg(long, default_value_t = 3)]
@@ -102,6 +110,10 @@ pub struct ChaosReport {
     pub events_invalid: u64,
     pub kills: u32,
     pub nats_restarts: u32,
+    pub pauses: u32,
+    /// Flushes the lake refused because their worker had lost the partition (a paused
+    /// worker's, after it resumed), as the workers' logs tell.
+    pub stale_flushes_refused: u64,
     pub unwritable_secs: u64,
     /// Where the lake was: `local` or `s3`.
     pub lake: &'static str,
@@ -124,6 +136,7 @@ pub struct ChaosReport {
 enum Fault {
     KillWorker,
     RestartNats,
+    PauseWorker,
     Unwritable,
 }
 
@@ -164,7 +177,15 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     let faults = schedule(&args);
 
     let exe = std::env::current_exe().context("locating the tally binary")?;
-    let mut worker = Worker::start(&exe, &server.url(), &dir, &lake_env, 0)?;
+    // A restart keeps the server's port: every worker is given this one URL.
+    let nats_url = server.url();
+    let mut started_workers = 0;
+    let mut start_worker = || {
+        started_workers += 1;
+        Worker::start(&exe, &nats_url, &dir, &lake_env, started_workers - 1)
+    };
+    // The oldest first: a kill or a pause strikes the worker that has run the longest.
+    let mut workers = vec![start_worker()?];
     let lake_events = config.lake_dir().join(tally_core::schema::EVENTS_TABLE);
     let mut report = ChaosReport {
         sent: 0,
@@ -178,6 +199,8 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         events_invalid: totals.events_invalid,
         kills: 0,
         nats_restarts: 0,
+        pauses: 0,
+        stale_flushes_refused: 0,
         unwritable_secs: args.unwritable_secs,
         lake: if s3.is_some() { "s3" } else { "local" },
         s3_restarts: 0,
@@ -188,6 +211,8 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         exact: false,
     };
     let mut restore: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    // Each paused worker's pid and the task that resumes it.
+    let mut resumes: Vec<(u32, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
     let per_slice = messages.len().div_ceil(SLICES).max(1);
     let publishing = Instant::now();
     for (i, slice) in messages.chunks(per_slice).enumerate() {
@@ -196,10 +221,27 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         for fault in faults.iter().filter(|(at, _)| *at == i).map(|(_, f)| *f) {
             match fault {
                 Fault::KillWorker => {
-                    worker.kill()?;
+                    // The oldest worker that is not paused (a kill would end its pause).
+                    let paused =
+                        |pid: u32| resumes.iter().any(|(p, r)| *p == pid && !r.is_finished());
+                    let victim = workers
+                        .iter()
+                        .position(|w| !paused(w.child.id()))
+                        .unwrap_or(0);
+                    let mut dead = workers.remove(victim);
+                    dead.kill()?;
                     report.kills += 1;
-                    worker = Worker::start(&exe, &server.url(), &dir, &lake_env, report.kills)?;
+                    workers.push(start_worker()?);
                     tracing::warn!(kills = report.kills, "worker killed and started again");
+                }
+                Fault::PauseWorker => {
+                    let pid = workers[0].child.id();
+                    // Paused while it holds partitions, so that another takes them over.
+                    holds_a_lease(&nats, config.ingest.partitions, pid).await?;
+                    workers.push(start_worker()?);
+                    resumes.push((pid, pause(pid, 3 * LEASE_MS)));
+                    report.pauses += 1;
+                    tracing::warn!(pauses = report.pauses, pid, "worker paused past its leases");
                 }
                 Fault::RestartNats => {
                     server = tokio::task::spawn_blocking(move || server.restart().map(|()| server))
@@ -225,9 +267,19 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     if let Some(restore) = restore {
         restore.await??;
     }
-    drained(&nats, config.ingest.partitions, &mut worker).await?;
-    report.worker_peak_rss_mib = worker.peak_rss_kib().map(|k| k / 1024);
-    worker.stop()?;
+    for (_, resume) in resumes {
+        resume.await??;
+    }
+    drained(&nats, config.ingest.partitions, &mut workers).await?;
+    report.worker_peak_rss_mib = workers
+        .iter()
+        .filter_map(Worker::peak_rss_kib)
+        .max()
+        .map(|k| k / 1024);
+    for worker in workers {
+        worker.stop()?;
+    }
+    report.stale_flushes_refused = stale_flushes_refused(&dir, started_workers);
 
     let lake = Lakehouse::open(&config.lake()).await?;
     let (rows, distinct) = count(&lake).await?;
@@ -267,6 +319,10 @@ fn schedule(args: &ChaosArgs) -> Vec<(usize, Fault)> {
             Fault::RestartNats,
             args.nats_restarts as usize,
         ))
+        .chain(std::iter::repeat_n(
+            Fault::PauseWorker,
+            args.pauses as usize,
+        ))
         .chain((args.unwritable_secs > 0).then_some(Fault::Unwritable));
     let mut faults: Vec<(usize, Fault)> = kinds
         .map(|f| (rng.random_range(SLICES / 10..SLICES * 9 / 10), f))
@@ -298,7 +354,7 @@ async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
 /// Waits until every partition's consumer has nothing pending and nothing unacknowledged
 /// (acks come only after the lake holds a batch). A worker that exits meanwhile fails the
 /// run, with the end of its log.
-async fn drained(nats: &Nats, partitions: u16, worker: &mut Worker) -> anyhow::Result<()> {
+async fn drained(nats: &Nats, partitions: u16, workers: &mut [Worker]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let stream = loop {
         match nats.jetstream.get_stream(subject::EVENTS_STREAM).await {
@@ -311,12 +367,14 @@ async fn drained(nats: &Nats, partitions: u16, worker: &mut Worker) -> anyhow::R
         }
     };
     loop {
-        if let Some(status) = worker.child.try_wait()? {
-            bail!(
-                "the worker exited with {status}; the end of {}:\n{}",
-                worker.log.display(),
-                worker.log_tail()
-            );
+        for worker in workers.iter_mut() {
+            if let Some(status) = worker.child.try_wait()? {
+                bail!(
+                    "a worker exited with {status}; the end of {}:\n{}",
+                    worker.log.display(),
+                    worker.log_tail()
+                );
+            }
         }
         let mut idle = true;
         for p in 0..partitions {
@@ -378,6 +436,65 @@ fn make_unwritable(
     }))
 }
 
+/// Waits (up to 30 s) until the worker with process id `pid` holds a partition's lease.
+async fn holds_a_lease(nats: &Nats, partitions: u16, pid: u32) -> anyhow::Result<()> {
+    use tally_ingest::ownership::{LEASES_BUCKET, lease_key, worker_pid};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(kv) = nats.jetstream.get_key_value(LEASES_BUCKET).await {
+            for p in 0..partitions {
+                if let Ok(Some(owner)) = kv.get(lease_key(p)).await
+                    && worker_pid(&String::from_utf8_lossy(&owner)) == Some(pid)
+                {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the worker {pid} took no partition within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Pauses the process `pid` (SIGSTOP) now and resumes it (SIGCONT) after `ms`.
+fn pause(pid: u32, ms: u64) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let signal = move |name: &str| -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "cannot send SIG{name} to the worker {pid}"
+        );
+        Ok(())
+    };
+    let stopped = signal("STOP");
+    tokio::spawn(async move {
+        stopped?;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        signal("CONT")?;
+        tracing::warn!(pid, "worker resumed");
+        Ok(())
+    })
+}
+
+/// Flushes the lake refused to workers that had lost their partition, counted in the logs
+/// of the `workers` started (the worker's error says which).
+fn stale_flushes_refused(dir: &Path, workers: u32) -> u64 {
+    (0..workers)
+        .map(|n| std::fs::read_to_string(dir.join(format!("worker-{n}.log"))).unwrap_or_default())
+        .map(|log| {
+            log.lines()
+                .filter(|l| {
+                    l.contains("is no longer owned by this worker")
+                        || l.contains("another worker committed it")
+                })
+                .count() as u64
+        })
+        .sum()
+}
+
 /// Stops the S3 server now and starts it again (same port, same objects) after `secs`.
 fn stop_s3(
     s3: std::sync::Arc<std::sync::Mutex<tally_s3d::S3Server>>,
@@ -433,7 +550,7 @@ impl Worker {
             .args(["serve", "--nats-url", url, "--data-dir"])
             .arg(dir)
             .envs(lake.iter().map(|(k, v)| (k, v)))
-            .env("TALLY_INGEST__LEASE_MS", LEASE_MS)
+            .env("TALLY_INGEST__LEASE_MS", LEASE_MS.to_string())
             .env("TALLY_LOG", "warn")
             // Workers overlap while one takes over from another, and other programs may
             // hold the default port: each worker's API on a free port.
@@ -522,6 +639,11 @@ pub fn print_table(r: &ChaosReport) {
         ("lake", r.lake.to_owned()),
         ("worker kills survived", r.kills.to_string()),
         ("nats-server restarts survived", r.nats_restarts.to_string()),
+        ("worker pauses past the lease", r.pauses.to_string()),
+        (
+            "stale flushes refused by the log",
+            r.stale_flushes_refused.to_string(),
+        ),
         (
             "seconds the lake refused writes",
             r.unwritable_secs.to_string(),
