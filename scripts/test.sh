@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole check, as CI runs it: formatting, clippy with warnings as errors, and every
-# test (unit, schema, Parquet, end-to-end against real nats-server and s3s-fs processes),
+# test (unit, schema, Parquet, end-to-end against real nats-server and S3 server processes),
 # twice: on today's clock and on a moved one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,7 +8,7 @@ cd "$root"
 TALLY_NATS_SERVER="$(scripts/install-nats.sh)"
 export TALLY_NATS_SERVER
 echo "using $("$TALLY_NATS_SERVER" -v)"
-# The S3-compatible server the lake's object-store tests run against (built from crates.io
+# The S3-compatible server the lake's object-store tests run against (tools/s3-server, built
 # the first time: a few minutes).
 TALLY_S3_SERVER="$(scripts/install-s3.sh)"
 export TALLY_S3_SERVER

@@ -1,10 +1,10 @@
-//! Runs a local S3-compatible server, `s3s-fs`, as a child process.
+//! Runs a local S3-compatible server, `tally-s3-server` (s3s-fs), as a child process.
 //!
 //! The lake's Delta tables live on local disk or in S3-compatible object storage. Tests, the
 //! fault suite and benchmarks need the second kind without a cloud account: this crate starts
-//! `s3s-fs` (crates.io, the version pinned in `scripts/install-s3.sh`), which serves the
-//! subdirectories of its root directory as buckets, on a loopback port, with an access key
-//! and secret of its own. [`S3Server::start_temp`] gives a test a server on a free port with
+//! `tally-s3-server` (`tools/s3-server`: the file system and S3 service of the crates.io
+//! `s3s-fs`, at the version its lockfile pins), which serves the subdirectories of its root
+//! directory as buckets, on a loopback port, with an access key and secret of its own. [`S3Server::start_temp`] gives a test a server on a free port with
 //! a private temporary directory, one bucket and a random key, stopped on drop;
 //! [`S3Server::restart`] brings it back on the same port with the same objects (the fault
 //! suite's "object store restarted mid-run"). The crate knows nothing of `object_store`: a
@@ -19,14 +19,15 @@
 //! process's listener for its own. [`S3Server::restart`] keeps the port, and while another
 //! process holds it, tries again until the ready timeout.
 //!
-//! **Conditional writes.** s3s-fs honours `If-None-Match: *` on PutObject (object_store's
-//! `PutMode::Create`, which Delta commits rely on) and `If-Match` (`PutMode::Update`), but it
-//! checks and then writes: two concurrent creates of one key may both succeed. A test
-//! server's limitation, not a property of S3 (see README.md).
+//! **Conditional writes.** The server honours `If-None-Match: *` on PutObject
+//! (object_store's `PutMode::Create`, which Delta commits rely on) and `If-Match`
+//! (`PutMode::Update`) atomically: s3s-fs alone checks and then writes, so two concurrent
+//! creates of one key could both succeed; `tally-s3-server` serves conditional requests one
+//! at a time (`tests/object_store.rs` races them).
 //!
 //! The binary is found in this order: `TALLY_S3_SERVER`, then, when run by cargo, a
-//! `.tools/bin/s3s-fs` above the package (where `scripts/install-s3.sh` installs it), then
-//! `./.tools/bin/s3s-fs`, then `s3s-fs` on `PATH`.
+//! `.tools/bin/tally-s3-server` above the package (where `scripts/install-s3.sh` installs
+//! it), then `./.tools/bin/tally-s3-server`, then `tally-s3-server` on `PATH`.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -47,7 +48,7 @@ const PORT_ATTEMPTS: usize = 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "no s3s-fs found: set TALLY_S3_SERVER, run scripts/install-s3.sh, or put s3s-fs on PATH"
+        "no tally-s3-server found: set TALLY_S3_SERVER, run scripts/install-s3.sh, or put it on PATH"
     )]
     NotFound,
     #[error("s3s-fs at {path}: {source}")]
@@ -277,8 +278,8 @@ impl S3Server {
             .args(["--access-key", &self.options.access_key])
             .args(["--secret-key", &self.options.secret_key])
             .arg(&self.options.root)
-            // s3s-fs logs its listening address at info, and requests below it.
-            .env("RUST_LOG", "warn,s3s_fs=info")
+            // It prints its listening address; warnings only of the rest.
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -327,12 +328,12 @@ impl Drop for S3Server {
     }
 }
 
-/// Looks for an `s3s-fs` binary; see the crate docs for the order.
+/// Looks for a `tally-s3-server` binary; see the crate docs for the order.
 pub fn find_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("TALLY_S3_SERVER") {
         return Some(PathBuf::from(p));
     }
-    let tools = Path::new(".tools/bin/s3s-fs");
+    let tools = Path::new(".tools/bin/tally-s3-server");
     // Under cargo (tests, `cargo run`), the workspace's .tools above the package being run.
     if let Some(manifest) = std::env::var_os("CARGO_MANIFEST_DIR")
         && let Some(found) = Path::new(&manifest)
@@ -346,7 +347,7 @@ pub fn find_binary() -> Option<PathBuf> {
         return Some(tools.to_owned());
     }
     std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("s3s-fs"))
+        .map(|dir| dir.join("tally-s3-server"))
         .find(|candidate| candidate.is_file())
 }
 
@@ -467,13 +468,14 @@ mod tests {
         assert!(log.contains("AddrInUse"), "{log}");
     }
 
-    /// TALLY_S3_SERVER when set; else, under cargo, the workspace's `.tools/bin/s3s-fs`
+    /// TALLY_S3_SERVER when set; else, under cargo, the workspace's `.tools/bin/tally-s3-server`
     /// (where `scripts/install-s3.sh` puts it) when there is one.
     #[test]
     fn the_binary_is_found() {
         let found = find_binary().expect("run scripts/install-s3.sh first");
         assert!(found.is_file(), "{}", found.display());
-        let installed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/s3s-fs");
+        let installed =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/tally-s3-server");
         match std::env::var_os("TALLY_S3_SERVER") {
             Some(set) => assert_eq!(found, PathBuf::from(set)),
             None if installed.is_file() => assert_eq!(

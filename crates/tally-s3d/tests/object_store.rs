@@ -84,6 +84,49 @@ async fn a_create_of_an_existing_key_fails_with_already_exists() {
     assert_eq!(read(&store, &next).await, "next");
 }
 
+/// Racing creates of one key, as two workers committing the same Delta version at once:
+/// exactly one wins, each other fails with `AlreadyExists`, and the object is the winner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_racing_creates_of_a_key_exactly_one_wins() {
+    const KEYS: usize = 40;
+    const RACERS: usize = 8;
+    let server = S3Server::start_temp().unwrap();
+    let store = std::sync::Arc::new(store(&server));
+    let mut races = Vec::new();
+    for key in 0..KEYS {
+        let path = Path::from(format!("events/_delta_log/{key:020}.json"));
+        for racer in 0..RACERS {
+            let (store, path) = (store.clone(), path.clone());
+            // Large enough that a body takes a while to arrive.
+            let body = format!("{racer}:").repeat(20_000);
+            races.push(tokio::spawn(async move {
+                let opts = PutOptions::from(PutMode::Create);
+                let put = store
+                    .put_opts(&path, PutPayload::from(body.clone()), opts)
+                    .await;
+                (key, body, put)
+            }));
+        }
+    }
+    let mut winners: Vec<Vec<String>> = vec![Vec::new(); KEYS];
+    for race in races {
+        let (key, body, put) = race.await.unwrap();
+        match put {
+            Ok(_) => winners[key].push(body),
+            Err(Error::AlreadyExists { .. }) => {}
+            Err(e) => panic!("a create failed otherwise: {e}"),
+        }
+    }
+    for (key, won) in winners.iter().enumerate() {
+        assert_eq!(won.len(), 1, "key {key}: {} creates succeeded", won.len());
+        let path = Path::from(format!("events/_delta_log/{key:020}.json"));
+        assert!(
+            read(&store, &path).await == won[0],
+            "key {key} holds another body"
+        );
+    }
+}
+
 /// `PutMode::Update`: the write succeeds with the object's current ETag only.
 #[tokio::test]
 async fn an_update_needs_the_current_etag() {
