@@ -290,13 +290,15 @@ async fn take_over(
     })
     .await
     .map_err(|e| Error::Store(format!("recovery panicked: {e}")))??;
-    let mut stored = Vec::with_capacity(recovered.notices.len());
+    // Within the partition's share of the context's publishes in flight: every partition
+    // may be taken over at once, each with hundreds of notices, and a publish waits for a
+    // slot that only an awaited ack gives back.
+    let share = held_publishes(config);
+    let mut held = Vec::new();
     for notice in &recovered.notices {
-        stored.push(notify(js, notice).await?);
+        hold(&mut held, share, "notification ack", notify(js, notice)).await?;
     }
-    for ack in stored {
-        ack.await.map_err(|e| Error::nats("notification ack", e))?;
-    }
+    await_acks(&mut held, "notification ack").await?;
     stats.replayed.fetch_add(recovered.replayed, Relaxed);
     stats
         .counters_restored
