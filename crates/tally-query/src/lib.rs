@@ -283,16 +283,11 @@ impl Lakehouse {
             // No events: one empty part, for the answer's columns.
             files.push(Vec::new());
         }
-        let coded = {
-            let (files, lake) = (files.clone(), self.lake.clone());
-            on_lake(move || {
-                files
-                    .iter()
-                    .map(|keys| all_coded(&lake, keys))
-                    .collect::<tally_store::Result<Vec<bool>>>()
-            })
-            .await?
-        };
+        let mut coded = Vec::with_capacity(files.len());
+        for keys in &files {
+            let all = self.lake.all_have_column(keys, schema::DECISION_CODE).await;
+            coded.push(all.map_err(|e| DataFusionError::External(Box::new(e)))?);
+        }
         let mut parts = Vec::with_capacity(files.len());
         for (paths, coded) in files.iter().zip(coded) {
             let mut events = self.files(paths, viewed(&lake_schema()))?;
@@ -425,17 +420,6 @@ fn code_of(name: Expr) -> Expr {
     codes
         .otherwise(lit(ScalarValue::UInt8(None)))
         .expect("a CASE with branches")
-}
-
-/// Whether every one of the files at `keys` has the `decision_code` column, from their
-/// footers.
-fn all_coded(lake: &tally_store::Lake, keys: &[String]) -> tally_store::Result<bool> {
-    for key in keys {
-        if !lake.has_column(key, schema::DECISION_CODE)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// Runs blocking lake I/O (listing, reading files) off the async threads.

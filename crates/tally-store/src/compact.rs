@@ -516,12 +516,26 @@ impl Lake {
         Ok(u64::try_from(footer.file_metadata().num_rows()).unwrap_or(0))
     }
 
-    /// Whether the Parquet file at `key` (relative to the lake) has a column named `name`,
-    /// from its footer.
-    pub fn has_column(&self, key: &str, name: &str) -> Result<bool> {
-        let footer = block_on(self.storage.footer(key))?;
-        let schema = footer.file_metadata().schema_descr();
-        Ok(schema.columns().iter().any(|c| c.name() == name))
+    /// Whether every Parquet file at `keys` (relative to the lake) has a column named
+    /// `name`, from their footers, read 16 at a time (a lake's files are many and each
+    /// footer is a request to the store).
+    pub async fn all_have_column(&self, keys: &[String], name: &str) -> Result<bool> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        // Owned futures: a stream that borrows is not `Send` for every lifetime, which
+        // callers spawning the query need.
+        let mut footers = futures::stream::iter(keys.to_vec())
+            .map(|key| {
+                let storage = self.storage.clone();
+                async move { storage.footer(&key).await }
+            })
+            .buffer_unordered(16);
+        while let Some(footer) = footers.try_next().await? {
+            let schema = footer.file_metadata().schema_descr();
+            if !schema.columns().iter().any(|c| c.name() == name) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
