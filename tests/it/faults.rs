@@ -84,3 +84,65 @@ async fn ingest_rides_out_a_nats_restart_and_an_unwritable_lake() {
     assert_eq!(ids.len() as u64, total);
     assert_eq!(quantity, ta.quantity + tb.quantity + tc.quantity);
 }
+
+/// Deliveries that never reach the worker (the connection dropped them, or the server cut
+/// the worker off as a slow consumer) must not be acknowledged by the ack of a later
+/// batch. Here a second pull on the partition's consumer takes some deliveries and never
+/// acknowledges them: to the worker they are lost on the way. It notices the gap in the
+/// consumer's delivery numbers and pulls again from its ack floor; every event lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_lost_on_the_way_are_pulled_again_not_acknowledged_unread() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    use futures::StreamExt;
+
+    let mut h = Harness::start().await;
+    h.config.ingest.partitions = 1;
+    h.entitle_everyone(50).await;
+    let mut config = h.config.clone();
+    config.ingest.flush_age_ms = 50;
+    // Small pulls, so that the other pull's turn comes between two of the worker's.
+    config.ingest.fetch_messages = 10;
+    let pipeline = pipeline::start(&config, &h.nats, None).await.unwrap();
+    let stream = h.nats.jetstream.get_stream("TALLY_EVENTS").await.unwrap();
+    let consumer: PullConsumer = stream
+        .get_consumer(&tally_core::subject::partition_consumer(0))
+        .await
+        .unwrap();
+    common::until("the worker's pull waits at the server", || {
+        let mut consumer = consumer.clone();
+        async move { consumer.info().await.is_ok_and(|i| i.num_waiting >= 1) }
+    })
+    .await;
+    let mut taken = consumer
+        .fetch()
+        .max_messages(5)
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .unwrap();
+    let (messages, totals) = phase(4);
+    publish(&h, &messages).await;
+    let mut lost = 0;
+    while lost < 5 {
+        match tokio::time::timeout(Duration::from_secs(10), taken.next()).await {
+            Ok(Some(Ok(_))) => lost += 1,
+            _ => break,
+        }
+    }
+    assert!(
+        lost > 0,
+        "the other pull took no delivery: the test proves nothing"
+    );
+
+    until_lake_holds(&h, totals.events_valid).await;
+    let gaps = pipeline
+        .stats
+        .delivery_gaps
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(gaps >= 1, "the worker noticed the lost deliveries");
+    pipeline.shutdown().await.unwrap();
+    let (ids, rows, quantity) = common::read_lake(&h);
+    assert_eq!(rows, totals.events_valid, "every event once");
+    assert_eq!(ids.len() as u64, totals.events_valid);
+    assert_eq!(quantity, totals.quantity);
+}

@@ -38,6 +38,9 @@ pub const CONSUMER_PENDING: &str = "tally_consumer_pending";
 pub const PARTITIONS_OWNED: &str = "tally_partitions_owned";
 /// Counter: partitions taken over from the lake (at start, after a failure, from another worker).
 pub const TAKEOVERS: &str = "tally_takeovers_total";
+/// Counter: times a partition found deliveries lost on the way to it (a dropped
+/// connection, a slow consumer cut off) and pulled again from its ack floor.
+pub const DELIVERY_GAPS: &str = "tally_delivery_gaps_total";
 /// Gauge: 1 while the process's NATS connection is up, 0 otherwise.
 pub const NATS_CONNECTED: &str = "tally_nats_connected";
 /// Histogram: seconds to answer an entitlement check (the API's check routes), by `kind`
@@ -74,6 +77,7 @@ pub const ALL: &[&str] = &[
     CONSUMER_PENDING,
     PARTITIONS_OWNED,
     TAKEOVERS,
+    DELIVERY_GAPS,
     NATS_CONNECTED,
     CHECK_SECONDS,
     QUERY_SECONDS,

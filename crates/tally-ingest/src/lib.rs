@@ -215,6 +215,9 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub dead_letters: AtomicU64,
     pub redeliveries_skipped: AtomicU64,
+    /// Times a partition found deliveries lost on the way to it and started again at its
+    /// ack floor ([`topology::Deliveries`]).
+    pub delivery_gaps: AtomicU64,
     /// Lake rows replayed when taking partitions over.
     pub replayed: AtomicU64,
     /// Partitions taken over from the lake (at start, after a failure, from another worker).
@@ -247,6 +250,7 @@ impl Default for Stats {
             duplicates: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             redeliveries_skipped: AtomicU64::new(0),
+            delivery_gaps: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             takeovers: AtomicU64::new(0),
             counters_restored: AtomicU64::new(0),

@@ -134,15 +134,17 @@ pub async fn ensure_consumer(
 /// messages are delivered at once; acking one of those would acknowledge, and so lose,
 /// the stranded ones. Restarting at the ack floor delivers everything not yet
 /// acknowledged again, in order, with no gap.
+///
+/// Returns the consumer and the consumer sequence its next delivery will carry.
 async fn rewind_to_ack_floor(
     js: &Context,
     config: &IngestConfig,
     partition: u16,
-) -> Result<PullConsumer> {
+) -> Result<(PullConsumer, u64)> {
     let (consumer, info) = consumer_info(js, config, partition).await?;
     if info.num_ack_pending == 0 && info.delivered.stream_sequence == info.ack_floor.stream_sequence
     {
-        return Ok(consumer);
+        return Ok((consumer, info.delivered.consumer_sequence + 1));
     }
     let start = info.ack_floor.stream_sequence + 1;
     tracing::info!(
@@ -160,7 +162,7 @@ async fn rewind_to_ack_floor(
         .delete_consumer(&name)
         .await
         .map_err(|e| Error::nats("delete partition consumer", e))?;
-    stream
+    let consumer: PullConsumer = stream
         .create_consumer(consumer_config(
             config,
             partition,
@@ -169,7 +171,9 @@ async fn rewind_to_ack_floor(
             },
         ))
         .await
-        .map_err(|e| Error::nats("re-create partition consumer", e))
+        .map_err(|e| Error::nats("re-create partition consumer", e))?;
+    let next = consumer.cached_info().delivered.consumer_sequence + 1;
+    Ok((consumer, next))
 }
 
 /// A partition's consumer (created if missing) and its state.
@@ -213,15 +217,37 @@ pub async fn ack_floor(js: &Context, config: &IngestConfig, partition: u16) -> R
     Ok(info.ack_floor.stream_sequence)
 }
 
+/// A partition's pull stream, and the consumer sequence of the delivery it expects next.
+///
+/// JetStream numbers every delivery of a consumer, redeliveries included, one after the
+/// other. A delivery that arrives with a later number than expected means the ones between
+/// were lost on the way (the connection dropped, or the server cut it off as a slow
+/// consumer): with ack-all, acknowledging anything after them would acknowledge them too,
+/// unread. The partition starts again at the ack floor instead ([`messages`]).
+pub struct Deliveries {
+    pub messages: pull::Stream,
+    pub next: u64,
+}
+
 /// Starts pulling one partition's messages (prefetching, with heartbeats), from the
 /// first message not yet acknowledged.
-pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Result<pull::Stream> {
-    rewind_to_ack_floor(js, config, partition)
-        .await?
+///
+/// A pull asks for at most `fetch_messages` messages and the server's largest payload in
+/// bytes (so that any message the stream holds fits one pull), and the next pull goes out
+/// when half of it has arrived: a worker's connection has at most about one and a half
+/// times that per partition on its way to it. Without the byte bound, a backlog of large
+/// messages would be sent at once, faster than a busy worker reads, and the server would
+/// cut the connection off as a slow consumer (`max_pending`, 64 MiB by default).
+pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Result<Deliveries> {
+    let (consumer, next) = rewind_to_ack_floor(js, config, partition).await?;
+    let max_bytes = js.client().server_info().max_payload.max(1);
+    let messages = consumer
         .stream()
         .max_messages_per_batch(config.fetch_messages)
+        .max_bytes_per_batch(max_bytes)
         .heartbeat(Duration::from_secs(5))
         .messages()
         .await
-        .map_err(|e| Error::nats("start consuming", e))
+        .map_err(|e| Error::nats("start consuming", e))?;
+    Ok(Deliveries { messages, next })
 }

@@ -338,7 +338,7 @@ async fn pull_loop(
     ack_failed: &CancellationToken,
 ) -> Result<()> {
     let partition = part.number;
-    let mut messages = topology::messages(js, config, partition).await?;
+    let mut deliveries = topology::messages(js, config, partition).await?;
     let mut open = Open::new();
     let mut changes = part.entitlements.and_then(|e| e.changes(partition));
     let interval = Duration::from_secs(config.checkpoint_secs);
@@ -371,11 +371,21 @@ async fn pull_loop(
                 let checkpoint = part.checkpoint_if(interval, false);
                 seal(&mut open, partition, &mut sink, checkpoint).await?;
             }
-            next = messages.next() => match next {
+            next = deliveries.messages.next() => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
                     let (seq, stored_us) = (info.stream_sequence, info.published.timestamp_micros());
+                    let delivery = info.consumer_sequence;
                     let stored_ms = stored_us.div_euclid(1000);
+                    if delivery != deliveries.next {
+                        stats.delivery_gaps.fetch_add(1, Relaxed);
+                        metrics::counter!(names::DELIVERY_GAPS).increment(1);
+                        tracing::warn!(partition, expected = deliveries.next, delivery, seq,
+                            "deliveries lost on the way; starting again at the ack floor");
+                        deliveries = restart(js, config, partition, &mut open, &mut sink, Duration::ZERO).await?;
+                        continue;
+                    }
+                    deliveries.next += 1;
                     // Handled by this process, or already in the lake.
                     if seq <= part.max_seq || part.committed.holds(seq) {
                         part.max_seq = part.max_seq.max(seq);
@@ -409,11 +419,8 @@ async fn pull_loop(
                 Some(Err(e)) => tracing::warn!(partition, error = %e, "pull stream error"),
                 None => {
                     tracing::warn!(partition, "pull stream ended; resubscribing at the ack floor");
-                    // Acks go through the old subscription's consumer: settle them first.
-                    seal(&mut open, partition, &mut sink, None).await?;
-                    sink.settle().await;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    messages = topology::messages(js, config, partition).await?;
+                    let pause = Duration::from_millis(250);
+                    deliveries = restart(js, config, partition, &mut open, &mut sink, pause).await?;
                 }
             }
         }
@@ -421,6 +428,23 @@ async fn pull_loop(
     // A clean stop leaves a checkpoint of everything, so the next start replays nothing.
     let checkpoint = part.checkpoint_if(Duration::ZERO, true);
     seal(&mut open, partition, &mut sink, checkpoint).await
+}
+
+/// Seals what the partition holds, waits until it is acknowledged, and pulls again from
+/// the ack floor after `pause`: acks go through the consumer that delivered the messages,
+/// which starting again may re-create.
+async fn restart(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+    open: &mut Open,
+    sink: &mut Sink<'_>,
+    pause: Duration,
+) -> Result<topology::Deliveries> {
+    seal(open, partition, sink, None).await?;
+    sink.settle().await;
+    tokio::time::sleep(pause).await;
+    topology::messages(js, config, partition).await
 }
 
 /// Decodes one message (CloudEvents JSON, or Arrow IPC when its `Content-Type` says so)

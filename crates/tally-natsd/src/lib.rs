@@ -63,6 +63,11 @@ pub struct ServerOptions {
     pub data_dir: PathBuf,
     /// Largest message the server accepts, in bytes.
     pub max_payload: usize,
+    /// Bytes the server queues for one client before it cuts the client off as a slow
+    /// consumer. A worker pulls up to one and a half times `max_payload` ahead per
+    /// partition (`tally_ingest::topology::messages`): 16 partitions can have 192 MiB on
+    /// their way at once, more than the server's default of 64 MiB.
+    pub max_pending: usize,
     /// How long to wait for the server to accept connections.
     pub ready_timeout: Duration,
     /// The credentials the server enforces (made when missing).
@@ -89,6 +94,7 @@ impl ServerOptions {
             tls: None,
             data_dir,
             max_payload: 8 * 1024 * 1024,
+            max_pending: 256 * 1024 * 1024,
             ready_timeout: Duration::from_secs(15),
         }
     }
@@ -253,9 +259,10 @@ impl NatsServer {
         fs::write(
             &config,
             format!(
-                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n{tls}{authorization}",
+                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\nmax_pending: {pending}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n{tls}{authorization}",
                 owner = std::process::id(),
                 max = self.options.max_payload,
+                pending = self.options.max_pending,
                 pid = pid_file.display(),
                 ports = ports_dir.display(),
                 store = store.display(),
