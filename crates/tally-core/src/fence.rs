@@ -7,8 +7,8 @@
 //! that stalls, is cut off from NATS or has lost its lease writes nothing after another
 //! worker may have taken the partition over.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// The instant fence deadlines count from.
@@ -21,25 +21,26 @@ fn nanos(at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(base()).as_nanos()).unwrap_or(u64::MAX - 1)
 }
 
-/// A deadline for a partition's writes.
-#[derive(Debug)]
+/// A deadline for a partition's writes. Clones are the same fence: a renewal or a revoke
+/// through one is seen through all.
+#[derive(Debug, Clone)]
 pub struct Fence {
     /// Nanoseconds after [`base`]; `u64::MAX`: no deadline (no lease in use).
-    until: AtomicU64,
+    until: Arc<AtomicU64>,
 }
 
 impl Fence {
     /// A fence that never closes: the partition is not guarded by a lease.
     pub fn open() -> Fence {
         Fence {
-            until: AtomicU64::new(u64::MAX),
+            until: Arc::new(AtomicU64::new(u64::MAX)),
         }
     }
 
     /// A fence that holds until `deadline`.
     pub fn until(deadline: Instant) -> Fence {
         Fence {
-            until: AtomicU64::new(nanos(deadline)),
+            until: Arc::new(AtomicU64::new(nanos(deadline))),
         }
     }
 
@@ -84,5 +85,9 @@ mod tests {
         assert!(!fence.holds());
         fence.extend(now + Duration::from_secs(120));
         assert!(!fence.holds(), "a revoked fence stays closed");
+        let open = Fence::open();
+        let clone = open.clone();
+        open.revoke();
+        assert!(!clone.holds(), "a clone is the same fence");
     }
 }

@@ -447,6 +447,8 @@ pub(crate) struct Table {
     log: LogStoreRef,
     storage: Storage,
     state: tokio::sync::Mutex<Option<State>>,
+    /// Commits waiting for the log, written together by the first to get to it.
+    waiting: std::sync::Mutex<Vec<Request>>,
 }
 
 /// What a table's log says, kept up to date by reading each commit after it once.
@@ -533,6 +535,31 @@ fn decoded(path: &str) -> String {
         .into_owned()
 }
 
+/// A commit waiting for the table's log ([`Table::commit`]).
+struct Request {
+    actions: Vec<Action>,
+    /// Whether every action adds a file: such commits are written together.
+    appends: bool,
+    txns: Vec<(u16, u64)>,
+    expect: Vec<Expect>,
+    fence: Option<(Fence, u16)>,
+    operation: DeltaOperation,
+    done: tokio::sync::oneshot::Sender<Result<u64>>,
+}
+
+/// Answers every request of a group that could not be written with `error` (the first
+/// with `error` itself, the others with its message).
+fn answer_all(group: Vec<Request>, error: Error) {
+    let message = error.to_string();
+    let mut error = Some(error);
+    for request in group {
+        let e = error
+            .take()
+            .unwrap_or_else(|| Error::Table(format!("commit: {message}")));
+        let _ = request.done.send(Err(e));
+    }
+}
+
 impl fmt::Debug for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Table({})", self.name)
@@ -558,6 +585,7 @@ impl Table {
             log,
             storage: storage.clone(),
             state: tokio::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -766,6 +794,13 @@ impl Table {
     /// The commit is written as the log's next version only if no other has been
     /// (put-if-absent); when another writer took that version, its commit is read and the
     /// conditions are checked again before the next one is tried.
+    ///
+    /// **Group commit.** Appends (commits that only add files) waiting for the log are
+    /// written together, as one version, by whichever of them gets to the log first: each
+    /// keeps its own conditions, checked in the order they came (a partition's next flush
+    /// may follow its previous one in the same version), and its own answer; the version
+    /// carries one transaction action per partition, its newest. Sixteen partitions that
+    /// flush at once cost one commit, not sixteen in a row.
     pub async fn commit(
         &self,
         actions: Vec<Action>,
@@ -774,73 +809,179 @@ impl Table {
         fence: Option<(&Fence, u16)>,
         operation: DeltaOperation,
     ) -> Result<u64> {
-        let transactions = txns
-            .iter()
-            .map(|&(p, v)| {
-                Transaction::new_with_last_update(
-                    app_id(p),
-                    i64::try_from(v).unwrap_or(i64::MAX),
-                    Some(chrono::Utc::now().timestamp_millis()),
-                )
-            })
-            .collect();
-        let commit = CommitData::new(actions, operation, HashMap::new(), transactions);
-        let bytes = commit.get_bytes().map_err(delta_err)?;
-        let mut state = self.state.lock().await;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let request = Request {
+            appends: actions.iter().all(|a| matches!(a, Action::Add(_))),
+            actions,
+            txns: txns.to_vec(),
+            expect: expect.to_vec(),
+            fence: fence.map(|(f, p)| (f.clone(), p)),
+            operation,
+            done,
+        };
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(request);
+        {
+            let mut state = self.state.lock().await;
+            // Every request waiting now, this one too unless a commit before took it.
+            let waiting = std::mem::take(
+                &mut *self
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            let mut waiting = waiting.into_iter().peekable();
+            while let Some(first) = waiting.next() {
+                let mut group = vec![first];
+                while group[0].appends
+                    && waiting.peek().is_some_and(|r| {
+                        r.appends && r.operation.name() == group[0].operation.name()
+                    })
+                {
+                    group.extend(waiting.next());
+                }
+                self.commit_group(&mut state, group).await;
+            }
+        }
+        answer
+            .await
+            .map_err(|_| Error::Table("a commit was abandoned before it was answered".into()))?
+    }
+
+    /// Writes `group` as the log's next version and answers each of its requests: those
+    /// whose conditions fail with their error, the others with the version.
+    async fn commit_group(&self, state: &mut Option<State>, mut group: Vec<Request>) {
         loop {
-            let current = self.refreshed(&mut state).await?;
-            for e in expect {
-                let found = self.txn_version(current, e.partition).await?;
-                if found != e.after_seq {
-                    return Err(Error::Unexpected {
-                        table: self.name,
-                        partition: e.partition,
-                        expected: e.after_seq,
-                        found,
-                    });
+            let current = match self.refreshed(state).await {
+                Ok(current) => current,
+                Err(e) => return answer_all(group, e),
+            };
+            // Conditions checked in order, each against the snapshot with the group's
+            // requests before it applied.
+            let mut accepted: Vec<Request> = Vec::with_capacity(group.len());
+            let mut versions: BTreeMap<u16, u64> = BTreeMap::new();
+            let mut removed: HashSet<String> = HashSet::new();
+            for request in group {
+                match self.check(current, &request, &versions, &removed).await {
+                    Ok(()) => {
+                        versions.extend(request.txns.iter().copied());
+                        removed.extend(request.actions.iter().filter_map(|a| match a {
+                            Action::Remove(r) => Some(decoded(&r.path)),
+                            _ => None,
+                        }));
+                        accepted.push(request);
+                    }
+                    Err(e) => {
+                        let _ = request.done.send(Err(e));
+                    }
                 }
             }
-            for action in &commit.actions {
-                if let Action::Remove(r) = action
-                    && !current.files.contains_key(&decoded(&r.path))
-                {
+            let Some(first) = accepted.first() else {
+                return;
+            };
+            let transactions = versions
+                .iter()
+                .map(|(&p, &v)| {
+                    Transaction::new_with_last_update(
+                        app_id(p),
+                        i64::try_from(v).unwrap_or(i64::MAX),
+                        Some(chrono::Utc::now().timestamp_millis()),
+                    )
+                })
+                .collect();
+            let actions: Vec<Action> = accepted
+                .iter()
+                .flat_map(|r| r.actions.iter().cloned())
+                .collect();
+            let commit = CommitData::new(
+                actions,
+                first.operation.clone(),
+                HashMap::new(),
+                transactions,
+            );
+            let bytes = match commit.get_bytes() {
+                Ok(bytes) => bytes,
+                Err(e) => return answer_all(accepted, delta_err(e)),
+            };
+            let version = current.version + 1;
+            let written = self
+                .log
+                .write_commit_entry(
+                    version,
+                    CommitOrBytes::LogBytes(bytes),
+                    uuid::Uuid::new_v4(),
+                )
+                .await;
+            match written {
+                Ok(()) => {
+                    let applied = current.apply(
+                        version,
+                        commit.actions.iter().cloned().map(Ok),
+                        self.partition_by,
+                    );
+                    if let Err(e) = applied {
+                        // Committed, but the state kept here is not to be trusted: read
+                        // the log afresh next time.
+                        *state = None;
+                        tracing::warn!(table = self.name, version, error = %e, "state reloaded");
+                    }
+                    if version % u64::from(CHECKPOINT_INTERVAL) == 0 {
+                        self.checkpoint(version);
+                    }
+                    for request in accepted {
+                        let _ = request.done.send(Ok(version));
+                    }
+                    return;
+                }
+                // Another writer's commit took the version: read it, check again.
+                Err(TransactionError::VersionAlreadyExists(_)) => group = accepted,
+                Err(e) => return answer_all(accepted, delta_err(e)),
+            }
+        }
+    }
+
+    /// Whether `request` may be committed on `current` after the requests of its group
+    /// before it, which set the partitions' `versions` and removed the files `removed`.
+    async fn check(
+        &self,
+        current: &mut State,
+        request: &Request,
+        versions: &BTreeMap<u16, u64>,
+        removed: &HashSet<String>,
+    ) -> Result<()> {
+        for e in &request.expect {
+            let found = match versions.get(&e.partition) {
+                Some(&v) => v,
+                None => self.txn_version(current, e.partition).await?,
+            };
+            if found != e.after_seq {
+                return Err(Error::Unexpected {
+                    table: self.name,
+                    partition: e.partition,
+                    expected: e.after_seq,
+                    found,
+                });
+            }
+        }
+        for action in &request.actions {
+            if let Action::Remove(r) = action {
+                let path = decoded(&r.path);
+                if !current.files.contains_key(&path) || removed.contains(&path) {
                     return Err(Error::Conflict {
                         table: self.name,
                         reason: format!("{} was removed by another commit", r.path),
                     });
                 }
             }
-            if let Some((fence, partition)) = fence
-                && !fence.holds()
-            {
-                return Err(Error::Fenced(partition));
-            }
-            let version = current.version + 1;
-            let written = self
-                .log
-                .write_commit_entry(
-                    version,
-                    CommitOrBytes::LogBytes(bytes.clone()),
-                    uuid::Uuid::new_v4(),
-                )
-                .await;
-            match written {
-                Ok(()) => {
-                    current.apply(
-                        version,
-                        commit.actions.iter().cloned().map(Ok),
-                        self.partition_by,
-                    )?;
-                    if version % u64::from(CHECKPOINT_INTERVAL) == 0 {
-                        self.checkpoint(version);
-                    }
-                    return Ok(version);
-                }
-                // Another writer's commit took the version: read it, check again.
-                Err(TransactionError::VersionAlreadyExists(_)) => {}
-                Err(e) => return Err(delta_err(e)),
-            }
         }
+        if let Some((fence, partition)) = &request.fence
+            && !fence.holds()
+        {
+            return Err(Error::Fenced(*partition));
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint of `version` and removes the log files it makes unneeded that
@@ -991,5 +1132,130 @@ impl ObjectStore for DurableLocal {
     ) -> object_store::Result<()> {
         self.0.copy_opts(from, to, options).await?;
         self.sync(to).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Lake;
+
+    /// Appends that wait for the log together land as one version, each checked on its
+    /// own: a partition's next flush after its previous one, a fenced flush and one that
+    /// follows the wrong version refused, the rest committed.
+    #[test]
+    fn appends_waiting_together_are_one_version_each_answered_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let table = &lake.tables.events;
+        let (open, revoked) = (Fence::open(), Fence::open());
+        revoked.revoke();
+        let add = |name: &str| {
+            vec![table.add(
+                format!("date=2026-12-01/{name}.parquet"),
+                "2026-12-01",
+                1,
+                None,
+            )]
+        };
+        let expects = [(1, 0), (1, 10), (2, 0), (3, 5), (4, 0)].map(|(partition, after_seq)| {
+            [Expect {
+                partition,
+                after_seq,
+            }]
+        });
+        let (answers, start) = block_on(async {
+            assert_eq!(table.version_of(1).await.unwrap(), 0);
+            let held = table.state.lock().await;
+            let start = held.as_ref().unwrap().version;
+            let commits = vec![
+                table.commit(
+                    add("a"),
+                    &[(1, 10)],
+                    &expects[0],
+                    Some((&open, 1)),
+                    append(),
+                ),
+                table.commit(
+                    add("b"),
+                    &[(1, 20)],
+                    &expects[1],
+                    Some((&open, 1)),
+                    append(),
+                ),
+                table.commit(
+                    add("c"),
+                    &[(2, 10)],
+                    &expects[2],
+                    Some((&revoked, 2)),
+                    append(),
+                ),
+                table.commit(
+                    add("d"),
+                    &[(3, 10)],
+                    &expects[3],
+                    Some((&open, 3)),
+                    append(),
+                ),
+                table.commit(
+                    add("e"),
+                    &[(4, 10)],
+                    &expects[4],
+                    Some((&open, 4)),
+                    append(),
+                ),
+            ];
+            // Every commit waits for the log while this holds it; then it is let go.
+            let release = async move {
+                while table.waiting.lock().unwrap().len() < 5 {
+                    tokio::task::yield_now().await;
+                }
+                drop(held);
+            };
+            let (answers, ()) = tokio::join!(futures::future::join_all(commits), release);
+            (answers, start)
+        });
+        let version = start + 1;
+        assert_eq!(answers[0].as_ref().unwrap(), &version);
+        assert_eq!(answers[1].as_ref().unwrap(), &version);
+        assert!(
+            matches!(answers[2], Err(Error::Fenced(2))),
+            "{:?}",
+            answers[2]
+        );
+        assert!(
+            matches!(
+                answers[3],
+                Err(Error::Unexpected {
+                    partition: 3,
+                    expected: 5,
+                    found: 0,
+                    ..
+                })
+            ),
+            "{:?}",
+            answers[3]
+        );
+        assert_eq!(answers[4].as_ref().unwrap(), &version);
+
+        // What the log says, read afresh: one version, one transaction per partition.
+        let again = Lake::new(dir.path());
+        let events = &again.tables.events;
+        let mut files: Vec<String> = block_on(events.files())
+            .unwrap()
+            .into_iter()
+            .map(|f| f.file_name().to_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["a.parquet", "b.parquet", "e.parquet"]);
+        assert_eq!(block_on(events.version_of(1)).unwrap(), 20);
+        assert_eq!(block_on(events.version_of(2)).unwrap(), 0);
+        assert_eq!(block_on(events.version_of(4)).unwrap(), 10);
+        let log = dir.path().join("events/_delta_log");
+        let newest = format!("{version:020}.json");
+        assert!(log.join(&newest).is_file());
+        assert!(!log.join(format!("{:020}.json", version + 1)).exists());
+        let commit = std::fs::read_to_string(log.join(newest)).unwrap();
+        assert_eq!(commit.matches("\"txn\"").count(), 2, "{commit}");
     }
 }
