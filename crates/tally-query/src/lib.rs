@@ -48,7 +48,7 @@ use datafusion::prelude::{JoinType, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use tally_core::Decision;
 use tally_core::schema::{self, lake_schema};
-use tally_store::{Location, ROLLUPS_TABLE, rollup_schema};
+use tally_store::{Location, ROLLUPS_TABLE, TableFile, rollup_schema};
 
 use crate::store::LakeStore;
 
@@ -278,19 +278,33 @@ impl Lakehouse {
         scope: &Scope<'_>,
         customer: Option<&str>,
     ) -> Result<Vec<RecordBatch>> {
-        let mut files: Vec<Vec<String>> = self.events_files(scope).await?.into_values().collect();
+        let started = std::time::Instant::now();
+        let mut files: Vec<Vec<TableFile>> =
+            self.events_files(scope).await?.into_values().collect();
         if files.is_empty() {
             // No events: one empty part, for the answer's columns.
             files.push(Vec::new());
         }
         let mut coded = Vec::with_capacity(files.len());
-        for keys in &files {
-            let all = self.lake.all_have_column(keys, schema::DECISION_CODE).await;
+        for part in &files {
+            let all = self
+                .lake
+                .all_have_column(schema::EVENTS_TABLE, part, schema::DECISION_CODE)
+                .await;
             coded.push(all.map_err(|e| DataFusionError::External(Box::new(e)))?);
         }
+        tracing::debug!(
+            files = files.iter().map(Vec::len).sum::<usize>(),
+            ms = started.elapsed().as_millis() as u64,
+            "raw billing planned"
+        );
         let mut parts = Vec::with_capacity(files.len());
-        for (paths, coded) in files.iter().zip(coded) {
-            let mut events = self.files(paths, viewed(&lake_schema()))?;
+        for (part, coded) in files.iter().zip(coded) {
+            let keys: Vec<String> = part
+                .iter()
+                .map(|f| format!("{}/{}", schema::EVENTS_TABLE, f.path))
+                .collect();
+            let mut events = self.files(&keys, viewed(&lake_schema()))?;
             if !coded {
                 let by_name = code_of(col(schema::DECISION));
                 events = events.with_column(
@@ -312,31 +326,27 @@ impl Lakehouse {
         .await
     }
 
-    /// The keys of the events files of the dates `scope` covers, by partition, from the
-    /// events table's newest snapshot.
-    async fn events_files(&self, scope: &Scope<'_>) -> Result<BTreeMap<u16, Vec<String>>> {
+    /// The events files of the dates `scope` covers, by partition, from the events table's
+    /// newest snapshot, each partition's in key order.
+    async fn events_files(&self, scope: &Scope<'_>) -> Result<BTreeMap<u16, Vec<TableFile>>> {
         let (from, to) = scope.dates();
         let listed = self
             .lake
             .table_files(schema::EVENTS_TABLE)
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let mut files: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        let mut files: BTreeMap<u16, Vec<TableFile>> = BTreeMap::new();
         for f in listed {
             let day = NaiveDate::parse_from_str(&f.value, "%Y-%m-%d").ok();
             let Some((partition, _, _)) = tally_store::parse_name(f.file_name()) else {
                 continue;
             };
             if day.is_some_and(|d| from <= d && d < to) {
-                files.entry(partition).or_default().push(format!(
-                    "{}/{}",
-                    schema::EVENTS_TABLE,
-                    f.path
-                ));
+                files.entry(partition).or_default().push(f);
             }
         }
-        for keys in files.values_mut() {
-            keys.sort();
+        for part in files.values_mut() {
+            part.sort_by(|a, b| a.path.cmp(&b.path));
         }
         Ok(files)
     }

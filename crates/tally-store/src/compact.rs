@@ -516,14 +516,25 @@ impl Lake {
         Ok(u64::try_from(footer.file_metadata().num_rows()).unwrap_or(0))
     }
 
-    /// Whether every Parquet file at `keys` (relative to the lake) has a column named
-    /// `name`, from their footers, read 16 at a time (a lake's files are many and each
-    /// footer is a request to the store).
-    pub async fn all_have_column(&self, keys: &[String], name: &str) -> Result<bool> {
+    /// Whether every file of `files` (of the table `table`) has a column named `name`:
+    /// from the log's statistics where they count its nulls, else from the file's footer,
+    /// read 16 at a time (a lake's files are many and each footer is a request to the
+    /// store).
+    pub async fn all_have_column(
+        &self,
+        table: &str,
+        files: &[TableFile],
+        name: &str,
+    ) -> Result<bool> {
         use futures::{StreamExt as _, TryStreamExt as _};
+        let unknown: Vec<String> = files
+            .iter()
+            .filter(|f| !f.columns.iter().any(|c| c == name))
+            .map(|f| format!("{table}/{}", f.path))
+            .collect();
         // Owned futures: a stream that borrows is not `Send` for every lifetime, which
         // callers spawning the query need.
-        let mut footers = futures::stream::iter(keys.to_vec())
+        let mut footers = futures::stream::iter(unknown)
             .map(|key| {
                 let storage = self.storage.clone();
                 async move { storage.footer(&key).await }

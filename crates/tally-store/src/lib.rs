@@ -481,11 +481,20 @@ pub(crate) fn stats(rows: &RecordBatch) -> Option<String> {
         lo.insert(schema::STREAM_SEQ.to_owned(), a.into());
         hi.insert(schema::STREAM_SEQ.to_owned(), b.into());
     }
+    // Every column's null count: a reader learns from the log alone which columns a file
+    // has (a file from before a column was added has none for it).
+    let nulls: serde_json::Map<String, serde_json::Value> = rows
+        .schema()
+        .fields()
+        .iter()
+        .zip(rows.columns())
+        .map(|(f, c)| (f.name().clone(), c.null_count().into()))
+        .collect();
     let stats = serde_json::json!({
         "numRecords": rows.num_rows(),
         "minValues": lo,
         "maxValues": hi,
-        "nullCount": {},
+        "nullCount": nulls,
     });
     Some(stats.to_string())
 }

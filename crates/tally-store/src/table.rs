@@ -403,6 +403,9 @@ pub struct TableFile {
     pub modified_ms: i64,
     /// Its rows, where the log's statistics say (`numRecords`).
     pub rows: Option<u64>,
+    /// The columns the log's statistics count nulls of (`nullCount`), which the file so
+    /// has; empty where the statistics do not say.
+    pub columns: Vec<String>,
 }
 
 impl TableFile {
@@ -422,19 +425,27 @@ impl TableFile {
                 .unwrap_or_default(),
             size: u64::try_from(add.size).unwrap_or(0),
             modified_ms: add.modification_time,
-            rows: add.stats.as_deref().and_then(num_records),
+            rows: None,
+            columns: Vec::new(),
         }
+        .with_stats(add.stats.as_deref())
     }
-}
 
-/// `numRecords` of an add action's statistics.
-fn num_records(stats: &str) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct Stats {
-        #[serde(rename = "numRecords")]
-        num_records: Option<u64>,
+    /// Its rows and counted columns from an add action's statistics (JSON).
+    fn with_stats(mut self, stats: Option<&str>) -> Self {
+        #[derive(Deserialize)]
+        struct Stats {
+            #[serde(rename = "numRecords")]
+            num_records: Option<u64>,
+            #[serde(rename = "nullCount", default)]
+            null_count: serde_json::Map<String, serde_json::Value>,
+        }
+        if let Some(stats) = stats.and_then(|s| serde_json::from_str::<Stats>(s).ok()) {
+            self.rows = stats.num_records;
+            self.columns = stats.null_count.into_iter().map(|(k, _)| k).collect();
+        }
+        self
     }
-    serde_json::from_str::<Stats>(stats).ok()?.num_records
 }
 
 /// One Delta table of the lake.
@@ -683,17 +694,21 @@ impl Table {
         snapshot
             .log_data()
             .iter()
-            .map(|f| TableFile {
-                path: f.path().into_owned(),
-                value: f
-                    .partition_values_map()
-                    .get(self.partition_by)
-                    .cloned()
-                    .flatten()
-                    .unwrap_or_default(),
-                size: u64::try_from(f.size()).unwrap_or(0),
-                modified_ms: f.modification_time(),
-                rows: f.stats().as_deref().and_then(num_records),
+            .map(|f| {
+                TableFile {
+                    path: f.path().into_owned(),
+                    value: f
+                        .partition_values_map()
+                        .get(self.partition_by)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_default(),
+                    size: u64::try_from(f.size()).unwrap_or(0),
+                    modified_ms: f.modification_time(),
+                    rows: None,
+                    columns: Vec::new(),
+                }
+                .with_stats(f.stats().as_deref())
             })
             .collect()
     }

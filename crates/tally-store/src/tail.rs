@@ -404,6 +404,32 @@ mod tests {
         assert_eq!(all_seqs(&lake.tail(2, 0).unwrap()), [1, 2, 3, 4]);
     }
 
+    /// The log's statistics say which columns a flushed file has, so whether all of a
+    /// table's files have one is answered without reading them: here with the file gone
+    /// from the store. A file whose statistics do not say is read.
+    #[test]
+    fn the_log_says_which_columns_a_file_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let day = 20_758 * MICROS_PER_DAY;
+        lake.write(&sealed(1, 2, &[day, day], &[1, 2]), &Fence::open())
+            .unwrap();
+        let mut files = block_on(lake.table_files("events")).unwrap();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].columns.iter().any(|c| c == schema::DECISION_CODE));
+        assert_eq!(files[0].rows, Some(2));
+        for f in parquet_files(&dir.path().join(schema::EVENTS_TABLE)) {
+            std::fs::remove_file(f).unwrap();
+        }
+        let has = |files: &[TableFile], name| {
+            block_on(lake.all_have_column(schema::EVENTS_TABLE, files, name))
+        };
+        assert!(has(&files, schema::DECISION_CODE).unwrap());
+        // Without the statistics, the footer is read: the file is gone.
+        files[0].columns.clear();
+        assert!(has(&files, schema::DECISION_CODE).is_err());
+    }
+
     /// Rows of the events table's files, read through the store.
     fn rows_in_store(lake: &Lake) -> u64 {
         use parquet::file::reader::{FileReader, SerializedFileReader};
