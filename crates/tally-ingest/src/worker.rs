@@ -820,10 +820,11 @@ async fn seal(
     checkpoint: Option<Snapshot>,
 ) -> Result<()> {
     let skipped = open.skipped.take();
-    open.opened = None;
+    let opened = open.opened.take();
     let sealed_to = match open.last.take() {
         Some((last, last_seq)) => {
-            seal_rows(open, partition, sink, checkpoint, last, last_seq).await?;
+            let open_ms = opened.map_or(0, |t| t.elapsed().as_millis() as u64);
+            seal_rows(open, partition, sink, checkpoint, last, last_seq, open_ms).await?;
             Some(last_seq)
         }
         // Nothing to write: the checkpoint waits only for the batches before it.
@@ -852,6 +853,7 @@ async fn seal_rows(
     checkpoint: Option<Snapshot>,
     last: Acker,
     last_seq: u64,
+    open_ms: u64,
 ) -> Result<()> {
     // A dead letter is stored before the batch holding its neighbours is handed to the
     // lake: once the lake holds a batch, its messages are never handled again.
@@ -870,12 +872,18 @@ async fn seal_rows(
     if sealed.batch.num_rows() > 0 {
         sink.after_seq = last_seq;
     }
+    // How long the batch's first message had been stored, and the batch open, when sealed.
+    let stored_ms = open.stored_ms.first().map_or(0, |&stored| {
+        chrono::Utc::now().timestamp_millis().saturating_sub(stored)
+    });
     tracing::debug!(
         partition,
         first_seq = sealed.first_seq,
         last_seq,
         rows = sealed.batch.num_rows(),
         messages = open.messages,
+        stored_ms,
+        open_ms,
         "batch sealed"
     );
     let (done_tx, done) = oneshot::channel();
