@@ -404,8 +404,8 @@ pub struct TableFile {
     /// Its rows, where the log's statistics say (`numRecords`).
     pub rows: Option<u64>,
     /// The columns the log's statistics count nulls of (`nullCount`), which the file so
-    /// has; empty where the statistics do not say.
-    pub columns: Vec<String>,
+    /// has; empty where the statistics do not say. Files written alike share one list.
+    pub columns: Arc<[String]>,
 }
 
 impl TableFile {
@@ -426,7 +426,7 @@ impl TableFile {
             size: u64::try_from(add.size).unwrap_or(0),
             modified_ms: add.modification_time,
             rows: None,
-            columns: Vec::new(),
+            columns: Arc::from([]),
         }
         .with_stats(add.stats.as_deref())
     }
@@ -442,10 +442,25 @@ impl TableFile {
         }
         if let Some(stats) = stats.and_then(|s| serde_json::from_str::<Stats>(s).ok()) {
             self.rows = stats.num_records;
-            self.columns = stats.null_count.into_iter().map(|(k, _)| k).collect();
+            self.columns = shared(stats.null_count.into_iter().map(|(k, _)| k).collect());
         }
         self
     }
+}
+
+/// One shared copy of each distinct column list: a table's state keeps a list per file,
+/// and the files of a table are written alike, so there are few lists and many files.
+fn shared(columns: Vec<String>) -> Arc<[String]> {
+    static LISTS: std::sync::Mutex<Vec<Arc<[String]>>> = std::sync::Mutex::new(Vec::new());
+    let mut lists = LISTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(list) = lists.iter().find(|l| l[..] == columns[..]) {
+        return list.clone();
+    }
+    let list: Arc<[String]> = columns.into();
+    lists.push(list.clone());
+    list
 }
 
 /// One Delta table of the lake.
@@ -706,7 +721,7 @@ impl Table {
                     size: u64::try_from(f.size()).unwrap_or(0),
                     modified_ms: f.modification_time(),
                     rows: None,
-                    columns: Vec::new(),
+                    columns: Arc::from([]),
                 }
                 .with_stats(f.stats().as_deref())
             })
