@@ -10,6 +10,12 @@
 //! condition (`If-None-Match` or `If-Match`) are served one at a time, check and write
 //! together, as S3 itself does. Other requests run concurrently.
 //!
+//! A conditional request's body is read whole before the condition is checked. s3s-fs
+//! answers a failed condition without reading the body; the connection then closes with
+//! the unread rest of the body in its buffer, and the kernel resets it, so a client still
+//! sending its body may see a reset instead of the `412` (a racing create "failed
+//! otherwise"). Reading the body first lets every loser read its answer.
+//!
 //! The command line is s3s-fs's (`--host`, `--port`, `--access-key`, `--secret-key`,
 //! the root directory), and it prints `server is running at http://HOST:PORT` once it
 //! listens, as s3s-fs does.
@@ -24,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
+use s3s::{Body, HttpError};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
@@ -45,6 +52,10 @@ struct Opt {
     /// Root directory of stored data: each subdirectory is a bucket.
     root: PathBuf,
 }
+
+/// The largest conditional request body read before its condition is checked. Delta log
+/// entries and checkpoints of a lake are far smaller.
+const CONDITIONAL_BODY_LIMIT: usize = 256 << 20;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -78,16 +89,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let (s3, conditional) = (s3.clone(), conditional.clone());
             async move {
                 let headers = request.headers();
-                let guard = if headers.contains_key(hyper::header::IF_NONE_MATCH)
-                    || headers.contains_key(hyper::header::IF_MATCH)
+                if !(headers.contains_key(hyper::header::IF_NONE_MATCH)
+                    || headers.contains_key(hyper::header::IF_MATCH))
                 {
-                    Some(conditional.lock_owned().await)
-                } else {
-                    None
-                };
-                let response = Service::call(&s3, request).await;
-                drop(guard);
-                response
+                    return Service::call(&s3, request).await;
+                }
+                let (parts, body) = request.into_parts();
+                let mut body = Body::from(body);
+                // A client that is gone or sends too much gets its connection closed.
+                body.store_all_limited(CONDITIONAL_BODY_LIMIT)
+                    .await
+                    .map_err(HttpError::new)?;
+                let _one_at_a_time = conditional.lock_owned().await;
+                s3.call(hyper::Request::from_parts(parts, body)).await
             }
         });
         tokio::spawn(async move {
