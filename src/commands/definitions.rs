@@ -88,7 +88,7 @@ pub async fn run(
                 return Ok(std::process::ExitCode::from(2));
             }
             let nats = Nats::connect(&config, Service::Admin).await?;
-            let definitions = Definitions::open(&nats.jetstream).await?;
+            let definitions = Definitions::open(&nats.jetstream, nats.replicas).await?;
             let mut applied = Vec::new();
             if let Some(c) = &catalog {
                 applied.extend(definitions.apply_catalog(c, &args.actor).await?);
@@ -101,7 +101,10 @@ pub async fn run(
         }
         DefinitionsCmd::List(args) => {
             let nats = Nats::connect(&config, Service::Admin).await?;
-            let snapshot = Definitions::open(&nats.jetstream).await?.load().await?;
+            let snapshot = Definitions::open(&nats.jetstream, nats.replicas)
+                .await?
+                .load()
+                .await?;
             let out = &mut std::io::stdout().lock();
             match (kind, args.format) {
                 (Kind::Catalog, Format::Table) => {

@@ -55,7 +55,7 @@ pub struct RevokeArgs {
 /// Runs a `tally keys` command against the configured NATS.
 pub async fn run(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::process::ExitCode> {
     let nats = Nats::connect(config, Service::Admin).await?;
-    let keys = ApiKeys::open(&nats.jetstream).await?;
+    let keys = ApiKeys::open(&nats.jetstream, nats.replicas).await?;
     match cmd {
         KeysCmd::Create(args) => {
             let created = keys.create(args.role, args.customers, args.name).await?;

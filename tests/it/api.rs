@@ -553,7 +553,7 @@ fn metered(limit: f64) -> Entitlement {
 }
 
 async fn catalogue(h: &Harness) -> Definitions {
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let defs = Definitions::open(&h.nats.jetstream, 1).await.unwrap();
     let plan = |id: &str, calls: f64| Plan {
         id: id.to_owned(),
         name: id.to_owned(),

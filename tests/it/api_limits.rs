@@ -264,7 +264,7 @@ async fn a_key_over_its_bytes_limit_is_refused_before_the_body_is_read() {
 async fn failed_authentications_are_counted_by_reason() {
     let h = Harness::start().await;
     let api = h.api().await;
-    let keys = ApiKeys::open(&h.nats.jetstream).await.unwrap();
+    let keys = ApiKeys::open(&h.nats.jetstream, 1).await.unwrap();
     let good = api.key(&h, Role::Billing, &[]).await;
     // The last character changed (to one it is not).
     let last = if good.ends_with('0') { '1' } else { '0' };

@@ -20,7 +20,7 @@ fn metered(limit: f64) -> Entitlement {
 /// Plans `small` (10 calls, no sso) and `big` (1000 calls, sso); add-ons `more-calls`
 /// (+100 calls per unit) and `sso-pack` (sso); customers acme and globex on `small`.
 async fn catalogue(h: &Harness) {
-    let defs = tally_ingest::definitions::Definitions::open(&h.nats.jetstream)
+    let defs = tally_ingest::definitions::Definitions::open(&h.nats.jetstream, 1)
         .await
         .unwrap();
     let plan = |id: &str, calls: f64| Plan {

@@ -799,6 +799,7 @@ async fn serve(h: &Harness, reports: LakeReports, stop: &CancellationToken) -> (
     let state = AppState::open(
         h.nats.jetstream.clone(),
         h.config.ingest.partitions,
+        h.config.ingest.replicas,
         h.config.ingest.limits,
         h.config.api.clone(),
         reports,
@@ -893,7 +894,7 @@ async fn sql_limits_answer_with_a_clear_status_and_the_server_goes_on() {
     // Past the memory limit: 400, the query at fault; the next query runs.
     let big = "SELECT COUNT(DISTINCT value) AS n FROM range(3000000)";
     let small = LakeReports::new(h.config.lake()).with_limits(1024 * 1024, Duration::from_secs(60));
-    let buckets = tally_ingest::definitions::Definitions::open(&h.nats.jetstream)
+    let buckets = tally_ingest::definitions::Definitions::open(&h.nats.jetstream, 1)
         .await
         .unwrap();
     match small.sql(big.to_owned(), Format::Json, buckets).await {

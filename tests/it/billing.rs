@@ -150,7 +150,7 @@ fn line(kind: &str, plan: &str, item: &str, amount: &str) -> (String, String, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invoices_rate_every_price_model_a_plan_change_fees_a_minimum_and_list_late_usage() {
     let h = Harness::start().await;
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let defs = Definitions::open(&h.nats.jetstream, 1).await.unwrap();
     let catalog: Catalog = toml::from_str(CATALOG).unwrap();
     assert!(catalog.problems().is_empty(), "{:?}", catalog.problems());
     defs.apply_catalog(&catalog, "test").await.unwrap();
@@ -433,7 +433,7 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
         ..Config::default()
     };
     let nats = Nats::connect(&config, Service::Admin).await.unwrap();
-    let defs = Definitions::open(&nats.jetstream)
+    let defs = Definitions::open(&nats.jetstream, 1)
         .await
         .unwrap()
         .load()
@@ -489,7 +489,7 @@ async fn billing_equals_a_plain_fold_over_the_raw_rows_to_the_cent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_reads_plans_prices_customers_and_decisions() {
     let h = Harness::start().await;
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let defs = Definitions::open(&h.nats.jetstream, 1).await.unwrap();
     let catalog: Catalog = toml::from_str(CATALOG).unwrap();
     defs.apply_catalog(&catalog, "test").await.unwrap();
     let mut ana = Customer::new("ana", "starter");

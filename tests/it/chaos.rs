@@ -26,22 +26,44 @@ fn on_s3_every_acknowledged_event_lands_once_through_kills_and_restarts() {
     assert_eq!(report["s3_restarts"], 1, "the S3 server was restarted");
 }
 
+/// Past one machine: three NATS nodes (three replicas), three workers on data directories
+/// of their own, the lake on the S3 server; each NATS node in turn is killed and started
+/// again while publishing goes on through the others.
+#[test]
+fn on_a_cluster_every_acknowledged_event_lands_once_through_node_and_worker_kills() {
+    let report = chaos(&["--cluster", "--nats-restarts", "3"]);
+    assert_eq!(report["lake"], "s3");
+    assert_eq!(report["nats_nodes"], 3);
+    assert_eq!(
+        report["replicas"], 3,
+        "every stream and bucket on every node"
+    );
+    assert_eq!(report["workers"], 3);
+    assert_eq!(report["nats_node_kills"], 3, "every node was killed once");
+}
+
 /// Runs `tally chaos` with `extra` arguments and checks that the lake is exact; returns its
 /// report.
 fn chaos(extra: &[&str]) -> Value {
     let long = std::env::var_os("TALLY_CHAOS_LONG").is_some_and(|v| v != "0");
-    let (events, rate, kills, restarts, unwritable) = if long {
+    let (events, rate, kills, mut restarts, unwritable) = if long {
         ("1000000", "50000", 10, 2, "3")
     } else {
         ("20000", "4000", 3, 2, "1")
     };
+    // A count in `extra` replaces the default.
+    let mut extra = extra.to_vec();
+    if let Some(at) = extra.iter().position(|a| *a == "--nats-restarts") {
+        restarts = extra[at + 1].parse().unwrap();
+        extra.drain(at..at + 2);
+    }
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["chaos", "--events", events, "--rate", rate])
         .args(["--kills", &kills.to_string()])
         .args(["--nats-restarts", &restarts.to_string()])
         .args(["--unwritable-secs", unwritable, "--customers", "200"])
-        .args(extra)
+        .args(&extra)
         .args(["--format", "json", "--data-dir"])
         .arg(dir.path().join("chaos"))
         .env("TALLY_LOG", "warn")
@@ -57,8 +79,8 @@ fn chaos(extra: &[&str]) -> Value {
     eprintln!("{report:#}");
     let n = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("no {key}"));
 
-    assert_eq!(n("kills"), kills, "every kill happened");
-    assert_eq!(n("nats_restarts"), restarts, "every restart happened");
+    assert_eq!(n("worker_kills"), kills, "every kill happened");
+    assert_eq!(n("nats_node_kills"), restarts, "every NATS kill happened");
     assert_eq!(n("pauses"), 1, "a worker was paused past its leases");
     assert_eq!(
         n("acked"),

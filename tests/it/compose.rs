@@ -703,7 +703,7 @@ async fn every_sql_panel_runs_on_a_lake_with_data() {
     assert!(key.starts_with("tally_") && !key.contains('\n'), "{key:?}");
     // A second run (a restart of the stack) keeps the key it wrote.
     assert_eq!(run_grafana_key(&h, keys.path()), key);
-    let made = tally_api::ApiKeys::open(&h.nats.jetstream)
+    let made = tally_api::ApiKeys::open(&h.nats.jetstream, 1)
         .await
         .unwrap()
         .list()

@@ -39,7 +39,7 @@ fn plan(id: &str, calls: f64, seats: Option<u32>) -> Plan {
 }
 
 async fn setup(h: &Harness, customers: Vec<Customer>) -> Definitions {
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let defs = Definitions::open(&h.nats.jetstream, 1).await.unwrap();
     let catalog = Catalog {
         plans: vec![plan("small", 10.0, Some(2)), plan("big", 1000.0, None)],
         ..Catalog::default()

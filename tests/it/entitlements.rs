@@ -30,7 +30,7 @@ async fn the_demo_catalogue_and_customers_round_trip_through_the_buckets_with_an
         customers.problems()
     );
 
-    let defs = Definitions::open(&h.nats.jetstream).await.unwrap();
+    let defs = Definitions::open(&h.nats.jetstream, 1).await.unwrap();
     let applied = defs.apply_catalog(&catalog, "test").await.unwrap();
     assert_eq!(
         applied.len(),

@@ -136,12 +136,18 @@ async fn an_sdk_key_reaches_its_customers_subjects_and_nothing_else() {
     let (h, pipeline, api) = deployment(50).await;
     let key = api.key(&h, Role::Sdk, &["acme"]).await;
 
-    // Through the SDK, as an application would.
+    // Through the SDK, as an application would, given the servers of a cluster one of
+    // which is down: it connects to one that answers.
     let options = Options {
         partitions: h.config.ingest.partitions,
         ..Options::default()
     };
-    let sdk = Client::nats(NatsTarget::with_key(h.server.url(), key.clone()), options)
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let servers = format!("nats://{down}, {}", h.server.url());
+    let sdk = Client::nats(NatsTarget::with_key(servers, key.clone()), options)
         .await
         .unwrap();
     for _ in 0..5 {
@@ -228,7 +234,9 @@ async fn revoked_and_expired_keys_lose_nats_within_the_session() {
     let (h, pipeline, api) = deployment(session).await;
     let key = api.key(&h, Role::Sdk, &["acme"]).await;
     let keyed = Keyed::connect(&h, &key).await.unwrap();
-    let keys = tally_api::ApiKeys::open(&h.nats.jetstream).await.unwrap();
+    let keys = tally_api::ApiKeys::open(&h.nats.jetstream, 1)
+        .await
+        .unwrap();
     let expires = chrono::Utc::now() + chrono::Duration::seconds(2);
     let portal_key = keys
         .create_expiring(

@@ -197,14 +197,15 @@ impl std::fmt::Debug for ApiKeys {
 }
 
 impl ApiKeys {
-    /// Opens the bucket, creating it when missing.
-    pub async fn open(js: &Context) -> Result<ApiKeys, KeyError> {
+    /// Opens the bucket, creating it when missing, with `replicas` copies.
+    pub async fn open(js: &Context, replicas: usize) -> Result<ApiKeys, KeyError> {
         let store = js
             .create_or_update_key_value(kv::Config {
                 bucket: KEYS_BUCKET.to_owned(),
                 description: "Tally API keys (digests of their secrets)".to_owned(),
                 history: 4,
                 storage: StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await

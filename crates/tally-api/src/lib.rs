@@ -209,24 +209,26 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// Opens the buckets the API uses (creating them when missing) and starts following
-    /// the API keys until `cancel`.
+    /// Opens the buckets the API uses (creating them when missing, with `replicas` copies
+    /// each) and starts following the API keys until `cancel`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         js: Context,
         partitions: u16,
+        replicas: usize,
         limits: DecodeLimits,
         config: ApiConfig,
         reports: tally_reports::LakeReports,
         local_checks: Option<LocalChecks>,
         cancel: CancellationToken,
     ) -> Result<AppState, OpenError> {
-        let keys = ApiKeys::open(&js).await?;
-        let definitions = Definitions::open(&js).await?;
-        let licenses =
-            LicenseKeys::open(&js, Duration::from_secs(config.license_key_grace_secs)).await?;
-        let idempotency =
-            routes::idempotency::open(&js, Duration::from_secs(config.idempotency_secs)).await?;
-        let access_requests = routes::access::open(&js).await?;
+        let keys = ApiKeys::open(&js, replicas).await?;
+        let definitions = Definitions::open(&js, replicas).await?;
+        let grace = Duration::from_secs(config.license_key_grace_secs);
+        let licenses = LicenseKeys::open(&js, grace, replicas).await?;
+        let idempotency = Duration::from_secs(config.idempotency_secs);
+        let idempotency = routes::idempotency::open(&js, idempotency, replicas).await?;
+        let access_requests = routes::access::open(&js, replicas).await?;
         tokio::spawn(keys.clone().follow(cancel));
         Ok(AppState(Arc::new(Inner {
             client: js.client(),

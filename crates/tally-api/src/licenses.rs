@@ -68,14 +68,19 @@ impl std::fmt::Debug for LicenseKeys {
 }
 
 impl LicenseKeys {
-    /// Opens the bucket, creating it when missing.
-    pub async fn open(js: &Context, grace: Duration) -> Result<LicenseKeys, LicenseKeyError> {
+    /// Opens the bucket, creating it when missing, with `replicas` copies.
+    pub async fn open(
+        js: &Context,
+        grace: Duration,
+        replicas: usize,
+    ) -> Result<LicenseKeys, LicenseKeyError> {
         let store = js
             .create_or_update_key_value(kv::Config {
                 bucket: LICENSE_KEYS_BUCKET.to_owned(),
                 description: "Tally license signing keys".to_owned(),
                 history: 1,
                 storage: StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await

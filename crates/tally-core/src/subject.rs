@@ -18,6 +18,18 @@ pub const DEAD_LETTER_STREAM: &str = "TALLY_DEADLETTER";
 /// Dead letters are published to `tally.deadletter.<reason>`.
 pub const DEAD_LETTER_PREFIX: &str = "tally.deadletter";
 
+/// The servers of a NATS address: `nats://a:4222,nats://b:4222` (the nodes of a cluster,
+/// commas between them, spaces allowed) as one URL each, for a client to connect to
+/// whichever answers and fail over between them.
+pub fn server_urls(address: &str) -> Vec<String> {
+    address
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The subject a producer publishes a customer's events to.
 pub fn events_subject(customer: &str) -> String {
     format!("{EVENTS_SUBJECT_PREFIX}.{}", customer_token(customer))
@@ -177,6 +189,18 @@ pub const NOTIFY_PREFIX: &str = "tally.notify";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_lists_each_server_once() {
+        assert_eq!(
+            server_urls("nats://a:4222, nats://b:4222,,tls://c:4222 "),
+            ["nats://a:4222", "nats://b:4222", "tls://c:4222"]
+        );
+        assert_eq!(
+            server_urls("nats://127.0.0.1:4222"),
+            ["nats://127.0.0.1:4222"]
+        );
+    }
 
     #[test]
     fn plain_ids_are_their_own_token() {

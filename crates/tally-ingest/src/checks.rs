@@ -134,9 +134,9 @@ impl Responder {
             .map_err(|e| Error::nats("start the checks' thread", e))?
             .map_err(|e| Error::nats("start the checks' runtime", e))?;
         // Connected from the thread, so that the connection's tasks run there.
-        let url = url.to_owned();
+        let urls = tally_core::subject::server_urls(url);
         let client = runtime
-            .spawn(async move { options.connect(url).await })
+            .spawn(async move { options.connect(urls).await })
             .await
             .map_err(|e| Error::nats("connect for the checks", e))?
             .map_err(|e| Error::nats("connect for the checks", e))?;

@@ -119,13 +119,15 @@ impl std::fmt::Debug for Definitions {
 }
 
 impl Definitions {
-    /// Opens the buckets and the audit stream, creating them when missing.
-    pub async fn open(js: &Context) -> Result<Definitions> {
+    /// Opens the buckets and the audit stream, creating them when missing, with `replicas`
+    /// copies each (`IngestConfig::replicas`).
+    pub async fn open(js: &Context, replicas: usize) -> Result<Definitions> {
         let bucket = |name: &str, description: &str| kv::Config {
             bucket: name.to_owned(),
             description: description.to_owned(),
             history: HISTORY,
             storage: StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         };
         let catalog = js
@@ -136,14 +138,18 @@ impl Definitions {
             .create_or_update_key_value(bucket(CUSTOMERS_BUCKET, "Tally customers"))
             .await
             .map_err(|e| Error::nats("open the customers bucket", e))?;
-        js.get_or_create_stream(stream::Config {
-            name: AUDIT_STREAM.to_owned(),
-            subjects: vec![format!("{AUDIT_PREFIX}.>")],
-            storage: StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::nats("open the audit stream", e))?;
+        crate::topology::ensure_stream(
+            js,
+            stream::Config {
+                name: AUDIT_STREAM.to_owned(),
+                subjects: vec![format!("{AUDIT_PREFIX}.>")],
+                storage: StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+            "open the audit stream",
+        )
+        .await?;
         Ok(Definitions {
             js: js.clone(),
             catalog,

@@ -44,7 +44,7 @@ impl NatsEndpoint {
     /// Connects as `service`.
     pub async fn connect(&self, service: Service, name: &str) -> Result<async_nats::Client> {
         self.options(service, name)?
-            .connect(self.url.as_str())
+            .connect(tally_core::subject::server_urls(&self.url))
             .await
             .map_err(|e| Error::nats("connecting", e))
     }

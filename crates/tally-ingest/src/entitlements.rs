@@ -88,10 +88,11 @@ impl Entitlements {
         js: &Context,
         owned: &[u16],
         partitions: u16,
+        replicas: usize,
         apply_delay: Duration,
         cancel: CancellationToken,
     ) -> Result<Arc<Entitlements>> {
-        let definitions = Definitions::open(js).await?;
+        let definitions = Definitions::open(js, replicas).await?;
         let (catalog, customers) = definitions.stores();
         let engines = (0..partitions.max(1))
             .map(|p| {

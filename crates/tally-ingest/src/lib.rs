@@ -43,6 +43,10 @@ pub use worker::run_partition;
 pub struct IngestConfig {
     /// Partitions of the events stream; fixed when the stream is created.
     pub partitions: u16,
+    /// Copies NATS keeps of each of Tally's streams and buckets: 1 on a single server, 3
+    /// on a cluster of three or more nodes (any one node can then be lost). An existing
+    /// stream or bucket is brought to this count when a process opens it.
+    pub replicas: usize,
     /// JetStream's publish dedup window, in seconds.
     pub duplicate_window_secs: u64,
     /// Largest events stream, in bytes (-1: unlimited). Publishers are refused beyond it.
@@ -101,6 +105,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             partitions: 16,
+            replicas: 1,
             duplicate_window_secs: 120,
             stream_max_bytes: -1,
             flush_rows: 100_000,
@@ -150,6 +155,12 @@ impl IngestConfig {
         }
         if self.fetch_messages == 0 {
             p.push("ingest.fetch_messages must be at least 1".to_owned());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            p.push(format!(
+                "ingest.replicas must be 1 to 5 (NATS keeps at most 5 copies), not {}",
+                self.replicas
+            ));
         }
         p
     }

@@ -68,14 +68,15 @@ pub struct Held {
 
 impl Leases {
     /// Opens (creating if needed) the two buckets, entries expiring `lease` after their
-    /// last write.
-    pub async fn open(js: &Context, lease: Duration) -> Result<Leases> {
+    /// last write, with `replicas` copies each.
+    pub async fn open(js: &Context, lease: Duration, replicas: usize) -> Result<Leases> {
         let bucket = |name: &str, description: &str| kv::Config {
             bucket: name.to_owned(),
             description: description.to_owned(),
             history: 1,
             max_age: lease,
             storage: StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         };
         let leases = js

@@ -94,6 +94,7 @@ pub async fn run_worker(
                 &js,
                 &candidates,
                 config.partitions,
+                config.replicas,
                 Duration::from_millis(config.definitions_apply_delay_ms),
                 cancel.clone(),
             )
@@ -102,7 +103,12 @@ pub async fn run_worker(
     } else {
         None
     };
-    let leases = Leases::open(&leases_js, Duration::from_millis(config.lease_ms.max(300))).await?;
+    let leases = Leases::open(
+        &leases_js,
+        Duration::from_millis(config.lease_ms.max(300)),
+        config.replicas,
+    )
+    .await?;
     tracing::info!(worker = %leases.id, lease_ms = config.lease_ms, ?assignment, "worker started");
     let (errors, mut failed) = mpsc::channel::<Error>(candidates.len().max(1));
     let local = entitlements

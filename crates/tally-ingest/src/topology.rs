@@ -20,8 +20,9 @@ use crate::{Error, IngestConfig, Result};
 /// count is an error, not something to rewrite under running workers.
 pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
     let (src, dest) = subject::partition_transform(config.partitions);
-    let events = js
-        .get_or_create_stream(stream::Config {
+    let events = ensure_stream(
+        js,
+        stream::Config {
             name: EVENTS_STREAM.to_owned(),
             subjects: vec![format!("{EVENTS_SUBJECT_PREFIX}.*")],
             subject_transform: Some(SubjectTransform {
@@ -33,10 +34,12 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
             storage: StorageType::File,
             max_bytes: config.stream_max_bytes,
             discard: DiscardPolicy::New,
+            num_replicas: config.replicas,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::nats("create events stream", e))?;
+        },
+        "create events stream",
+    )
+    .await?;
     let existing = events
         .cached_info()
         .config
@@ -49,27 +52,65 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
              it was created with another partition count"
         )));
     }
-    js.get_or_create_stream(stream::Config {
-        name: DEAD_LETTER_STREAM.to_owned(),
-        subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
-        duplicate_window: Duration::from_secs(config.duplicate_window_secs),
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| Error::nats("create dead-letter stream", e))?;
-    js.get_or_create_stream(stream::Config {
-        name: NOTIFY_STREAM.to_owned(),
-        subjects: vec![format!("{NOTIFY_PREFIX}.>")],
-        duplicate_window: Duration::from_secs(config.duplicate_window_secs),
-        retention: RetentionPolicy::Limits,
-        storage: StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| Error::nats("create notification stream", e))?;
+    ensure_stream(
+        js,
+        stream::Config {
+            name: DEAD_LETTER_STREAM.to_owned(),
+            subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
+            duplicate_window: Duration::from_secs(config.duplicate_window_secs),
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        },
+        "create dead-letter stream",
+    )
+    .await?;
+    ensure_stream(
+        js,
+        stream::Config {
+            name: NOTIFY_STREAM.to_owned(),
+            subjects: vec![format!("{NOTIFY_PREFIX}.>")],
+            duplicate_window: Duration::from_secs(config.duplicate_window_secs),
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        },
+        "create notification stream",
+    )
+    .await?;
     Ok(())
+}
+
+/// Creates a stream, or opens it as it is and brings it to `config`'s replica count (a
+/// deployment grown from one server to a cluster replicates what it has). Its other
+/// settings stay as they were made.
+pub async fn ensure_stream(
+    js: &Context,
+    config: stream::Config,
+    what: &'static str,
+) -> Result<stream::Stream> {
+    let mut stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| Error::nats(what, e))?;
+    let made = stream.cached_info().config.clone();
+    if made.num_replicas != config.num_replicas {
+        tracing::info!(stream = %made.name, from = made.num_replicas, to = config.num_replicas,
+            "changing the stream's replicas");
+        js.update_stream(stream::Config {
+            num_replicas: config.num_replicas,
+            ..made
+        })
+        .await
+        .map_err(|e| Error::nats(what, e))?;
+        stream = js
+            .get_stream(&config.name)
+            .await
+            .map_err(|e| Error::nats(what, e))?;
+    }
+    Ok(stream)
 }
 
 /// Creates the durable consumers of these partitions, so that the topology is complete

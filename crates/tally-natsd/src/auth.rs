@@ -6,7 +6,8 @@
 //! nkey), each file mode 0600. The server knows only their public halves: each service is a
 //! user with [`Service::permissions`], and any other client is sent to Tally's auth
 //! callout, which answers with a short-lived user signed by the callout key. No client
-//! connects without one or the other.
+//! connects without one or the other. The nodes of a cluster present `route.secret` to
+//! each other on their routes.
 //!
 //! [`Credentials::ensure`] makes what is missing (the embedded default does so at first
 //! start, `tally nats init` for a deployment); a process then reads only the seed of the
@@ -19,6 +20,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nkeys::KeyPair;
+use rand::distr::SampleString as _;
 use tally_core::access::Permissions;
 pub use tally_core::access::Service;
 
@@ -28,6 +30,10 @@ use crate::{Error, Result};
 pub const CALLOUT_FILE: &str = "callout.nk";
 /// The nats-server configuration fragment a deployment includes.
 pub const AUTH_CONF_FILE: &str = "auth.conf";
+/// The secret the nodes of a NATS cluster present to each other on their routes.
+pub const ROUTE_FILE: &str = "route.secret";
+/// The user name of cluster routes.
+pub const ROUTE_USER: &str = "route";
 
 /// A directory of NATS credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +79,22 @@ impl Credentials {
             })?;
             write_secret(&path, &seed)?;
         }
+        let route = credentials.dir.join(ROUTE_FILE);
+        if !route.exists() {
+            let secret = rand::distr::Alphanumeric.sample_string(&mut rand::rng(), 40);
+            write_secret(&route, &secret)?;
+        }
         Ok(credentials)
+    }
+
+    /// The secret of cluster routes: a node accepts a route only from a peer that presents
+    /// it, so no process that reaches a route port joins the cluster (and bypasses the
+    /// clients' authorization) without it.
+    pub fn route_secret(&self) -> Result<String> {
+        let path = self.dir.join(ROUTE_FILE);
+        fs::read_to_string(&path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|source| Error::Io { path, source })
     }
 
     pub fn dir(&self) -> &Path {
@@ -219,5 +240,11 @@ mod tests {
         let conf = again.authorization().unwrap();
         assert!(!conf.contains(&worker), "a seed in the server config");
         assert!(conf.contains("auth_callout"));
+        let route = again.route_secret().unwrap();
+        assert_eq!(route.len(), 40);
+        assert_eq!(
+            fs::metadata(dir.join(ROUTE_FILE)).unwrap().mode() & 0o777,
+            0o600
+        );
     }
 }

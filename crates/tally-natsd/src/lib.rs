@@ -29,9 +29,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod auth;
+mod cluster;
 pub mod tls;
 
 pub use auth::{Credentials, Service};
+pub use cluster::{ClusterOptions, NatsCluster};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -75,6 +77,8 @@ pub struct ServerOptions {
     /// A certificate and key (PEM files) for TLS on the client port; `None`: plain, for a
     /// server that listens on loopback only.
     pub tls: Option<Tls>,
+    /// This server as a node of a cluster ([`NatsCluster`]); `None`: a server of its own.
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// The server's certificate and key, PEM files.
@@ -92,6 +96,7 @@ impl ServerOptions {
             port: 0,
             credentials: data_dir.join("credentials"),
             tls: None,
+            cluster: None,
             data_dir,
             max_payload: 8 * 1024 * 1024,
             max_pending: 256 * 1024 * 1024,
@@ -107,6 +112,8 @@ pub struct NatsServer {
     binary: PathBuf,
     options: ServerOptions,
     addr: SocketAddr,
+    /// The monitoring address of a cluster node (`/healthz`).
+    monitor: Option<SocketAddr>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -123,6 +130,7 @@ impl NatsServer {
             binary,
             options,
             addr,
+            monitor: None,
             _temp: None,
         };
         server.spawn()?;
@@ -256,10 +264,14 @@ impl NatsServer {
             0 => "-1".to_owned(),
             port => port.to_string(),
         };
+        let cluster = match &self.options.cluster {
+            Some(cluster) => cluster.config(&credentials.route_secret()?),
+            None => String::new(),
+        };
         fs::write(
             &config,
             format!(
-                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\nmax_pending: {pending}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n{tls}{authorization}",
+                "{OWNER}{owner}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: {max}\nmax_pending: {pending}\npid_file: \"{pid}\"\nports_file_dir: \"{ports}\"\njetstream {{\n  store_dir: \"{store}\"\n}}\n{cluster}{tls}{authorization}",
                 owner = std::process::id(),
                 max = self.options.max_payload,
                 pending = self.options.max_pending,
@@ -292,6 +304,7 @@ impl NatsServer {
         let deadline = Instant::now() + self.options.ready_timeout;
         while Instant::now() < deadline {
             if let Some(addr) = listening(&ports_dir) {
+                self.monitor = monitoring(&ports_dir);
                 self.addr = addr;
                 self.options.port = addr.port();
                 tracing::debug!(%addr, dir = %dir.display(), "nats-server ready");
@@ -316,7 +329,7 @@ impl NatsServer {
 /// proves nothing.
 pub async fn lets_in(options: async_nats::ConnectOptions, url: &str) -> bool {
     tls::install_provider();
-    let Ok(client) = options.connect(url).await else {
+    let Ok(client) = options.connect(tally_core::subject::server_urls(url)).await else {
         return false;
     };
     let asked = tokio::time::timeout(
@@ -349,6 +362,18 @@ fn listening(ports_dir: &Path) -> Option<SocketAddr> {
                 .parse::<SocketAddr>()
                 .ok()
         })
+    })
+}
+
+/// The monitoring address in a server's ports file (`{"monitoring": ["http://…"]}`).
+fn monitoring(ports_dir: &Path) -> Option<SocketAddr> {
+    fs::read_dir(ports_dir).ok()?.find_map(|entry| {
+        let text = fs::read(entry.ok()?.path()).ok()?;
+        let ports: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        ports["monitoring"]
+            .as_array()?
+            .iter()
+            .find_map(|url| url.as_str()?.strip_prefix("http://")?.parse().ok())
     })
 }
 

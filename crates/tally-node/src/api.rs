@@ -54,6 +54,7 @@ impl Api {
         let state = AppState::open(
             jetstream,
             config.ingest.partitions,
+            config.ingest.replicas,
             config.ingest.limits,
             config.api.clone(),
             reports,

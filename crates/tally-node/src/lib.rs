@@ -20,7 +20,8 @@ use anyhow::Context as _;
 /// when no URL is set), for the reports.
 pub async fn definitions(config: &config::Config) -> anyhow::Result<tally_reports::Definitions> {
     let nats = pipeline::Nats::connect(config, pipeline::Service::Admin).await?;
-    let buckets = tally_ingest::definitions::Definitions::open(&nats.jetstream).await?;
+    let buckets =
+        tally_ingest::definitions::Definitions::open(&nats.jetstream, nats.replicas).await?;
     tally_reports::Definitions::load(&buckets)
         .await
         .context("reading the plans and customers")

@@ -21,6 +21,8 @@ pub struct Nats {
     pub endpoint: NatsEndpoint,
     pub client: async_nats::Client,
     pub jetstream: async_nats::jetstream::Context,
+    /// Copies of each stream and bucket this process creates (`ingest.replicas`).
+    pub replicas: usize,
     /// The embedded server, stopped when this is dropped.
     pub server: Option<NatsServer>,
 }
@@ -62,6 +64,7 @@ impl Nats {
             endpoint,
             client,
             jetstream,
+            replicas: config.ingest.replicas,
             server,
         })
     }

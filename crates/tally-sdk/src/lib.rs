@@ -289,7 +289,8 @@ impl Client {
                 if let Some(ca) = ca {
                     connect = connect.require_tls(true).add_root_certificates(ca);
                 }
-                connect.connect(url.as_str()).await.map_err(|e| {
+                let urls = tally_core::subject::server_urls(&url);
+                connect.connect(urls).await.map_err(|e| {
                     Error::Unavailable(format!("cannot connect to NATS at {url}: {e}"))
                 })?
             }

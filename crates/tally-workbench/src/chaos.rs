@@ -18,6 +18,13 @@
 //! on a loopback port) instead of under the data directory, and the server is stopped for
 //! `--unwritable-secs` and started again instead (same port, same objects).
 //!
+//! With `--cluster`, as a deployment past one machine runs: three nats-server nodes in a
+//! cluster (streams and buckets with three replicas), three workers (`tally worker`), each
+//! on a data directory of its own and given every node's URL, and the lake on the S3
+//! server. Each of `--nats-restarts` kills one node with SIGKILL and starts it again
+//! [`NODE_DOWN`] later, one node at a time (never the majority), while publishing goes on
+//! through the others.
+//!
 //! Publishing is paced (`--rate`) and cut into slices; the faults fall between slices, at
 //! moments drawn from `--seed`, while the worker is busy with what was published before. When everything is acknowledged
 //! and drained, the worker is stopped and the lake is checked against the generator: each
@@ -29,6 +36,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally_node::pipeline::Service;
 
@@ -40,7 +48,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tally_core::subject;
-use tally_natsd::{NatsServer, ServerOptions};
+use tally_natsd::{NatsCluster, NatsServer, ServerOptions};
 use tally_query::{Lakehouse, Period, Scope};
 
 use crate::workload::{self, OutMessage, Spec};
@@ -52,6 +60,10 @@ use tally_node::pipeline::Nats;
 const SLICES: usize = 100;
 /// The worker's lease: a killed worker's partitions are free again this soon.
 const LEASE_MS: u64 = 1500;
+/// How long a killed NATS node of a `--cluster` run stays down.
+const NODE_DOWN: Duration = Duration::from_secs(3);
+/// NATS nodes and workers of a `--cluster` run.
+const CLUSTER: usize = 3;
 
 #[derive(Args, Debug, Clone)]
 pub struct ChaosArgs {
@@ -61,7 +73,8 @@ pub struct ChaosArgs {
     /// Times the worker is killed (SIGKILL) and started again while events flow.
     #[arg(long, default_value_t = 10)]
     pub kills: u32,
-    /// Times nats-server is killed and started again while events flow.
+    /// Times nats-server (with `--cluster`, one node at a time) is killed and started
+    /// again while events flow.
     #[arg(long, default_value_t = 2)]
     pub nats_restarts: u32,
     /// Times a worker is paused (SIGSTOP) past its leases while another takes its
@@ -76,6 +89,10 @@ pub struct ChaosArgs {
     /// `scripts/install-s3.sh`) instead of the data directory.
     #[arg(long)]
     pub s3: bool,
+    /// Three NATS nodes in a cluster (three replicas), three workers on data directories
+    /// of their own, the lake on the S3 server (implies `--s3`).
+    #[arg(long)]
+    pub cluster: bool,
     /// Events published per second at most, so that the faults are spread over the run.
     #[arg(long, default_value_t = 50_000)]
     pub rate: u64,
@@ -108,8 +125,18 @@ pub struct ChaosReport {
     pub duplicates_published: u64,
     pub dead_letters: u64,
     pub events_invalid: u64,
-    pub kills: u32,
-    pub nats_restarts: u32,
+    /// Workers killed with SIGKILL (each replaced at once).
+    pub worker_kills: u32,
+    /// nats-servers killed with SIGKILL and started again: the only one, or one node of
+    /// the cluster at a time.
+    pub nats_node_kills: u32,
+    /// NATS nodes: 1, or 3 with `--cluster`.
+    pub nats_nodes: usize,
+    /// The fewest copies NATS keeps of any of Tally's streams and buckets, as it reports.
+    pub replicas: usize,
+    /// Workers running side by side (each on a data directory of its own with
+    /// `--cluster`).
+    pub workers: usize,
     pub pauses: u32,
     /// Flushes the lake refused because their worker had lost the partition (a paused
     /// worker's, after it resumed), as the workers' logs tell.
@@ -145,22 +172,45 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     let dir = config.data_dir.clone();
     // New, empty, or made by an earlier `tally chaos` (cleared).
     crate::demo::prepare(&dir, "chaos")?;
-    let mut options = ServerOptions::new(dir.join("nats"));
-    options.binary = config.nats_server.clone();
-    let mut server = tokio::task::spawn_blocking(move || NatsServer::start(options))
-        .await?
-        .context("starting nats-server")?;
-    config.nats_url = Some(server.url());
-    let s3 = if args.s3 {
+    let nats_dir = dir.join("nats");
+    let binary = config.nats_server.clone();
+    let server = if args.cluster {
+        let cluster =
+            tokio::task::spawn_blocking(move || NatsCluster::start(&nats_dir, CLUSTER, binary))
+                .await?
+                .context("starting the NATS cluster")?;
+        config.ingest.replicas = CLUSTER;
+        Server::Cluster(Arc::new(Mutex::new(cluster)))
+    } else {
+        let mut options = ServerOptions::new(nats_dir);
+        options.binary = binary;
+        let server = tokio::task::spawn_blocking(move || NatsServer::start(options))
+            .await?
+            .context("starting nats-server")?;
+        Server::One(Arc::new(Mutex::new(server)))
+    };
+    // A restart keeps the servers' ports: every worker is given these URLs.
+    let nats_url = server.url();
+    config.nats_url = Some(nats_url.clone());
+    config.nats_credentials = Some(server.credentials());
+    let s3 = if args.s3 || args.cluster {
         let s3_dir = dir.join("s3");
         let (s3, location) =
             tokio::task::spawn_blocking(move || crate::start_s3(&s3_dir)).await??;
         config.lake_s3 = Some(location);
-        Some(std::sync::Arc::new(std::sync::Mutex::new(s3)))
+        Some(Arc::new(Mutex::new(s3)))
     } else {
         None
     };
-    let lake_env = lake_env(&config);
+    let mut worker_env = lake_env(&config);
+    worker_env.push((
+        "TALLY_NATS_CREDENTIALS".to_owned(),
+        server.credentials().display().to_string(),
+    ));
+    worker_env.push((
+        "TALLY_INGEST__REPLICAS".to_owned(),
+        config.ingest.replicas.to_string(),
+    ));
     let nats = Nats::connect(&config, Service::Admin).await?;
     crate::demo::entitle_unlimited(&nats, args.customers, "tally-chaos").await?;
     tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
@@ -177,15 +227,23 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     let faults = schedule(&args);
 
     let exe = std::env::current_exe().context("locating the tally binary")?;
-    // A restart keeps the server's port: every worker is given this one URL.
-    let nats_url = server.url();
     let mut started_workers = 0;
     let mut start_worker = || {
         started_workers += 1;
-        Worker::start(&exe, &nats_url, &dir, &lake_env, started_workers - 1)
+        let n = started_workers - 1;
+        let run = if args.cluster {
+            // As on a host of its own: a data directory no other worker shares.
+            Run::Worker(dir.join(format!("worker-{n}")))
+        } else {
+            Run::Serve(dir.clone())
+        };
+        Worker::start(&exe, &nats_url, run, &dir, &worker_env, n)
     };
     // The oldest first: a kill or a pause strikes the worker that has run the longest.
-    let mut workers = vec![start_worker()?];
+    let side_by_side = if args.cluster { CLUSTER } else { 1 };
+    let mut workers = (0..side_by_side)
+        .map(|_| start_worker())
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let lake_events = config.lake_dir().join(tally_core::schema::EVENTS_TABLE);
     let mut report = ChaosReport {
         sent: 0,
@@ -197,8 +255,11 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         duplicates_published: totals.duplicates_published,
         dead_letters: 0,
         events_invalid: totals.events_invalid,
-        kills: 0,
-        nats_restarts: 0,
+        worker_kills: 0,
+        nats_node_kills: 0,
+        nats_nodes: if args.cluster { CLUSTER } else { 1 },
+        replicas: 0,
+        workers: side_by_side,
         pauses: 0,
         stale_flushes_refused: 0,
         unwritable_secs: args.unwritable_secs,
@@ -211,6 +272,8 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         exact: false,
     };
     let mut restore: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    // The cluster node down now, and the task that starts it again.
+    let mut node_back: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     // Each paused worker's pid and the task that resumes it.
     let mut resumes: Vec<(u32, tokio::task::JoinHandle<anyhow::Result<()>>)> = Vec::new();
     let per_slice = messages.len().div_ceil(SLICES).max(1);
@@ -230,9 +293,12 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                         .unwrap_or(0);
                     let mut dead = workers.remove(victim);
                     dead.kill()?;
-                    report.kills += 1;
+                    report.worker_kills += 1;
                     workers.push(start_worker()?);
-                    tracing::warn!(kills = report.kills, "worker killed and started again");
+                    tracing::warn!(
+                        kills = report.worker_kills,
+                        "worker killed and started again"
+                    );
                 }
                 Fault::PauseWorker => {
                     let pid = workers[0].child.id();
@@ -244,11 +310,31 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                     tracing::warn!(pauses = report.pauses, pid, "worker paused past its leases");
                 }
                 Fault::RestartNats => {
-                    server = tokio::task::spawn_blocking(move || server.restart().map(|()| server))
-                        .await?
-                        .context("restarting nats-server")?;
-                    report.nats_restarts += 1;
-                    tracing::warn!(restarts = report.nats_restarts, "nats-server restarted");
+                    // One node down at a time: the one before is back first.
+                    if let Some(back) = node_back.take() {
+                        back.await??;
+                    }
+                    let node = report.nats_node_kills as usize;
+                    report.nats_node_kills += 1;
+                    match &server {
+                        Server::One(one) => {
+                            let one = one.clone();
+                            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                                Ok(locked(&one)?.restart()?)
+                            })
+                            .await?
+                            .context("restarting nats-server")?;
+                            tracing::warn!(kills = report.nats_node_kills, "nats-server restarted");
+                        }
+                        Server::Cluster(cluster) => {
+                            node_back = Some(kill_node(cluster.clone(), node % CLUSTER));
+                            tracing::warn!(
+                                kills = report.nats_node_kills,
+                                node = node % CLUSTER,
+                                "NATS node killed"
+                            );
+                        }
+                    }
                 }
                 Fault::Unwritable => {
                     restore = Some(match &s3 {
@@ -266,6 +352,9 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     }
     if let Some(restore) = restore {
         restore.await??;
+    }
+    if let Some(back) = node_back {
+        back.await??;
     }
     for (_, resume) in resumes {
         resume.await??;
@@ -293,6 +382,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         .await?
         .state
         .messages;
+    report.replicas = fewest_replicas(&nats).await?;
     report.duplicates_dropped = report
         .acked
         .saturating_sub(report.in_lake + report.dead_letters);
@@ -308,6 +398,55 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     drop(nats);
     drop(server);
     Ok(report)
+}
+
+/// The NATS of a run: one server, or the nodes of a cluster.
+enum Server {
+    One(Arc<Mutex<NatsServer>>),
+    Cluster(Arc<Mutex<NatsCluster>>),
+}
+
+impl Server {
+    /// Every node's client URL, comma-separated.
+    fn url(&self) -> String {
+        match self {
+            Server::One(one) => locked(one).map(|s| s.url()),
+            Server::Cluster(cluster) => locked(cluster).map(|c| c.url()),
+        }
+        .unwrap_or_default()
+    }
+
+    /// The credentials directory the servers enforce.
+    fn credentials(&self) -> PathBuf {
+        match self {
+            Server::One(one) => locked(one).map(|s| s.credentials().dir().to_owned()),
+            Server::Cluster(cluster) => locked(cluster).map(|c| c.credentials().dir().to_owned()),
+        }
+        .unwrap_or_default()
+    }
+}
+
+fn locked<T>(shared: &Mutex<T>) -> anyhow::Result<std::sync::MutexGuard<'_, T>> {
+    shared
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a server's lock is poisoned"))
+}
+
+/// Kills node `i` of the cluster now (SIGKILL) and starts it again [`NODE_DOWN`] later.
+fn kill_node(
+    cluster: Arc<Mutex<NatsCluster>>,
+    i: usize,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::task::spawn_blocking(move || {
+        let mut cluster = locked(&cluster)?;
+        cluster.stop_node(i);
+        std::thread::sleep(NODE_DOWN);
+        cluster
+            .restart_node(i)
+            .with_context(|| format!("starting NATS node {} again", i + 1))?;
+        tracing::warn!(node = i, "NATS node is back");
+        Ok(())
+    })
 }
 
 /// The slices before which each fault strikes, drawn from the seed, none in the first
@@ -400,6 +539,17 @@ async fn drained(nats: &Nats, partitions: u16, workers: &mut [Worker]) -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The fewest replicas of any stream (buckets are streams too).
+async fn fewest_replicas(nats: &Nats) -> anyhow::Result<usize> {
+    use futures::TryStreamExt as _;
+    let streams: Vec<_> = nats.jetstream.streams().try_collect().await?;
+    streams
+        .iter()
+        .map(|s| s.config.num_replicas)
+        .min()
+        .context("no streams")
 }
 
 /// Rows and distinct event ids in the lake.
@@ -497,13 +647,11 @@ fn stale_flushes_refused(dir: &Path, workers: u32) -> u64 {
 
 /// Stops the S3 server now and starts it again (same port, same objects) after `secs`.
 fn stop_s3(
-    s3: std::sync::Arc<std::sync::Mutex<tally_s3d::S3Server>>,
+    s3: Arc<Mutex<tally_s3d::S3Server>>,
     secs: u64,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::task::spawn_blocking(move || {
-        let mut server = s3
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the S3 server's lock is poisoned"))?;
+        let mut server = locked(&s3)?;
         server.stop();
         std::thread::sleep(Duration::from_secs(secs));
         server.restart().context("starting the S3 server again")?;
@@ -531,7 +679,15 @@ fn lake_env(config: &Config) -> Vec<(String, String)> {
     env
 }
 
-/// A `tally serve` child process, its log in the data directory.
+/// What a worker process runs, on which data directory.
+enum Run {
+    /// `tally serve`: the worker and the API, on the run's data directory.
+    Serve(PathBuf),
+    /// `tally worker`, on a data directory of its own.
+    Worker(PathBuf),
+}
+
+/// A worker child process, its log `worker-<n>.log` in the run's directory.
 struct Worker {
     child: Child,
     log: PathBuf,
@@ -541,15 +697,21 @@ impl Worker {
     fn start(
         exe: &Path,
         url: &str,
-        dir: &Path,
-        lake: &[(String, String)],
+        run: Run,
+        logs: &Path,
+        env: &[(String, String)],
         n: u32,
     ) -> anyhow::Result<Worker> {
-        let log = dir.join(format!("worker-{n}.log"));
+        let log = logs.join(format!("worker-{n}.log"));
+        let (command, dir) = match run {
+            Run::Serve(dir) => ("serve", dir),
+            Run::Worker(dir) => ("worker", dir),
+        };
+        std::fs::create_dir_all(&dir)?;
         let child = Command::new(exe)
-            .args(["serve", "--nats-url", url, "--data-dir"])
+            .args([command, "--nats-url", url, "--data-dir"])
             .arg(dir)
-            .envs(lake.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("TALLY_INGEST__LEASE_MS", LEASE_MS.to_string())
             .env("TALLY_LOG", "warn")
             // Workers overlap while one takes over from another, and other programs may
@@ -637,8 +799,11 @@ pub fn print_table(r: &ChaosReport) {
             format!("{} ({})", r.dead_letters, r.events_invalid),
         ),
         ("lake", r.lake.to_owned()),
-        ("worker kills survived", r.kills.to_string()),
-        ("nats-server restarts survived", r.nats_restarts.to_string()),
+        ("NATS nodes", r.nats_nodes.to_string()),
+        ("replicas of each stream and bucket", r.replicas.to_string()),
+        ("workers side by side", r.workers.to_string()),
+        ("worker kills survived", r.worker_kills.to_string()),
+        ("NATS node kills survived", r.nats_node_kills.to_string()),
         ("worker pauses past the lease", r.pauses.to_string()),
         (
             "stale flushes refused by the log",

@@ -744,7 +744,7 @@ pub async fn load_definitions(
     actor: &str,
 ) -> anyhow::Result<(Catalog, Customers)> {
     let (catalog, customers) = definitions(spec)?;
-    let defs = Definitions::open(&nats.jetstream).await?;
+    let defs = Definitions::open(&nats.jetstream, nats.replicas).await?;
     defs.apply_catalog(&catalog, actor).await?;
     defs.apply_customers(&customers, actor).await?;
     Ok((catalog, customers))
@@ -765,7 +765,7 @@ pub async fn entitle_unlimited(nats: &Nats, customers: u32, actor: &str) -> anyh
         seats: None,
         prices: None,
     };
-    let defs = Definitions::open(&nats.jetstream).await?;
+    let defs = Definitions::open(&nats.jetstream, nats.replicas).await?;
     let catalog = Catalog {
         plans: vec![plan],
         ..Catalog::default()

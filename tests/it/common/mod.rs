@@ -95,7 +95,7 @@ impl Harness {
         customers: &str,
     ) -> tally_ingest::definitions::Definitions {
         use tally_core::entitlement::{Catalog, Customers};
-        let defs = tally_ingest::definitions::Definitions::open(&self.nats.jetstream)
+        let defs = tally_ingest::definitions::Definitions::open(&self.nats.jetstream, 1)
             .await
             .unwrap();
         let catalog: Catalog = toml::from_str(catalog).unwrap();
@@ -453,7 +453,9 @@ impl TestApi {
 
     /// Makes a key of `role`, limited to `customers`, and returns its token.
     pub async fn key(&self, h: &Harness, role: tally_api::Role, customers: &[&str]) -> String {
-        let keys = tally_api::ApiKeys::open(&h.nats.jetstream).await.unwrap();
+        let keys = tally_api::ApiKeys::open(&h.nats.jetstream, 1)
+            .await
+            .unwrap();
         keys.create(
             role,
             customers.iter().map(|c| (*c).to_owned()).collect(),
@@ -501,7 +503,7 @@ impl Harness {
         let admin = match &api.bootstrap {
             Some((token, _)) => token.clone(),
             None => {
-                let keys = tally_api::ApiKeys::open(&self.nats.jetstream)
+                let keys = tally_api::ApiKeys::open(&self.nats.jetstream, 1)
                     .await
                     .unwrap();
                 keys.create(tally_api::Role::Admin, Vec::new(), String::new())

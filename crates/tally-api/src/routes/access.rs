@@ -36,12 +36,13 @@ const DECIDERS: &[Role] = &[Role::Provisioning];
 /// Who may ask, and read a customer's requests: a portal key for its own customer only.
 const ASKERS: &[Role] = &[Role::Provisioning, Role::Portal];
 
-pub(crate) async fn open(js: &Context) -> Result<Store, crate::OpenError> {
+pub(crate) async fn open(js: &Context, replicas: usize) -> Result<Store, crate::OpenError> {
     js.create_or_update_key_value(kv::Config {
         bucket: ACCESS_REQUESTS_BUCKET.to_owned(),
         description: "Tally customers' access and upgrade requests".to_owned(),
         history: 4,
         storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

@@ -39,14 +39,20 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// stopped: another request may take it over.
 const STALE_CLAIM: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
 
-/// Opens the bucket, creating it when missing; entries expire after `ttl`.
-pub(crate) async fn open(js: &Context, ttl: Duration) -> Result<Store, crate::OpenError> {
+/// Opens the bucket, creating it when missing with `replicas` copies; entries expire after
+/// `ttl`.
+pub(crate) async fn open(
+    js: &Context,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<Store, crate::OpenError> {
     js.create_or_update_key_value(kv::Config {
         bucket: IDEMPOTENCY_BUCKET.to_owned(),
         description: "Tally API Idempotency-Keys and their responses".to_owned(),
         max_age: ttl,
         history: 1,
         storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

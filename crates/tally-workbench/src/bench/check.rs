@@ -147,7 +147,10 @@ impl Offer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let client = runtime.block_on(self.connect.connect(&self.url))?;
+        let client = runtime.block_on(
+            self.connect
+                .connect(tally_core::subject::server_urls(&self.url)),
+        )?;
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
         let handle = runtime.handle().clone();
         // The runtime runs the connection and the requests on a thread of its own while

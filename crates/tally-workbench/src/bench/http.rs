@@ -100,7 +100,7 @@ pub async fn run(mut config: Config, args: HttpBench) -> anyhow::Result<std::pro
     spec.customers = args.customers;
     let nats = Nats::connect(&config, Service::Admin).await?;
     crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
-    let keys = tally_api::ApiKeys::open(&nats.jetstream).await?;
+    let keys = tally_api::ApiKeys::open(&nats.jetstream, nats.replicas).await?;
     let role = match args.mode {
         HttpMode::Ingest => tally_api::Role::Ingest,
         HttpMode::Check => tally_api::Role::Billing,

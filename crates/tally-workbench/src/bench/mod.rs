@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::demo::wait_drained;
 use crate::workload::{self, OutMessage, Spec};
 use tally_ingest::Stats;
+use tally_natsd::{NatsCluster, NatsServer};
 use tally_node::config::Config;
 use tally_node::pipeline::{self, Nats};
 
@@ -124,6 +125,10 @@ pub struct IngestBench {
     /// here) instead of on local disk.
     #[arg(long)]
     s3: bool,
+    /// NATS as a cluster of three local nodes, every stream and bucket with three
+    /// replicas, instead of one server.
+    #[arg(long, conflicts_with_all = ["secure", "authenticated", "baseline"])]
+    cluster: bool,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -131,6 +136,9 @@ pub struct IngestBench {
 #[derive(Debug, Serialize)]
 pub struct IngestReport {
     pub encoding: &'static str,
+    /// NATS nodes (1, or 3 with `--cluster`) and the replicas of each stream.
+    pub nats_nodes: usize,
+    pub replicas: usize,
     /// Where the lake was: `local` or `s3` (s3s-fs on loopback).
     pub lake: &'static str,
     /// Whether the events came over TLS with an API key (`--secure`).
@@ -183,14 +191,21 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ns as f64 / 1e9)
 }
 
-/// CPU seconds used so far by this process and by the embedded nats-server.
+/// CPU seconds used so far by this process and by the nats-servers it started (the
+/// embedded one, or a cluster's nodes).
 #[derive(Clone, Copy)]
 struct CpuMark(Option<(f64, f64)>);
 
 impl CpuMark {
-    fn now(nats: &Nats) -> CpuMark {
-        let server = nats.server.as_ref().and_then(|s| s.pid());
-        CpuMark(cpu_seconds(std::process::id()).zip(server.and_then(cpu_seconds)))
+    fn now(nats: &Nats, cluster: Option<&NatsCluster>) -> CpuMark {
+        let servers: Vec<u32> = match cluster {
+            Some(cluster) => cluster.nodes().iter().filter_map(NatsServer::pid).collect(),
+            None => nats.server.iter().filter_map(NatsServer::pid).collect(),
+        };
+        let servers = (!servers.is_empty())
+            .then(|| servers.into_iter().map(cpu_seconds).sum::<Option<f64>>())
+            .flatten();
+        CpuMark(cpu_seconds(std::process::id()).zip(servers))
     }
 
     fn per_event(self, until: CpuMark, events: u64) -> Option<CpuPerEvent> {
@@ -244,6 +259,18 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     } else {
         None
     };
+    let cluster = if args.cluster {
+        let dir = temp.path().join("nats-cluster");
+        let binary = config.nats_server.clone();
+        let cluster =
+            tokio::task::spawn_blocking(move || NatsCluster::start(&dir, 3, binary)).await??;
+        config.nats_url = Some(cluster.url());
+        config.nats_credentials = Some(cluster.credentials().dir().to_owned());
+        config.ingest.replicas = 3;
+        Some(cluster)
+    } else {
+        None
+    };
     let mut secure = match (args.secure, args.authenticated) {
         (false, false) => None,
         (tls, _) => Some(secure::Secure::start(&mut config, temp.path(), tls).await?),
@@ -255,9 +282,9 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
         let mut own = config.clone();
         own.data_dir = config.data_dir.join("baseline");
         let nats = Nats::connect(&own, Service::Admin).await?;
-        let mark = CpuMark::now(&nats);
+        let mark = CpuMark::now(&nats, None);
         let seconds = baseline(&nats, &own, &messages).await?;
-        let cpu = mark.per_event(CpuMark::now(&nats), totals.events_valid);
+        let cpu = mark.per_event(CpuMark::now(&nats, None), totals.events_valid);
         nats.jetstream.delete_stream(BASELINE_STREAM).await.ok();
         (Some(seconds), cpu)
     } else {
@@ -271,7 +298,10 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
         }
         None => secure::operator_options(&config)?,
     };
-    let load = async_nats::jetstream::new(load.connect(nats.url.as_str()).await?);
+    let load = async_nats::jetstream::new(
+        load.connect(tally_core::subject::server_urls(&nats.url))
+            .await?,
+    );
 
     config.ingest.enforce = !args.no_enforce;
     if config.ingest.enforce {
@@ -290,7 +320,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mark = CpuMark::now(&nats);
+    let mark = CpuMark::now(&nats, cluster.as_ref());
     let start = Instant::now();
     match args.rate {
         None => {
@@ -310,7 +340,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     )
     .await?;
     let seconds = start.elapsed().as_secs_f64();
-    let cpu = mark.per_event(CpuMark::now(&nats), totals.events_valid);
+    let cpu = mark.per_event(CpuMark::now(&nats, cluster.as_ref()), totals.events_valid);
     let latency = pipeline
         .stats
         .stored_to_durable_ms
@@ -325,6 +355,8 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     let events_per_sec = totals.events_valid as f64 / seconds;
     let report = IngestReport {
         encoding: if args.arrow { "arrow" } else { "json" },
+        nats_nodes: cluster.as_ref().map_or(1, |c| c.nodes().len()),
+        replicas: config.ingest.replicas,
         lake: if args.s3 { "s3" } else { "local" },
         secure: args.secure,
         authenticated: args.secure || args.authenticated,

@@ -66,7 +66,7 @@ impl Secure {
     /// Starts the API (the callout) and makes the load's key.
     pub async fn serve(&mut self, config: &Config, nats: &Nats) -> anyhow::Result<()> {
         self.api = Some(Api::start(config, nats, None, self.stop.clone()).await?);
-        let keys = ApiKeys::open(&nats.jetstream).await?;
+        let keys = ApiKeys::open(&nats.jetstream, nats.replicas).await?;
         self.key = keys
             .create(Role::Sdk, Vec::new(), "tally bench".to_owned())
             .await?
