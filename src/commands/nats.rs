@@ -18,9 +18,11 @@ pub enum NatsCmd {
     /// auth callout (API keys).
     ///
     /// Give each process only its own file: a worker `worker.nk`, the API `api.nk` and
-    /// `callout.nk`, the operator's commands `admin.nk`.
+    /// `callout.nk`, the operator's commands `admin.nk`. For a cluster, `--route` writes
+    /// `cluster.conf`, the routes each node's `cluster` block includes, authenticated with
+    /// `route.secret`.
     ///
-    /// Example: tally nats init --dir /etc/tally/nats
+    /// Example: tally nats init --dir /etc/tally/nats --route nats-1:6222 --route nats-2:6222 --route nats-3:6222
     Init(InitArgs),
 }
 
@@ -35,6 +37,11 @@ pub struct InitArgs {
     /// has no CA of its own. Repeat for several names or addresses.
     #[arg(long = "tls-host")]
     pub tls_hosts: Vec<String>,
+    /// The route address (`host:port`) of each node of a NATS cluster, for `cluster.conf`:
+    /// the routes a node's `cluster` block includes, authenticated with `route.secret`.
+    /// Repeat for every node.
+    #[arg(long = "route")]
+    pub routes: Vec<String>,
 }
 
 pub fn run(config: &Config, cmd: NatsCmd) -> anyhow::Result<std::process::ExitCode> {
@@ -52,6 +59,13 @@ pub fn run(config: &Config, cmd: NatsCmd) -> anyhow::Result<std::process::ExitCo
                     made.key.display(),
                     args.tls_hosts.join(", "),
                     made.ca.display()
+                );
+            }
+            if !args.routes.is_empty() {
+                let cluster = credentials.write_cluster_config(&args.routes)?;
+                eprintln!(
+                    "cluster: include {} in each node's cluster block",
+                    cluster.display()
                 );
             }
             println!("{}", conf.display());

@@ -21,7 +21,13 @@ fn repo() -> PathBuf {
 fn yaml(path: &Path) -> Value {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()))
+    let mut value: Value = serde_norway::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
+    // Services share settings through anchors and merge keys (`<<: *tally`).
+    value
+        .apply_merge()
+        .unwrap_or_else(|e| panic!("{}: a bad merge key: {e}", path.display()));
+    value
 }
 
 fn compose() -> Value {
@@ -96,8 +102,8 @@ fn every_mount_and_build_context_exists() {
     let compose = compose();
     let all = services(&compose);
     assert!(
-        all.len() >= 5,
-        "nats, tally, tally-worker, prometheus, grafana"
+        all.len() >= 9,
+        "3 NATS nodes, minio, tally, tally-worker, prometheus, grafana and the one-shots"
     );
     for (name, service) in &all {
         for (source, _) in bind_mounts(service) {
@@ -146,12 +152,7 @@ fn every_mount_and_build_context_exists() {
 fn prometheus_scrapes_every_tally_service_on_its_api_port() {
     let compose = compose();
     let all = services(&compose);
-    // Tally's long-running services; a one-shot built from the same image (grafana-key)
-    // replaces the entrypoint and serves nothing.
-    let tally: Vec<&(String, Value)> = all
-        .iter()
-        .filter(|(_, s)| !s["build"].is_null() && s["entrypoint"].is_null())
-        .collect();
+    let tally = long_running_tally(&all);
     assert!(tally.len() >= 2, "two Tally replicas");
     let (_, prometheus) = service(&all, "prom/prometheus");
     let config = yaml(&mounted_at(prometheus, "/etc/prometheus/prometheus.yml"));
@@ -205,6 +206,86 @@ fn prometheus_scrapes_every_tally_service_on_its_api_port() {
             targets.iter().any(|t| t.starts_with(&format!("{name}:"))),
             "Prometheus does not scrape {name}"
         );
+    }
+}
+
+/// Tally's long-running services (a one-shot built from the same image, such as
+/// grafana-key, is not restarted and serves nothing).
+fn long_running_tally(all: &[(String, Value)]) -> Vec<&(String, Value)> {
+    all.iter()
+        .filter(|(_, s)| !s["build"].is_null() && s["restart"].as_str() == Some("unless-stopped"))
+        .collect()
+}
+
+/// Past one machine: every Tally service is given every NATS node and keeps three copies
+/// of each stream and bucket, one per node; the lake is in the object store's bucket,
+/// which the one-shot minio-init makes, with the keys nats-init made; no two Tally
+/// services share a data volume, as no two hosts share a disk.
+#[test]
+fn tally_runs_on_every_nats_node_and_the_lake_in_the_object_store() {
+    let compose = compose();
+    let all = services(&compose);
+    let nodes: Vec<&String> = all
+        .iter()
+        .filter(|(_, s)| s["image"].as_str().is_some_and(|i| i.starts_with("nats:")))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    let (minio, _) = service(&all, "minio/minio");
+    let tally = long_running_tally(&all);
+    assert!(tally.len() >= 2);
+    let mut data_volumes = BTreeSet::new();
+    for (name, service) in &tally {
+        let urls = env(service, "TALLY_NATS_URL").unwrap_or_else(|| panic!("{name}: no URL"));
+        let urls = tally_core::subject::server_urls(&urls);
+        let expected: Vec<String> = nodes.iter().map(|n| format!("tls://{n}:4222")).collect();
+        assert_eq!(urls, expected, "{name} is not given every node");
+        assert_eq!(
+            env(service, "TALLY_INGEST__REPLICAS").as_deref(),
+            Some("3"),
+            "{name}"
+        );
+        assert_eq!(
+            env(service, "TALLY_LAKE_S3__ENDPOINT"),
+            Some(format!("http://{minio}:9000")),
+            "{name}"
+        );
+        assert_eq!(
+            env(service, "TALLY_LAKE_S3__BUCKET").as_deref(),
+            Some("tally")
+        );
+        let script = service["entrypoint"][2].as_str().unwrap_or_default();
+        for key in [
+            "TALLY_LAKE_S3__ACCESS_KEY_ID",
+            "TALLY_LAKE_S3__SECRET_ACCESS_KEY",
+        ] {
+            assert!(script.contains(key), "{name} sets no {key}:\n{script}");
+        }
+        let data = service["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str()?.strip_suffix(":/var/lib/tally"))
+            .collect::<Vec<_>>();
+        assert_eq!(data.len(), 1, "{name}: {data:?}");
+        assert!(data_volumes.insert(data[0]), "{name} shares {}", data[0]);
+    }
+    // The bucket the Tally services name is the one minio-init makes; the keys they read
+    // are the ones nats-init gives the object store.
+    let (init, one_shot) = all.iter().find(|(n, _)| n == "minio-init").unwrap();
+    assert!(entrypoint_script(init, one_shot).contains("mc mb --ignore-existing lake/tally"));
+    let (init, one_shot) = all.iter().find(|(n, _)| n == "nats-init").unwrap();
+    let script = entrypoint_script(init, one_shot);
+    for (made, given) in [
+        ("/secrets/s3-access-key /out/s3/access_key", "s3-access-key"),
+        ("/secrets/s3-secret-key /out/s3/secret_key", "s3-secret-key"),
+    ] {
+        assert!(script.contains(made), "{script}");
+        assert!(script.contains(&format!("/secrets/{given}")), "{script}");
+    }
+    for node in &nodes {
+        assert!(script.contains(&format!("--route {node}:6222")), "{script}");
+        assert!(script.contains(&format!("--tls-host {node}")), "{script}");
     }
 }
 
@@ -571,7 +652,9 @@ fn the_sql_data_source_reads_tally_with_the_key_grafana_key_writes() {
         "{writer} is a one-shot"
     );
     assert!(
-        env(one_shot, "TALLY_NATS_URL").is_some_and(|u| u.starts_with("tls://nats:")),
+        env(one_shot, "TALLY_NATS_URL").is_some_and(|u| tally_core::subject::server_urls(&u)
+            .iter()
+            .all(|url| url.starts_with("tls://nats-"))),
         "{writer} reaches NATS over TLS"
     );
     assert!(
@@ -811,18 +894,36 @@ async fn every_sql_panel_runs_on_a_lake_with_data() {
 /// writes, refuses anonymous clients, clients that do not trust its CA and plain
 /// connections; Tally's services get in with their nkeys over TLS, each with its own
 /// permissions.
+/// The compose NATS configuration, run as its three nodes: they form a JetStream cluster
+/// over TLS routes with the route secret (a stream with three replicas is made and has
+/// them), and every node refuses anonymous, plain and untrusting clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_compose_nats_configuration_refuses_anonymous_and_plain_clients() {
+async fn the_compose_nats_cluster_forms_and_refuses_anonymous_and_plain_clients() {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let auth = dir.path().join("auth");
+    // Route ports for the three nodes, as compose gives each its own host.
+    let routes: Vec<u16> = {
+        let listeners: Vec<_> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect()
+    };
     // What nats-init runs, with the hosts a test reaches.
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["nats", "init", "--dir"])
-        .arg(&auth)
-        .args(["--tls-host", "127.0.0.1", "--tls-host", "localhost"])
-        .output()
-        .unwrap();
+    let mut init = Command::new(env!("CARGO_BIN_EXE_tally"));
+    init.args(["nats", "init", "--dir"]).arg(&auth).args([
+        "--tls-host",
+        "127.0.0.1",
+        "--tls-host",
+        "localhost",
+    ]);
+    for port in &routes {
+        init.args(["--route", &format!("127.0.0.1:{port}")]);
+    }
+    let out = init.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -836,76 +937,143 @@ async fn the_compose_nats_configuration_refuses_anonymous_and_plain_clients() {
         "api.nk",
         "admin.nk",
         "callout.nk",
+        "route.secret",
+        "cluster.conf",
         "server-key.pem",
     ] {
         assert_eq!(mode(&auth.join(secret)), 0o600, "{secret}");
     }
-    // The compose configuration, with this machine's paths and a free port.
+    // The compose configuration, with this machine's paths and ports, for each node.
     let config = std::fs::read_to_string(repo().join("deploy/nats/nats-server.conf")).unwrap();
     assert!(config.contains("include \"auth/auth.conf\""), "{config}");
-    let config = config
-        .replace("port: 4222", "port: -1")
-        .replace("http: \"127.0.0.1:8222\"\n", "")
-        .replace(
-            "/data/jetstream",
-            &dir.path().join("js").display().to_string(),
-        )
-        .replace("/etc/nats/auth/", &format!("{}/", auth.display()))
-        + &format!("ports_file_dir: \"{}\"\n", dir.path().display());
-    let conf = dir.path().join("nats-server.conf");
-    std::fs::write(&conf, config).unwrap();
+    assert!(config.contains("include \"auth/cluster.conf\""), "{config}");
+    assert!(config.contains("port: 6222"), "{config}");
     let binary = tally_natsd::find_binary().expect("nats-server (scripts/install-nats.sh)");
-    let mut server = Command::new(binary)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let port = loop {
-        let ports = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().ends_with(".ports"));
-        if let Some(text) = ports.and_then(|p| std::fs::read_to_string(p.path()).ok()) {
-            let ports: Json = serde_json::from_str(&text).unwrap_or_default();
-            if let Some(url) = ports["nats"][0].as_str() {
-                break url.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        let node = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&node).unwrap();
+        let config = config
+            .replace("port: 4222", "port: -1")
+            .replace("port: 6222", &format!("port: {route}"))
+            .replace("http: \"127.0.0.1:8222\"\n", "")
+            .replace("/data/jetstream", &node.join("js").display().to_string())
+            .replace("/etc/nats/auth/", &format!("{}/", auth.display()))
+            + &format!("ports_file_dir: \"{}\"\n", node.display());
+        let conf = node.join("nats-server.conf");
+        std::fs::write(&conf, config).unwrap();
+        // `include "auth/…"` is relative to the configuration's directory.
+        std::os::unix::fs::symlink(&auth, node.join("auth")).unwrap();
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&conf)
+            .env("NATS_SERVER_NAME", format!("nats-{}", i + 1))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(node.join("log")).unwrap())
+            .spawn()
+            .unwrap();
+        nodes.push(KillOnDrop(child));
+    }
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let ports_dir = dir.path().join(format!("n{i}"));
+        let port = loop {
+            let ports = std::fs::read_dir(&ports_dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .find(|e| e.file_name().to_string_lossy().ends_with(".ports"));
+            if let Some(text) = ports.and_then(|p| std::fs::read_to_string(p.path()).ok()) {
+                let ports: Json = serde_json::from_str(&text).unwrap_or_default();
+                if let Some(url) = ports["nats"][0].as_str() {
+                    break url.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+                }
             }
-        }
-        assert!(server.try_wait().unwrap().is_none(), "nats-server exited");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let url = format!("tls://127.0.0.1:{port}");
+            assert!(
+                node.0.try_wait().unwrap().is_none(),
+                "nats-server {i} exited: {}",
+                std::fs::read_to_string(ports_dir.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        ports.push(port);
+    }
     let ca = auth.join("ca.pem");
     let seed = |name: &str| std::fs::read_to_string(auth.join(name)).unwrap();
-    let attempts = [
-        (
-            "anonymous",
-            async_nats::ConnectOptions::new().add_root_certificates(ca.clone()),
-        ),
-        (
-            "a client that does not trust the CA",
-            async_nats::ConnectOptions::with_nkey(seed("worker.nk")).require_tls(true),
-        ),
-    ];
-    for (who, options) in attempts {
-        assert!(!tally_natsd::lets_in(options, &url).await, "{who} got in");
+    for port in &ports {
+        let url = format!("tls://127.0.0.1:{port}");
+        let attempts = [
+            (
+                "anonymous",
+                async_nats::ConnectOptions::new().add_root_certificates(ca.clone()),
+            ),
+            (
+                "a client that does not trust the CA",
+                async_nats::ConnectOptions::with_nkey(seed("worker.nk")).require_tls(true),
+            ),
+        ];
+        for (who, options) in attempts {
+            assert!(!tally_natsd::lets_in(options, &url).await, "{who} got in");
+        }
+        let plain = async_nats::ConnectOptions::with_nkey(seed("worker.nk"));
+        assert!(
+            !tally_natsd::lets_in(plain, &format!("nats://127.0.0.1:{port}")).await,
+            "a plain connection got in"
+        );
     }
-    let plain = async_nats::ConnectOptions::with_nkey(seed("worker.nk"));
-    assert!(
-        !tally_natsd::lets_in(plain, &format!("nats://127.0.0.1:{port}")).await,
-        "a plain connection got in"
-    );
-    let worker = async_nats::ConnectOptions::with_nkey(seed("worker.nk"))
+    // Tally's admin, given every node: a stream with three replicas is made once the
+    // nodes found each other, and all three hold it.
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("tls://127.0.0.1:{p}"))
+        .collect();
+    let admin = async_nats::ConnectOptions::with_nkey(seed("admin.nk"))
         .add_root_certificates(ca.clone())
         .require_tls(true)
-        .connect(url.as_str())
+        .connect(urls)
         .await
         .unwrap();
-    // A round trip the worker's grant allows: JetStream's account information.
-    let account = async_nats::jetstream::new(worker).query_account().await;
-    assert!(account.is_ok(), "{account:?}");
-    server.kill().unwrap();
-    server.wait().unwrap();
+    let js = async_nats::jetstream::new(admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut stream = loop {
+        let made = js
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: "TALLY_AUDIT".to_owned(),
+                subjects: vec!["tally.audit.>".to_owned()],
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(stream) => break stream,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("waiting for the cluster: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("the nodes formed no cluster within 60 s: {e}"),
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let info = stream.info().await.unwrap();
+        let cluster = info.cluster.as_ref().expect("a clustered stream");
+        let current = cluster.replicas.iter().filter(|r| r.current).count();
+        if cluster.leader.is_some() && current == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream has no three current copies: {cluster:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// A child process killed when dropped (a failed assertion leaves no server running).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -15,6 +15,7 @@ mod bad_input;
 mod billing;
 mod chaos;
 mod cli;
+mod cluster;
 mod compose;
 mod enforcement;
 mod entitlements;

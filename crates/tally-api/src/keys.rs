@@ -199,17 +199,19 @@ impl std::fmt::Debug for ApiKeys {
 impl ApiKeys {
     /// Opens the bucket, creating it when missing, with `replicas` copies.
     pub async fn open(js: &Context, replicas: usize) -> Result<ApiKeys, KeyError> {
-        let store = js
-            .create_or_update_key_value(kv::Config {
+        let store = tally_ingest::topology::ensure_bucket(
+            js,
+            kv::Config {
                 bucket: KEYS_BUCKET.to_owned(),
                 description: "Tally API keys (digests of their secrets)".to_owned(),
                 history: 4,
                 storage: StorageType::File,
                 num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("open the keys bucket")(e.into()))?;
+            },
+        )
+        .await
+        .map_err(|e| nats("open the keys bucket")(e.into()))?;
         Ok(ApiKeys {
             store,
             cache: Arc::default(),

@@ -74,17 +74,19 @@ impl LicenseKeys {
         grace: Duration,
         replicas: usize,
     ) -> Result<LicenseKeys, LicenseKeyError> {
-        let store = js
-            .create_or_update_key_value(kv::Config {
+        let store = tally_ingest::topology::ensure_bucket(
+            js,
+            kv::Config {
                 bucket: LICENSE_KEYS_BUCKET.to_owned(),
                 description: "Tally license signing keys".to_owned(),
                 history: 1,
                 storage: StorageType::File,
                 num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(nats("open the license keys bucket"))?;
+            },
+        )
+        .await
+        .map_err(nats("open the license keys bucket"))?;
         Ok(LicenseKeys { store, grace })
     }
 

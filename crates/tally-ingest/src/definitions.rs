@@ -130,14 +130,16 @@ impl Definitions {
             num_replicas: replicas,
             ..Default::default()
         };
-        let catalog = js
-            .create_or_update_key_value(bucket(CATALOG_BUCKET, "Tally plans, add-ons and SKUs"))
-            .await
-            .map_err(|e| Error::nats("open the catalogue bucket", e))?;
-        let customers = js
-            .create_or_update_key_value(bucket(CUSTOMERS_BUCKET, "Tally customers"))
-            .await
-            .map_err(|e| Error::nats("open the customers bucket", e))?;
+        let catalog = crate::topology::ensure_bucket(
+            js,
+            bucket(CATALOG_BUCKET, "Tally plans, add-ons and SKUs"),
+        )
+        .await
+        .map_err(|e| Error::nats("open the catalogue bucket", e))?;
+        let customers =
+            crate::topology::ensure_bucket(js, bucket(CUSTOMERS_BUCKET, "Tally customers"))
+                .await
+                .map_err(|e| Error::nats("open the customers bucket", e))?;
         crate::topology::ensure_stream(
             js,
             stream::Config {

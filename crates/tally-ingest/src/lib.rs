@@ -45,7 +45,8 @@ pub struct IngestConfig {
     pub partitions: u16,
     /// Copies NATS keeps of each of Tally's streams and buckets: 1 on a single server, 3
     /// on a cluster of three or more nodes (any one node can then be lost). An existing
-    /// stream or bucket is brought to this count when a process opens it.
+    /// stream or bucket with fewer is raised to this count when a process opens it, and
+    /// never lowered (a command run without the setting takes no copies away).
     pub replicas: usize,
     /// JetStream's publish dedup window, in seconds.
     pub duplicate_window_secs: u64,

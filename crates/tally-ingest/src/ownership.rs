@@ -79,14 +79,14 @@ impl Leases {
             num_replicas: replicas,
             ..Default::default()
         };
-        let leases = js
-            .create_or_update_key_value(bucket(LEASES_BUCKET, "Tally partition leases"))
-            .await
-            .map_err(|e| Error::nats("open the leases bucket", e))?;
-        let workers = js
-            .create_or_update_key_value(bucket(WORKERS_BUCKET, "Live Tally workers"))
-            .await
-            .map_err(|e| Error::nats("open the workers bucket", e))?;
+        let leases =
+            crate::topology::ensure_bucket(js, bucket(LEASES_BUCKET, "Tally partition leases"))
+                .await
+                .map_err(|e| Error::nats("open the leases bucket", e))?;
+        let workers =
+            crate::topology::ensure_bucket(js, bucket(WORKERS_BUCKET, "Live Tally workers"))
+                .await
+                .map_err(|e| Error::nats("open the workers bucket", e))?;
         Ok(Leases {
             leases,
             workers,

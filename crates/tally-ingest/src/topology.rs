@@ -83,9 +83,10 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
     Ok(())
 }
 
-/// Creates a stream, or opens it as it is and brings it to `config`'s replica count (a
+/// Creates a stream, or opens it as it is and raises its replicas to `config`'s count (a
 /// deployment grown from one server to a cluster replicates what it has). Its other
-/// settings stay as they were made.
+/// settings stay as they were made, and its replicas are never lowered: a command run
+/// without the deployment's setting must not take copies away.
 pub async fn ensure_stream(
     js: &Context,
     config: stream::Config,
@@ -96,7 +97,7 @@ pub async fn ensure_stream(
         .await
         .map_err(|e| Error::nats(what, e))?;
     let made = stream.cached_info().config.clone();
-    if made.num_replicas != config.num_replicas {
+    if made.num_replicas < config.num_replicas {
         tracing::info!(stream = %made.name, from = made.num_replicas, to = config.num_replicas,
             "changing the stream's replicas");
         js.update_stream(stream::Config {
@@ -111,6 +112,20 @@ pub async fn ensure_stream(
             .map_err(|e| Error::nats(what, e))?;
     }
     Ok(stream)
+}
+
+/// Creates a key-value bucket or updates it to `config`, keeping any higher replica count
+/// it has (as [`ensure_stream`] does).
+pub async fn ensure_bucket(
+    js: &Context,
+    mut config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, async_nats::jetstream::context::CreateKeyValueError> {
+    if let Ok(mut stream) = js.get_stream(format!("KV_{}", config.bucket)).await
+        && let Ok(info) = stream.info().await
+    {
+        config.num_replicas = config.num_replicas.max(info.config.num_replicas);
+    }
+    js.create_or_update_key_value(config).await
 }
 
 /// Creates the durable consumers of these partitions, so that the topology is complete

@@ -34,6 +34,9 @@ pub const AUTH_CONF_FILE: &str = "auth.conf";
 pub const ROUTE_FILE: &str = "route.secret";
 /// The user name of cluster routes.
 pub const ROUTE_USER: &str = "route";
+/// The nats-server configuration fragment a cluster's nodes include in their `cluster`
+/// block.
+pub const CLUSTER_CONF_FILE: &str = "cluster.conf";
 
 /// A directory of NATS credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +135,29 @@ impl Credentials {
             "authorization {{\n  users: [\n{users}  ]\n  auth_callout {{\n    issuer: \"{issuer}\"\n    auth_users: [ {} ]\n  }}\n}}\n",
             auth_users.join(", ")
         ))
+    }
+
+    /// The lines of a node's `cluster` block that make its routes: the authorization a
+    /// peer must present (user `route`, the route secret) and a route to each of `peers`
+    /// (`host:port`; a node's own address among them is ignored by the node), presenting it.
+    pub fn routes(&self, peers: &[String]) -> Result<String> {
+        let secret = self.route_secret()?;
+        let routes = peers
+            .iter()
+            .map(|peer| format!("\"nats://{ROUTE_USER}:{secret}@{peer}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(format!(
+            "authorization {{\n  user: \"{ROUTE_USER}\"\n  password: \"{secret}\"\n}}\nroutes: [{routes}]\n"
+        ))
+    }
+
+    /// Writes [`routes`](Self::routes) to `cluster.conf` in the directory, for a node's
+    /// `cluster` block to `include`; returns its path.
+    pub fn write_cluster_config(&self, peers: &[String]) -> Result<PathBuf> {
+        let path = self.dir.join(CLUSTER_CONF_FILE);
+        write_secret(&path, &self.routes(peers)?)?;
+        Ok(path)
     }
 
     /// Writes [`authorization`](Self::authorization) to `auth.conf` in the directory, for a

@@ -15,7 +15,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::auth::ROUTE_USER;
 use crate::{ConnectError, Credentials, Error, NatsServer, Result, ServerOptions, Service};
 
 /// A node's place in a cluster.
@@ -35,20 +34,16 @@ pub struct ClusterOptions {
 
 impl ClusterOptions {
     /// The lines of a node's configuration: its name, a monitoring port (for `/healthz`),
-    /// and its `cluster` block with the route secret.
-    pub(crate) fn config(&self, secret: &str) -> String {
-        let routes = self
-            .routes
-            .iter()
-            .map(|addr| format!("\"nats://{ROUTE_USER}:{secret}@{addr}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!(
-            "server_name: \"{server}\"\nhttp: \"127.0.0.1:-1\"\ncluster {{\n  name: \"{name}\"\n  listen: \"127.0.0.1:{port}\"\n  authorization {{\n    user: \"{ROUTE_USER}\"\n    password: \"{secret}\"\n  }}\n  routes: [{routes}]\n}}\n",
+    /// and its `cluster` block, its routes authenticated with `credentials`' route secret.
+    pub(crate) fn config(&self, credentials: &Credentials) -> Result<String> {
+        let peers: Vec<String> = self.routes.iter().map(SocketAddr::to_string).collect();
+        Ok(format!(
+            "server_name: \"{server}\"\nhttp: \"127.0.0.1:-1\"\ncluster {{\n  name: \"{name}\"\n  listen: \"127.0.0.1:{port}\"\n{routes}}}\n",
             server = self.server_name,
             name = self.name,
             port = self.port,
-        )
+            routes = credentials.routes(&peers)?,
+        ))
     }
 }
 
@@ -269,8 +264,9 @@ mod tests {
     fn a_route_without_the_secret_is_refused() {
         let cluster = NatsCluster::start_temp(3).unwrap();
         let options = cluster.nodes[0].options.cluster.clone().unwrap();
-        let config = options.config("wrong");
-        assert!(config.contains("wrong@"));
+        let config = options.config(&cluster.credentials()).unwrap();
+        let secret = cluster.credentials().route_secret().unwrap();
+        assert!(config.contains(&format!("route:{secret}@")), "{config}");
         let mut route = TcpStream::connect(options.routes[1]).unwrap();
         route
             .set_read_timeout(Some(Duration::from_secs(5)))

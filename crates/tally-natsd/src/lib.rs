@@ -265,7 +265,7 @@ impl NatsServer {
             port => port.to_string(),
         };
         let cluster = match &self.options.cluster {
-            Some(cluster) => cluster.config(&credentials.route_secret()?),
+            Some(cluster) => cluster.config(&credentials)?,
             None => String::new(),
         };
         fs::write(

@@ -211,6 +211,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         "TALLY_INGEST__REPLICAS".to_owned(),
         config.ingest.replicas.to_string(),
     ));
+    worker_env.push(("TALLY_INGEST__LEASE_MS".to_owned(), LEASE_MS.to_string()));
     let nats = Nats::connect(&config, Service::Admin).await?;
     crate::demo::entitle_unlimited(&nats, args.customers, "tally-chaos").await?;
     tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest).await?;
@@ -473,7 +474,7 @@ fn schedule(args: &ChaosArgs) -> Vec<(usize, Fault)> {
 /// Publishes a slice until JetStream acknowledged all of it; returns the retries. A retry
 /// sends the same message ids, so what was stored before the failure is dropped by
 /// JetStream's duplicate window.
-async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
+pub(crate) async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut retries = 0;
     loop {
@@ -493,7 +494,11 @@ async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
 /// Waits until every partition's consumer has nothing pending and nothing unacknowledged
 /// (acks come only after the lake holds a batch). A worker that exits meanwhile fails the
 /// run, with the end of its log.
-async fn drained(nats: &Nats, partitions: u16, workers: &mut [Worker]) -> anyhow::Result<()> {
+pub(crate) async fn drained(
+    nats: &Nats,
+    partitions: u16,
+    workers: &mut [Worker],
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let stream = loop {
         match nats.jetstream.get_stream(subject::EVENTS_STREAM).await {
@@ -553,7 +558,7 @@ async fn fewest_replicas(nats: &Nats) -> anyhow::Result<usize> {
 }
 
 /// Rows and distinct event ids in the lake.
-async fn count(lake: &Lakehouse) -> anyhow::Result<(u64, u64)> {
+pub(crate) async fn count(lake: &Lakehouse) -> anyhow::Result<(u64, u64)> {
     let batches = lake
         .context()
         .sql("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")
@@ -661,7 +666,7 @@ fn stop_s3(
 }
 
 /// The environment that points a worker at `config`'s lake (its bucket, for a lake on S3).
-fn lake_env(config: &Config) -> Vec<(String, String)> {
+pub(crate) fn lake_env(config: &Config) -> Vec<(String, String)> {
     let Some(s3) = &config.lake_s3 else {
         return Vec::new();
     };
@@ -680,7 +685,7 @@ fn lake_env(config: &Config) -> Vec<(String, String)> {
 }
 
 /// What a worker process runs, on which data directory.
-enum Run {
+pub(crate) enum Run {
     /// `tally serve`: the worker and the API, on the run's data directory.
     Serve(PathBuf),
     /// `tally worker`, on a data directory of its own.
@@ -688,13 +693,13 @@ enum Run {
 }
 
 /// A worker child process, its log `worker-<n>.log` in the run's directory.
-struct Worker {
-    child: Child,
+pub(crate) struct Worker {
+    pub(crate) child: Child,
     log: PathBuf,
 }
 
 impl Worker {
-    fn start(
+    pub(crate) fn start(
         exe: &Path,
         url: &str,
         run: Run,
@@ -712,7 +717,6 @@ impl Worker {
             .args([command, "--nats-url", url, "--data-dir"])
             .arg(dir)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("TALLY_INGEST__LEASE_MS", LEASE_MS.to_string())
             .env("TALLY_LOG", "warn")
             // Workers overlap while one takes over from another, and other programs may
             // hold the default port: each worker's API on a free port.
@@ -744,14 +748,14 @@ impl Worker {
             .ok()
     }
 
-    fn kill(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
     }
 
     /// SIGTERM: the worker drains and releases its leases.
-    fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()?;

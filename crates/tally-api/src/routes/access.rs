@@ -37,14 +37,17 @@ const DECIDERS: &[Role] = &[Role::Provisioning];
 const ASKERS: &[Role] = &[Role::Provisioning, Role::Portal];
 
 pub(crate) async fn open(js: &Context, replicas: usize) -> Result<Store, crate::OpenError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: ACCESS_REQUESTS_BUCKET.to_owned(),
-        description: "Tally customers' access and upgrade requests".to_owned(),
-        history: 4,
-        storage: async_nats::jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
+    tally_ingest::topology::ensure_bucket(
+        js,
+        kv::Config {
+            bucket: ACCESS_REQUESTS_BUCKET.to_owned(),
+            description: "Tally customers' access and upgrade requests".to_owned(),
+            history: 4,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
     .await
     .map_err(|e| crate::OpenError::AccessRequests(e.to_string()))
 }

@@ -46,15 +46,18 @@ pub(crate) async fn open(
     ttl: Duration,
     replicas: usize,
 ) -> Result<Store, crate::OpenError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: IDEMPOTENCY_BUCKET.to_owned(),
-        description: "Tally API Idempotency-Keys and their responses".to_owned(),
-        max_age: ttl,
-        history: 1,
-        storage: async_nats::jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
+    tally_ingest::topology::ensure_bucket(
+        js,
+        kv::Config {
+            bucket: IDEMPOTENCY_BUCKET.to_owned(),
+            description: "Tally API Idempotency-Keys and their responses".to_owned(),
+            max_age: ttl,
+            history: 1,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
     .await
     .map_err(|e| crate::OpenError::Idempotency(e.to_string()))
 }

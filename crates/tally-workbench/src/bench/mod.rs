@@ -32,6 +32,7 @@ use tally_node::config::Config;
 use tally_node::pipeline::{self, Nats};
 
 pub mod check;
+pub mod failover;
 pub mod http;
 pub mod lake;
 pub mod query;
@@ -58,6 +59,12 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench recovery --customers 50000 --features 20 --format json
     Recovery(recovery::RecoveryBench),
+    /// A cluster losing a machine at default settings: three NATS nodes, two workers on
+    /// data directories of their own, the lake on the S3 server; a worker is killed (the
+    /// take-over time), then the events stream's leading NATS node (the pause).
+    ///
+    /// Example: tally bench failover --rate 20000 --seconds 90 --format json
+    Failover(failover::FailoverBench),
     /// Billing and adoption over a generated month in the lake: from the monthly rollups,
     /// from the raw events, and (with --duckdb) DuckDB over the same files.
     /// `benches/query.sh` installs DuckDB and runs it in release.
@@ -226,6 +233,9 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
         BenchCmd::Http(args) => http::run(config, args).await,
         BenchCmd::Query(args) => query::run(args).await,
         BenchCmd::Lake(args) => tokio::task::spawn_blocking(move || lake::run(args)).await?,
+        BenchCmd::Failover(args) => failover::run(config, args)
+            .await
+            .map(|_| std::process::ExitCode::SUCCESS),
         BenchCmd::Recovery(args) => recovery::run(config, args)
             .await
             .map(|_| std::process::ExitCode::SUCCESS),
