@@ -84,10 +84,12 @@ pub struct IngestConfig {
     /// event stored after its write. Not read from configuration files.
     #[serde(skip)]
     pub definitions_apply_delay_ms: u64,
-    /// A partition's lease lasts this long after its last renewal (renewed every third of
-    /// it), in milliseconds: a worker that dies has its partitions taken over within about
-    /// this time and a third (see [`ownership`]). Long enough that renewals delayed by a
-    /// saturated nats-server do not cost a worker its partitions.
+    /// A partition's lease lasts this long after its last renewal (renewed every second,
+    /// or every third of it if shorter), in milliseconds: a worker that dies has its
+    /// partitions taken over within about this time and a second (see [`ownership`]). Long
+    /// enough that renewals delayed by a saturated nats-server, or by JetStream electing
+    /// the leases bucket a leader after a NATS node is lost, do not cost a worker its
+    /// partitions.
     pub lease_ms: u64,
     /// Compact each owned partition's settled files this often, in seconds (0: never; see
     /// `tally_store::compact`): closed dates merged whole, open ones once small files pile

@@ -132,7 +132,27 @@ impl Leases {
                 *held = Held { revision, sent };
                 Ok(true)
             }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                // An earlier renewal whose answer was lost (it timed out while NATS
+                // elected a leader) may have landed: the entry still names this worker,
+                // whose id no other process writes. Its fence is not extended: when that
+                // write landed is unknown, but not before the last renewal known.
+                let entry = self
+                    .leases
+                    .entry(lease_key(partition))
+                    .await
+                    .map_err(|e| Error::nats("read a partition lease", e))?;
+                match entry {
+                    Some(entry)
+                        if entry.operation == kv::Operation::Put
+                            && entry.value.as_ref() == self.id.as_bytes() =>
+                    {
+                        held.revision = entry.revision;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            }
             Err(e) => Err(Error::nats("renew a partition lease", e)),
         }
     }
@@ -155,7 +175,7 @@ impl Leases {
         Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Says this worker is alive; returns how many are.
+    /// Says this worker is alive (for a lease); returns how many are.
     pub async fn heartbeat(&self) -> Result<usize> {
         self.workers
             .put(&self.id, bytes::Bytes::new())

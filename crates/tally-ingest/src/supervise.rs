@@ -138,7 +138,12 @@ pub async fn run_worker(
         .take(candidates.len())
         .copied()
         .collect();
-    let tick = leases.lease / 3;
+    // Every round (a third of the lease at most, a second by default) renews the leases,
+    // announces this worker and looks for free partitions. A NATS node lost can leave the
+    // leases bucket without a leader for up to 9 s: renewing often keeps the last renewal
+    // recent, so the fences (closing a lease less a quarter after it) outlast the election,
+    // and a dead worker's leases and announcement expire about a lease after its death.
+    let scan = (leases.lease / 3).min(SCAN);
     let mut units: BTreeMap<u16, Unit> = BTreeMap::new();
     let mut ready = Some(ready);
     // Consumer lag is sampled off this loop (which renews the leases), every few seconds.
@@ -147,11 +152,14 @@ pub async fn run_worker(
     while !cancel.is_cancelled() {
         renew(&leases, &mut units, &ctx.stats).await;
         reap(&leases, &mut units).await;
-        match leases.heartbeat().await {
-            Ok(workers) => {
+        // Bounded, so that a listing waiting for NATS to elect a leader never holds up the
+        // next round's renewals.
+        match tokio::time::timeout(scan.max(ROUND_WAIT), leases.heartbeat()).await {
+            Ok(Ok(workers)) => {
                 rebalance(&leases, &ctx, &assignment, &order, workers, &mut units).await;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reach the leases; retrying"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot reach the leases; retrying"),
+            Err(_) => tracing::warn!("the leases did not answer in time; retrying"),
         }
         let owned = units.values().filter(|u| u.state == State::Running).count();
         ctx.stats.partitions_owned.store(owned as u64, Relaxed);
@@ -178,14 +186,14 @@ pub async fn run_worker(
         }
         tokio::select! {
             () = cancel.cancelled() => {}
-            () = tokio::time::sleep(tick) => {}
+            () = tokio::time::sleep(scan) => {}
         }
     }
     // Every partition drains (their stop tokens are children of `cancel`); the leases are
     // renewed meanwhile, then released.
     while units.values().any(|u| !u.task.is_finished()) {
         renew(&leases, &mut units, &ctx.stats).await;
-        tokio::time::sleep(tick.min(Duration::from_millis(100))).await;
+        tokio::time::sleep(scan.min(Duration::from_millis(100))).await;
     }
     for (p, unit) in std::mem::take(&mut units) {
         if unit.state != State::Lost
@@ -206,6 +214,13 @@ pub async fn run_worker(
         None => Ok(()),
     }
 }
+
+/// How often a worker renews its leases, announces itself and looks for free partitions,
+/// at most.
+const SCAN: Duration = Duration::from_secs(1);
+/// How long a round waits for one answer from the leases buckets (a renewal, the
+/// announcement and listing) before it goes on without it.
+const ROUND_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the lag of the partitions owned is sampled.
 const PENDING_SAMPLE: Duration = Duration::from_secs(5);
@@ -231,14 +246,18 @@ async fn sample_pending(js: Context, partitions: BTreeMap<u16, bool>) {
 }
 
 /// Renews every lease still held; a partition whose lease is gone, or whose fence closed
-/// before a renewal got through, is lost at once.
+/// before a renewal got through, is lost at once. A renewal unanswered within
+/// [`ROUND_WAIT`] is tried again next round (if it landed meanwhile, that renewal finds
+/// the lease still this worker's).
 async fn renew(leases: &Leases, units: &mut BTreeMap<u16, Unit>, stats: &Stats) {
     let renewals = units
         .iter_mut()
         .filter(|(_, u)| u.state != State::Lost)
         .map(|(&p, u)| async move {
             let mut held = u.held;
-            let outcome = leases.renew(p, &mut held).await;
+            let outcome = tokio::time::timeout(ROUND_WAIT, leases.renew(p, &mut held))
+                .await
+                .unwrap_or_else(|_| Err(Error::nats("renew a partition lease", "timed out")));
             (p, held, outcome)
         });
     let outcomes = futures::future::join_all(renewals).await;

@@ -285,6 +285,11 @@ pub struct Deliveries {
     pub next: u64,
 }
 
+/// How often the server tells a waiting pull it is alive. Two missed, the pull is made
+/// again: after a NATS node is lost, a partition pulls from its consumer's new leader
+/// within about two of these.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// Starts pulling one partition's messages (prefetching, with heartbeats), from the
 /// first message not yet acknowledged.
 ///
@@ -301,7 +306,7 @@ pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Re
         .stream()
         .max_messages_per_batch(config.fetch_messages)
         .max_bytes_per_batch(max_bytes)
-        .heartbeat(Duration::from_secs(5))
+        .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| Error::nats("start consuming", e))?;

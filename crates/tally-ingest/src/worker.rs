@@ -41,6 +41,12 @@ pub const HDR_STREAM_SEQ: &str = "Tally-Stream-Seq";
 pub const HDR_INDEX: &str = "Tally-Batch-Index";
 pub const HDR_SUBJECT: &str = "Tally-Subject";
 
+/// How long a durable batch's ack is retried before its partition starts over: longer
+/// than JetStream takes to elect a consumer a new leader after its node is lost.
+const ACK_PATIENCE: Duration = Duration::from_secs(30);
+/// The longest wait between two attempts.
+const ACK_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// A sealed batch's messages, waiting for the lake's answer.
 struct Pending {
     done: oneshot::Receiver<Result<Durable, String>>,
@@ -975,14 +981,18 @@ impl Acks {
         if !self.ack_delay.is_zero() {
             tokio::time::sleep(self.ack_delay).await;
         }
+        // A consumer whose NATS node was lost answers no ack until JetStream has elected
+        // it another leader (nats-server waits 4 to 9 s before it campaigns): the batch is
+        // durable, so the ack waits for that rather than the partition starting over.
+        let acking = Instant::now();
         let mut attempt = 0;
         while let Err(e) = last.double_ack().await {
             attempt += 1;
-            if attempt >= 5 {
+            if acking.elapsed() >= ACK_PATIENCE {
                 return Err(Error::nats("acknowledge batch", e));
             }
             tracing::warn!(last_seq = p.last_seq, error = %e, "ack failed; retrying");
-            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            tokio::time::sleep(Duration::from_millis(100 * attempt).min(ACK_RETRY_MAX)).await;
         }
         let now = chrono::Utc::now().timestamp_millis();
         let to_durable = metrics::histogram!(names::STORED_TO_DURABLE_SECONDS);

@@ -11,14 +11,19 @@
 //!    so after the lake holds it) everything stored before the kill and something after:
 //!    its consumer's ack floor is past the stream's last sequence at the kill, or it has
 //!    nothing left to deliver.
-//! 2. **A NATS node dies**: once that is done and `--settle` seconds have passed, the node
-//!    leading the events stream is killed with SIGKILL (and started again 10 s later). The
-//!    publish pause is the longest time without a slice acknowledged, from a second before
-//!    the kill on; the ingest pause is measured like the take-over, over every partition.
+//! 2. **A NATS node dies**: once that is done and `--settle` seconds have passed, a node
+//!    that does not lead the events stream is killed with SIGKILL, and started again once
+//!    ingest has caught up; after `--settle` seconds more, the node leading the events
+//!    stream is, and started again 10 s later. For each, the publish pause is the longest
+//!    time without a slice acknowledged, from a second before the kill until ingest caught
+//!    up; the ingest pause is measured like the take-over, over every partition. A
+//!    leader's loss waits for JetStream to elect another: nats-server's Raft waits 4 to
+//!    9 s without a leader's heartbeat before it campaigns.
 //!
 //! Publishing then goes on to `--seconds`; when the stream is drained the lake must hold
 //! every event once.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +60,10 @@ pub struct FailoverBench {
     /// Events per message.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Where the NATS nodes, the S3 objects and the workers' logs go, kept after the run
+    /// (cleared first if an earlier run made it); unset: a temporary directory, removed.
+    #[arg(long)]
+    dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -67,12 +76,14 @@ pub struct FailoverReport {
     pub partitions_taken_over: usize,
     /// From the worker's SIGKILL until every partition it held is acknowledged past it.
     pub takeover_ms: u64,
-    /// The node killed (the events stream's leader).
-    pub nats_node_killed: String,
-    /// The longest time without a publish acknowledged around the node's loss.
-    pub node_loss_publish_pause_ms: u64,
-    /// From the node's SIGKILL until every partition is acknowledged past it.
-    pub node_loss_ingest_pause_ms: u64,
+    /// A node that did not lead the events stream, killed: the longest time without a
+    /// publish acknowledged around its loss, and from its SIGKILL until every partition
+    /// is acknowledged past it.
+    pub follower_loss_publish_pause_ms: u64,
+    pub follower_loss_ingest_pause_ms: u64,
+    /// The same for the node that led the events stream.
+    pub leader_loss_publish_pause_ms: u64,
+    pub leader_loss_ingest_pause_ms: u64,
     /// Slices sent again after an error.
     pub publish_retries: u64,
     pub events: u64,
@@ -88,7 +99,13 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
     let temp = tempfile::Builder::new()
         .prefix("tally-bench-failover-")
         .tempdir()?;
-    let dir = temp.path().to_owned();
+    let dir = match &args.dir {
+        Some(dir) => {
+            crate::demo::prepare(dir, "bench-failover")?;
+            dir.clone()
+        }
+        None => temp.path().to_owned(),
+    };
     let nats_dir = dir.join("nats");
     let binary = config.nats_server.clone();
     let cluster = tokio::task::spawn_blocking(move || NatsCluster::start(&nats_dir, 3, binary))
@@ -165,40 +182,18 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
     let takeover = killed.elapsed();
     tracing::info!(ms = takeover.as_millis(), "taken over");
 
-    tokio::time::sleep(Duration::from_secs(args.settle)).await;
-    let leader = stream_leader(&nats).await?;
-    let node = leader
-        .strip_prefix('n')
-        .and_then(|n| n.parse::<usize>().ok())
-        .and_then(|n| n.checked_sub(1))
-        .with_context(|| format!("the stream's leader {leader:?} is not a node of this cluster"))?;
-    let node_seq = last_sequence(&nats).await?;
-    let node_killed = Instant::now();
-    let restart = {
-        let cluster = cluster.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut cluster = cluster.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-            cluster.stop_node(node);
-            std::thread::sleep(Duration::from_secs(10));
-            cluster.restart_node(node)?;
-            Ok(())
-        })
-    };
     let all: Vec<u16> = (0..partitions).collect();
-    caught_up(&nats, &all, node_seq).await?;
-    let ingest_pause = node_killed.elapsed();
-    restart.await??;
-    let retries = publisher.await??;
-    let publish_pause = {
-        let acked = acked.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let from = node_killed - Duration::from_secs(1);
-        acked
-            .windows(2)
-            .filter(|w| w[1] >= from)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default()
+    let lose = |node: usize, back_after: Option<Duration>| {
+        lose_node(&nats, &cluster, node, back_after, &all, &acked)
     };
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let leader = node_of(&stream_leader(&nats).await?)?;
+    let follower = (leader + 1) % 3;
+    let (follower_publish, follower_ingest) = lose(follower, None).await?;
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let leader = node_of(&stream_leader(&nats).await?)?;
+    let (leader_publish, leader_ingest) = lose(leader, Some(Duration::from_secs(10))).await?;
+    let retries = publisher.await??;
 
     chaos::drained(&nats, partitions, &mut workers[1..]).await?;
     for worker in workers.drain(..).skip(1) {
@@ -211,9 +206,10 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
         lease_ms,
         partitions_taken_over: victim.len(),
         takeover_ms: millis(takeover),
-        nats_node_killed: leader,
-        node_loss_publish_pause_ms: millis(publish_pause),
-        node_loss_ingest_pause_ms: millis(ingest_pause),
+        follower_loss_publish_pause_ms: millis(follower_publish),
+        follower_loss_ingest_pause_ms: millis(follower_ingest),
+        leader_loss_publish_pause_ms: millis(leader_publish),
+        leader_loss_ingest_pause_ms: millis(leader_ingest),
         publish_retries: retries,
         events: totals.events_valid,
         in_lake,
@@ -228,10 +224,12 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
                 report.partitions_taken_over, report.takeover_ms, report.lease_ms
             );
             println!(
-                "NATS node {} killed: publishing paused {} ms, ingest caught up in {} ms",
-                report.nats_node_killed,
-                report.node_loss_publish_pause_ms,
-                report.node_loss_ingest_pause_ms
+                "a NATS node not leading the stream killed: publishing paused {} ms, ingest caught up in {} ms",
+                report.follower_loss_publish_pause_ms, report.follower_loss_ingest_pause_ms
+            );
+            println!(
+                "the stream's leading NATS node killed: publishing paused {} ms, ingest caught up in {} ms",
+                report.leader_loss_publish_pause_ms, report.leader_loss_ingest_pause_ms
             );
             println!(
                 "{} events, {} in the lake ({} distinct): {}",
@@ -252,6 +250,64 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Kills node `node` (SIGKILL) and waits until every one of `partitions` is acknowledged
+/// past the stream's last sequence at the kill; starts the node again `back_after` the
+/// kill (in the background, awaited before returning), or once ingest caught up. Returns
+/// the longest time without a slice acknowledged from a second before the kill until
+/// then, and the time until ingest caught up.
+async fn lose_node(
+    nats: &Nats,
+    cluster: &Arc<Mutex<NatsCluster>>,
+    node: usize,
+    back_after: Option<Duration>,
+    partitions: &[u16],
+    acked: &Mutex<Vec<Instant>>,
+) -> anyhow::Result<(Duration, Duration)> {
+    let poisoned = || anyhow::anyhow!("poisoned");
+    let seq = last_sequence(nats).await?;
+    let killed = Instant::now();
+    cluster.lock().map_err(|_| poisoned())?.stop_node(node);
+    let restart = |cluster: Arc<Mutex<NatsCluster>>, wait: Duration| {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            std::thread::sleep(wait);
+            let mut cluster = cluster.lock().map_err(|_| poisoned())?;
+            cluster.restart_node(node)?;
+            Ok(())
+        })
+    };
+    let back = back_after.map(|after| restart(cluster.clone(), after));
+    caught_up(nats, partitions, seq).await?;
+    let ingest = killed.elapsed();
+    let until = Instant::now();
+    match back {
+        Some(back) => back.await??,
+        None => restart(cluster.clone(), Duration::ZERO).await??,
+    }
+    let acked = acked.lock().map_err(|_| poisoned())?;
+    let from = killed - Duration::from_secs(1);
+    let publish = acked
+        .windows(2)
+        .filter(|w| w[1] >= from && w[0] <= until)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    tracing::info!(
+        node,
+        ingest_ms = ingest.as_millis(),
+        publish_ms = publish.as_millis(),
+        "NATS node lost"
+    );
+    Ok((publish, ingest))
+}
+
+/// The index of node `n1` … in the cluster.
+fn node_of(name: &str) -> anyhow::Result<usize> {
+    name.strip_prefix('n')
+        .and_then(|n| n.parse::<usize>().ok())
+        .and_then(|n| n.checked_sub(1))
+        .with_context(|| format!("{name:?} is not a node of this cluster"))
 }
 
 /// Publishes at `rate` in slices of [`SLICE`], each until acknowledged; records when each
@@ -302,11 +358,14 @@ async fn publish(
     Ok(retries)
 }
 
-/// The partitions whose lease the worker with process id `pid` holds.
+/// The partitions whose lease the worker with process id `pid` holds (none before any
+/// worker made the leases bucket).
 async fn held_by(nats: &Nats, partitions: u16, pid: u32) -> anyhow::Result<Vec<u16>> {
     use tally_ingest::ownership::{LEASES_BUCKET, lease_key, worker_pid};
-    let kv = nats.jetstream.get_key_value(LEASES_BUCKET).await?;
     let mut held = Vec::new();
+    let Ok(kv) = nats.jetstream.get_key_value(LEASES_BUCKET).await else {
+        return Ok(held);
+    };
     for p in 0..partitions {
         if let Ok(Some(owner)) = kv.get(lease_key(p)).await
             && worker_pid(&String::from_utf8_lossy(&owner)) == Some(pid)
