@@ -22,6 +22,21 @@ async fn replicas(js: &jetstream::Context) -> Vec<(String, usize)> {
     all
 }
 
+/// Opens the streams and buckets as Tally's processes do, with `replicas` copies.
+async fn open_all(js: &jetstream::Context, replicas: usize) {
+    let config = IngestConfig {
+        replicas,
+        ..IngestConfig::default()
+    };
+    tally_ingest::topology::ensure_streams(js, &config)
+        .await
+        .unwrap();
+    tally_ingest::definitions::Definitions::open(js, replicas)
+        .await
+        .unwrap();
+    tally_api::ApiKeys::open(js, replicas).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_and_buckets_take_the_configured_replicas_and_never_lose_them() {
     let cluster = tokio::task::spawn_blocking(|| NatsCluster::start_temp(3))
@@ -43,17 +58,7 @@ async fn streams_and_buckets_take_the_configured_replicas_and_never_lose_them() 
     assert!(made.iter().all(|(_, r)| *r == 1), "{made:?}");
 
     // Grown to the cluster: opened with three, each is raised to three.
-    let three = IngestConfig {
-        replicas: 3,
-        ..IngestConfig::default()
-    };
-    tally_ingest::topology::ensure_streams(&js, &three)
-        .await
-        .unwrap();
-    tally_ingest::definitions::Definitions::open(&js, 3)
-        .await
-        .unwrap();
-    tally_api::ApiKeys::open(&js, 3).await.unwrap();
+    open_all(&js, 3).await;
     let raised = replicas(&js).await;
     assert_eq!(raised.len(), made.len());
     assert!(raised.iter().all(|(_, r)| *r == 3), "{raised:?}");

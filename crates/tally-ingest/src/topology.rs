@@ -52,34 +52,25 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
              it was created with another partition count"
         )));
     }
-    ensure_stream(
-        js,
-        stream::Config {
-            name: DEAD_LETTER_STREAM.to_owned(),
-            subjects: vec![format!("{DEAD_LETTER_PREFIX}.>")],
+    for (name, prefix, what) in [
+        (
+            DEAD_LETTER_STREAM,
+            DEAD_LETTER_PREFIX,
+            "create dead-letter stream",
+        ),
+        (NOTIFY_STREAM, NOTIFY_PREFIX, "create notification stream"),
+    ] {
+        let config = stream::Config {
+            name: name.to_owned(),
+            subjects: vec![format!("{prefix}.>")],
             duplicate_window: Duration::from_secs(config.duplicate_window_secs),
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             num_replicas: config.replicas,
             ..Default::default()
-        },
-        "create dead-letter stream",
-    )
-    .await?;
-    ensure_stream(
-        js,
-        stream::Config {
-            name: NOTIFY_STREAM.to_owned(),
-            subjects: vec![format!("{NOTIFY_PREFIX}.>")],
-            duplicate_window: Duration::from_secs(config.duplicate_window_secs),
-            retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
-            num_replicas: config.replicas,
-            ..Default::default()
-        },
-        "create notification stream",
-    )
-    .await?;
+        };
+        ensure_stream(js, config, what).await?;
+    }
     Ok(())
 }
 

@@ -235,8 +235,13 @@ mod tests {
             cluster.stop_node(down);
             for _ in 0..20 {
                 // The client fails over to a live node; JetStream answers once the stream
-                // has a leader again.
+                // has a leader again (nats-server elects one within seconds).
+                let deadline = Instant::now() + Duration::from_secs(60);
                 let ack = loop {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no publish acknowledged within 60 s of node {down}'s loss"
+                    );
                     match js.publish("replicated.x", "m".into()).await {
                         Ok(ack) => match ack.await {
                             Ok(ack) => break ack,

@@ -60,6 +60,8 @@ use tally_node::pipeline::Nats;
 const SLICES: usize = 100;
 /// The worker's lease: a killed worker's partitions are free again this soon.
 const LEASE_MS: u64 = 1500;
+/// The wait before a slice that failed is sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How long a killed NATS node of a `--cluster` run stays down.
 const NODE_DOWN: Duration = Duration::from_secs(3);
 /// NATS nodes and workers of a `--cluster` run.
@@ -348,7 +350,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
             }
         }
         report.sent += slice.iter().map(|m| u64::from(m.events)).sum::<u64>();
-        report.publish_retries += publish(&nats, slice).await?;
+        report.publish_retries += publish(&nats.jetstream, slice, RETRY_PAUSE).await?;
         report.acked += slice.iter().map(|m| u64::from(m.events)).sum::<u64>();
     }
     if let Some(restore) = restore {
@@ -474,17 +476,21 @@ fn schedule(args: &ChaosArgs) -> Vec<(usize, Fault)> {
 /// Publishes a slice until JetStream acknowledged all of it; returns the retries. A retry
 /// sends the same message ids, so what was stored before the failure is dropped by
 /// JetStream's duplicate window.
-pub(crate) async fn publish(nats: &Nats, slice: &[OutMessage]) -> anyhow::Result<u64> {
+/// `pause` is the wait between attempts.
+pub(crate) async fn publish(
+    js: &async_nats::jetstream::Context,
+    slice: &[OutMessage],
+    pause: Duration,
+) -> anyhow::Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut retries = 0;
     loop {
-        match workload::publish(&nats.jetstream, slice, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await
-        {
+        match workload::publish(js, slice, workload::MAX_ACKS_IN_FLIGHT, |_| {}).await {
             Ok(_) => return Ok(retries),
             Err(e) if Instant::now() < deadline => {
                 retries += 1;
                 tracing::info!(error = %e, "publishing failed; sending the slice again");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(pause).await;
             }
             Err(e) => return Err(e.context("publishing never succeeded within 120 s")),
         }
@@ -593,23 +599,34 @@ fn make_unwritable(
 
 /// Waits (up to 30 s) until the worker with process id `pid` holds a partition's lease.
 async fn holds_a_lease(nats: &Nats, partitions: u16, pid: u32) -> anyhow::Result<()> {
-    use tally_ingest::ownership::{LEASES_BUCKET, lease_key, worker_pid};
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(kv) = nats.jetstream.get_key_value(LEASES_BUCKET).await {
-            for p in 0..partitions {
-                if let Ok(Some(owner)) = kv.get(lease_key(p)).await
-                    && worker_pid(&String::from_utf8_lossy(&owner)) == Some(pid)
-                {
-                    return Ok(());
-                }
-            }
+        if !held_by(nats, partitions, pid).await.is_empty() {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("the worker {pid} took no partition within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The partitions whose lease the worker with process id `pid` holds (none while the
+/// leases bucket cannot be read, or before any worker made it).
+pub(crate) async fn held_by(nats: &Nats, partitions: u16, pid: u32) -> Vec<u16> {
+    use tally_ingest::ownership::{LEASES_BUCKET, lease_key, worker_pid};
+    let mut held = Vec::new();
+    let Ok(kv) = nats.jetstream.get_key_value(LEASES_BUCKET).await else {
+        return held;
+    };
+    for p in 0..partitions {
+        if let Ok(Some(owner)) = kv.get(lease_key(p)).await
+            && worker_pid(&String::from_utf8_lossy(&owner)) == Some(pid)
+        {
+            held.push(p);
+        }
+    }
+    held
 }
 
 /// Pauses the process `pid` (SIGSTOP) now and resumes it (SIGCONT) after `ms`.

@@ -94,6 +94,8 @@ pub struct FailoverReport {
 
 /// How long a slice of publishing is.
 const SLICE: Duration = Duration::from_millis(10);
+/// The wait before a slice that failed is sent again: short, since pauses are measured.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<FailoverReport> {
     let temp = tempfile::Builder::new()
@@ -153,10 +155,10 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
     let mut workers = vec![worker(0)?, worker(1)?];
     let partitions = config.ingest.partitions;
     // Both workers hold their share before the clock starts.
-    let held = |pid: u32| held_by(&nats, partitions, pid);
+    let held = |pid: u32| chaos::held_by(&nats, partitions, pid);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while held(workers[0].child.id()).await?.is_empty()
-        || held(workers[1].child.id()).await?.is_empty()
+    while held(workers[0].child.id()).await.is_empty()
+        || held(workers[1].child.id()).await.is_empty()
     {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -174,7 +176,7 @@ pub async fn run(mut config: Config, args: FailoverBench) -> anyhow::Result<Fail
     ));
 
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let victim = held(workers[0].child.id()).await?;
+    let victim = held(workers[0].child.id()).await;
     let killed_at_seq = last_sequence(&nats).await?;
     let killed = Instant::now();
     workers[0].kill()?;
@@ -328,25 +330,7 @@ async fn publish(
             events += u64::from(messages[to].events);
             to += 1;
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match workload::publish(
-                &js,
-                &messages[from..to],
-                workload::MAX_ACKS_IN_FLIGHT,
-                |_| {},
-            )
-            .await
-            {
-                Ok(_) => break,
-                Err(e) if Instant::now() < deadline => {
-                    retries += 1;
-                    tracing::info!(error = %e, "publishing failed; sending the slice again");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e.context("a slice was not acknowledged within 120 s")),
-            }
-        }
+        retries += chaos::publish(&js, &messages[from..to], RETRY_PAUSE).await?;
         acked
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -356,24 +340,6 @@ async fn publish(
         tokio::time::sleep_until(start + Duration::from_secs_f64(sent as f64 / rate as f64)).await;
     }
     Ok(retries)
-}
-
-/// The partitions whose lease the worker with process id `pid` holds (none before any
-/// worker made the leases bucket).
-async fn held_by(nats: &Nats, partitions: u16, pid: u32) -> anyhow::Result<Vec<u16>> {
-    use tally_ingest::ownership::{LEASES_BUCKET, lease_key, worker_pid};
-    let mut held = Vec::new();
-    let Ok(kv) = nats.jetstream.get_key_value(LEASES_BUCKET).await else {
-        return Ok(held);
-    };
-    for p in 0..partitions {
-        if let Ok(Some(owner)) = kv.get(lease_key(p)).await
-            && worker_pid(&String::from_utf8_lossy(&owner)) == Some(pid)
-        {
-            held.push(p);
-        }
-    }
-    Ok(held)
 }
 
 /// The events stream's last sequence, asked until a node answers.
