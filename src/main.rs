@@ -24,6 +24,10 @@ struct Cli {
     /// it anyway, the other commands only warnings; a `log` setting (`TALLY_LOG`) wins.
     #[arg(short, long, global = true, action = ArgAction::Count)]
     verbose: u8,
+    /// Where SQL and the reports run: `local`, or `ballista://HOST:PORT` (a scheduler of
+    /// `tally ballista`). Overrides the `query_engine` setting.
+    #[arg(long, global = true)]
+    engine: Option<tally_query::Engine>,
     #[command(subcommand)]
     command: Command,
 }
@@ -131,6 +135,12 @@ enum Command {
     ///
     /// Example: tally chaos --events 100000 --kills 5 --nats-restarts 2 --data-dir /tmp/chaos --format json
     Chaos(tally::chaos::ChaosArgs),
+    /// A Ballista cluster over the lake for distributed queries: `scheduler`, and
+    /// `executor` (two or more). Queries run on it with --engine ballista://HOST:PORT.
+    ///
+    /// Example: tally ballista scheduler --listen 127.0.0.1:50050
+    #[command(subcommand)]
+    Ballista(tally::commands::ballista::BallistaCmd),
     /// Measure the pipeline: ingest, the quota engine, checks, recovery, queries, HTTP.
     ///
     /// Example: tally bench ingest --events 3000000 --batch 100 --format json
@@ -195,6 +205,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     if cli.nats_url.is_some() {
         config.nats_url = cli.nats_url;
     }
+    if let Some(engine) = cli.engine {
+        config.query_engine = engine;
+    }
     match cli.command {
         Command::Demo(cmd) => tally::commands::demo::run(config, cmd).await,
         Command::Billing(args) => {
@@ -229,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Nats(cmd) => tally::commands::nats::run(&config, cmd),
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
         Command::Chaos(args) => tally::commands::chaos::run(config, args).await,
+        Command::Ballista(cmd) => tally::commands::ballista::run(&config, cmd).await,
     }
 }
 
@@ -239,7 +253,10 @@ fn log_filter(config: &Config, command: &Command, verbose: u8) -> String {
     if let Some(log) = &config.log {
         return log.clone();
     }
-    let long_running = matches!(command, Command::Serve | Command::Worker(_) | Command::Api);
+    let long_running = matches!(
+        command,
+        Command::Serve | Command::Worker(_) | Command::Api | Command::Ballista(_)
+    );
     match (verbose, long_running) {
         (0, false) => "warn",
         (0 | 1, _) => "warn,tally=info",

@@ -2,6 +2,7 @@
 //! `reports` is what the three reports share).
 
 pub mod adoption;
+pub mod ballista;
 pub mod billing;
 pub mod chaos;
 pub mod check;

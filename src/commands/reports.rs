@@ -6,7 +6,7 @@ use std::io::Write;
 
 use clap::ValueEnum;
 use tally_node::config::Config;
-use tally_query::Lakehouse;
+use tally_query::{Lakehouse, LakehouseOptions};
 use tally_reports::{Definitions, Report};
 
 /// How `tally billing`, `tally overage` and `tally adoption` print their reports.
@@ -34,7 +34,11 @@ impl From<ReportFormat> for tally_reports::Format {
 }
 
 pub(crate) async fn open(config: &Config) -> anyhow::Result<(Lakehouse, Definitions)> {
-    let lake = Lakehouse::open(&config.lake()).await?;
+    let options = LakehouseOptions {
+        engine: config.query_engine.clone(),
+        ..LakehouseOptions::default()
+    };
+    let lake = Lakehouse::open_with(&config.lake(), options).await?;
     Ok((lake, tally_node::definitions(config).await?))
 }
 

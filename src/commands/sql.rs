@@ -55,6 +55,7 @@ pub async fn run(config: &Config, args: SqlArgs) -> anyhow::Result<ExitCode> {
         memory_limit: usize::try_from(args.memory_limit_mib << 20)?,
         spill_dir: args.spill_dir,
         time_limit: Duration::from_secs(args.timeout_secs),
+        engine: config.query_engine.clone(),
         ..LakehouseOptions::default()
     };
     let lake = Lakehouse::open_with(&config.lake(), options).await?;

@@ -210,11 +210,122 @@ fn prometheus_scrapes_every_tally_service_on_its_api_port() {
 }
 
 /// Tally's long-running services (a one-shot built from the same image, such as
-/// grafana-key, is not restarted and serves nothing).
+/// grafana-key, is not restarted and serves nothing; the Ballista cluster's are in
+/// [`ballista`]).
 fn long_running_tally(all: &[(String, Value)]) -> Vec<&(String, Value)> {
     all.iter()
-        .filter(|(_, s)| !s["build"].is_null() && s["restart"].as_str() == Some("unless-stopped"))
+        .filter(|(_, s)| {
+            !s["build"].is_null()
+                && s["restart"].as_str() == Some("unless-stopped")
+                && s["command"][0].as_str() != Some("ballista")
+        })
         .collect()
+}
+
+/// The services running `tally ballista <role>`.
+fn ballista<'a>(all: &'a [(String, Value)], role: &str) -> Vec<&'a (String, Value)> {
+    all.iter()
+        .filter(|(_, s)| {
+            s["command"][0].as_str() == Some("ballista") && s["command"][1].as_str() == Some(role)
+        })
+        .collect()
+}
+
+/// The value following `flag` in a service's command.
+fn flag(service: &Value, flag: &str) -> Option<String> {
+    let args = service["command"].as_sequence()?;
+    let at = args.iter().position(|a| a.as_str() == Some(flag))?;
+    Some(args.get(at + 1)?.as_str()?.to_owned())
+}
+
+/// Distributed queries: one scheduler and two or more executors, each reached by its
+/// service name, on a data volume of its own and the object store's lake with the keys
+/// nats-init gives them (and no NATS credential); every Tally service sends its queries
+/// to the scheduler.
+#[test]
+fn the_ballista_cluster_reads_the_lake_and_serves_every_tally_service() {
+    let compose = compose();
+    let all = services(&compose);
+    let schedulers = ballista(&all, "scheduler");
+    assert_eq!(schedulers.len(), 1);
+    let (scheduler, scheduling) = schedulers[0];
+    assert_eq!(
+        flag(scheduling, "--external-host").as_deref(),
+        Some(scheduler.as_str())
+    );
+    let port = flag(scheduling, "--listen")
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let executors = ballista(&all, "executor");
+    assert!(executors.len() >= 2, "{} executors", executors.len());
+    let (minio, _) = service(&all, "minio/minio");
+    let mut data_volumes = BTreeSet::new();
+    for (name, service) in schedulers.iter().chain(&executors) {
+        if name != scheduler {
+            assert_eq!(
+                flag(service, "--scheduler"),
+                Some(format!("{scheduler}:{port}")),
+                "{name}"
+            );
+            assert_eq!(
+                flag(service, "--external-host").as_deref(),
+                Some(name.as_str())
+            );
+        }
+        assert_eq!(
+            env(service, "TALLY_LAKE_S3__ENDPOINT"),
+            Some(format!("http://{minio}:9000")),
+            "{name}"
+        );
+        assert_eq!(
+            env(service, "TALLY_LAKE_S3__BUCKET").as_deref(),
+            Some("tally")
+        );
+        assert_eq!(env(service, "TALLY_NATS_URL"), None, "{name}");
+        let script = service["entrypoint"][2].as_str().unwrap_or_default();
+        assert!(
+            script.contains("/run/tally/s3-secret-key"),
+            "{name}: {script}"
+        );
+        let volumes: Vec<&str> = service["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            volumes.contains(&"lake-credentials:/run/tally:ro"),
+            "{name}: {volumes:?}"
+        );
+        let data: Vec<&str> = volumes
+            .iter()
+            .filter_map(|v| v.strip_suffix(":/var/lib/tally"))
+            .collect();
+        assert_eq!(data.len(), 1, "{name}: {data:?}");
+        assert!(data_volumes.insert(data[0]), "{name} shares {}", data[0]);
+    }
+    // The lake's keys and nothing else go to the Ballista services.
+    let (init, one_shot) = all.iter().find(|(n, _)| n == "nats-init").unwrap();
+    let script = entrypoint_script(init, one_shot);
+    let lake = script
+        .lines()
+        .find(|l| l.trim_end().ends_with("/out/lake/"))
+        .unwrap_or_else(|| panic!("nats-init fills no lake-credentials:\n{script}"));
+    assert!(
+        lake.contains("/secrets/s3-access-key /secrets/s3-secret-key"),
+        "{lake}"
+    );
+    assert!(!lake.contains(".nk"), "{lake}");
+    for (name, service) in long_running_tally(&all) {
+        assert_eq!(
+            env(service, "TALLY_QUERY_ENGINE"),
+            Some(format!("ballista://{scheduler}:{port}")),
+            "{name}"
+        );
+    }
 }
 
 /// Past one machine: every Tally service is given every NATS node and keeps three copies

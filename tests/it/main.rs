@@ -12,6 +12,7 @@ mod api_provisioning;
 mod api_queries;
 mod api_tls;
 mod bad_input;
+mod ballista;
 mod billing;
 mod chaos;
 mod cli;

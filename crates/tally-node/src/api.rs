@@ -50,7 +50,8 @@ impl Api {
         tally_ingest::topology::ensure_streams(&jetstream, &config.ingest)
             .await
             .context("creating the events streams")?;
-        let reports = tally_reports::LakeReports::new(config.lake());
+        let reports =
+            tally_reports::LakeReports::new(config.lake()).with_engine(config.query_engine.clone());
         let state = AppState::open(
             jetstream,
             config.ingest.partitions,

@@ -39,6 +39,10 @@ pub struct Config {
     /// command's own (`warn,tally=info` for `serve`, `worker` and `api`, warnings only for
     /// the others), raised by `-v` (see `main.rs`).
     pub log: Option<String>,
+    /// Where SQL, billing, overage and adoption run: `local` (in the process that asks),
+    /// or `ballista://HOST:PORT`, a Ballista scheduler (`tally ballista scheduler`) and
+    /// its executors over the same lake.
+    pub query_engine: tally_query::Engine,
     pub ingest: IngestConfig,
     pub api: ApiConfig,
 }
@@ -55,6 +59,7 @@ impl Default for Config {
             writer_concurrency: 8,
             writer_queue: 16,
             log: None,
+            query_engine: tally_query::Engine::Local,
             ingest: IngestConfig::default(),
             api: ApiConfig::default(),
         }

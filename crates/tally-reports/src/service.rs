@@ -42,7 +42,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tally_query::output::{OutputFormat, write_stream};
 use tally_query::sql::{self, SqlError};
-use tally_query::{Lakehouse, LakehouseOptions, Period};
+use tally_query::{Engine, Lakehouse, LakehouseOptions, Period};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSender;
@@ -87,6 +87,8 @@ pub struct LakeReports {
     memory_limit: usize,
     /// Wall-clock limit of one SQL query.
     time_limit: Duration,
+    /// Where the reports and SQL queries run.
+    engine: Engine,
     /// `None` if it could not be started: reports then run on the caller's runtime.
     runtime: Option<Arc<QueryRuntime>>,
     sql_slots: Arc<Semaphore>,
@@ -113,6 +115,7 @@ impl LakeReports {
             lake,
             memory_limit: Self::DEFAULT_SQL_MEMORY_LIMIT,
             time_limit: Self::DEFAULT_SQL_TIME_LIMIT,
+            engine: Engine::Local,
             runtime,
             sql_slots: Arc::new(Semaphore::new(Self::SQL_QUERIES_AT_ONCE)),
         }
@@ -122,6 +125,12 @@ impl LakeReports {
     pub fn with_limits(mut self, memory_limit: usize, time_limit: Duration) -> Self {
         self.memory_limit = memory_limit;
         self.time_limit = time_limit;
+        self
+    }
+
+    /// The same, with reports and SQL queries run on `engine`.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
         self
     }
 
@@ -183,8 +192,14 @@ impl LakeReports {
         F: Future<Output = crate::Result<R>> + Send,
     {
         let location = self.lake.clone();
+        let options = LakehouseOptions {
+            engine: self.engine.clone(),
+            ..LakehouseOptions::default()
+        };
         let work = async move {
-            let lake = Lakehouse::open(&location).await.map_err(internal)?;
+            let lake = Lakehouse::open_with(&location, options)
+                .await
+                .map_err(internal)?;
             let report = report(lake).await.map_err(internal)?;
             to_bytes(&report, format).map_err(internal)
         };
@@ -217,6 +232,7 @@ impl LakeReports {
         let options = LakehouseOptions {
             memory_limit: self.memory_limit,
             time_limit: self.time_limit,
+            engine: self.engine.clone(),
             ..LakehouseOptions::default()
         };
         let location = self.lake.clone();
