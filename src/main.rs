@@ -135,6 +135,12 @@ enum Command {
     ///
     /// Example: tally chaos --events 100000 --kills 5 --nats-restarts 2 --data-dir /tmp/chaos --format json
     Chaos(tally::chaos::ChaosArgs),
+    /// The events stream's partitions: show the count, or grow it (16 → 64) while Tally
+    /// runs.
+    ///
+    /// Example: tally partitions grow --to 64
+    #[command(subcommand)]
+    Partitions(tally::commands::partitions::PartitionsCmd),
     /// A Ballista cluster over the lake for distributed queries: `scheduler`, and
     /// `executor` (two or more). Queries run on it with --engine ballista://HOST:PORT.
     ///
@@ -243,6 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Bench(cmd) => tally::bench::run(config, cmd).await,
         Command::Chaos(args) => tally::commands::chaos::run(config, args).await,
         Command::Ballista(cmd) => tally::commands::ballista::run(&config, cmd).await,
+        Command::Partitions(cmd) => tally::commands::partitions::run(&config, cmd).await,
     }
 }
 

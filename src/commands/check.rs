@@ -32,9 +32,12 @@ pub async fn run(config: Config, cmd: CheckArgs) -> anyhow::Result<std::process:
         region: cmd.region,
         user: cmd.user,
     };
+    let partitions = tally_ingest::topology::partitions(&nats.jetstream)
+        .await
+        .context("reading the events stream's partitions")?;
     let reply = check(
         &nats.client,
-        config.ingest.partitions,
+        partitions.current(),
         &request,
         std::time::Duration::from_secs(5),
     )

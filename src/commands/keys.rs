@@ -56,13 +56,17 @@ pub struct RevokeArgs {
 pub async fn run(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::process::ExitCode> {
     let nats = Nats::connect(config, Service::Admin).await?;
     let keys = ApiKeys::open(&nats.jetstream, nats.replicas).await?;
+    // What an application computes check subjects with: the stream's count.
+    let partitions = tally_ingest::topology::ensure_streams(&nats.jetstream, &config.ingest)
+        .await?
+        .current();
     match cmd {
         KeysCmd::Create(args) => {
             let created = keys.create(args.role, args.customers, args.name).await?;
             let connect = tally_api::callout::key_access(created.record.role).map(|_| {
                 serde_json::json!({
                     "nats_url": nats.url,
-                    "partitions": config.ingest.partitions,
+                    "partitions": partitions,
                     "inbox_prefix": tally_core::access::inbox_prefix(&created.record.id),
                 })
             });
@@ -80,7 +84,7 @@ pub async fn run(config: &Config, cmd: KeysCmd) -> anyhow::Result<std::process::
                              other clients: token = the key, inbox prefix {}), or to the HTTP API \
                              with `Authorization: Bearer <key>`",
                             nats.url,
-                            config.ingest.partitions,
+                            partitions,
                             tally_core::access::inbox_prefix(&created.record.id)
                         );
                     }

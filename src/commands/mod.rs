@@ -14,6 +14,7 @@ pub mod lake;
 pub mod license;
 pub mod nats;
 pub mod overage;
+pub mod partitions;
 pub mod reports;
 pub mod serve;
 pub mod sql;

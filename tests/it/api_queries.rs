@@ -5,7 +5,6 @@
 //! while the server goes on.
 
 use std::io::Cursor;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{self, Harness, TestApi};
@@ -92,24 +91,6 @@ async fn lake() -> Harness {
     h
 }
 
-/// `tally <args>` against the harness: what it prints.
-fn cli(h: &Harness, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .args(["--nats-url", &h.server.url(), "--data-dir"])
-        .arg(h.dir.path())
-        .env("TALLY_NATS_CREDENTIALS", h.server.credentials().dir())
-        .env("TALLY_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tally {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 async fn get(api: &TestApi, path: &str, key: Option<&str>, accept: Option<&str>) -> Response {
     let mut request = api.request(Method::GET, path, key);
     if let Some(accept) = accept {
@@ -173,7 +154,7 @@ async fn arrow_as_cli(
     let arrow = ok(get(api, path, Some(key), Some(ARROW)).await, ARROW).await;
     assert_eq!(
         arrow,
-        cli(h, &[args, &["--format", "arrow"]].concat()),
+        h.cli(&[args, &["--format", "arrow"]].concat()),
         "{path}"
     );
     batches(&arrow)
@@ -206,7 +187,7 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
     let ingest = api.key(&h, Role::Ingest, &["ana"]).await;
 
     // Billing: JSON (the default, and for */*) and CSV byte for byte as the CLI.
-    let json_cli = cli(&h, &["billing", "--period", "2026-11", "--format", "json"]);
+    let json_cli = h.cli(&["billing", "--period", "2026-11", "--format", "json"]);
     let json = ok(
         get(&api, "/api/v1/billing?period=2026-11", Some(&billing), None).await,
         "application/json",
@@ -233,7 +214,7 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
     // ana: 100 calls included, 50 overage × 0.05, the fee.
     assert_eq!(invoices[0]["total"], "12.50");
 
-    let csv_cli = cli(&h, &["billing", "--period", "2026-11", "--format", "csv"]);
+    let csv_cli = h.cli(&["billing", "--period", "2026-11", "--format", "csv"]);
     let csv = ok(
         get(
             &api,
@@ -316,11 +297,11 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
             "application/json",
         )
         .await;
-        assert_eq!(got, cli(&h, &want), "{query}");
+        assert_eq!(got, h.cli(&want), "{query}");
     }
 
     // Overage: JSON and CSV as the CLI; Arrow the rows of its three parts.
-    let overage_cli = cli(&h, &["overage", "--period", "2026-11", "--format", "json"]);
+    let overage_cli = h.cli(&["overage", "--period", "2026-11", "--format", "json"]);
     let overage = ok(
         get(&api, "/api/v1/overage?period=2026-11", Some(&billing), None).await,
         "application/json",
@@ -347,7 +328,7 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
     .await;
     assert_eq!(
         csv,
-        cli(&h, &["overage", "--period", "2026-11", "--format", "csv"])
+        h.cli(&["overage", "--period", "2026-11", "--format", "csv"])
     );
     let arrow = arrow_as_cli(
         &h,
@@ -386,7 +367,7 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         "application/json",
     )
     .await;
-    let adoption_cli = cli(&h, &[&args[..], &["--format", "json"]].concat());
+    let adoption_cli = h.cli(&[&args[..], &["--format", "json"]].concat());
     assert_eq!(
         String::from_utf8_lossy(&adoption),
         String::from_utf8_lossy(&adoption_cli)
@@ -407,7 +388,7 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         "text/csv",
     )
     .await;
-    assert_eq!(csv, cli(&h, &[&args[..], &["--format", "csv"]].concat()));
+    assert_eq!(csv, h.cli(&[&args[..], &["--format", "csv"]].concat()));
     let arrow = arrow_as_cli(
         &h,
         &api,
@@ -430,10 +411,7 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
         "application/json",
     )
     .await;
-    let want = cli(
-        &h,
-        &[&args[..], &["--feature", "export", "--format", "json"]].concat(),
-    );
+    let want = h.cli(&[&args[..], &["--feature", "export", "--format", "json"]].concat());
     assert_eq!(one, want);
 
     // SQL over the lake.
@@ -492,18 +470,15 @@ async fn billing_overage_and_adoption_over_http_are_what_the_cli_prints() {
     assert_eq!(own_invoices[0]["customer"], "ana");
     assert_eq!(
         own,
-        cli(
-            &h,
-            &[
-                "billing",
-                "--period",
-                "2026-11",
-                "--customer",
-                "ana",
-                "--format",
-                "json"
-            ]
-        )
+        h.cli(&[
+            "billing",
+            "--period",
+            "2026-11",
+            "--customer",
+            "ana",
+            "--format",
+            "json"
+        ])
     );
     let asked = ok(
         get(

@@ -25,6 +25,7 @@ mod golden;
 mod lake;
 mod metrics;
 mod ownership;
+mod partitions;
 mod pipeline;
 mod security;
 mod sql;

@@ -166,8 +166,9 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub js: Context,
     pub client: async_nats::Client,
-    /// The events stream's partition count (a customer's checks go to its partition).
-    pub partitions: u16,
+    /// The events stream's partition count (a customer's checks go to its partition),
+    /// followed while the API runs: [`AppState::partitions`].
+    partitions: Arc<std::sync::atomic::AtomicU16>,
     /// The same limits the workers decode with: what the API accepts, they accept.
     pub limits: DecodeLimits,
     pub config: ApiConfig,
@@ -203,7 +204,7 @@ impl std::ops::Deref for AppState {
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("partitions", &self.partitions)
+            .field("partitions", &self.partitions())
             .finish_non_exhaustive()
     }
 }
@@ -229,6 +230,12 @@ impl AppState {
         let idempotency = Duration::from_secs(config.idempotency_secs);
         let idempotency = routes::idempotency::open(&js, idempotency, replicas).await?;
         let access_requests = routes::access::open(&js, replicas).await?;
+        let partitions = Arc::new(std::sync::atomic::AtomicU16::new(partitions));
+        tokio::spawn(follow_partitions(
+            js.clone(),
+            partitions.clone(),
+            cancel.clone(),
+        ));
         tokio::spawn(keys.clone().follow(cancel));
         Ok(AppState(Arc::new(Inner {
             client: js.client(),
@@ -248,10 +255,38 @@ impl AppState {
         })))
     }
 
+    /// The events stream's partition count now.
+    pub fn partitions(&self) -> u16 {
+        self.partitions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Serves `render`'s output on `GET /metrics`; only the first call counts.
     pub fn serve_metrics(&self, render: RenderMetrics) -> &Self {
         let _ = self.metrics.set(render);
         self
+    }
+}
+
+/// How often the API reads the events stream's partition count.
+const PARTITIONS_POLL: Duration = Duration::from_secs(5);
+
+/// Keeps `partitions` at the events stream's count (`tally partitions grow` raises it)
+/// until `cancel`. Until it is seen, a check sent on the count before is forwarded by the
+/// worker that gets it.
+async fn follow_partitions(
+    js: Context,
+    partitions: Arc<std::sync::atomic::AtomicU16>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(PARTITIONS_POLL) => {}
+        }
+        match tally_ingest::topology::partitions(&js).await {
+            Ok(now) => partitions.store(now.current(), std::sync::atomic::Ordering::Relaxed),
+            Err(e) => tracing::debug!(error = %e, "cannot read the events stream's partitions"),
+        }
     }
 }
 

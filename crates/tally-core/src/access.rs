@@ -147,6 +147,10 @@ fn worker() -> Permissions {
             format!("{EVENTS_SUBJECT_PREFIX}.*"),
             format!("{DEAD_LETTER_PREFIX}.>"),
             format!("{NOTIFY_PREFIX}.>"),
+            // A request sent on a customer's partition before the count grew, forwarded
+            // to its partition now.
+            format!("{CHECK_PREFIX}.*.*"),
+            format!("{RECORD_PREFIX}.*.*"),
         ])
         .subscribe([
             format!("{CHECK_PREFIX}.*.*"),

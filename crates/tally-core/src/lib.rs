@@ -17,6 +17,7 @@ pub mod entitlement;
 pub mod event;
 pub mod fence;
 pub mod metrics;
+pub mod partitions;
 pub mod period;
 pub mod pricing;
 pub mod schema;

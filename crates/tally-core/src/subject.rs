@@ -53,6 +53,19 @@ pub fn partition_transform(partitions: u16) -> (String, String) {
     )
 }
 
+/// The partition count of a destination [`partition_transform`] made.
+pub fn transform_count(destination: &str) -> Option<u16> {
+    let rest = destination.strip_prefix(&format!("{PARTITIONED_PREFIX}.{{{{partition("))?;
+    let (count, rest) = rest.split_once(',')?;
+    (rest == "1)}}.{{wildcard(1)}}").then_some(())?;
+    count.parse().ok()
+}
+
+/// A message carrying this header in the events stream is a marker, not usage: workers
+/// acknowledge it with the messages around it and store nothing of it. `tally partitions
+/// grow` publishes one to learn a sequence after every message of the old partitioning.
+pub const MARKER_HEADER: &str = "Tally-Marker";
+
 /// Splits a stored subject `tally.part.<partition>.<token>` into its partition and token.
 pub fn parse_partitioned(subject: &str) -> Option<(u16, &str)> {
     let rest = subject
@@ -200,6 +213,18 @@ mod tests {
             server_urls("nats://127.0.0.1:4222"),
             ["nats://127.0.0.1:4222"]
         );
+    }
+
+    #[test]
+    fn a_transform_says_its_partition_count() {
+        for count in [1, 16, 64, 1024] {
+            assert_eq!(transform_count(&partition_transform(count).1), Some(count));
+        }
+        assert_eq!(
+            transform_count("tally.part.{{partition(16,2)}}.{{wildcard(1)}}"),
+            None
+        );
+        assert_eq!(transform_count("tally.part.x"), None);
     }
 
     #[test]

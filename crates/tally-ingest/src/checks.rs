@@ -20,7 +20,8 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tally_core::subject::{partition_of, request_subject, token_matches};
+use tally_core::partitions::Partitions;
+use tally_core::subject::{customer_from_token, partition_of, request_subject, token_matches};
 use tally_quota::Usage;
 use tokio_util::sync::CancellationToken;
 
@@ -154,14 +155,21 @@ pub async fn serve(
     responder: &Responder,
     entitlements: Arc<Entitlements>,
     partitions: Vec<u16>,
-    total: u16,
+    counts: &Partitions,
     cancel: CancellationToken,
 ) -> Result<tokio::task::JoinSet<()>> {
     let client = responder.client.clone();
+    let total = counts.current();
     let subscriptions = subscribe(&client, CHECK_PREFIX, QUEUE, &partitions).await?;
+    let requests = Requests {
+        client: client.clone(),
+        prefix: CHECK_PREFIX,
+        partitions: counts.clone(),
+    };
     Ok(answer_each(
         subscriptions,
         &responder.runtime,
+        requests,
         cancel,
         move |p, token, reply_to, payload| {
             let (client, entitlements) = (client.clone(), entitlements.clone());
@@ -186,11 +194,30 @@ pub async fn serve(
     ))
 }
 
+/// How long a request forwarded to the partition that holds its customer now may wait.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where requests are answered: their subject prefix (checks or records), the partition
+/// counts, and the connection to forward on.
+#[derive(Clone)]
+pub(crate) struct Requests {
+    pub client: Client,
+    pub prefix: &'static str,
+    pub partitions: Partitions,
+}
+
 /// Runs `handle(partition, customer token, reply subject, body)` for each request with a
 /// reply subject, one task per subscription on `runtime`, until `cancel`.
+///
+/// A request sent to the partition a customer had before the count grew (a client still
+/// computing partitions with the count before `tally partitions grow`) is forwarded to
+/// the customer's partition now and its answer relayed, so clients keep working across a
+/// growth and learn the new count when they will. Any other partition is answered here
+/// (and refuses a customer it does not hold, naming the subject to ask on).
 pub(crate) fn answer_each<F, Fut>(
     subscriptions: Vec<(u16, async_nats::Subscriber)>,
     runtime: &tokio::runtime::Handle,
+    requests_of: Requests,
     cancel: CancellationToken,
     handle: F,
 ) -> tokio::task::JoinSet<()>
@@ -200,7 +227,7 @@ where
 {
     let mut tasks = tokio::task::JoinSet::new();
     for (p, mut requests) in subscriptions {
-        let (cancel, handle) = (cancel.clone(), handle.clone());
+        let (cancel, handle, of) = (cancel.clone(), handle.clone(), requests_of.clone());
         tasks.spawn_on(
             async move {
                 loop {
@@ -209,13 +236,29 @@ where
                         r = requests.next() => r,
                     };
                     let Some(request) = request else { break };
-                    if let Some(reply_to) = request.reply {
-                        let token = request
-                            .subject
-                            .rsplit_once('.')
-                            .map(|(_, token)| token.to_owned())
-                            .unwrap_or_default();
-                        handle(p, token, reply_to, request.payload).await;
+                    let Some(reply_to) = request.reply else {
+                        continue;
+                    };
+                    let token = request
+                        .subject
+                        .rsplit_once('.')
+                        .map(|(_, token)| token.to_owned())
+                        .unwrap_or_default();
+                    let moved = customer_from_token(&token).and_then(|c| {
+                        let home = partition_of(&c, of.partitions.current());
+                        (home != p && of.partitions.holds(p, &c)).then_some(home)
+                    });
+                    match moved {
+                        Some(home) => {
+                            let subject = format!("{}.{home}.{token}", of.prefix);
+                            tokio::spawn(forward(
+                                of.client.clone(),
+                                subject,
+                                reply_to,
+                                request.payload,
+                            ));
+                        }
+                        _ => handle(p, token, reply_to, request.payload).await,
                     }
                 }
             },
@@ -223,6 +266,31 @@ where
         );
     }
     tasks
+}
+
+/// Asks `subject` with `body` and relays its answer to `reply_to`.
+async fn forward(
+    client: Client,
+    subject: String,
+    reply_to: async_nats::Subject,
+    body: bytes::Bytes,
+) {
+    match ask_owner(
+        &client,
+        subject.clone(),
+        body,
+        FORWARD_TIMEOUT,
+        "forward a request",
+    )
+    .await
+    {
+        Ok(answer) => {
+            if let Err(e) = client.publish(reply_to, answer.payload).await {
+                tracing::warn!(subject, error = %e, "cannot relay a forwarded answer");
+            }
+        }
+        Err(e) => tracing::warn!(subject, error = %e, "a forwarded request was not answered"),
+    }
 }
 
 /// Subscribes to `<prefix>.<partition>.*` in a queue group for each partition, and returns
@@ -488,9 +556,16 @@ pub async fn check(
 /// Checks answered in the process that owns the customer's partition, without a round
 /// trip through NATS: what an API server running beside the worker (`tally serve`) asks
 /// first. A partition counts as owned here from the moment its requests are subscribed
-/// to until its task ends — when NATS would route the request here too.
+/// to until its task ends — when NATS would route the request here too. When the worker
+/// starts its partitions again on a new partition count, it puts that generation's
+/// partitions in the same `LocalChecks` ([`LocalChecks::replace`]).
 #[derive(Clone)]
 pub struct LocalChecks {
+    current: Arc<std::sync::RwLock<Arc<LocalPartitions>>>,
+}
+
+/// The partitions of one worker generation answering in-process.
+pub(crate) struct LocalPartitions {
     entitlements: Arc<Entitlements>,
     answering: Arc<[std::sync::atomic::AtomicBool]>,
     total: u16,
@@ -502,15 +577,15 @@ impl std::fmt::Debug for LocalChecks {
     }
 }
 
-impl LocalChecks {
-    pub(crate) fn new(entitlements: Arc<Entitlements>, total: u16) -> Self {
-        Self {
+impl LocalPartitions {
+    pub(crate) fn new(entitlements: Arc<Entitlements>, total: u16) -> Arc<Self> {
+        Arc::new(Self {
             entitlements,
             answering: (0..total)
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
             total,
-        }
+        })
     }
 
     /// Marks a partition as answered here (or no longer).
@@ -527,21 +602,46 @@ impl LocalChecks {
             .load(std::sync::atomic::Ordering::Acquire)
             .then_some(partition)
     }
+}
+
+impl LocalChecks {
+    pub(crate) fn new(partitions: Arc<LocalPartitions>) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new(partitions)),
+        }
+    }
+
+    /// Answers from `partitions` from now on.
+    pub(crate) fn replace(&self, partitions: Arc<LocalPartitions>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = partitions;
+    }
+
+    fn current(&self) -> Arc<LocalPartitions> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
 
     /// The answer, if this process owns the customer's partition; `None` otherwise.
     pub fn check(&self, request: &CheckRequest) -> Option<Result<CheckReply>> {
-        let partition = self.owner(&request.customer)?;
+        let local = self.current();
+        let partition = local.owner(&request.customer)?;
         Some(
-            answer_request(&self.entitlements, partition, self.total, request.clone())
+            answer_request(&local.entitlements, partition, local.total, request.clone())
                 .map_err(refused),
         )
     }
 
     /// Every feature, if this process owns the customer's partition; `None` otherwise.
     pub fn check_all(&self, request: &ListRequest) -> Option<Result<ListReply>> {
-        let partition = self.owner(&request.customer)?;
+        let local = self.current();
+        let partition = local.owner(&request.customer)?;
         Some(
-            list_request(&self.entitlements, partition, self.total, request.clone())
+            list_request(&local.entitlements, partition, local.total, request.clone())
                 .map_err(refused),
         )
     }

@@ -24,7 +24,8 @@ use async_nats::jetstream::kv::{Entry, Operation, Store};
 use async_nats::jetstream::response::Response;
 use futures::StreamExt;
 use tally_core::entitlement::{AddOn, Customer, Plan};
-use tally_core::subject::{CATALOG_BUCKET, CUSTOMERS_BUCKET, id_from_kv_key, partition_of};
+use tally_core::partitions::Partitions;
+use tally_core::subject::{CATALOG_BUCKET, CUSTOMERS_BUCKET, id_from_kv_key};
 use tally_quota::Engine;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +45,9 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Entitlements {
     /// By partition; `None` for a partition this process does not own.
     engines: Vec<Option<Owned>>,
-    partitions: u16,
+    /// Which partitions hold which customer (a partition from before a growth holds its
+    /// children's customers too: see [`Partitions::holds`]).
+    partitions: Partitions,
     catalog: Followed,
     customers: Followed,
     /// Messages stored at or before this time (µs, nats-server's clock, less the margin)
@@ -61,7 +64,7 @@ pub struct Entitlements {
 impl std::fmt::Debug for Entitlements {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entitlements")
-            .field("partitions", &self.partitions)
+            .field("partitions", &self.partitions.to_string())
             .finish_non_exhaustive()
     }
 }
@@ -87,14 +90,14 @@ impl Entitlements {
     pub async fn start(
         js: &Context,
         owned: &[u16],
-        partitions: u16,
+        partitions: Partitions,
         replicas: usize,
         apply_delay: Duration,
         cancel: CancellationToken,
     ) -> Result<Arc<Entitlements>> {
         let definitions = Definitions::open(js, replicas).await?;
         let (catalog, customers) = definitions.stores();
-        let engines = (0..partitions.max(1))
+        let engines = (0..partitions.current())
             .map(|p| {
                 owned.contains(&p).then(|| Owned {
                     engine: Mutex::new(Engine::new()),
@@ -164,7 +167,7 @@ impl Entitlements {
 
     /// Runs `f` on every owned partition's engine, one at a time.
     fn each_engine(&self, mut f: impl FnMut(&mut Engine)) {
-        for p in 0..self.partitions {
+        for p in 0..self.partitions.current() {
             self.change(p, &mut f);
         }
     }
@@ -267,16 +270,23 @@ impl Entitlements {
         };
         if entry.bucket == CUSTOMERS_BUCKET {
             let id = id_from_kv_key(&entry.key)?;
-            let partition = partition_of(&id, self.partitions);
-            self.owned(partition)?;
+            let mut homes = self.partitions.homes(&id);
+            homes.retain(|&p| self.owned(p).is_some());
+            if homes.is_empty() {
+                return None;
+            }
             let mut customer = None;
             if !put {
-                self.change(partition, |e| e.remove_customer(&id));
+                for &p in &homes {
+                    self.change(p, |e| e.remove_customer(&id));
+                }
             } else if let Some(c) =
                 parse("customer").and_then(|v| serde_json::from_value::<Customer>(v).ok())
             {
                 customer = Some(serde_json::to_value(&c).unwrap_or_default());
-                self.change(partition, |e| e.upsert_customer(c));
+                for &p in &homes {
+                    self.change(p, |e| e.upsert_customer(c.clone()));
+                }
             }
             let news = entry.revision > self.customers.started_at.load(Ordering::Acquire);
             return news.then(|| {

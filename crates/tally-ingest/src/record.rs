@@ -103,15 +103,22 @@ pub async fn serve(
     js: Context,
     entitlements: Arc<Entitlements>,
     partitions: Vec<u16>,
-    total: u16,
+    counts: &tally_core::partitions::Partitions,
     limits: DecodeLimits,
     cancel: CancellationToken,
 ) -> Result<tokio::task::JoinSet<()>> {
+    let total = counts.current();
     let subscriptions =
         crate::checks::subscribe(&js.client(), RECORD_PREFIX, QUEUE, &partitions).await?;
+    let requests = crate::checks::Requests {
+        client: js.client(),
+        prefix: RECORD_PREFIX,
+        partitions: counts.clone(),
+    };
     Ok(crate::checks::answer_each(
         subscriptions,
         &tokio::runtime::Handle::current(),
+        requests,
         cancel,
         move |p, token, reply_to, payload| {
             // Each request waits for its own decision: answer them side by side.

@@ -10,8 +10,9 @@
 
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, TimestampMicrosecondType, UInt64Type};
+use tally_core::partitions::Partitions;
 use tally_core::snapshot::Snapshot;
-use tally_core::{Decision, schema};
+use tally_core::{Decision, Fence, schema};
 use tally_quota::{Notice, Usage};
 use tally_store::Lake;
 
@@ -66,36 +67,108 @@ pub(crate) struct Recovered {
     pub version: u64,
 }
 
+/// A new partition's start from its parent (after the partition count grew): its
+/// customers' state as the parent holds it, once the parent has handled every message
+/// stored before the growth.
+pub(crate) struct Inherit<'a> {
+    pub parent: u16,
+    pub partitions: &'a Partitions,
+    /// Where the inherited state is written as the partition's first checkpoint.
+    pub fence: &'a Fence,
+}
+
 /// Rebuilds a partition's counters and seen ids. Blocking: reads the lake.
+///
+/// A partition with no checkpoint of its own that a growth made (`inherit`) first takes
+/// its customers' state from its parent: the parent's latest checkpoint and the parent's
+/// rows after it, those of the partition's customers alone, read without writing; and
+/// writes that state as its own first checkpoint (at sequence 0: none of its own
+/// messages is in it), so that it never needs the parent again.
 pub(crate) fn recover(
     lake: &Lake,
     partition: u16,
     ack_floor: u64,
     dedup: &mut Dedup,
     entitlements: Option<&Entitlements>,
+    inherit: Option<Inherit<'_>>,
 ) -> Result<Recovered> {
     let store = |e: tally_store::Error| Error::Store(e.to_string());
-    let checkpoint = lake
-        .latest_checkpoint(partition)
-        .map_err(store)?
-        .unwrap_or(Snapshot {
-            partition,
-            ..Snapshot::default()
-        });
-    let tail = lake.tail(partition, checkpoint.last_seq).map_err(store)?;
-    let mut recovered = Recovered {
-        checkpoint_seq: checkpoint.last_seq,
-        counters: checkpoint
+    let own = lake.latest_checkpoint(partition).map_err(store)?;
+    let inherit = inherit.filter(|_| own.is_none());
+    let checkpoint = own.unwrap_or(Snapshot {
+        partition,
+        ..Snapshot::default()
+    });
+    let mut engine = entitlements.and_then(|e| e.engine(partition));
+    let mut recovered = Recovered::default();
+    let inherited = inherit.is_some();
+    if let Some(inherit) = inherit {
+        let parent = lake
+            .latest_checkpoint(inherit.parent)
+            .map_err(store)?
+            .unwrap_or_default();
+        let accounts: Vec<_> = parent
             .accounts
+            .into_iter()
+            .filter(|a| inherit.partitions.holds(partition, &a.customer))
+            .collect();
+        recovered.counters += accounts
             .iter()
             .map(|a| a.counters.len() as u64)
-            .sum(),
-        ..Recovered::default()
-    };
-    dedup.restore(&checkpoint.seen);
-    let mut engine = entitlements.and_then(|e| e.engine(partition));
-    if let Some(engine) = engine.as_deref_mut() {
-        engine.restore(checkpoint.accounts);
+            .sum::<u64>();
+        dedup.restore(&parent.seen);
+        if let Some(engine) = engine.as_deref_mut() {
+            engine.restore(accounts);
+        }
+        let tail = lake
+            .rows_after(inherit.parent, parent.last_seq)
+            .map_err(store)?;
+        let mut notices = Vec::new();
+        for rows in &tail.rows {
+            let rows = Rows::of(rows)?;
+            for i in 0..rows.len {
+                if !inherit.partitions.holds(partition, rows.customer.value(i)) {
+                    continue;
+                }
+                dedup.first_time(rows.id.value(i));
+                recovered.replayed += 1;
+                if let Some(engine) = engine.as_deref_mut() {
+                    // The parent published these rows' notices before acknowledging them.
+                    replay(engine, &rows, i, &mut notices);
+                    notices.clear();
+                }
+            }
+        }
+        let first = Snapshot {
+            partition,
+            last_seq: 0,
+            accounts: engine.as_deref().map(|e| e.snapshot()).unwrap_or_default(),
+            seen: dedup.export(),
+        };
+        lake.write_checkpoint(&first, inherit.fence)
+            .map_err(store)?;
+        tracing::info!(
+            partition,
+            parent = inherit.parent,
+            customers = first.accounts.len(),
+            replayed = recovered.replayed,
+            "partition started from its parent's state"
+        );
+    }
+    let tail = lake.tail(partition, checkpoint.last_seq).map_err(store)?;
+    recovered.checkpoint_seq = checkpoint.last_seq;
+    recovered.counters += checkpoint
+        .accounts
+        .iter()
+        .map(|a| a.counters.len() as u64)
+        .sum::<u64>();
+    // Restoring starts every customer the checkpoint does not name from nothing: not
+    // after inheriting, whose state stands for the empty checkpoint of the partition's own.
+    if !inherited {
+        dedup.restore(&checkpoint.seen);
+        if let Some(engine) = engine.as_deref_mut() {
+            engine.restore(checkpoint.accounts);
+        }
     }
     let mut notices = Vec::new();
     for rows in &tail.rows {
@@ -106,19 +179,8 @@ pub(crate) fn recover(
             let Some(engine) = engine.as_deref_mut() else {
                 continue;
             };
-            let Some(decision) = Decision::parse(rows.decision.value(i)) else {
-                continue;
-            };
-            let usage = Usage {
-                customer: rows.customer.value(i),
-                feature: rows.feature.value(i),
-                quantity: rows.quantity[i],
-                time: rows.time[i],
-                region: rows.region.is_valid(i).then(|| rows.region.value(i)),
-                user: rows.user.is_valid(i).then(|| rows.user.value(i)),
-            };
             notices.clear();
-            engine.replay(&usage, decision, &mut notices);
+            replay(engine, &rows, i, &mut notices);
             // An ack covers a message only once its notices were stored.
             if rows.seq[i] > ack_floor {
                 recovered.notices.append(&mut notices);
@@ -131,6 +193,22 @@ pub(crate) fn recover(
         covered: tail.covered,
     };
     Ok(recovered)
+}
+
+/// Replays row `i` with the decision it was stored with.
+fn replay(engine: &mut tally_quota::Engine, rows: &Rows<'_>, i: usize, notices: &mut Vec<Notice>) {
+    let Some(decision) = Decision::parse(rows.decision.value(i)) else {
+        return;
+    };
+    let usage = Usage {
+        customer: rows.customer.value(i),
+        feature: rows.feature.value(i),
+        quantity: rows.quantity[i],
+        time: rows.time[i],
+        region: rows.region.is_valid(i).then(|| rows.region.value(i)),
+        user: rows.user.is_valid(i).then(|| rows.user.value(i)),
+    };
+    engine.replay(&usage, decision, notices);
 }
 
 /// The columns replay reads.

@@ -17,21 +17,25 @@ use tokio_util::sync::CancellationToken;
 use crate::entitlements::Entitlements;
 use crate::ownership::{Assignment, Held, Leases};
 use crate::{Error, IngestConfig, Result, Stats, checks, record, run_partition, topology};
+use tally_core::partitions::Partitions;
 
 /// What every partition of this worker shares.
 #[derive(Clone)]
 struct Shared {
     js: Context,
     config: IngestConfig,
+    /// The events stream's partition counts (this generation's is `config.partitions`).
+    partitions: Partitions,
     lake: Arc<Lake>,
     flush_tx: mpsc::Sender<FlushRequest>,
     stats: Arc<Stats>,
     entitlements: Option<Arc<Entitlements>>,
     /// Which partitions answer checks here, for callers in this process.
-    local: Option<checks::LocalChecks>,
+    local: Option<Arc<checks::LocalPartitions>>,
     /// The thread that answers checks over NATS.
     responder: Arc<checks::Responder>,
-    /// The whole worker's stop; a fatal partition error fires it too.
+    /// The generation's stop (the worker's, or a new partition count); a fatal partition
+    /// error fires it too.
     cancel: CancellationToken,
     errors: mpsc::Sender<Error>,
 }
@@ -68,6 +72,10 @@ enum State {
 /// first round of leases is taken and those partitions answer checks and record requests.
 /// `leases_js` should be a connection of its own: on the worker's, renewals would queue
 /// behind its pulls, acks and publishes under load. Checks are answered on `responder`.
+///
+/// The partition count is the events stream's. When it grows (`tally partitions grow`),
+/// the worker stops its partitions as at a clean stop and starts again on the new count:
+/// a generation each.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_worker(
     js: Context,
@@ -86,17 +94,79 @@ pub async fn run_worker(
     let js = async_nats::jetstream::context::ContextBuilder::new()
         .max_ack_inflight(config.publishes_in_flight.max(1))
         .build(js.client());
-    topology::ensure_streams(&js, &config).await?;
+    let responder = Arc::new(responder);
+    let mut ready = Some(ready);
+    let mut local: Option<checks::LocalChecks> = None;
+    loop {
+        let partitions = topology::ensure_streams(&js, &config).await?;
+        let generation = Generation {
+            js: js.clone(),
+            leases_js: leases_js.clone(),
+            responder: responder.clone(),
+            config: IngestConfig {
+                partitions: partitions.current(),
+                ..config.clone()
+            },
+            partitions,
+            assignment: assignment.clone(),
+            lake: lake.clone(),
+            flush_tx: flush_tx.clone(),
+            stats: stats.clone(),
+        };
+        if !run_generation(generation, &cancel, &mut ready, &mut local).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// What one generation of a worker runs with: the partition count it started on.
+struct Generation {
+    js: Context,
+    leases_js: Context,
+    responder: Arc<checks::Responder>,
+    /// `partitions` is the stream's count for this generation.
+    config: IngestConfig,
+    partitions: Partitions,
+    assignment: Assignment,
+    lake: Arc<Lake>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    stats: Arc<Stats>,
+}
+
+/// How often a worker reads the events stream's partition count.
+const PARTITIONS_POLL: Duration = Duration::from_secs(2);
+
+/// Runs one generation until `worker` is cancelled (answering `false`) or until the
+/// partition count changes (`true`: start the next one).
+async fn run_generation(
+    g: Generation,
+    worker: &CancellationToken,
+    ready: &mut Option<oneshot::Sender<Option<checks::LocalChecks>>>,
+    local_checks: &mut Option<checks::LocalChecks>,
+) -> Result<bool> {
+    let Generation {
+        js,
+        leases_js,
+        responder,
+        config,
+        partitions,
+        assignment,
+        lake,
+        flush_tx,
+        stats,
+    } = g;
+    // This generation's stop: the worker's, or a new partition count.
+    let stopping = worker.child_token();
     let candidates = assignment.candidates(config.partitions);
     let entitlements = if config.enforce {
         Some(
             Entitlements::start(
                 &js,
                 &candidates,
-                config.partitions,
+                partitions.clone(),
                 config.replicas,
                 Duration::from_millis(config.definitions_apply_delay_ms),
-                cancel.clone(),
+                stopping.clone(),
             )
             .await?,
         )
@@ -109,23 +179,34 @@ pub async fn run_worker(
         config.replicas,
     )
     .await?;
-    tracing::info!(worker = %leases.id, lease_ms = config.lease_ms, ?assignment, "worker started");
+    tracing::info!(worker = %leases.id, lease_ms = config.lease_ms, partitions = %partitions,
+        ?assignment, "worker started");
     let (errors, mut failed) = mpsc::channel::<Error>(candidates.len().max(1));
     let local = entitlements
         .as_ref()
-        .map(|e| checks::LocalChecks::new(e.clone(), config.partitions));
+        .map(|e| checks::LocalPartitions::new(e.clone(), config.partitions));
+    if let Some(local) = &local {
+        match local_checks {
+            Some(checks) => checks.replace(local.clone()),
+            None => *local_checks = Some(checks::LocalChecks::new(local.clone())),
+        }
+    }
     let ctx = Shared {
         js,
         config,
+        partitions,
         lake,
         flush_tx,
         stats,
         entitlements,
         local,
-        responder: Arc::new(responder),
-        cancel: cancel.clone(),
+        responder,
+        cancel: stopping.clone(),
         errors,
     };
+    let cancel = &stopping;
+    let mut grown = false;
+    let mut polled_at = std::time::Instant::now();
     // Workers start their search at different partitions, so that two starting together
     // do not race for the same ones.
     let offset = (xxhash_rust::xxh3::xxh3_64(leases.id.as_bytes()) as usize)
@@ -145,7 +226,6 @@ pub async fn run_worker(
     // and a dead worker's leases and announcement expire about a lease after its death.
     let scan = (leases.lease / 3).min(SCAN);
     let mut units: BTreeMap<u16, Unit> = BTreeMap::new();
-    let mut ready = Some(ready);
     // Consumer lag is sampled off this loop (which renews the leases), every few seconds.
     let mut sampled_at: Option<std::time::Instant> = None;
     let mut sampled: BTreeMap<u16, bool> = BTreeMap::new();
@@ -182,7 +262,23 @@ pub async fn run_worker(
                     let _ = answering.await;
                 }
             }
-            let _ = r.send(ctx.local.clone());
+            let _ = r.send(local_checks.clone());
+        }
+        if polled_at.elapsed() >= PARTITIONS_POLL {
+            polled_at = std::time::Instant::now();
+            if let Ok(Ok(now)) =
+                tokio::time::timeout(ROUND_WAIT, topology::partitions(&ctx.js)).await
+                && now.current() != ctx.config.partitions
+            {
+                tracing::info!(
+                    from = ctx.config.partitions,
+                    to = now.current(),
+                    "the events stream's partition count changed; starting the partitions again on it"
+                );
+                grown = true;
+                cancel.cancel();
+                break;
+            }
         }
         tokio::select! {
             () = cancel.cancelled() => {}
@@ -211,7 +307,7 @@ pub async fn run_worker(
     drop(ctx);
     match failed.recv().await {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => Ok(grown && !worker.is_cancelled()),
     }
 }
 
@@ -445,6 +541,7 @@ async fn run_held(
             run_partition(
                 ctx.js.clone(),
                 &ctx.config,
+                &ctx.partitions,
                 partition,
                 ctx.lake.clone(),
                 ctx.flush_tx.clone(),
@@ -557,7 +654,7 @@ async fn compact_while_held(
 
 /// Stops answering a partition's checks in-process when its task ends.
 struct LocalGuard<'a> {
-    local: &'a checks::LocalChecks,
+    local: &'a checks::LocalPartitions,
     partition: u16,
 }
 
@@ -576,12 +673,11 @@ async fn answer(
     let Some(e) = &ctx.entitlements else {
         return Ok(None);
     };
-    let total = ctx.config.partitions;
     let checks = checks::serve(
         &ctx.responder,
         e.clone(),
         vec![partition],
-        total,
+        &ctx.partitions,
         stop.clone(),
     )
     .await?;
@@ -589,7 +685,7 @@ async fn answer(
         ctx.js.clone(),
         e.clone(),
         vec![partition],
-        total,
+        &ctx.partitions,
         ctx.config.limits,
         stop.clone(),
     )

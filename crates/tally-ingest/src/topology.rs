@@ -7,6 +7,7 @@ use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsum
 use async_nats::jetstream::stream::{
     self, ConsumerErrorKind, DiscardPolicy, RetentionPolicy, StorageType, SubjectTransform,
 };
+use tally_core::partitions::{self, Partitions};
 use tally_core::subject::{
     self, DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX,
     NOTIFY_PREFIX, NOTIFY_STREAM,
@@ -14,11 +15,12 @@ use tally_core::subject::{
 
 use crate::{Error, IngestConfig, Result};
 
-/// Makes sure the events stream (partitioned by customer) and the dead-letter stream exist.
+/// Makes sure the events stream (partitioned by customer), the dead-letter stream and the
+/// notification stream exist, and answers the events stream's partitions.
 ///
-/// The partition count is fixed when the stream is created; a stream made with another
-/// count is an error, not something to rewrite under running workers.
-pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
+/// `config.partitions` is the count of a stream made now; a stream that exists keeps its
+/// own, which only [`grow`] changes.
+pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<Partitions> {
     let (src, dest) = subject::partition_transform(config.partitions);
     let events = ensure_stream(
         js,
@@ -40,17 +42,15 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
         "create events stream",
     )
     .await?;
-    let existing = events
-        .cached_info()
-        .config
-        .subject_transform
-        .as_ref()
-        .map(|t| t.destination.clone());
-    if existing.as_deref() != Some(dest.as_str()) {
-        return Err(Error::Topology(format!(
-            "stream {EVENTS_STREAM} exists with subject transform {existing:?}, not {dest:?}: \
-             it was created with another partition count"
-        )));
+    let partitions = partitions_of(&events.cached_info().config)?;
+    if partitions.current() != config.partitions {
+        tracing::info!(
+            stream = EVENTS_STREAM,
+            partitions = partitions.current(),
+            configured = config.partitions,
+            "the events stream keeps its partition count (ingest.partitions applies to a new \
+             stream; `tally partitions grow` grows one)"
+        );
     }
     for (name, prefix, what) in [
         (
@@ -71,7 +71,143 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<()> {
         };
         ensure_stream(js, config, what).await?;
     }
-    Ok(())
+    Ok(partitions)
+}
+
+/// The partitions an events stream's configuration says: the history in its metadata,
+/// which must end at the count of its subject transform.
+pub fn partitions_of(config: &stream::Config) -> Result<Partitions> {
+    let destination = config
+        .subject_transform
+        .as_ref()
+        .map(|t| t.destination.as_str());
+    let count = destination
+        .and_then(subject::transform_count)
+        .ok_or_else(|| {
+            Error::Topology(format!(
+                "stream {} partitions by {destination:?}, not by customer",
+                config.name
+            ))
+        })?;
+    let history = match config.metadata.get(partitions::METADATA_KEY) {
+        Some(text) => Partitions::parse(text).map_err(|e| Error::Topology(e.to_string()))?,
+        None => Partitions::fixed(count),
+    };
+    if history.current() != count {
+        return Err(Error::Topology(format!(
+            "stream {} has {count} partitions, but its history says {history}",
+            config.name
+        )));
+    }
+    Ok(history)
+}
+
+/// Whether `partition` has handled every message of its subject stored at or before
+/// `until`: none is left between its ack floor and `until`.
+pub async fn passed(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+    until: u64,
+) -> Result<bool> {
+    let floor = ack_floor(js, config, partition).await?;
+    if floor >= until {
+        return Ok(true);
+    }
+    let stream = js
+        .get_stream_no_info(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("read the events stream", e))?;
+    let next = stream
+        .raw_message_builder()
+        .sequence(floor + 1)
+        .next_by_subject(subject::partition_filter(partition))
+        .send()
+        .await;
+    match next {
+        Ok(message) => Ok(message.sequence > until),
+        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(true),
+        Err(e) => Err(Error::nats("read a partition's next message", e)),
+    }
+}
+
+/// The events stream's partitions now.
+pub async fn partitions(js: &Context) -> Result<Partitions> {
+    let mut stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("read the events stream", e))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| Error::nats("read the events stream", e))?;
+    partitions_of(&info.config)
+}
+
+/// Grows the events stream to `count` partitions (a multiple of the count it has), or
+/// finishes a growth to `count` that stopped half-way; answers the history.
+///
+/// First the new subject transform, with the history saying the switch sequence is not
+/// known yet; then a marker message ([`subject::MARKER_HEADER`]): JetStream orders its
+/// proposals, so the marker's sequence follows every message stored under the old
+/// transform; then the history with that sequence. Workers restart their partitions on
+/// the new count when they see it (`supervise.rs`), and each new partition starts from its
+/// parent's state once the parent has handled every message up to the switch
+/// (`recovery.rs`). Nothing is lost or counted twice: each message is stored under one
+/// transform, so exactly one partition handles it.
+pub async fn grow(js: &Context, count: u16) -> Result<Partitions> {
+    let topology = |e: partitions::BadPartitions| Error::Topology(e.to_string());
+    let mut stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("read the events stream", e))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| Error::nats("read the events stream", e))?
+        .config
+        .clone();
+    let now = partitions_of(&config)?;
+    let finishing = now.current() == count && now.unfinished();
+    let mut grown = if finishing {
+        now
+    } else {
+        now.grow(count).map_err(topology)?
+    };
+    let (source, destination) = subject::partition_transform(count);
+    config.subject_transform = Some(SubjectTransform {
+        source,
+        destination,
+    });
+    if !finishing {
+        config
+            .metadata
+            .insert(partitions::METADATA_KEY.to_owned(), grown.to_string());
+        js.update_stream(config.clone())
+            .await
+            .map_err(|e| Error::nats("change the events stream's partitions", e))?;
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subject::MARKER_HEADER, "partitions");
+    let marker = js
+        .publish_with_headers(
+            subject::events_subject("tally-partitions"),
+            headers,
+            bytes::Bytes::new(),
+        )
+        .await
+        .map_err(|e| Error::nats("publish the partitions marker", e))?
+        .await
+        .map_err(|e| Error::nats("publish the partitions marker", e))?;
+    grown.finish(marker.sequence);
+    config
+        .metadata
+        .insert(partitions::METADATA_KEY.to_owned(), grown.to_string());
+    js.update_stream(config)
+        .await
+        .map_err(|e| Error::nats("write the events stream's partitions", e))?;
+    tracing::info!(partitions = %grown, "the events stream grew");
+    Ok(grown)
 }
 
 /// Creates a stream, or opens it as it is and raises its replicas to `config`'s count (a

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use tally_core::columnar::{ARROW_CONTENT_TYPE, CONTENT_TYPE_HEADER, Columnar};
 use tally_core::metrics as names;
+use tally_core::partitions::Partitions;
 use tally_core::snapshot::Snapshot;
 use tally_core::subject::{self, DEAD_LETTER_PREFIX, NOTIFY_PREFIX};
 use tally_core::{
@@ -119,6 +120,7 @@ impl Open {
 pub async fn run_partition(
     js: Context,
     config: &IngestConfig,
+    partitions: &Partitions,
     partition: u16,
     lake: Arc<Lake>,
     flush_tx: mpsc::Sender<FlushRequest>,
@@ -147,8 +149,24 @@ pub async fn run_partition(
         after_seq: 0,
     };
     let result = async {
-        let (recovered, dedup) =
-            take_over(&js, partition, lake, entitlements.clone(), config, &stats).await?;
+        // A partition a growth made starts from its parent's state, once the parent has
+        // handled what was stored before the growth (`None`: stopped while waiting).
+        let Some(parent) =
+            wait_for_parent(&js, config, partitions, partition, &lake, &cancel).await?
+        else {
+            return Ok(());
+        };
+        let inherit = parent.map(|parent| (parent, partitions.clone(), fence.clone()));
+        let (recovered, dedup) = take_over(
+            &js,
+            partition,
+            lake,
+            entitlements.clone(),
+            config,
+            &stats,
+            inherit,
+        )
+        .await?;
         let mut sink = sink;
         sink.after_seq = recovered.version;
         let mut part = Partition {
@@ -269,8 +287,84 @@ impl Partition<'_> {
     }
 }
 
-/// Rebuilds the partition's counters and seen ids from the lake; publishes again the
-/// notices of replayed rows that no ack covered.
+/// How often a new partition looks whether its parent is done with the messages from
+/// before the growth.
+const PARENT_POLL: Duration = Duration::from_millis(250);
+
+/// For a partition a growth made that has no checkpoint of its own: waits until its
+/// parent has handled every message stored before the growth, and answers the parent
+/// (`Some(Some(parent))`). `Some(None)`: nothing to inherit. `None`: `cancel` fired first.
+async fn wait_for_parent(
+    js: &Context,
+    config: &IngestConfig,
+    partitions: &Partitions,
+    partition: u16,
+    lake: &Arc<Lake>,
+    cancel: &CancellationToken,
+) -> Result<Option<Option<u16>>> {
+    let Some(parent) = partitions.parent(partition) else {
+        return Ok(Some(None));
+    };
+    let has_own = {
+        let lake = lake.clone();
+        tokio::task::spawn_blocking(move || lake.latest_checkpoint(partition))
+            .await
+            .map_err(|e| Error::Store(format!("reading a checkpoint panicked: {e}")))?
+            .map_err(|e| Error::Store(e.to_string()))?
+            .is_some()
+    };
+    if has_own {
+        return Ok(Some(None));
+    }
+    let mut told = false;
+    loop {
+        // Read afresh: the growth may be finished (its switch sequence written) meanwhile.
+        let until = topology::partitions(js)
+            .await?
+            .parent(partition)
+            .and_then(|p| p.until);
+        if let Some(until) = until
+            && topology::passed(js, config, parent.partition, until).await?
+            && parent_settled(partitions, parent.partition, lake).await?
+        {
+            return Ok(Some(Some(parent.partition)));
+        }
+        if !told {
+            told = true;
+            tracing::info!(
+                partition,
+                parent = parent.partition,
+                ?until,
+                "waiting for the parent partition to handle what was stored before the growth"
+            );
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            () = tokio::time::sleep(PARENT_POLL) => {}
+        }
+    }
+}
+
+/// Whether a parent's state is all in the lake: always for a partition of the first
+/// count; for one a growth made, once it has a checkpoint of its own (written when it
+/// inherited from its own parent).
+async fn parent_settled(partitions: &Partitions, parent: u16, lake: &Arc<Lake>) -> Result<bool> {
+    if partitions.parent(parent).is_none() {
+        return Ok(true);
+    }
+    let lake = lake.clone();
+    Ok(
+        tokio::task::spawn_blocking(move || lake.latest_checkpoint(parent))
+            .await
+            .map_err(|e| Error::Store(format!("reading a checkpoint panicked: {e}")))?
+            .map_err(|e| Error::Store(e.to_string()))?
+            .is_some(),
+    )
+}
+
+/// Rebuilds the partition's counters and seen ids from the lake (first from its parent's,
+/// when `inherit` names one); publishes again the notices of replayed rows that no ack
+/// covered.
 async fn take_over(
     js: &Context,
     partition: u16,
@@ -278,6 +372,7 @@ async fn take_over(
     entitlements: Option<Arc<Entitlements>>,
     config: &IngestConfig,
     stats: &Stats,
+    inherit: Option<(u16, Partitions, Arc<Fence>)>,
 ) -> Result<(recovery::Recovered, Dedup)> {
     // Messages above the ack floor may not have had their notices stored.
     let ack_floor = topology::ack_floor(js, config, partition).await?;
@@ -285,12 +380,20 @@ async fn take_over(
     let capacity = config.dedup_capacity;
     let (recovered, dedup) = tokio::task::spawn_blocking(move || {
         let mut dedup = Dedup::new(capacity);
+        let inherit = inherit
+            .as_ref()
+            .map(|(parent, partitions, fence)| recovery::Inherit {
+                parent: *parent,
+                partitions,
+                fence,
+            });
         recovery::recover(
             &lake,
             partition,
             ack_floor,
             &mut dedup,
             entitlements.as_deref(),
+            inherit,
         )
         .map(|r| (r, dedup))
     })
@@ -400,6 +503,11 @@ async fn pull_loop(
                         continue;
                     }
                     part.max_seq = seq;
+                    // A marker (`topology::grow`) is acknowledged with its neighbours.
+                    if msg.headers.as_ref().is_some_and(|h| h.get(subject::MARKER_HEADER).is_some()) {
+                        open.skip(msg.split().1, seq);
+                        continue;
+                    }
                     let (message, acker) = msg.split();
                     if let Some(e) = part.entitlements {
                         // Changes acknowledged before this message was stored apply to it.

@@ -46,15 +46,17 @@ impl Api {
             .await
             .context("connecting the API to NATS")?;
         let jetstream = async_nats::jetstream::new(client.clone());
-        // Events are accepted before any worker has run: the streams must exist.
-        tally_ingest::topology::ensure_streams(&jetstream, &config.ingest)
+        // Events are accepted before any worker has run: the streams must exist. Checks go
+        // to the partitions the stream has (after a growth, a worker forwards a check sent
+        // on the count before to the partition now).
+        let partitions = tally_ingest::topology::ensure_streams(&jetstream, &config.ingest)
             .await
             .context("creating the events streams")?;
         let reports =
             tally_reports::LakeReports::new(config.lake()).with_engine(config.query_engine.clone());
         let state = AppState::open(
             jetstream,
-            config.ingest.partitions,
+            partitions.current(),
             config.ingest.replicas,
             config.ingest.limits,
             config.api.clone(),

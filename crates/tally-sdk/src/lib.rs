@@ -94,8 +94,10 @@ pub struct Options {
     /// How long a check's answer is reused for the same customer, feature and quantity
     /// (default 1 s; zero: no cache).
     pub check_cache_ttl: Duration,
-    /// The partition count of the Tally deployment (`TALLY_INGEST__PARTITIONS`, default
-    /// 16): over NATS a check goes to the customer's partition.
+    /// The partition count of the Tally deployment (`tally partitions show`; 16 by
+    /// default): over NATS a check goes to the customer's partition. After the count
+    /// grows, checks sent with the count before still work: the worker that gets one
+    /// forwards it to the customer's partition now (a round trip more).
     pub partitions: u16,
     /// Called with the events of each batch that was refused or given up (besides an
     /// ERROR log, the [`Stats::failed`] counter and the next [`Client::flush`]'s error).

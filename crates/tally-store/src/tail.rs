@@ -150,12 +150,18 @@ impl Lake {
     pub fn tail(&self, partition: u16, after_seq: u64) -> Result<Tail> {
         let version = self.version_of(partition)?;
         let repaired_rollups = self.repair_rollups(partition, version)?;
+        let mut tail = self.rows_after(partition, after_seq)?;
+        tail.version = version;
+        tail.repaired_rollups = repaired_rollups;
+        Ok(tail)
+    }
+
+    /// The partition's rows with a stream sequence past `after_seq`, in stream order, as
+    /// [`Lake::tail`] reads them but writing nothing: for reading a partition another
+    /// worker owns (a new partition's parent, after a growth).
+    pub fn rows_after(&self, partition: u16, after_seq: u64) -> Result<Tail> {
         let files = self.partition_files(partition)?;
-        let mut tail = Tail {
-            version,
-            repaired_rollups,
-            ..Tail::default()
-        };
+        let mut tail = Tail::default();
         for f in files.iter().filter(|f| f.last_seq > after_seq) {
             let (rows, _) = read(self.fetch(&f.key)?)?;
             tail.rows.push(rows);

@@ -138,6 +138,25 @@ impl Harness {
             .unwrap();
     }
 
+    /// `tally <args>` against the harness's server and data directory, which must
+    /// succeed: what it prints.
+    pub fn cli(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .args(["--nats-url", &self.server.url(), "--data-dir"])
+            .arg(self.dir.path())
+            .env("TALLY_NATS_CREDENTIALS", self.server.credentials().dir())
+            .env("TALLY_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tally {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     pub fn lake_events(&self) -> PathBuf {
         self.config.lake_dir().join("events")
     }
@@ -145,18 +164,7 @@ impl Harness {
     /// Waits (with a deadline, never a fixed sleep) until every partition's consumer has
     /// nothing pending or unacknowledged and `rows` rows are durable.
     pub async fn drain(&self, pipeline: &Pipeline, rows: u64) {
-        wait_drained(
-            &self.nats,
-            &tally_store::Lake::new(self.config.lake_dir()),
-            self.config.ingest.partitions,
-            &pipeline.stats,
-            rows,
-            &ProgressBar::hidden(),
-            pipeline,
-            Duration::from_secs(300),
-        )
-        .await
-        .unwrap();
+        drain_partitions(self, pipeline, self.config.ingest.partitions, rows).await;
     }
 
     /// Every dead letter: (reason, field, batch index, body).
@@ -185,6 +193,22 @@ impl Harness {
         }
         out
     }
+}
+
+/// [`Harness::drain`] over `partitions` partitions (the stream's count, after a growth).
+pub async fn drain_partitions(h: &Harness, pipeline: &Pipeline, partitions: u16, rows: u64) {
+    wait_drained(
+        &h.nats,
+        &tally_store::Lake::new(h.config.lake_dir()),
+        partitions,
+        &pipeline.stats,
+        rows,
+        &ProgressBar::hidden(),
+        pipeline,
+        Duration::from_secs(300),
+    )
+    .await
+    .unwrap();
 }
 
 #[derive(Debug, Clone)]

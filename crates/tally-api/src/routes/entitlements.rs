@@ -129,7 +129,7 @@ async fn list(
         .and_then(|l| l.check_all(&request));
     let reply = match local {
         Some(answer) => answer.map_err(ApiError::from),
-        None => check_all(&state.client, state.partitions, &request, timeout(&state))
+        None => check_all(&state.client, state.partitions(), &request, timeout(&state))
             .await
             .map_err(ApiError::from),
     };
@@ -192,7 +192,7 @@ async fn one(
     let local = state.local_checks.as_ref().and_then(|l| l.check(&request));
     let reply = match local {
         Some(answer) => answer.map_err(ApiError::from),
-        None => check(&state.client, state.partitions, &request, timeout(&state))
+        None => check(&state.client, state.partitions(), &request, timeout(&state))
             .await
             .map_err(ApiError::from),
     };

@@ -55,10 +55,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
         problems.push("NATS is not connected".to_owned());
     }
     let mut owned = 0;
+    let partitions = state.partitions();
     if nats {
         match state.js.get_key_value(LEASES_BUCKET).await {
             Ok(leases) => {
-                for p in 0..state.partitions {
+                for p in 0..partitions {
                     if let Ok(Some(_)) = leases.get(lease_key(p)).await {
                         owned += 1;
                     }
@@ -66,11 +67,11 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             }
             Err(e) => problems.push(format!("cannot read the partition leases: {e}")),
         }
-        if owned < state.partitions {
+        if owned < partitions {
             problems.push(format!(
                 "{} of {} partitions have no live worker (tally serve or tally worker)",
-                state.partitions - owned,
-                state.partitions
+                partitions - owned,
+                partitions
             ));
         }
     }
@@ -85,7 +86,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
             status: if ready { "ready" } else { "not_ready" },
             nats,
             partitions_owned: owned,
-            partitions: state.partitions,
+            partitions,
             problems,
         }),
     )
