@@ -28,10 +28,16 @@ fn on_s3_every_acknowledged_event_lands_once_through_kills_and_restarts() {
 
 /// Past one machine: three NATS nodes (three replicas), three workers on data directories
 /// of their own, the lake on the S3 server; each NATS node in turn is killed and started
-/// again while publishing goes on through the others.
+/// again while publishing goes on through the others, and halfway the partition count
+/// grows from 16 to 64.
 #[test]
 fn on_a_cluster_every_acknowledged_event_lands_once_through_node_and_worker_kills() {
-    let report = chaos(&["--cluster", "--nats-restarts", "3"]);
+    let report = chaos(&["--cluster", "--nats-restarts", "3", "--grow-to", "64"]);
+    let partitions = report["partitions"].as_str().unwrap();
+    assert!(
+        partitions.starts_with("16@") && partitions.ends_with(",64"),
+        "{partitions}"
+    );
     assert_eq!(report["lake"], "s3");
     assert_eq!(report["nats_nodes"], 3);
     assert_eq!(

@@ -114,6 +114,39 @@ pub async fn passed(
     if floor >= until {
         return Ok(true);
     }
+    Ok(next_after(js, partition, floor)
+        .await?
+        .is_none_or(|next| next > until))
+}
+
+/// Whether the partition's consumer has acknowledged every message of its subject stored
+/// so far; `false` while the consumer does not exist. The stream's leader says which
+/// message follows the ack floor: a consumer's own count of pending messages comes from
+/// its leader's copy of the stream, which just after a NATS node's restart can be behind.
+pub async fn caught_up(js: &Context, partition: u16) -> Result<bool> {
+    let stream = js
+        .get_stream_no_info(EVENTS_STREAM)
+        .await
+        .map_err(|e| Error::nats("read the events stream", e))?;
+    let consumer: std::result::Result<PullConsumer, _> = stream
+        .get_consumer(&subject::partition_consumer(partition))
+        .await;
+    let Ok(mut consumer) = consumer else {
+        return Ok(false);
+    };
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| Error::nats("read partition consumer", e))?;
+    if info.num_ack_pending > 0 || info.num_pending > 0 {
+        return Ok(false);
+    }
+    Ok(next_after(js, partition, floor_of(info)).await?.is_none())
+}
+
+/// The sequence of the partition's first message after `floor`, as the stream's leader
+/// has it.
+async fn next_after(js: &Context, partition: u16, floor: u64) -> Result<Option<u64>> {
     let stream = js
         .get_stream_no_info(EVENTS_STREAM)
         .await
@@ -125,8 +158,8 @@ pub async fn passed(
         .send()
         .await;
     match next {
-        Ok(message) => Ok(message.sequence > until),
-        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(true),
+        Ok(message) => Ok(Some(message.sequence)),
+        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(Error::nats("read a partition's next message", e)),
     }
 }
@@ -325,11 +358,13 @@ async fn rewind_to_ack_floor(
     partition: u16,
 ) -> Result<(PullConsumer, u64)> {
     let (consumer, info) = consumer_info(js, config, partition).await?;
-    if info.num_ack_pending == 0 && info.delivered.stream_sequence == info.ack_floor.stream_sequence
+    // Every delivery acknowledged: nothing is stranded.
+    if info.num_ack_pending == 0
+        && info.delivered.consumer_sequence == info.ack_floor.consumer_sequence
     {
         return Ok((consumer, info.delivered.consumer_sequence + 1));
     }
-    let start = info.ack_floor.stream_sequence + 1;
+    let start = floor_of(&info) + 1;
     tracing::info!(
         partition,
         start,
@@ -397,7 +432,18 @@ pub async fn pending(js: &Context, partition: u16) -> Result<Option<u64>> {
 /// The partition's ack floor: every message up to it is acknowledged.
 pub async fn ack_floor(js: &Context, config: &IngestConfig, partition: u16) -> Result<u64> {
     let (_, info) = consumer_info(js, config, partition).await?;
-    Ok(info.ack_floor.stream_sequence)
+    Ok(floor_of(&info))
+}
+
+/// A consumer's ack floor as a stream sequence. A consumer made to start at a sequence
+/// ([`rewind_to_ack_floor`]) reports 0 until it acknowledges a message, though everything
+/// before its start is acknowledged.
+fn floor_of(info: &consumer::Info) -> u64 {
+    let start = match info.config.deliver_policy {
+        DeliverPolicy::ByStartSequence { start_sequence } => start_sequence.saturating_sub(1),
+        _ => 0,
+    };
+    info.ack_floor.stream_sequence.max(start)
 }
 
 /// A partition's pull stream, and the consumer sequence of the delivery it expects next.

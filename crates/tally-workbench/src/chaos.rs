@@ -95,6 +95,10 @@ pub struct ChaosArgs {
     /// of their own, the lake on the S3 server (implies `--s3`).
     #[arg(long)]
     pub cluster: bool,
+    /// Grows the partition count to this (a multiple of `ingest.partitions`) halfway
+    /// through publishing, while the faults go on (`tally partitions grow`).
+    #[arg(long)]
+    pub grow_to: Option<u16>,
     /// Events published per second at most, so that the faults are spread over the run.
     #[arg(long, default_value_t = 50_000)]
     pub rate: u64,
@@ -139,6 +143,9 @@ pub struct ChaosReport {
     /// Workers running side by side (each on a data directory of its own with
     /// `--cluster`).
     pub workers: usize,
+    /// The events stream's partition counts at the end, each with the last sequence
+    /// stored under it (`16@5123,64` after `--grow-to 64`).
+    pub partitions: String,
     pub pauses: u32,
     /// Flushes the lake refused because their worker had lost the partition (a paused
     /// worker's, after it resumed), as the workers' logs tell.
@@ -167,6 +174,7 @@ enum Fault {
     RestartNats,
     PauseWorker,
     Unwritable,
+    Grow(u16),
 }
 
 pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosReport> {
@@ -263,6 +271,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
         nats_nodes: if args.cluster { CLUSTER } else { 1 },
         replicas: 0,
         workers: side_by_side,
+        partitions: String::new(),
         pauses: 0,
         stale_flushes_refused: 0,
         unwritable_secs: args.unwritable_secs,
@@ -306,7 +315,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                 Fault::PauseWorker => {
                     let pid = workers[0].child.id();
                     // Paused while it holds partitions, so that another takes them over.
-                    holds_a_lease(&nats, config.ingest.partitions, pid).await?;
+                    holds_a_lease(&nats, partitions_now(&nats).await?, pid).await?;
                     workers.push(start_worker()?);
                     resumes.push((pid, pause(pid, 3 * LEASE_MS)));
                     report.pauses += 1;
@@ -339,6 +348,10 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                         }
                     }
                 }
+                Fault::Grow(count) => {
+                    grow(&nats, count).await?;
+                    tracing::warn!(partitions = count, "the partition count grew");
+                }
                 Fault::Unwritable => {
                     restore = Some(match &s3 {
                         Some(s3) => stop_s3(s3.clone(), args.unwritable_secs),
@@ -362,7 +375,9 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     for (_, resume) in resumes {
         resume.await??;
     }
-    drained(&nats, config.ingest.partitions, &mut workers).await?;
+    let partitions = tally_ingest::topology::partitions(&nats.jetstream).await?;
+    report.partitions = partitions.to_string();
+    drained(&nats, partitions.current(), &mut workers).await?;
     report.worker_peak_rss_mib = workers
         .iter()
         .filter_map(Worker::peak_rss_kib)
@@ -468,9 +483,37 @@ fn schedule(args: &ChaosArgs) -> Vec<(usize, Fault)> {
         .chain((args.unwritable_secs > 0).then_some(Fault::Unwritable));
     let mut faults: Vec<(usize, Fault)> = kinds
         .map(|f| (rng.random_range(SLICES / 10..SLICES * 9 / 10), f))
+        .chain(args.grow_to.map(|count| (SLICES / 2, Fault::Grow(count))))
         .collect();
     faults.sort_unstable();
     faults
+}
+
+/// The events stream's partition count now.
+async fn partitions_now(nats: &Nats) -> anyhow::Result<u16> {
+    Ok(tally_ingest::topology::partitions(&nats.jetstream)
+        .await?
+        .current())
+}
+
+/// Grows the partition count to `count`, trying again while a NATS node is down (a
+/// growth stopped half-way is finished by the next attempt).
+async fn grow(nats: &Nats, count: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match tally_ingest::topology::grow(&nats.jetstream, count).await {
+            Ok(_) => return Ok(()),
+            // An attempt whose answer was lost may have finished it.
+            Err(e) => match tally_ingest::topology::partitions(&nats.jetstream).await {
+                Ok(now) if now.current() == count && !now.unfinished() => return Ok(()),
+                _ if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot grow the partitions yet; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                _ => return Err(e).context("growing the partition count"),
+            },
+        }
+    }
 }
 
 /// Publishes a slice until JetStream acknowledged all of it; returns the retries. A retry
@@ -506,16 +549,6 @@ pub(crate) async fn drained(
     workers: &mut [Worker],
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1800);
-    let stream = loop {
-        match nats.jetstream.get_stream(subject::EVENTS_STREAM).await {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                tracing::info!(error = %e, "waiting for the events stream");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
     loop {
         for worker in workers.iter_mut() {
             if let Some(status) = worker.child.try_wait()? {
@@ -528,19 +561,13 @@ pub(crate) async fn drained(
         }
         let mut idle = true;
         for p in 0..partitions {
-            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-                stream.get_consumer(&subject::partition_consumer(p)).await;
-            let busy = match consumer {
-                Ok(mut c) => c
-                    .info()
-                    .await
-                    .map_or(true, |i| i.num_pending > 0 || i.num_ack_pending > 0),
-                Err(_) => true,
-            };
-            if busy {
-                idle = false;
-                break;
+            match tally_ingest::topology::caught_up(&nats.jetstream, p).await {
+                Ok(true) => continue,
+                Ok(false) => tracing::debug!(partition = p, "not drained yet"),
+                Err(e) => tracing::debug!(partition = p, error = %e, "not drained yet"),
             }
+            idle = false;
+            break;
         }
         if idle {
             return Ok(());
@@ -734,7 +761,7 @@ impl Worker {
             .args([command, "--nats-url", url, "--data-dir"])
             .arg(dir)
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("TALLY_LOG", "warn")
+            .env("TALLY_LOG", "warn,tally_ingest=info")
             // Workers overlap while one takes over from another, and other programs may
             // hold the default port: each worker's API on a free port.
             .env("TALLY_API__LISTEN", "127.0.0.1:0")
@@ -823,6 +850,10 @@ pub fn print_table(r: &ChaosReport) {
         ("NATS nodes", r.nats_nodes.to_string()),
         ("replicas of each stream and bucket", r.replicas.to_string()),
         ("workers side by side", r.workers.to_string()),
+        (
+            "partitions (counts, last sequence of each)",
+            r.partitions.clone(),
+        ),
         ("worker kills survived", r.worker_kills.to_string()),
         ("NATS node kills survived", r.nats_node_kills.to_string()),
         ("worker pauses past the lease", r.pauses.to_string()),

@@ -153,10 +153,6 @@ pub async fn wait_drained(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    let stream = nats
-        .jetstream
-        .get_stream(tally_core::subject::EVENTS_STREAM)
-        .await?;
     loop {
         let durable = Stats::get(&stats.rows_durable);
         progress.set_position(durable.min(target_rows));
@@ -166,17 +162,10 @@ pub async fn wait_drained(
         let mut idle = true;
         for p in 0..partitions {
             // A consumer being re-created at its ack floor is briefly absent: not idle.
-            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> = stream
-                .get_consumer(&tally_core::subject::partition_consumer(p))
-                .await;
-            let busy = match consumer {
-                Ok(mut c) => c
-                    .info()
-                    .await
-                    .map_or(true, |i| i.num_pending > 0 || i.num_ack_pending > 0),
-                Err(_) => true,
-            };
-            if busy {
+            if !tally_ingest::topology::caught_up(&nats.jetstream, p)
+                .await
+                .unwrap_or(false)
+            {
                 idle = false;
                 break;
             }
