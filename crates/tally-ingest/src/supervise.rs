@@ -97,24 +97,41 @@ pub async fn run_worker(
     let responder = Arc::new(responder);
     let mut ready = Some(ready);
     let mut local: Option<checks::LocalChecks> = None;
+    let mut pause = Duration::from_millis(250);
     loop {
-        let partitions = topology::ensure_streams(&js, &config).await?;
-        let generation = Generation {
-            js: js.clone(),
-            leases_js: leases_js.clone(),
-            responder: responder.clone(),
-            config: IngestConfig {
-                partitions: partitions.current(),
-                ..config.clone()
-            },
-            partitions,
-            assignment: assignment.clone(),
-            lake: lake.clone(),
-            flush_tx: flush_tx.clone(),
-            stats: stats.clone(),
+        let generation = async {
+            let partitions = topology::ensure_streams(&js, &config).await?;
+            let generation = Generation {
+                js: js.clone(),
+                leases_js: leases_js.clone(),
+                responder: responder.clone(),
+                config: IngestConfig {
+                    partitions: partitions.current(),
+                    ..config.clone()
+                },
+                partitions,
+                assignment: assignment.clone(),
+                lake: lake.clone(),
+                flush_tx: flush_tx.clone(),
+                stats: stats.clone(),
+            };
+            run_generation(generation, &cancel, &mut ready, &mut local).await
         };
-        if !run_generation(generation, &cancel, &mut ready, &mut local).await? {
-            return Ok(());
+        match generation.await {
+            Ok(true) => pause = Duration::from_millis(250),
+            Ok(false) => return Ok(()),
+            // A later generation starting while a NATS node is down: its streams, buckets
+            // or leases did not answer (the first one's caller retries it).
+            Err(e @ Error::Nats { .. }) if ready.is_none() && !cancel.is_cancelled() => {
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64,
+                    "cannot start the partitions on the new count yet");
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
         }
     }
 }

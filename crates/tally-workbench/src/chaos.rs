@@ -315,7 +315,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
                 Fault::PauseWorker => {
                     let pid = workers[0].child.id();
                     // Paused while it holds partitions, so that another takes them over.
-                    holds_a_lease(&nats, partitions_now(&nats).await?, pid).await?;
+                    holds_a_lease(&nats, partitions_now(&nats).await?.current(), pid).await?;
                     workers.push(start_worker()?);
                     resumes.push((pid, pause(pid, 3 * LEASE_MS)));
                     report.pauses += 1;
@@ -375,7 +375,7 @@ pub async fn run(mut config: Config, args: ChaosArgs) -> anyhow::Result<ChaosRep
     for (_, resume) in resumes {
         resume.await??;
     }
-    let partitions = tally_ingest::topology::partitions(&nats.jetstream).await?;
+    let partitions = partitions_now(&nats).await?;
     report.partitions = partitions.to_string();
     drained(&nats, partitions.current(), &mut workers).await?;
     report.worker_peak_rss_mib = workers
@@ -489,11 +489,19 @@ fn schedule(args: &ChaosArgs) -> Vec<(usize, Fault)> {
     faults
 }
 
-/// The events stream's partition count now.
-async fn partitions_now(nats: &Nats) -> anyhow::Result<u16> {
-    Ok(tally_ingest::topology::partitions(&nats.jetstream)
-        .await?
-        .current())
+/// The events stream's partitions now, asked again while a NATS node is down.
+async fn partitions_now(nats: &Nats) -> anyhow::Result<tally_core::partitions::Partitions> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match tally_ingest::topology::partitions(&nats.jetstream).await {
+            Ok(partitions) => return Ok(partitions),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "cannot read the partitions yet; retrying");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err(e) => return Err(e).context("reading the events stream's partitions"),
+        }
+    }
 }
 
 /// Grows the partition count to `count`, trying again while a NATS node is down (a
