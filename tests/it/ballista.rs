@@ -103,16 +103,6 @@ impl Drop for Node {
     }
 }
 
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
 fn tally(data: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(args)
@@ -159,7 +149,7 @@ async fn a_scheduler_and_two_executors_answer_as_the_local_engine_does() {
     );
     assert!(demo.contains(&period), "{demo}");
 
-    let ports = free_ports(5);
+    let ports = crate::common::free_ports(5);
     let scheduler_addr = format!("127.0.0.1:{}", ports[0]);
     let engine = format!("ballista://{scheduler_addr}");
     let mut scheduler = Node::start(&data, &["scheduler", "--listen", &scheduler_addr]);

@@ -1014,15 +1014,7 @@ async fn the_compose_nats_cluster_forms_and_refuses_anonymous_and_plain_clients(
     let dir = tempfile::tempdir().unwrap();
     let auth = dir.path().join("auth");
     // Route ports for the three nodes, as compose gives each its own host.
-    let routes: Vec<u16> = {
-        let listeners: Vec<_> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().port())
-            .collect()
-    };
+    let routes = common::free_ports(3);
     // What nats-init runs, with the hosts a test reaches.
     let mut init = Command::new(env!("CARGO_BIN_EXE_tally"));
     init.args(["nats", "init", "--dir"]).arg(&auth).args([

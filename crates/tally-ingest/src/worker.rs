@@ -305,15 +305,7 @@ async fn wait_for_parent(
     let Some(parent) = partitions.parent(partition) else {
         return Ok(Some(None));
     };
-    let has_own = {
-        let lake = lake.clone();
-        tokio::task::spawn_blocking(move || lake.latest_checkpoint(partition))
-            .await
-            .map_err(|e| Error::Store(format!("reading a checkpoint panicked: {e}")))?
-            .map_err(|e| Error::Store(e.to_string()))?
-            .is_some()
-    };
-    if has_own {
+    if has_checkpoint(lake, partition).await? {
         return Ok(Some(None));
     }
     let mut told = false;
@@ -352,9 +344,14 @@ async fn parent_settled(partitions: &Partitions, parent: u16, lake: &Arc<Lake>) 
     if partitions.parent(parent).is_none() {
         return Ok(true);
     }
+    has_checkpoint(lake, parent).await
+}
+
+/// Whether the lake holds a checkpoint of `partition`.
+async fn has_checkpoint(lake: &Arc<Lake>, partition: u16) -> Result<bool> {
     let lake = lake.clone();
     Ok(
-        tokio::task::spawn_blocking(move || lake.latest_checkpoint(parent))
+        tokio::task::spawn_blocking(move || lake.latest_checkpoint(partition))
             .await
             .map_err(|e| Error::Store(format!("reading a checkpoint panicked: {e}")))?
             .map_err(|e| Error::Store(e.to_string()))?

@@ -195,6 +195,18 @@ impl Harness {
     }
 }
 
+/// `n` loopback ports free a moment ago (bound together, then released), for processes a
+/// test starts on ports of its own.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// [`Harness::drain`] over `partitions` partitions (the stream's count, after a growth).
 pub async fn drain_partitions(h: &Harness, pipeline: &Pipeline, partitions: u16, rows: u64) {
     wait_drained(
