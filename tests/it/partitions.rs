@@ -206,7 +206,8 @@ async fn grow_and_check(backlog: bool) {
             customer: moved_customer.clone(),
             feature: "calls".to_owned(),
             quantity: 10.0,
-            time: None,
+            // At the events' time: the same period whenever the check runs.
+            time: Some(now),
             region: None,
             user: None,
         };
