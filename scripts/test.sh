@@ -15,6 +15,8 @@ export TALLY_S3_SERVER
 echo "using $("$TALLY_S3_SERVER" --version)"
 # deltalake and polars in .venv, for the test that reads the lake with another engine.
 scripts/install-lake-readers.sh >/dev/null
+# OpenMeter's JavaScript SDK (pinned) and node, for the test that drives Tally with it.
+scripts/install-openmeter-sdk.sh >/dev/null
 # The portal's browser test needs a headless Chromium; without one it skips (never fails).
 scripts/install-browser.sh >/dev/null || true
 scripts/install-faketime.sh

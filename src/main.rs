@@ -98,6 +98,12 @@ enum Command {
     /// Example: tally plans apply examples/catalog.toml
     #[command(subcommand)]
     Plans(tally::definitions::DefinitionsCmd),
+    /// Meters (OpenMeter's definitions, applied with `tally plans apply` under
+    /// `[[meters]]` or through the API): list them, or query a meter's usage over the lake.
+    ///
+    /// Example: tally meters query tokens --window DAY --time-zone Europe/Berlin --group-by subject
+    #[command(subcommand)]
+    Meters(tally::commands::meters::MetersCmd),
     /// Customers' entitlements: apply a customers file, or list them.
     ///
     /// Example: tally customers apply examples/customers.toml
@@ -250,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Chaos(args) => tally::commands::chaos::run(config, args).await,
         Command::Ballista(cmd) => tally::commands::ballista::run(&config, cmd).await,
         Command::Partitions(cmd) => tally::commands::partitions::run(&config, cmd).await,
+        Command::Meters(cmd) => tally::commands::meters::run(&config, cmd).await,
     }
 }
 

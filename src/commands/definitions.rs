@@ -120,12 +120,23 @@ pub async fn run(
                     for s in &snapshot.skus {
                         writeln!(out, "sku {} -> {:?}", s.sku, s.target)?;
                     }
+                    for m in snapshot.meters.iter().filter(|m| !m.is_deleted()) {
+                        writeln!(
+                            out,
+                            "meter {} ({} of {} on events of type {:?})",
+                            m.slug,
+                            m.aggregation,
+                            m.value_property.as_deref().unwrap_or("events"),
+                            m.event_type
+                        )?;
+                    }
                 }
                 (Kind::Catalog, _) => {
                     let catalog = Catalog {
                         plans: snapshot.plans,
                         addons: snapshot.addons,
                         skus: snapshot.skus,
+                        meters: snapshot.meters,
                     };
                     writeln!(out, "{}", serde_json::to_string(&catalog)?)?;
                 }

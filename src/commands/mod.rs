@@ -12,6 +12,7 @@ pub mod demo;
 pub mod keys;
 pub mod lake;
 pub mod license;
+pub mod meters;
 pub mod nats;
 pub mod overage;
 pub mod partitions;

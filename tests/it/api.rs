@@ -17,6 +17,7 @@ use tally_ingest::definitions::Definitions;
 fn access_table() -> BTreeMap<(&'static str, &'static str), Option<&'static [Role]>> {
     use Role::*;
     const PROVISIONING: Option<&[Role]> = Some(&[Provisioning]);
+    const METER_READERS: Option<&[Role]> = Some(&[Provisioning, Billing, Analyst, Sdk]);
     BTreeMap::from([
         (("GET", "/healthz"), None),
         (("GET", "/readyz"), None),
@@ -96,6 +97,52 @@ fn access_table() -> BTreeMap<(&'static str, &'static str), Option<&'static [Rol
             PROVISIONING,
         ),
         (("POST", "/api/v1/access-requests/{id}/deny"), PROVISIONING),
+        (("GET", "/api/v1/meters"), METER_READERS),
+        (("GET", "/api/v1/events"), METER_READERS),
+        (("POST", "/api/v1/meters"), PROVISIONING),
+        (("GET", "/api/v1/meters/{meterIdOrSlug}"), METER_READERS),
+        (("PUT", "/api/v1/meters/{meterIdOrSlug}"), PROVISIONING),
+        (("DELETE", "/api/v1/meters/{meterIdOrSlug}"), PROVISIONING),
+        (
+            ("GET", "/api/v1/meters/{meterIdOrSlug}/query"),
+            METER_READERS,
+        ),
+        (
+            ("POST", "/api/v1/meters/{meterIdOrSlug}/query"),
+            METER_READERS,
+        ),
+        (
+            (
+                "GET",
+                "/api/v1/meters/{meterIdOrSlug}/group-by/{groupByKey}/values",
+            ),
+            METER_READERS,
+        ),
+        (
+            ("GET", "/api/v1/portal/meters/{meterSlug}/query"),
+            Some(&[Portal][..]),
+        ),
+        (
+            (
+                "GET",
+                "/api/v1/customers/{customer}/entitlements/{feature}/value",
+            ),
+            Some(&[Provisioning, Billing, Sdk, Portal][..]),
+        ),
+        (
+            (
+                "GET",
+                "/api/v2/customers/{customer}/entitlements/{feature}/value",
+            ),
+            Some(&[Provisioning, Billing, Sdk, Portal][..]),
+        ),
+        (
+            (
+                "GET",
+                "/api/v1/subjects/{customer}/entitlements/{feature}/value",
+            ),
+            Some(&[Provisioning, Billing, Sdk, Portal][..]),
+        ),
     ])
 }
 
@@ -107,6 +154,9 @@ fn concrete(template: &str, customer: &str) -> String {
         .replace("{feature}", "calls")
         .replace("{sku}", "pro-monthly")
         .replace("{addon}", "extra-calls")
+        .replace("{meterIdOrSlug}", "calls")
+        .replace("{meterSlug}", "calls")
+        .replace("{groupByKey}", "model")
 }
 
 /// Every route × every role (and no key): allowed, or 401 / 403. A portal key is for

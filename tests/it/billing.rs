@@ -596,9 +596,10 @@ async fn sql_reads_plans_prices_customers_and_decisions() {
         .iter()
         .map(|r| row(r, &["decision", "code", "billable"]))
         .collect();
-    assert_eq!(decisions.len(), 9);
+    assert_eq!(decisions.len(), 10);
     assert_eq!(
         decisions[..3],
         ["accepted 0 true", "overage 1 true", "limit_reached 2 false"]
     );
+    assert_eq!(decisions[9], "metered 9 false");
 }

@@ -146,3 +146,54 @@ async fn deliveries_lost_on_the_way_are_pulled_again_not_acknowledged_unread() {
     assert_eq!(ids.len() as u64, totals.events_valid);
     assert_eq!(quantity, totals.quantity);
 }
+
+/// A dead letter or a notice published again when its message is handled again (after a
+/// crash, a take-over) is dropped for a day, not only within the events stream's two
+/// minutes: one made by an older Tally with two minutes is raised, the events stream's
+/// own window stays as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_notices_are_deduplicated_for_a_day() {
+    use async_nats::jetstream::stream;
+    use tally_core::subject::{DEAD_LETTER_STREAM, EVENTS_STREAM, NOTIFY_STREAM};
+    let h = Harness::start().await;
+    let js = &h.nats.jetstream;
+    js.create_stream(stream::Config {
+        name: DEAD_LETTER_STREAM.to_owned(),
+        subjects: vec![format!("{}.>", tally_core::subject::DEAD_LETTER_PREFIX)],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tally_ingest::topology::ensure_streams(js, &h.config.ingest)
+        .await
+        .unwrap();
+    let window = |name: &'static str| async move {
+        let mut s = js.get_stream(name).await.unwrap();
+        s.info().await.unwrap().config.duplicate_window
+    };
+    let day = tally_ingest::topology::OUTPUT_DUPLICATE_WINDOW;
+    assert_eq!(day, Duration::from_secs(86_400));
+    assert_eq!(window(DEAD_LETTER_STREAM).await, day);
+    assert_eq!(window(NOTIFY_STREAM).await, day);
+    assert_eq!(
+        window(EVENTS_STREAM).await,
+        Duration::from_secs(h.config.ingest.duplicate_window_secs)
+    );
+    // The same dead letter twice: stored once.
+    for _ in 0..2 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "dl-7-0");
+        js.publish_with_headers(
+            format!("{}.not_json", tally_core::subject::DEAD_LETTER_PREFIX),
+            headers,
+            "x".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let mut s = js.get_stream(DEAD_LETTER_STREAM).await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 1);
+}

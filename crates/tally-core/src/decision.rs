@@ -28,11 +28,15 @@ pub enum Decision {
     /// Older than the open usage period of its counter: stored, not counted, and billed
     /// apart from the period's lines.
     Late,
+    /// No entitlement exists for the customer, and such customers are metered
+    /// (`ingest.meter_unknown_customers`): read by meters, counted by no limit, billed
+    /// nowhere.
+    Metered,
 }
 
 impl Decision {
     /// Every decision, in a stable order.
-    pub const ALL: [Decision; 9] = [
+    pub const ALL: [Decision; 10] = [
         Decision::Accepted,
         Decision::Overage,
         Decision::LimitReached,
@@ -42,6 +46,7 @@ impl Decision {
         Decision::UnknownCustomer,
         Decision::SeatLimit,
         Decision::Late,
+        Decision::Metered,
     ];
 
     /// The name stored in the lake and used in queries.
@@ -56,6 +61,7 @@ impl Decision {
             Decision::UnknownCustomer => "unknown_customer",
             Decision::SeatLimit => "seat_limit",
             Decision::Late => "late",
+            Decision::Metered => "metered",
         }
     }
 
@@ -113,7 +119,8 @@ mod tests {
         assert_eq!(Decision::Accepted.code(), 0);
         assert_eq!(Decision::Overage.code(), 1);
         assert_eq!(Decision::Late.code(), 8);
-        assert_eq!(Decision::from_code(9), None);
+        assert_eq!(Decision::Metered.code(), 9);
+        assert_eq!(Decision::from_code(10), None);
     }
 
     #[test]

@@ -354,6 +354,9 @@ pub struct Catalog {
     pub addons: Vec<AddOn>,
     #[serde(default)]
     pub skus: Vec<Sku>,
+    /// Meters (OpenMeter's definitions): what usage the events' `data` carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub meters: Vec<crate::meter::Meter>,
 }
 
 /// One flaw in a definition: the field's path (`plans[1].features.calls.limit`) and what
@@ -453,6 +456,16 @@ impl Catalog {
         };
         c.unique("plans", self.plans.iter().map(|p| p.id.as_str()));
         c.unique("addons", self.addons.iter().map(|a| a.id.as_str()));
+        let mut slugs = std::collections::BTreeSet::new();
+        for (i, m) in self.meters.iter().enumerate() {
+            c.problems.extend(m.problems(&format!("meters[{i}]")));
+            if !slugs.insert(m.slug.as_str()) {
+                c.flag(
+                    format!("meters[{i}].slug"),
+                    format!("{:?} appears twice", m.slug),
+                );
+            }
+        }
         for (i, p) in self.plans.iter().enumerate() {
             c.id(&format!("plans[{i}].id"), &p.id);
             for (name, e) in &p.features {

@@ -16,6 +16,7 @@ pub mod decision;
 pub mod entitlement;
 pub mod event;
 pub mod fence;
+pub mod meter;
 pub mod metrics;
 pub mod partitions;
 pub mod period;

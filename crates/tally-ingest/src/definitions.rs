@@ -1,7 +1,8 @@
 //! The entitlement definitions in NATS key-value buckets, and their audit trail.
 //!
-//! Plans, add-ons and SKU mappings live in the `tally_catalog` bucket (keys `plan.<key>`,
-//! `addon.<key>`, `sku.<key>`), customers in `tally_customers` (key: the customer id by
+//! Plans, add-ons, SKU mappings and meters live in the `tally_catalog` bucket (keys
+//! `plan.<key>`, `addon.<key>`, `sku.<key>`, `meter.<slug>`; a deleted meter stays, marked
+//! `deletedAt`), customers in `tally_customers` (key: the customer id by
 //! [`kv_key`]), each value the definition as JSON. Every change is also appended to the
 //! `TALLY_AUDIT` stream: who, when, which definition, before and after. Applying a
 //! definition equal to the stored one changes nothing and audits nothing.
@@ -17,6 +18,7 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tally_core::entitlement::{AddOn, Catalog, Customer, Customers, Plan, Sku};
+use tally_core::meter::Meter;
 use tally_core::subject::{
     AUDIT_PREFIX, AUDIT_STREAM, CATALOG_BUCKET, CUSTOMERS_BUCKET, customer_token, kv_key,
 };
@@ -35,7 +37,7 @@ const AUDIT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Which audit entries [`Definitions::audit_where`] reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditFilter {
-    /// `plan`, `addon`, `sku` or `customer`; `None`: every kind.
+    /// `plan`, `addon`, `sku`, `meter` or `customer`; `None`: every kind.
     pub kind: Option<String>,
     /// The definition's id (with `kind`: a customer id for `customer`); `None`: every id.
     pub id: Option<String>,
@@ -71,7 +73,7 @@ pub enum Change {
 /// One applied definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Applied {
-    /// `plan`, `addon`, `sku` or `customer`.
+    /// `plan`, `addon`, `sku`, `meter` or `customer`.
     pub kind: &'static str,
     pub id: String,
     pub change: Change,
@@ -95,12 +97,35 @@ pub struct AuditEntry {
     pub after: Option<Value>,
 }
 
+/// Why a meter was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum MeterRefused {
+    #[error("meter {0:?} exists: change it with PUT, or delete it first")]
+    Exists(String),
+    #[error(
+        "meter {0:?} exists and measures something else: its eventType, aggregation, \
+         valueProperty and eventFrom cannot change; delete it and create it again"
+    )]
+    MeasureChanged(String),
+    #[error("no such meter")]
+    Missing,
+    #[error(transparent)]
+    Definitions(#[from] Error),
+}
+
+/// A new meter's id: a UUID v7's bits in OpenMeter's 26-character form.
+fn new_meter_id() -> String {
+    tally_core::meter::ulid_text(uuid::Uuid::now_v7().as_u128())
+}
+
 /// Everything the buckets hold.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub plans: Vec<Plan>,
     pub addons: Vec<AddOn>,
     pub skus: Vec<Sku>,
+    /// Meters, the deleted ones included.
+    pub meters: Vec<Meter>,
     pub customers: Vec<Customer>,
 }
 
@@ -176,6 +201,13 @@ impl Definitions {
         for s in &catalog.skus {
             applied.push(self.put(&self.catalog, "sku", &s.sku, s, actor).await?);
         }
+        for m in &catalog.meters {
+            let (_, done) = self.put_meter(m, actor, false).await.map_err(|e| match e {
+                MeterRefused::Definitions(e) => e,
+                other => Error::Definition(other.to_string()),
+            })?;
+            applied.push(done);
+        }
         Ok(applied)
     }
 
@@ -201,6 +233,7 @@ impl Definitions {
             plans: catalog.plans,
             addons: catalog.addons,
             skus: catalog.skus,
+            meters: catalog.meters,
             customers: self.load_customers().await?,
         })
     }
@@ -220,6 +253,9 @@ impl Definitions {
                     .push(serde_json::from_value(value).map_err(bad)?),
                 Some(("sku", _)) => catalog
                     .skus
+                    .push(serde_json::from_value(value).map_err(bad)?),
+                Some(("meter", _)) => catalog
+                    .meters
                     .push(serde_json::from_value(value).map_err(bad)?),
                 _ => tracing::warn!(key, "unexpected key in the catalogue bucket"),
             }
@@ -272,52 +308,70 @@ impl Definitions {
         &self,
         id: &str,
         actor: &str,
-        mut change: impl FnMut(Option<Customer>) -> Result<Customer, E>,
+        change: impl FnMut(Option<Customer>) -> Result<Customer, E>,
     ) -> Result<(Customer, Applied), E> {
-        let key = key_of("customer", id);
+        self.modify(&self.customers, "customer", id, actor, change, |c| &c.id)
+            .await
+    }
+
+    /// [`modify_customer`](Self::modify_customer) for any definition in `store`: read,
+    /// change, compare-and-set, again on a lost race; `id_of` is the id the changed
+    /// definition must keep.
+    async fn modify<T, E>(
+        &self,
+        store: &Store,
+        kind: &'static str,
+        id: &str,
+        actor: &str,
+        mut change: impl FnMut(Option<T>) -> Result<T, E>,
+        id_of: impl Fn(&T) -> &str,
+    ) -> Result<(T, Applied), E>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        E: From<Error>,
+    {
+        let key = key_of(kind, id);
+        let bad = |e: serde_json::Error| Error::Definition(format!("stored {kind} {id}: {e}"));
         for _ in 0..MODIFY_ATTEMPTS {
-            let entry = self
-                .customers
+            let entry = store
                 .entry(key.as_str())
                 .await
                 .map_err(|e| Error::nats("read a definition", e))?;
             let before = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => Some(
-                    serde_json::from_slice::<Value>(&e.value)
-                        .map_err(|e| Error::Definition(format!("stored customer {id}: {e}")))?,
-                ),
+                Some(e) if e.operation == kv::Operation::Put => {
+                    Some(serde_json::from_slice::<Value>(&e.value).map_err(bad)?)
+                }
                 _ => None,
             };
             let current = before
                 .clone()
-                .map(serde_json::from_value::<Customer>)
+                .map(serde_json::from_value::<T>)
                 .transpose()
-                .map_err(|e| Error::Definition(format!("stored customer {id}: {e}")))?;
-            let customer = change(current)?;
-            if customer.id != id {
+                .map_err(bad)?;
+            let changed = change(current)?;
+            if id_of(&changed) != id {
                 return Err(Error::Definition(format!(
-                    "a change of customer {id} made customer {}",
-                    customer.id
+                    "a change of {kind} {id} made {kind} {}",
+                    id_of(&changed)
                 ))
                 .into());
             }
-            let after = serde_json::to_value(&customer)
-                .map_err(|e| Error::Definition(format!("customer {id}: {e}")))?;
+            let after = serde_json::to_value(&changed)
+                .map_err(|e| Error::Definition(format!("{kind} {id}: {e}")))?;
             if before.as_ref() == Some(&after) {
                 let applied = Applied {
-                    kind: "customer",
+                    kind,
                     id: id.to_owned(),
                     change: Change::Unchanged,
                     revision: None,
                 };
-                return Ok((customer, applied));
+                return Ok((changed, applied));
             }
             let body: bytes::Bytes = serde_json::to_vec(&after)
-                .map_err(|e| Error::Definition(format!("customer {id}: {e}")))?
+                .map_err(|e| Error::Definition(format!("{kind} {id}: {e}")))?
                 .into();
             let written = match &entry {
-                Some(e) => self
-                    .customers
+                Some(e) => store
                     .update(key.as_str(), body, e.revision)
                     .await
                     .map(Some)
@@ -325,8 +379,7 @@ impl Definitions {
                         kv::UpdateErrorKind::WrongLastRevision => Ok(None),
                         _ => Err(Error::nats("write a definition", e)),
                     })?,
-                None => self
-                    .customers
+                None => store
                     .create(key.as_str(), body)
                     .await
                     .map(Some)
@@ -344,29 +397,118 @@ impl Definitions {
             } else {
                 Change::Created
             };
-            self.record(
-                &self.customers,
-                "customer",
-                id,
-                key,
-                revision,
-                before,
-                after,
-                actor,
-            )
-            .await?;
+            self.record(store, kind, id, key, revision, before, after, actor)
+                .await?;
             let applied = Applied {
-                kind: "customer",
+                kind,
                 id: id.to_owned(),
                 change,
                 revision: Some(revision),
             };
-            return Ok((customer, applied));
+            return Ok((changed, applied));
         }
         Err(Error::Definition(format!(
-            "customer {id} changed under {MODIFY_ATTEMPTS} attempts in a row to modify it"
+            "{kind} {id} changed under {MODIFY_ATTEMPTS} attempts in a row to modify it"
         ))
         .into())
+    }
+
+    /// Creates meter `meter.slug`, or changes what may change of it in place (its name,
+    /// description, group-bys and metadata), keeping its `id` and `createdAt`; a deleted
+    /// meter's slug makes a new meter with a new id. A live meter whose measure would
+    /// change (event type, aggregation, value, `eventFrom`) is refused with
+    /// [`MeterRefused::MeasureChanged`], as is a live one with `only_create`.
+    pub async fn put_meter(
+        &self,
+        meter: &Meter,
+        actor: &str,
+        only_create: bool,
+    ) -> std::result::Result<(Meter, Applied), MeterRefused> {
+        let now = Utc::now();
+        self.modify(
+            &self.catalog,
+            "meter",
+            &meter.slug,
+            actor,
+            |stored: Option<Meter>| {
+                let mut next = meter.clone();
+                next.deleted_at = None;
+                match stored.filter(|m| !m.is_deleted()) {
+                    Some(_) if only_create => Err(MeterRefused::Exists(meter.slug.clone())),
+                    Some(live) if !live.same_measure(meter) => {
+                        Err(MeterRefused::MeasureChanged(meter.slug.clone()))
+                    }
+                    Some(live) => {
+                        next.id = live.id.clone();
+                        next.created_at = live.created_at;
+                        next.updated_at = live.updated_at;
+                        if next != live {
+                            next.updated_at = Some(now);
+                        }
+                        Ok(next)
+                    }
+                    None => {
+                        next.id = new_meter_id();
+                        next.created_at = Some(now);
+                        next.updated_at = Some(now);
+                        Ok(next)
+                    }
+                }
+            },
+            |m| &m.slug,
+        )
+        .await
+    }
+
+    /// Marks meter `slug` deleted (kept for the record, reading nothing); `None` when
+    /// there is no live meter of that slug.
+    pub async fn delete_meter(&self, slug: &str, actor: &str) -> Result<Option<Meter>> {
+        let outcome = self
+            .modify(
+                &self.catalog,
+                "meter",
+                slug,
+                actor,
+                |stored: Option<Meter>| match stored.filter(|m| !m.is_deleted()) {
+                    Some(mut live) => {
+                        let now = Utc::now();
+                        live.deleted_at = Some(now);
+                        live.updated_at = Some(now);
+                        Ok(live)
+                    }
+                    None => Err(MeterRefused::Missing),
+                },
+                |m| &m.slug,
+            )
+            .await;
+        match outcome {
+            Ok((meter, _)) => Ok(Some(meter)),
+            Err(MeterRefused::Missing) => Ok(None),
+            Err(MeterRefused::Definitions(e)) => Err(e),
+            Err(other) => Err(Error::Definition(other.to_string())),
+        }
+    }
+
+    /// Meter `slug` as stored, deleted or not.
+    pub async fn meter(&self, slug: &str) -> Result<Option<Meter>> {
+        self.get(&self.catalog, "meter", slug).await
+    }
+
+    /// The live meter known by `id_or_slug` (its slug, or the id OpenMeter's clients
+    /// also address it by).
+    pub async fn live_meter(&self, id_or_slug: &str) -> Result<Option<Meter>> {
+        if tally_core::meter::check_slug(id_or_slug).is_ok()
+            && let Some(m) = self.meter(id_or_slug).await?
+            && !m.is_deleted()
+        {
+            return Ok(Some(m));
+        }
+        Ok(self
+            .load_catalog()
+            .await?
+            .meters
+            .into_iter()
+            .find(|m| m.id == id_or_slug && !m.is_deleted()))
     }
 
     /// One customer's definition, if it exists.

@@ -75,6 +75,10 @@ pub struct IngestConfig {
     /// Decide every event against the entitlements in the key-value buckets. Off, every
     /// valid event is `accepted` (to measure what enforcement costs).
     pub enforce: bool,
+    /// Meter the events of customers with no definition: decided `metered` (read by
+    /// meters, counted by no limit) rather than `unknown_customer`, so that a team can
+    /// start with metering alone and define plans later.
+    pub meter_unknown_customers: bool,
     pub limits: DecodeLimits,
     /// Fault injection for tests: hold each ack this long after its batch is durable, so
     /// that a test can kill a worker between the two. Leave it at 0.
@@ -121,6 +125,7 @@ impl Default for IngestConfig {
             dedup_capacity: 500_000,
             checkpoint_secs: 10,
             enforce: true,
+            meter_unknown_customers: false,
             limits: DecodeLimits::default(),
             fault_ack_delay_ms: 0,
             definitions_apply_delay_ms: 0,

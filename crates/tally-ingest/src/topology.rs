@@ -63,7 +63,8 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<Parti
         let config = stream::Config {
             name: name.to_owned(),
             subjects: vec![format!("{prefix}.>")],
-            duplicate_window: Duration::from_secs(config.duplicate_window_secs),
+            duplicate_window: OUTPUT_DUPLICATE_WINDOW
+                .max(Duration::from_secs(config.duplicate_window_secs)),
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             num_replicas: config.replicas,
@@ -73,6 +74,14 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<Parti
     }
     Ok(partitions)
 }
+
+/// How long the dead-letter and notification streams drop a repeated message id. A dead
+/// letter (`dl-<seq>-<index>`) or a notice (its id derived from what it is about) is
+/// published again only when its message is handled again: after a crash, a take-over or
+/// a replay, while the message is not yet acknowledged. That can come minutes after the
+/// first publication when NATS nodes and workers fail one after another, past the events
+/// stream's two minutes: a day covers any outage Tally rides out while its backlog waits.
+pub const OUTPUT_DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// The partitions an events stream's configuration says: the history in its metadata,
 /// which must end at the count of its subject transform.
@@ -243,10 +252,11 @@ pub async fn grow(js: &Context, count: u16) -> Result<Partitions> {
     Ok(grown)
 }
 
-/// Creates a stream, or opens it as it is and raises its replicas to `config`'s count (a
-/// deployment grown from one server to a cluster replicates what it has). Its other
-/// settings stay as they were made, and its replicas are never lowered: a command run
-/// without the deployment's setting must not take copies away.
+/// Creates a stream, or opens it as it is and raises its replicas and duplicate window to
+/// `config`'s (a deployment grown from one server to a cluster replicates what it has; a
+/// stream made by an older Tally gets the window this one relies on). Its other settings
+/// stay as they were made, and neither is ever lowered: a command run without the
+/// deployment's setting must not take copies away.
 pub async fn ensure_stream(
     js: &Context,
     config: stream::Config,
@@ -257,11 +267,13 @@ pub async fn ensure_stream(
         .await
         .map_err(|e| Error::nats(what, e))?;
     let made = stream.cached_info().config.clone();
-    if made.num_replicas < config.num_replicas {
-        tracing::info!(stream = %made.name, from = made.num_replicas, to = config.num_replicas,
-            "changing the stream's replicas");
+    if made.num_replicas < config.num_replicas || made.duplicate_window < config.duplicate_window {
+        tracing::info!(stream = %made.name, replicas = config.num_replicas.max(made.num_replicas),
+            duplicate_window_secs = config.duplicate_window.max(made.duplicate_window).as_secs(),
+            "raising the stream's replicas or duplicate window");
         js.update_stream(stream::Config {
-            num_replicas: config.num_replicas,
+            num_replicas: config.num_replicas.max(made.num_replicas),
+            duplicate_window: config.duplicate_window.max(made.duplicate_window),
             ..made
         })
         .await

@@ -590,6 +590,7 @@ async fn handle(
             duplicates: 0,
             decided: [0; Decision::ALL.len()],
             engine: engine.as_deref_mut(),
+            meter_unknown: config.meter_unknown_customers,
             notices: &mut notices,
             waiters: entitlements.map(|e| &e.waiters),
         };
@@ -747,6 +748,8 @@ struct Accept<'m, 'e> {
     decided: [u64; Decision::ALL.len()],
     /// `None`: enforcement is off and every valid event is accepted.
     engine: Option<&'e mut Engine>,
+    /// An unknown customer's events are `metered` rather than `unknown_customer`.
+    meter_unknown: bool,
     notices: &'e mut Vec<Notice>,
     /// Record requests waiting for a decision.
     waiters: Option<&'e Waiters>,
@@ -796,6 +799,10 @@ impl Accept<'_, '_> {
                         },
                         self.notices,
                     );
+                    let decision = match decision {
+                        Decision::UnknownCustomer if self.meter_unknown => Decision::Metered,
+                        d => d,
+                    };
                     open.rows.push(
                         &event,
                         decision,

@@ -8,7 +8,7 @@
 //! event decided `accepted` or `overage` ([`USED`]): the customer got what it asked for.
 //! Refusals are kept apart: `limit_reached` in [`Lakehouse::usage_windows`] and
 //! [`Lakehouse::limit_rejections`], `not_entitled` in [`Lakehouse::feature_use`]; the
-//! other decisions (`expired`, `region_blocked`, `unknown_customer`, `seat_limit`, `late`)
+//! other decisions (`expired`, `region_blocked`, `unknown_customer`, `seat_limit`, `late`, `metered`)
 //! count nowhere here.
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
@@ -138,7 +138,7 @@ pub struct FirstUse {
     /// (`None`: never used, only refused).
     pub first_use: Option<DateTime<Utc>>,
     /// The customer's earliest event of any feature, any decision but
-    /// `unknown_customer`.
+    /// `unknown_customer` and `metered`.
     pub customer_first_event: Option<DateTime<Utc>>,
 }
 

@@ -18,6 +18,7 @@
 pub mod analytics;
 pub mod catalog;
 pub mod distributed;
+pub mod meters;
 pub mod output;
 pub mod sql;
 mod store;
@@ -179,6 +180,7 @@ impl Lakehouse {
                 distributed::remote_context(host, *port, config, runtime)?
             }
         };
+        meters::register_functions(&ctx);
         register(&ctx, &lake, schema::EVENTS_TABLE, lake_schema())?;
         register(&ctx, &lake, ROLLUPS_TABLE, rollup_schema())?;
         let house = Self { ctx, options, lake };
@@ -194,6 +196,15 @@ impl Lakehouse {
 
     pub fn context(&self) -> &SessionContext {
         &self.ctx
+    }
+
+    /// `meter`'s usage as `query` asks for it ([`meters::meter_query`]).
+    pub async fn meter_query(
+        &self,
+        meter: &tally_core::meter::Meter,
+        query: &meters::MeterQuery,
+    ) -> Result<Vec<meters::MeterRow>> {
+        meters::meter_query(&self.ctx, meter, query).await
     }
 
     /// Billable usage per customer × plan × feature over `scope`, from the rollups:

@@ -874,7 +874,12 @@ fn the_engine_decides_and_notifies_as_the_model_does() {
     }
     let mut seen = seen.into_inner();
     seen.extend(SEEN.with(|s| s.borrow().clone()));
-    let decisions = Decision::ALL.iter().map(|d| format!("decision {d}"));
+    // `metered` is the worker's word for `unknown_customer` when unknown customers are
+    // metered (`ingest.meter_unknown_customers`): the engine never decides it.
+    let decisions = Decision::ALL
+        .iter()
+        .filter(|d| **d != Decision::Metered)
+        .map(|d| format!("decision {d}"));
     let notices = ["threshold", "limit_reached", "grant_exhausted"].map(|n| format!("notice {n}"));
     let restarts = ["restart".to_owned(), "notice replayed".to_owned()];
     for kind in decisions.chain(notices).chain(restarts) {

@@ -17,7 +17,7 @@
 //! - *First use*: a customer's earliest use of the feature in the whole lake; the report
 //!   lists the customers whose first use falls in the range, with the time since their
 //!   entitlement started: the customer's `valid_from`, or, without one, its first event
-//!   in the lake of any feature and any decision but `unknown_customer`. The feature's
+//!   in the lake of any feature and any decision but `unknown_customer` and `metered`. The feature's
 //!   figure is the median of those hours (the mean of the middle two for an even count).
 //! - *Free tier without an advanced feature*: customers whose plan is a free plan
 //!   (`free`, or the `--free-plan` ids) that have never used (up to the end of the range)

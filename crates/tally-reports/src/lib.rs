@@ -21,6 +21,7 @@
 mod adoption;
 mod definitions;
 mod invoices;
+pub mod meters;
 mod overage;
 pub mod render;
 mod service;

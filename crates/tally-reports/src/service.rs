@@ -40,6 +40,8 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use tally_core::meter::Meter;
+use tally_query::meters::{EventFilter, MeterQuery, MeterRow, StoredEvent};
 use tally_query::output::{OutputFormat, write_stream};
 use tally_query::sql::{self, SqlError};
 use tally_query::{Engine, Lakehouse, LakehouseOptions, Period};
@@ -179,6 +181,61 @@ impl LakeReports {
             crate::adoption(&lake, &defs, &request).await
         })
         .await
+    }
+
+    /// `meter`'s usage as `query` asks for it (OpenMeter's meter query), on the reports'
+    /// runtime. Meter queries run here even when the reports run on Ballista: its
+    /// executors do not have the functions that read `data`.
+    pub async fn meter_query(
+        &self,
+        meter: Meter,
+        query: MeterQuery,
+    ) -> Result<Vec<MeterRow>, ReportError> {
+        self.on_local_lake(move |lake| async move { lake.meter_query(&meter, &query).await })
+            .await
+    }
+
+    /// The values `meter`'s group-by `name` took over `[from, to)`.
+    pub async fn group_by_values(
+        &self,
+        meter: Meter,
+        name: String,
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Vec<String>, ReportError> {
+        self.on_local_lake(move |lake| async move {
+            tally_query::meters::group_by_values(lake.context(), &meter, &name, from, to).await
+        })
+        .await
+    }
+
+    /// The latest events `filter` selects (OpenMeter's event list).
+    pub async fn list_events(&self, filter: EventFilter) -> Result<Vec<StoredEvent>, ReportError> {
+        self.on_local_lake(move |lake| async move {
+            tally_query::meters::list_events(lake.context(), &filter).await
+        })
+        .await
+    }
+
+    /// Runs `work` on the reports' runtime over a local session of the lake.
+    async fn on_local_lake<T, F>(
+        &self,
+        work: impl FnOnce(Lakehouse) -> F + Send + 'static,
+    ) -> Result<T, ReportError>
+    where
+        T: Send + 'static,
+        F: Future<Output = tally_query::Result<T>> + Send,
+    {
+        let location = self.lake.clone();
+        let task = async move {
+            let lake = Lakehouse::open(&location).await.map_err(internal)?;
+            work(lake).await.map_err(internal)
+        };
+        // Aborted if this request goes away before the answer is ready.
+        let mut task = AbortOnDrop(self.handle().spawn(task));
+        (&mut task.0)
+            .await
+            .map_err(|e| ReportError::Internal(format!("the query's task failed: {e}")))?
     }
 
     /// Runs a report that is rendered whole, and answers it as one chunk.

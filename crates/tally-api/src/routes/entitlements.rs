@@ -26,6 +26,9 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list))
         .routes(routes!(one))
+        .routes(routes!(value))
+        .routes(routes!(value_v2))
+        .routes(routes!(subject_value))
 }
 
 /// A feature's entitlement now, as OpenMeter reports it, with Tally's decision.
@@ -202,6 +205,57 @@ async fn one(
     }
     Ok(Json(reply.into()))
 }
+
+/// [`one`] on another path, OpenMeter's: a handler of its own, for the OpenAPI document.
+macro_rules! value_route {
+    ($name:ident, $path:literal, $customer:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(
+            get,
+            path = $path,
+            tag = "checks",
+            params(
+                ("customer" = String, Path, description = $customer),
+                ("feature" = String, Path, description = "The feature"),
+                CheckParams
+            ),
+            responses(
+                (status = 200, body = EntitlementValue),
+                (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+                (status = 404, description = "No such customer", body = Problem),
+                (status = 503, description = "No worker answered: retry", body = Problem),
+            ),
+            security(("api_key" = []))
+        )]
+        async fn $name(
+            state: State<AppState>,
+            caller: Caller,
+            path: Path<(String, String)>,
+            params: Result<Query<CheckParams>, axum::extract::rejection::QueryRejection>,
+        ) -> ApiResult<Json<EntitlementValue>> {
+            one(state, caller, path, params).await
+        }
+    };
+}
+
+value_route!(
+    value,
+    "/api/v1/customers/{customer}/entitlements/{feature}/value",
+    "The customer id",
+    "OpenMeter's path of [`one`]."
+);
+value_route!(
+    value_v2,
+    "/api/v2/customers/{customer}/entitlements/{feature}/value",
+    "The customer id",
+    "OpenMeter's v2 path of [`one`] (a feature key: Tally's entitlements are known by it)."
+);
+value_route!(
+    subject_value,
+    "/api/v1/subjects/{customer}/entitlements/{feature}/value",
+    "The customer id (OpenMeter's subject)",
+    "OpenMeter's subject path of [`one`] (deprecated there; a subject is a customer here)."
+);
 
 /// Records a check's latency, by what was asked (`one` feature or the `list`) and whether
 /// a worker answered.

@@ -28,7 +28,7 @@ use crate::error::{ApiError, ApiResult, Problem};
 use crate::{AppState, Role};
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(ingest))
+    OpenApiRouter::new().routes(routes!(ingest, list))
 }
 
 /// How many events were stored.
@@ -296,4 +296,137 @@ async fn publish(state: &AppState, messages: Vec<Message>) -> ApiResult<()> {
             "NATS did not acknowledge the events within {timeout:?}; send the same request again: nothing is counted twice"
         ))),
     }
+}
+
+/// One stored event, as OpenMeter's `IngestedEvent`, with Tally's decision.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestedEvent {
+    /// The CloudEvent: `data` holds the event's own properties and Tally's as it read
+    /// them (`quantity` unless 1, `feature` unless the type, `region`, `user`).
+    #[schema(value_type = Object)]
+    pub event: serde_json::Value,
+    pub customer_id: String,
+    /// The decision it was stored with: `accepted`, `overage`, `limit_reached`, …
+    pub decision: String,
+    /// Why a meter of its type reads nothing of it (its value missing or not a number),
+    /// naming the field; absent when every meter reads it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_error: Option<String>,
+    pub ingested_at: String,
+    /// The time the worker received it, as `ingestedAt`: Tally keeps no other (its batch
+    /// was durable within `ingest.flush_age_ms` of it, before it was acknowledged).
+    pub stored_at: String,
+}
+
+/// The latest stored events (the lake's), newest first: OpenMeter's filters `id` and
+/// `subject` (parts of them), `customerId` (repeat), `from` / `to` (event time),
+/// `ingestedAtFrom` / `ingestedAtTo`, `limit` (1 to 100, default 100).
+#[utoipa::path(
+    get,
+    path = "/api/v1/events",
+    tag = "events",
+    params(
+        ("id" = Option<String>, Query, description = "Events whose id contains this"),
+        ("subject" = Option<String>, Query, description = "Events whose customer contains this"),
+        ("customerId" = Option<Vec<String>>, Query, description = "Events of these customers (repeat)"),
+        ("from" = Option<String>, Query, description = "RFC 3339; event time at or after"),
+        ("to" = Option<String>, Query, description = "RFC 3339; event time at or before"),
+        ("ingestedAtFrom" = Option<String>, Query), ("ingestedAtTo" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "1 to 100 (default 100)"),
+        ("clientId" = Option<String>, Query),
+    ),
+    responses(
+        (status = 200, description = "The events, newest first", body = Vec<IngestedEvent>),
+        (status = 400, description = "A parameter is not valid; `field` names it", body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 503, body = Problem),
+    ),
+    security(("api_key" = []))
+)]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: axum::http::Uri,
+) -> ApiResult<axum::Json<Vec<IngestedEvent>>> {
+    use super::meters::{Params, client_id, time};
+    caller.require(super::meters::READERS)?;
+    let params = Params::of(
+        &uri,
+        &[
+            "id",
+            "subject",
+            "customerId",
+            "from",
+            "to",
+            "ingestedAtFrom",
+            "ingestedAtTo",
+            "limit",
+            "clientId",
+        ],
+    )?;
+    client_id(params.one("clientId"))?;
+    let mut customers = params.all("customerId");
+    if let Some(scope) = caller.scope() {
+        if let Some(other) = customers.iter().find(|c| !scope.contains(c)) {
+            return Err(ApiError::forbidden(format!(
+                "key {} may not read customer {other:?}",
+                caller.0.id
+            )));
+        }
+        if customers.is_empty() {
+            customers = scope.to_vec();
+        }
+    }
+    let filter = tally_query::meters::EventFilter {
+        id: params.one("id").map(str::to_owned),
+        subject: params.one("subject").map(str::to_owned),
+        customers,
+        from: time("from", params.one("from"))?,
+        to: time("to", params.one("to"))?,
+        ingested_from: time("ingestedAtFrom", params.one("ingestedAtFrom"))?,
+        ingested_to: time("ingestedAtTo", params.one("ingestedAtTo"))?,
+        limit: params.number("limit", 1, 100)?.unwrap_or(100) as usize,
+    };
+    let stamp =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let meters: Vec<_> = state
+        .definitions
+        .load_catalog()
+        .await?
+        .meters
+        .into_iter()
+        .filter(|m| !m.is_deleted())
+        .collect();
+    let events = state
+        .reports
+        .list_events(filter)
+        .await
+        .map_err(super::queries::report_error)?
+        .into_iter()
+        .map(|e| {
+            let data = serde_json::Value::Object(e.data.clone());
+            let problems: Vec<String> = meters
+                .iter()
+                .filter(|m| m.event_type == e.event_type)
+                .filter_map(|m| m.validation_error(&data))
+                .collect();
+            IngestedEvent {
+                event: serde_json::json!({
+                    "specversion": "1.0",
+                    "id": e.id,
+                    "source": e.source,
+                    "type": e.event_type,
+                    "subject": e.customer,
+                    "time": stamp(e.time),
+                    "data": e.data,
+                }),
+                customer_id: e.customer,
+                decision: e.decision,
+                validation_error: (!problems.is_empty()).then(|| problems.join("; ")),
+                ingested_at: stamp(e.ingested_at),
+                stored_at: stamp(e.ingested_at),
+            }
+        })
+        .collect();
+    Ok(axum::Json(events))
 }

@@ -9,6 +9,7 @@ pub(crate) mod events;
 pub(crate) mod health;
 pub(crate) mod idempotency;
 pub(crate) mod licenses;
+pub(crate) mod meters;
 pub(crate) mod metrics;
 pub(crate) mod portal;
 pub(crate) mod provisioning;
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(provisioning::routes())
         .merge(licenses::routes())
         .merge(queries::routes())
+        .merge(meters::routes())
         .merge(health::routes())
         .merge(metrics::routes())
         .merge(access::routes())

@@ -1039,7 +1039,7 @@ pub struct AuditEntries {
     tag = "provisioning",
     params(
         ("customer" = Option<String>, Query, description = "One customer's entries (kind `customer`)"),
-        ("kind" = Option<String>, Query, description = "`plan`, `addon`, `sku` or `customer`"),
+        ("kind" = Option<String>, Query, description = "`plan`, `addon`, `sku`, `meter` or `customer`"),
         ("from" = Option<String>, Query, description = "Entries at or after this time (RFC 3339)"),
         ("to" = Option<String>, Query, description = "Entries before this time (RFC 3339)"),
         ("limit" = Option<usize>, Query, description = "The most entries returned (the oldest ones): 1 to 10000, default 1000"),
@@ -1069,7 +1069,7 @@ async fn audit(
 }
 
 fn audit_filter(params: &BTreeMap<String, String>) -> ApiResult<AuditFilter> {
-    const KINDS: [&str; 4] = ["plan", "addon", "sku", "customer"];
+    const KINDS: [&str; 5] = ["plan", "addon", "sku", "meter", "customer"];
     if let Some(unknown) = params
         .keys()
         .find(|k| !["customer", "kind", "from", "to", "limit"].contains(&k.as_str()))
@@ -1118,7 +1118,7 @@ fn audit_filter(params: &BTreeMap<String, String>) -> ApiResult<AuditFilter> {
     {
         return Err(ApiError::bad_request(
             "kind",
-            format!("kind must be plan, addon, sku or customer, not {k:?}"),
+            format!("kind must be plan, addon, sku, meter or customer, not {k:?}"),
         ));
     }
     let id = params.get("customer").cloned();

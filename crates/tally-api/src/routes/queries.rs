@@ -546,7 +546,7 @@ async fn usage(
 }
 
 /// A report's failure as the API answers it.
-fn report_error(e: ReportError) -> ApiError {
+pub(crate) fn report_error(e: ReportError) -> ApiError {
     match e {
         ReportError::BadRequest { field, message } => ApiError::bad_request(field, message),
         ReportError::Timeout(message) => ApiError::timeout(message),
