@@ -453,7 +453,7 @@ fn close(got: &Value, want: f64, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_aggregation_answers_by_customer_day_and_group_by_as_worked_out_by_hand() {
-    let (_h, api) = metered().await;
+    let (h, api) = metered().await;
     let events = sent();
     for (slug, aggregation) in METERS {
         // By customer over everything: one window per customer.
@@ -602,6 +602,31 @@ async fn every_aggregation_answers_by_customer_day_and_group_by_as_worked_out_by
         customers,
         json!(["ana", "bo"]),
         "zed is unknown: not metered"
+    );
+
+    // `tally meters query` prints what the API answers, JSON and CSV.
+    let path = "/api/v1/meters/tokens_max/query?windowSize=DAY&windowTimeZone=America/New_York&groupBy=subject&groupBy=model";
+    let (_, by_api) = call(&api, Method::GET, path, None).await;
+    let args = [
+        "meters",
+        "query",
+        "tokens_max",
+        "--window",
+        "DAY",
+        "--time-zone",
+        "America/New_York",
+        "--group-by",
+        "subject",
+        "--group-by",
+        "model",
+        "--format",
+    ];
+    let by_cli: Value = serde_json::from_slice(&h.cli(&[&args[..], &["json"]].concat())).unwrap();
+    assert_eq!(by_cli, by_api);
+    let listed = String::from_utf8(h.cli(&["meters", "list"])).unwrap();
+    assert!(
+        listed.contains("tokens_latest") && listed.contains("LATEST"),
+        "{listed}"
     );
 
     // CSV, as `Accept` asks.
