@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use chrono::Datelike;
 use serde_json::Value;
 
-/// A `tally ballista …` process, killed on drop, whose log lines are kept.
+/// A `tally ballista …` or `tally serve` process, stopped on drop, whose log lines are
+/// kept.
 struct Node {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
@@ -97,7 +98,18 @@ impl Node {
 }
 
 impl Drop for Node {
+    /// SIGTERM, so that `tally serve` stops the nats-server it started (SIGKILL would leave
+    /// that server running), then SIGKILL after 20 s.
     fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
