@@ -370,6 +370,20 @@ fn cast_expr(e: Expr, to: DataType) -> Expr {
     Expr::Cast(Cast::new(Box::new(e), to))
 }
 
+/// `t` as a literal of the events' time columns.
+fn micros(t: DateTime<Utc>) -> Expr {
+    lit(ScalarValue::TimestampMicrosecond(
+        Some(t.timestamp_micros()),
+        Some("UTC".into()),
+    ))
+}
+
+/// The `date` partition holding `t`, as a literal (the partitions outside a range are
+/// not read).
+fn day(t: DateTime<Utc>) -> Expr {
+    lit(t.date_naive().format("%Y-%m-%d").to_string())
+}
+
 /// Runs `query` of `meter` over the `events` table of `ctx` (the meter must be valid and
 /// the query checked). Rows are ordered by window, customer and group-by values.
 pub async fn meter_query(
@@ -377,13 +391,6 @@ pub async fn meter_query(
     meter: &Meter,
     query: &MeterQuery,
 ) -> Result<Vec<MeterRow>> {
-    let micros = |t: DateTime<Utc>| {
-        lit(ScalarValue::TimestampMicrosecond(
-            Some(t.timestamp_micros()),
-            Some("UTC".into()),
-        ))
-    };
-    let day = |t: DateTime<Utc>| lit(t.date_naive().format("%Y-%m-%d").to_string());
     let mut filter = col(schema::EVENT_TYPE)
         .eq(lit(meter.event_type.as_str()))
         .and(
@@ -632,13 +639,6 @@ pub struct StoredEvent {
 
 /// The latest events matching `filter` (by event time, then id), at most `filter.limit`.
 pub async fn list_events(ctx: &SessionContext, filter: &EventFilter) -> Result<Vec<StoredEvent>> {
-    let micros = |t: DateTime<Utc>| {
-        lit(ScalarValue::TimestampMicrosecond(
-            Some(t.timestamp_micros()),
-            Some("UTC".into()),
-        ))
-    };
-    let day = |t: DateTime<Utc>| lit(t.date_naive().format("%Y-%m-%d").to_string());
     let mut predicate = lit(true);
     let contains = |column: &str, text: &str| {
         datafusion::functions::expr_fn::strpos(col(column), lit(text)).gt(lit(0))
