@@ -130,6 +130,24 @@ pub async fn run(
                             m.event_type
                         )?;
                     }
+                    for f in &snapshot.features {
+                        let filters: Vec<String> = f
+                            .meter_group_by_filters
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
+                        writeln!(
+                            out,
+                            "feature {} (meter {}{})",
+                            f.key,
+                            f.meter_slug,
+                            if filters.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" where {}", filters.join(", "))
+                            }
+                        )?;
+                    }
                 }
                 (Kind::Catalog, _) => {
                     let catalog = Catalog {
@@ -137,6 +155,7 @@ pub async fn run(
                         addons: snapshot.addons,
                         skus: snapshot.skus,
                         meters: snapshot.meters,
+                        features: snapshot.features,
                     };
                     writeln!(out, "{}", serde_json::to_string(&catalog)?)?;
                 }

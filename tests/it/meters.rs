@@ -920,3 +920,310 @@ async fn with_metering_alone_customers_without_a_definition_are_metered() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(invoices, json!([]));
 }
+
+const BOUND: &str = r#"
+    [[plans]]
+    id = "ci"
+    name = "CI"
+    [plans.features.build_minutes]
+    kind = "metered"
+    limit = 100
+    [plans.features.concurrent_builds]
+    kind = "metered"
+    limit = 3
+    period = "day"
+    [plans.features.main_builds]
+    kind = "metered"
+    limit = 1
+    enforcement = "soft"
+
+    [[meters]]
+    slug = "build_minutes"
+    event_type = "build"
+    aggregation = "SUM"
+    value_property = "$.minutes"
+    group_by = { repo = "$.repo" }
+
+    [[meters]]
+    slug = "running"
+    event_type = "build"
+    aggregation = "MAX"
+    value_property = "$.running"
+
+    [[meters]]
+    slug = "builds"
+    event_type = "build"
+    aggregation = "COUNT"
+    group_by = { repo = "$.repo" }
+
+    [[features]]
+    key = "build_minutes"
+    meter = "build_minutes"
+
+    [[features]]
+    key = "concurrent_builds"
+    meter = "running"
+
+    [[features]]
+    key = "main_builds"
+    meterSlug = "builds"
+    meterGroupByFilters = { repo = "main" }
+"#;
+
+/// Publishes `build` events of ana's as one batch: (id, minutes, running, repo), a minute
+/// apart from 2026-11-10 10:00 UTC on.
+async fn builds(h: &Harness, events: &[(&str, Value, u32, &str)]) {
+    let batch: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (id, minutes, running, repo))| {
+            json!({
+                "specversion": "1.0", "id": id, "source": "ci", "type": "build", "subject": "ana",
+                "time": format!("2026-11-10T10:{i:02}:00Z"),
+                "data": {"minutes": minutes, "running": running, "repo": repo},
+            })
+        })
+        .collect();
+    h.nats
+        .jetstream
+        .publish(
+            tally_core::subject::events_subject("ana"),
+            serde_json::to_vec(&batch).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Usage of ana's feature as the entitlement-value route reports it.
+async fn usage_of(api: &TestApi, feature: &str) -> f64 {
+    let (status, value) = call(
+        api,
+        Method::GET,
+        &format!("/api/v1/customers/ana/entitlements/{feature}/value?time=2026-11-10T12:00:00Z"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{feature}: {value}");
+    value["usage"].as_f64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_bound_to_meters_enforce_what_the_meters_read_through_a_restart() {
+    let h = Harness::start().await;
+    h.define(BOUND, "[[customers]]\nid = \"ana\"\nplan = \"ci\"\n")
+        .await;
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    builds(
+        &h,
+        &[
+            ("b1", json!(30), 1, "main"),
+            ("b2", json!("50"), 3, "docs"),
+            // A fourth concurrent build: refused whole, its minutes not counted either.
+            ("b3", json!(10), 4, "docs"),
+            // A value the minutes meter cannot read: dead-lettered, nothing else lost.
+            ("b4", json!("soon"), 1, "main"),
+            // 80 + 30 minutes would pass the 100 allowed.
+            ("b5", json!(30), 2, "docs"),
+            // 100 minutes exactly; the second build of `main` is over its soft limit.
+            ("b6", json!(20), 2, "main"),
+        ],
+    )
+    .await;
+    h.drain(&pipeline, 5).await;
+    let dead = h.dead_letters().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].reason.as_str(), dead[0].field.as_deref()),
+        ("unreadable_value", Some("data.minutes"))
+    );
+    assert!(
+        dead[0].error.contains("\"soon\"") && dead[0].error.contains("build_minutes"),
+        "{}",
+        dead[0].error
+    );
+    let api = h.api_with(pipeline.local_checks.clone()).await;
+    let (status, rows) = call(
+        &api,
+        Method::POST,
+        "/api/v1/sql",
+        Some(json!({"query": "SELECT event_id, decision FROM events ORDER BY event_id"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rows}");
+    assert_eq!(
+        rows,
+        json!([
+            {"event_id": "b1", "decision": "accepted"},
+            {"event_id": "b2", "decision": "accepted"},
+            {"event_id": "b3", "decision": "limit_reached"},
+            {"event_id": "b5", "decision": "limit_reached"},
+            {"event_id": "b6", "decision": "overage"},
+        ])
+    );
+    assert_eq!(usage_of(&api, "build_minutes").await, 100.0);
+    assert_eq!(usage_of(&api, "concurrent_builds").await, 3.0);
+    assert_eq!(usage_of(&api, "main_builds").await, 2.0);
+    // The meters, queried over the lake, read what the entitlements counted.
+    for (meter, want) in [("build_minutes", 100.0), ("running", 3.0)] {
+        let (status, body) = call(
+            &api,
+            Method::GET,
+            &format!("/api/v1/meters/{meter}/query?filterCustomerId=ana"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        close(&body["data"][0]["value"], want, meter);
+    }
+    pipeline.shutdown().await.unwrap();
+
+    // After a restart the counts stand: one more minute is refused.
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let api = h.api_with(pipeline.local_checks.clone()).await;
+    builds(&h, &[("b7", json!(1), 1, "docs")]).await;
+    h.drain(&pipeline, 6).await;
+    assert_eq!(usage_of(&api, "build_minutes").await, 100.0);
+    let (_, rows) = call(
+        &api,
+        Method::POST,
+        "/api/v1/sql",
+        Some(json!({"query": "SELECT decision FROM events WHERE event_id = 'b7'"})),
+    )
+    .await;
+    assert_eq!(rows, json!([{"decision": "limit_reached"}]));
+    pipeline.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_are_created_refused_enforced_and_archived_as_openmeter_clients_expect() {
+    let h = Harness::start().await;
+    let catalog = format!(
+        "{CATALOG}\n[plans.features.gpt_prompts]\nkind = \"metered\"\nlimit = 1\n\n\
+         [[meters]]\nslug = \"tokens_avg\"\nevent_type = \"prompt\"\naggregation = \"AVG\"\n\
+         value_property = \"$.tokens\"\n"
+    );
+    h.define(&catalog, CUSTOMERS).await;
+    let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
+    let api = h.api().await;
+    let feature = json!({
+        "key": "gpt_prompts", "name": "GPT prompts", "meterSlug": "prompts",
+        "meterGroupByFilters": {"model": "gpt-4o"}, "metadata": {"team": "ml"},
+    });
+    let (status, created) = call(
+        &api,
+        Method::POST,
+        "/api/v1/features",
+        Some(feature.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 26, "{created}");
+    assert_eq!(created["meterGroupByFilters"], json!({"model": "gpt-4o"}));
+    assert!(created["createdAt"].is_string(), "{created}");
+    let (status, again) = call(&api, Method::POST, "/api/v1/features", Some(feature)).await;
+    assert_eq!(
+        (status, again["field"].as_str()),
+        (StatusCode::CONFLICT, Some("key")),
+        "{again}"
+    );
+    for (body, field, says) in [
+        (
+            json!({"key": "x", "meterSlug": "nope"}),
+            "meterSlug",
+            "no meter",
+        ),
+        (
+            json!({"key": "x", "meterSlug": "tokens_avg"}),
+            "meterSlug",
+            "AVG",
+        ),
+        (
+            json!({"key": "x", "meterSlug": "prompts", "meterGroupByFilters": {"repo": "a"}}),
+            "meterGroupByFilters.repo",
+            "no group-by",
+        ),
+        (json!({"key": "", "meterSlug": "prompts"}), "key", "empty"),
+    ] {
+        let (status, problem) =
+            call(&api, Method::POST, "/api/v1/features", Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {problem}");
+        assert_eq!(problem["field"], field, "{body}: {problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(says),
+            "{problem}"
+        );
+    }
+    let (_, listed) = call(&api, Method::GET, "/api/v1/features", None).await;
+    assert_eq!(listed, json!([created]));
+    for path in [
+        format!("/api/v1/features/{id}"),
+        "/api/v1/features/gpt_prompts".to_owned(),
+    ] {
+        let (status, one) = call(&api, Method::GET, &path, None).await;
+        assert_eq!((status, &one), (StatusCode::OK, &created), "{path}");
+    }
+
+    // Bound: ana's second gpt-4o prompt is over the limit of 1; a claude prompt is not the
+    // feature's, and counts for its own (`prompt`, unlimited).
+    let prompt = |id: &str, model: &str| {
+        json!({
+            "specversion": "1.0", "id": id, "source": "app", "type": "prompt", "subject": "ana",
+            "time": "2026-11-10T10:00:00Z", "data": {"model": model, "tokens": 5},
+        })
+    };
+    let send = |events: Vec<Value>| {
+        api.request(Method::POST, "/api/v1/events", Some(&api.admin))
+            .header("content-type", "application/cloudevents-batch+json")
+            .json(&events)
+            .send()
+    };
+    let response = send(vec![
+        prompt("p1", "gpt-4o"),
+        prompt("p2", "gpt-4o"),
+        prompt("p3", "claude"),
+    ])
+    .await
+    .unwrap();
+    assert!(response.status().is_success());
+    h.drain(&pipeline, 3).await;
+    // Archived, it binds nothing: gpt-4o prompts count for `prompt` again.
+    let (status, _) = call(&api, Method::DELETE, "/api/v1/features/gpt_prompts", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, gone) = call(&api, Method::GET, &format!("/api/v1/features/{id}"), None).await;
+    assert_eq!(
+        (status, gone["field"].as_str()),
+        (StatusCode::NOT_FOUND, Some("featureId"))
+    );
+    let (_, listed) = call(
+        &api,
+        Method::GET,
+        "/api/v1/features?includeArchived=true",
+        None,
+    )
+    .await;
+    assert!(listed[0]["archivedAt"].is_string(), "{listed}");
+    let response = send(vec![prompt("p4", "gpt-4o")]).await.unwrap();
+    assert!(response.status().is_success());
+    h.drain(&pipeline, 4).await;
+    let (status, rows) = call(
+        &api,
+        Method::POST,
+        "/api/v1/sql",
+        Some(json!({"query": "SELECT event_id, decision FROM events ORDER BY event_id"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rows}");
+    assert_eq!(
+        rows,
+        json!([
+            {"event_id": "p1", "decision": "accepted"},
+            {"event_id": "p2", "decision": "limit_reached"},
+            {"event_id": "p3", "decision": "accepted"},
+            {"event_id": "p4", "decision": "accepted"},
+        ])
+    );
+    pipeline.shutdown().await.unwrap();
+}

@@ -525,13 +525,16 @@ mod tests {
         let columnar = Columnar::decode(&bytes, &limits).unwrap();
         let reasons: Vec<_> = columnar
             .events(&limits)
-            .map(|e| e.map(|_| ()).map_err(|i| (i.reason, i.field)))
+            .map(|e| {
+                e.map(|_| ())
+                    .map_err(|i| (i.reason, i.field.as_deref().map(str::to_owned)))
+            })
             .collect();
         assert_eq!(
             reasons,
             [
-                Err((Reason::NegativeQuantity, Some("data.quantity"))),
-                Err((Reason::EmptyField, Some("id")))
+                Err((Reason::NegativeQuantity, Some("data.quantity".to_owned()))),
+                Err((Reason::EmptyField, Some("id".to_owned())))
             ]
         );
         let json: serde_json::Value = serde_json::from_slice(&columnar.row_json(1)).unwrap();
@@ -730,7 +733,7 @@ mod tests {
         .unwrap();
         let err = Columnar::decode(&ipc(&batch), &DecodeLimits::default()).unwrap_err();
         assert_eq!(
-            (err.reason, err.field),
+            (err.reason, err.field.as_deref()),
             (Reason::MissingField, Some("type"))
         );
     }

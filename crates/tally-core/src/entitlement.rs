@@ -357,6 +357,9 @@ pub struct Catalog {
     /// Meters (OpenMeter's definitions): what usage the events' `data` carries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub meters: Vec<crate::meter::Meter>,
+    /// Features bound to meters: their entitlements count what the meter reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<crate::meter::Feature>,
 }
 
 /// One flaw in a definition: the field's path (`plans[1].features.calls.limit`) and what
@@ -463,6 +466,19 @@ impl Catalog {
                 c.flag(
                     format!("meters[{i}].slug"),
                     format!("{:?} appears twice", m.slug),
+                );
+            }
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for (i, f) in self.features.iter().enumerate() {
+            // A meter stored before is checked where the file is applied.
+            let meter = self.meters.iter().find(|m| m.slug == f.meter_slug);
+            c.problems
+                .extend(f.problems(&format!("features[{i}]"), meter));
+            if !keys.insert(f.key.as_str()) {
+                c.flag(
+                    format!("features[{i}].key"),
+                    format!("{:?} appears twice", f.key),
                 );
             }
         }

@@ -126,11 +126,14 @@ pub enum Reason {
     NotArrow,
     /// `time` lies further ahead of the moment the event was received than allowed.
     FutureTime,
+    /// A meter that a feature is bound to cannot read its value from the event's `data`
+    /// (the property is missing, or not a number where the meter sums or compares).
+    UnreadableValue,
 }
 
 impl Reason {
     /// Every reason, in a stable order.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::NotJson,
         Reason::NotAnObject,
         Reason::MissingField,
@@ -147,6 +150,7 @@ impl Reason {
         Reason::SubjectMismatch,
         Reason::NotArrow,
         Reason::FutureTime,
+        Reason::UnreadableValue,
     ];
 
     /// The stable code.
@@ -168,6 +172,7 @@ impl Reason {
             Reason::SubjectMismatch => "subject_mismatch",
             Reason::NotArrow => "not_arrow",
             Reason::FutureTime => "future_time",
+            Reason::UnreadableValue => "unreadable_value",
         }
     }
 
@@ -188,19 +193,15 @@ impl fmt::Display for Reason {
 pub struct Invalid {
     pub reason: Reason,
     /// Dotted path of the offending field (`data.quantity`), if one field is to blame.
-    pub field: Option<&'static str>,
+    pub field: Option<Cow<'static, str>>,
     pub message: String,
 }
 
 impl Invalid {
-    pub(crate) fn new(
-        reason: Reason,
-        field: Option<&'static str>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn new(reason: Reason, field: Option<&'static str>, message: impl Into<String>) -> Self {
         Self {
             reason,
-            field,
+            field: field.map(Cow::Borrowed),
             message: message.into(),
         }
     }
@@ -829,7 +830,7 @@ mod tests {
         );
         let refused = limits.check_time(at(301), received).unwrap_err();
         assert_eq!(refused.reason, Reason::FutureTime);
-        assert_eq!(refused.field, Some("time"));
+        assert_eq!(refused.field.as_deref(), Some("time"));
         assert!(refused.message.contains("301 s"), "{}", refused.message);
     }
 
@@ -877,7 +878,7 @@ mod tests {
             ))
             .unwrap_err();
             assert_eq!(
-                (flaw.reason, flaw.field),
+                (flaw.reason, flaw.field.as_deref()),
                 (reason, Some("data.quantity")),
                 "{quantity}"
             );
@@ -963,16 +964,16 @@ mod tests {
             );
             one(&json)
                 .map(|e| e.quantity)
-                .map_err(|e| (e.reason, e.field))
+                .map_err(|e| (e.reason, e.field.map(String::from)))
         };
-        let q = Some("data.quantity");
-        assert_eq!(with("-1"), Err((Reason::NegativeQuantity, q)));
-        assert_eq!(with("1e999"), Err((Reason::NonFiniteQuantity, q)));
-        assert_eq!(with("\"NaN\""), Err((Reason::NonFiniteQuantity, q)));
-        assert_eq!(with("\"-Infinity\""), Err((Reason::NonFiniteQuantity, q)));
+        let q = || Some("data.quantity".to_owned());
+        assert_eq!(with("-1"), Err((Reason::NegativeQuantity, q())));
+        assert_eq!(with("1e999"), Err((Reason::NonFiniteQuantity, q())));
+        assert_eq!(with("\"NaN\""), Err((Reason::NonFiniteQuantity, q())));
+        assert_eq!(with("\"-Infinity\""), Err((Reason::NonFiniteQuantity, q())));
         assert_eq!(with("\"5\""), Ok(5.0));
-        assert_eq!(with("\"five\""), Err((Reason::WrongType, q)));
-        assert_eq!(with("true"), Err((Reason::WrongType, q)));
+        assert_eq!(with("\"five\""), Err((Reason::WrongType, q())));
+        assert_eq!(with("true"), Err((Reason::WrongType, q())));
         assert_eq!(with("null"), Ok(1.0));
         assert_eq!(with("0"), Ok(0.0));
     }

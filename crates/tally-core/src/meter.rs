@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::entitlement::Problem;
+use crate::event::{Event, Invalid, Reason};
 
 /// A meter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,11 +148,7 @@ impl Meter {
         let mut problems = Vec::new();
         let mut flag = |field: &str, message: String| {
             problems.push(Problem {
-                field: if at.is_empty() {
-                    field.to_owned()
-                } else {
-                    format!("{at}.{field}")
-                },
+                field: under(at, field),
                 message,
             });
         };
@@ -260,6 +257,298 @@ impl Meter {
             }
             Some(_) => None,
         }
+    }
+}
+
+/// A feature whose usage a meter measures (OpenMeter's feature with a `meterSlug`):
+/// the entitlements of plans and add-ons to `key` count what the meter reads of each
+/// event of its type, for the events whose group-by values are `meterGroupByFilters`.
+///
+/// A `SUM` or `COUNT` meter counts as a metered feature always has; a `UNIQUE_COUNT`
+/// meter counts each distinct value once per period; a `MAX` or `LATEST` meter holds the
+/// period's highest or latest value, and the limit bounds that value ("at most 10
+/// concurrent builds"). `AVG` and `MIN` cannot be bound: no limit on them says what an
+/// event may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Feature {
+    pub key: String,
+    /// Given when first stored (26 characters, as OpenMeter's ids); empty in a file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The meter, by slug.
+    #[serde(alias = "meter", alias = "meter_slug")]
+    pub meter_slug: String,
+    /// Group-by names of the meter to the value an event must have to count.
+    #[serde(
+        default,
+        alias = "filters",
+        alias = "meter_group_by_filters",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub meter_group_by_filters: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Set when stored.
+    #[serde(default, alias = "created_at", skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+    #[serde(default, alias = "updated_at", skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Set when archived (OpenMeter's delete): kept for the record, binding nothing; its
+    /// key may then be defined again.
+    #[serde(
+        default,
+        alias = "archived_at",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub archived_at: Option<DateTime<Utc>>,
+}
+
+impl Feature {
+    pub fn is_archived(&self) -> bool {
+        self.archived_at.is_some()
+    }
+
+    /// Every flaw in the definition, each field named under `at` (`features[0]`, or
+    /// empty), with its `meter` when it is known (`None`: only the feature's own fields are
+    /// checked; see [`Feature::no_meter`]).
+    pub fn problems(&self, at: &str, meter: Option<&Meter>) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut flag = |field: &str, message: String| {
+            problems.push(Problem {
+                field: under(at, field),
+                message,
+            });
+        };
+        let max = crate::entitlement::MAX_ID_LEN;
+        if self.key.is_empty() {
+            flag("key", "must not be empty".to_owned());
+        } else if self.key.len() > max {
+            flag(
+                "key",
+                format!("is {} bytes; the limit is {max}", self.key.len()),
+            );
+        }
+        if let Err(message) = check_slug(&self.meter_slug) {
+            flag("meterSlug", message);
+            return problems;
+        }
+        let Some(meter) = meter else {
+            return problems;
+        };
+        if meter.is_deleted() {
+            flag(
+                "meterSlug",
+                format!("meter {:?} is deleted", self.meter_slug),
+            );
+            return problems;
+        }
+        if Measure::of(meter.aggregation).is_none() {
+            flag(
+                "meterSlug",
+                format!(
+                    "meter {:?} aggregates by {}: a limit can bind SUM, COUNT, UNIQUE_COUNT, MAX \
+                     and LATEST meters only",
+                    meter.slug, meter.aggregation
+                ),
+            );
+        }
+        for name in self.meter_group_by_filters.keys() {
+            if !meter.group_by.contains_key(name) {
+                flag(
+                    &format!("meterGroupByFilters.{name}"),
+                    format!("meter {:?} has no group-by {name:?}", meter.slug),
+                );
+            }
+        }
+        problems
+    }
+
+    /// The problem of a feature whose meter does not exist.
+    pub fn no_meter(&self, at: &str) -> Problem {
+        Problem {
+            field: under(at, "meterSlug"),
+            message: format!("there is no meter {:?}", self.meter_slug),
+        }
+    }
+}
+
+/// How an entitlement counts a bound meter's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Measure {
+    /// Adds each value (a `COUNT` meter's value is 1).
+    Sum,
+    /// Counts each distinct value once per period.
+    Distinct,
+    /// Holds the period's highest value.
+    Max,
+    /// Holds the value of the period's latest event (by event time).
+    Latest,
+}
+
+impl Measure {
+    /// The measure of a meter's aggregation; `None` for `AVG` and `MIN`.
+    pub fn of(aggregation: Aggregation) -> Option<Measure> {
+        match aggregation {
+            Aggregation::Sum | Aggregation::Count => Some(Measure::Sum),
+            Aggregation::UniqueCount => Some(Measure::Distinct),
+            Aggregation::Max => Some(Measure::Max),
+            Aggregation::Latest => Some(Measure::Latest),
+            Aggregation::Avg | Aggregation::Min => None,
+        }
+    }
+}
+
+/// A feature bound to a live meter, ready to read events: what the ingest worker and the
+/// worker's replay after a take-over both use, so that both read an event the same way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub feature: String,
+    pub meter: String,
+    pub event_type: String,
+    pub measure: Measure,
+    /// `None`: a `COUNT` meter (each event is 1).
+    value: Option<JsonPath>,
+    numeric: bool,
+    /// Group-by paths and the value each must have.
+    filters: Vec<(JsonPath, String)>,
+    /// Events before this time are not metered (the meter's `eventFrom`, µs).
+    from: i64,
+}
+
+/// What a binding reads of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reading {
+    /// The event is not the meter's to count (a group-by filter or `eventFrom` excludes it).
+    Skip,
+    /// A value to add, or to compare with the limit.
+    Quantity(f64),
+    /// A `UNIQUE_COUNT` meter's value, as text.
+    Distinct(String),
+}
+
+impl Binding {
+    /// The binding of `feature` to `meter`; `None` when the feature is archived or the
+    /// pair has problems ([`Feature::problems`]).
+    pub fn new(feature: &Feature, meter: &Meter) -> Option<Binding> {
+        if feature.is_archived()
+            || !feature.problems("", Some(meter)).is_empty()
+            || !meter.problems("").is_empty()
+        {
+            return None;
+        }
+        let filters = feature
+            .meter_group_by_filters
+            .iter()
+            .map(|(name, want)| {
+                Some((
+                    JsonPath::parse(meter.group_by.get(name)?).ok()?,
+                    want.clone(),
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Binding {
+            feature: feature.key.clone(),
+            meter: meter.slug.clone(),
+            event_type: meter.event_type.clone(),
+            measure: Measure::of(meter.aggregation)?,
+            value: meter.value_path(),
+            numeric: meter.aggregation.is_numeric(),
+            filters,
+            from: meter.event_from.map_or(i64::MIN, |t| t.timestamp_micros()),
+        })
+    }
+
+    /// What the meter reads of `event` (of the meter's type, at `time` µs). `data` holds
+    /// the event's other `data` properties once parsed, shared by the bindings of one
+    /// event. A value the meter needs and cannot read is an [`Invalid`] naming its field.
+    pub fn read(
+        &self,
+        event: &Event<'_>,
+        time: i64,
+        data: &mut Option<Value>,
+    ) -> Result<Reading, Invalid> {
+        if time < self.from {
+            return Ok(Reading::Skip);
+        }
+        for (path, want) in &self.filters {
+            if event_text(path, event, data).as_deref() != Some(want.as_str()) {
+                return Ok(Reading::Skip);
+            }
+        }
+        let Some(path) = &self.value else {
+            return Ok(Reading::Quantity(1.0));
+        };
+        let unreadable = |message: String| {
+            let mut invalid = Invalid::new(Reason::UnreadableValue, None, message);
+            invalid.field = Some(std::borrow::Cow::Owned(path.field()));
+            invalid
+        };
+        let Some(text) = event_text(path, event, data) else {
+            return Err(unreadable(format!(
+                "`{}` is missing or not a value: feature {:?} is metered by {:?}, which reads {path}",
+                path.field(),
+                self.feature,
+                self.meter
+            )));
+        };
+        if !self.numeric {
+            return Ok(Reading::Distinct(text));
+        }
+        match number(&text) {
+            Some(n) if n < 0.0 && self.measure == Measure::Sum => Err(unreadable(format!(
+                "`{}` is {n}: feature {:?} adds up meter {:?}'s values, which must be ≥ 0",
+                path.field(),
+                self.feature,
+                self.meter
+            ))),
+            Some(n) => Ok(Reading::Quantity(n)),
+            None => Err(unreadable(format!(
+                "`{}` is {text:?}, not a number: feature {:?} is metered by {:?} ({}), which reads a number",
+                path.field(),
+                self.feature,
+                self.meter,
+                match self.measure {
+                    Measure::Sum => "SUM",
+                    Measure::Max => "MAX",
+                    Measure::Latest => "LATEST",
+                    Measure::Distinct => "UNIQUE_COUNT",
+                }
+            ))),
+        }
+    }
+}
+
+/// The text at `path` of an event, as the lake's meter queries read it: Tally's own
+/// properties from their fields, the rest from the other `data` properties (parsed into
+/// `data` the first time one is needed).
+fn event_text(path: &JsonPath, event: &Event<'_>, data: &mut Option<Value>) -> Option<String> {
+    match path.own_property() {
+        Some(OwnProperty::Quantity) => Some(event.quantity.to_string()),
+        Some(OwnProperty::Feature) => Some(event.feature.to_string()),
+        Some(OwnProperty::Region) => event.region.as_deref().map(str::to_owned),
+        Some(OwnProperty::User) => event.user.as_deref().map(str::to_owned),
+        None => {
+            let data = data.get_or_insert_with(|| {
+                event
+                    .extra
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str(text).ok())
+                    .unwrap_or(Value::Null)
+            });
+            path.text(data)
+        }
+    }
+}
+
+/// `field` named under `at` (`meters[0]`), or alone when `at` is empty.
+fn under(at: &str, field: &str) -> String {
+    if at.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{at}.{field}")
     }
 }
 

@@ -48,6 +48,10 @@ pub struct Counter {
     pub notified: u32,
     /// The feature's own seats.
     pub seats: Option<Seats>,
+    /// The distinct values a `UNIQUE_COUNT` feature counted in the period (`users` holds
+    /// their keys). Checkpoints before it (`TALLYCK1`) have none.
+    #[serde(default)]
+    pub values: Option<Seats>,
 }
 
 /// A grant's balance, with the terms it was granted on (a balance carries over only to a

@@ -1,8 +1,8 @@
 //! The entitlement definitions in NATS key-value buckets, and their audit trail.
 //!
-//! Plans, add-ons, SKU mappings and meters live in the `tally_catalog` bucket (keys
-//! `plan.<key>`, `addon.<key>`, `sku.<key>`, `meter.<slug>`; a deleted meter stays, marked
-//! `deletedAt`), customers in `tally_customers` (key: the customer id by
+//! Plans, add-ons, SKU mappings, meters and features bound to meters live in the
+//! `tally_catalog` bucket (keys `plan.<key>`, `addon.<key>`, `sku.<key>`, `meter.<slug>`,
+//! `feature.<key>`; a deleted meter stays, marked `deletedAt`), customers in `tally_customers` (key: the customer id by
 //! [`kv_key`]), each value the definition as JSON. Every change is also appended to the
 //! `TALLY_AUDIT` stream: who, when, which definition, before and after. Applying a
 //! definition equal to the stored one changes nothing and audits nothing.
@@ -18,7 +18,7 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tally_core::entitlement::{AddOn, Catalog, Customer, Customers, Plan, Sku};
-use tally_core::meter::Meter;
+use tally_core::meter::{Feature, Meter};
 use tally_core::subject::{
     AUDIT_PREFIX, AUDIT_STREAM, CATALOG_BUCKET, CUSTOMERS_BUCKET, customer_token, kv_key,
 };
@@ -113,7 +113,21 @@ pub enum MeterRefused {
     Definitions(#[from] Error),
 }
 
-/// A new meter's id: a UUID v7's bits in OpenMeter's 26-character form.
+/// Why a feature was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureRefused {
+    #[error("feature {0:?} exists: archive it first")]
+    Exists(String),
+    /// A flaw of the definition, or its meter missing or not bindable.
+    #[error("{0}")]
+    Invalid(tally_core::entitlement::Problem),
+    #[error("no such feature")]
+    Missing,
+    #[error(transparent)]
+    Definitions(#[from] Error),
+}
+
+/// A new meter's or feature's id: a UUID v7's bits in OpenMeter's 26-character form.
 fn new_meter_id() -> String {
     tally_core::meter::ulid_text(uuid::Uuid::now_v7().as_u128())
 }
@@ -126,6 +140,8 @@ pub struct Snapshot {
     pub skus: Vec<Sku>,
     /// Meters, the deleted ones included.
     pub meters: Vec<Meter>,
+    /// Features bound to meters.
+    pub features: Vec<Feature>,
     pub customers: Vec<Customer>,
 }
 
@@ -208,7 +224,120 @@ impl Definitions {
             })?;
             applied.push(done);
         }
+        for (i, f) in catalog.features.iter().enumerate() {
+            let at = format!("features[{i}]");
+            let (_, done) = self
+                .put_feature(f, &at, actor, false)
+                .await
+                .map_err(|e| match e {
+                    FeatureRefused::Definitions(e) => e,
+                    other => Error::Definition(other.to_string()),
+                })?;
+            applied.push(done);
+        }
         Ok(applied)
+    }
+
+    /// Writes feature `feature.key` bound to a meter, once its meter is known to be live
+    /// and bindable (a flaw named under `at`, `features[0]` say, or empty), keeping its
+    /// `createdAt`; an archived feature's key makes a new feature. A live feature is
+    /// refused with [`FeatureRefused::Exists`] under `only_create`.
+    pub async fn put_feature(
+        &self,
+        feature: &Feature,
+        at: &str,
+        actor: &str,
+        only_create: bool,
+    ) -> std::result::Result<(Feature, Applied), FeatureRefused> {
+        let meter = self.meter(&feature.meter_slug).await?;
+        let mut problems = feature.problems(at, meter.as_ref());
+        if meter.is_none() && problems.is_empty() {
+            problems.push(feature.no_meter(at));
+        }
+        if let Some(p) = problems.into_iter().next() {
+            return Err(FeatureRefused::Invalid(p));
+        }
+        let now = Utc::now();
+        self.modify(
+            &self.catalog,
+            "feature",
+            &feature.key,
+            actor,
+            |stored: Option<Feature>| {
+                let mut next = feature.clone();
+                next.archived_at = None;
+                match stored.filter(|f| !f.is_archived()) {
+                    Some(_) if only_create => Err(FeatureRefused::Exists(feature.key.clone())),
+                    Some(live) => {
+                        next.id = live.id.clone();
+                        next.created_at = live.created_at;
+                        next.updated_at = live.updated_at;
+                        if next != live {
+                            next.updated_at = Some(now);
+                        }
+                        Ok(next)
+                    }
+                    None => {
+                        next.id = new_meter_id();
+                        next.created_at = Some(now);
+                        next.updated_at = Some(now);
+                        Ok(next)
+                    }
+                }
+            },
+            |f| &f.key,
+        )
+        .await
+    }
+
+    /// Archives feature `key` (kept for the record, binding nothing); `None` when there is
+    /// no live feature of that key.
+    pub async fn archive_feature(&self, key: &str, actor: &str) -> Result<Option<Feature>> {
+        let outcome = self
+            .modify(
+                &self.catalog,
+                "feature",
+                key,
+                actor,
+                |stored: Option<Feature>| match stored.filter(|f| !f.is_archived()) {
+                    Some(mut live) => {
+                        let now = Utc::now();
+                        live.archived_at = Some(now);
+                        live.updated_at = Some(now);
+                        Ok(live)
+                    }
+                    None => Err(FeatureRefused::Missing),
+                },
+                |f| &f.key,
+            )
+            .await;
+        match outcome {
+            Ok((feature, _)) => Ok(Some(feature)),
+            Err(FeatureRefused::Missing) => Ok(None),
+            Err(FeatureRefused::Definitions(e)) => Err(e),
+            Err(other) => Err(Error::Definition(other.to_string())),
+        }
+    }
+
+    /// Feature `key` as stored, archived or not.
+    pub async fn feature(&self, key: &str) -> Result<Option<Feature>> {
+        self.get(&self.catalog, "feature", key).await
+    }
+
+    /// The live feature known by `id_or_key` (its key, or the id OpenMeter's clients
+    /// hold).
+    pub async fn live_feature(&self, id_or_key: &str) -> Result<Option<Feature>> {
+        if let Some(f) = self.feature(id_or_key).await?
+            && !f.is_archived()
+        {
+            return Ok(Some(f));
+        }
+        Ok(self
+            .load_catalog()
+            .await?
+            .features
+            .into_iter()
+            .find(|f| !f.is_archived() && f.id == id_or_key))
     }
 
     pub async fn apply_customers(
@@ -234,6 +363,7 @@ impl Definitions {
             addons: catalog.addons,
             skus: catalog.skus,
             meters: catalog.meters,
+            features: catalog.features,
             customers: self.load_customers().await?,
         })
     }
@@ -256,6 +386,9 @@ impl Definitions {
                     .push(serde_json::from_value(value).map_err(bad)?),
                 Some(("meter", _)) => catalog
                     .meters
+                    .push(serde_json::from_value(value).map_err(bad)?),
+                Some(("feature", _)) => catalog
+                    .features
                     .push(serde_json::from_value(value).map_err(bad)?),
                 _ => tracing::warn!(key, "unexpected key in the catalogue bucket"),
             }

@@ -24,6 +24,7 @@ use async_nats::jetstream::kv::{Entry, Operation, Store};
 use async_nats::jetstream::response::Response;
 use futures::StreamExt;
 use tally_core::entitlement::{AddOn, Customer, Plan};
+use tally_core::meter::{Feature, Meter};
 use tally_core::partitions::Partitions;
 use tally_core::subject::{CATALOG_BUCKET, CUSTOMERS_BUCKET, id_from_kv_key};
 use tally_quota::Engine;
@@ -319,6 +320,22 @@ impl Entitlements {
                     parse("addon").and_then(|v| serde_json::from_value::<AddOn>(v).ok())
                 {
                     self.each_engine(|e| e.upsert_addon(a.clone()));
+                }
+            }
+            ("meter", false) => self.each_engine(|e| e.remove_meter(&id)),
+            ("meter", true) => {
+                if let Some(m) =
+                    parse("meter").and_then(|v| serde_json::from_value::<Meter>(v).ok())
+                {
+                    self.each_engine(|e| e.upsert_meter(m.clone()));
+                }
+            }
+            ("feature", false) => self.each_engine(|e| e.remove_feature(&id)),
+            ("feature", true) => {
+                if let Some(f) =
+                    parse("feature").and_then(|v| serde_json::from_value::<Feature>(v).ok())
+                {
+                    self.each_engine(|e| e.upsert_feature(f.clone()));
                 }
             }
             // SKU mappings are for orders, not for deciding events.

@@ -154,7 +154,7 @@ async fn record_one(
         field: field.map(str::to_owned),
     };
     let event = match Frame::decode(payload, limits) {
-        Err(invalid) => return refuse(String::new(), invalid.message, invalid.field),
+        Err(invalid) => return refuse(String::new(), invalid.message, invalid.field.as_deref()),
         Ok(frame) if frame.is_batch => {
             return refuse(
                 String::new(),
@@ -164,13 +164,15 @@ async fn record_one(
         }
         Ok(frame) => match frame.events.into_iter().next() {
             Some(Ok(event)) => event,
-            Some(Err(invalid)) => return refuse(String::new(), invalid.message, invalid.field),
+            Some(Err(invalid)) => {
+                return refuse(String::new(), invalid.message, invalid.field.as_deref());
+            }
             None => return refuse(String::new(), "no event".to_owned(), None),
         },
     };
     let id = event.id.to_string();
     if let Err(invalid) = limits.check_time(event.time, chrono::Utc::now().timestamp_micros()) {
-        return refuse(id, invalid.message, invalid.field);
+        return refuse(id, invalid.message, invalid.field.as_deref());
     }
     if let Err(e) = crate::checks::sent_for(token, &event.subject) {
         return refuse(id, e.error, Some("subject"));

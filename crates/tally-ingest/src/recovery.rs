@@ -10,6 +10,7 @@
 
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, TimestampMicrosecondType, UInt64Type};
+use tally_core::event::Event;
 use tally_core::partitions::Partitions;
 use tally_core::snapshot::Snapshot;
 use tally_core::{Decision, Fence, schema};
@@ -200,14 +201,41 @@ fn replay(engine: &mut tally_quota::Engine, rows: &Rows<'_>, i: usize, notices: 
     let Some(decision) = Decision::parse(rows.decision.value(i)) else {
         return;
     };
+    fn text(column: &StringArray, i: usize) -> Option<&str> {
+        column.is_valid(i).then(|| column.value(i))
+    }
     let usage = Usage {
         customer: rows.customer.value(i),
         feature: rows.feature.value(i),
         quantity: rows.quantity[i],
         time: rows.time[i],
-        region: rows.region.is_valid(i).then(|| rows.region.value(i)),
-        user: rows.user.is_valid(i).then(|| rows.user.value(i)),
+        region: text(rows.region, i),
+        user: text(rows.user, i),
     };
+    // Features bound to meters read the event again from its stored `data`.
+    if let Some(bindings) = engine.bindings(rows.event_type.value(i)) {
+        let event = Event {
+            id: rows.id.value(i).into(),
+            source: "".into(),
+            event_type: rows.event_type.value(i).into(),
+            subject: usage.customer.into(),
+            time: None,
+            feature: usage.feature.into(),
+            quantity: usage.quantity,
+            region: usage.region.map(Into::into),
+            user: usage.user.map(Into::into),
+            extra: text(rows.data, i).map(str::to_owned),
+        };
+        match tally_quota::readings(&bindings, &event, usage.time) {
+            Ok(readings) if !readings.is_empty() => {
+                engine.replay_readings(&usage, &readings, decision, notices);
+                return;
+            }
+            Ok(_) => {}
+            // Stored under definitions that read it: nothing the bindings of now can count.
+            Err(_) => return,
+        }
+    }
     engine.replay(&usage, decision, notices);
 }
 
@@ -221,6 +249,8 @@ struct Rows<'a> {
     time: &'a [i64],
     region: &'a StringArray,
     user: &'a StringArray,
+    event_type: &'a StringArray,
+    data: &'a StringArray,
     decision: &'a StringArray,
     seq: &'a [u64],
 }
@@ -253,6 +283,8 @@ impl<'a> Rows<'a> {
                 .values(),
             region: text(schema::REGION)?,
             user: text(schema::USER_ID)?,
+            event_type: text(schema::EVENT_TYPE)?,
+            data: text(schema::DATA)?,
             decision: text(schema::DECISION)?,
             seq: column(schema::STREAM_SEQ)?
                 .as_primitive_opt::<UInt64Type>()

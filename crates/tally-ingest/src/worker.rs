@@ -773,7 +773,7 @@ impl Accept<'_, '_> {
         {
             return Some(Invalid {
                 reason: Reason::SubjectMismatch,
-                field: Some("subject"),
+                field: Some("subject".into()),
                 message: format!(
                     "`subject` {:?} is not the customer this message was published for (token {t:?})",
                     event.subject
@@ -783,22 +783,39 @@ impl Accept<'_, '_> {
         if let Err(invalid) = self.limits.check_time(event.time, self.ingest_micros) {
             return Some(invalid);
         }
+        let time = event
+            .time
+            .map_or(self.ingest_micros, |t| t.timestamp_micros());
+        // Features bound to meters of the event's type read it before it is taken: a value
+        // one of them cannot read refuses the event (a corrected resend is then new).
+        let bound = self
+            .engine
+            .as_deref()
+            .and_then(|e| e.bindings(&event.event_type));
+        let readings = match bound
+            .as_deref()
+            .map(|b| tally_quota::readings(b, &event, time))
+        {
+            Some(Err(invalid)) => return Some(invalid),
+            Some(Ok(readings)) => readings,
+            None => Vec::new(),
+        };
         if dedup.first_time(&event.id) {
             let decision = match self.engine.as_deref_mut() {
                 Some(engine) => {
-                    let (decision, plan) = engine.decide_under_plan(
-                        &Usage {
-                            customer: &event.subject,
-                            feature: &event.feature,
-                            quantity: event.quantity,
-                            time: event
-                                .time
-                                .map_or(self.ingest_micros, |t| t.timestamp_micros()),
-                            region: event.region.as_deref(),
-                            user: event.user.as_deref(),
-                        },
-                        self.notices,
-                    );
+                    let usage = Usage {
+                        customer: &event.subject,
+                        feature: &event.feature,
+                        quantity: event.quantity,
+                        time,
+                        region: event.region.as_deref(),
+                        user: event.user.as_deref(),
+                    };
+                    let (decision, plan) = if readings.is_empty() {
+                        engine.decide_under_plan(&usage, self.notices)
+                    } else {
+                        engine.decide_readings(&usage, &readings, self.notices)
+                    };
                     let decision = match decision {
                         Decision::UnknownCustomer if self.meter_unknown => Decision::Metered,
                         d => d,
@@ -853,7 +870,7 @@ async fn dead_letter(
 ) -> Result<PublishAckFuture> {
     let mut headers = HeaderMap::new();
     headers.insert(HDR_REASON, invalid.reason.as_str());
-    if let Some(field) = invalid.field {
+    if let Some(field) = invalid.field.as_deref() {
         headers.insert(HDR_FIELD, field);
     }
     headers.insert(

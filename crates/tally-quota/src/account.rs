@@ -8,6 +8,7 @@ use tally_core::Decision;
 use tally_core::entitlement::{
     AddOn, Customer, Effective, Enforcement, Entitlement, Grant, Plan, Status, UsagePeriod,
 };
+use tally_core::meter::Measure;
 use tally_core::period::bounds;
 use tally_core::snapshot;
 
@@ -34,6 +35,9 @@ pub(crate) struct Metered {
     thresholds: Box<[u32]>,
     next_plan: Option<Box<str>>,
     seats: Option<u32>,
+    /// How the feature counts: quantities added, or a bound meter's distinct values,
+    /// highest or latest value.
+    measure: Measure,
 }
 
 /// The definitions many customers share, so that a counter stays one cache line.
@@ -57,9 +61,12 @@ impl Shared {
         self.off.clone()
     }
 
-    /// The shared definition of an entitlement.
-    fn def(&mut self, entitlement: &Entitlement) -> Arc<Def> {
-        let key = serde_json::to_string(entitlement).unwrap_or_default();
+    /// The shared definition of an entitlement counted by `measure`.
+    fn def(&mut self, entitlement: &Entitlement, measure: Measure) -> Arc<Def> {
+        let key = format!(
+            "{measure:?} {}",
+            serde_json::to_string(entitlement).unwrap_or_default()
+        );
         if let Some(d) = self.defs.get(&key) {
             return d.clone();
         }
@@ -78,6 +85,7 @@ impl Shared {
                     thresholds: thresholds.into(),
                     next_plan: m.next_plan.as_deref().map(Into::into),
                     seats: m.seats,
+                    measure,
                 })
             }
         });
@@ -103,6 +111,7 @@ impl Compiled {
         plan: Option<Arc<Plan>>,
         addons: &[(Arc<AddOn>, u32)],
         shared: &mut Shared,
+        measures: &Map<String, Measure>,
     ) -> Compiled {
         let off = shared.off.clone();
         let Some(plan) = plan else {
@@ -119,7 +128,8 @@ impl Compiled {
             .map(|(name, e)| {
                 // Unlimited, or not metered: no limit.
                 let limit = e.limit().unwrap_or(f64::INFINITY);
-                (name.to_owned(), (shared.def(e.entitlement), limit))
+                let measure = measures.get(name).copied().unwrap_or(Measure::Sum);
+                (name.to_owned(), (shared.def(e.entitlement, measure), limit))
             })
             .collect();
         let seats = Effective::seats(customer, &plan, &held);
@@ -139,7 +149,9 @@ struct Counter {
     end: i64,
     /// Everything counted: within the limit, from grants, and overage.
     used: f64,
-    /// The part counted against the period's limit.
+    /// The part counted against the period's limit. For a feature that holds a bound
+    /// meter's highest or latest value: the time (µs) of the event `used` is from, 0 while
+    /// the period has none.
     base: f64,
     /// Bit i: threshold i was notified; `LIMIT_BIT`: the first refusal was.
     notified: u32,
@@ -393,6 +405,9 @@ pub(crate) struct Account {
     /// its feature is not in the plan, and loses it when the definition drops the grant),
     /// by feature in burn order.
     grants: Box<[GrantState]>,
+    /// The values a `UNIQUE_COUNT` feature counted in its open period, by feature number
+    /// (a seat set without a limit).
+    distinct: Vec<(u32, Seats)>,
     /// The feature number of each slot, sorted (searched for feature numbers past 63).
     keys: Box<[u32]>,
     /// The customer's plan, shared with its other customers: naming the plan of a decision
@@ -439,7 +454,9 @@ impl Account {
             .collect();
         // Burn order: priority, then earliest expiry, then as defined.
         grants.sort_by_key(|g| (g.feature, g.priority, g.expires));
-        if let Some(old) = old {
+        let mut carried: Vec<(u32, Seats)> = Vec::new();
+        if let Some(mut old) = old {
+            carried = std::mem::take(&mut old.distinct);
             for g in grants.iter_mut() {
                 if let Some(o) = old.grants.iter().find(|o| o.same_terms(g)) {
                     g.remaining = o.remaining;
@@ -468,9 +485,27 @@ impl Account {
                 new.users = old.users;
             }
         }
+        let mut distinct: Vec<(u32, Seats)> = slots
+            .iter()
+            .filter_map(|(feature, slot)| match &*slot.def {
+                Def::Metered(m) if m.measure == Measure::Distinct => {
+                    Some((*feature, Seats::new(u32::MAX, m.period)))
+                }
+                _ => None,
+            })
+            .collect();
+        for (feature, set) in &mut distinct {
+            if let Some((_, old)) = carried.iter_mut().find(|(f, _)| f == feature)
+                && old.period == set.period
+            {
+                std::mem::swap(set, old);
+                set.limit = u32::MAX;
+            }
+        }
         slots.sort_unstable_by_key(|(feature, _)| *feature);
         let (keys, slots): (Vec<u32>, Vec<Slot>) = slots.into_iter().unzip();
         Account {
+            distinct,
             valid_from: customer
                 .valid_from
                 .map_or(i64::MIN, |t| t.timestamp_micros()),
@@ -508,6 +543,11 @@ impl Account {
                 s.counter != Counter::EMPTY || s.seats.as_ref().is_some_and(|s| !s.users.is_empty())
             })
             .map(|(&f, s)| snapshot::Counter {
+                values: self
+                    .distinct
+                    .iter()
+                    .find(|(d, set)| *d == f && !set.users.is_empty())
+                    .map(|(_, set)| set.export()),
                 feature: name(f),
                 start: s.counter.start,
                 end: s.counter.end,
@@ -556,10 +596,15 @@ impl Account {
         off: &Arc<Def>,
         intern: &mut dyn FnMut(&str) -> u32,
     ) -> Account {
+        let mut distinct = Vec::new();
         let mut slots: Vec<(u32, Slot)> = state
             .counters
             .into_iter()
             .map(|c| {
+                let feature = intern(&c.feature);
+                if let Some(values) = c.values {
+                    distinct.push((feature, *Seats::import(values)));
+                }
                 let slot = Slot {
                     counter: Counter {
                         start: c.start,
@@ -572,7 +617,7 @@ impl Account {
                     def: off.clone(),
                     seats: c.seats.map(Seats::import),
                 };
-                (intern(&c.feature), slot)
+                (feature, slot)
             })
             .collect();
         slots.sort_unstable_by_key(|(f, _)| *f);
@@ -594,6 +639,7 @@ impl Account {
             })
             .collect();
         Account {
+            distinct,
             present: 0,
             valid_from: i64::MIN,
             valid_until: i64::MAX,
@@ -627,13 +673,15 @@ impl Account {
         i.map(|i| (i, feature))
     }
 
-    /// Decides `usage`; with `notices`, records it too.
+    /// Decides `usage`; with `notices`, records it too. `distinct`: the key of the value
+    /// a `UNIQUE_COUNT` feature counts (once per period).
     pub(crate) fn decide(
         &mut self,
         usage: &Usage<'_>,
         feature: Option<u32>,
         names: &[Box<str>],
         notices: Option<&mut Vec<Notice>>,
+        distinct: Option<u64>,
     ) -> Decision {
         let t = usage.time;
         if self.suspended || t < self.valid_from || t >= self.valid_until {
@@ -658,7 +706,7 @@ impl Account {
                 return Decision::SeatLimit;
             }
         }
-        self.count(at, usage, names, notices, None)
+        self.count(at, usage, names, notices, None, distinct)
     }
 
     /// Where an event for `feature` lands in this account, if it has the feature.
@@ -682,10 +730,11 @@ impl Account {
         names: &[Box<str>],
         notices: &mut Vec<Notice>,
         decision: Decision,
+        distinct: Option<u64>,
     ) {
         let moves = decision.is_billable() || decision == Decision::LimitReached;
         if let Some(at) = self.target(feature, usage).filter(|_| moves) {
-            self.count(at, usage, names, Some(notices), Some(decision));
+            self.count(at, usage, names, Some(notices), Some(decision), distinct);
         }
     }
 
@@ -698,10 +747,27 @@ impl Account {
         names: &[Box<str>],
         notices: Option<&mut Vec<Notice>>,
         forced: Option<Decision>,
+        distinct: Option<u64>,
     ) -> Decision {
         let (anchor, feature) = (self.anchor, at.feature);
         let slot = &mut self.slots[at.slot];
         let commit = notices.is_some();
+        // A distinct value counts 1 the first time in its period, then nothing.
+        let values = match (&*slot.def, distinct) {
+            (Def::Metered(m), Some(key)) if m.measure == Measure::Distinct => self
+                .distinct
+                .iter_mut()
+                .find(|(f, _)| *f == feature)
+                .map(|(_, set)| (set, key)),
+            _ => None,
+        };
+        let mut one = *usage;
+        if let Some((set, key)) = &values {
+            let t = usage.time;
+            let seen = t >= set.start && t < set.end && set.users.contains(*key);
+            one.quantity = if seen { 0.0 } else { 1.0 };
+        }
+        let usage = &one;
         let decision = match &*slot.def {
             Def::Off | Def::On | Def::Static(_) => forced.unwrap_or(Decision::Accepted),
             Def::Metered(rule) => {
@@ -723,6 +789,12 @@ impl Account {
                 )
             }
         };
+        if commit
+            && decision.is_billable()
+            && let Some((set, key)) = values
+        {
+            set.take(key, anchor, usage.time);
+        }
         if commit
             && decision.is_billable()
             && let Some(u) = at.user
@@ -756,7 +828,11 @@ impl Account {
                 let c = slot.counter.at(rule, self.anchor, usage.time);
                 check.usage = c.used;
                 check.resets_at = Some(c.end);
-                if slot.limit.is_finite() {
+                if slot.limit.is_finite() && matches!(rule.measure, Measure::Max | Measure::Latest)
+                {
+                    check.limit = Some(slot.limit);
+                    check.remaining = Some((slot.limit - c.used).max(0.0));
+                } else if slot.limit.is_finite() {
                     let grants: f64 = self
                         .grants
                         .iter()
@@ -780,9 +856,14 @@ impl Slot {
     /// their period kind stays.
     fn carry(&mut self, old: Slot, anchor: u8) {
         let c = old.counter;
+        let same_measure = match (&*self.def, &*old.def) {
+            (Def::Metered(new), Def::Metered(old)) => new.measure == old.measure,
+            _ => true,
+        };
         let keep = match &*self.def {
             Def::Metered(m) => {
-                c == Counter::EMPTY || bounds(m.period, anchor, c.start) == (c.start, c.end)
+                c == Counter::EMPTY
+                    || (same_measure && bounds(m.period, anchor, c.start) == (c.start, c.end))
             }
             _ => true,
         };
@@ -865,6 +946,9 @@ fn metered(
         return forced.unwrap_or(Decision::Late);
     }
     let q = usage.quantity;
+    if matches!(rule.measure, Measure::Max | Measure::Latest) {
+        return gauge(counter, c, usage, ctx, forced);
+    }
     if !limit.is_finite() && forced.is_none_or(Decision::is_billable) {
         if commit {
             c.used += q;
@@ -924,15 +1008,66 @@ fn metered(
             ctx.send(NoticeKind::GrantExhausted(id), &c);
         }
     }
-    if limit > 0.0 {
-        for (bit, &threshold) in rule.thresholds.iter().enumerate() {
-            let mask = 1u32 << bit;
-            if c.notified & mask == 0 && c.used * 100.0 >= f64::from(threshold) * limit {
-                c.notified |= mask;
-                ctx.send(NoticeKind::Threshold(threshold), &c);
-            }
+    thresholds(&mut c, ctx);
+    *counter = c;
+    decision
+}
+
+/// Notices the thresholds of the limit that `c.used` has reached, each once per period.
+fn thresholds(c: &mut Counter, ctx: &mut Notify<'_>) {
+    let (rule, limit) = (ctx.rule, ctx.limit);
+    if !limit.is_finite() || limit <= 0.0 {
+        return;
+    }
+    for (bit, &threshold) in rule.thresholds.iter().enumerate() {
+        let mask = 1u32 << bit;
+        if c.notified & mask == 0 && c.used * 100.0 >= f64::from(threshold) * limit {
+            c.notified |= mask;
+            ctx.send(NoticeKind::Threshold(threshold), c);
         }
     }
+}
+
+/// The metered rule for a feature that holds a bound meter's highest or latest value
+/// (`MAX`, `LATEST`): an event whose value is above the limit is refused under a hard limit
+/// and counted as overage under a soft one; grants do not apply. `c` is the counter at the
+/// event's time.
+fn gauge(
+    counter: &mut Counter,
+    mut c: Counter,
+    usage: &Usage<'_>,
+    ctx: &mut Notify<'_>,
+    forced: Option<Decision>,
+) -> Decision {
+    let (rule, limit, q) = (ctx.rule, ctx.limit, usage.quantity);
+    let decision = match forced {
+        Some(d) => d,
+        None if q <= limit => Decision::Accepted,
+        None if rule.hard => Decision::LimitReached,
+        None => Decision::Overage,
+    };
+    if ctx.out.is_none() {
+        return decision;
+    }
+    if decision == Decision::LimitReached {
+        if c.notified & LIMIT_BIT == 0 {
+            c.notified |= LIMIT_BIT;
+            ctx.send(NoticeKind::LimitReached, &c);
+        }
+        *counter = c;
+        return decision;
+    }
+    // `base` holds the time of the event `used` is from (0: none yet this period).
+    let t = usage.time as f64;
+    let takes = match rule.measure {
+        Measure::Max => c.base == 0.0 || q > c.used,
+        _ => c.base == 0.0 || t >= c.base,
+    };
+    if takes {
+        c.used = q;
+        c.base = t;
+    }
+    thresholds(&mut c, ctx);
     *counter = c;
     decision
 }

@@ -25,11 +25,14 @@
 
 mod account;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 use tally_core::Decision;
 use tally_core::entitlement::{AddOn, Customer, Plan};
+use tally_core::event::{Event, Invalid};
+use tally_core::meter::{self, Binding, Feature, Measure, Meter};
 use tally_core::snapshot;
 
 use account::{Account, Compiled, Shared};
@@ -118,6 +121,23 @@ pub struct Engine {
     features: Map<Box<str>, u32>,
     feature_names: Vec<Box<str>>,
     shared: Shared,
+    /// Live meters by slug, and the features bound to them by key.
+    meters: BTreeMap<String, Meter>,
+    bound: BTreeMap<String, Feature>,
+    /// The bindings of live meters, by the event type they read.
+    bindings: Map<Box<str>, Arc<[Binding]>>,
+    /// How each bound feature counts (a feature not here adds quantities).
+    measures: Map<String, Measure>,
+}
+
+/// What a feature bound to a meter read of one event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading<'a> {
+    pub feature: &'a str,
+    /// The value to add, or to hold (1 for a distinct value).
+    pub quantity: f64,
+    /// A `UNIQUE_COUNT` value's key ([`value_key`]): counted once per period.
+    pub distinct: Option<u64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -219,6 +239,144 @@ impl Engine {
         self.accounts.values().map(|a| a.slots.len()).sum()
     }
 
+    /// Adds or replaces a meter (a deleted one binds nothing).
+    pub fn upsert_meter(&mut self, meter: Meter) {
+        if meter.is_deleted() {
+            self.meters.remove(&meter.slug);
+        } else {
+            self.meters.insert(meter.slug.clone(), meter);
+        }
+        self.rebind();
+    }
+
+    pub fn remove_meter(&mut self, slug: &str) {
+        self.meters.remove(slug);
+        self.rebind();
+    }
+
+    /// Adds or replaces a feature bound to a meter: its entitlements count what the meter
+    /// reads from the next event on.
+    pub fn upsert_feature(&mut self, feature: Feature) {
+        self.bound.insert(feature.key.clone(), feature);
+        self.rebind();
+    }
+
+    pub fn remove_feature(&mut self, key: &str) {
+        self.bound.remove(key);
+        self.rebind();
+    }
+
+    /// The features bound to live meters of events of `event_type`; `None` when there are
+    /// none (the event counts for its own feature and quantity).
+    pub fn bindings(&self, event_type: &str) -> Option<Arc<[Binding]>> {
+        if self.bindings.is_empty() {
+            return None;
+        }
+        self.bindings.get(event_type).cloned()
+    }
+
+    /// Rebuilds the bindings from the meters and features; accounts are rebuilt when a
+    /// feature's measure changes.
+    fn rebind(&mut self) {
+        let mut by_type: BTreeMap<&str, Vec<Binding>> = BTreeMap::new();
+        let mut measures = Map::default();
+        for feature in self.bound.values() {
+            let Some(b) = self
+                .meters
+                .get(&feature.meter_slug)
+                .and_then(|m| Binding::new(feature, m))
+            else {
+                continue;
+            };
+            measures.insert(b.feature.clone(), b.measure);
+            by_type
+                .entry(self.meters[&feature.meter_slug].event_type.as_str())
+                .or_default()
+                .push(b);
+        }
+        self.bindings = by_type
+            .into_iter()
+            .map(|(t, b)| (Box::from(t), Arc::from(b)))
+            .collect();
+        if measures != self.measures {
+            self.measures = measures;
+            self.recompile(|_| true);
+        }
+    }
+
+    /// Decides an event that features bound to meters read (`readings`, at least one)
+    /// and records it. The event is one decision: refused whole when any feature refuses
+    /// it (the first refusal is the decision, recorded on that feature alone), else
+    /// counted by each, `overage` when any counts it as overage, `accepted` when any
+    /// accepts it, and `late` when every feature's period has moved past it.
+    pub fn decide_readings<'u>(
+        &mut self,
+        usage: &Usage<'u>,
+        readings: &[Reading<'u>],
+        notices: &mut Vec<Notice>,
+    ) -> (Decision, Option<&str>) {
+        let Some(account) = self.accounts.get_mut(&customer_key(usage.customer)) else {
+            return (Decision::UnknownCustomer, None);
+        };
+        let names = self.feature_names.as_slice();
+        fn one<'u>(usage: &Usage<'u>, r: &Reading<'u>) -> Usage<'u> {
+            Usage {
+                feature: r.feature,
+                quantity: r.quantity,
+                ..*usage
+            }
+        }
+        for r in readings {
+            let slot = self.features.get(r.feature).copied();
+            let d = account.decide(&one(usage, r), slot, names, None, r.distinct);
+            if !d.is_billable() && d != Decision::Late {
+                let d = account.decide(&one(usage, r), slot, names, Some(notices), r.distinct);
+                return (d, Some(account.plan_id()));
+            }
+        }
+        let mut decision = Decision::Late;
+        for r in readings {
+            let slot = self.features.get(r.feature).copied();
+            let d = account.decide(&one(usage, r), slot, names, Some(notices), r.distinct);
+            decision = match (decision, d) {
+                (Decision::Overage, _) | (_, Decision::Overage) => Decision::Overage,
+                (Decision::Accepted, _) | (_, Decision::Accepted) => Decision::Accepted,
+                (d, _) => d,
+            };
+        }
+        (decision, Some(account.plan_id()))
+    }
+
+    /// [`replay`](Self::replay) for an event that bound features read: each counts it as
+    /// it did when `decision` was taken (a refusal moves only the features that refuse it
+    /// now, as the one that did then).
+    pub fn replay_readings(
+        &mut self,
+        usage: &Usage<'_>,
+        readings: &[Reading<'_>],
+        decision: Decision,
+        notices: &mut Vec<Notice>,
+    ) {
+        let Some(account) = self.accounts.get_mut(&customer_key(usage.customer)) else {
+            return;
+        };
+        let names = self.feature_names.as_slice();
+        for r in readings {
+            let one = Usage {
+                feature: r.feature,
+                quantity: r.quantity,
+                ..*usage
+            };
+            let slot = self.features.get(r.feature).copied();
+            if decision == Decision::LimitReached
+                && account.decide(&one, slot, names, None, r.distinct) != decision
+            {
+                continue;
+            }
+            account.replay(&one, slot, names, notices, decision, r.distinct);
+        }
+    }
+
     /// Decides one event and records it: counters, seats and grants move, and any
     /// notification that falls due is appended to `notices`.
     pub fn decide(&mut self, usage: &Usage<'_>, notices: &mut Vec<Notice>) -> Decision {
@@ -236,7 +394,13 @@ impl Engine {
             return (Decision::UnknownCustomer, None);
         };
         let slot = self.features.get(usage.feature).copied();
-        let decision = account.decide(usage, slot, self.feature_names.as_slice(), Some(notices));
+        let decision = account.decide(
+            usage,
+            slot,
+            self.feature_names.as_slice(),
+            Some(notices),
+            None,
+        );
         (decision, Some(account.plan_id()))
     }
 
@@ -252,6 +416,7 @@ impl Engine {
                 self.feature_names.as_slice(),
                 notices,
                 decision,
+                None,
             );
         }
     }
@@ -295,7 +460,7 @@ impl Engine {
             return Check::refused(Decision::UnknownCustomer);
         };
         let slot = self.features.get(usage.feature).copied();
-        let decision = account.decide(usage, slot, self.feature_names.as_slice(), None);
+        let decision = account.decide(usage, slot, self.feature_names.as_slice(), None, None);
         account.balance(usage, slot, decision)
     }
 
@@ -333,7 +498,7 @@ impl Engine {
             .iter()
             .filter_map(|r| self.addons.get(&r.id).map(|a| (a.clone(), r.quantity)))
             .collect();
-        let compiled = Compiled::new(&customer, plan, &addons, &mut self.shared);
+        let compiled = Compiled::new(&customer, plan, &addons, &mut self.shared, &self.measures);
         let features = &mut self.features;
         let names = &mut self.feature_names;
         Account::build(
@@ -371,6 +536,36 @@ impl Check {
 
 fn customer_key(id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
+
+/// What `bindings` (of the event's type: [`Engine::bindings`]) read of `event` at `time`
+/// (µs): the ingest worker and the replay after a take-over read events with it alike. A
+/// value a bound meter cannot read refuses the event, naming the field.
+pub fn readings<'b>(
+    bindings: &'b [Binding],
+    event: &Event<'_>,
+    time: i64,
+) -> Result<Vec<Reading<'b>>, Invalid> {
+    let mut data = None;
+    let mut out = Vec::with_capacity(bindings.len());
+    for b in bindings {
+        let (quantity, distinct) = match b.read(event, time, &mut data)? {
+            meter::Reading::Skip => continue,
+            meter::Reading::Quantity(q) => (q, None),
+            meter::Reading::Distinct(text) => (1.0, Some(value_key(&text))),
+        };
+        out.push(Reading {
+            feature: &b.feature,
+            quantity,
+            distinct,
+        });
+    }
+    Ok(out)
+}
+
+/// The key of a `UNIQUE_COUNT` value (its text) in a [`Reading`].
+pub fn value_key(text: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
 /// A 64-bit key for a user id in a seat set.
@@ -647,5 +842,364 @@ mod tests {
             use_(&mut e, "storage", 1.0, "2026-11-15T00:00:00Z").0,
             Decision::NotEntitled
         );
+    }
+
+    /// A meter of `aggregation` on events of type `build`, grouped by `repo`.
+    fn meter(slug: &str, aggregation: meter::Aggregation, value: Option<&str>) -> Meter {
+        serde_json::from_value(serde_json::json!({
+            "slug": slug,
+            "eventType": "build",
+            "aggregation": aggregation,
+            "valueProperty": value,
+            "groupBy": {"repo": "$.repo"},
+        }))
+        .unwrap()
+    }
+
+    fn bind(e: &mut Engine, key: &str, m: Meter, filters: &[(&str, &str)]) {
+        e.upsert_feature(Feature {
+            key: key.to_owned(),
+            id: String::new(),
+            name: None,
+            meter_slug: m.slug.clone(),
+            meter_group_by_filters: filters
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            metadata: BTreeMap::new(),
+            created_at: None,
+            updated_at: None,
+            archived_at: None,
+        });
+        e.upsert_meter(m);
+    }
+
+    /// A `build` event of acme's with `data`, as the decoder makes it.
+    fn build_event(data: &serde_json::Value) -> Event<'static> {
+        Event {
+            id: "e".into(),
+            source: "s".into(),
+            event_type: "build".into(),
+            subject: "acme".into(),
+            time: None,
+            feature: "build".into(),
+            quantity: 1.0,
+            region: None,
+            user: None,
+            extra: Some(data.to_string()),
+        }
+    }
+
+    /// Decides a `build` event with `data` at `time` as the worker does: the bindings
+    /// read it, then the engine decides what they read.
+    fn build(
+        e: &mut Engine,
+        data: serde_json::Value,
+        time: &str,
+    ) -> Result<(Decision, Vec<Notice>), Invalid> {
+        let event = build_event(&data);
+        let bindings = e.bindings("build").expect("bound");
+        let readings = readings(&bindings, &event, at(time))?;
+        let mut notices = Vec::new();
+        let u = usage("build", 1.0, time);
+        let d = if readings.is_empty() {
+            e.decide(&u, &mut notices)
+        } else {
+            e.decide_readings(&u, &readings, &mut notices).0
+        };
+        Ok((d, notices))
+    }
+
+    fn used(e: &mut Engine, feature: &str, time: &str) -> f64 {
+        e.check(&usage(feature, 0.0, time)).usage
+    }
+
+    #[test]
+    fn a_max_meter_bounds_the_highest_value_of_the_period() {
+        use tally_core::meter::Aggregation;
+        let mut e = engine(&[("concurrent_builds", metered(10.0, Enforcement::Hard))]);
+        bind(
+            &mut e,
+            "concurrent_builds",
+            meter("running", Aggregation::Max, Some("$.running")),
+            &[],
+        );
+        let d = |e: &mut Engine, running: f64, t: &str| {
+            build(e, serde_json::json!({"running": running}), t)
+                .unwrap()
+                .0
+        };
+        assert_eq!(d(&mut e, 3.0, "2026-11-02T00:00:00Z"), Decision::Accepted);
+        assert_eq!(d(&mut e, 9.0, "2026-11-02T00:01:00Z"), Decision::Accepted);
+        assert_eq!(d(&mut e, 2.0, "2026-11-02T00:02:00Z"), Decision::Accepted);
+        assert_eq!(
+            used(&mut e, "concurrent_builds", "2026-11-02T00:03:00Z"),
+            9.0
+        );
+        let (refused, notices) = build(
+            &mut e,
+            serde_json::json!({"running": "11"}),
+            "2026-11-02T00:03:00Z",
+        )
+        .unwrap();
+        assert_eq!(refused, Decision::LimitReached);
+        assert!(
+            notices.iter().any(|n| n.kind == NoticeKind::LimitReached),
+            "{notices:?}"
+        );
+        assert_eq!(d(&mut e, 10.0, "2026-11-02T00:04:00Z"), Decision::Accepted);
+        let check = e.check(&usage("concurrent_builds", 0.0, "2026-11-02T00:05:00Z"));
+        assert_eq!(
+            (check.usage, check.limit, check.remaining),
+            (10.0, Some(10.0), Some(0.0))
+        );
+        // A new month starts from nothing.
+        assert_eq!(
+            used(&mut e, "concurrent_builds", "2026-12-01T00:00:00Z"),
+            0.0
+        );
+    }
+
+    #[test]
+    fn a_latest_meter_holds_the_value_of_the_latest_event_by_time() {
+        use tally_core::meter::Aggregation;
+        let mut e = engine(&[("storage_gb", metered(100.0, Enforcement::Soft))]);
+        bind(
+            &mut e,
+            "storage_gb",
+            meter("stored", Aggregation::Latest, Some("$.gb")),
+            &[],
+        );
+        let d = |e: &mut Engine, gb: f64, t: &str| {
+            build(e, serde_json::json!({"gb": gb}), t).unwrap().0
+        };
+        assert_eq!(d(&mut e, 40.0, "2026-11-02T10:00:00Z"), Decision::Accepted);
+        assert_eq!(d(&mut e, 120.0, "2026-11-02T11:00:00Z"), Decision::Overage);
+        assert_eq!(used(&mut e, "storage_gb", "2026-11-02T12:00:00Z"), 120.0);
+        assert_eq!(d(&mut e, 30.0, "2026-11-02T12:00:00Z"), Decision::Accepted);
+        // An event from before the latest one is decided, and leaves the value alone.
+        assert_eq!(d(&mut e, 90.0, "2026-11-02T09:00:00Z"), Decision::Accepted);
+        assert_eq!(used(&mut e, "storage_gb", "2026-11-02T13:00:00Z"), 30.0);
+    }
+
+    #[test]
+    fn a_unique_count_meter_counts_each_value_once_per_period() {
+        use tally_core::meter::Aggregation;
+        let mut e = engine(&[("repos", metered(2.0, Enforcement::Hard))]);
+        bind(
+            &mut e,
+            "repos",
+            meter("repos", Aggregation::UniqueCount, Some("$.repo")),
+            &[],
+        );
+        let d = |e: &mut Engine, repo: &str, t: &str| {
+            build(e, serde_json::json!({"repo": repo}), t).unwrap().0
+        };
+        assert_eq!(d(&mut e, "a", "2026-11-02T00:00:00Z"), Decision::Accepted);
+        assert_eq!(d(&mut e, "b", "2026-11-02T00:01:00Z"), Decision::Accepted);
+        assert_eq!(d(&mut e, "a", "2026-11-02T00:02:00Z"), Decision::Accepted);
+        assert_eq!(
+            d(&mut e, "c", "2026-11-02T00:03:00Z"),
+            Decision::LimitReached
+        );
+        assert_eq!(used(&mut e, "repos", "2026-11-02T00:04:00Z"), 2.0);
+        // What a checkpoint keeps: the values as well as the count.
+        let saved = e.snapshot();
+        let mut restored = engine(&[("repos", metered(2.0, Enforcement::Hard))]);
+        bind(
+            &mut restored,
+            "repos",
+            meter("repos", Aggregation::UniqueCount, Some("$.repo")),
+            &[],
+        );
+        restored.restore(saved);
+        assert_eq!(
+            d(&mut restored, "b", "2026-11-03T00:00:00Z"),
+            Decision::Accepted
+        );
+        assert_eq!(
+            d(&mut restored, "c", "2026-11-03T00:00:00Z"),
+            Decision::LimitReached
+        );
+        // Next month every value is new again.
+        assert_eq!(
+            d(&mut restored, "c", "2026-12-01T00:00:00Z"),
+            Decision::Accepted
+        );
+        assert_eq!(used(&mut restored, "repos", "2026-12-01T00:01:00Z"), 1.0);
+    }
+
+    #[test]
+    fn one_event_feeds_every_bound_feature_or_none_of_them() {
+        use tally_core::meter::Aggregation;
+        let mut e = engine(&[
+            ("build_minutes", metered(100.0, Enforcement::Hard)),
+            ("builds", metered(3.0, Enforcement::Hard)),
+            ("main_builds", metered(1000.0, Enforcement::Soft)),
+        ]);
+        bind(
+            &mut e,
+            "build_minutes",
+            meter("minutes", Aggregation::Sum, Some("$.minutes")),
+            &[],
+        );
+        bind(
+            &mut e,
+            "builds",
+            meter("builds", Aggregation::Count, None),
+            &[],
+        );
+        bind(
+            &mut e,
+            "main_builds",
+            meter("main", Aggregation::Count, None),
+            &[("repo", "main")],
+        );
+        let d = |e: &mut Engine, minutes: f64, repo: &str, t: &str| {
+            build(e, serde_json::json!({"minutes": minutes, "repo": repo}), t)
+                .unwrap()
+                .0
+        };
+        let t = "2026-11-02T00:00:00Z";
+        assert_eq!(d(&mut e, 30.0, "main", t), Decision::Accepted);
+        assert_eq!(d(&mut e, 30.0, "docs", t), Decision::Accepted);
+        // Too many minutes: refused whole, so the count does not move either.
+        assert_eq!(d(&mut e, 50.0, "main", t), Decision::LimitReached);
+        assert_eq!(
+            (
+                used(&mut e, "build_minutes", t),
+                used(&mut e, "builds", t),
+                used(&mut e, "main_builds", t)
+            ),
+            (60.0, 2.0, 1.0)
+        );
+        assert_eq!(d(&mut e, 40.0, "main", t), Decision::Accepted);
+        assert_eq!(
+            (
+                used(&mut e, "build_minutes", t),
+                used(&mut e, "builds", t),
+                used(&mut e, "main_builds", t)
+            ),
+            (100.0, 3.0, 2.0)
+        );
+        assert_eq!(
+            d(&mut e, 0.0, "docs", t),
+            Decision::LimitReached,
+            "a fourth build"
+        );
+    }
+
+    #[test]
+    fn a_replayed_event_counts_as_it_was_decided() {
+        use tally_core::meter::Aggregation;
+        let features = [
+            ("build_minutes", metered(100.0, Enforcement::Hard)),
+            ("builds", metered(2.0, Enforcement::Soft)),
+            ("repos", metered(5.0, Enforcement::Hard)),
+        ];
+        let setup = || {
+            let mut e = engine(&features);
+            bind(
+                &mut e,
+                "build_minutes",
+                meter("minutes", Aggregation::Sum, Some("$.minutes")),
+                &[],
+            );
+            bind(
+                &mut e,
+                "builds",
+                meter("builds", Aggregation::Count, None),
+                &[],
+            );
+            bind(
+                &mut e,
+                "repos",
+                meter("repos", Aggregation::UniqueCount, Some("$.repo")),
+                &[],
+            );
+            e
+        };
+        let mut live = setup();
+        let mut again = setup();
+        let events = [
+            (30.0, "a"),
+            (80.0, "b"),
+            (20.0, "a"),
+            (50.0, "c"),
+            (10.0, "b"),
+        ];
+        for (i, (minutes, repo)) in events.into_iter().enumerate() {
+            let t = format!("2026-11-02T00:0{i}:00Z");
+            let data = serde_json::json!({"minutes": minutes, "repo": repo});
+            let (decision, notices) = build(&mut live, data.clone(), &t).unwrap();
+            let event = build_event(&data);
+            let bindings = again.bindings("build").unwrap();
+            let read = readings(&bindings, &event, at(&t)).unwrap();
+            let mut replayed = Vec::new();
+            again.replay_readings(&usage("build", 1.0, &t), &read, decision, &mut replayed);
+            assert_eq!(replayed, notices, "event {i}");
+        }
+        assert_eq!(live.snapshot(), again.snapshot());
+        let t = "2026-11-02T00:09:00Z";
+        assert_eq!(
+            (
+                used(&mut live, "build_minutes", t),
+                used(&mut live, "builds", t),
+                used(&mut live, "repos", t)
+            ),
+            (100.0, 3.0, 2.0)
+        );
+    }
+
+    #[test]
+    fn a_value_a_bound_meter_cannot_read_names_its_field() {
+        use tally_core::event::Reason;
+        use tally_core::meter::Aggregation;
+        let mut e = engine(&[("build_minutes", metered(100.0, Enforcement::Hard))]);
+        bind(
+            &mut e,
+            "build_minutes",
+            meter("minutes", Aggregation::Sum, Some("$.stats.minutes")),
+            &[],
+        );
+        let t = "2026-11-02T00:00:00Z";
+        for (data, wanted) in [
+            (serde_json::json!({}), "is missing"),
+            (
+                serde_json::json!({"stats": {"minutes": null}}),
+                "is missing",
+            ),
+            (
+                serde_json::json!({"stats": {"minutes": "soon"}}),
+                "not a number",
+            ),
+            (serde_json::json!({"stats": {"minutes": -4}}), "must be ≥ 0"),
+        ] {
+            let invalid = build(&mut e, data.clone(), t).unwrap_err();
+            assert_eq!(invalid.reason, Reason::UnreadableValue, "{data}");
+            assert_eq!(
+                invalid.field.as_deref(),
+                Some("data.stats.minutes"),
+                "{data}"
+            );
+            assert!(
+                invalid.message.contains(wanted),
+                "{data}: {}",
+                invalid.message
+            );
+            assert!(
+                invalid.message.contains("build_minutes"),
+                "{}",
+                invalid.message
+            );
+        }
+        assert_eq!(used(&mut e, "build_minutes", t), 0.0);
+        assert_eq!(
+            build(&mut e, serde_json::json!({"stats": {"minutes": "12.5"}}), t)
+                .unwrap()
+                .0,
+            Decision::Accepted
+        );
+        assert_eq!(used(&mut e, "build_minutes", t), 12.5);
     }
 }

@@ -124,17 +124,17 @@ pub(crate) fn stamp(mut event: Event, source: &str, now: DateTime<Utc>) -> Resul
     let json = encode(&event, &id, source, time);
     let limits = DecodeLimits::default();
     let decoded = Frame::decode(&json, &limits)
-        .map_err(|e| invalid(e.field, e.message))?
+        .map_err(|e| invalid(e.field.as_deref(), e.message))?
         .events
         .pop();
     match decoded {
         Some(Ok(_)) => {}
-        Some(Err(e)) => return Err(invalid(e.field, e.message)),
+        Some(Err(e)) => return Err(invalid(e.field.as_deref(), e.message)),
         None => return Err(Error::Protocol("the event did not encode".into())),
     }
     limits
         .check_time(Some(time), now.timestamp_micros())
-        .map_err(|e| invalid(e.field, e.message))?;
+        .map_err(|e| invalid(e.field.as_deref(), e.message))?;
     Ok(Stamped {
         id,
         event,

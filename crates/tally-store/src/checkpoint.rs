@@ -5,9 +5,11 @@
 //! <lake>/checkpoints/p<partition>/<last_seq>.ckpt
 //! ```
 //!
-//! The object is `TALLYCK1`, the snapshot in postcard, and the XXH3-64 of that payload; a
+//! The object is `TALLYCK2`, the snapshot in postcard, and the XXH3-64 of that payload; a
 //! put makes it appear whole (on local disk: written aside, fsynced and renamed). The
-//! newest two are kept: a corrupt newest one falls back to the one before.
+//! newest two are kept: a corrupt newest one falls back to the one before. Postcard
+//! writes fields by position, so a snapshot with another shape is another format: a
+//! `TALLYCK1` object (written before counters kept distinct values) is still read.
 
 use bytes::Bytes;
 use tally_core::Fence;
@@ -16,7 +18,9 @@ use tally_core::snapshot::Snapshot;
 use crate::table::block_on;
 use crate::{Error, Lake, Result};
 
-const MAGIC: &[u8; 8] = b"TALLYCK1";
+const MAGIC: &[u8; 8] = b"TALLYCK2";
+/// The format before counters kept distinct values ([`v1`]).
+const MAGIC_V1: &[u8; 8] = b"TALLYCK1";
 const KEEP: usize = 2;
 const CHECKPOINTS: &str = "checkpoints";
 
@@ -92,13 +96,87 @@ impl Lake {
 }
 
 fn decode(bytes: &[u8]) -> Option<Snapshot> {
-    let body = bytes.strip_prefix(MAGIC)?;
+    let (v1, body) = match bytes.strip_prefix(MAGIC) {
+        Some(body) => (false, body),
+        None => (true, bytes.strip_prefix(MAGIC_V1)?),
+    };
     let (payload, sum) = body.split_at_checked(body.len().checked_sub(8)?)?;
     let sum = u64::from_le_bytes(sum.try_into().ok()?);
     if xxhash_rust::xxh3::xxh3_64(payload) != sum {
         return None;
     }
+    if v1 {
+        return postcard::from_bytes::<v1::Snapshot>(payload)
+            .ok()
+            .map(Into::into);
+    }
     postcard::from_bytes(payload).ok()
+}
+
+/// The snapshot as `TALLYCK1` objects hold it: a counter without distinct values.
+mod v1 {
+    use serde::Deserialize;
+    use tally_core::snapshot::{self, Grant, Seats};
+
+    #[derive(Deserialize)]
+    pub(super) struct Snapshot {
+        partition: u16,
+        last_seq: u64,
+        accounts: Vec<Account>,
+        seen: Vec<u128>,
+    }
+
+    #[derive(Deserialize)]
+    struct Account {
+        customer: String,
+        counters: Vec<Counter>,
+        grants: Vec<Grant>,
+        seats: Option<Seats>,
+    }
+
+    #[derive(Deserialize)]
+    struct Counter {
+        feature: String,
+        start: i64,
+        end: i64,
+        used: f64,
+        base: f64,
+        notified: u32,
+        seats: Option<Seats>,
+    }
+
+    impl From<Snapshot> for snapshot::Snapshot {
+        fn from(s: Snapshot) -> Self {
+            snapshot::Snapshot {
+                partition: s.partition,
+                last_seq: s.last_seq,
+                seen: s.seen,
+                accounts: s
+                    .accounts
+                    .into_iter()
+                    .map(|a| snapshot::Account {
+                        customer: a.customer,
+                        grants: a.grants,
+                        seats: a.seats,
+                        counters: a
+                            .counters
+                            .into_iter()
+                            .map(|c| snapshot::Counter {
+                                feature: c.feature,
+                                start: c.start,
+                                end: c.end,
+                                used: c.used,
+                                base: c.base,
+                                notified: c.notified,
+                                seats: c.seats,
+                                values: None,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -127,6 +205,7 @@ mod tests {
                         end: 2,
                         users: vec![42, 7],
                     }),
+                    values: None,
                 }],
                 grants: vec![Grant {
                     id: "g1".to_owned(),
@@ -174,5 +253,36 @@ mod tests {
         bytes[middle] ^= 0xff;
         std::fs::write(&newest, bytes).unwrap();
         assert_eq!(lake.latest_checkpoint(7).unwrap(), Some(snapshot(10)));
+    }
+
+    #[test]
+    fn checkpoints_of_the_format_before_distinct_values_are_still_read() {
+        let mut now = snapshot(12_000);
+        // What a TALLYCK1 object holds: the same fields in the same order, a counter
+        // without its distinct values.
+        let a = &now.accounts[0];
+        let c = &a.counters[0];
+        let counter = (
+            &c.feature, c.start, c.end, c.used, c.base, c.notified, &c.seats,
+        );
+        let account = (&a.customer, vec![counter], &a.grants, &a.seats);
+        let old = (now.partition, now.last_seq, vec![account], &now.seen);
+        let payload = postcard::to_stdvec(&old).unwrap();
+        let mut bytes = MAGIC_V1.to_vec();
+        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+        assert_eq!(decode(&bytes), Some(now.clone()));
+
+        // The current format keeps them.
+        now.accounts[0].counters[0].values = Some(Seats {
+            period: UsagePeriod::Day,
+            start: 3,
+            end: 4,
+            users: vec![9, 8, 7],
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        lake.write_checkpoint(&now, &Fence::open()).unwrap();
+        assert_eq!(lake.latest_checkpoint(7).unwrap(), Some(now));
     }
 }

@@ -176,7 +176,7 @@ fn prepare(
                     format!("event {index}: {}", invalid.message),
                 )
                 .index(index);
-                return Err(match invalid.field {
+                return Err(match invalid.field.clone() {
                     Some(field) => e.field(field),
                     None => e,
                 });

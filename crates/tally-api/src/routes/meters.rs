@@ -642,7 +642,7 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
-    fn flag(&self, name: &str) -> ApiResult<bool> {
+    pub(crate) fn flag(&self, name: &str) -> ApiResult<bool> {
         match self.one(name) {
             None | Some("false") => Ok(false),
             Some("true") => Ok(true),

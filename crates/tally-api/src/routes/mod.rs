@@ -6,6 +6,7 @@
 pub(crate) mod access;
 pub(crate) mod entitlements;
 pub(crate) mod events;
+pub(crate) mod features;
 pub(crate) mod health;
 pub(crate) mod idempotency;
 pub(crate) mod licenses;
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(licenses::routes())
         .merge(queries::routes())
         .merge(meters::routes())
+        .merge(features::routes())
         .merge(health::routes())
         .merge(metrics::routes())
         .merge(access::routes())
