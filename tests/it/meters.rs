@@ -1082,6 +1082,25 @@ async fn features_bound_to_meters_enforce_what_the_meters_read_through_a_restart
     // After a restart the counts stand: one more minute is refused.
     let pipeline = pipeline::start(&h.config, &h.nats, None).await.unwrap();
     let api = h.api_with(pipeline.local_checks.clone()).await;
+    // Reserve-and-record answers an unreadable value at once, naming the field.
+    let unreadable = json!({
+        "specversion": "1.0", "id": "r1", "source": "ci", "type": "build", "subject": "ana",
+        "time": "2026-11-10T11:00:00Z", "data": {"running": 1},
+    });
+    let refused = tally_ingest::record::record(
+        &h.nats.client,
+        h.config.ingest.partitions,
+        "ana",
+        serde_json::to_vec(&unreadable).unwrap(),
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (refused.field.as_deref(), refused.has_access),
+        (Some("data.minutes"), false),
+        "{refused:?}"
+    );
     builds(&h, &[("b7", json!(1), 1, "docs")]).await;
     h.drain(&pipeline, 6).await;
     assert_eq!(usage_of(&api, "build_minutes").await, 100.0);

@@ -6,8 +6,8 @@
 //! partition publishes it to the events stream like any event (message id: the event id),
 //! waits until its own partition loop has decided it, and replies with that decision: the
 //! one stored in the lake. An event id seen before is answered as a duplicate, counted
-//! nothing. Malformed events are answered with the reason and field, and nothing is
-//! published.
+//! nothing. Malformed events, and events whose value a meter bound to a feature cannot
+//! read, are answered with the reason and field, and nothing is published.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,8 +124,8 @@ pub async fn serve(
             // Each request waits for its own decision: answer them side by side.
             let (js, entitlements) = (js.clone(), entitlements.clone());
             tokio::spawn(async move {
-                let waiters = &entitlements.waiters;
-                let reply = record_one(&js, waiters, p, total, &token, &limits, &payload).await;
+                let reply =
+                    record_one(&js, &entitlements, p, total, &token, &limits, &payload).await;
                 let body = serde_json::to_vec(&reply).unwrap_or_default();
                 if let Err(e) = js.client().publish(reply_to, body.into()).await {
                     tracing::warn!(partition = p, error = %e, "cannot answer a record request");
@@ -138,7 +138,7 @@ pub async fn serve(
 
 async fn record_one(
     js: &Context,
-    waiters: &Waiters,
+    entitlements: &Entitlements,
     partition: u16,
     total: u16,
     token: &str,
@@ -189,6 +189,21 @@ async fn record_one(
             Some("subject"),
         );
     }
+    // A value a bound meter cannot read: refused here, naming the field, where the worker
+    // would dead-letter the event.
+    let bindings = entitlements
+        .engine(partition)
+        .and_then(|engine| engine.bindings(&event.event_type));
+    if let Some(bindings) = bindings {
+        let time = event
+            .time
+            .unwrap_or_else(chrono::Utc::now)
+            .timestamp_micros();
+        if let Err(invalid) = tally_quota::readings(&bindings, &event, time) {
+            return refuse(id, invalid.message, invalid.field.as_deref());
+        }
+    }
+    let waiters = &entitlements.waiters;
     let decided = waiters.wait(&id);
     let mut headers = HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
