@@ -132,6 +132,65 @@ fn new_meter_id() -> String {
     tally_core::meter::ulid_text(uuid::Uuid::now_v7().as_u128())
 }
 
+/// A definition with an id and times given when stored (meters, features).
+trait Stamped: PartialEq {
+    fn stamps(
+        &mut self,
+    ) -> (
+        &mut String,
+        &mut Option<DateTime<Utc>>,
+        &mut Option<DateTime<Utc>>,
+    );
+}
+
+impl Stamped for Meter {
+    fn stamps(
+        &mut self,
+    ) -> (
+        &mut String,
+        &mut Option<DateTime<Utc>>,
+        &mut Option<DateTime<Utc>>,
+    ) {
+        (&mut self.id, &mut self.created_at, &mut self.updated_at)
+    }
+}
+
+impl Stamped for Feature {
+    fn stamps(
+        &mut self,
+    ) -> (
+        &mut String,
+        &mut Option<DateTime<Utc>>,
+        &mut Option<DateTime<Utc>>,
+    ) {
+        (&mut self.id, &mut self.created_at, &mut self.updated_at)
+    }
+}
+
+/// `next` as it is stored over `live`: the live one's id and `createdAt`, and `updatedAt`
+/// moved to `now` only when something changed; a new id and both times `now` when there
+/// is no live one.
+fn stamped<T: Stamped>(mut next: T, live: Option<T>, now: DateTime<Utc>) -> T {
+    let (id, created, updated) = next.stamps();
+    match live {
+        Some(mut live) => {
+            let (live_id, live_created, live_updated) = live.stamps();
+            *id = live_id.clone();
+            *created = *live_created;
+            *updated = *live_updated;
+            if next != live {
+                *next.stamps().2 = Some(now);
+            }
+        }
+        None => {
+            *id = new_meter_id();
+            *created = Some(now);
+            *updated = Some(now);
+        }
+    }
+    next
+}
+
 /// Everything the buckets hold.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
@@ -268,21 +327,7 @@ impl Definitions {
                 next.archived_at = None;
                 match stored.filter(|f| !f.is_archived()) {
                     Some(_) if only_create => Err(FeatureRefused::Exists(feature.key.clone())),
-                    Some(live) => {
-                        next.id = live.id.clone();
-                        next.created_at = live.created_at;
-                        next.updated_at = live.updated_at;
-                        if next != live {
-                            next.updated_at = Some(now);
-                        }
-                        Ok(next)
-                    }
-                    None => {
-                        next.id = new_meter_id();
-                        next.created_at = Some(now);
-                        next.updated_at = Some(now);
-                        Ok(next)
-                    }
+                    live => Ok(stamped(next, live, now)),
                 }
             },
             |f| &f.key,
@@ -571,21 +616,7 @@ impl Definitions {
                     Some(live) if !live.same_measure(meter) => {
                         Err(MeterRefused::MeasureChanged(meter.slug.clone()))
                     }
-                    Some(live) => {
-                        next.id = live.id.clone();
-                        next.created_at = live.created_at;
-                        next.updated_at = live.updated_at;
-                        if next != live {
-                            next.updated_at = Some(now);
-                        }
-                        Ok(next)
-                    }
-                    None => {
-                        next.id = new_meter_id();
-                        next.created_at = Some(now);
-                        next.updated_at = Some(now);
-                        Ok(next)
-                    }
+                    live => Ok(stamped(next, live, now)),
                 }
             },
             |m| &m.slug,

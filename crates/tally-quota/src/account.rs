@@ -977,10 +977,7 @@ fn metered(
         return decision;
     }
     if decision == Decision::LimitReached {
-        if c.notified & LIMIT_BIT == 0 {
-            c.notified |= LIMIT_BIT;
-            ctx.send(NoticeKind::LimitReached, &c);
-        }
+        refused(&mut c, ctx);
         *counter = c;
         return decision;
     }
@@ -1011,6 +1008,14 @@ fn metered(
     thresholds(&mut c, ctx);
     *counter = c;
     decision
+}
+
+/// Notes a refusal by the limit: the period's first one sends a notice.
+fn refused(c: &mut Counter, ctx: &mut Notify<'_>) {
+    if c.notified & LIMIT_BIT == 0 {
+        c.notified |= LIMIT_BIT;
+        ctx.send(NoticeKind::LimitReached, c);
+    }
 }
 
 /// Notices the thresholds of the limit that `c.used` has reached, each once per period.
@@ -1050,10 +1055,7 @@ fn gauge(
         return decision;
     }
     if decision == Decision::LimitReached {
-        if c.notified & LIMIT_BIT == 0 {
-            c.notified |= LIMIT_BIT;
-            ctx.send(NoticeKind::LimitReached, &c);
-        }
+        refused(&mut c, ctx);
         *counter = c;
         return decision;
     }
