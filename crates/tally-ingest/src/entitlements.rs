@@ -60,6 +60,9 @@ pub struct Entitlements {
     apply_delay: Duration,
     /// Record requests waiting for their event's decision.
     pub waiters: crate::record::Waiters,
+    /// Every meter by id, and the lake whose flushes roll them up.
+    meters: Mutex<std::collections::BTreeMap<String, Meter>>,
+    lake: Option<tally_store::Lake>,
 }
 
 impl std::fmt::Debug for Entitlements {
@@ -94,6 +97,7 @@ impl Entitlements {
         partitions: Partitions,
         replicas: usize,
         apply_delay: Duration,
+        lake: Option<tally_store::Lake>,
         cancel: CancellationToken,
     ) -> Result<Arc<Entitlements>> {
         let definitions = Definitions::open(js, replicas).await?;
@@ -124,6 +128,8 @@ impl Entitlements {
             apply_delay,
             sync: tokio::sync::Mutex::new(()),
             js: js.clone(),
+            meters: Mutex::default(),
+            lake,
         });
         let (c, k) = tokio::join!(
             this.last_revision(&this.catalog),
@@ -171,6 +177,20 @@ impl Entitlements {
         for p in 0..self.partitions.current() {
             self.change(p, &mut f);
         }
+    }
+
+    /// Keeps the lake's meters current: each flush rolls up the live meters' values
+    /// ([`tally_store::meter_rollup`]).
+    fn roll_up(&self, id: &str, meter: Option<Meter>) {
+        let Some(lake) = &self.lake else {
+            return;
+        };
+        let mut meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
+        match meter {
+            Some(m) => meters.insert(id.to_owned(), m),
+            None => meters.remove(id),
+        };
+        lake.set_meters(meters.values());
     }
 
     /// Makes sure every change acknowledged before `stored_us` (a message's JetStream
@@ -322,12 +342,16 @@ impl Entitlements {
                     self.each_engine(|e| e.upsert_addon(a.clone()));
                 }
             }
-            ("meter", false) => self.each_engine(|e| e.remove_meter(&id)),
+            ("meter", false) => {
+                self.each_engine(|e| e.remove_meter(&id));
+                self.roll_up(&id, None);
+            }
             ("meter", true) => {
                 if let Some(m) =
                     parse("meter").and_then(|v| serde_json::from_value::<Meter>(v).ok())
                 {
                     self.each_engine(|e| e.upsert_meter(m.clone()));
+                    self.roll_up(&id, Some(m));
                 }
             }
             ("feature", false) => self.each_engine(|e| e.remove_feature(&id)),

@@ -183,6 +183,7 @@ async fn run_generation(
                 partitions.clone(),
                 config.replicas,
                 Duration::from_millis(config.definitions_apply_delay_ms),
+                Some(Lake::clone(&lake)),
                 stopping.clone(),
             )
             .await?,

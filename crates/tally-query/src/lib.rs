@@ -204,6 +204,22 @@ impl Lakehouse {
         meter: &tally_core::meter::Meter,
         query: &meters::MeterQuery,
     ) -> Result<Vec<meters::MeterRow>> {
+        if meters::rollups_can_answer(meter, query) {
+            let key = tally_store::meter_rollup::rollup_key(meter);
+            let days = match (query.start(meter), query.to) {
+                (Some(from), Some(to)) => Some((from.date_naive(), to.date_naive())),
+                _ => None,
+            };
+            let lake = self.lake.clone();
+            let sources = on_lake(move || lake.meter_sources(&key, days)).await?;
+            let rollups = self.files(&sources.rollups, tally_store::meter_rollup_schema())?;
+            let events = self.files(&sources.events, lake_schema())?;
+            if let Some(rows) =
+                meters::meter_query_from_rollups(meter, query, rollups, events).await?
+            {
+                return Ok(rows);
+            }
+        }
         meters::meter_query(&self.ctx, meter, query).await
     }
 

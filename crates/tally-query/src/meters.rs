@@ -22,13 +22,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Offset, TimeZone, Utc};
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Float64Builder, StringBuilder, TimestampMicrosecondArray,
-    TimestampMicrosecondBuilder,
+    Array, ArrayRef, AsArray, Float64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondArray, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMicrosecondType};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float64Type, TimeUnit, TimestampMicrosecondType,
+};
 use datafusion::arrow::error::ArrowError;
 use datafusion::common::{exec_err, plan_err};
 use datafusion::error::Result as DfResult;
@@ -39,22 +41,16 @@ use datafusion::logical_expr::{
     Cast, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TryCast,
     Volatility,
 };
-use datafusion::prelude::{SessionContext, col, lit};
+use datafusion::prelude::{DataFrame, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use serde_json::Value;
-use tally_core::Decision;
 use tally_core::meter::{Aggregation, JsonPath, Meter, OwnProperty, Tz, WindowSize};
 use tally_core::schema;
 
 use crate::Result;
 
 /// The decisions whose events meters read.
-pub const METERED: [Decision; 4] = [
-    Decision::Accepted,
-    Decision::Overage,
-    Decision::Late,
-    Decision::Metered,
-];
+pub use tally_store::meter_rollup::METERED;
 
 /// Registers `json_value`, `json_number` and `meter_window` in `ctx`.
 pub fn register_functions(ctx: &SessionContext) {
@@ -338,7 +334,7 @@ impl MeterQuery {
     }
 
     /// The range's start, the meter's `eventFrom` included.
-    fn start(&self, meter: &Meter) -> Option<DateTime<Utc>> {
+    pub fn start(&self, meter: &Meter) -> Option<DateTime<Utc>> {
         match (self.from, meter.event_from) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -384,28 +380,26 @@ fn day(t: DateTime<Utc>) -> Expr {
     lit(t.date_naive().format("%Y-%m-%d").to_string())
 }
 
-/// Runs `query` of `meter` over the `events` table of `ctx` (the meter must be valid and
-/// the query checked). Rows are ordered by window, customer and group-by values.
-pub async fn meter_query(
-    ctx: &SessionContext,
-    meter: &Meter,
-    query: &MeterQuery,
-) -> Result<Vec<MeterRow>> {
+/// The events `query` of `meter` reads: of the meter's type, metered, in the range, of
+/// the customers and group-by values asked for. `dates`: the range also prunes the
+/// events table's `date` partitions (files listed one by one have no such column).
+fn events_filter(meter: &Meter, query: &MeterQuery, dates: bool) -> Expr {
     let mut filter = col(schema::EVENT_TYPE)
         .eq(lit(meter.event_type.as_str()))
         .and(
             col(schema::DECISION).in_list(METERED.iter().map(|d| lit(d.as_str())).collect(), false),
         );
-    let start = query.start(meter);
-    if let Some(from) = start {
-        filter = filter
-            .and(col(schema::DATE).gt_eq(day(from)))
-            .and(col(schema::EVENT_TIME).gt_eq(micros(from)));
+    if let Some(from) = query.start(meter) {
+        if dates {
+            filter = filter.and(col(schema::DATE).gt_eq(day(from)));
+        }
+        filter = filter.and(col(schema::EVENT_TIME).gt_eq(micros(from)));
     }
     if let Some(to) = query.to {
-        filter = filter
-            .and(col(schema::DATE).lt_eq(day(to)))
-            .and(col(schema::EVENT_TIME).lt(micros(to)));
+        if dates {
+            filter = filter.and(col(schema::DATE).lt_eq(day(to)));
+        }
+        filter = filter.and(col(schema::EVENT_TIME).lt(micros(to)));
     }
     if !query.customers.is_empty() {
         filter = filter.and(col(schema::CUSTOMER).in_list(
@@ -413,27 +407,66 @@ pub async fn meter_query(
             false,
         ));
     }
-    let group_text = |name: &str| -> Expr {
-        match name {
-            "subject" | "customer_id" => col(schema::CUSTOMER),
-            _ => JsonPath::parse(&meter.group_by[name])
-                .map(|p| text_at(&p))
-                .unwrap_or_else(|_| lit(ScalarValue::Utf8(None))),
-        }
-    };
     for (name, values) in &query.filter_group_by {
-        filter = filter
-            .and(group_text(name).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false));
+        filter = filter.and(
+            group_text(meter, name)
+                .in_list(values.iter().map(|v| lit(v.as_str())).collect(), false),
+        );
     }
-    let value = meter.value_path();
-    let value_expr = match (meter.aggregation, &value) {
-        (Aggregation::Count, _) | (_, None) => lit(1.0),
-        (Aggregation::UniqueCount, Some(p)) => text_at(p),
-        (_, Some(p)) => number_at(p),
-    };
     if meter.aggregation != Aggregation::Count {
-        filter = filter.and(value_expr.clone().is_not_null());
+        filter = filter.and(value_expr(meter).is_not_null());
     }
+    filter
+}
+
+/// The text of group-by `name` of each event.
+fn group_text(meter: &Meter, name: &str) -> Expr {
+    match name {
+        "subject" | "customer_id" => col(schema::CUSTOMER),
+        _ => JsonPath::parse(&meter.group_by[name])
+            .map(|p| text_at(&p))
+            .unwrap_or_else(|_| lit(ScalarValue::Utf8(None))),
+    }
+}
+
+/// What the meter reads of each event: its number, its text (`UNIQUE_COUNT`) or 1
+/// (`COUNT`).
+fn value_expr(meter: &Meter) -> Expr {
+    match (meter.aggregation, meter.value_path()) {
+        (Aggregation::Count, _) | (_, None) => lit(1.0),
+        (Aggregation::UniqueCount, Some(p)) => text_at(&p),
+        (_, Some(p)) => number_at(&p),
+    }
+}
+
+/// The group-bys of `query` but `subject` and `customer_id`, and whether it groups by
+/// customer.
+fn named_groups(query: &MeterQuery) -> (bool, Vec<&String>) {
+    let is_customer = |g: &String| g == "subject" || g == "customer_id";
+    (
+        query.group_by.iter().any(is_customer),
+        query.group_by.iter().filter(|g| !is_customer(g)).collect(),
+    )
+}
+
+/// The latest event first by event time, then ingest time, then stream sequence.
+fn latest_order() -> Vec<datafusion::logical_expr::SortExpr> {
+    vec![
+        col(schema::EVENT_TIME).sort(true, false),
+        col(schema::INGEST_TIME).sort(true, false),
+        col(schema::STREAM_SEQ).sort(true, false),
+    ]
+}
+
+/// Runs `query` of `meter` over the `events` table of `ctx` (the meter must be valid and
+/// the query checked). Rows are ordered by window, customer and group-by values.
+pub async fn meter_query(
+    ctx: &SessionContext,
+    meter: &Meter,
+    query: &MeterQuery,
+) -> Result<Vec<MeterRow>> {
+    let filter = events_filter(meter, query, true);
+    let value_expr = value_expr(meter);
     let aggregate = match meter.aggregation {
         Aggregation::Sum => sum(value_expr),
         Aggregation::Count => count(lit(1)),
@@ -441,41 +474,19 @@ pub async fn meter_query(
         Aggregation::Avg => avg(value_expr),
         Aggregation::Min => min(value_expr),
         Aggregation::Max => max(value_expr),
-        Aggregation::Latest => last_value(
-            value_expr,
-            vec![
-                col(schema::EVENT_TIME).sort(true, false),
-                col(schema::INGEST_TIME).sort(true, false),
-                col(schema::STREAM_SEQ).sort(true, false),
-            ],
-        ),
+        Aggregation::Latest => last_value(value_expr, latest_order()),
     };
-    let by_customer = query
-        .group_by
-        .iter()
-        .any(|g| g == "subject" || g == "customer_id");
-    let named: Vec<&String> = query
-        .group_by
-        .iter()
-        .filter(|g| g.as_str() != "subject" && g.as_str() != "customer_id")
-        .collect();
+    let (by_customer, named) = named_groups(query);
     let mut groups = Vec::new();
     if let Some(size) = query.window {
-        groups.push(
-            ScalarUDF::from(MeterWindow::new())
-                .call(vec![
-                    col(schema::EVENT_TIME),
-                    lit(size.as_str()),
-                    lit(query.time_zone.name()),
-                ])
-                .alias("window_start"),
-        );
+        groups
+            .push(window_of(col(schema::EVENT_TIME), size, query.time_zone).alias("window_start"));
     }
     if by_customer {
         groups.push(col(schema::CUSTOMER).alias("customer"));
     }
     for (i, name) in named.iter().enumerate() {
-        groups.push(group_text(name).alias(format!("group_{i}")));
+        groups.push(group_text(meter, name).alias(format!("group_{i}")));
     }
     let aggregates = vec![
         aggregate.alias("value"),
@@ -489,8 +500,258 @@ pub async fn meter_query(
         .aggregate(groups, aggregates)?
         .collect()
         .await?;
+    answer(&batches, query, query.start(meter), &named)
+}
+
+/// `meter_window(time, size, zone)`.
+fn window_of(time: Expr, size: WindowSize, zone: Tz) -> Expr {
+    ScalarUDF::from(MeterWindow::new()).call(vec![time, lit(size.as_str()), lit(zone.name())])
+}
+
+const MICROS_PER_HOUR: i64 = 3_600_000_000;
+
+/// Whether a meter's rollups (per UTC hour) can answer `query`: its range starts and ends
+/// on UTC hours, and its windows are hours, days or months of a zone whose offset is whole
+/// hours at the range's start (an offset of other times is found by the query itself,
+/// [`meter_query_from_rollups`]).
+pub fn rollups_can_answer(meter: &Meter, query: &MeterQuery) -> bool {
+    let on_hour = |t: DateTime<Utc>| t.timestamp_micros().rem_euclid(MICROS_PER_HOUR) == 0;
+    let start = query.start(meter);
+    if query.window == Some(WindowSize::Minute)
+        || start.is_some_and(|t| !on_hour(t))
+        || query.to.is_some_and(|t| !on_hour(t))
+    {
+        return false;
+    }
+    let at = start.or(query.to).unwrap_or_else(Utc::now);
+    query.window.is_none()
+        || query
+            .time_zone
+            .offset_from_utc_datetime(&at.naive_utc())
+            .fix()
+            .local_minus_utc()
+            % 3600
+            == 0
+}
+
+/// The columns of a partial row: a customer's reading of a meter in one UTC hour and
+/// group, from a rollup or from events, in the order both sides select them.
+fn partial_columns(named: usize, distinct: bool) -> Vec<String> {
+    use tally_store::meter_rollup as m;
+    let mut out = vec![m::HOUR.to_owned(), m::CUSTOMER.to_owned()];
+    out.extend((0..named).map(|i| format!("group_{i}")));
+    for name in [
+        m::EVENTS,
+        m::SUM,
+        m::MIN,
+        m::MAX,
+        m::LATEST,
+        m::LATEST_TIME,
+        m::LATEST_INGEST,
+        m::LATEST_SEQ,
+        m::FIRST_TIME,
+        m::LAST_TIME,
+    ] {
+        out.push(name.to_owned());
+    }
+    if distinct {
+        out.push(m::VALUES.to_owned());
+    }
+    out
+}
+
+/// Runs `query` of `meter` over the meter's `rollups` (a frame of files of the meter
+/// rollups table, [`tally_store::meter_rollup`]) and the `events` of the files that have
+/// none: the answer [`meter_query`] gives over the whole events table. `None` when a
+/// window would split a UTC hour (a zone's offset not whole hours somewhere in the
+/// range), which only the events can answer. The query must pass
+/// [`rollups_can_answer`].
+pub async fn meter_query_from_rollups(
+    meter: &Meter,
+    query: &MeterQuery,
+    rollups: DataFrame,
+    events: DataFrame,
+) -> Result<Option<Vec<MeterRow>>> {
+    use tally_store::meter_rollup as m;
+    let start = query.start(meter);
+    let (by_customer, named) = named_groups(query);
+    let distinct = meter.aggregation == Aggregation::UniqueCount;
+    let columns = partial_columns(named.len(), distinct);
+    let time = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let types = |name: &str| -> DataType {
+        match name {
+            m::HOUR | m::LATEST_TIME | m::LATEST_INGEST | m::FIRST_TIME | m::LAST_TIME => time(),
+            m::EVENTS | m::LATEST_SEQ => DataType::UInt64,
+            m::SUM | m::MIN | m::MAX | m::LATEST => DataType::Float64,
+            m::VALUES => DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+            _ => DataType::Utf8,
+        }
+    };
+    let pick = |exprs: Vec<Expr>| -> Vec<Expr> {
+        exprs
+            .into_iter()
+            .zip(&columns)
+            .map(|(e, name)| cast_expr(e, types(name)).alias(name))
+            .collect()
+    };
+
+    // The rollups' rows in the range, of the customers and group-by values asked for.
+    let position = |name: &str| meter.group_by.keys().position(|k| k == name);
+    let rollup_group = |name: &str| -> Expr {
+        match (name, position(name)) {
+            ("subject" | "customer_id", _) => col(m::CUSTOMER),
+            (_, Some(i)) => datafusion::functions_nested::expr_fn::array_element(
+                col(m::GROUPS),
+                lit(i as i64 + 1),
+            ),
+            (_, None) => lit(ScalarValue::Utf8(None)),
+        }
+    };
+    let mut filter = lit(true);
+    if let Some(from) = start {
+        filter = filter.and(col(m::HOUR).gt_eq(micros(from)));
+    }
+    if let Some(to) = query.to {
+        filter = filter.and(col(m::HOUR).lt(micros(to)));
+    }
+    if !query.customers.is_empty() {
+        filter = filter.and(col(m::CUSTOMER).in_list(
+            query.customers.iter().map(|c| lit(c.as_str())).collect(),
+            false,
+        ));
+    }
+    for (name, values) in &query.filter_group_by {
+        filter = filter.and(
+            rollup_group(name).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false),
+        );
+    }
+    let mut from_rollups = vec![col(m::HOUR), col(m::CUSTOMER)];
+    from_rollups.extend(named.iter().map(|n| rollup_group(n)));
+    from_rollups.extend(columns[2 + named.len()..].iter().map(|c| col(c.as_str())));
+    let rollups = rollups.filter(filter)?.select(pick(from_rollups))?;
+
+    // The events of the files without a rollup, summed the same way.
+    let value = value_expr(meter);
+    let number = if distinct {
+        lit(ScalarValue::Float64(None))
+    } else {
+        value.clone()
+    };
+    let mut groups = vec![
+        window_of(col(schema::EVENT_TIME), WindowSize::Hour, Tz::UTC).alias(m::HOUR),
+        col(schema::CUSTOMER).alias(m::CUSTOMER),
+    ];
+    groups.extend(
+        named
+            .iter()
+            .enumerate()
+            .map(|(i, n)| group_text(meter, n).alias(format!("group_{i}"))),
+    );
+    let mut aggregates = vec![
+        count(lit(1)).alias(m::EVENTS),
+        sum(number.clone()).alias(m::SUM),
+        min(number.clone()).alias(m::MIN),
+        max(number.clone()).alias(m::MAX),
+        last_value(number, latest_order()).alias(m::LATEST),
+        max(col(schema::EVENT_TIME)).alias(m::LATEST_TIME),
+        last_value(col(schema::INGEST_TIME), latest_order()).alias(m::LATEST_INGEST),
+        last_value(col(schema::STREAM_SEQ), latest_order()).alias(m::LATEST_SEQ),
+        min(col(schema::EVENT_TIME)).alias(m::FIRST_TIME),
+        max(col(schema::EVENT_TIME)).alias(m::LAST_TIME),
+    ];
+    if distinct {
+        aggregates.push(
+            datafusion::logical_expr::ExprFunctionExt::distinct(
+                datafusion::functions_aggregate::expr_fn::array_agg(value),
+            )
+            .build()?
+            .alias(m::VALUES),
+        );
+    }
+    let events = events
+        .filter(events_filter(meter, query, false))?
+        .aggregate(groups, aggregates)?
+        .select(pick(columns.iter().map(|c| col(c.as_str())).collect()))?;
+
+    // Both combined per window, customer and group.
+    let mut partial = rollups.union(events)?;
+    if distinct {
+        partial = partial.unnest_columns(&[m::VALUES])?;
+    }
+    let mut groups = Vec::new();
+    if let Some(size) = query.window {
+        let last_micro = lit(ScalarValue::new_interval_mdn(
+            0,
+            0,
+            (MICROS_PER_HOUR - 1) * 1000,
+        ));
+        groups.push(window_of(col(m::HOUR), size, query.time_zone).alias("window_start"));
+        groups
+            .push(window_of(col(m::HOUR) + last_micro, size, query.time_zone).alias("window_last"));
+    }
+    if by_customer {
+        groups.push(col(m::CUSTOMER).alias("customer"));
+    }
+    groups.extend((0..named.len()).map(|i| col(format!("group_{i}"))));
+    let value = match meter.aggregation {
+        Aggregation::Sum => sum(col(m::SUM)),
+        Aggregation::Count => sum(col(m::EVENTS)),
+        Aggregation::UniqueCount => count_distinct(col(m::VALUES)),
+        // The sum for now: divided by the events below.
+        Aggregation::Avg => sum(col(m::SUM)),
+        Aggregation::Min => min(col(m::MIN)),
+        Aggregation::Max => max(col(m::MAX)),
+        Aggregation::Latest => last_value(
+            col(m::LATEST),
+            vec![
+                col(m::LATEST_TIME).sort(true, false),
+                col(m::LATEST_INGEST).sort(true, false),
+                col(m::LATEST_SEQ).sort(true, false),
+            ],
+        ),
+    };
+    let mut combined = partial.aggregate(
+        groups,
+        vec![
+            value.alias("value"),
+            sum(col(m::EVENTS)).alias("events"),
+            min(col(m::FIRST_TIME)).alias("first_time"),
+            max(col(m::LAST_TIME)).alias("last_time"),
+        ],
+    )?;
+    if meter.aggregation == Aggregation::Avg {
+        combined = combined.with_column(
+            "value",
+            col("value") / cast_expr(col("events"), DataType::Float64),
+        )?;
+    }
+    let batches = combined.collect().await?;
+    if query.window.is_some() {
+        for batch in &batches {
+            let (Some(first), Some(last)) = (
+                batch.column_by_name("window_start"),
+                batch.column_by_name("window_last"),
+            ) else {
+                continue;
+            };
+            if first != last {
+                return Ok(None);
+            }
+        }
+    }
+    answer(&batches, query, start, &named).map(Some)
+}
+
+/// The rows of an aggregated meter query: `value`, `first_time`, `last_time`, and
+/// `window_start`, `customer`, `group_<i>` where asked for.
+fn answer(
+    batches: &[RecordBatch],
+    query: &MeterQuery,
+    start: Option<DateTime<Utc>>,
+    named: &[&String],
+) -> Result<Vec<MeterRow>> {
     let mut rows = Vec::new();
-    for batch in &batches {
+    for batch in batches {
         let value = cast(
             batch.column_by_name("value").expect("value"),
             &DataType::Float64,
@@ -772,4 +1033,307 @@ pub async fn list_events(ctx: &SessionContext, filter: &EventFilter) -> Result<V
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use chrono::Duration as Span;
+    use datafusion::arrow::array::{Float64Array, StringArray, UInt16Array, UInt64Array};
+    use serde_json::json;
+    use tally_core::schema::{decision_codes, lake_schema};
+    use tally_core::{Fence, SealedBatch};
+    use tally_store::{CompactOptions, Lake, Location};
+
+    use super::*;
+    use crate::Lakehouse;
+
+    const T0: &str = "2026-10-31T20:00:00Z";
+
+    fn t0() -> DateTime<Utc> {
+        T0.parse().unwrap()
+    }
+
+    /// Lake rows of partition 5 with stream sequences `seqs`, an event every 23 minutes
+    /// from [`T0`] (across New York's clocks going back): prompts of three customers whose
+    /// `data` has tokens (some missing, some not a number), a model (some missing) and a
+    /// user; now and then an event of another type, or one refused (read by no meter).
+    fn sealed(seqs: std::ops::RangeInclusive<u64>) -> SealedBatch {
+        let seq: Vec<u64> = seqs.clone().collect();
+        let n = seq.len();
+        let text = |f: &dyn Fn(u64) -> String| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(seq.iter().map(|&i| f(i))))
+        };
+        let ts = |v: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+        };
+        let data = |i: u64| {
+            let mut d = serde_json::Map::new();
+            match i % 9 {
+                0 => {}
+                1 => {
+                    d.insert("tokens".into(), json!("lots"));
+                }
+                2 => {
+                    d.insert("tokens".into(), json!(format!("{}", i % 13)));
+                }
+                _ => {
+                    d.insert("tokens".into(), json!((i * 7) % 31));
+                }
+            }
+            if !i.is_multiple_of(5) {
+                d.insert(
+                    "model".into(),
+                    json!(["gpt-4o", "claude"][(i % 2) as usize]),
+                );
+            }
+            d.insert("user_id".into(), json!(format!("u{}", i % 4)));
+            Value::Object(d).to_string()
+        };
+        let decisions = text(&|i| {
+            match i % 11 {
+                0 => "limit_reached",
+                1 => "overage",
+                2 => "metered",
+                _ => "accepted",
+            }
+            .to_owned()
+        });
+        let codes = decision_codes(decisions.as_string::<i32>());
+        let start = t0().timestamp_micros();
+        let batch = RecordBatch::try_new(
+            lake_schema(),
+            vec![
+                text(&|i| format!("e{i}")),
+                text(&|i| ["ana", "bo", "cy"][(i % 3) as usize].to_owned()),
+                text(&|_| "prompt".to_owned()),
+                Arc::new(Float64Array::from_iter_values(
+                    seq.iter().map(|&i| (i % 3 + 1) as f64),
+                )),
+                ts(seq
+                    .iter()
+                    .map(|&i| start + i as i64 * 23 * 60_000_000)
+                    .collect()),
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                text(&|_| "src".to_owned()),
+                text(&|i| if i % 17 == 0 { "other" } else { "prompt" }.to_owned()),
+                text(&|i| data(i)),
+                decisions,
+                ts(seq.iter().map(|&i| 1_000 + i as i64).collect()),
+                Arc::new(UInt64Array::from(seq.clone())),
+                Arc::new(UInt16Array::from(vec![5; n])),
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                Arc::new(codes),
+            ],
+        )
+        .unwrap();
+        SealedBatch {
+            partition: 5,
+            first_seq: *seqs.start(),
+            last_seq: *seqs.end(),
+            after_seq: None,
+            batch,
+        }
+    }
+
+    fn meter(slug: &str, aggregation: &str, value: Option<&str>, id: u128) -> Meter {
+        let mut m = json!({
+            "slug": slug, "id": tally_core::meter::ulid_text(id), "eventType": "prompt",
+            "aggregation": aggregation, "groupBy": {"model": "$.model", "who": "$.user_id"},
+        });
+        if let Some(v) = value {
+            m["valueProperty"] = json!(v);
+        }
+        serde_json::from_value(m).unwrap()
+    }
+
+    fn queries() -> Vec<(&'static str, MeterQuery)> {
+        let tz = |name: &str| name.parse::<Tz>().unwrap();
+        let q = MeterQuery::default;
+        vec![
+            ("everything", q()),
+            (
+                "by subject",
+                MeterQuery {
+                    group_by: vec!["subject".into()],
+                    ..q()
+                },
+            ),
+            (
+                "by hour and model",
+                MeterQuery {
+                    window: Some(WindowSize::Hour),
+                    group_by: vec!["model".into()],
+                    ..q()
+                },
+            ),
+            (
+                "by New York day, customer and model",
+                MeterQuery {
+                    window: Some(WindowSize::Day),
+                    time_zone: tz("America/New_York"),
+                    group_by: vec!["customer_id".into(), "model".into()],
+                    ..q()
+                },
+            ),
+            (
+                "by month, filtered",
+                MeterQuery {
+                    window: Some(WindowSize::Month),
+                    customers: vec!["ana".into(), "cy".into()],
+                    filter_group_by: [("model".to_owned(), vec!["claude".to_owned()])].into(),
+                    group_by: vec!["who".into()],
+                    ..q()
+                },
+            ),
+            (
+                "an hour-aligned range by day",
+                MeterQuery {
+                    from: Some(t0() + Span::hours(7)),
+                    to: Some(t0() + Span::hours(40)),
+                    window: Some(WindowSize::Day),
+                    ..q()
+                },
+            ),
+            // Not answered from rollups: a range inside hours, minutes, a zone half an
+            // hour off UTC.
+            (
+                "a range inside hours",
+                MeterQuery {
+                    from: Some(t0() + Span::minutes(90)),
+                    group_by: vec!["subject".into()],
+                    ..q()
+                },
+            ),
+            (
+                "by minute",
+                MeterQuery {
+                    window: Some(WindowSize::Minute),
+                    ..q()
+                },
+            ),
+            (
+                "by Kolkata day",
+                MeterQuery {
+                    window: Some(WindowSize::Day),
+                    time_zone: tz("Asia/Kolkata"),
+                    ..q()
+                },
+            ),
+        ]
+    }
+
+    /// Each meter's answer to each query through the lakehouse equals its answer from
+    /// every event, and the rollups answer the queries they can.
+    async fn same_answers(house: &Lakehouse, lake: &Lake, meters: &[Meter]) {
+        for m in meters {
+            for (what, query) in queries() {
+                let want = meter_query(house.context(), m, &query).await.unwrap();
+                let key = tally_store::meter_rollup::rollup_key(m);
+                let sources = lake.meter_sources(&key, None).unwrap();
+                let rollups = house
+                    .files(&sources.rollups, tally_store::meter_rollup_schema())
+                    .unwrap();
+                let events = house.files(&sources.events, lake_schema()).unwrap();
+                let answerable = rollups_can_answer(m, &query);
+                assert_eq!(
+                    answerable,
+                    !["a range inside hours", "by minute", "by Kolkata day"].contains(&what),
+                    "{what}"
+                );
+                if answerable {
+                    let direct = meter_query_from_rollups(m, &query, rollups, events)
+                        .await
+                        .unwrap();
+                    assert!(
+                        direct.is_some(),
+                        "{} {what}: rollups did not answer",
+                        m.slug
+                    );
+                }
+                let got = house.meter_query(m, &query).await.unwrap();
+                assert!(!want.is_empty(), "{} {what}: no rows", m.slug);
+                assert_eq!(got.len(), want.len(), "{} {what}", m.slug);
+                for (g, w) in got.iter().zip(&want) {
+                    let close = (g.value - w.value).abs() <= 1e-9 * w.value.abs().max(1.0);
+                    assert!(
+                        close
+                            && (g.window_start, g.window_end, &g.customer, &g.group_by)
+                                == (w.window_start, w.window_end, &w.customer, &w.group_by),
+                        "{} {what}: {g:?} ≠ {w:?}",
+                        m.slug
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn meter_rollups_answer_as_the_events_do_before_and_after_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::new(dir.path());
+        let mut meters: Vec<Meter> = [
+            ("prompts", "COUNT", None),
+            ("users", "UNIQUE_COUNT", Some("$.user_id")),
+            ("tokens_sum", "SUM", Some("$.tokens")),
+            ("tokens_avg", "AVG", Some("$.tokens")),
+            ("tokens_min", "MIN", Some("$.tokens")),
+            ("tokens_max", "MAX", Some("$.tokens")),
+            ("tokens_latest", "LATEST", Some("$.tokens")),
+            ("quantity", "SUM", Some("$.quantity")),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (slug, aggregation, value))| meter(slug, aggregation, value, i as u128 + 1))
+        .collect();
+        lake.set_meters(&meters);
+        for seqs in [1..=70, 71..=150] {
+            lake.write(&sealed(seqs), &Fence::open()).unwrap();
+        }
+        // A meter defined after those flushes, and one whose group-bys changed: their
+        // rollups start with the next flush.
+        meters.push(meter("defined_later", "SUM", Some("$.tokens"), 100));
+        meters[2].group_by.insert("src".into(), "$.source".into());
+        lake.set_meters(&meters);
+        lake.write(&sealed(151..=230), &Fence::open()).unwrap();
+
+        let house = Lakehouse::open(&Location::Local(dir.path().into()))
+            .await
+            .unwrap();
+        let key = |m: &Meter| tally_store::meter_rollup::rollup_key(m);
+        for m in &meters {
+            let sources = lake.meter_sources(&key(m), None).unwrap();
+            let (rollups, events) = if m.slug == "defined_later" || m.slug == "tokens_sum" {
+                (2, 5)
+            } else {
+                (7, 0)
+            };
+            assert_eq!(
+                (sources.rollups.len(), sources.events.len()),
+                (rollups, events),
+                "{}: {sources:?}",
+                m.slug
+            );
+        }
+        same_answers(&house, &lake, &meters).await;
+
+        // Compaction merges the closed dates; every merged file gets every live meter's
+        // rollup, and the files it did not merge get the rollups they lacked.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
+        let done = lake
+            .compact(5, 230, &Fence::open(), &CompactOptions::default(), now)
+            .unwrap();
+        assert!(done.merged > done.written, "{done:?}");
+        for m in &meters {
+            let sources = lake.meter_sources(&key(m), None).unwrap();
+            assert!(
+                sources.events.is_empty() && !sources.rollups.is_empty(),
+                "{}: {sources:?}",
+                m.slug
+            );
+        }
+        same_answers(&house, &lake, &meters).await;
+    }
 }

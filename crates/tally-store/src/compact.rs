@@ -128,6 +128,8 @@ pub struct Compacted {
     pub monthly: usize,
     /// Rollups replaced by a reconciliation.
     pub removed: usize,
+    /// Meter rollups written for files that lacked them.
+    pub meter_rollups: usize,
 }
 
 impl std::ops::AddAssign for Compacted {
@@ -137,6 +139,7 @@ impl std::ops::AddAssign for Compacted {
         self.rows += o.rows;
         self.monthly += o.monthly;
         self.removed += o.removed;
+        self.meter_rollups += o.meter_rollups;
     }
 }
 
@@ -232,6 +235,7 @@ impl Lake {
             }
         }
         done.removed += self.reconcile_rollups(partition, up_to_seq, fence, now)?;
+        done.meter_rollups += self.backfill_meter_rollups(partition, up_to_seq, fence, now)?;
         done.monthly +=
             self.compact_months(partition, up_to_seq, fence, options.closed_after, now)?;
         Ok(done)
@@ -270,6 +274,7 @@ impl Lake {
             schema::DATE,
             file_name(partition, meta.first_seq, meta.last_seq, &file_token())
         );
+        let metered = self.meter_uploads(&self.live_meters(), &path, date, &meta, &rows)?;
         let events = Upload {
             path: path.clone(),
             value: date.to_owned(),
@@ -290,8 +295,12 @@ impl Lake {
             .filter(|r| inputs.iter().any(|i| i.file.path == r.file.path))
             .map(|r| r.file)
             .collect();
+        let replaced_meters = self.meter_rollups_of(partition, &inputs)?;
         block_on(async {
-            for (table, upload) in [(events_table, &events), (rollups_table, &rollups)] {
+            for (table, upload) in [(events_table, &events), (rollups_table, &rollups)]
+                .into_iter()
+                .chain(metered.iter().map(|m| (&self.tables.meter_rollups, m)))
+            {
                 let key = format!("{}/{}", table.name, upload.path);
                 self.storage.create(&key, upload.bytes.clone()).await?;
             }
@@ -310,6 +319,8 @@ impl Lake {
             actions.push(rollups.add(rollups_table));
             rollups_table
                 .commit(actions, &[], &[], Some((fence, partition)), optimize())
+                .await?;
+            self.commit_meter_rollups(&metered, &replaced_meters, now, partition, fence)
                 .await
         })?;
         tracing::debug!(
@@ -325,6 +336,89 @@ impl Lake {
             rows: rows.num_rows() as u64,
             ..Compacted::default()
         })
+    }
+
+    /// The meter rollups of the partition's files among `events`, in the meter rollups
+    /// table's newest snapshot.
+    fn meter_rollups_of(
+        &self,
+        partition: u16,
+        events: &[&PartitionFile],
+    ) -> Result<Vec<TableFile>> {
+        let stems: HashSet<&str> = events
+            .iter()
+            .map(|e| e.file.path.strip_suffix(".parquet").unwrap_or(&e.file.path))
+            .collect();
+        Ok(self
+            .snapshot_files(&self.tables.meter_rollups, Some(partition))?
+            .into_iter()
+            .filter(|m| {
+                m.file
+                    .path
+                    .strip_suffix(".parquet")
+                    .and_then(|p| p.rsplit_once('.'))
+                    .is_some_and(|(stem, _)| stems.contains(stem))
+            })
+            .map(|m| m.file)
+            .collect())
+    }
+
+    /// Writes the rollups of the live meters that the partition's events files up to
+    /// `up_to_seq` lack (a meter defined after them, or a flush that crashed between its
+    /// commits), so that meter queries read rollups rather than events. Returns the
+    /// rollup files written.
+    fn backfill_meter_rollups(
+        &self,
+        partition: u16,
+        up_to_seq: u64,
+        fence: &Fence,
+        now: SystemTime,
+    ) -> Result<usize> {
+        let meters = self.live_meters();
+        if meters.is_empty() {
+            return Ok(0);
+        }
+        let have: HashSet<String> = self
+            .snapshot_files(&self.tables.meter_rollups, Some(partition))?
+            .into_iter()
+            .map(|m| m.file.path)
+            .collect();
+        let mut written = 0;
+        for e in self.partition_files(partition)? {
+            if e.last_seq > up_to_seq {
+                continue;
+            }
+            let missing: Vec<crate::LiveMeter> = meters
+                .iter()
+                .filter(|m| {
+                    !have.contains(&crate::meter_rollup::rollup_path(&e.file.path, m.key()))
+                })
+                .cloned()
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let rows = concat_batches(&lake_schema(), &read_rows(self.fetch(&e.key)?)?)?;
+            let meta = FileMeta {
+                partition,
+                first_seq: e.first_seq,
+                last_seq: e.last_seq,
+                files: 1,
+                compacted: None,
+            };
+            let uploads =
+                self.meter_uploads(&missing, &e.file.path, &e.file.value, &meta, &rows)?;
+            block_on(async {
+                for upload in &uploads {
+                    let key = format!("{}/{}", self.tables.meter_rollups.name, upload.path);
+                    self.storage.create(&key, upload.bytes.clone()).await?;
+                }
+                self.commit_meter_rollups(&uploads, &[], now, partition, fence)
+                    .await
+            })?;
+            written += uploads.len();
+        }
+        Ok(written)
     }
 
     /// Makes the partition's rollups up to `up_to_seq` match its events files: each events
@@ -408,6 +502,7 @@ impl Lake {
             &tables.rollups,
             &tables.monthly,
             &tables.billing,
+            &tables.meter_rollups,
         ] {
             let (live, tombstones) = block_on(table.files_and_tombstones())?;
             let prefix = format!("{}/", table.name);
@@ -420,6 +515,14 @@ impl Lake {
                 }
                 // The rollup of a committed events file whose own commit is yet to come.
                 if table.name == ROLLUPS_TABLE && events.contains(path) {
+                    continue;
+                }
+                if table.name == crate::METER_ROLLUPS_TABLE
+                    && path
+                        .strip_suffix(".parquet")
+                        .and_then(|p| p.rsplit_once('.'))
+                        .is_some_and(|(stem, _)| events.contains(&format!("{stem}.parquet")))
+                {
                     continue;
                 }
                 let since = tombstones

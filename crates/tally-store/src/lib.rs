@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 pub mod checkpoint;
 pub mod compact;
 pub mod lines;
+pub mod meter_rollup;
 pub mod migrate;
 pub mod monthly;
 pub mod rollup;
@@ -57,6 +58,7 @@ pub mod users;
 
 pub use compact::{CompactOptions, Compacted, parse_name, visible};
 pub use lines::{BILLING_TABLE, lines_schema};
+pub use meter_rollup::{LiveMeter, METER_ROLLUPS_TABLE, meter_rollup_schema, meter_rollups};
 pub use migrate::Migrated;
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, PERIOD, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
@@ -144,6 +146,8 @@ pub struct Lake {
     /// For the monthly rollups: row groups small enough that a query of some decisions
     /// skips the others' by their statistics (the rows are sorted by decision).
     monthly_props: WriterProperties,
+    /// The meters whose rollups each flush and compaction write ([`Lake::set_meters`]).
+    meters: Arc<std::sync::RwLock<Arc<[LiveMeter]>>>,
 }
 
 /// The lake's Delta tables.
@@ -153,6 +157,7 @@ pub(crate) struct Tables {
     pub rollups: table::Table,
     pub monthly: table::Table,
     pub billing: table::Table,
+    pub meter_rollups: table::Table,
 }
 
 /// Rows per row group of a monthly rollup file.
@@ -204,6 +209,13 @@ impl Lake {
                 PERIOD,
                 deltalake::kernel::DataType::STRING,
             )?,
+            meter_rollups: table::Table::new(
+                &storage,
+                METER_ROLLUPS_TABLE,
+                meter_rollup_schema(),
+                schema::DATE,
+                deltalake::kernel::DataType::DATE,
+            )?,
         };
         // Event ids are unique: a dictionary for them is pure cost, and so are statistics
         // on ids and free-form data that no query prunes on.
@@ -230,6 +242,7 @@ impl Lake {
             monthly_props: props()
                 .set_max_row_group_row_count(Some(MONTHLY_ROW_GROUP_ROWS))
                 .build(),
+            meters: Arc::new(std::sync::RwLock::new(Arc::from([]))),
         })
     }
 
@@ -262,7 +275,8 @@ impl Lake {
         // A name of its own for each attempt: a file that a failed attempt, or a worker
         // that lost the partition, left uncommitted is never overwritten or reused.
         let token = file_token();
-        let (mut events, mut rollups) = (Vec::new(), Vec::new());
+        let meters = self.live_meters();
+        let (mut events, mut rollups, mut metered) = (Vec::new(), Vec::new(), Vec::new());
         for (day, rows) in days {
             let date = date_of_day(day);
             let path = format!(
@@ -271,6 +285,7 @@ impl Lake {
                 file_name(sealed.partition, sealed.first_seq, sealed.last_seq, &token)
             );
             let summary = rollup(&rows)?;
+            metered.extend(self.meter_uploads(&meters, &path, &date, &meta, &rows)?);
             let bytes = encode(&self.props, &meta, &rows)?;
             durable.rows += rows.num_rows();
             durable.files += 1;
@@ -290,15 +305,92 @@ impl Lake {
         }
         table::block_on(async {
             let tables = &self.tables;
-            futures::future::try_join(
+            futures::future::try_join3(
                 self.upload(&tables.events, &events),
                 self.upload(&tables.rollups, &rollups),
+                self.upload(&tables.meter_rollups, &metered),
             )
             .await?;
             commit_flush(&tables.events, &events, sealed, fence).await?;
-            commit_flush(&tables.rollups, &rollups, sealed, fence).await
+            commit_flush(&tables.rollups, &rollups, sealed, fence).await?;
+            let now = std::time::SystemTime::now();
+            self.commit_meter_rollups(&metered, &[], now, sealed.partition, fence)
+                .await
         })?;
         Ok(durable)
+    }
+
+    /// Sets the meters whose rollups every later flush and compaction write: the live
+    /// ones of `meters` (see [`meter_rollup`](mod@meter_rollup)).
+    pub fn set_meters<'m>(&self, meters: impl IntoIterator<Item = &'m tally_core::meter::Meter>) {
+        let live: Arc<[LiveMeter]> = meters.into_iter().filter_map(LiveMeter::new).collect();
+        *self
+            .meters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = live;
+    }
+
+    /// The meters whose rollups are written now.
+    pub fn live_meters(&self) -> Arc<[LiveMeter]> {
+        self.meters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The rollup of each of `meters` of the events file `path` (dated `date`) holding
+    /// `rows`, ready to upload.
+    pub(crate) fn meter_uploads(
+        &self,
+        meters: &[LiveMeter],
+        path: &str,
+        date: &str,
+        meta: &FileMeta,
+        rows: &RecordBatch,
+    ) -> Result<Vec<Upload>> {
+        if meters.is_empty() {
+            return Ok(Vec::new());
+        }
+        meters
+            .iter()
+            .zip(meter_rollups(rows, meters)?)
+            .map(|(meter, summary)| {
+                Ok(Upload {
+                    path: meter_rollup::rollup_path(path, meter.key()),
+                    value: date.to_owned(),
+                    stats: stats(&summary),
+                    bytes: encode(&self.props, meta, &summary)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Adds `files` to the meter rollups table in one commit, removing `replaced` (dated
+    /// `now`), while `fence` holds for `partition`. A meter rollup answers for its events file alone, so
+    /// it needs no place in the partition's order.
+    pub(crate) async fn commit_meter_rollups(
+        &self,
+        files: &[Upload],
+        replaced: &[TableFile],
+        now: std::time::SystemTime,
+        partition: u16,
+        fence: &Fence,
+    ) -> Result<()> {
+        if files.is_empty() && replaced.is_empty() {
+            return Ok(());
+        }
+        let table = &self.tables.meter_rollups;
+        let mut actions: Vec<_> = replaced.iter().map(|f| table.remove(f, now)).collect();
+        actions.extend(files.iter().map(|f| f.add(table)));
+        let operation = if replaced.is_empty() {
+            table::append()
+        } else {
+            table::optimize()
+        };
+        table
+            .commit(actions, &[], &[], Some((fence, partition)), operation)
+            .await?;
+        Ok(())
     }
 
     /// Puts each of `files` into `table`'s directory (not yet part of the table).

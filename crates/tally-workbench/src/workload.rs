@@ -75,6 +75,9 @@ pub struct Spec {
     pub arrow: bool,
     /// Events stop at this time if it comes before the end of the span.
     pub until: DateTime<Utc>,
+    /// Each JSON event's `data` also holds properties of its own, as OpenMeter users'
+    /// do: `tokens` (1 to 2,000) and `model` (one of four), for meters to read.
+    pub properties: bool,
 }
 
 impl Spec {
@@ -94,6 +97,7 @@ impl Spec {
             seed: 42,
             arrow: false,
             until: Utc::now(),
+            properties: false,
         }
     }
 }
@@ -158,7 +162,14 @@ struct Data<'a> {
     quantity: f64,
     region: &'a str,
     user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
 }
+
+/// The models of [`Spec::properties`].
+pub const MODELS: [&str; 4] = ["gpt-4o", "gpt-4o-mini", "claude", "llama"];
 
 #[derive(Serialize)]
 struct Event<'a> {
@@ -374,6 +385,14 @@ pub fn generate_with_progress(
                 REGIONS[rng.random_range(0..nregions)]
             };
             let user = format!("user-{}", rng.random_range(0..(3 + c % 50)));
+            let (tokens, model) = if spec.properties {
+                (
+                    Some(rng.random_range(1..=2000u32)),
+                    Some(MODELS[rng.random_range(0..MODELS.len())]),
+                )
+            } else {
+                (None, None)
+            };
             let json = serde_json::to_string(&Event {
                 specversion: "1.0",
                 id: &id,
@@ -386,6 +405,8 @@ pub fn generate_with_progress(
                     quantity,
                     region,
                     user: &user,
+                    tokens,
+                    model,
                 },
             })
             .unwrap_or_default();

@@ -2,7 +2,8 @@
 //! optional JetStream-only baseline measured in the same run. `tally bench quota`: the
 //! quota engine alone ([`quota`]); `check`: checks over NATS ([`check`]); `recovery`: a
 //! worker taking its partitions over ([`recovery`]); `query`: billing and adoption over a
-//! generated month ([`query`]); `http`: the HTTP API under load ([`http`]); `lake`: the
+//! generated month ([`query`]); `meters`: a meter query over a generated month of prompts
+//! ([`meters`]); `http`: the HTTP API under load ([`http`]); `lake`: the
 //! Delta log's commit rate with every partition flushing ([`lake`]).
 //!
 //! Messages are generated before the clock starts. The clock runs from the first publish
@@ -35,6 +36,7 @@ pub mod check;
 pub mod failover;
 pub mod http;
 pub mod lake;
+pub mod meters;
 pub mod query;
 pub mod quota;
 pub mod recovery;
@@ -71,6 +73,13 @@ pub enum BenchCmd {
     ///
     /// Example: tally bench query --events 10000000 --dir /var/tmp/tally-query --format json
     Query(query::QueryBench),
+    /// A meter query by customer × day over a generated month of prompts with five live
+    /// meters: from the meter rollups, from the raw events' JSON, and (with --duckdb)
+    /// DuckDB over the same files. `benches/query.sh meters` installs DuckDB and runs it in
+    /// release.
+    ///
+    /// Example: tally bench meters --events 10000000 --dir /var/tmp/tally-meters --format json
+    Meters(meters::MetersBench),
     /// The HTTP API under load from this process, with `tally serve` in another: events
     /// ingest (`--mode ingest`) or entitlement checks (`--mode check`).
     ///
@@ -136,6 +145,15 @@ pub struct IngestBench {
     /// replicas, instead of one server.
     #[arg(long, conflicts_with_all = ["secure", "authenticated", "baseline"])]
     cluster: bool,
+    /// Each event's `data` also holds `tokens` and `model`, properties of its own as
+    /// OpenMeter users' events have (JSON only).
+    #[arg(long, conflicts_with = "arrow")]
+    properties: bool,
+    /// Define this many meters (at most 5) of the events' type, grouped by model, before
+    /// the run: `SUM` and `MAX` and `LATEST` of `$.tokens`, `COUNT`, `UNIQUE_COUNT` of
+    /// `$.user`. Each flush then writes their rollups.
+    #[arg(long, default_value_t = 0, requires = "properties", value_parser = clap::value_parser!(u8).range(0..=5))]
+    meters: u8,
     #[arg(long, value_enum, default_value_t = BenchFormat::Table)]
     format: BenchFormat,
 }
@@ -154,6 +172,10 @@ pub struct IngestReport {
     pub authenticated: bool,
     /// Whether every event was decided against entitlements.
     pub enforce: bool,
+    /// Whether events carried properties of their own (`--properties`).
+    pub properties: bool,
+    /// Meters live during the run (`--meters`).
+    pub meters: u8,
     pub events: u64,
     pub messages: u64,
     pub batch: usize,
@@ -232,6 +254,7 @@ pub async fn run(config: Config, cmd: BenchCmd) -> anyhow::Result<std::process::
         BenchCmd::Check(args) => check::run(config, args).await,
         BenchCmd::Http(args) => http::run(config, args).await,
         BenchCmd::Query(args) => query::run(args).await,
+        BenchCmd::Meters(args) => meters::run(args).await,
         BenchCmd::Lake(args) => tokio::task::spawn_blocking(move || lake::run(args)).await?,
         BenchCmd::Failover(args) => failover::run(config, args)
             .await
@@ -259,6 +282,7 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     spec.batch = args.batch;
     spec.customers = args.customers;
     spec.arrow = args.arrow;
+    spec.properties = args.properties;
     let (messages, totals) = workload::generate(&spec);
     let _s3 = if args.s3 {
         let dir = temp.path().join("s3");
@@ -317,6 +341,22 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
     if config.ingest.enforce {
         crate::demo::load_definitions(&nats, &spec, "tally-bench").await?;
     }
+    if args.meters > 0 {
+        anyhow::ensure!(
+            config.ingest.enforce,
+            "meters are rolled up by a worker that follows the catalogue: leave out --no-enforce"
+        );
+        let defs =
+            tally_ingest::definitions::Definitions::open(&nats.jetstream, nats.replicas).await?;
+        for meter in meters::prompt_meters("usage", "$.user")
+            .iter()
+            .take(usize::from(args.meters))
+        {
+            defs.put_meter(meter, "tally-bench", true)
+                .await
+                .map_err(|e| anyhow::anyhow!("defining meter {}: {e}", meter.slug))?;
+        }
+    }
     let pipeline = pipeline::start(&config, &nats, None).await?;
     // The clock starts once every partition has been taken over from the lake: a cold
     // start's recovery is not what publish-to-durable latency measures.
@@ -371,6 +411,8 @@ async fn ingest(mut config: Config, args: IngestBench) -> anyhow::Result<std::pr
         secure: args.secure,
         authenticated: args.secure || args.authenticated,
         enforce: config.ingest.enforce,
+        properties: args.properties,
+        meters: args.meters,
         events: totals.events_valid,
         messages: messages.len() as u64,
         batch: args.batch,

@@ -46,7 +46,7 @@ use tally_query::{BillingTotals, Lakehouse, Period, Scope, Source};
 use tally_store::{CompactOptions, Lake};
 
 use super::BenchFormat;
-use crate::workload::customer_id;
+use crate::workload::{MODELS, customer_id};
 
 #[derive(Args)]
 pub struct QueryBench {
@@ -82,13 +82,78 @@ pub struct AdoptionTimes {
 
 /// What a lake directory was generated with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Generated {
+pub(crate) struct Generated {
     /// The generator's and the lake layout's version: a lake of another is generated anew.
-    version: u32,
-    events: u64,
-    customers: u32,
-    features: u32,
-    month: String,
+    pub version: u32,
+    pub events: u64,
+    pub customers: u32,
+    pub features: u32,
+    pub month: String,
+    /// Prompts (`tally bench meters`): events of type `prompt` whose `data` has `tokens`,
+    /// `model` and `user_id`, rather than usage with nothing in `data`.
+    #[serde(default)]
+    pub prompts: bool,
+}
+
+/// The lake a bench reads, and what making it took.
+pub(crate) struct Prepared {
+    pub lake_dir: PathBuf,
+    pub reused: bool,
+    pub generate_s: Option<f64>,
+    pub compact_s: Option<f64>,
+}
+
+/// Generates `spec`'s month into `dir/lake` and compacts it as workers would once it
+/// closed, with `meters` live throughout (their rollups written by every flush and
+/// merge); or reuses the lake there when `dir/bench.json` says it holds the same spec.
+pub(crate) async fn prepare(
+    dir: &Path,
+    spec: &Generated,
+    month: Period,
+    meters: &[tally_core::meter::Meter],
+) -> anyhow::Result<Prepared> {
+    let marker = dir.join("bench.json");
+    let reused = std::fs::read(&marker)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Generated>(&b).ok())
+        .is_some_and(|g| &g == spec);
+    let lake_dir = dir.join("lake");
+    let (mut generate_s, mut compact_s) = (None, None);
+    if !reused {
+        if lake_dir.exists() {
+            std::fs::remove_dir_all(&lake_dir)
+                .with_context(|| format!("clearing {}", lake_dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&marker);
+        let (lake, spec2) = (Lake::new(&lake_dir), spec.clone());
+        lake.set_meters(meters);
+        eprintln!(
+            "generating {} events into {}",
+            spec.events,
+            lake_dir.display()
+        );
+        let t = Instant::now();
+        let last_seqs =
+            tokio::task::spawn_blocking(move || generate(&lake, &spec2, month)).await??;
+        generate_s = Some(t.elapsed().as_secs_f64());
+        eprintln!(
+            "generated in {:.1} s; compacting",
+            t.elapsed().as_secs_f64()
+        );
+        let lake = Lake::new(&lake_dir);
+        lake.set_meters(meters);
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || compact(&lake, &last_seqs)).await??;
+        compact_s = Some(t.elapsed().as_secs_f64());
+        eprintln!("compacted in {:.1} s", t.elapsed().as_secs_f64());
+        std::fs::write(&marker, serde_json::to_vec(spec)?)?;
+    }
+    Ok(Prepared {
+        lake_dir,
+        reused,
+        generate_s,
+        compact_s,
+    })
 }
 
 const PARTITIONS: u16 = 16;
@@ -150,42 +215,14 @@ pub async fn run(args: QueryBench) -> anyhow::Result<std::process::ExitCode> {
         customers: args.customers,
         features: args.features,
         month: month.to_string(),
+        prompts: false,
     };
-    let marker = dir.join("bench.json");
-    let reuse = std::fs::read(&marker)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Generated>(&b).ok())
-        .is_some_and(|g| g == spec);
-    let lake_dir = dir.join("lake");
-    let (mut generate_s, mut compact_s) = (None, None);
-    if !reuse {
-        if lake_dir.exists() {
-            std::fs::remove_dir_all(&lake_dir)
-                .with_context(|| format!("clearing {}", lake_dir.display()))?;
-        }
-        let _ = std::fs::remove_file(&marker);
-        let (lake, spec2) = (Lake::new(&lake_dir), spec.clone());
-        eprintln!(
-            "generating {} events into {}",
-            spec.events,
-            lake_dir.display()
-        );
-        let t = Instant::now();
-        let last_seqs =
-            tokio::task::spawn_blocking(move || generate(&lake, &spec2, month)).await??;
-        generate_s = Some(t.elapsed().as_secs_f64());
-        eprintln!(
-            "generated in {:.1} s; compacting",
-            t.elapsed().as_secs_f64()
-        );
-        let lake = Lake::new(&lake_dir);
-        let t = Instant::now();
-        tokio::task::spawn_blocking(move || compact(&lake, &last_seqs)).await??;
-        compact_s = Some(t.elapsed().as_secs_f64());
-        eprintln!("compacted in {:.1} s", t.elapsed().as_secs_f64());
-        std::fs::write(&marker, serde_json::to_vec(&spec)?)?;
-    }
-
+    let Prepared {
+        lake_dir,
+        reused: reuse,
+        generate_s,
+        compact_s,
+    } = prepare(&dir, &spec, month, &[]).await?;
     let house = Lakehouse::open(&tally_store::Location::Local(lake_dir.clone())).await?;
     let scope = Scope::Month(month);
     let (billing_rollup_s, from_rollups) = timed(args.runs, || async {
@@ -321,7 +358,7 @@ pub async fn run(args: QueryBench) -> anyhow::Result<std::process::ExitCode> {
 }
 
 /// Runs `query` `runs` times; the median time in seconds and the last answer.
-async fn timed<T, E, F, Fut>(runs: usize, mut query: F) -> anyhow::Result<(f64, T)>
+pub(crate) async fn timed<T, E, F, Fut>(runs: usize, mut query: F) -> anyhow::Result<(f64, T)>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -391,7 +428,7 @@ fn generate(lake: &Lake, spec: &Generated, month: Period) -> anyhow::Result<Vec<
                         .map(|(i, c)| (i as u32, c.0.as_str()))
                         .collect();
                     let n = spec.events * mine.len() as u64 / u64::from(spec.customers).max(1);
-                    let last = partition(lake, p, &mine, &features, n, (start, end))?;
+                    let last = partition(lake, p, &mine, &features, n, (start, end), spec.prompts)?;
                     last_seqs[usize::from(p)].store(last, Ordering::Relaxed);
                 }
             }));
@@ -409,7 +446,8 @@ fn generate(lake: &Lake, spec: &Generated, month: Period) -> anyhow::Result<Vec<
 }
 
 /// One partition's `n` events, in time order over `[start, end)`, sealed and written in
-/// batches as a worker would; returns the last sequence.
+/// batches as a worker would; returns the last sequence. `prompts`: of type `prompt`,
+/// with `tokens`, `model` and `user_id` in `data`.
 fn partition(
     lake: &Lake,
     p: u16,
@@ -417,6 +455,7 @@ fn partition(
     features: &[String],
     n: u64,
     (start, end): (i64, i64),
+    prompts: bool,
 ) -> anyhow::Result<u64> {
     let mut rng = SmallRng::seed_from_u64(u64::from(p) + 1);
     let step = (end - start) as f64 / n.max(1) as f64;
@@ -436,6 +475,7 @@ fn partition(
         let mut decision_code = UInt8Builder::with_capacity(rows);
         let mut ingest = TimestampMicrosecondBuilder::with_capacity(rows);
         let mut plan = StringBuilder::with_capacity(rows, rows * 4);
+        let mut data = StringBuilder::with_capacity(rows, if prompts { rows * 48 } else { 0 });
         let mut c = &customers[0];
         for row in 0..rows {
             seq += 1;
@@ -462,6 +502,16 @@ fn partition(
             id.clear();
             let _ = write!(id, "u{}", rng.random_range(0..20));
             user.append_value(&id);
+            if prompts {
+                let tokens: u32 = rng.random_range(1..=2000);
+                let model = MODELS[rng.random_range(0..MODELS.len())];
+                let who = rng.random_range(0..50);
+                data.append_value(format!(
+                    r#"{{"tokens":{tokens},"model":"{model}","user_id":"u{who}"}}"#
+                ));
+            } else {
+                data.append_null();
+            }
             let roll = rng.random::<f64>();
             let d = DECISIONS
                 .iter()
@@ -485,12 +535,6 @@ fn partition(
             }
             Arc::new(b.finish())
         };
-        let nulls = || -> ArrayRef {
-            Arc::new(arrow::array::new_null_array(
-                &arrow::datatypes::DataType::Utf8,
-                rows,
-            ))
-        };
         let batch = RecordBatch::try_new(
             lake_schema(),
             vec![
@@ -502,8 +546,8 @@ fn partition(
                 Arc::new(region.finish()),
                 Arc::new(user.finish()),
                 strings("bench"),
-                strings("usage"),
-                nulls(),
+                strings(if prompts { "prompt" } else { "usage" }),
+                Arc::new(data.finish()),
                 Arc::new(decision.finish()),
                 Arc::new(ingest.finish().with_timezone("UTC")),
                 Arc::new(UInt64Array::from_iter_values(first_seq..=seq)),
@@ -579,7 +623,29 @@ fn duckdb(
     runs: usize,
     tally: &BillingTotals,
 ) -> anyhow::Result<Duck> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/duckdb_billing.py");
+    let duck: Duck = duckdb_script(python, "duckdb_billing.py", lake, month, runs)?;
+    anyhow::ensure!(
+        (duck.lines, duck.events, duck.quantity) == (tally.lines, tally.events, tally.quantity),
+        "DuckDB's billing ({} lines, {} events, {} quantity) differs from Tally's ({tally:?})",
+        duck.lines,
+        duck.events,
+        duck.quantity
+    );
+    Ok(duck)
+}
+
+/// Runs `benches/<script>` with `python` over the lake's month, `runs` times each query,
+/// and reads the JSON object it prints.
+pub(crate) fn duckdb_script<T: serde::de::DeserializeOwned>(
+    python: &Path,
+    script: &str,
+    lake: &Path,
+    month: Period,
+    runs: usize,
+) -> anyhow::Result<T> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../benches")
+        .join(script);
     let out = std::process::Command::new(python)
         .arg(&script)
         .arg(lake)
@@ -592,15 +658,7 @@ fn duckdb(
         "DuckDB's run failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let duck: Duck = serde_json::from_slice(&out.stdout).context("DuckDB's answer")?;
-    anyhow::ensure!(
-        (duck.lines, duck.events, duck.quantity) == (tally.lines, tally.events, tally.quantity),
-        "DuckDB's billing ({} lines, {} events, {} quantity) differs from Tally's ({tally:?})",
-        duck.lines,
-        duck.events,
-        duck.quantity
-    );
-    Ok(duck)
+    serde_json::from_slice(&out.stdout).context("DuckDB's answer")
 }
 
 fn footer_rows(lake: &Lake, keys: &[String]) -> anyhow::Result<u64> {
@@ -612,7 +670,7 @@ fn footer_rows(lake: &Lake, keys: &[String]) -> anyhow::Result<u64> {
 }
 
 /// Bytes and Parquet files under a directory.
-fn disk(dir: &Path) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn disk(dir: &Path) -> anyhow::Result<(u64, u64)> {
     let (mut bytes, mut files) = (0, 0);
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
