@@ -729,6 +729,131 @@ impl JsonPath {
             Value::Null | Value::Object(_) | Value::Array(_) => None,
         }
     }
+
+    /// What [`JsonPath::text`] gives of the JSON document `json` (`None` for a document
+    /// that is not JSON), read in one pass over the text: the values off the path are
+    /// skipped, not built. Where a member repeats, the last one counts, as in a parsed
+    /// document.
+    pub fn text_in(&self, json: &str) -> Option<String> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_str(json);
+        let text = At(&self.steps).deserialize(&mut de).ok()?;
+        de.end().ok()?;
+        text
+    }
+}
+
+/// Reads the value at a path's remaining steps out of a JSON document as it streams by.
+struct At<'p>(&'p [Step]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for At<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for At<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut found = None;
+        match self.0.split_first() {
+            Some((Step::Member(name), rest)) => {
+                while let Some(hit) = map.next_key_seed(KeyIs(name))? {
+                    if hit {
+                        found = map.next_value_seed(At(rest))?;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            // An object is no value, and an index selects nothing in it.
+            _ => while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut found = None;
+        match self.0.split_first() {
+            Some((Step::Index(want), rest)) => {
+                let mut i = 0;
+                loop {
+                    if i == *want {
+                        match seq.next_element_seed(At(rest))? {
+                            Some(text) => found = text,
+                            None => break,
+                        }
+                    } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            _ => while seq.next_element::<IgnoredAny>()?.is_some() {},
+        }
+        Ok(found)
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_owned()))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_string()))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_string()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(self.0.is_empty().then(|| v.to_string()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        // As a parsed document's number writes itself.
+        Ok(self
+            .0
+            .is_empty()
+            .then(|| serde_json::Number::from_f64(v).map(|n| n.to_string()))
+            .flatten())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// Whether an object's key is the member a path names, read without copying it.
+struct KeyIs<'p>(&'p str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
 }
 
 impl fmt::Display for JsonPath {
@@ -1004,6 +1129,52 @@ mod tests {
             JsonPath::parse("$['a b'][2]").unwrap().field(),
             "data.a b[2]"
         );
+    }
+
+    #[test]
+    fn reading_the_text_in_one_pass_gives_what_the_parsed_document_gives() {
+        let documents = [
+            r#"{"tokens":123,"model":"gpt-4o","n":{"a":[1,{"b":"x"},true]}}"#,
+            r#"{"tokens":"12","tokens":7.5,"model":null}"#,
+            r#"{"tokens":1.0,"big":18446744073709551616,"neg":-3,"e":1e2,"s":"é\"q\u00e9"}"#,
+            r#"{"n":{"a":[]},"tokens":[1,2],"model":{"x":1},"t":false}"#,
+            r#"{"we\u0069rd key":5,"a":{"a":{"a":"deep"}}}"#,
+            r#"{"tokens":1} trailing"#,
+            r#"{"tokens":1,"#,
+            r#"[1,2,3]"#,
+            r#""text""#,
+            "",
+        ];
+        let paths = [
+            "$.tokens",
+            "$.model",
+            "$.n.a[0]",
+            "$.n.a[1].b",
+            "$.n.a[2]",
+            "$.n.a[9]",
+            "$.big",
+            "$.neg",
+            "$.e",
+            "$.s",
+            "$.t",
+            "$['weird key']",
+            "$.a.a.a",
+            "$.a.a",
+            "$.missing",
+            "$[0]",
+        ];
+        for doc in documents {
+            let parsed: Option<Value> = serde_json::from_str(doc).ok();
+            for path in paths {
+                let path = JsonPath::parse(path).unwrap();
+                let want = parsed.as_ref().and_then(|v| path.text(v));
+                assert_eq!(path.text_in(doc), want, "{path} of {doc}");
+            }
+        }
+        let tokens = JsonPath::parse("$.tokens").unwrap();
+        assert_eq!(tokens.text_in(documents[0]).as_deref(), Some("123"));
+        assert_eq!(tokens.text_in(documents[1]).as_deref(), Some("7.5"));
+        assert_eq!(tokens.text_in(documents[5]), None, "not a JSON document");
     }
 
     #[test]

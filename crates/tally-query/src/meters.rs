@@ -109,10 +109,7 @@ impl ScalarUDFImpl for JsonAt {
         let data = args.args[0].to_array(args.number_rows)?;
         let data = cast(&data, &DataType::Utf8)?;
         let data = data.as_string::<i32>();
-        let each = data.iter().map(|text| {
-            let value: Value = serde_json::from_str(text?).ok()?;
-            path.text(&value)
-        });
+        let each = data.iter().map(|text| path.text_in(text?));
         let out: ArrayRef = if self.output == DataType::Float64 {
             let mut b = Float64Builder::with_capacity(data.len());
             for text in each {
@@ -413,10 +410,27 @@ fn events_filter(meter: &Meter, query: &MeterQuery, dates: bool) -> Expr {
                 .in_list(values.iter().map(|v| lit(v.as_str())).collect(), false),
         );
     }
-    if meter.aggregation != Aggregation::Count {
-        filter = filter.and(value_expr(meter).is_not_null());
-    }
     filter
+}
+
+/// `e` where the event has a value for the meter, else `NULL`. Aggregates leave the events
+/// without one out this way rather than by a filter, so that each event's value is read
+/// once (a filter on it and an aggregate of it would each read it).
+fn where_valued(meter: &Meter, e: Expr) -> Expr {
+    if meter.aggregation == Aggregation::Count {
+        return e;
+    }
+    datafusion::logical_expr::when(value_expr(meter).is_not_null(), e)
+        .end()
+        .expect("a CASE with one branch")
+}
+
+/// `e` of the latest event that has a value for the meter: events without one are
+/// ordered before every event with one.
+fn last_of(meter: &Meter, e: Expr) -> Expr {
+    let mut order = vec![value_expr(meter).is_not_null().sort(true, false)];
+    order.extend(latest_order());
+    last_value(e, order)
 }
 
 /// The text of group-by `name` of each event.
@@ -474,7 +488,7 @@ pub async fn meter_query(
         Aggregation::Avg => avg(value_expr),
         Aggregation::Min => min(value_expr),
         Aggregation::Max => max(value_expr),
-        Aggregation::Latest => last_value(value_expr, latest_order()),
+        Aggregation::Latest => last_of(meter, value_expr),
     };
     let (by_customer, named) = named_groups(query);
     let mut groups = Vec::new();
@@ -490,8 +504,8 @@ pub async fn meter_query(
     }
     let aggregates = vec![
         aggregate.alias("value"),
-        min(col(schema::EVENT_TIME)).alias("first_time"),
-        max(col(schema::EVENT_TIME)).alias("last_time"),
+        min(where_valued(meter, col(schema::EVENT_TIME))).alias("first_time"),
+        max(where_valued(meter, col(schema::EVENT_TIME))).alias("last_time"),
     ];
     let batches = ctx
         .table(schema::EVENTS_TABLE)
@@ -647,17 +661,18 @@ pub async fn meter_query_from_rollups(
             .enumerate()
             .map(|(i, n)| group_text(meter, n).alias(format!("group_{i}"))),
     );
+    let valued = |e: Expr| where_valued(meter, e);
     let mut aggregates = vec![
-        count(lit(1)).alias(m::EVENTS),
+        count(value.clone()).alias(m::EVENTS),
         sum(number.clone()).alias(m::SUM),
         min(number.clone()).alias(m::MIN),
         max(number.clone()).alias(m::MAX),
-        last_value(number, latest_order()).alias(m::LATEST),
-        max(col(schema::EVENT_TIME)).alias(m::LATEST_TIME),
-        last_value(col(schema::INGEST_TIME), latest_order()).alias(m::LATEST_INGEST),
-        last_value(col(schema::STREAM_SEQ), latest_order()).alias(m::LATEST_SEQ),
-        min(col(schema::EVENT_TIME)).alias(m::FIRST_TIME),
-        max(col(schema::EVENT_TIME)).alias(m::LAST_TIME),
+        last_of(meter, number).alias(m::LATEST),
+        max(valued(col(schema::EVENT_TIME))).alias(m::LATEST_TIME),
+        last_of(meter, col(schema::INGEST_TIME)).alias(m::LATEST_INGEST),
+        last_of(meter, col(schema::STREAM_SEQ)).alias(m::LATEST_SEQ),
+        min(valued(col(schema::EVENT_TIME))).alias(m::FIRST_TIME),
+        max(valued(col(schema::EVENT_TIME))).alias(m::LAST_TIME),
     ];
     if distinct {
         aggregates.push(
@@ -671,6 +686,7 @@ pub async fn meter_query_from_rollups(
     let events = events
         .filter(events_filter(meter, query, false))?
         .aggregate(groups, aggregates)?
+        .filter(col(m::EVENTS).gt(lit(0u64)))?
         .select(pick(columns.iter().map(|c| col(c.as_str())).collect()))?;
 
     // Both combined per window, customer and group.
@@ -782,7 +798,8 @@ fn answer(
             .map(|i| text(&format!("group_{i}")).map(|c| c.expect("grouped")))
             .collect::<Result<_>>()?;
         for row in 0..batch.num_rows() {
-            if value.is_null(row) {
+            // A group whose events have no value (a `UNIQUE_COUNT` of nothing is 0).
+            if value.is_null(row) || first.is_null(row) {
                 continue;
             }
             let at = |a: &ArrayRef| {

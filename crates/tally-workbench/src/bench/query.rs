@@ -571,7 +571,8 @@ fn partition(
 }
 
 /// Compacts every partition up to its last sequence (nothing else writes this lake), the
-/// month closed: dates merged, monthly rollups written, nothing retained.
+/// month closed: dates merged, monthly rollups written, the merged files deleted (so that
+/// DuckDB, globbing the directories, reads what the tables hold).
 fn compact(lake: &Lake, last_seqs: &[u64]) -> anyhow::Result<()> {
     let options = CompactOptions {
         closed_after: Duration::ZERO,
@@ -598,8 +599,10 @@ fn compact(lake: &Lake, last_seqs: &[u64]) -> anyhow::Result<()> {
             h.join()
                 .map_err(|_| anyhow::anyhow!("a compaction thread panicked"))??;
         }
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    })?;
+    lake.vacuum(options.retain, SystemTime::now())?;
+    Ok(())
 }
 
 /// What `benches/duckdb_billing.py` answers.
