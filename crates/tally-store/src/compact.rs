@@ -345,19 +345,13 @@ impl Lake {
         partition: u16,
         events: &[&PartitionFile],
     ) -> Result<Vec<TableFile>> {
-        let stems: HashSet<&str> = events
-            .iter()
-            .map(|e| e.file.path.strip_suffix(".parquet").unwrap_or(&e.file.path))
-            .collect();
+        let paths: HashSet<&str> = events.iter().map(|e| e.file.path.as_str()).collect();
         Ok(self
             .snapshot_files(&self.tables.meter_rollups, Some(partition))?
             .into_iter()
             .filter(|m| {
-                m.file
-                    .path
-                    .strip_suffix(".parquet")
-                    .and_then(|p| p.rsplit_once('.'))
-                    .is_some_and(|(stem, _)| stems.contains(stem))
+                crate::meter_rollup::events_path(&m.file.path)
+                    .is_some_and(|e| paths.contains(e.as_str()))
             })
             .map(|m| m.file)
             .collect())
@@ -518,10 +512,7 @@ impl Lake {
                     continue;
                 }
                 if table.name == crate::METER_ROLLUPS_TABLE
-                    && path
-                        .strip_suffix(".parquet")
-                        .and_then(|p| p.rsplit_once('.'))
-                        .is_some_and(|(stem, _)| events.contains(&format!("{stem}.parquet")))
+                    && crate::meter_rollup::events_path(path).is_some_and(|e| events.contains(&e))
                 {
                     continue;
                 }

@@ -130,6 +130,12 @@ pub fn rollup_path(events_path: &str, key: &str) -> String {
     format!("{stem}.{key}.parquet")
 }
 
+/// The events file a meter rollup at `path` answers for: [`rollup_path`] undone.
+pub fn events_path(path: &str) -> Option<String> {
+    let (stem, _key) = path.strip_suffix(".parquet")?.rsplit_once('.')?;
+    Some(format!("{stem}.parquet"))
+}
+
 /// A live meter, ready to read stored events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveMeter {
