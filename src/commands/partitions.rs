@@ -17,10 +17,10 @@ pub enum PartitionsCmd {
     ///
     /// Example: tally partitions show --format json
     Show(ShowArgs),
-    /// Grow the partition count to a larger multiple of the one now (16 → 64), while
-    /// Tally runs: workers start their partitions again on the new count within seconds,
-    /// and each new partition starts from its parent's state. Running it again after it
-    /// stopped half-way finishes the growth.
+    /// Grow the partition count while Tally runs (16 → 64): workers start their
+    /// partitions again on the new count within seconds, and each new partition starts
+    /// from its parent's state. A growth that stopped half-way leaves the partitions
+    /// waiting for the new count: run it again.
     ///
     /// Example: tally partitions grow --to 64
     Grow(GrowArgs),
@@ -34,7 +34,8 @@ pub struct ShowArgs {
 
 #[derive(Debug, Args)]
 pub struct GrowArgs {
-    /// The new partition count: a multiple of the count now, at most 1024.
+    /// The new partition count: the count the events stream was made with times a power
+    /// of two (16 → 32, 64, … 1024), larger than the count now.
     #[arg(long)]
     pub to: u16,
     #[arg(long, value_enum, default_value_t = Format::Table)]

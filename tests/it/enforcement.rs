@@ -255,12 +255,16 @@ async fn every_decision_is_recorded_with_its_event_and_prompts_are_sent_once() {
     let stream = h.nats.jetstream.get_stream(EVENTS_STREAM).await.unwrap();
     for seq in 1..=cases.len() as u64 {
         let m = stream.get_raw_message(seq).await.unwrap();
-        let (partition, token) = subject::parse_partitioned(&m.subject).unwrap();
-        let customer = subject::customer_from_token(token).unwrap();
-        assert_eq!(
-            partition,
-            subject::partition_of(&customer, h.config.ingest.partitions)
-        );
+        let stored = subject::parse_partitioned(&m.subject).unwrap();
+        let customer = subject::customer_from_token(stored.token).unwrap();
+        // At every count the stream can grow to.
+        let levels = subject::partition_levels(h.config.ingest.partitions);
+        for (level, &count) in levels.iter().enumerate() {
+            assert_eq!(
+                stored.partition(level),
+                Some(subject::partition_of(&customer, count))
+            );
+        }
     }
     pipeline.shutdown().await.unwrap();
 }

@@ -102,6 +102,17 @@ async fn grow_and_check(backlog: bool) {
     let time = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let shown = tally(&h, &["partitions", "show", "--format", "json"]);
     assert_eq!(shown["partitions"], 16);
+    let transform = || async {
+        let mut stream = h
+            .nats
+            .jetstream
+            .get_stream(subject::EVENTS_STREAM)
+            .await
+            .unwrap();
+        let info = stream.info().await.unwrap();
+        info.config.subject_transform.clone().unwrap().destination
+    };
+    let made_with = transform().await;
     let mut pipeline = None;
     if !backlog {
         pipeline = Some(pipeline::start(&h.config, &h.nats, None).await.unwrap());
@@ -119,7 +130,11 @@ async fn grow_and_check(backlog: bool) {
     assert_eq!(grown["partitions"], 64);
     let history = Partitions::parse(grown["history"].as_str().unwrap()).unwrap();
     assert_eq!(history.current(), 64);
-    assert!(!history.unfinished(), "{history}");
+    assert!(history.last_switch() > 0, "{history}");
+    // A replica applies the transform as it stores each message: changed while messages
+    // are published, it would store some under different partitions on different
+    // replicas. A growth leaves it as the stream was made.
+    assert_eq!(transform().await, made_with);
     let pipeline = match pipeline {
         Some(running) => running,
         None => pipeline::start(&h.config, &h.nats, None).await.unwrap(),

@@ -2,10 +2,20 @@
 //! subject token.
 //!
 //! Producers publish to `tally.events.<customer-token>`. The events stream rewrites that
-//! subject as it stores the message, with NATS's own deterministic `partition()` mapping:
-//! `tally.part.<partition>.<customer-token>`. Each partition has one durable pull
-//! consumer filtered on `tally.part.<partition>.*`, so a customer's events always reach
-//! the one worker that owns its partition.
+//! subject as it stores the message, with NATS's own deterministic `partition()` mapping,
+//! once per partition count the stream can ever have (its *levels*: the count it was made
+//! with, doubled up to [`MAX_PARTITIONS`]): `tally.part.<p16>.<p32>.<p64>…<customer-token>`
+//! for a stream made with 16. Each partition has one durable pull consumer filtered on
+//! its number at the level of the count in force (`tally.part.*.*.<p64>.>`), so a
+//! customer's events always reach the one worker that owns its partition.
+//!
+//! The transform is written once, when the stream is made, and never changed: a replica
+//! applies a stream's transform as it stores each message, so a transform changed while
+//! messages are published would store some of them under one partition on one replica and
+//! under another on the next. Growing the partition count changes which level the
+//! consumers filter on, never the stored subjects ([`crate::partitions`]).
+
+use crate::partitions::MAX_PARTITIONS;
 
 /// The stream that holds usage events.
 pub const EVENTS_STREAM: &str = "TALLY_EVENTS";
@@ -35,44 +45,109 @@ pub fn events_subject(customer: &str) -> String {
     format!("{EVENTS_SUBJECT_PREFIX}.{}", customer_token(customer))
 }
 
-/// The filter subject of one partition's consumer.
-pub fn partition_filter(partition: u16) -> String {
-    format!("{PARTITIONED_PREFIX}.{partition}.*")
-}
-
 /// The durable consumer name of one partition.
 pub fn partition_consumer(partition: u16) -> String {
     format!("tally-p{partition}")
 }
 
-/// The stream's subject transform: source and destination.
-pub fn partition_transform(partitions: u16) -> (String, String) {
-    (
-        format!("{EVENTS_SUBJECT_PREFIX}.*"),
-        format!("{PARTITIONED_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"),
-    )
+/// The partition counts a stream made with `base` partitions can have, each a level of
+/// its stored subjects: `base`, doubled while it stays within [`MAX_PARTITIONS`].
+pub fn partition_levels(base: u16) -> Vec<u16> {
+    let mut levels = vec![base.clamp(1, MAX_PARTITIONS)];
+    while let Some(next) = levels.last().and_then(|l| l.checked_mul(2))
+        && next <= MAX_PARTITIONS
+    {
+        levels.push(next);
+    }
+    levels
 }
 
-/// The partition count of a destination [`partition_transform`] made.
-pub fn transform_count(destination: &str) -> Option<u16> {
-    let rest = destination.strip_prefix(&format!("{PARTITIONED_PREFIX}.{{{{partition("))?;
-    let (count, rest) = rest.split_once(',')?;
-    (rest == "1)}}.{{wildcard(1)}}").then_some(())?;
-    count.parse().ok()
+/// The stream's subject transform for these levels: source and destination.
+pub fn partition_transform(levels: &[u16]) -> (String, String) {
+    let mut destination = PARTITIONED_PREFIX.to_owned();
+    for level in levels {
+        destination.push_str(&format!(".{{{{partition({level},1)}}}}"));
+    }
+    destination.push_str(".{{wildcard(1)}}");
+    (format!("{EVENTS_SUBJECT_PREFIX}.*"), destination)
+}
+
+/// The levels of a destination [`partition_transform`] made (a stream made by an older
+/// Tally has one).
+pub fn transform_levels(destination: &str) -> Option<Vec<u16>> {
+    let rest = destination
+        .strip_prefix(PARTITIONED_PREFIX)?
+        .strip_suffix(".{{wildcard(1)}}")?;
+    let mut levels = Vec::new();
+    for token in rest.split('.').skip(1) {
+        let count = token.strip_prefix("{{partition(")?.strip_suffix(",1)}}")?;
+        levels.push(count.parse().ok().filter(|&c| c > 0)?);
+    }
+    (!levels.is_empty()).then_some(levels)
+}
+
+/// The filter subject of the messages `partition` holds at the partition count `count`
+/// (one of `levels`): its number at that level, any at the others.
+pub fn partition_filter(levels: &[u16], count: u16, partition: u16) -> Option<String> {
+    let at = levels.iter().position(|&l| l == count)?;
+    let mut filter = PARTITIONED_PREFIX.to_owned();
+    for i in 0..levels.len() {
+        if i == at {
+            filter.push_str(&format!(".{partition}"));
+        } else {
+            filter.push_str(".*");
+        }
+    }
+    filter.push_str(".*");
+    Some(filter)
 }
 
 /// A message carrying this header in the events stream is a marker, not usage: workers
-/// acknowledge it with the messages around it and store nothing of it. `tally partitions
-/// grow` publishes one to learn a sequence after every message of the old partitioning.
+/// store nothing of it. `tally partitions grow` publishes one to every partition
+/// ([`marker_subjects`]) to learn a sequence after every message of the old count.
 pub const MARKER_HEADER: &str = "Tally-Marker";
 
-/// Splits a stored subject `tally.part.<partition>.<token>` into its partition and token.
-pub fn parse_partitioned(subject: &str) -> Option<(u16, &str)> {
+/// For each partition of `count`, in order, a subject whose messages it holds:
+/// `tally.events.tally-partitions-<n>` for the first `n` that lands there.
+pub fn marker_subjects(count: u16) -> Vec<String> {
+    let mut subjects = vec![None; usize::from(count.max(1))];
+    let mut left = subjects.len();
+    for n in 0u32.. {
+        let token = format!("tally-partitions-{n}");
+        let slot = &mut subjects[usize::from(partition_of(&token, count))];
+        if slot.is_none() {
+            *slot = Some(events_subject(&token));
+            left -= 1;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    subjects.into_iter().flatten().collect()
+}
+
+/// A stored subject `tally.part.<partition at each level>.<token>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored<'s> {
+    levels: &'s str,
+    /// The customer token.
+    pub token: &'s str,
+}
+
+impl Stored<'_> {
+    /// The partition at level `level` (an index into the stream's levels).
+    pub fn partition(&self, level: usize) -> Option<u16> {
+        self.levels.split('.').nth(level)?.parse().ok()
+    }
+}
+
+/// Splits a stored subject into its partitions and token.
+pub fn parse_partitioned(subject: &str) -> Option<Stored<'_>> {
     let rest = subject
         .strip_prefix(PARTITIONED_PREFIX)?
         .strip_prefix('.')?;
-    let (partition, token) = rest.split_once('.')?;
-    Some((partition.parse().ok()?, token))
+    let (levels, token) = rest.rsplit_once('.')?;
+    Some(Stored { levels, token })
 }
 
 /// The subject token for a customer id.
@@ -216,15 +291,28 @@ mod tests {
     }
 
     #[test]
-    fn a_transform_says_its_partition_count() {
-        for count in [1, 16, 64, 1024] {
-            assert_eq!(transform_count(&partition_transform(count).1), Some(count));
+    fn a_transform_says_its_levels() {
+        assert_eq!(partition_levels(16), [16, 32, 64, 128, 256, 512, 1024]);
+        assert_eq!(partition_levels(12), [12, 24, 48, 96, 192, 384, 768]);
+        assert_eq!(partition_levels(1024), [1024]);
+        for base in [1, 12, 16, 1000] {
+            let levels = partition_levels(base);
+            assert_eq!(
+                transform_levels(&partition_transform(&levels).1),
+                Some(levels)
+            );
         }
+        // A stream made by an older Tally: one level.
         assert_eq!(
-            transform_count("tally.part.{{partition(16,2)}}.{{wildcard(1)}}"),
+            transform_levels("tally.part.{{partition(16,1)}}.{{wildcard(1)}}"),
+            Some(vec![16])
+        );
+        assert_eq!(
+            transform_levels("tally.part.{{partition(16,2)}}.{{wildcard(1)}}"),
             None
         );
-        assert_eq!(transform_count("tally.part.x"), None);
+        assert_eq!(transform_levels("tally.part.{{wildcard(1)}}"), None);
+        assert_eq!(transform_levels("tally.part.x"), None);
     }
 
     #[test]
@@ -277,11 +365,37 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_reaches_every_partition() {
+        for count in [1, 16, 64, 1024] {
+            let subjects = marker_subjects(count);
+            assert_eq!(subjects.len(), usize::from(count));
+            for (p, subject) in subjects.iter().enumerate() {
+                let token = subject.strip_prefix("tally.events.").unwrap();
+                assert_eq!(usize::from(partition_of(token, count)), p);
+            }
+        }
+    }
+
+    #[test]
     fn partitioned_subjects_parse() {
-        assert_eq!(parse_partitioned("tally.part.7.acme"), Some((7, "acme")));
+        let stored = parse_partitioned("tally.part.7.23.55.acme").unwrap();
+        assert_eq!(stored.token, "acme");
+        assert_eq!(
+            (0..4).map(|l| stored.partition(l)).collect::<Vec<_>>(),
+            [Some(7), Some(23), Some(55), None]
+        );
         assert_eq!(parse_partitioned("tally.events.acme"), None);
-        let (src, dst) = partition_transform(16);
+        let (src, dst) = partition_transform(&[16, 32, 64]);
         assert_eq!(src, "tally.events.*");
-        assert_eq!(dst, "tally.part.{{partition(16,1)}}.{{wildcard(1)}}");
+        assert_eq!(
+            dst,
+            "tally.part.{{partition(16,1)}}.{{partition(32,1)}}.{{partition(64,1)}}.{{wildcard(1)}}"
+        );
+        let levels = [16, 32, 64];
+        assert_eq!(
+            partition_filter(&levels, 32, 5).as_deref(),
+            Some("tally.part.*.5.*.*")
+        );
+        assert_eq!(partition_filter(&levels, 48, 5), None);
     }
 }

@@ -70,9 +70,9 @@ impl Pipeline {
         let js = async_nats::jetstream::new(nats.connect(Service::Worker, "tally-worker").await?);
         let js = &js;
         // Create the streams before returning, so publishers can start at once.
-        crate::topology::ensure_streams(js, ingest).await?;
-        crate::topology::ensure_consumers(js, ingest, &assignment.candidates(ingest.partitions))
-            .await?;
+        let partitions = crate::topology::ensure_streams(js, ingest).await?;
+        let candidates = assignment.candidates(partitions.current());
+        crate::topology::ensure_consumers(js, ingest, &partitions, &candidates).await?;
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let leases = nats.connect(Service::Worker, "tally-leases").await?;
         let responder =

@@ -21,7 +21,7 @@ use crate::{Error, IngestConfig, Result};
 /// `config.partitions` is the count of a stream made now; a stream that exists keeps its
 /// own, which only [`grow`] changes.
 pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<Partitions> {
-    let (src, dest) = subject::partition_transform(config.partitions);
+    let (src, dest) = subject::partition_transform(&subject::partition_levels(config.partitions));
     let events = ensure_stream(
         js,
         stream::Config {
@@ -84,14 +84,14 @@ pub async fn ensure_streams(js: &Context, config: &IngestConfig) -> Result<Parti
 pub const OUTPUT_DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// The partitions an events stream's configuration says: the history in its metadata,
-/// which must end at the count of its subject transform.
+/// on the levels of its subject transform.
 pub fn partitions_of(config: &stream::Config) -> Result<Partitions> {
     let destination = config
         .subject_transform
         .as_ref()
         .map(|t| t.destination.as_str());
-    let count = destination
-        .and_then(subject::transform_count)
+    let levels = destination
+        .and_then(subject::transform_levels)
         .ok_or_else(|| {
             Error::Topology(format!(
                 "stream {} partitions by {destination:?}, not by customer",
@@ -100,30 +100,39 @@ pub fn partitions_of(config: &stream::Config) -> Result<Partitions> {
         })?;
     let history = match config.metadata.get(partitions::METADATA_KEY) {
         Some(text) => Partitions::parse(text).map_err(|e| Error::Topology(e.to_string()))?,
-        None => Partitions::fixed(count),
+        None => Partitions::fixed(levels[0]),
     };
-    if history.current() != count {
-        return Err(Error::Topology(format!(
-            "stream {} has {count} partitions, but its history says {history}",
+    history.with_levels(levels).map_err(|e| {
+        Error::Topology(format!(
+            "stream {}: {e} (a stream grown by an older Tally: drain it, then delete it and \
+             start again)",
             config.name
-        )));
-    }
-    Ok(history)
+        ))
+    })
 }
 
-/// Whether `partition` has handled every message of its subject stored at or before
-/// `until`: none is left between its ack floor and `until`.
+/// Whether `parent` has handled every message it holds up to the growth that made its
+/// children: none of its messages is left between its ack floor and the switch.
 pub async fn passed(
     js: &Context,
     config: &IngestConfig,
-    partition: u16,
-    until: u64,
+    partitions: &Partitions,
+    parent: partitions::Parent,
 ) -> Result<bool> {
-    let floor = ack_floor(js, config, partition).await?;
+    let until = parent.until;
+    let floor = ack_floor(js, config, partitions, parent.partition).await?;
     if floor >= until {
         return Ok(true);
     }
-    Ok(next_after(js, partition, floor)
+    let filter = partitions
+        .filter_at(parent.count, parent.partition)
+        .ok_or_else(|| {
+            Error::Topology(format!(
+                "no partition {} of {}",
+                parent.partition, parent.count
+            ))
+        })?;
+    Ok(next_after(js, &filter, floor)
         .await?
         .is_none_or(|next| next > until))
 }
@@ -150,12 +159,13 @@ pub async fn caught_up(js: &Context, partition: u16) -> Result<bool> {
     if info.num_ack_pending > 0 || info.num_pending > 0 {
         return Ok(false);
     }
-    Ok(next_after(js, partition, floor_of(info)).await?.is_none())
+    let filter = info.config.filter_subject.clone();
+    Ok(next_after(js, &filter, floor_of(info)).await?.is_none())
 }
 
-/// The sequence of the partition's first message after `floor`, as the stream's leader
+/// The sequence of the first message under `filter` after `floor`, as the stream's leader
 /// has it.
-async fn next_after(js: &Context, partition: u16, floor: u64) -> Result<Option<u64>> {
+async fn next_after(js: &Context, filter: &str, floor: u64) -> Result<Option<u64>> {
     let stream = js
         .get_stream_no_info(EVENTS_STREAM)
         .await
@@ -163,7 +173,7 @@ async fn next_after(js: &Context, partition: u16, floor: u64) -> Result<Option<u
     let next = stream
         .raw_message_builder()
         .sequence(floor + 1)
-        .next_by_subject(subject::partition_filter(partition))
+        .next_by_subject(filter.to_owned())
         .send()
         .await;
     match next {
@@ -186,17 +196,21 @@ pub async fn partitions(js: &Context) -> Result<Partitions> {
     partitions_of(&info.config)
 }
 
-/// Grows the events stream to `count` partitions (a multiple of the count it has), or
-/// finishes a growth to `count` that stopped half-way; answers the history.
+/// Grows the events stream to `count` partitions (a larger level of its subjects);
+/// answers the history.
 ///
-/// First the new subject transform, with the history saying the switch sequence is not
-/// known yet; then a marker message ([`subject::MARKER_HEADER`]): JetStream orders its
-/// proposals, so the marker's sequence follows every message stored under the old
-/// transform; then the history with that sequence. Workers restart their partitions on
-/// the new count when they see it (`supervise.rs`), and each new partition starts from its
-/// parent's state once the parent has handled every message up to the switch
-/// (`recovery.rs`). Nothing is lost or counted twice: each message is stored under one
-/// transform, so exactly one partition handles it.
+/// The stored subjects name every message's partition at every count the stream can
+/// have, so a growth changes no subject: it picks the sequence from which on the new
+/// count decides which partition holds a message. First a marker message
+/// ([`subject::MARKER_HEADER`]) to every partition: a partition stops at its marker and
+/// waits for the new history, since it cannot tell what the messages after it belong to.
+/// The last marker's sequence is the switch: the history says it (`16@4711,64`) in one
+/// update. Workers restart their partitions on the new count when they see it
+/// (`supervise.rs`); each partition holds its messages up to the switch by the old count
+/// and after it by the new; each new partition starts after the switch from its parent's
+/// state, once the parent has handled every message up to the switch (`recovery.rs`).
+/// Nothing is lost or counted twice: a message's partition follows from its subject and
+/// sequence, which every replica stores alike. Run one growth at a time.
 pub async fn grow(js: &Context, count: u16) -> Result<Partitions> {
     let topology = |e: partitions::BadPartitions| Error::Topology(e.to_string());
     let mut stream = js
@@ -210,38 +224,21 @@ pub async fn grow(js: &Context, count: u16) -> Result<Partitions> {
         .config
         .clone();
     let now = partitions_of(&config)?;
-    let finishing = now.current() == count && now.unfinished();
-    let mut grown = if finishing {
-        now
-    } else {
-        now.grow(count).map_err(topology)?
-    };
-    let (source, destination) = subject::partition_transform(count);
-    config.subject_transform = Some(SubjectTransform {
-        source,
-        destination,
-    });
-    if !finishing {
-        config
-            .metadata
-            .insert(partitions::METADATA_KEY.to_owned(), grown.to_string());
-        js.update_stream(config.clone())
+    // Refused before anything is published.
+    now.grow(count, now.last_switch()).map_err(topology)?;
+    let mut until = 0;
+    for marker in subject::marker_subjects(now.current()) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(subject::MARKER_HEADER, "partitions");
+        let stored = js
+            .publish_with_headers(marker, headers, bytes::Bytes::new())
             .await
-            .map_err(|e| Error::nats("change the events stream's partitions", e))?;
+            .map_err(|e| Error::nats("publish a partitions marker", e))?
+            .await
+            .map_err(|e| Error::nats("publish a partitions marker", e))?;
+        until = until.max(stored.sequence);
     }
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(subject::MARKER_HEADER, "partitions");
-    let marker = js
-        .publish_with_headers(
-            subject::events_subject("tally-partitions"),
-            headers,
-            bytes::Bytes::new(),
-        )
-        .await
-        .map_err(|e| Error::nats("publish the partitions marker", e))?
-        .await
-        .map_err(|e| Error::nats("publish the partitions marker", e))?;
-    grown.finish(marker.sequence);
+    let grown = now.grow(count, until).map_err(topology)?;
     config
         .metadata
         .insert(partitions::METADATA_KEY.to_owned(), grown.to_string());
@@ -305,33 +302,54 @@ pub async fn ensure_bucket(
 pub async fn ensure_consumers(
     js: &Context,
     config: &IngestConfig,
-    partitions: &[u16],
+    partitions: &Partitions,
+    list: &[u16],
 ) -> Result<()> {
-    for &p in partitions {
-        ensure_consumer(js, config, p).await?;
+    for &p in list {
+        ensure_consumer(js, config, partitions, p).await?;
     }
     Ok(())
 }
 
-fn consumer_config(config: &IngestConfig, partition: u16, deliver: DeliverPolicy) -> pull::Config {
+/// A partition's consumer that delivers from stream sequence `from` on: every message the
+/// partition holds from there ([`Partitions::filter`]).
+fn consumer_config(
+    config: &IngestConfig,
+    partitions: &Partitions,
+    partition: u16,
+    from: u64,
+) -> Result<pull::Config> {
     let name = subject::partition_consumer(partition);
-    pull::Config {
+    let filter_subject = partitions
+        .filter(partition, from)
+        .ok_or_else(|| Error::Topology(format!("no partition {partition} in {partitions}")))?;
+    let deliver = match from {
+        0 | 1 => DeliverPolicy::All,
+        start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
+    };
+    Ok(pull::Config {
         durable_name: Some(name),
-        filter_subject: subject::partition_filter(partition),
+        filter_subject,
         ack_policy: AckPolicy::All,
         deliver_policy: deliver,
         ack_wait: Duration::from_secs(config.ack_wait_secs),
         max_ack_pending: config.max_ack_pending(),
         ..Default::default()
-    }
+    })
 }
 
-/// The durable pull consumer of one partition.
+/// The durable pull consumer of one partition, made to start at the first message the
+/// partition can hold if it does not exist.
 pub async fn ensure_consumer(
     js: &Context,
     config: &IngestConfig,
+    partitions: &Partitions,
     partition: u16,
 ) -> Result<PullConsumer> {
+    let start = partitions
+        .start(partition)
+        .ok_or_else(|| Error::Topology(format!("no partition {partition} in {partitions}")))?;
+    let wanted = consumer_config(config, partitions, partition, start)?;
     let stream = js
         .get_stream(EVENTS_STREAM)
         .await
@@ -342,10 +360,7 @@ pub async fn ensure_consumer(
     let mut timeouts = 0;
     loop {
         let created = stream
-            .get_or_create_consumer(
-                &subject::partition_consumer(partition),
-                consumer_config(config, partition, DeliverPolicy::All),
-            )
+            .get_or_create_consumer(&subject::partition_consumer(partition), wanted.clone())
             .await;
         match created {
             Err(e) if e.kind() == ConsumerErrorKind::TimedOut && timeouts < 3 => timeouts += 1,
@@ -354,7 +369,9 @@ pub async fn ensure_consumer(
     }
 }
 
-/// Re-creates a partition's consumer so that delivery restarts right after its ack floor.
+/// Re-creates a partition's consumer so that delivery restarts right after its ack floor,
+/// on the filter of what the partition holds from there (narrower once it is past a
+/// growth).
 ///
 /// Why: with ack-all, acknowledging a message acknowledges every pending message below
 /// it. Messages delivered to an earlier subscription (a crashed process, or a pull stream
@@ -367,20 +384,25 @@ pub async fn ensure_consumer(
 async fn rewind_to_ack_floor(
     js: &Context,
     config: &IngestConfig,
+    partitions: &Partitions,
     partition: u16,
-) -> Result<(PullConsumer, u64)> {
-    let (consumer, info) = consumer_info(js, config, partition).await?;
-    // Every delivery acknowledged: nothing is stranded.
+) -> Result<(PullConsumer, u64, Option<u64>)> {
+    let (consumer, info) = consumer_info(js, config, partitions, partition).await?;
+    let start = floor_of(&info) + 1;
+    let wanted = consumer_config(config, partitions, partition, start)?;
+    // Every delivery acknowledged, on the right filter: nothing is stranded.
     if info.num_ack_pending == 0
         && info.delivered.consumer_sequence == info.ack_floor.consumer_sequence
+        && info.config.filter_subject == wanted.filter_subject
     {
-        return Ok((consumer, info.delivered.consumer_sequence + 1));
+        let serves_until = partitions.filter_until(partition, start);
+        return Ok((consumer, info.delivered.consumer_sequence + 1, serves_until));
     }
-    let start = floor_of(&info) + 1;
     tracing::info!(
         partition,
         start,
         pending = info.num_ack_pending,
+        filter = %wanted.filter_subject,
         "rewinding the partition consumer to its ack floor"
     );
     let stream = js
@@ -392,27 +414,28 @@ async fn rewind_to_ack_floor(
         .delete_consumer(&name)
         .await
         .map_err(|e| Error::nats("delete partition consumer", e))?;
+    let serves_until = partitions.filter_until(partition, start);
     let consumer: PullConsumer = stream
-        .create_consumer(consumer_config(
-            config,
-            partition,
-            DeliverPolicy::ByStartSequence {
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: start,
             },
-        ))
+            ..wanted
+        })
         .await
         .map_err(|e| Error::nats("re-create partition consumer", e))?;
     let next = consumer.cached_info().delivered.consumer_sequence + 1;
-    Ok((consumer, next))
+    Ok((consumer, next, serves_until))
 }
 
 /// A partition's consumer (created if missing) and its state.
 async fn consumer_info(
     js: &Context,
     config: &IngestConfig,
+    partitions: &Partitions,
     partition: u16,
 ) -> Result<(PullConsumer, consumer::Info)> {
-    let mut consumer = ensure_consumer(js, config, partition).await?;
+    let mut consumer = ensure_consumer(js, config, partitions, partition).await?;
     let info = consumer
         .info()
         .await
@@ -442,8 +465,13 @@ pub async fn pending(js: &Context, partition: u16) -> Result<Option<u64>> {
 }
 
 /// The partition's ack floor: every message up to it is acknowledged.
-pub async fn ack_floor(js: &Context, config: &IngestConfig, partition: u16) -> Result<u64> {
-    let (_, info) = consumer_info(js, config, partition).await?;
+pub async fn ack_floor(
+    js: &Context,
+    config: &IngestConfig,
+    partitions: &Partitions,
+    partition: u16,
+) -> Result<u64> {
+    let (_, info) = consumer_info(js, config, partitions, partition).await?;
     Ok(floor_of(&info))
 }
 
@@ -468,6 +496,11 @@ fn floor_of(info: &consumer::Info) -> u64 {
 pub struct Deliveries {
     pub messages: pull::Stream,
     pub next: u64,
+    /// The last sequence the consumer's filter serves: past it, the partition's messages
+    /// are under a narrower one ([`Partitions::filter_until`]).
+    pub serves_until: Option<u64>,
+    /// The last stream sequence delivered on this stream and handled (0: none yet).
+    pub handled_to: u64,
 }
 
 /// How often the server tells a waiting pull it is alive. Two missed, the pull is made
@@ -484,8 +517,14 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 /// times that per partition on its way to it. Without the byte bound, a backlog of large
 /// messages would be sent at once, faster than a busy worker reads, and the server would
 /// cut the connection off as a slow consumer (`max_pending`, 64 MiB by default).
-pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Result<Deliveries> {
-    let (consumer, next) = rewind_to_ack_floor(js, config, partition).await?;
+pub async fn messages(
+    js: &Context,
+    config: &IngestConfig,
+    partitions: &Partitions,
+    partition: u16,
+) -> Result<Deliveries> {
+    let (consumer, next, serves_until) =
+        rewind_to_ack_floor(js, config, partitions, partition).await?;
     let max_bytes = js.client().server_info().max_payload.max(1);
     let messages = consumer
         .stream()
@@ -495,5 +534,10 @@ pub async fn messages(js: &Context, config: &IngestConfig, partition: u16) -> Re
         .messages()
         .await
         .map_err(|e| Error::nats("start consuming", e))?;
-    Ok(Deliveries { messages, next })
+    Ok(Deliveries {
+        messages,
+        next,
+        serves_until,
+        handled_to: 0,
+    })
 }

@@ -159,6 +159,7 @@ pub async fn run_partition(
         let inherit = parent.map(|parent| (parent, partitions.clone(), fence.clone()));
         let (recovered, dedup) = take_over(
             &js,
+            partitions,
             partition,
             lake,
             entitlements.clone(),
@@ -171,6 +172,7 @@ pub async fn run_partition(
         sink.after_seq = recovered.version;
         let mut part = Partition {
             number: partition,
+            partitions,
             dedup,
             replayed_to: recovered.committed.last(),
             committed: recovered.committed,
@@ -244,6 +246,8 @@ impl Sink<'_> {
 /// A partition's state in the pull loop.
 struct Partition<'e> {
     number: u16,
+    /// The partition counts of this generation.
+    partitions: &'e Partitions,
     dedup: Dedup,
     /// What the lake already holds: skipped when delivered again.
     committed: Committed,
@@ -262,6 +266,15 @@ struct Partition<'e> {
 }
 
 impl Partition<'_> {
+    /// Whether the message stored at `seq` under `subject` is this partition's: always on
+    /// a stream that never grew (its consumer's filter says so); after a growth, by the
+    /// count in force at `seq` (a partition past a growth still reads its children's
+    /// messages until its consumer moves to the narrower filter).
+    fn owns(&self, subject: &str, seq: u64) -> bool {
+        self.partitions.last_switch() == 0
+            || self.partitions.owner(subject, seq) == Some(self.number)
+    }
+
     /// The partition's counters and seen ids as they stand, which is after `max_seq`.
     fn checkpoint(&mut self) -> Snapshot {
         self.handled = 0;
@@ -310,13 +323,7 @@ async fn wait_for_parent(
     }
     let mut told = false;
     loop {
-        // Read afresh: the growth may be finished (its switch sequence written) meanwhile.
-        let until = topology::partitions(js)
-            .await?
-            .parent(partition)
-            .and_then(|p| p.until);
-        if let Some(until) = until
-            && topology::passed(js, config, parent.partition, until).await?
+        if topology::passed(js, config, partitions, parent).await?
             && parent_settled(partitions, parent.partition, lake).await?
         {
             return Ok(Some(Some(parent.partition)));
@@ -326,7 +333,7 @@ async fn wait_for_parent(
             tracing::info!(
                 partition,
                 parent = parent.partition,
-                ?until,
+                until = parent.until,
                 "waiting for the parent partition to handle what was stored before the growth"
             );
         }
@@ -362,8 +369,10 @@ async fn has_checkpoint(lake: &Arc<Lake>, partition: u16) -> Result<bool> {
 /// Rebuilds the partition's counters and seen ids from the lake (first from its parent's,
 /// when `inherit` names one); publishes again the notices of replayed rows that no ack
 /// covered.
+#[allow(clippy::too_many_arguments)]
 async fn take_over(
     js: &Context,
+    partitions: &Partitions,
     partition: u16,
     lake: Arc<Lake>,
     entitlements: Option<Arc<Entitlements>>,
@@ -372,7 +381,7 @@ async fn take_over(
     inherit: Option<(u16, Partitions, Arc<Fence>)>,
 ) -> Result<(recovery::Recovered, Dedup)> {
     // Messages above the ack floor may not have had their notices stored.
-    let ack_floor = topology::ack_floor(js, config, partition).await?;
+    let ack_floor = topology::ack_floor(js, config, partitions, partition).await?;
     let started = Instant::now();
     let capacity = config.dedup_capacity;
     let (recovered, dedup) = tokio::task::spawn_blocking(move || {
@@ -444,7 +453,8 @@ async fn pull_loop(
     ack_failed: &CancellationToken,
 ) -> Result<()> {
     let partition = part.number;
-    let mut deliveries = topology::messages(js, config, partition).await?;
+    let partitions = part.partitions;
+    let mut deliveries = topology::messages(js, config, partitions, partition).await?;
     let mut open = Open::new();
     let mut changes = part.entitlements.and_then(|e| e.changes(partition));
     let interval = Duration::from_secs(config.checkpoint_secs);
@@ -454,7 +464,29 @@ async fn pull_loop(
     let timer = tokio::time::sleep(flush_age);
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    // At a marker of a growth this generation does not know, the partition stops pulling
+    // until the worker starts again on the new count: what follows the marker may be
+    // another partition's.
+    let mut parked = false;
     loop {
+        // Past a growth, a narrower filter delivers only the partition's own messages:
+        // once a message at or after the switch was delivered and handled, the ack floor
+        // reaches the switch when it is acknowledged, and the consumer starts again there.
+        if deliveries
+            .serves_until
+            .is_some_and(|until| deliveries.handled_to >= until)
+        {
+            deliveries = restart(
+                js,
+                config,
+                partitions,
+                partition,
+                &mut open,
+                &mut sink,
+                Duration::ZERO,
+            )
+            .await?;
+        }
         if armed != open.opened {
             armed = open.opened;
             if let Some(t) = armed {
@@ -477,7 +509,7 @@ async fn pull_loop(
                 let checkpoint = part.checkpoint_if(interval, false);
                 seal(&mut open, partition, &mut sink, checkpoint).await?;
             }
-            next = deliveries.messages.next() => match next {
+            next = deliveries.messages.next(), if !parked => match next {
                 Some(Ok(msg)) => {
                     let info = msg.info().map_err(|e| Error::nats("read message info", e))?;
                     let (seq, stored_us) = (info.stream_sequence, info.published.timestamp_micros());
@@ -488,10 +520,23 @@ async fn pull_loop(
                         metrics::counter!(names::DELIVERY_GAPS).increment(1);
                         tracing::warn!(partition, expected = deliveries.next, delivery, seq,
                             "deliveries lost on the way; starting again at the ack floor");
-                        deliveries = restart(js, config, partition, &mut open, &mut sink, Duration::ZERO).await?;
+                        deliveries = restart(js, config, partitions, partition, &mut open, &mut sink, Duration::ZERO).await?;
                         continue;
                     }
                     deliveries.next += 1;
+                    let marker = msg.headers.as_ref().is_some_and(|h| h.get(subject::MARKER_HEADER).is_some());
+                    // A marker (`topology::grow`) of a growth this generation does not know:
+                    // everything before it is made durable, and it stays unacknowledged, so
+                    // that a restart on the old count stops here again.
+                    if marker && seq > partitions.last_switch() {
+                        tracing::info!(partition, seq,
+                            "the partition count is growing: waiting for the new count");
+                        let checkpoint = part.checkpoint_if(interval, true);
+                        seal(&mut open, partition, &mut sink, checkpoint).await?;
+                        parked = true;
+                        continue;
+                    }
+                    deliveries.handled_to = seq;
                     // Handled by this process, or already in the lake.
                     if seq <= part.max_seq || part.committed.holds(seq) {
                         part.max_seq = part.max_seq.max(seq);
@@ -500,8 +545,10 @@ async fn pull_loop(
                         continue;
                     }
                     part.max_seq = seq;
-                    // A marker (`topology::grow`) is acknowledged with its neighbours.
-                    if msg.headers.as_ref().is_some_and(|h| h.get(subject::MARKER_HEADER).is_some()) {
+                    // A known growth's marker, or another partition's message since a growth
+                    // (the consumer still on a wider filter): acknowledged with the
+                    // neighbours.
+                    if marker || !part.owns(msg.subject.as_str(), seq) {
                         open.skip(msg.split().1, seq);
                         continue;
                     }
@@ -531,7 +578,7 @@ async fn pull_loop(
                 None => {
                     tracing::warn!(partition, "pull stream ended; resubscribing at the ack floor");
                     let pause = Duration::from_millis(250);
-                    deliveries = restart(js, config, partition, &mut open, &mut sink, pause).await?;
+                    deliveries = restart(js, config, partitions, partition, &mut open, &mut sink, pause).await?;
                 }
             }
         }
@@ -547,6 +594,7 @@ async fn pull_loop(
 async fn restart(
     js: &Context,
     config: &IngestConfig,
+    partitions: &Partitions,
     partition: u16,
     open: &mut Open,
     sink: &mut Sink<'_>,
@@ -555,7 +603,7 @@ async fn restart(
     seal(open, partition, sink, None).await?;
     sink.settle().await;
     tokio::time::sleep(pause).await;
-    topology::messages(js, config, partition).await
+    topology::messages(js, config, partitions, partition).await
 }
 
 /// Decodes one message (CloudEvents JSON, or Arrow IPC when its `Content-Type` says so)
@@ -581,7 +629,7 @@ async fn handle(
         // Held only while this message's events are decided, never across an await.
         let mut engine = entitlements.and_then(|e| e.engine(partition));
         let mut accept = Accept {
-            token: subject::parse_partitioned(message.subject.as_str()).map(|(_, t)| t),
+            token: subject::parse_partitioned(message.subject.as_str()).map(|s| s.token),
             limits,
             ingest_micros: chrono::Utc::now().timestamp_micros(),
             seq,

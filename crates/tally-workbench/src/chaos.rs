@@ -505,7 +505,8 @@ async fn partitions_now(nats: &Nats) -> anyhow::Result<tally_core::partitions::P
 }
 
 /// Grows the partition count to `count`, trying again while a NATS node is down (a
-/// growth stopped half-way is finished by the next attempt).
+/// growth stopped half-way, its markers published but the count not written, is made
+/// again by the next attempt).
 async fn grow(nats: &Nats, count: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -513,7 +514,7 @@ async fn grow(nats: &Nats, count: u16) -> anyhow::Result<()> {
             Ok(_) => return Ok(()),
             // An attempt whose answer was lost may have finished it.
             Err(e) => match tally_ingest::topology::partitions(&nats.jetstream).await {
-                Ok(now) if now.current() == count && !now.unfinished() => return Ok(()),
+                Ok(now) if now.current() == count => return Ok(()),
                 _ if Instant::now() < deadline => {
                     tracing::warn!(error = %e, "cannot grow the partitions yet; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
