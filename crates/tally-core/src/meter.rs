@@ -735,124 +735,187 @@ impl JsonPath {
     /// skipped, not built. Where a member repeats, the last one counts, as in a parsed
     /// document.
     pub fn text_in(&self, json: &str) -> Option<String> {
-        use serde::de::DeserializeSeed;
-        let mut de = serde_json::Deserializer::from_str(json);
-        let text = At(&self.steps).deserialize(&mut de).ok()?;
-        de.end().ok()?;
+        let mut out = [None];
+        JsonPath::texts_in(&[self], json, &mut out);
+        let [text] = out;
         text
+    }
+
+    /// [`JsonPath::text_in`] of each of `paths` into the slot of `out` of the same index,
+    /// all in the same one pass over `json`.
+    pub fn texts_in(paths: &[&JsonPath], json: &str, out: &mut [Option<String>]) {
+        use serde::de::DeserializeSeed;
+        out.fill(None);
+        let active: Vec<(usize, &[Step])> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.steps.as_slice()))
+            .collect();
+        let mut de = serde_json::Deserializer::from_str(json);
+        let read = Along {
+            active: &active,
+            out: &mut *out,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+        if read.is_err() {
+            out.fill(None);
+        }
     }
 }
 
-/// Reads the value at a path's remaining steps out of a JSON document as it streams by.
-struct At<'p>(&'p [Step]);
+/// Reads the values at paths' remaining steps out of a JSON document as it streams by:
+/// `active` holds each path's slot in `out` and the steps left.
+struct Along<'a, 'p> {
+    active: &'a [(usize, &'p [Step])],
+    out: &'a mut [Option<String>],
+}
 
-impl<'de> serde::de::DeserializeSeed<'de> for At<'_> {
-    type Value = Option<String>;
+impl Along<'_, '_> {
+    /// Writes a scalar's text into the slot of every path that ends here.
+    fn ends(self, text: impl Fn() -> Option<String>) {
+        for &(slot, steps) in self.active {
+            if steps.is_empty() {
+                self.out[slot] = text();
+            }
+        }
+    }
+}
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+impl<'de> serde::de::DeserializeSeed<'de> for Along<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for At<'_> {
-    type Value = Option<String>;
+impl<'de> serde::de::Visitor<'de> for Along<'_, '_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        use serde::de::IgnoredAny;
-        let mut found = None;
-        match self.0.split_first() {
-            Some((Step::Member(name), rest)) => {
-                while let Some(hit) = map.next_key_seed(KeyIs(name))? {
-                    if hit {
-                        found = map.next_value_seed(At(rest))?;
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
+    // An object is no value, and an index selects nothing in it: only members go on.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Along { active, out } = self;
+        let mut hits = Vec::new();
+        loop {
+            hits.clear();
+            let seed = Members {
+                active,
+                hits: &mut hits,
+            };
+            if map.next_key_seed(seed)?.is_none() {
+                return Ok(());
             }
-            // An object is no value, and an index selects nothing in it.
-            _ => while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
-        }
-        Ok(found)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        use serde::de::IgnoredAny;
-        let mut found = None;
-        match self.0.split_first() {
-            Some((Step::Index(want), rest)) => {
-                let mut i = 0;
-                loop {
-                    if i == *want {
-                        match seq.next_element_seed(At(rest))? {
-                            Some(text) => found = text,
-                            None => break,
-                        }
-                    } else if seq.next_element::<IgnoredAny>()?.is_none() {
-                        break;
-                    }
-                    i += 1;
+            if hits.is_empty() {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else {
+                // A repeated member replaces what the one before it gave.
+                for &(slot, _) in &hits {
+                    out[slot] = None;
                 }
+                map.next_value_seed(Along {
+                    active: &hits,
+                    out: &mut *out,
+                })?;
             }
-            _ => while seq.next_element::<IgnoredAny>()?.is_some() {},
         }
-        Ok(found)
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.0.is_empty().then(|| v.to_owned()))
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Along { active, out } = self;
+        let mut hits = Vec::new();
+        for i in 0.. {
+            hits.clear();
+            hits.extend(
+                active
+                    .iter()
+                    .filter_map(|&(slot, steps)| match steps.split_first() {
+                        Some((Step::Index(want), rest)) if *want == i => Some((slot, rest)),
+                        _ => None,
+                    }),
+            );
+            let more = if hits.is_empty() {
+                seq.next_element::<serde::de::IgnoredAny>()?.is_some()
+            } else {
+                seq.next_element_seed(Along {
+                    active: &hits,
+                    out: &mut *out,
+                })?
+                .is_some()
+            };
+            if !more {
+                break;
+            }
+        }
+        Ok(())
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(self.0.is_empty().then(|| v.to_string()))
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.ends(|| Some(v.to_owned()));
+        Ok(())
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(self.0.is_empty().then(|| v.to_string()))
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.ends(|| Some(v.to_string()));
+        Ok(())
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(self.0.is_empty().then(|| v.to_string()))
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.ends(|| Some(v.to_string()));
+        Ok(())
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.ends(|| Some(v.to_string()));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
         // As a parsed document's number writes itself.
-        Ok(self
-            .0
-            .is_empty()
-            .then(|| serde_json::Number::from_f64(v).map(|n| n.to_string()))
-            .flatten())
+        self.ends(|| serde_json::Number::from_f64(v).map(|n| n.to_string()));
+        Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 }
 
-/// Whether an object's key is the member a path names, read without copying it.
-struct KeyIs<'p>(&'p str);
+/// Which paths an object's key is the next member of (into `hits`, with their steps after
+/// it), read without copying the key.
+struct Members<'a, 'p> {
+    active: &'a [(usize, &'p [Step])],
+    hits: &'a mut Vec<(usize, &'p [Step])>,
+}
 
-impl<'de> serde::de::DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
+impl<'de> serde::de::DeserializeSeed<'de> for Members<'_, '_> {
+    type Value = ();
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for KeyIs<'_> {
-    type Value = bool;
+impl<'de> serde::de::Visitor<'de> for Members<'_, '_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a member name")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
-        Ok(v == self.0)
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        for &(slot, steps) in self.active {
+            if let Some((Step::Member(name), rest)) = steps.split_first()
+                && name == v
+            {
+                self.hits.push((slot, rest));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1139,6 +1202,7 @@ mod tests {
             r#"{"tokens":1.0,"big":18446744073709551616,"neg":-3,"e":1e2,"s":"é\"q\u00e9"}"#,
             r#"{"n":{"a":[]},"tokens":[1,2],"model":{"x":1},"t":false}"#,
             r#"{"we\u0069rd key":5,"a":{"a":{"a":"deep"}}}"#,
+            r#"{"a":{"a":{"a":"first"}},"tokens":2,"a":{"b":1}}"#,
             r#"{"tokens":1} trailing"#,
             r#"{"tokens":1,"#,
             r#"[1,2,3]"#,
@@ -1163,18 +1227,25 @@ mod tests {
             "$.missing",
             "$[0]",
         ];
+        let parsed_paths: Vec<JsonPath> =
+            paths.iter().map(|p| JsonPath::parse(p).unwrap()).collect();
+        // Every path at once, one of them twice: each slot as if read alone.
+        let mut all: Vec<&JsonPath> = parsed_paths.iter().collect();
+        all.push(&parsed_paths[0]);
         for doc in documents {
             let parsed: Option<Value> = serde_json::from_str(doc).ok();
-            for path in paths {
-                let path = JsonPath::parse(path).unwrap();
+            let mut at_once = vec![Some("stale".to_owned()); all.len()];
+            JsonPath::texts_in(&all, doc, &mut at_once);
+            for (path, got) in all.iter().zip(&at_once) {
                 let want = parsed.as_ref().and_then(|v| path.text(v));
                 assert_eq!(path.text_in(doc), want, "{path} of {doc}");
+                assert_eq!(got, &want, "{path} of {doc}, read with the others");
             }
         }
         let tokens = JsonPath::parse("$.tokens").unwrap();
         assert_eq!(tokens.text_in(documents[0]).as_deref(), Some("123"));
         assert_eq!(tokens.text_in(documents[1]).as_deref(), Some("7.5"));
-        assert_eq!(tokens.text_in(documents[5]), None, "not a JSON document");
+        assert_eq!(tokens.text_in(documents[6]), None, "not a JSON document");
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! events file gets one rollup per live meter, empty when the file holds none of the
 //! meter's events: the empty file says so.
 
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -36,8 +37,7 @@ use arrow::datatypes::{
     DataType, Field, FieldRef, Float64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
     UInt16Type, UInt64Type,
 };
-use hashbrown::{HashMap, HashSet};
-use serde_json::Value;
+use hashbrown::{HashMap, HashSet, HashTable};
 use tally_core::meter::{Aggregation, JsonPath, Meter, OwnProperty};
 use tally_core::{Decision, schema};
 
@@ -191,8 +191,6 @@ struct Columns<'a> {
     ingest: &'a [i64],
     seq: &'a [u64],
     partition: u16,
-    /// `quantity` as the query layer's cast writes it, made the first time a path needs it.
-    quantity_text: Option<ArrayRef>,
 }
 
 impl<'a> Columns<'a> {
@@ -233,57 +231,97 @@ impl<'a> Columns<'a> {
                 .map(|a| a.values().as_ref())
                 .ok_or(Error::Schema(schema::STREAM_SEQ))?,
             partition: partition.values().first().copied().unwrap_or_default(),
-            quantity_text: None,
         })
-    }
-
-    /// The text at `path` of row `i`; `data` holds the row's parsed `data` once read.
-    fn text(&mut self, path: &JsonPath, i: usize, data: &mut Option<Value>) -> Option<String> {
-        let column = |c: &StringArray| c.is_valid(i).then(|| c.value(i).to_owned());
-        match path.own_property() {
-            Some(OwnProperty::Quantity) => {
-                let text = match &self.quantity_text {
-                    Some(t) => t,
-                    None => {
-                        let q = Float64Array::from(self.quantity.to_vec());
-                        let t = arrow::compute::cast(&q, &DataType::Utf8).ok()?;
-                        self.quantity_text.insert(t)
-                    }
-                };
-                column(text.as_string::<i32>())
-            }
-            Some(OwnProperty::Feature) => column(self.feature),
-            Some(OwnProperty::Region) => column(self.region),
-            Some(OwnProperty::User) => column(self.user),
-            None => {
-                let data = data.get_or_insert_with(|| {
-                    self.data
-                        .is_valid(i)
-                        .then(|| serde_json::from_str(self.data.value(i)).ok())
-                        .flatten()
-                        .unwrap_or(Value::Null)
-                });
-                path.text(data)
-            }
-        }
-    }
-
-    /// The number at `path` of row `i`, as the query layer's `json_number` reads it.
-    fn number(&mut self, path: &JsonPath, i: usize, data: &mut Option<Value>) -> Option<f64> {
-        match path.own_property() {
-            Some(OwnProperty::Quantity) => Some(self.quantity[i]),
-            _ => self
-                .text(path, i, data)
-                .as_deref()
-                .and_then(tally_core::meter::number),
-        }
     }
 }
 
-/// What a meter read of one event.
-enum Read {
-    Number(f64),
-    Text(String),
+/// Where a meter reads one of its paths: a column of Tally's own, or the `data` text.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Own(OwnProperty),
+    /// The index among the type's paths read from `data`.
+    Data(usize),
+}
+
+/// The live meters of one event type, and the distinct paths they read: a row's `data` is
+/// read once, in one pass, for all of them.
+struct TypePlan<'m> {
+    /// The meters, as indexes into the meters given.
+    meters: Vec<usize>,
+    /// The paths read from `data`.
+    data_paths: Vec<&'m JsonPath>,
+    /// Every distinct path the type's meters read, and where it is read.
+    sources: Vec<(&'m JsonPath, Source)>,
+    /// Per meter of `meters`: the index in `sources` of its value (`None`: `COUNT`) and of
+    /// each of its group-bys.
+    value: Vec<Option<usize>>,
+    groups: Vec<Vec<usize>>,
+}
+
+impl<'m> TypePlan<'m> {
+    fn new() -> Self {
+        TypePlan {
+            meters: Vec::new(),
+            data_paths: Vec::new(),
+            sources: Vec::new(),
+            value: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, m: usize, meter: &'m LiveMeter) {
+        self.meters.push(m);
+        let value = meter.value.as_ref().map(|p| self.source(p));
+        self.value.push(value);
+        let groups = meter.groups.iter().map(|p| self.source(p)).collect();
+        self.groups.push(groups);
+    }
+
+    fn source(&mut self, path: &'m JsonPath) -> usize {
+        if let Some(at) = self.sources.iter().position(|(p, _)| *p == path) {
+            return at;
+        }
+        let source = match path.own_property() {
+            Some(own) => Source::Own(own),
+            None => {
+                self.data_paths.push(path);
+                Source::Data(self.data_paths.len() - 1)
+            }
+        };
+        self.sources.push((path, source));
+        self.sources.len() - 1
+    }
+}
+
+/// The texts of one row at the paths of its type's meters.
+struct RowTexts<'r, 'a> {
+    columns: &'r Columns<'a>,
+    /// `quantity` as the query layer's cast writes it, where a meter reads it as text.
+    quantity_text: Option<&'r StringArray>,
+    data: &'r [Option<String>],
+    row: usize,
+}
+
+impl<'r> RowTexts<'r, '_> {
+    fn text(&self, source: Source) -> Option<&'r str> {
+        let i = self.row;
+        let column = |c: &'r StringArray| c.is_valid(i).then(|| c.value(i));
+        match source {
+            Source::Data(j) => self.data[j].as_deref(),
+            Source::Own(OwnProperty::Quantity) => self.quantity_text.and_then(column),
+            Source::Own(OwnProperty::Feature) => column(self.columns.feature),
+            Source::Own(OwnProperty::Region) => column(self.columns.region),
+            Source::Own(OwnProperty::User) => column(self.columns.user),
+        }
+    }
+
+    /// The number at a path, as the query layer's `json_number` reads it.
+    fn number(&self, source: Source) -> Option<f64> {
+        match source {
+            Source::Own(OwnProperty::Quantity) => Some(self.columns.quantity[self.row]),
+            _ => self.text(source).and_then(tally_core::meter::number),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -302,26 +340,54 @@ struct Acc {
     last: i64,
 }
 
+/// A meter's groups so far, found by (customer, hour, group values) without building a
+/// key for each row.
+#[derive(Default)]
+struct Groups {
+    index: HashTable<usize>,
+    list: Vec<Acc>,
+}
+
+/// The hash of a group's key.
+fn group_hash<'g>(customer: u32, hour: i64, groups: impl Iterator<Item = Option<&'g str>>) -> u64 {
+    let mut h = foldhash::fast::FixedState::default().build_hasher();
+    customer.hash(&mut h);
+    hour.hash(&mut h);
+    for g in groups {
+        g.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// The rollup of each of `meters` over lake rows (of [`tally_core::schema::lake_schema`],
 /// one partition's), in the order of `meters`, each sorted by customer, hour and group
 /// values; a meter that reads none of the rows gets an empty batch.
 pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<RecordBatch>> {
-    let mut columns = Columns::of(rows)?;
+    let columns = Columns::of(rows)?;
     let metered: Vec<&str> = METERED.iter().map(|d| d.as_str()).collect();
-    let mut by_type: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut by_type: HashMap<&str, TypePlan<'_>> = HashMap::new();
     for (m, meter) in meters.iter().enumerate() {
         by_type
             .entry(meter.event_type.as_str())
-            .or_default()
-            .push(m);
+            .or_insert_with(TypePlan::new)
+            .add(m, meter);
     }
-    // Per meter: its groups, and the index of each by (customer, hour, values).
-    type Index = HashMap<(u32, i64, Vec<Option<String>>), usize>;
-    let mut accs: Vec<(Index, Vec<Acc>)> = meters.iter().map(|_| Default::default()).collect();
+    let quantity_text = by_type
+        .values()
+        .flat_map(|plan| &plan.sources)
+        .any(|(_, s)| matches!(s, Source::Own(OwnProperty::Quantity)))
+        .then(|| {
+            let q = Float64Array::from(columns.quantity.to_vec());
+            arrow::compute::cast(&q, &DataType::Utf8)
+        })
+        .transpose()?;
+    let quantity_text = quantity_text.as_ref().map(|t| t.as_string::<i32>());
+    let mut accs: Vec<Groups> = meters.iter().map(|_| Groups::default()).collect();
     let mut customers: Vec<&str> = Vec::new();
     let mut customer_ids: HashMap<&str, u32> = HashMap::new();
+    let mut data: Vec<Option<String>> = Vec::new();
     for i in 0..rows.num_rows() {
-        let Some(ms) = by_type.get(columns.event_type.value(i)) else {
+        let Some(plan) = by_type.get(columns.event_type.value(i)) else {
             continue;
         };
         if !metered.contains(&columns.decision.value(i)) {
@@ -334,42 +400,67 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
         });
         let (t, ingest, seq) = (columns.time[i], columns.ingest[i], columns.seq[i]);
         let hour = t - t.rem_euclid(MICROS_PER_HOUR);
-        let mut data = None;
-        for &m in ms {
-            let meter = &meters[m];
-            let read = match (&meter.value, meter.numeric) {
+        data.clear();
+        data.resize(plan.data_paths.len(), None);
+        if !plan.data_paths.is_empty() && columns.data.is_valid(i) {
+            JsonPath::texts_in(&plan.data_paths, columns.data.value(i), &mut data);
+        }
+        let texts = RowTexts {
+            columns: &columns,
+            quantity_text,
+            data: &data,
+            row: i,
+        };
+        let source = |at: usize| plan.sources[at].1;
+        for (k, &m) in plan.meters.iter().enumerate() {
+            let read = match (plan.value[k], meters[m].numeric) {
                 (None, _) => Read::Number(1.0),
-                (Some(p), true) => match columns.number(p, i, &mut data) {
+                (Some(at), true) => match texts.number(source(at)) {
                     Some(n) => Read::Number(n),
                     None => continue,
                 },
-                (Some(p), false) => match columns.text(p, i, &mut data) {
+                (Some(at), false) => match texts.text(source(at)) {
                     Some(text) => Read::Text(text),
                     None => continue,
                 },
             };
-            let groups: Vec<Option<String>> = meter
-                .groups
-                .iter()
-                .map(|p| columns.text(p, i, &mut data))
-                .collect();
-            let (index, list) = &mut accs[m];
-            let at = *index.entry((c, hour, groups)).or_insert_with_key(|k| {
-                list.push(Acc {
-                    customer: c,
-                    hour,
-                    groups: k.2.clone(),
-                    events: 0,
-                    sum: 0.0,
-                    min: f64::INFINITY,
-                    max: f64::NEG_INFINITY,
-                    latest: (i64::MIN, i64::MIN, 0, 0.0),
-                    values: HashSet::new(),
-                    first: t,
-                    last: t,
-                });
-                list.len() - 1
+            let groups = || plan.groups[k].iter().map(|&at| texts.text(source(at)));
+            let Groups { index, list } = &mut accs[m];
+            let hash = group_hash(c, hour, groups());
+            let found = index.find(hash, |&at| {
+                let acc = &list[at];
+                acc.customer == c
+                    && acc.hour == hour
+                    && acc.groups.iter().map(Option::as_deref).eq(groups())
             });
+            let at = match found {
+                Some(&at) => at,
+                None => {
+                    list.push(Acc {
+                        customer: c,
+                        hour,
+                        groups: groups().map(|g| g.map(str::to_owned)).collect(),
+                        events: 0,
+                        sum: 0.0,
+                        min: f64::INFINITY,
+                        max: f64::NEG_INFINITY,
+                        latest: (i64::MIN, i64::MIN, 0, 0.0),
+                        values: HashSet::new(),
+                        first: t,
+                        last: t,
+                    });
+                    let at = list.len() - 1;
+                    index.insert_unique(hash, at, |&at| {
+                        let acc = &list[at];
+                        group_hash(
+                            acc.customer,
+                            acc.hour,
+                            acc.groups.iter().map(Option::as_deref),
+                        )
+                    });
+                    at
+                }
+            };
             let acc = &mut list[at];
             acc.events += 1;
             acc.first = acc.first.min(t);
@@ -384,7 +475,9 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
                     }
                 }
                 Read::Text(text) => {
-                    acc.values.insert(text);
+                    if !acc.values.contains(text) {
+                        acc.values.insert(text.to_owned());
+                    }
                 }
             }
         }
@@ -392,7 +485,7 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
     meters
         .iter()
         .zip(accs)
-        .map(|(meter, (_, mut list))| {
+        .map(|(meter, Groups { mut list, .. })| {
             list.sort_unstable_by(|a, b| {
                 (customers[a.customer as usize], a.hour, &a.groups).cmp(&(
                     customers[b.customer as usize],
@@ -403,6 +496,12 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
             batch(&list, &customers, meter, columns.partition)
         })
         .collect()
+}
+
+/// What a meter read of one event.
+enum Read<'r> {
+    Number(f64),
+    Text(&'r str),
 }
 
 fn batch(
