@@ -126,15 +126,15 @@ pub async fn passed(
     }
     let filter = partitions
         .filter_at(parent.count, parent.partition)
-        .ok_or_else(|| {
-            Error::Topology(format!(
-                "no partition {} of {}",
-                parent.partition, parent.count
-            ))
-        })?;
+        .ok_or_else(|| unknown(parent.partition, partitions))?;
     Ok(next_after(js, &filter, floor)
         .await?
         .is_none_or(|next| next > until))
+}
+
+/// A partition the stream's partitions do not have.
+fn unknown(partition: u16, partitions: &Partitions) -> Error {
+    Error::Topology(format!("no partition {partition} in {partitions}"))
 }
 
 /// Whether the partition's consumer has acknowledged every message of its subject stored
@@ -322,7 +322,7 @@ fn consumer_config(
     let name = subject::partition_consumer(partition);
     let filter_subject = partitions
         .filter(partition, from)
-        .ok_or_else(|| Error::Topology(format!("no partition {partition} in {partitions}")))?;
+        .ok_or_else(|| unknown(partition, partitions))?;
     let deliver = match from {
         0 | 1 => DeliverPolicy::All,
         start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
@@ -348,7 +348,7 @@ pub async fn ensure_consumer(
 ) -> Result<PullConsumer> {
     let start = partitions
         .start(partition)
-        .ok_or_else(|| Error::Topology(format!("no partition {partition} in {partitions}")))?;
+        .ok_or_else(|| unknown(partition, partitions))?;
     let wanted = consumer_config(config, partitions, partition, start)?;
     let stream = js
         .get_stream(EVENTS_STREAM)
