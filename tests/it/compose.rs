@@ -1013,8 +1013,10 @@ async fn the_compose_nats_cluster_forms_and_refuses_anonymous_and_plain_clients(
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let auth = dir.path().join("auth");
-    // Route ports for the three nodes, as compose gives each its own host.
-    let routes = common::free_ports(3);
+    // Route and client ports for the three nodes, as compose gives each its own host;
+    // picked together so that no node's client port is another's route port.
+    let picked = common::free_ports(6);
+    let (routes, clients) = picked.split_at(3);
     // What nats-init runs, with the hosts a test reaches.
     let mut init = Command::new(env!("CARGO_BIN_EXE_tally"));
     init.args(["nats", "init", "--dir"]).arg(&auth).args([
@@ -1023,7 +1025,7 @@ async fn the_compose_nats_cluster_forms_and_refuses_anonymous_and_plain_clients(
         "--tls-host",
         "localhost",
     ]);
-    for port in &routes {
+    for port in routes {
         init.args(["--route", &format!("127.0.0.1:{port}")]);
     }
     let out = init.output().unwrap();
@@ -1058,7 +1060,7 @@ async fn the_compose_nats_cluster_forms_and_refuses_anonymous_and_plain_clients(
         let node = dir.path().join(format!("n{i}"));
         std::fs::create_dir_all(&node).unwrap();
         let config = config
-            .replace("port: 4222", "port: -1")
+            .replace("port: 4222", &format!("port: {}", clients[i]))
             .replace("port: 6222", &format!("port: {route}"))
             .replace("http: \"127.0.0.1:8222\"\n", "")
             .replace("/data/jetstream", &node.join("js").display().to_string())

@@ -11,7 +11,7 @@
 //! again with others. A restarted node keeps its ports.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ pub struct ClusterOptions {
     pub server_name: String,
     /// The route port this node listens on, on 127.0.0.1.
     pub port: u16,
+    /// The monitoring port (`/healthz`), on 127.0.0.1; 0 lets the server pick one.
+    pub monitor_port: u16,
     /// Every node's route address, this node's own included (a node ignores a route to
     /// itself).
     pub routes: Vec<SocketAddr>,
@@ -38,10 +40,14 @@ impl ClusterOptions {
     pub(crate) fn config(&self, credentials: &Credentials) -> Result<String> {
         let peers: Vec<String> = self.routes.iter().map(SocketAddr::to_string).collect();
         Ok(format!(
-            "server_name: \"{server}\"\nhttp: \"127.0.0.1:-1\"\ncluster {{\n  name: \"{name}\"\n  listen: \"127.0.0.1:{port}\"\n{routes}}}\n",
+            "server_name: \"{server}\"\nhttp: \"127.0.0.1:{monitor}\"\ncluster {{\n  name: \"{name}\"\n  listen: \"127.0.0.1:{port}\"\n{routes}}}\n",
             server = self.server_name,
             name = self.name,
             port = self.port,
+            monitor = match self.monitor_port {
+                0 => "-1".to_owned(),
+                port => port.to_string(),
+            },
             routes = credentials.routes(&peers)?,
         ))
     }
@@ -94,19 +100,29 @@ impl NatsCluster {
 
     fn try_start(dir: &Path, size: usize, binary: Option<PathBuf>) -> Result<NatsCluster> {
         let credentials = dir.join("credentials");
-        let routes = free_ports(size).map_err(|source| Error::Io {
+        // Every port a node listens on is picked here, all at once: a port the server
+        // picked itself could be one just released for another node's route.
+        let ports = crate::free_ports(3 * size).map_err(|source| Error::Io {
             path: dir.to_owned(),
             source,
         })?;
+        let (routes, rest) = ports.split_at(size);
+        let (clients, monitors) = rest.split_at(size);
+        let routes: Vec<SocketAddr> = routes
+            .iter()
+            .map(|&port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .collect();
         let mut nodes = Vec::with_capacity(size);
-        for (i, route) in routes.iter().enumerate() {
+        for i in 0..size {
             let mut options = ServerOptions::new(dir.join(format!("n{}", i + 1)));
             options.binary = binary.clone();
             options.credentials = credentials.clone();
+            options.port = clients[i];
             options.cluster = Some(ClusterOptions {
                 name: "tally".to_owned(),
                 server_name: format!("n{}", i + 1),
-                port: route.port(),
+                port: routes[i].port(),
+                monitor_port: monitors[i],
                 routes: routes.clone(),
             });
             nodes.push(NatsServer::start(options)?);
@@ -176,14 +192,6 @@ impl NatsCluster {
             .connect(tally_core::subject::server_urls(&self.url()))
             .await?)
     }
-}
-
-/// `n` distinct free ports on 127.0.0.1, bound at once and released.
-fn free_ports(n: usize) -> std::io::Result<Vec<SocketAddr>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(TcpListener::local_addr).collect()
 }
 
 impl NatsServer {

@@ -482,6 +482,42 @@ pub fn find_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// Where port picking starts: below it sit well-known and registered services' ports.
+const PICKED_PORTS_FROM: u16 = 10_000;
+
+/// `n` distinct loopback ports free right now, for processes started on ports of their
+/// own (route ports, a scheduler's address). They are drawn at random below the kernel's
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), so neither a `bind(0)`
+/// nor an outgoing connection on this machine is handed one before its process binds it;
+/// each is checked by binding it, all at once so they differ. Where that range leaves no
+/// room below it, the kernel picks them.
+pub fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+    use std::net::{Ipv4Addr, TcpListener};
+    let ephemeral_from = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    let mut listeners = Vec::with_capacity(n);
+    if ephemeral_from > PICKED_PORTS_FROM + 1_000 {
+        for _ in 0..n * 64 {
+            if listeners.len() == n {
+                break;
+            }
+            let port = rand::random_range(PICKED_PORTS_FROM..ephemeral_from);
+            if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+                listeners.push(listener);
+            }
+        }
+    }
+    while listeners.len() < n {
+        listeners.push(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?);
+    }
+    listeners
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -195,16 +195,10 @@ impl Harness {
     }
 }
 
-/// `n` loopback ports free a moment ago (bound together, then released), for processes a
-/// test starts on ports of its own.
+/// `n` loopback ports free right now, for processes a test starts on ports of its own
+/// ([`tally_natsd::free_ports`]).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    tally_natsd::free_ports(n).unwrap()
 }
 
 /// [`Harness::drain`] over `partitions` partitions (the stream's count, after a growth).
