@@ -210,14 +210,34 @@ impl Lakehouse {
                 (Some(from), Some(to)) => Some((from.date_naive(), to.date_naive())),
                 _ => None,
             };
-            let lake = self.lake.clone();
-            let sources = on_lake(move || lake.meter_sources(&key, days)).await?;
-            let rollups = self.files(&sources.rollups, tally_store::meter_rollup_schema())?;
-            let events = self.files(&sources.events, lake_schema())?;
-            if let Some(rows) =
-                meters::meter_query_from_rollups(meter, query, rollups, events).await?
-            {
-                return Ok(rows);
+            // Rows of days where they can answer, else of hours; a window that splits a
+            // row's span falls back to the finer rows.
+            let levels: &[bool] = if meters::days_can_answer(meter, query) {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for &by_day in levels {
+                let lake = self.lake.clone();
+                let key = key.clone();
+                let sources = on_lake(move || lake.meter_sources(&key, days, by_day)).await?;
+                let schema = tally_store::meter_rollup_schema;
+                let mut rollups = vec![meters::RollupRows {
+                    rows: self.files(&sources.rollups, schema())?,
+                    span_micros: meters::MICROS_PER_HOUR,
+                }];
+                if !sources.monthly.is_empty() {
+                    rollups.push(meters::RollupRows {
+                        rows: self.files(&sources.monthly, schema())?,
+                        span_micros: meters::MICROS_PER_DAY,
+                    });
+                }
+                let events = self.files(&sources.events, lake_schema())?;
+                if let Some(rows) =
+                    meters::meter_query_from_rollups(meter, query, rollups, events).await?
+                {
+                    return Ok(rows);
+                }
             }
         }
         meters::meter_query(&self.ctx, meter, query).await

@@ -522,7 +522,8 @@ fn window_of(time: Expr, size: WindowSize, zone: Tz) -> Expr {
     ScalarUDF::from(MeterWindow::new()).call(vec![time, lit(size.as_str()), lit(zone.name())])
 }
 
-const MICROS_PER_HOUR: i64 = 3_600_000_000;
+/// A UTC hour in microseconds: the span of a meter rollup's rows.
+pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 
 /// Whether a meter's rollups (per UTC hour) can answer `query`: its range starts and ends
 /// on UTC hours, and its windows are hours, days or months of a zone whose offset is whole
@@ -548,11 +549,29 @@ pub fn rollups_can_answer(meter: &Meter, query: &MeterQuery) -> bool {
             == 0
 }
 
-/// The columns of a partial row: a customer's reading of a meter in one UTC hour and
-/// group, from a rollup or from events, in the order both sides select them.
+/// Whether a meter's closed months (rows per UTC day) can answer `query`, which
+/// [`rollups_can_answer`]: its range starts and ends on UTC days and its windows are not
+/// hours. (A window of a zone whose days are not UTC's is found by the query itself.)
+pub fn days_can_answer(meter: &Meter, query: &MeterQuery) -> bool {
+    let on_day = |t: DateTime<Utc>| t.timestamp_micros().rem_euclid(MICROS_PER_DAY) == 0;
+    rollups_can_answer(meter, query)
+        && query.window != Some(WindowSize::Hour)
+        && query.start(meter).is_none_or(on_day)
+        && query.to.is_none_or(on_day)
+}
+
+/// The last instant of a partial row's span (an hour, or a day of a closed month).
+const SPAN_LAST: &str = "span_last";
+
+/// The columns of a partial row: a customer's reading of a meter in one UTC hour or day
+/// and group, from a rollup or from events, in the order every source selects them.
 fn partial_columns(named: usize, distinct: bool) -> Vec<String> {
     use tally_store::meter_rollup as m;
-    let mut out = vec![m::HOUR.to_owned(), m::CUSTOMER.to_owned()];
+    let mut out = vec![
+        m::HOUR.to_owned(),
+        SPAN_LAST.to_owned(),
+        m::CUSTOMER.to_owned(),
+    ];
     out.extend((0..named).map(|i| format!("group_{i}")));
     for name in [
         m::EVENTS,
@@ -574,16 +593,27 @@ fn partial_columns(named: usize, distinct: bool) -> Vec<String> {
     out
 }
 
-/// Runs `query` of `meter` over the meter's `rollups` (a frame of files of the meter
-/// rollups table, [`tally_store::meter_rollup`]) and the `events` of the files that have
-/// none: the answer [`meter_query`] gives over the whole events table. `None` when a
-/// window would split a UTC hour (a zone's offset not whole hours somewhere in the
-/// range), which only the events can answer. The query must pass
-/// [`rollups_can_answer`].
+/// Rows of a meter's rollups ([`tally_store::meter_rollup`]), each summing the span of
+/// `span_micros` from its `hour`: an hour for the meter rollups table's, a day for a
+/// closed month's.
+pub struct RollupRows {
+    pub rows: DataFrame,
+    pub span_micros: i64,
+}
+
+/// A UTC day in microseconds: the span of a closed month's rows.
+pub const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
+
+/// Runs `query` of `meter` over the meter's `rollups` and the `events` of the files that
+/// have none: the answer [`meter_query`] gives over the whole events table. `None` when a
+/// window would split a row's span (a zone's offset not whole hours somewhere in the
+/// range, or not whole days for rows of days), which only finer rows can answer. The
+/// query must pass [`rollups_can_answer`], and its range must start and end on a span of
+/// each of `rollups`.
 pub async fn meter_query_from_rollups(
     meter: &Meter,
     query: &MeterQuery,
-    rollups: DataFrame,
+    rollups: Vec<RollupRows>,
     events: DataFrame,
 ) -> Result<Option<Vec<MeterRow>>> {
     use tally_store::meter_rollup as m;
@@ -594,7 +624,12 @@ pub async fn meter_query_from_rollups(
     let time = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let types = |name: &str| -> DataType {
         match name {
-            m::HOUR | m::LATEST_TIME | m::LATEST_INGEST | m::FIRST_TIME | m::LAST_TIME => time(),
+            m::HOUR
+            | SPAN_LAST
+            | m::LATEST_TIME
+            | m::LATEST_INGEST
+            | m::FIRST_TIME
+            | m::LAST_TIME => time(),
             m::EVENTS | m::LATEST_SEQ => DataType::UInt64,
             m::SUM | m::MIN | m::MAX | m::LATEST => DataType::Float64,
             m::VALUES => DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
@@ -639,10 +674,22 @@ pub async fn meter_query_from_rollups(
             rollup_group(name).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false),
         );
     }
-    let mut from_rollups = vec![col(m::HOUR), col(m::CUSTOMER)];
-    from_rollups.extend(named.iter().map(|n| rollup_group(n)));
-    from_rollups.extend(columns[2 + named.len()..].iter().map(|c| col(c.as_str())));
-    let rollups = rollups.filter(filter)?.select(pick(from_rollups))?;
+    let last_micro = |span: i64| lit(ScalarValue::new_interval_mdn(0, 0, (span - 1) * 1000));
+    let mut partial: Option<DataFrame> = None;
+    for RollupRows { rows, span_micros } in rollups {
+        let mut from_rollups = vec![
+            col(m::HOUR),
+            col(m::HOUR) + last_micro(span_micros),
+            col(m::CUSTOMER),
+        ];
+        from_rollups.extend(named.iter().map(|n| rollup_group(n)));
+        from_rollups.extend(columns[3 + named.len()..].iter().map(|c| col(c.as_str())));
+        let rows = rows.filter(filter.clone())?.select(pick(from_rollups))?;
+        partial = Some(match partial {
+            Some(p) => p.union(rows)?,
+            None => rows,
+        });
+    }
 
     // The events of the files without a rollup, summed the same way.
     let value = value_expr(meter);
@@ -651,8 +698,10 @@ pub async fn meter_query_from_rollups(
     } else {
         value.clone()
     };
+    let hour = || window_of(col(schema::EVENT_TIME), WindowSize::Hour, Tz::UTC);
     let mut groups = vec![
-        window_of(col(schema::EVENT_TIME), WindowSize::Hour, Tz::UTC).alias(m::HOUR),
+        hour().alias(m::HOUR),
+        (hour() + last_micro(MICROS_PER_HOUR)).alias(SPAN_LAST),
         col(schema::CUSTOMER).alias(m::CUSTOMER),
     ];
     groups.extend(
@@ -689,21 +738,18 @@ pub async fn meter_query_from_rollups(
         .filter(col(m::EVENTS).gt(lit(0u64)))?
         .select(pick(columns.iter().map(|c| col(c.as_str())).collect()))?;
 
-    // Both combined per window, customer and group.
-    let mut partial = rollups.union(events)?;
+    // All combined per window, customer and group.
+    let mut partial = match partial {
+        Some(p) => p.union(events)?,
+        None => events,
+    };
     if distinct {
         partial = partial.unnest_columns(&[m::VALUES])?;
     }
     let mut groups = Vec::new();
     if let Some(size) = query.window {
-        let last_micro = lit(ScalarValue::new_interval_mdn(
-            0,
-            0,
-            (MICROS_PER_HOUR - 1) * 1000,
-        ));
         groups.push(window_of(col(m::HOUR), size, query.time_zone).alias("window_start"));
-        groups
-            .push(window_of(col(m::HOUR) + last_micro, size, query.time_zone).alias("window_last"));
+        groups.push(window_of(col(SPAN_LAST), size, query.time_zone).alias("window_last"));
     }
     if by_customer {
         groups.push(col(m::CUSTOMER).alias("customer"));
@@ -1077,6 +1123,11 @@ mod tests {
     /// `data` has tokens (some missing, some not a number), a model (some missing) and a
     /// user; now and then an event of another type, or one refused (read by no meter).
     fn sealed(seqs: std::ops::RangeInclusive<u64>) -> SealedBatch {
+        sealed_late(seqs, 0)
+    }
+
+    /// [`sealed`], each event dated as the event `late_by` sequences before it.
+    fn sealed_late(seqs: std::ops::RangeInclusive<u64>, late_by: u64) -> SealedBatch {
         let seq: Vec<u64> = seqs.clone().collect();
         let n = seq.len();
         let text = |f: &dyn Fn(u64) -> String| -> ArrayRef {
@@ -1130,7 +1181,7 @@ mod tests {
                 )),
                 ts(seq
                     .iter()
-                    .map(|&i| start + i as i64 * 23 * 60_000_000)
+                    .map(|&i| start + (i - late_by) as i64 * 23 * 60_000_000)
                     .collect()),
                 Arc::new(StringArray::from(vec![None::<&str>; n])),
                 Arc::new(StringArray::from(vec![None::<&str>; n])),
@@ -1242,47 +1293,84 @@ mod tests {
         ]
     }
 
+    /// The meter's rollups of `sources`, as the lakehouse reads them.
+    fn rollup_rows(
+        house: &Lakehouse,
+        sources: &tally_store::meter_rollup::MeterSources,
+    ) -> Vec<RollupRows> {
+        let schema = tally_store::meter_rollup_schema;
+        vec![
+            RollupRows {
+                rows: house.files(&sources.rollups, schema()).unwrap(),
+                span_micros: MICROS_PER_HOUR,
+            },
+            RollupRows {
+                rows: house.files(&sources.monthly, schema()).unwrap(),
+                span_micros: MICROS_PER_DAY,
+            },
+        ]
+    }
+
+    fn assert_same(got: &[MeterRow], want: &[MeterRow], what: &str) {
+        assert!(!want.is_empty(), "{what}: no rows");
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            let close = (g.value - w.value).abs() <= 1e-9 * w.value.abs().max(1.0);
+            assert!(
+                close
+                    && (g.window_start, g.window_end, &g.customer, &g.group_by)
+                        == (w.window_start, w.window_end, &w.customer, &w.group_by),
+                "{what}: {g:?} ≠ {w:?}"
+            );
+        }
+    }
+
     /// Each meter's answer to each query through the lakehouse equals its answer from
-    /// every event, and the rollups answer the queries they can.
+    /// every event; the hourly rollups answer the queries they can, and so do the closed
+    /// months' days, but for windows of days that are not UTC's.
     async fn same_answers(house: &Lakehouse, lake: &Lake, meters: &[Meter]) {
         for m in meters {
             for (what, query) in queries() {
                 let want = meter_query(house.context(), m, &query).await.unwrap();
                 let key = tally_store::meter_rollup::rollup_key(m);
-                let sources = lake.meter_sources(&key, None).unwrap();
-                let rollups = house
-                    .files(&sources.rollups, tally_store::meter_rollup_schema())
-                    .unwrap();
-                let events = house.files(&sources.events, lake_schema()).unwrap();
                 let answerable = rollups_can_answer(m, &query);
                 assert_eq!(
                     answerable,
                     !["a range inside hours", "by minute", "by Kolkata day"].contains(&what),
                     "{what}"
                 );
-                if answerable {
-                    let direct = meter_query_from_rollups(m, &query, rollups, events)
-                        .await
-                        .unwrap();
-                    assert!(
-                        direct.is_some(),
-                        "{} {what}: rollups did not answer",
-                        m.slug
-                    );
+                assert_eq!(
+                    days_can_answer(m, &query),
+                    [
+                        "everything",
+                        "by subject",
+                        "by New York day, customer and model",
+                        "by month, filtered"
+                    ]
+                    .contains(&what),
+                    "{what}"
+                );
+                for by_day in [false, true] {
+                    if !answerable || (by_day && !days_can_answer(m, &query)) {
+                        continue;
+                    }
+                    let sources = lake.meter_sources(&key, None, by_day).unwrap();
+                    let events = house.files(&sources.events, lake_schema()).unwrap();
+                    let direct =
+                        meter_query_from_rollups(m, &query, rollup_rows(house, &sources), events)
+                            .await
+                            .unwrap();
+                    let splits_days = what.contains("New York") && !sources.monthly.is_empty();
+                    match direct {
+                        Some(rows) => {
+                            assert!(!splits_days, "{} {what}: days answered", m.slug);
+                            assert_same(&rows, &want, &format!("{} {what} ({by_day})", m.slug));
+                        }
+                        None => assert!(splits_days, "{} {what}: rollups did not answer", m.slug),
+                    }
                 }
                 let got = house.meter_query(m, &query).await.unwrap();
-                assert!(!want.is_empty(), "{} {what}: no rows", m.slug);
-                assert_eq!(got.len(), want.len(), "{} {what}", m.slug);
-                for (g, w) in got.iter().zip(&want) {
-                    let close = (g.value - w.value).abs() <= 1e-9 * w.value.abs().max(1.0);
-                    assert!(
-                        close
-                            && (g.window_start, g.window_end, &g.customer, &g.group_by)
-                                == (w.window_start, w.window_end, &w.customer, &w.group_by),
-                        "{} {what}: {g:?} ≠ {w:?}",
-                        m.slug
-                    );
-                }
+                assert_same(&got, &want, &format!("{} {what}", m.slug));
             }
         }
     }
@@ -1321,7 +1409,7 @@ mod tests {
             .unwrap();
         let key = |m: &Meter| tally_store::meter_rollup::rollup_key(m);
         for m in &meters {
-            let sources = lake.meter_sources(&key(m), None).unwrap();
+            let sources = lake.meter_sources(&key(m), None, true).unwrap();
             let (rollups, events) = if m.slug == "defined_later" || m.slug == "tokens_sum" {
                 (2, 5)
             } else {
@@ -1337,16 +1425,58 @@ mod tests {
         same_answers(&house, &lake, &meters).await;
 
         // Compaction merges the closed dates; every merged file gets every live meter's
-        // rollup, and the files it did not merge get the rollups they lacked.
+        // rollup, and the files it did not merge get the rollups they lacked. October and
+        // November are closed: each meter gets its days of each.
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
         let done = lake
             .compact(5, 230, &Fence::open(), &CompactOptions::default(), now)
             .unwrap();
         assert!(done.merged > done.written, "{done:?}");
         for m in &meters {
-            let sources = lake.meter_sources(&key(m), None).unwrap();
+            let sources = lake.meter_sources(&key(m), None, true).unwrap();
             assert!(
-                sources.events.is_empty() && !sources.rollups.is_empty(),
+                sources.events.is_empty()
+                    && sources.rollups.is_empty()
+                    && sources.monthly.len() == 2,
+                "{}: {sources:?}",
+                m.slug
+            );
+            let hourly = lake.meter_sources(&key(m), None, false).unwrap();
+            assert!(
+                hourly.monthly.is_empty() && !hourly.rollups.is_empty(),
+                "{hourly:?}"
+            );
+        }
+        same_answers(&house, &lake, &meters).await;
+
+        // Late events of October 31 after the months closed: read from their hourly
+        // rollup beside October's days until compaction writes October again, merged
+        // with the file the days covered.
+        lake.write(&sealed_late(231..=240, 231), &Fence::open())
+            .unwrap();
+        for m in &meters {
+            let sources = lake.meter_sources(&key(m), None, true).unwrap();
+            assert_eq!(
+                (sources.monthly.len(), sources.rollups.len()),
+                (2, 1),
+                "{}: {sources:?}",
+                m.slug
+            );
+        }
+        same_answers(&house, &lake, &meters).await;
+        let done = lake
+            .compact(5, 240, &Fence::open(), &CompactOptions::default(), now)
+            .unwrap();
+        assert!(done.merged >= 2, "{done:?}");
+        for m in &meters {
+            let sources = lake.meter_sources(&key(m), None, true).unwrap();
+            assert_eq!(
+                (
+                    sources.monthly.len(),
+                    sources.rollups.len(),
+                    sources.events.len()
+                ),
+                (2, 0, 0),
                 "{}: {sources:?}",
                 m.slug
             );

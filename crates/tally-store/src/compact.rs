@@ -497,6 +497,7 @@ impl Lake {
             &tables.monthly,
             &tables.billing,
             &tables.meter_rollups,
+            &tables.meter_monthly,
         ] {
             let (live, tombstones) = block_on(table.files_and_tombstones())?;
             let prefix = format!("{}/", table.name);

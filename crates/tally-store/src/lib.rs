@@ -58,7 +58,9 @@ pub mod users;
 
 pub use compact::{CompactOptions, Compacted, parse_name, visible};
 pub use lines::{BILLING_TABLE, lines_schema};
-pub use meter_rollup::{LiveMeter, METER_ROLLUPS_TABLE, meter_rollup_schema, meter_rollups};
+pub use meter_rollup::{
+    LiveMeter, METER_MONTHLY_TABLE, METER_ROLLUPS_TABLE, meter_rollup_schema, meter_rollups,
+};
 pub use migrate::Migrated;
 pub use monthly::{BadMonth, MONTHLY_TABLE, Month, MonthSources, PERIOD, monthly_schema};
 pub use rollup::{ROLLUPS_TABLE, rollup, rollup_schema};
@@ -158,6 +160,7 @@ pub(crate) struct Tables {
     pub monthly: table::Table,
     pub billing: table::Table,
     pub meter_rollups: table::Table,
+    pub meter_monthly: table::Table,
 }
 
 /// Rows per row group of a monthly rollup file.
@@ -215,6 +218,13 @@ impl Lake {
                 meter_rollup_schema(),
                 schema::DATE,
                 deltalake::kernel::DataType::DATE,
+            )?,
+            meter_monthly: table::Table::new(
+                &storage,
+                METER_MONTHLY_TABLE,
+                meter_rollup_schema(),
+                PERIOD,
+                deltalake::kernel::DataType::STRING,
             )?,
         };
         // Event ids are unique: a dictionary for them is pure cost, and so are statistics

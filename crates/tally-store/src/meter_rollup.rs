@@ -17,6 +17,12 @@
 //! its id and a digest of its group-by names and paths ([`rollup_key`]), so rollups written
 //! under other group-bys are another key's.
 //!
+//! **Closed months.** Once a month is closed, compaction sums a partition's meter rollups of
+//! the month into one file per meter ([`METER_MONTHLY_TABLE`], [`days_of`]): a row per
+//! customer × UTC day × group, named like the monthly rollups by the sequence range of the
+//! events files it covers, with the meter's key as a rollup's. A query whose range is whole
+//! UTC days reads these instead of the month's hourly files ([`crate::Lake::meter_sources`]).
+//!
 //! **Coverage.** A meter rollup answers for the events file of its name and nothing else:
 //! a query reads the meter's rollups of the events files that have one and the events of
 //! those that do not. Nothing is counted twice when compaction replaces a file (its name
@@ -45,6 +51,9 @@ use crate::{Error, Result};
 
 /// The meter rollups table's directory under the lake root.
 pub const METER_ROLLUPS_TABLE: &str = "meter_rollups";
+/// The table of the meters' closed months, a row per customer × UTC day × group
+/// ([`days_of`]), partitioned by month like the monthly rollups.
+pub const METER_MONTHLY_TABLE: &str = "meter_monthly";
 
 /// The decisions whose events meters read: the billable ones, `late` (usage that
 /// happened, billed apart) and `metered` (a customer without a definition, under
@@ -78,6 +87,7 @@ pub const LAST_TIME: &str = "last_time";
 pub const PARTITION_ID: &str = schema::PARTITION_ID;
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
+const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 
 static GROUP_ITEM: LazyLock<FieldRef> =
     LazyLock::new(|| Arc::new(Field::new_list_field(DataType::Utf8, true)));
@@ -130,6 +140,11 @@ pub fn rollup_path(events_path: &str, key: &str) -> String {
     format!("{stem}.{key}.parquet")
 }
 
+/// The key of the meter rollup at `path` ([`rollup_path`]'s `key`).
+pub fn key_of(path: &str) -> Option<&str> {
+    Some(path.strip_suffix(".parquet")?.rsplit_once('.')?.1)
+}
+
 /// The events file a meter rollup at `path` answers for: [`rollup_path`] undone.
 pub fn events_path(path: &str) -> Option<String> {
     let (stem, _key) = path.strip_suffix(".parquet")?.rsplit_once('.')?;
@@ -174,6 +189,11 @@ impl LiveMeter {
     /// The key its rollups are written under ([`rollup_key`]).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Whether its rows hold numbers: every meter's but a `UNIQUE_COUNT`'s.
+    fn numbers(&self) -> bool {
+        self.numeric || self.value.is_none()
     }
 }
 
@@ -348,6 +368,77 @@ struct Groups {
     list: Vec<Acc>,
 }
 
+impl Groups {
+    /// The group of `customer`, the span starting at `hour` and the group values `groups`
+    /// yields, added empty when new.
+    fn entry<'g, I>(&mut self, customer: u32, hour: i64, groups: impl Fn() -> I) -> &mut Acc
+    where
+        I: Iterator<Item = Option<&'g str>>,
+    {
+        let Groups { index, list } = self;
+        let hash = group_hash(customer, hour, groups());
+        let found = index
+            .find(hash, |&at| {
+                let acc = &list[at];
+                acc.customer == customer && acc.hour == hour && same_groups(&acc.groups, groups())
+            })
+            .copied();
+        let at = match found {
+            Some(at) => at,
+            None => {
+                list.push(Acc {
+                    customer,
+                    hour,
+                    groups: groups().map(|g| g.map(str::to_owned)).collect(),
+                    events: 0,
+                    sum: 0.0,
+                    min: f64::INFINITY,
+                    max: f64::NEG_INFINITY,
+                    latest: (i64::MIN, i64::MIN, 0, 0.0),
+                    values: HashSet::new(),
+                    first: i64::MAX,
+                    last: i64::MIN,
+                });
+                let at = list.len() - 1;
+                index.insert_unique(hash, at, |&at| {
+                    let acc = &list[at];
+                    group_hash(
+                        acc.customer,
+                        acc.hour,
+                        acc.groups.iter().map(Option::as_deref),
+                    )
+                });
+                at
+            }
+        };
+        &mut list[at]
+    }
+
+    /// The groups sorted by customer, span and group values.
+    fn sorted(self, customers: &[&str]) -> Vec<Acc> {
+        let mut list = self.list;
+        list.sort_unstable_by(|a, b| {
+            (customers[a.customer as usize], a.hour, &a.groups).cmp(&(
+                customers[b.customer as usize],
+                b.hour,
+                &b.groups,
+            ))
+        });
+        list
+    }
+}
+
+/// Whether a group's stored values are the values `groups` yields.
+fn same_groups<'g>(
+    stored: &[Option<String>],
+    mut groups: impl Iterator<Item = Option<&'g str>>,
+) -> bool {
+    stored
+        .iter()
+        .all(|s| groups.next().is_some_and(|g| s.as_deref() == g))
+        && groups.next().is_none()
+}
+
 /// The hash of a group's key.
 fn group_hash<'g>(customer: u32, hour: i64, groups: impl Iterator<Item = Option<&'g str>>) -> u64 {
     let mut h = foldhash::fast::FixedState::default().build_hasher();
@@ -425,43 +516,7 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
                 },
             };
             let groups = || plan.groups[k].iter().map(|&at| texts.text(source(at)));
-            let Groups { index, list } = &mut accs[m];
-            let hash = group_hash(c, hour, groups());
-            let found = index.find(hash, |&at| {
-                let acc = &list[at];
-                acc.customer == c
-                    && acc.hour == hour
-                    && acc.groups.iter().map(Option::as_deref).eq(groups())
-            });
-            let at = match found {
-                Some(&at) => at,
-                None => {
-                    list.push(Acc {
-                        customer: c,
-                        hour,
-                        groups: groups().map(|g| g.map(str::to_owned)).collect(),
-                        events: 0,
-                        sum: 0.0,
-                        min: f64::INFINITY,
-                        max: f64::NEG_INFINITY,
-                        latest: (i64::MIN, i64::MIN, 0, 0.0),
-                        values: HashSet::new(),
-                        first: t,
-                        last: t,
-                    });
-                    let at = list.len() - 1;
-                    index.insert_unique(hash, at, |&at| {
-                        let acc = &list[at];
-                        group_hash(
-                            acc.customer,
-                            acc.hour,
-                            acc.groups.iter().map(Option::as_deref),
-                        )
-                    });
-                    at
-                }
-            };
-            let acc = &mut list[at];
+            let acc = accs[m].entry(c, hour, groups);
             acc.events += 1;
             acc.first = acc.first.min(t);
             acc.last = acc.last.max(t);
@@ -485,17 +540,116 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
     meters
         .iter()
         .zip(accs)
-        .map(|(meter, Groups { mut list, .. })| {
-            list.sort_unstable_by(|a, b| {
-                (customers[a.customer as usize], a.hour, &a.groups).cmp(&(
-                    customers[b.customer as usize],
-                    b.hour,
-                    &b.groups,
-                ))
-            });
-            batch(&list, &customers, meter, columns.partition)
+        .map(|(meter, groups)| {
+            batch(
+                &groups.sorted(&customers),
+                &customers,
+                meter.numbers(),
+                columns.partition,
+            )
         })
         .collect()
+}
+
+/// A meter's rollup rows (of one partition) summed per customer × UTC day × group: a row
+/// of the meter's closed month ([`METER_MONTHLY_TABLE`]), whose `hour` is its day's
+/// start. Sorted as a meter rollup is.
+pub fn days_of(rollups: &[RecordBatch], meter: &LiveMeter, partition: u16) -> Result<RecordBatch> {
+    let mut names: Vec<Box<str>> = Vec::new();
+    let mut ids: HashMap<Box<str>, u32> = HashMap::new();
+    let mut days = Groups::default();
+    for rows in rollups {
+        let column = |name: &'static str| rows.column_by_name(name).ok_or(Error::Schema(name));
+        let strings = |name: &'static str| {
+            column(name)?
+                .as_string_opt::<i32>()
+                .ok_or(Error::Schema(name))
+        };
+        let numbers = |name: &'static str| {
+            column(name)?
+                .as_primitive_opt::<Float64Type>()
+                .ok_or(Error::Schema(name))
+        };
+        let times = |name: &'static str| {
+            column(name)?
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or(Error::Schema(name))
+        };
+        let lists = |name: &'static str| {
+            column(name)?
+                .as_list_opt::<i32>()
+                .ok_or(Error::Schema(name))
+        };
+        let customer = strings(CUSTOMER)?;
+        let hour = times(HOUR)?.values();
+        let groups = lists(GROUPS)?;
+        let group_values = groups.values().as_string::<i32>();
+        let group_offsets = groups.value_offsets();
+        let events = column(EVENTS)?
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or(Error::Schema(EVENTS))?
+            .values();
+        let (sum, min, max, latest) = (
+            numbers(SUM)?,
+            numbers(MIN)?,
+            numbers(MAX)?,
+            numbers(LATEST)?,
+        );
+        let (latest_time, latest_ingest) = (times(LATEST_TIME)?, times(LATEST_INGEST)?);
+        let latest_seq = column(LATEST_SEQ)?
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or(Error::Schema(LATEST_SEQ))?;
+        let values = lists(VALUES)?;
+        let value_texts = values.values().as_string::<i32>();
+        let value_offsets = values.value_offsets();
+        let (first, last) = (times(FIRST_TIME)?.values(), times(LAST_TIME)?.values());
+        for i in 0..rows.num_rows() {
+            let name = customer.value(i);
+            let c = match ids.get(name) {
+                Some(&c) => c,
+                None => {
+                    let c = names.len() as u32;
+                    names.push(name.into());
+                    ids.insert(name.into(), c);
+                    c
+                }
+            };
+            let day = hour[i] - hour[i].rem_euclid(MICROS_PER_DAY);
+            let (from, to) = (group_offsets[i] as usize, group_offsets[i + 1] as usize);
+            let acc = days.entry(c, day, || {
+                (from..to).map(|j| group_values.is_valid(j).then(|| group_values.value(j)))
+            });
+            acc.events += events[i];
+            acc.first = acc.first.min(first[i]);
+            acc.last = acc.last.max(last[i]);
+            if sum.is_valid(i) {
+                acc.sum += sum.value(i);
+                acc.min = acc.min.min(min.value(i));
+                acc.max = acc.max.max(max.value(i));
+                let at = (
+                    latest_time.value(i),
+                    latest_ingest.value(i),
+                    latest_seq.value(i),
+                );
+                if at >= (acc.latest.0, acc.latest.1, acc.latest.2) {
+                    acc.latest = (at.0, at.1, at.2, latest.value(i));
+                }
+            }
+            for j in value_offsets[i] as usize..value_offsets[i + 1] as usize {
+                let text = value_texts.value(j);
+                if !acc.values.contains(text) {
+                    acc.values.insert(text.to_owned());
+                }
+            }
+        }
+    }
+    let customers: Vec<&str> = names.iter().map(|n| &**n).collect();
+    batch(
+        &days.sorted(&customers),
+        &customers,
+        meter.numbers(),
+        partition,
+    )
 }
 
 /// What a meter read of one event.
@@ -504,13 +658,9 @@ enum Read<'r> {
     Text(&'r str),
 }
 
-fn batch(
-    list: &[Acc],
-    customers: &[&str],
-    meter: &LiveMeter,
-    partition: u16,
-) -> Result<RecordBatch> {
-    let numbers = meter.numeric || meter.value.is_none();
+/// The rows of `list`; `numbers`: whether they hold the values' sum, least, greatest and
+/// latest (null for a meter of texts).
+fn batch(list: &[Acc], customers: &[&str], numbers: bool, partition: u16) -> Result<RecordBatch> {
     let time = |values: Vec<i64>| -> ArrayRef {
         Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
     };
@@ -571,38 +721,89 @@ fn batch(
     Ok(RecordBatch::try_new(meter_rollup_schema(), columns)?)
 }
 
-/// What a meter query reads: the meter's rollups of the events files that have one, and
-/// the events files that do not (keys relative to the lake).
+/// What a meter query reads (keys relative to the lake): the meter's closed months where
+/// they cover the events files (when the query asked for whole days), its rollups of the
+/// other events files that have one, and the events files that have neither.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeterSources {
+    /// Files of [`METER_MONTHLY_TABLE`]: a row per customer × UTC day × group.
+    pub monthly: Vec<String>,
+    /// Meter rollups: a row per customer × UTC hour × group.
     pub rollups: Vec<String>,
     pub events: Vec<String>,
 }
 
 impl crate::Lake {
     /// The sources of a query of the meter with rollup key `key` over the events dated
-    /// `days` (both included; `None`: every date). The events table's snapshot is read
-    /// first; a rollup counts only for an events file of that snapshot.
+    /// `days` (both included; `None`: every date); `by_day`: whether the query's range
+    /// starts and ends on UTC days, so that the meter's closed months can answer it.
+    ///
+    /// The events table's snapshot is read first; a rollup counts only for an events file
+    /// of that snapshot. A month's file counts for the events files of its partition and
+    /// month inside its sequence range, and only if no events file of them reaches past
+    /// that range (a late file merged with one it covers, until compaction writes the
+    /// month again): else the month is read from its hourly rollups.
     pub fn meter_sources(
         &self,
         key: &str,
         days: Option<(chrono::NaiveDate, chrono::NaiveDate)>,
+        by_day: bool,
     ) -> Result<MeterSources> {
-        let events = self.snapshot_files(&self.tables.events, None)?;
+        let in_range =
+            |date: chrono::NaiveDate| days.is_none_or(|(from, to)| (from..=to).contains(&date));
+        let events: Vec<crate::PartitionFile> = self
+            .snapshot_files(&self.tables.events, None)?
+            .into_iter()
+            .filter(|e| {
+                e.file
+                    .value
+                    .parse::<chrono::NaiveDate>()
+                    .is_ok_and(&in_range)
+            })
+            .collect();
+        let month_of = |e: &crate::PartitionFile| {
+            e.file
+                .value
+                .parse::<chrono::NaiveDate>()
+                .map(|d| crate::Month::of(d).to_string())
+                .unwrap_or_default()
+        };
+        let mut months: Vec<crate::PartitionFile> = Vec::new();
+        if by_day {
+            months = self
+                .snapshot_files(&self.tables.meter_monthly, None)?
+                .into_iter()
+                .filter(|m| key_of(&m.file.path) == Some(key))
+                .filter(|m| {
+                    !events.iter().any(|e| {
+                        let overlaps = e.first_seq <= m.last_seq && m.first_seq <= e.last_seq;
+                        let inside = m.first_seq <= e.first_seq && e.last_seq <= m.last_seq;
+                        e.partition == m.partition
+                            && month_of(e) == m.file.value
+                            && overlaps
+                            && !inside
+                    })
+                })
+                .collect();
+        }
         let have: HashSet<String> = self
             .snapshot_files(&self.tables.meter_rollups, None)?
             .into_iter()
             .map(|m| m.file.path)
             .collect();
         let mut sources = MeterSources::default();
-        for e in events {
-            if let Some((from, to)) = days
-                && !e
-                    .file
-                    .value
-                    .parse::<chrono::NaiveDate>()
-                    .is_ok_and(|d| (from..=to).contains(&d))
-            {
+        let mut used = HashSet::new();
+        for e in &events {
+            let month = months.iter().position(|m| {
+                m.partition == e.partition
+                    && m.file.value == month_of(e)
+                    && m.first_seq <= e.first_seq
+                    && e.last_seq <= m.last_seq
+            });
+            if let Some(at) = month {
+                if used.insert(at) {
+                    sources.monthly.push(months[at].key.clone());
+                }
                 continue;
             }
             let rollup = rollup_path(&e.file.path, key);
@@ -611,7 +812,7 @@ impl crate::Lake {
                     .rollups
                     .push(format!("{METER_ROLLUPS_TABLE}/{rollup}"));
             } else {
-                sources.events.push(e.key);
+                sources.events.push(e.key.clone());
             }
         }
         Ok(sources)

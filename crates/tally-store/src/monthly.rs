@@ -37,7 +37,7 @@ use arrow::datatypes::{
     UInt64Type,
 };
 use chrono::{DateTime, Datelike, NaiveDate};
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::Fence;
@@ -514,30 +514,133 @@ impl Lake {
             if now.duration_since(end).map_or(true, |d| d < closed_after) {
                 continue;
             }
-            let current = self.month_files(&self.tables.monthly, month, Some(partition))?;
-            let all_covered = files.iter().all(|f| {
-                current
-                    .iter()
+            written += self.compact_month(partition, month, &files, fence, now)?;
+            written += self.compact_meter_month(partition, month, &files, fence, now)?;
+        }
+        Ok(written)
+    }
+
+    /// Writes the monthly rollup of a closed month of a partition from the hourly rollups
+    /// of its events `files`, unless its monthly file covers them all. Returns the files
+    /// written (0 or 1).
+    fn compact_month(
+        &self,
+        partition: u16,
+        month: Month,
+        files: &[PartitionFile],
+        fence: &Fence,
+        now: SystemTime,
+    ) -> Result<usize> {
+        let current = self.month_files(&self.tables.monthly, month, Some(partition))?;
+        let all_covered = files.iter().all(|f| {
+            current
+                .iter()
+                .any(|m| m.first_seq <= f.first_seq && f.last_seq <= m.last_seq)
+        });
+        if all_covered {
+            // Monthly files written before billing lines existed get theirs.
+            for m in &current {
+                self.backfill_lines(partition, month, m, fence, now)?;
+            }
+            return Ok(0);
+        }
+        let mut summer = Summer::default();
+        for f in files {
+            let rollup = format!("{}/{}", crate::ROLLUPS_TABLE, f.file.path);
+            for batch in ParquetRecordBatchReaderBuilder::try_new(self.fetch(&rollup)?)?.build()? {
+                summer.add(&batch?)?;
+            }
+        }
+        let rows = summer.finish()?;
+        let lines = crate::lines::lines_of(&rows)?;
+        let meta = FileMeta {
+            partition,
+            first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
+            last_seq: files.iter().map(|f| f.last_seq).max().unwrap_or(0),
+            files: 1,
+            compacted: Some(files.len()),
+        };
+        let name = crate::file_name(
+            partition,
+            meta.first_seq,
+            meta.last_seq,
+            &crate::file_token(),
+        );
+        // The lines first: a monthly file in the table has its lines in theirs.
+        let replaced = self.month_files(&self.tables.billing, month, Some(partition))?;
+        self.replace_month(
+            &self.tables.billing,
+            month,
+            &name,
+            &meta,
+            &lines,
+            &replaced,
+            fence,
+            now,
+        )?;
+        self.replace_month(
+            &self.tables.monthly,
+            month,
+            &name,
+            &meta,
+            &rows,
+            &current,
+            fence,
+            now,
+        )?;
+        Ok(1)
+    }
+
+    /// Writes the closed month of each live meter of a partition
+    /// ([`crate::meter_rollup::METER_MONTHLY_TABLE`]: a row per customer × UTC day ×
+    /// group) from the meter's rollups of the month's events `files`, unless the meter's
+    /// file of the month covers them all, or one of them lacks its rollup (written by the
+    /// next compaction's backfill). Returns the files written.
+    fn compact_meter_month(
+        &self,
+        partition: u16,
+        month: Month,
+        files: &[PartitionFile],
+        fence: &Fence,
+        now: SystemTime,
+    ) -> Result<usize> {
+        use crate::meter_rollup::{METER_ROLLUPS_TABLE, days_of, key_of, rollup_path};
+        let meters = self.live_meters();
+        if meters.is_empty() {
+            return Ok(0);
+        }
+        let have: HashSet<String> = self
+            .snapshot_files(&self.tables.meter_rollups, Some(partition))?
+            .into_iter()
+            .map(|m| m.file.path)
+            .collect();
+        let current = self.month_files(&self.tables.meter_monthly, month, Some(partition))?;
+        let mut written = 0;
+        for meter in meters.iter() {
+            let mine: Vec<PartitionFile> = current
+                .iter()
+                .filter(|m| key_of(&m.file.path) == Some(meter.key()))
+                .cloned()
+                .collect();
+            let covered = files.iter().all(|f| {
+                mine.iter()
                     .any(|m| m.first_seq <= f.first_seq && f.last_seq <= m.last_seq)
             });
-            if all_covered {
-                // Monthly files written before billing lines existed get theirs.
-                for m in &current {
-                    self.backfill_lines(partition, month, m, fence, now)?;
-                }
+            let hourly: Vec<String> = files
+                .iter()
+                .map(|f| rollup_path(&f.file.path, meter.key()))
+                .collect();
+            if covered || !hourly.iter().all(|h| have.contains(h)) {
                 continue;
             }
-            let mut summer = Summer::default();
-            for f in &files {
-                let rollup = format!("{}/{}", crate::ROLLUPS_TABLE, f.file.path);
-                for batch in
-                    ParquetRecordBatchReaderBuilder::try_new(self.fetch(&rollup)?)?.build()?
-                {
-                    summer.add(&batch?)?;
+            let mut rollups = Vec::new();
+            for h in &hourly {
+                let key = format!("{METER_ROLLUPS_TABLE}/{h}");
+                for batch in ParquetRecordBatchReaderBuilder::try_new(self.fetch(&key)?)?.build()? {
+                    rollups.push(batch?);
                 }
             }
-            let rows = summer.finish()?;
-            let lines = crate::lines::lines_of(&rows)?;
+            let rows = days_of(&rollups, meter, partition)?;
             let meta = FileMeta {
                 partition,
                 first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
@@ -545,31 +648,22 @@ impl Lake {
                 files: 1,
                 compacted: Some(files.len()),
             };
-            let name = crate::file_name(
-                partition,
-                meta.first_seq,
-                meta.last_seq,
-                &crate::file_token(),
+            let name = rollup_path(
+                &crate::file_name(
+                    partition,
+                    meta.first_seq,
+                    meta.last_seq,
+                    &crate::file_token(),
+                ),
+                meter.key(),
             );
-            // The lines first: a monthly file in the table has its lines in theirs.
-            let replaced = self.month_files(&self.tables.billing, month, Some(partition))?;
             self.replace_month(
-                &self.tables.billing,
-                month,
-                &name,
-                &meta,
-                &lines,
-                &replaced,
-                fence,
-                now,
-            )?;
-            self.replace_month(
-                &self.tables.monthly,
+                &self.tables.meter_monthly,
                 month,
                 &name,
                 &meta,
                 &rows,
-                &current,
+                &mine,
                 fence,
                 now,
             )?;

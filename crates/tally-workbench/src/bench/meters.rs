@@ -63,6 +63,9 @@ pub struct MetersReport {
     pub events_files: u64,
     pub meter_rollup_bytes: u64,
     pub meter_rollup_files: u64,
+    /// The closed months' files (a row per customer × UTC day × group), all meters'.
+    pub meter_monthly_bytes: u64,
+    pub meter_monthly_files: u64,
     /// Rows of the answer: customers × days with prompts.
     pub rows: usize,
     pub rollups_s: f64,
@@ -111,8 +114,9 @@ pub async fn run(args: MetersBench) -> anyhow::Result<std::process::ExitCode> {
     let today = Utc::now().date_naive();
     let this_month = NaiveDate::from_ymd_opt(today.year(), today.month(), 1).unwrap_or(today);
     let month = Period::of(this_month - chrono::Days::new(1));
+    // Version 2: the closed month's meter days (a lake of version 1 lacks them).
     let spec = Generated {
-        version: 1,
+        version: 2,
         events: args.events,
         customers: args.customers,
         features: 1,
@@ -158,6 +162,12 @@ pub async fn run(args: MetersBench) -> anyhow::Result<std::process::ExitCode> {
     let (lake_bytes, events_files) = disk(&lake_dir.join(tally_core::schema::EVENTS_TABLE))?;
     let (meter_rollup_bytes, meter_rollup_files) =
         disk(&lake_dir.join(tally_store::METER_ROLLUPS_TABLE))?;
+    let monthly = lake_dir.join(tally_store::METER_MONTHLY_TABLE);
+    let (meter_monthly_bytes, meter_monthly_files) = if monthly.exists() {
+        disk(&monthly)?
+    } else {
+        (0, 0)
+    };
     let report = MetersReport {
         events: args.events,
         customers: args.customers,
@@ -169,6 +179,8 @@ pub async fn run(args: MetersBench) -> anyhow::Result<std::process::ExitCode> {
         events_files,
         meter_rollup_bytes,
         meter_rollup_files,
+        meter_monthly_bytes,
+        meter_monthly_files,
         rows: from_rollups.len(),
         rollups_s,
         raw_s,
@@ -177,7 +189,7 @@ pub async fn run(args: MetersBench) -> anyhow::Result<std::process::ExitCode> {
     };
     if args.format == BenchFormat::Table {
         println!(
-            "{} prompts, {} customers, month {} ({} events files, {:.1} GiB; meter rollups {} files, {:.1} MiB){}",
+            "{} prompts, {} customers, month {} ({} events files, {:.1} GiB; meter rollups {} files, {:.1} MiB; closed months {} files, {:.1} MiB){}",
             report.events,
             report.customers,
             report.month,
@@ -185,6 +197,8 @@ pub async fn run(args: MetersBench) -> anyhow::Result<std::process::ExitCode> {
             report.lake_bytes as f64 / (1u64 << 30) as f64,
             report.meter_rollup_files,
             report.meter_rollup_bytes as f64 / (1u64 << 20) as f64,
+            report.meter_monthly_files,
+            report.meter_monthly_bytes as f64 / (1u64 << 20) as f64,
             if reused { ", reused" } else { "" }
         );
         if let (Some(g), Some(c)) = (generate_s, compact_s) {
