@@ -264,7 +264,8 @@ enum Source {
 }
 
 /// The live meters of one event type, and the distinct paths they read: a row's `data` is
-/// read once, in one pass, for all of them.
+/// read once, in one pass, for all of them, each distinct path's number is read once,
+/// and meters that group by the same paths find a row's group once.
 struct TypePlan<'m> {
     /// The meters, as indexes into the meters given.
     meters: Vec<usize>,
@@ -272,10 +273,13 @@ struct TypePlan<'m> {
     data_paths: Vec<&'m JsonPath>,
     /// Every distinct path the type's meters read, and where it is read.
     sources: Vec<(&'m JsonPath, Source)>,
-    /// Per meter of `meters`: the index in `sources` of its value (`None`: `COUNT`) and of
-    /// each of its group-bys.
+    /// Per meter of `meters`: the index in `sources` of its value (`None`: `COUNT`), and
+    /// the index in `group_sets` of its group-bys.
     value: Vec<Option<usize>>,
-    groups: Vec<Vec<usize>>,
+    set: Vec<usize>,
+    /// The distinct lists of group-bys (as indexes in `sources`), and the groups of each.
+    group_sets: Vec<Vec<usize>>,
+    keys: Vec<Keys>,
 }
 
 impl<'m> TypePlan<'m> {
@@ -285,16 +289,28 @@ impl<'m> TypePlan<'m> {
             data_paths: Vec::new(),
             sources: Vec::new(),
             value: Vec::new(),
-            groups: Vec::new(),
+            set: Vec::new(),
+            group_sets: Vec::new(),
+            keys: Vec::new(),
         }
     }
 
-    fn add(&mut self, m: usize, meter: &'m LiveMeter) {
+    /// Adds meter `m`; returns the index of its group-bys' set.
+    fn add(&mut self, m: usize, meter: &'m LiveMeter) -> usize {
         self.meters.push(m);
         let value = meter.value.as_ref().map(|p| self.source(p));
         self.value.push(value);
-        let groups = meter.groups.iter().map(|p| self.source(p)).collect();
-        self.groups.push(groups);
+        let groups: Vec<usize> = meter.groups.iter().map(|p| self.source(p)).collect();
+        let set = match self.group_sets.iter().position(|g| *g == groups) {
+            Some(set) => set,
+            None => {
+                self.group_sets.push(groups);
+                self.keys.push(Keys::default());
+                self.group_sets.len() - 1
+            }
+        };
+        self.set.push(set);
+        set
     }
 
     fn source(&mut self, path: &'m JsonPath) -> usize {
@@ -344,11 +360,17 @@ impl<'r> RowTexts<'r, '_> {
     }
 }
 
+/// A group: a customer, the start of a span (an hour, or a day) and group values.
 #[derive(Debug)]
-struct Acc {
+struct Key {
     customer: u32,
     hour: i64,
     groups: Vec<Option<String>>,
+}
+
+/// A meter's reading of one group.
+#[derive(Debug)]
+struct Totals {
     events: u64,
     sum: f64,
     min: f64,
@@ -360,72 +382,112 @@ struct Acc {
     last: i64,
 }
 
-/// A meter's groups so far, found by (customer, hour, group values) without building a
-/// key for each row.
-#[derive(Default)]
-struct Groups {
-    index: HashTable<usize>,
-    list: Vec<Acc>,
+impl Totals {
+    fn new() -> Self {
+        Totals {
+            events: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            latest: (i64::MIN, i64::MIN, 0, 0.0),
+            values: HashSet::new(),
+            first: i64::MAX,
+            last: i64::MIN,
+        }
+    }
+
+    /// One value read at event time `t`, ingest time `ingest`, stream sequence `seq`.
+    fn add(&mut self, read: Read<'_>, t: i64, ingest: i64, seq: u64) {
+        self.events += 1;
+        self.first = self.first.min(t);
+        self.last = self.last.max(t);
+        match read {
+            Read::Number(n) => {
+                self.sum += n;
+                self.min = self.min.min(n);
+                self.max = self.max.max(n);
+                if (t, ingest, seq) >= (self.latest.0, self.latest.1, self.latest.2) {
+                    self.latest = (t, ingest, seq, n);
+                }
+            }
+            Read::Text(text) => {
+                if !self.values.contains(text) {
+                    self.values.insert(text.to_owned());
+                }
+            }
+        }
+    }
 }
 
-impl Groups {
-    /// The group of `customer`, the span starting at `hour` and the group values `groups`
-    /// yields, added empty when new.
-    fn entry<'g, I>(&mut self, customer: u32, hour: i64, groups: impl Fn() -> I) -> &mut Acc
+/// The groups seen so far, each found by (customer, span, group values) without building
+/// a key for each row; meters keep their [`Totals`] by a group's index here.
+#[derive(Default)]
+struct Keys {
+    index: HashTable<u32>,
+    list: Vec<Key>,
+}
+
+impl Keys {
+    /// The index of the group of `customer`, the span starting at `hour` and the group
+    /// values `groups` yields, added when new.
+    fn id<'g, I>(&mut self, customer: u32, hour: i64, groups: impl Fn() -> I) -> usize
     where
         I: Iterator<Item = Option<&'g str>>,
     {
-        let Groups { index, list } = self;
+        let Keys { index, list } = self;
         let hash = group_hash(customer, hour, groups());
         let found = index
             .find(hash, |&at| {
-                let acc = &list[at];
-                acc.customer == customer && acc.hour == hour && same_groups(&acc.groups, groups())
+                let key = &list[at as usize];
+                key.customer == customer && key.hour == hour && same_groups(&key.groups, groups())
             })
             .copied();
-        let at = match found {
-            Some(at) => at,
-            None => {
-                list.push(Acc {
-                    customer,
-                    hour,
-                    groups: groups().map(|g| g.map(str::to_owned)).collect(),
-                    events: 0,
-                    sum: 0.0,
-                    min: f64::INFINITY,
-                    max: f64::NEG_INFINITY,
-                    latest: (i64::MIN, i64::MIN, 0, 0.0),
-                    values: HashSet::new(),
-                    first: i64::MAX,
-                    last: i64::MIN,
-                });
-                let at = list.len() - 1;
-                index.insert_unique(hash, at, |&at| {
-                    let acc = &list[at];
-                    group_hash(
-                        acc.customer,
-                        acc.hour,
-                        acc.groups.iter().map(Option::as_deref),
-                    )
-                });
-                at
-            }
-        };
-        &mut list[at]
+        if let Some(at) = found {
+            return at as usize;
+        }
+        list.push(Key {
+            customer,
+            hour,
+            groups: groups().map(|g| g.map(str::to_owned)).collect(),
+        });
+        let at = list.len() - 1;
+        index.insert_unique(hash, at as u32, |&at| {
+            let key = &list[at as usize];
+            group_hash(
+                key.customer,
+                key.hour,
+                key.groups.iter().map(Option::as_deref),
+            )
+        });
+        at
     }
 
-    /// The groups sorted by customer, span and group values.
-    fn sorted(self, customers: &[&str]) -> Vec<Acc> {
-        let mut list = self.list;
-        list.sort_unstable_by(|a, b| {
+    /// The groups a meter read events of, with its totals, sorted by customer, span and
+    /// group values.
+    fn rows<'k>(&'k self, totals: &'k [Totals], customers: &[&str]) -> Vec<(&'k Key, &'k Totals)> {
+        let mut rows: Vec<_> = self
+            .list
+            .iter()
+            .zip(totals)
+            .filter(|(_, t)| t.events > 0)
+            .collect();
+        rows.sort_unstable_by(|(a, _), (b, _)| {
             (customers[a.customer as usize], a.hour, &a.groups).cmp(&(
                 customers[b.customer as usize],
                 b.hour,
                 &b.groups,
             ))
         });
-        list
+        rows
     }
+}
+
+/// The totals of group `id` among a meter's, added when new.
+fn totals_of(totals: &mut Vec<Totals>, id: usize) -> &mut Totals {
+    if totals.len() <= id {
+        totals.resize_with(id + 1, Totals::new);
+    }
+    &mut totals[id]
 }
 
 /// Whether a group's stored values are the values `groups` yields.
@@ -457,11 +519,14 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
     let columns = Columns::of(rows)?;
     let metered: Vec<&str> = METERED.iter().map(|d| d.as_str()).collect();
     let mut by_type: HashMap<&str, TypePlan<'_>> = HashMap::new();
+    // Per meter: its type and its group-bys' set there.
+    let mut placed: Vec<(&str, usize)> = Vec::with_capacity(meters.len());
     for (m, meter) in meters.iter().enumerate() {
-        by_type
+        let set = by_type
             .entry(meter.event_type.as_str())
             .or_insert_with(TypePlan::new)
             .add(m, meter);
+        placed.push((meter.event_type.as_str(), set));
     }
     let quantity_text = by_type
         .values()
@@ -473,12 +538,15 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
         })
         .transpose()?;
     let quantity_text = quantity_text.as_ref().map(|t| t.as_string::<i32>());
-    let mut accs: Vec<Groups> = meters.iter().map(|_| Groups::default()).collect();
+    let mut totals: Vec<Vec<Totals>> = meters.iter().map(|_| Vec::new()).collect();
     let mut customers: Vec<&str> = Vec::new();
     let mut customer_ids: HashMap<&str, u32> = HashMap::new();
     let mut data: Vec<Option<String>> = Vec::new();
+    // Per row: each source's number once read, each group set's group once found.
+    let mut numbers: Vec<Option<Option<f64>>> = Vec::new();
+    let mut ids: Vec<Option<usize>> = Vec::new();
     for i in 0..rows.num_rows() {
-        let Some(plan) = by_type.get(columns.event_type.value(i)) else {
+        let Some(plan) = by_type.get_mut(columns.event_type.value(i)) else {
             continue;
         };
         if !metered.contains(&columns.decision.value(i)) {
@@ -502,53 +570,139 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
             data: &data,
             row: i,
         };
-        let source = |at: usize| plan.sources[at].1;
-        for (k, &m) in plan.meters.iter().enumerate() {
-            let read = match (plan.value[k], meters[m].numeric) {
+        let TypePlan {
+            meters: of_type,
+            sources,
+            value,
+            set,
+            group_sets,
+            keys,
+            ..
+        } = plan;
+        let source = |at: usize| sources[at].1;
+        numbers.clear();
+        numbers.resize(sources.len(), None);
+        ids.clear();
+        ids.resize(group_sets.len(), None);
+        for (k, &m) in of_type.iter().enumerate() {
+            let read = match (value[k], meters[m].numeric) {
                 (None, _) => Read::Number(1.0),
-                (Some(at), true) => match texts.number(source(at)) {
-                    Some(n) => Read::Number(n),
-                    None => continue,
-                },
+                (Some(at), true) => {
+                    match *numbers[at].get_or_insert_with(|| texts.number(source(at))) {
+                        Some(n) => Read::Number(n),
+                        None => continue,
+                    }
+                }
                 (Some(at), false) => match texts.text(source(at)) {
                     Some(text) => Read::Text(text),
                     None => continue,
                 },
             };
-            let groups = || plan.groups[k].iter().map(|&at| texts.text(source(at)));
-            let acc = accs[m].entry(c, hour, groups);
-            acc.events += 1;
-            acc.first = acc.first.min(t);
-            acc.last = acc.last.max(t);
-            match read {
-                Read::Number(n) => {
-                    acc.sum += n;
-                    acc.min = acc.min.min(n);
-                    acc.max = acc.max.max(n);
-                    if (t, ingest, seq) >= (acc.latest.0, acc.latest.1, acc.latest.2) {
-                        acc.latest = (t, ingest, seq, n);
-                    }
-                }
-                Read::Text(text) => {
-                    if !acc.values.contains(text) {
-                        acc.values.insert(text.to_owned());
-                    }
-                }
-            }
+            let g = set[k];
+            let id = *ids[g].get_or_insert_with(|| {
+                keys[g].id(c, hour, || {
+                    group_sets[g].iter().map(|&at| texts.text(source(at)))
+                })
+            });
+            totals_of(&mut totals[m], id).add(read, t, ingest, seq);
         }
     }
     meters
         .iter()
-        .zip(accs)
-        .map(|(meter, groups)| {
-            batch(
-                &groups.sorted(&customers),
-                &customers,
-                meter.numbers(),
-                columns.partition,
-            )
+        .zip(&placed)
+        .zip(&totals)
+        .map(|((meter, &(event_type, set)), totals)| {
+            let rows = match by_type.get(event_type) {
+                Some(plan) => plan.keys[set].rows(totals, &customers),
+                None => Vec::new(),
+            };
+            batch(&rows, &customers, meter.numbers(), columns.partition)
         })
         .collect()
+}
+
+/// What a meter read of one event.
+enum Read<'r> {
+    Number(f64),
+    Text(&'r str),
+}
+
+/// The rows of `list`; `numbers`: whether they hold the values' sum, least, greatest and
+/// latest (null for a meter of texts).
+fn batch(
+    list: &[(&Key, &Totals)],
+    customers: &[&str],
+    numbers: bool,
+    partition: u16,
+) -> Result<RecordBatch> {
+    let time = |values: Vec<i64>| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+    };
+    let maybe_time = |values: Vec<Option<i64>>| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+    };
+    let number = |f: fn(&Totals) -> f64| -> ArrayRef {
+        let mut b = Float64Builder::with_capacity(list.len());
+        for (_, a) in list {
+            b.append_option(numbers.then(|| f(a)));
+        }
+        Arc::new(b.finish())
+    };
+    let mut groups = ListBuilder::new(StringBuilder::new()).with_field(GROUP_ITEM.clone());
+    for (k, _) in list {
+        for g in &k.groups {
+            groups.values().append_option(g.as_deref());
+        }
+        groups.append(true);
+    }
+    let mut sorted: Vec<&str> = Vec::new();
+    let mut lengths = Vec::with_capacity(list.len());
+    for (_, a) in list {
+        let start = sorted.len();
+        sorted.extend(a.values.iter().map(String::as_str));
+        sorted[start..].sort_unstable();
+        lengths.push(a.values.len());
+    }
+    let values = ListArray::try_new(
+        VALUE_ITEM.clone(),
+        OffsetBuffer::from_lengths(lengths),
+        Arc::new(StringArray::from_iter_values(sorted)),
+        None,
+    )?;
+    let mut seqs = UInt64Builder::with_capacity(list.len());
+    for (_, a) in list {
+        seqs.append_option(numbers.then_some(a.latest.2));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            list.iter().map(|(k, _)| customers[k.customer as usize]),
+        )),
+        time(list.iter().map(|(k, _)| k.hour).collect()),
+        Arc::new(groups.finish()),
+        Arc::new(UInt64Array::from_iter_values(
+            list.iter().map(|(_, a)| a.events),
+        )),
+        number(|a| a.sum),
+        number(|a| a.min),
+        number(|a| a.max),
+        number(|a| a.latest.3),
+        maybe_time(
+            list.iter()
+                .map(|(_, a)| numbers.then_some(a.latest.0))
+                .collect(),
+        ),
+        maybe_time(
+            list.iter()
+                .map(|(_, a)| numbers.then_some(a.latest.1))
+                .collect(),
+        ),
+        Arc::new(seqs.finish()),
+        Arc::new(values),
+        time(list.iter().map(|(_, a)| a.first).collect()),
+        time(list.iter().map(|(_, a)| a.last).collect()),
+        Arc::new(UInt16Array::from_value(partition, list.len())),
+    ];
+    Ok(RecordBatch::try_new(meter_rollup_schema(), columns)?)
 }
 
 /// A meter's rollup rows (of one partition) summed per customer × UTC day × group: a row
@@ -557,7 +711,8 @@ pub fn meter_rollups(rows: &RecordBatch, meters: &[LiveMeter]) -> Result<Vec<Rec
 pub fn days_of(rollups: &[RecordBatch], meter: &LiveMeter, partition: u16) -> Result<RecordBatch> {
     let mut names: Vec<Box<str>> = Vec::new();
     let mut ids: HashMap<Box<str>, u32> = HashMap::new();
-    let mut days = Groups::default();
+    let mut days = Keys::default();
+    let mut totals: Vec<Totals> = Vec::new();
     for rows in rollups {
         let column = |name: &'static str| rows.column_by_name(name).ok_or(Error::Schema(name));
         let strings = |name: &'static str| {
@@ -616,9 +771,10 @@ pub fn days_of(rollups: &[RecordBatch], meter: &LiveMeter, partition: u16) -> Re
             };
             let day = hour[i] - hour[i].rem_euclid(MICROS_PER_DAY);
             let (from, to) = (group_offsets[i] as usize, group_offsets[i + 1] as usize);
-            let acc = days.entry(c, day, || {
+            let id = days.id(c, day, || {
                 (from..to).map(|j| group_values.is_valid(j).then(|| group_values.value(j)))
             });
+            let acc = totals_of(&mut totals, id);
             acc.events += events[i];
             acc.first = acc.first.min(first[i]);
             acc.last = acc.last.max(last[i]);
@@ -645,80 +801,11 @@ pub fn days_of(rollups: &[RecordBatch], meter: &LiveMeter, partition: u16) -> Re
     }
     let customers: Vec<&str> = names.iter().map(|n| &**n).collect();
     batch(
-        &days.sorted(&customers),
+        &days.rows(&totals, &customers),
         &customers,
         meter.numbers(),
         partition,
     )
-}
-
-/// What a meter read of one event.
-enum Read<'r> {
-    Number(f64),
-    Text(&'r str),
-}
-
-/// The rows of `list`; `numbers`: whether they hold the values' sum, least, greatest and
-/// latest (null for a meter of texts).
-fn batch(list: &[Acc], customers: &[&str], numbers: bool, partition: u16) -> Result<RecordBatch> {
-    let time = |values: Vec<i64>| -> ArrayRef {
-        Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
-    };
-    let maybe_time = |values: Vec<Option<i64>>| -> ArrayRef {
-        Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
-    };
-    let number = |f: fn(&Acc) -> f64| -> ArrayRef {
-        let mut b = Float64Builder::with_capacity(list.len());
-        for a in list {
-            b.append_option(numbers.then(|| f(a)));
-        }
-        Arc::new(b.finish())
-    };
-    let mut groups = ListBuilder::new(StringBuilder::new()).with_field(GROUP_ITEM.clone());
-    for a in list {
-        for g in &a.groups {
-            groups.values().append_option(g.as_deref());
-        }
-        groups.append(true);
-    }
-    let mut sorted: Vec<&str> = Vec::new();
-    let mut lengths = Vec::with_capacity(list.len());
-    for a in list {
-        let start = sorted.len();
-        sorted.extend(a.values.iter().map(String::as_str));
-        sorted[start..].sort_unstable();
-        lengths.push(a.values.len());
-    }
-    let values = ListArray::try_new(
-        VALUE_ITEM.clone(),
-        OffsetBuffer::from_lengths(lengths),
-        Arc::new(StringArray::from_iter_values(sorted)),
-        None,
-    )?;
-    let mut seqs = UInt64Builder::with_capacity(list.len());
-    for a in list {
-        seqs.append_option(numbers.then_some(a.latest.2));
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(
-            list.iter().map(|a| customers[a.customer as usize]),
-        )),
-        time(list.iter().map(|a| a.hour).collect()),
-        Arc::new(groups.finish()),
-        Arc::new(UInt64Array::from_iter_values(list.iter().map(|a| a.events))),
-        number(|a| a.sum),
-        number(|a| a.min),
-        number(|a| a.max),
-        number(|a| a.latest.3),
-        maybe_time(list.iter().map(|a| numbers.then_some(a.latest.0)).collect()),
-        maybe_time(list.iter().map(|a| numbers.then_some(a.latest.1)).collect()),
-        Arc::new(seqs.finish()),
-        Arc::new(values),
-        time(list.iter().map(|a| a.first).collect()),
-        time(list.iter().map(|a| a.last).collect()),
-        Arc::new(UInt16Array::from_value(partition, list.len())),
-    ];
-    Ok(RecordBatch::try_new(meter_rollup_schema(), columns)?)
 }
 
 /// What a meter query reads (keys relative to the lake): the meter's closed months where
