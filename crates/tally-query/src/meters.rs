@@ -170,27 +170,66 @@ impl ScalarUDFImpl for MeterWindow {
         let times = cast(&times, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
         let times = times.as_primitive::<TimestampMicrosecondType>();
         let mut out = TimestampMicrosecondBuilder::with_capacity(times.len());
-        // Consecutive rows often share a window: the last one found is tried first.
-        let mut last: Option<(i64, i64)> = None;
+        let mut windows = Windows::new(size, tz);
         for t in times.iter() {
-            let Some(t) = t else {
-                out.append_null();
-                continue;
-            };
-            if let Some((start, end)) = last
-                && (start..end).contains(&t)
-            {
-                out.append_value(start);
-                continue;
+            match t {
+                Some(t) => out.append_value(windows.start(t)),
+                None => out.append_null(),
             }
-            let at = Utc.timestamp_micros(t).single().unwrap_or_default();
-            let start = size.start(at, tz);
-            let end = size.end(start, tz);
-            last = Some((start.timestamp_micros(), end.timestamp_micros()));
-            out.append_value(start.timestamp_micros());
         }
         let out: TimestampMicrosecondArray = out.finish().with_timezone("UTC");
         Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
+/// The windows of one size and zone found so far, so that each is worked out once per
+/// batch whatever the order of the times (a rollup's rows run through a month's days
+/// once per customer). Minutes, hours and days of UTC need no calendar.
+struct Windows {
+    size: WindowSize,
+    tz: Tz,
+    /// Fixed length, where the zone is UTC and the size is not a month.
+    fixed: Option<i64>,
+    /// Window start → its end, in microseconds.
+    found: BTreeMap<i64, i64>,
+}
+
+impl Windows {
+    fn new(size: WindowSize, tz: Tz) -> Self {
+        let fixed = match size {
+            _ if tz != Tz::UTC => None,
+            WindowSize::Minute => Some(60_000_000),
+            WindowSize::Hour => Some(MICROS_PER_HOUR),
+            WindowSize::Day => Some(MICROS_PER_DAY),
+            WindowSize::Month => None,
+        };
+        Windows {
+            size,
+            tz,
+            fixed,
+            found: BTreeMap::new(),
+        }
+    }
+
+    /// The start of the window holding `t` (microseconds since the epoch).
+    fn start(&mut self, t: i64) -> i64 {
+        if let Some(length) = self.fixed {
+            return t - t.rem_euclid(length);
+        }
+        if let Some((&start, &end)) = self.found.range(..=t).next_back()
+            && t < end
+        {
+            return start;
+        }
+        let at = Utc.timestamp_micros(t).single().unwrap_or_default();
+        let start = self.size.start(at, self.tz);
+        let end = self.size.end(start, self.tz);
+        let (start, end) = (start.timestamp_micros(), end.timestamp_micros());
+        // A window that does not hold `t` (a time past the calendar's range) is not kept.
+        if (start..end).contains(&t) {
+            self.found.insert(start, end);
+        }
+        start
     }
 }
 
@@ -674,12 +713,16 @@ pub async fn meter_query_from_rollups(
             rollup_group(name).in_list(values.iter().map(|v| lit(v.as_str())).collect(), false),
         );
     }
-    let last_micro = |span: i64| lit(ScalarValue::new_interval_mdn(0, 0, (span - 1) * 1000));
+    // The last microsecond of a span starting at `start`, in integers (an interval's
+    // addition goes through the calendar for each row).
+    let span_last = |start: Expr, span: i64| {
+        cast_expr(cast_expr(start, DataType::Int64) + lit(span - 1), time())
+    };
     let mut partial: Option<DataFrame> = None;
     for RollupRows { rows, span_micros } in rollups {
         let mut from_rollups = vec![
             col(m::HOUR),
-            col(m::HOUR) + last_micro(span_micros),
+            span_last(col(m::HOUR), span_micros),
             col(m::CUSTOMER),
         ];
         from_rollups.extend(named.iter().map(|n| rollup_group(n)));
@@ -701,7 +744,7 @@ pub async fn meter_query_from_rollups(
     let hour = || window_of(col(schema::EVENT_TIME), WindowSize::Hour, Tz::UTC);
     let mut groups = vec![
         hour().alias(m::HOUR),
-        (hour() + last_micro(MICROS_PER_HOUR)).alias(SPAN_LAST),
+        span_last(hour(), MICROS_PER_HOUR).alias(SPAN_LAST),
         col(schema::CUSTOMER).alias(m::CUSTOMER),
     ];
     groups.extend(
@@ -884,7 +927,8 @@ fn answer(
             });
         }
     }
-    rows.sort_by(|a, b| {
+    // Each row's window, customer and groups are its own: an unstable sort is as exact.
+    rows.sort_unstable_by(|a, b| {
         (a.window_start, &a.customer, &a.group_by).cmp(&(b.window_start, &b.customer, &b.group_by))
     });
     Ok(rows)
