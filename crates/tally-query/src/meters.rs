@@ -19,7 +19,7 @@
 //! property is missing or not a number are left out of numeric aggregations, as
 //! OpenMeter leaves them out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Offset, TimeZone, Utc};
@@ -856,6 +856,8 @@ fn answer(
     named: &[&String],
 ) -> Result<Vec<MeterRow>> {
     let mut rows = Vec::new();
+    // Each window's end, worked out once.
+    let mut ends: HashMap<DateTime<Utc>, DateTime<Utc>> = HashMap::new();
     for batch in batches {
         let value = cast(
             batch.column_by_name("value").expect("value"),
@@ -898,7 +900,10 @@ fn answer(
             let (window_start, window_end) = match (query.window, &window) {
                 (Some(size), Some(w)) => {
                     let s = at(w);
-                    (s, size.end(s, query.time_zone))
+                    let end = *ends
+                        .entry(s)
+                        .or_insert_with(|| size.end(s, query.time_zone));
+                    (s, end)
                 }
                 // One window over the range: the query's bounds, or the minutes that hold
                 // the first and the last event, as OpenMeter answers.
@@ -927,11 +932,39 @@ fn answer(
             });
         }
     }
+    Ok(sorted(rows))
+}
+
+/// The rows by window, customer and groups. The customers are ranked once, so that most
+/// comparisons are of integers (an answer has a row per customer and day of a month).
+fn sorted(rows: Vec<MeterRow>) -> Vec<MeterRow> {
+    let mut customers: Vec<&str> = rows.iter().filter_map(|r| r.customer.as_deref()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    let rank: HashMap<&str, usize> = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (*c, i + 1))
+        .collect();
+    let mut order: Vec<(DateTime<Utc>, usize, usize)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let customer = r.customer.as_deref().map_or(0, |c| rank[c]);
+            (r.window_start, customer, i)
+        })
+        .collect();
     // Each row's window, customer and groups are its own: an unstable sort is as exact.
-    rows.sort_unstable_by(|a, b| {
-        (a.window_start, &a.customer, &a.group_by).cmp(&(b.window_start, &b.customer, &b.group_by))
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then_with(|| rows[a.2].group_by.cmp(&rows[b.2].group_by))
     });
-    Ok(rows)
+    let mut rows: Vec<Option<MeterRow>> = rows.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|(_, _, i)| rows[i].take())
+        .collect()
 }
 
 fn arrow_error(e: ArrowError) -> crate::Error {

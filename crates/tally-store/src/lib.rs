@@ -148,6 +148,11 @@ pub struct Lake {
     /// For the monthly rollups: row groups small enough that a query of some decisions
     /// skips the others' by their statistics (the rows are sorted by decision).
     monthly_props: WriterProperties,
+    /// For the meter rollups: LZ4, whose codec costs nothing to set up. A zstd codec makes
+    /// a compression and a decompression context per column, and a flush writes fifteen
+    /// columns per live meter: with five meters, setting them up cost more than rolling
+    /// the meters up.
+    meter_props: WriterProperties,
     /// The meters whose rollups each flush and compaction write ([`Lake::set_meters`]).
     meters: Arc<std::sync::RwLock<Arc<[LiveMeter]>>>,
 }
@@ -252,6 +257,7 @@ impl Lake {
             monthly_props: props()
                 .set_max_row_group_row_count(Some(MONTHLY_ROW_GROUP_ROWS))
                 .build(),
+            meter_props: props().set_compression(Compression::LZ4_RAW).build(),
             meters: Arc::new(std::sync::RwLock::new(Arc::from([]))),
         })
     }
@@ -369,7 +375,7 @@ impl Lake {
                     path: meter_rollup::rollup_path(path, meter.key()),
                     value: date.to_owned(),
                     stats: stats(&summary),
-                    bytes: encode(&self.props, meta, &summary)?,
+                    bytes: encode(&self.meter_props, meta, &summary)?,
                 })
             })
             .collect()
