@@ -1177,7 +1177,7 @@ pub async fn list_events(ctx: &SessionContext, filter: &EventFilter) -> Result<V
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::SystemTime;
 
     use chrono::Duration as Span;
     use datafusion::arrow::array::{Float64Array, StringArray, UInt16Array, UInt64Array};
@@ -1504,7 +1504,8 @@ mod tests {
         // Compaction merges the closed dates; every merged file gets every live meter's
         // rollup, and the files it did not merge get the rollups they lacked. October and
         // November are closed: each meter gets its days of each.
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(20_789 * 86_400);
+        // Compaction's clock a month after the events (2026-12-02): both months closed.
+        let now = SystemTime::from(t0() + Span::days(32));
         let done = lake
             .compact(5, 230, &Fence::open(), &CompactOptions::default(), now)
             .unwrap();

@@ -357,6 +357,16 @@ impl Lake {
             .collect())
     }
 
+    /// The paths of the meter rollups in the table's newest snapshot, of one partition or
+    /// all.
+    pub(crate) fn meter_rollup_paths(&self, partition: Option<u16>) -> Result<HashSet<String>> {
+        Ok(self
+            .snapshot_files(&self.tables.meter_rollups, partition)?
+            .into_iter()
+            .map(|m| m.file.path)
+            .collect())
+    }
+
     /// Writes the rollups of the live meters that the partition's events files up to
     /// `up_to_seq` lack (a meter defined after them, or a flush that crashed between its
     /// commits), so that meter queries read rollups rather than events. Returns the
@@ -372,11 +382,7 @@ impl Lake {
         if meters.is_empty() {
             return Ok(0);
         }
-        let have: HashSet<String> = self
-            .snapshot_files(&self.tables.meter_rollups, Some(partition))?
-            .into_iter()
-            .map(|m| m.file.path)
-            .collect();
+        let have = self.meter_rollup_paths(Some(partition))?;
         let mut written = 0;
         for e in self.partition_files(partition)? {
             if e.last_seq > up_to_seq {

@@ -873,11 +873,7 @@ impl crate::Lake {
                 })
                 .collect();
         }
-        let have: HashSet<String> = self
-            .snapshot_files(&self.tables.meter_rollups, None)?
-            .into_iter()
-            .map(|m| m.file.path)
-            .collect();
+        let have = self.meter_rollup_paths(None)?;
         let mut sources = MeterSources::default();
         let mut used = HashSet::new();
         for e in &events {

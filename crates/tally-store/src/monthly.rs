@@ -37,7 +37,7 @@ use arrow::datatypes::{
     UInt64Type,
 };
 use chrono::{DateTime, Datelike, NaiveDate};
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_core::Fence;
@@ -553,13 +553,7 @@ impl Lake {
         }
         let rows = summer.finish()?;
         let lines = crate::lines::lines_of(&rows)?;
-        let meta = FileMeta {
-            partition,
-            first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
-            last_seq: files.iter().map(|f| f.last_seq).max().unwrap_or(0),
-            files: 1,
-            compacted: Some(files.len()),
-        };
+        let meta = month_meta(partition, files);
         let name = crate::file_name(
             partition,
             meta.first_seq,
@@ -609,11 +603,7 @@ impl Lake {
         if meters.is_empty() {
             return Ok(0);
         }
-        let have: HashSet<String> = self
-            .snapshot_files(&self.tables.meter_rollups, Some(partition))?
-            .into_iter()
-            .map(|m| m.file.path)
-            .collect();
+        let have = self.meter_rollup_paths(Some(partition))?;
         let current = self.month_files(&self.tables.meter_monthly, month, Some(partition))?;
         let mut written = 0;
         for meter in meters.iter() {
@@ -641,13 +631,7 @@ impl Lake {
                 }
             }
             let rows = days_of(&rollups, meter, partition)?;
-            let meta = FileMeta {
-                partition,
-                first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
-                last_seq: files.iter().map(|f| f.last_seq).max().unwrap_or(0),
-                files: 1,
-                compacted: Some(files.len()),
-            };
+            let meta = month_meta(partition, files);
             let name = rollup_path(
                 &crate::file_name(
                     partition,
@@ -770,5 +754,17 @@ impl Lake {
             fence,
             now,
         )
+    }
+}
+
+/// What a month's file of a partition's events `files` is: the whole range of their
+/// sequences, written once.
+fn month_meta(partition: u16, files: &[PartitionFile]) -> FileMeta {
+    FileMeta {
+        partition,
+        first_seq: files.iter().map(|f| f.first_seq).min().unwrap_or(0),
+        last_seq: files.iter().map(|f| f.last_seq).max().unwrap_or(0),
+        files: 1,
+        compacted: Some(files.len()),
     }
 }
