@@ -12,6 +12,7 @@ use tally_core::subject::{
     self, DEAD_LETTER_PREFIX, DEAD_LETTER_STREAM, EVENTS_STREAM, EVENTS_SUBJECT_PREFIX,
     NOTIFY_PREFIX, NOTIFY_STREAM,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{Error, IngestConfig, Result};
 
@@ -503,10 +504,13 @@ pub struct Deliveries {
     pub handled_to: u64,
 }
 
-/// How often the server tells a waiting pull it is alive. Two missed, the pull is made
-/// again: after a NATS node is lost, a partition pulls from its consumer's new leader
-/// within about two of these.
+/// How often the server tells a waiting pull it is alive. Two missed, the partition pulls
+/// again once its consumer answers ([`pull_again`]): after a NATS node is lost, within
+/// about a quarter of this of the consumer's new leader being elected.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long [`pull_again`] asks for a silent consumer.
+const SILENT_CONSUMER: Duration = Duration::from_secs(30);
 
 /// Starts pulling one partition's messages (prefetching, with heartbeats), from the
 /// first message not yet acknowledged.
@@ -525,19 +529,65 @@ pub async fn messages(
 ) -> Result<Deliveries> {
     let (consumer, next, serves_until) =
         rewind_to_ack_floor(js, config, partitions, partition).await?;
+    Ok(Deliveries {
+        messages: pull(js, config, &consumer).await?,
+        next,
+        serves_until,
+        handled_to: 0,
+    })
+}
+
+/// A pull stream on `consumer`, as [`messages`] describes.
+async fn pull(
+    js: &Context,
+    config: &IngestConfig,
+    consumer: &PullConsumer,
+) -> Result<pull::Stream> {
     let max_bytes = js.client().server_info().max_payload.max(1);
-    let messages = consumer
+    consumer
         .stream()
         .max_messages_per_batch(config.fetch_messages)
         .max_bytes_per_batch(max_bytes)
         .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
-        .map_err(|e| Error::nats("start consuming", e))?;
-    Ok(Deliveries {
-        messages,
-        next,
-        serves_until,
-        handled_to: 0,
-    })
+        .map_err(|e| Error::nats("start consuming", e))
+}
+
+/// A new pull stream on the partition's consumer once the consumer answers again; `None`
+/// if cancelled first. For a pull stream whose heartbeats stopped: its request went with
+/// the consumer's leader (a NATS node lost; JetStream elects another in 4 to 9 s), and
+/// the stream itself would ask again only once that request expired (30 s). Delivery goes
+/// on where it was: a delivery lost on the way shows as a gap in the consumer's sequence
+/// ([`Deliveries`]). A consumer silent for [`SILENT_CONSUMER`] is an error: the partition
+/// is then taken over again, its consumer re-created if it is gone.
+pub async fn pull_again(
+    js: &Context,
+    config: &IngestConfig,
+    partition: u16,
+    cancel: &CancellationToken,
+) -> Result<Option<pull::Stream>> {
+    let name = subject::partition_consumer(partition);
+    let deadline = tokio::time::Instant::now() + SILENT_CONSUMER;
+    loop {
+        let asked = tokio::time::timeout(
+            PULL_HEARTBEAT,
+            js.get_consumer_from_stream::<pull::Config, _, _>(&name, EVENTS_STREAM),
+        )
+        .await;
+        match asked {
+            Ok(Ok(consumer)) => return pull(js, config, &consumer).await.map(Some),
+            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
+                return Err(Error::nats("read partition consumer", e));
+            }
+            Err(elapsed) if tokio::time::Instant::now() >= deadline => {
+                return Err(Error::nats("read partition consumer", elapsed));
+            }
+            _ => {}
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(None),
+            () = tokio::time::sleep(PULL_HEARTBEAT / 4) => {}
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Context;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::Acker;
 use bytes::Bytes;
@@ -573,7 +574,15 @@ async fn pull_loop(
                         seal(&mut open, partition, &mut sink, checkpoint).await?;
                     }
                 }
-                // The pull stream recovers from these itself; a terminal one ends it.
+                // Two heartbeats missed: the pull went unanswered (see `pull_again`).
+                Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    tracing::warn!(partition, error = %e, "the consumer went silent; pulling again once it answers");
+                    match topology::pull_again(js, config, partition, cancel).await? {
+                        Some(messages) => deliveries.messages = messages,
+                        None => break,
+                    }
+                }
+                // The pull stream recovers from the others itself; a terminal one ends it.
                 Some(Err(e)) => tracing::warn!(partition, error = %e, "pull stream error"),
                 None => {
                     tracing::warn!(partition, "pull stream ended; resubscribing at the ack floor");
