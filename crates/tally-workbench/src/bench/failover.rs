@@ -360,7 +360,7 @@ async fn stream_leader(nats: &Nats) -> anyhow::Result<String> {
 
 /// Waits until each of `partitions` has acknowledged every message stored up to `seq`
 /// and one after it (its ack floor is past `seq`), or has nothing left to deliver. NATS
-/// requests that fail while a node is down are asked again, each given [`ASK`] at most:
+/// requests that fail while a node is down are asked again, each given `ASK` at most:
 /// a request to a consumer without a leader would otherwise wait out the client's
 /// timeout (5 s), and the pause measured would be that timeout's.
 async fn caught_up(nats: &Nats, partitions: &[u16], seq: u64) -> anyhow::Result<()> {
