@@ -41,9 +41,7 @@ use crate::{Error, Result};
 const CLOCK_MARGIN_US: i64 = 5_000;
 /// How long a sync waits for the watches before deciding with what it has.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one request for a bucket's last revision may take...
-const REVISION_ASK: Duration = Duration::from_secs(1);
-/// ...and how long they are asked again before the partition fails.
+/// How long a bucket's last revision is asked for before the partition fails.
 const REVISION_WAIT: Duration = Duration::from_secs(20);
 
 /// The engines of one worker process and what keeps them current.
@@ -263,19 +261,10 @@ impl Entitlements {
     /// the bucket's stream has no leader: past a NATS node's loss JetStream elects one in
     /// 4 to 9 s, and a partition that failed here would be taken over from the lake.
     async fn last_revision(&self, followed: &Followed) -> Result<(u64, i64)> {
-        let deadline = tokio::time::Instant::now() + REVISION_WAIT;
-        loop {
-            let asked = tokio::time::timeout(REVISION_ASK, self.ask_last_revision(followed)).await;
-            let failed = match asked {
-                Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(e)) => e,
-                Err(elapsed) => Error::nats("read a definitions bucket", elapsed),
-            };
-            if tokio::time::Instant::now() + REVISION_ASK / 4 >= deadline {
-                return Err(failed);
-            }
-            tokio::time::sleep(REVISION_ASK / 4).await;
-        }
+        crate::topology::ask_through_election("read a definitions bucket", REVISION_WAIT, || {
+            self.ask_last_revision(followed)
+        })
+        .await
     }
 
     async fn ask_last_revision(&self, followed: &Followed) -> Result<(u64, i64)> {

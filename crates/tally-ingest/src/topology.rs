@@ -1,5 +1,6 @@
 //! Creates the JetStream streams and the per-partition consumers, idempotently.
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::Context;
@@ -568,26 +569,44 @@ pub async fn pull_again(
     cancel: &CancellationToken,
 ) -> Result<Option<pull::Stream>> {
     let name = subject::partition_consumer(partition);
-    let deadline = tokio::time::Instant::now() + SILENT_CONSUMER;
+    let answered = ask_through_election("read partition consumer", SILENT_CONSUMER, || async {
+        js.get_consumer_from_stream::<pull::Config, _, _>(&name, EVENTS_STREAM)
+            .await
+            .map_err(|e| Error::nats("read partition consumer", e))
+    });
+    let consumer = tokio::select! {
+        () = cancel.cancelled() => return Ok(None),
+        consumer = answered => consumer?,
+    };
+    pull(js, config, &consumer).await.map(Some)
+}
+
+/// How long one request of [`ask_through_election`] may take.
+const ASK_ONCE: Duration = Duration::from_secs(1);
+
+/// `ask`, a request to a stream or consumer JetStream may be electing a leader for (4 to
+/// 9 s after a NATS node's loss; until then it goes unanswered), made again until it
+/// answers: each given [`ASK_ONCE`], a quarter of that between them, for `within` at most,
+/// then its last error (`what` names a request that timed out).
+pub(crate) async fn ask_through_election<T, F, Fut>(
+    what: &'static str,
+    within: Duration,
+    mut ask: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
-        let asked = tokio::time::timeout(
-            PULL_HEARTBEAT,
-            js.get_consumer_from_stream::<pull::Config, _, _>(&name, EVENTS_STREAM),
-        )
-        .await;
-        match asked {
-            Ok(Ok(consumer)) => return pull(js, config, &consumer).await.map(Some),
-            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
-                return Err(Error::nats("read partition consumer", e));
-            }
-            Err(elapsed) if tokio::time::Instant::now() >= deadline => {
-                return Err(Error::nats("read partition consumer", elapsed));
-            }
-            _ => {}
+        let failed = match tokio::time::timeout(ASK_ONCE, ask()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => e,
+            Err(elapsed) => Error::nats(what, elapsed),
+        };
+        if tokio::time::Instant::now() + ASK_ONCE / 4 >= deadline {
+            return Err(failed);
         }
-        tokio::select! {
-            () = cancel.cancelled() => return Ok(None),
-            () = tokio::time::sleep(PULL_HEARTBEAT / 4) => {}
-        }
+        tokio::time::sleep(ASK_ONCE / 4).await;
     }
 }
