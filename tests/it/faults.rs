@@ -74,7 +74,7 @@ async fn ingest_rides_out_a_nats_restart_and_an_unwritable_lake() {
         "nothing is acknowledged while the lake refuses writes"
     );
     std::fs::remove_file(&events).unwrap();
-    std::fs::rename(&away, &events).unwrap();
+    put_back(&away, &events);
 
     let total = ta.events_valid + tb.events_valid + tc.events_valid;
     until_lake_holds(&h, total).await;
@@ -83,6 +83,20 @@ async fn ingest_rides_out_a_nats_restart_and_an_unwritable_lake() {
     assert_eq!(rows, total, "every event once");
     assert_eq!(ids.len() as u64, total);
     assert_eq!(quantity, ta.quantity + tb.quantity + tc.quantity);
+}
+
+/// Moves the table at `away` back to `table`. A write retried since the blocking file went
+/// may have made `table` a directory again, holding what it could not commit without the
+/// table's log: that directory is moved aside, out of the lake, until the rename finds
+/// `table` absent or empty.
+fn put_back(away: &std::path::Path, table: &std::path::Path) {
+    for stray in 0..100 {
+        if std::fs::rename(away, table).is_ok() {
+            return;
+        }
+        std::fs::rename(table, table.with_extension(format!("stray{stray}"))).unwrap();
+    }
+    panic!("cannot put {} back", table.display());
 }
 
 /// Deliveries that never reach the worker (the connection dropped them, or the server cut
