@@ -207,7 +207,11 @@ impl Lakehouse {
         if meters::rollups_can_answer(meter, query) {
             let key = tally_store::meter_rollup::rollup_key(meter);
             let days = match (query.start(meter), query.to) {
-                (Some(from), Some(to)) => Some((from.date_naive(), to.date_naive())),
+                // The dates of the events in `[from, to)`: `to` itself is not in range.
+                (Some(from), Some(to)) => Some((
+                    from.date_naive(),
+                    (to - chrono::TimeDelta::microseconds(1)).date_naive(),
+                )),
                 _ => None,
             };
             // Rows of days where they can answer, else of hours; a window that splits a
@@ -221,6 +225,26 @@ impl Lakehouse {
                 let lake = self.lake.clone();
                 let key = key.clone();
                 let sources = on_lake(move || lake.meter_sources(&key, days, by_day)).await?;
+                // A range the closed months cover alone: their rows, folded.
+                if sources.rollups.is_empty()
+                    && sources.events.is_empty()
+                    && !sources.monthly.is_empty()
+                    && meters::days::can_answer(meter)
+                {
+                    let (lake, columns) = (self.lake.clone(), meters::days::columns(meter, query));
+                    let (files, m, q) = (sources.monthly, meter.clone(), query.clone());
+                    let folded = on_lake(move || {
+                        lake.read_meter_rollups(&files, &columns, |rows| {
+                            meters::days::fold(&m, &q, &rows)
+                        })
+                    })
+                    .await?
+                    .into_iter()
+                    .collect::<Result<Option<Vec<_>>>>()?;
+                    // A window that splits a day: the hours answer.
+                    let Some(folded) = folded else { continue };
+                    return Ok(meters::days::answer(meter, query, &folded));
+                }
                 let schema = tally_store::meter_rollup_schema;
                 let mut rollups = vec![meters::RollupRows {
                     rows: self.files(&sources.rollups, schema())?,

@@ -288,33 +288,7 @@ impl Lake {
     /// one sorted batch, a line found in several files summed; with `customer`, that
     /// customer's lines only.
     pub fn merge_lines(&self, files: &[String], customer: Option<&str>) -> Result<RecordBatch> {
-        merge(&self.read_lines(files, customer)?)
-    }
-
-    /// The files read on a thread per core, in the order given.
-    fn read_lines(&self, files: &[String], customer: Option<&str>) -> Result<Vec<Cursor>> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = files.len().div_ceil(threads).max(1);
-        std::thread::scope(|s| {
-            let readers: Vec<_> = files
-                .chunks(per_thread)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|f| Cursor::read(self.fetch(f)?, customer))
-                            .collect::<Result<Vec<_>>>()
-                    })
-                })
-                .collect();
-            let mut cursors = Vec::with_capacity(files.len());
-            for reader in readers {
-                let read = reader
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                cursors.extend(read?);
-            }
-            Ok(cursors)
-        })
+        merge(&self.read_each(files, |bytes| Cursor::read(bytes, customer))?)
     }
 }
 

@@ -821,6 +821,34 @@ pub struct MeterSources {
 }
 
 impl crate::Lake {
+    /// The `columns` of each of a meter's rollup files `files` (keys relative to the
+    /// lake) read and handed to `each`, on a thread per core; its answers in the order of
+    /// `files`.
+    pub fn read_meter_rollups<T: Send>(
+        &self,
+        files: &[String],
+        columns: &[&'static str],
+        each: impl Fn(Vec<RecordBatch>) -> T + Sync,
+    ) -> Result<Vec<T>> {
+        use parquet::arrow::ProjectionMask;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        self.read_each(files, |bytes| {
+            let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+            let roots = columns
+                .iter()
+                .map(|&c| builder.schema().index_of(c).map_err(|_| Error::Schema(c)))
+                .collect::<Result<Vec<_>>>()?;
+            let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+            let rows = builder.metadata().file_metadata().num_rows().max(1) as usize;
+            let batches = builder
+                .with_projection(mask)
+                .with_batch_size(rows)
+                .build()?
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(each(batches))
+        })
+    }
+
     /// The sources of a query of the meter with rollup key `key` over the events dated
     /// `days` (both included; `None`: every date); `by_day`: whether the query's range
     /// starts and ends on UTC days, so that the meter's closed months can answer it.

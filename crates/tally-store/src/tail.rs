@@ -115,6 +115,38 @@ impl Lake {
         block_on(self.storage.get(key))
     }
 
+    /// Each of `files` (keys relative to the lake) fetched and `read`, on a thread per
+    /// core, in the order given.
+    pub(crate) fn read_each<T: Send>(
+        &self,
+        files: &[String],
+        read: impl Fn(bytes::Bytes) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = files.len().div_ceil(threads).max(1);
+        let read = &read;
+        std::thread::scope(|s| {
+            let readers: Vec<_> = files
+                .chunks(per_thread)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|f| read(self.fetch(f)?))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(files.len());
+            for reader in readers {
+                let read = reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                out.extend(read?);
+            }
+            Ok(out)
+        })
+    }
+
     /// The files of the table named `table` (`events` or `rollups`) in its newest
     /// snapshot, read on the caller's runtime.
     pub async fn table_files(&self, table: &str) -> Result<Vec<TableFile>> {
