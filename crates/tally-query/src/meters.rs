@@ -907,15 +907,7 @@ fn answer(
                         .or_insert_with(|| size.end(s, query.time_zone));
                     (s, end)
                 }
-                // One window over the range: the query's bounds, or the minutes that hold
-                // the first and the last event, as OpenMeter answers.
-                _ => (
-                    start.unwrap_or_else(|| WindowSize::Minute.start(at(&first), Tz::UTC)),
-                    query.to.unwrap_or_else(|| {
-                        let l = WindowSize::Minute.start(at(&last), Tz::UTC);
-                        WindowSize::Minute.end(l, Tz::UTC)
-                    }),
-                ),
+                _ => whole_range(start, query.to, at(&first), at(&last)),
             };
             let string = |a: &ArrayRef| {
                 let s = a.as_string::<i32>();
@@ -935,6 +927,21 @@ fn answer(
         }
     }
     Ok(sorted(rows))
+}
+
+/// The one window of a query without windows over the range `[start, to)`: its bounds,
+/// or the minutes that hold the `first` and the `last` event, as OpenMeter answers.
+fn whole_range(
+    start: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let minute = |t| WindowSize::Minute.start(t, Tz::UTC);
+    (
+        start.unwrap_or_else(|| minute(first)),
+        to.unwrap_or_else(|| WindowSize::Minute.end(minute(last), Tz::UTC)),
+    )
 }
 
 /// The rows by window, customer and groups. The customers are ranked once, so that most

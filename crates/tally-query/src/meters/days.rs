@@ -17,10 +17,10 @@ use chrono::{DateTime, TimeZone, Utc};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, TimestampMicrosecondArray};
 use datafusion::arrow::datatypes::{Float64Type, TimestampMicrosecondType, UInt64Type};
 use datafusion::error::DataFusionError;
-use tally_core::meter::{Aggregation, Meter, Tz, WindowSize};
+use tally_core::meter::{Aggregation, Meter};
 use tally_store::meter_rollup as m;
 
-use super::{MICROS_PER_DAY, MeterQuery, MeterRow, Windows, named_groups};
+use super::{MICROS_PER_DAY, MeterQuery, MeterRow, Windows, named_groups, whole_range};
 use crate::Result;
 
 /// Whether [`answer`] can answer `query` of `meter` (a `UNIQUE_COUNT` needs each day's
@@ -113,16 +113,46 @@ impl<'a> Names<'a> {
         })
     }
 
-    /// Each id's rank among the names in sort order.
-    fn ranks(&self) -> Vec<u32> {
-        let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
-        order.sort_unstable_by_key(|&i| self.names[i as usize]);
-        let mut rank = vec![0; order.len()];
-        for (r, i) in order.into_iter().enumerate() {
-            rank[i as usize] = r as u32;
-        }
-        rank
+    /// The ids in their names' sort order.
+    fn order(&self) -> Vec<u32> {
+        sort_order(&self.names)
     }
+}
+
+/// Each distinct tuple of group-by values (ids of their texts, `None` for no value),
+/// numbered in the order first met.
+#[derive(Default)]
+struct Tuples {
+    ids: HashMap<Vec<Option<u32>>, u32>,
+    list: Vec<Vec<Option<u32>>>,
+}
+
+impl Tuples {
+    fn id(&mut self, tuple: Vec<Option<u32>>) -> u32 {
+        if let Some(&id) = self.ids.get(&tuple) {
+            return id;
+        }
+        let id = self.list.len() as u32;
+        self.ids.insert(tuple.clone(), id);
+        self.list.push(tuple);
+        id
+    }
+}
+
+/// The indexes of `keys` in the keys' sort order.
+fn sort_order<K: Ord>(keys: &[K]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..keys.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| keys[a as usize].cmp(&keys[b as usize]));
+    order
+}
+
+/// Each index's rank, from the indexes in sort order.
+fn ranks(order: &[u32]) -> Vec<u32> {
+    let mut rank = vec![0; order.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i as usize] = r as u32;
+    }
+    rank
 }
 
 /// Where a group-by's value comes from in a month's row.
@@ -184,8 +214,7 @@ pub fn fold(meter: &Meter, query: &MeterQuery, batches: &[RecordBatch]) -> Resul
 
     let mut customers = Names::default();
     let mut values = Names::default();
-    let mut tuples: HashMap<Vec<Option<u32>>, u32> = HashMap::new();
-    let mut tuple_list: Vec<Vec<Option<u32>>> = Vec::new();
+    let mut tuples = Tuples::default();
     let mut partial: Vec<((i64, u32, u32), Totals)> = Vec::new();
     for batch in batches {
         let column = |name: &str| batch.column_by_name(name);
@@ -273,19 +302,10 @@ pub fn fold(meter: &Meter, query: &MeterQuery, batches: &[RecordBatch]) -> Resul
             let tuple = if sources.is_empty() {
                 0
             } else {
-                let tuple: Vec<Option<u32>> = sources
+                tuples.id(sources
                     .iter()
                     .map(|&s| text(row, s).map(|t| values.id(t)))
-                    .collect();
-                match tuples.get(&tuple) {
-                    Some(&t) => t,
-                    None => {
-                        let t = tuple_list.len() as u32;
-                        tuples.insert(tuple.clone(), t);
-                        tuple_list.push(tuple);
-                        t
-                    }
-                }
+                    .collect())
             };
             let at = |a: Option<&TimestampMicrosecondArray>| a.map_or(0, |a| a.value(row));
             let valued = value.filter(|v| v.is_valid(row));
@@ -315,7 +335,7 @@ pub fn fold(meter: &Meter, query: &MeterQuery, batches: &[RecordBatch]) -> Resul
     Ok(Some(Folded {
         customers: owned(customers),
         values: owned(values),
-        tuples: tuple_list,
+        tuples: tuples.list,
         rows: partial,
     }))
 }
@@ -330,8 +350,7 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
     // The files' customers, values and tuples numbered across the files.
     let mut customers = Names::default();
     let mut values = Names::default();
-    let mut tuples: HashMap<Vec<Option<u32>>, u32> = HashMap::new();
-    let mut tuple_list: Vec<Vec<Option<u32>>> = Vec::new();
+    let mut tuples = Tuples::default();
     let mut customer_ids: Vec<Vec<u32>> = Vec::with_capacity(folded.len());
     let mut tuple_ids: Vec<Vec<u32>> = Vec::with_capacity(folded.len());
     for f in folded {
@@ -340,39 +359,27 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
         tuple_ids.push(
             f.tuples
                 .iter()
-                .map(|t| {
-                    let tuple: Vec<Option<u32>> =
-                        t.iter().map(|v| v.map(|v| value_ids[v as usize])).collect();
-                    let next = tuple_list.len() as u32;
-                    *tuples.entry(tuple).or_insert_with_key(|t| {
-                        tuple_list.push(t.clone());
-                        next
-                    })
-                })
+                .map(|t| tuples.id(t.iter().map(|v| v.map(|v| value_ids[v as usize])).collect()))
                 .collect(),
         );
     }
 
     // The partial rows by window, customer and groups as the answer orders them.
-    let customer_rank = customers.ranks();
-    let value_rank = values.ranks();
-    let tuple_rank = {
-        let ranked: Vec<Vec<Option<u32>>> = tuple_list
+    let customer_order = customers.order();
+    let customer_rank = ranks(&customer_order);
+    let value_rank = ranks(&values.order());
+    let tuple_order = sort_order(
+        &tuples
+            .list
             .iter()
             .map(|t| {
                 t.iter()
                     .map(|v| v.map(|v| value_rank[v as usize]))
                     .collect()
             })
-            .collect();
-        let mut order: Vec<u32> = (0..ranked.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| ranked[a as usize].cmp(&ranked[b as usize]));
-        let mut rank = vec![0u32; order.len()];
-        for (r, i) in order.into_iter().enumerate() {
-            rank[i as usize] = r as u32;
-        }
-        rank
-    };
+            .collect::<Vec<Vec<Option<u32>>>>(),
+    );
+    let tuple_rank = ranks(&tuple_order);
     // The partial rows by window, customer and groups. The files' rows come by customer,
     // the answer's by window: each window's rows are gathered in a bucket of their own,
     // in the files' order (a pass that reads and writes in sequence), then each bucket is
@@ -393,12 +400,8 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
             })
         })
         .collect();
-    let mut by_window: Vec<u32> = (0..windows.len() as u32).collect();
-    by_window.sort_unstable_by_key(|&i| windows[i as usize]);
-    let mut bucket_of = vec![0u32; windows.len()];
-    for (b, &i) in by_window.iter().enumerate() {
-        bucket_of[i as usize] = b as u32;
-    }
+    let by_window = sort_order(&windows);
+    let bucket_of = ranks(&by_window);
     let mut sizes = vec![0usize; windows.len()];
     for &i in &ids {
         sizes[bucket_of[i as usize] as usize] += 1;
@@ -420,15 +423,6 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
     }
     let ids_len = ids.len();
     drop(ids);
-    // Rank → text, for the answer's rows.
-    let mut customer_of = vec![""; customer_rank.len()];
-    for (id, &r) in customer_rank.iter().enumerate() {
-        customer_of[r as usize] = customers.names[id];
-    }
-    let mut tuple_of: Vec<&[Option<u32>]> = vec![&[]; tuple_rank.len()];
-    for (id, &r) in tuple_rank.iter().enumerate() {
-        tuple_of[r as usize] = &tuple_list[id];
-    }
     let utc = |t: i64| Utc.timestamp_micros(t).single().unwrap_or_default();
     // The window of the row before and its end (rows come by window).
     let mut window_at: Option<(i64, DateTime<Utc>, DateTime<Utc>)> = None;
@@ -447,16 +441,11 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
                     (s, e)
                 }
             },
-            // One window over the range: the query's bounds, or the minutes that hold the
-            // first and the last event, as OpenMeter answers.
-            None => (
-                query
-                    .start(meter)
-                    .unwrap_or_else(|| WindowSize::Minute.start(utc(totals.first), Tz::UTC)),
-                query.to.unwrap_or_else(|| {
-                    let l = WindowSize::Minute.start(utc(totals.last), Tz::UTC);
-                    WindowSize::Minute.end(l, Tz::UTC)
-                }),
+            None => whole_range(
+                query.start(meter),
+                query.to,
+                utc(totals.first),
+                utc(totals.last),
             ),
         };
         let group_by: BTreeMap<String, Option<String>> = if sources.is_empty() {
@@ -464,7 +453,7 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
         } else {
             named
                 .iter()
-                .zip(tuple_of[t as usize])
+                .zip(&tuples.list[tuple_order[t as usize] as usize])
                 .map(|(n, v)| ((*n).clone(), v.map(|v| values.names[v as usize].to_owned())))
                 .collect()
         };
@@ -472,7 +461,8 @@ pub fn answer(meter: &Meter, query: &MeterQuery, folded: &[Folded]) -> Vec<Meter
             value,
             window_start,
             window_end,
-            customer: by_customer.then(|| customer_of[c as usize].to_owned()),
+            customer: by_customer
+                .then(|| customers.names[customer_order[c as usize] as usize].to_owned()),
             group_by,
         });
     };
